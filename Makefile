@@ -1,0 +1,28 @@
+# Two entry points (see README.md): `make demo` and `make test`. Both install first.
+PY ?= python3
+PIP ?= $(PY) -m pip
+
+.PHONY: install demo test lint docs bench
+
+install:
+	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install -q -e ".[dev,docs]"
+
+demo: install
+	dynsparse demo
+
+lint:
+	ruff check .
+	ruff format --check .
+
+docs:
+	mkdocs build --strict
+
+test: install
+	ruff check .
+	ruff format --check .
+	$(PY) -m pytest -q
+	mkdocs build --strict
+
+bench:
+	$(PY) benchmarks/train_step.py

@@ -1,0 +1,49 @@
+"""dynsparse: dynamic and static sparsity for PyTorch models.
+
+The public API is small: gates (what decides), ``sparsify_`` (put gates into a model), ``named_gates``,
+``fix_gates_``, ``penalty`` and ``sparsity_report``. Gated timm layers live in :mod:`dynsparse.layers`
+(importing it imports timm; ``import dynsparse`` does not).
+"""
+
+from .errors import ConfigError, DynsparseError, GateError, UnsupportedModuleError
+from .gates import (
+    GATES,
+    FixedGate,
+    Gate,
+    HardConcreteGate,
+    InputDependentGate,
+    SigmoidGate,
+    TopKGate,
+    make_gate,
+    register_gate,
+)
+from .report import SparsityReport, sparsity_report
+from .sparsify import DIMENSIONS, SparsifyPlan, fix_gates_, named_gates, penalty, plan_sparsify, sparsify_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DIMENSIONS",
+    "GATES",
+    "ConfigError",
+    "DynsparseError",
+    "FixedGate",
+    "Gate",
+    "GateError",
+    "HardConcreteGate",
+    "InputDependentGate",
+    "SigmoidGate",
+    "SparsifyPlan",
+    "SparsityReport",
+    "TopKGate",
+    "UnsupportedModuleError",
+    "__version__",
+    "fix_gates_",
+    "make_gate",
+    "named_gates",
+    "penalty",
+    "plan_sparsify",
+    "register_gate",
+    "sparsify_",
+    "sparsity_report",
+]

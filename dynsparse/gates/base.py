@@ -1,0 +1,125 @@
+"""Gate base classes: the one seam between what decides sparsity and what acts on it."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import GateError
+
+__all__ = ["Gate", "InputDependentGate"]
+
+
+class Gate(nn.Module):
+    """A static (input-independent) gate over ``num_units`` units of one dimension.
+
+    Contract:
+        * ``forward()`` returns a (num_units,) multiplier: stochastic or straight-through in training,
+          deterministic in eval.
+        * ``keep_mask()`` returns the (num_units,) bool mask of units that conversion keeps.
+        * ``eval_values()`` returns the deterministic (num_units,) multiplier used in eval; where it is not
+          0/1, conversion folds it into the consumer weights.
+        * ``penalty()`` returns a scalar regulariser (0 when the gate has none).
+        * ``expected_keep()`` returns the (num_units,) probability that each unit is kept (for budgets).
+        * A gate built with default arguments is *open*: every unit kept with multiplier 1.
+
+    Args:
+        num_units: Number of units the gate owns (> 0).
+    """
+
+    num_units: int
+
+    def __init__(self, num_units: int) -> None:
+        super().__init__()
+        if not isinstance(num_units, int) or isinstance(num_units, bool) or num_units <= 0:
+            raise GateError(f"{type(self).__name__}: num_units must be a positive int, got {num_units!r}")
+        self.num_units = num_units
+
+    def forward(self) -> Tensor:
+        """(num_units,) multiplier for this forward pass."""
+        return self.eval_values()
+
+    def eval_values(self) -> Tensor:
+        """(num_units,) deterministic multiplier used in eval."""
+        raise NotImplementedError
+
+    def keep_mask(self) -> Tensor:
+        """(num_units,) bool mask of the units that conversion keeps."""
+        with torch.no_grad():
+            return self.eval_values() > 0
+
+    def expected_keep(self) -> Tensor:
+        """(num_units,) probability that each unit is kept; defaults to the keep mask as float."""
+        return self.keep_mask().to(self._dtype())
+
+    def penalty(self) -> Tensor:
+        """Scalar regulariser; 0 for gates without one."""
+        return torch.zeros((), dtype=self._dtype(), device=self._device())
+
+    def _dtype(self) -> torch.dtype:
+        for t in self.parameters():
+            return t.dtype
+        for t in self.buffers():
+            if t.is_floating_point():
+                return t.dtype
+        return torch.get_default_dtype()
+
+    def _device(self) -> torch.device:
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    def extra_repr(self) -> str:
+        return f"num_units={self.num_units}"
+
+
+class InputDependentGate(nn.Module):
+    """Base of gates whose decision depends on the input (tokens, per-sample channels, routers).
+
+    Contract:
+        * ``forward(x)`` returns a (B, num_units) multiplier (0 for units skipped for that sample).
+        * ``keep`` is the run-time budget (fraction kept); ``set_budget_(keep)`` changes it without retraining.
+        * There is no static ``keep_mask()``: the converter keeps such gates as run-time skip modules.
+        * ``penalty()`` returns a scalar regulariser (0 when none).
+
+    Args:
+        num_units: Number of units per sample the gate decides over (> 0).
+        keep: Fraction of units kept at inference, in (0, 1].
+    """
+
+    num_units: int
+
+    def __init__(self, num_units: int, keep: float = 1.0) -> None:
+        super().__init__()
+        if not isinstance(num_units, int) or isinstance(num_units, bool) or num_units <= 0:
+            raise GateError(f"{type(self).__name__}: num_units must be a positive int, got {num_units!r}")
+        self.num_units = num_units
+        self.keep = _check_keep(type(self).__name__, keep)
+
+    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def set_budget_(self, keep: float) -> InputDependentGate:
+        """Set the fraction of units kept at inference; returns self."""
+        self.keep = _check_keep(type(self).__name__, keep)
+        return self
+
+    def num_kept(self) -> int:
+        """Units kept per sample under the current budget (at least one)."""
+        return max(1, round(self.keep * self.num_units))
+
+    def penalty(self) -> Tensor:
+        """Scalar regulariser; 0 for gates without one."""
+        p = next(self.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else None)
+
+    def extra_repr(self) -> str:
+        return f"num_units={self.num_units}, keep={self.keep}"
+
+
+def _check_keep(owner: str, keep: float) -> float:
+    if not isinstance(keep, (int, float)) or not 0.0 < float(keep) <= 1.0:
+        raise GateError(f"{owner}: keep must be a fraction in (0, 1], got {keep!r}")
+    return float(keep)

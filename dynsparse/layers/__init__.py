@@ -1,0 +1,35 @@
+"""Drop-in gated layers for timm hosts.
+
+``GateSlot`` and ``GatedLayer`` are host-agnostic; the gated timm classes import timm on first access,
+so ``import dynsparse`` stays free of timm.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .base import GatedLayer, SlotSpec
+from .slot import GateSlot
+
+_LAZY = {
+    "GatedMlp": ".mlp",
+    "GatedGluMlp": ".mlp",
+    "GatedSwiGLU": ".mlp",
+    "GatedAttention": ".attention",
+    "GatedBasicBlock": ".conv",
+    "GatedBottleneck": ".conv",
+    "GatedInvertedResidual": ".conv",
+    "GatedEdgeResidual": ".conv",
+    "GatedDepthwiseSeparableConv": ".conv",
+    "Branch": ".residual",
+    "gate_branches_": ".residual",
+}
+
+__all__ = ["GateSlot", "GatedLayer", "SlotSpec", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

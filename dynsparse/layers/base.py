@@ -1,0 +1,110 @@
+"""``GatedLayer``: the mixin that turns a host layer class into a drop-in gated layer class."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ..errors import UnsupportedModuleError
+from ..gates import GateSpec, make_gate
+from ..modules import adopt, first_param
+from .slot import GateSlot
+
+__all__ = ["GatedLayer", "SlotSpec"]
+
+
+class SlotSpec:
+    """Where one gate of a gated layer goes.
+
+    Args:
+        child: Name of the parameter-free child the slot replaces (e.g. ``"norm"``, ``"act1"``, ``"aa"``).
+        num_units: Number of units of the gate.
+        dim: Axis of the tensor at that child the units lie on.
+        unit_size: Consecutive elements per unit (``head_dim`` for heads).
+        scope: Children whose FLOPs scale with this gate's kept fraction.
+    """
+
+    __slots__ = ("child", "dim", "num_units", "scope", "unit_size")
+
+    def __init__(self, child: str, num_units: int, dim: int = -1, unit_size: int = 1, scope: tuple[str, ...] = ("",)):
+        self.child, self.num_units, self.dim, self.unit_size, self.scope = child, num_units, dim, unit_size, scope
+
+
+class GatedLayer:
+    """Mixin for gated subclasses of host layers (``class GatedMlp(GatedLayer, Mlp)``).
+
+    A gated layer keeps the host's constructor arguments (plus ``gate``), child names and ``forward``: its
+    gates sit in :class:`GateSlot` children that replace parameter-free children of the host, so host
+    checkpoints load and only ``*.gate.*`` keys are new. Built with default gate arguments every gate is
+    open and the output equals the host's.
+
+    Subclasses set ``host_class`` and ``dimension`` and implement ``_slot_specs`` (where the gates go) and
+    optionally ``unsupported_reason`` (a host configuration the gate cannot be exact for).
+    """
+
+    host_class: ClassVar[type[nn.Module]]
+    dimension: ClassVar[str]
+
+    def __init__(self, *args: Any, gate: GateSpec = "hard_concrete", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # the host's own constructor
+        self._install_gates(gate)
+
+    @classmethod
+    def unsupported_reason(cls, host: nn.Module) -> str | None:
+        """Why ``host`` cannot be gated exactly (``None`` when it can)."""
+        return None
+
+    @classmethod
+    def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_module(cls, host: nn.Module, gate: GateSpec = "hard_concrete", fqn: str = "") -> GatedLayer:
+        """Make the gated twin of ``host``; it shares the host's parameters (no copy) and starts open.
+
+        Args:
+            host: A module whose exact type is ``host_class``.
+            gate: Gate spec for every gate of the layer (see :func:`dynsparse.gates.make_gate`).
+            fqn: Qualified name of ``host`` in its model, used in error messages.
+
+        Raises:
+            UnsupportedModuleError: ``host`` has the wrong type or a configuration that cannot be gated exactly.
+        """
+        if type(host) is not cls.host_class:
+            raise UnsupportedModuleError(fqn, type(host).__name__, cls.dimension, f"{cls.__name__} wraps only "
+                                         f"{cls.host_class.__name__}")
+        reason = cls.unsupported_reason(host)
+        if reason is not None:
+            raise UnsupportedModuleError(fqn, type(host).__name__, cls.dimension, reason)
+        new = adopt(host, cls)
+        new._install_gates(gate)
+        return new
+
+    def _install_gates(self, gate: GateSpec) -> None:
+        reason = self.unsupported_reason(self)  # type: ignore[arg-type]
+        if reason is not None:
+            raise UnsupportedModuleError("", type(self).__name__, self.dimension, reason)
+        ref = first_param(self)  # type: ignore[arg-type]
+        device, dtype = (ref.device, ref.dtype) if ref is not None else (None, None)
+        for spec in self._slot_specs(self):  # type: ignore[arg-type]
+            g = make_gate(gate, spec.num_units, device=device, dtype=dtype)
+            slot = GateSlot(g, dimension=self.dimension, dim=spec.dim, unit_size=spec.unit_size,
+                            inner=getattr(self, spec.child), scope=spec.scope)
+            setattr(self, spec.child, slot.train(self.training))  # type: ignore[attr-defined]
+
+    def gate_slots(self) -> Iterator[tuple[str, GateSlot]]:
+        """``(child_name, slot)`` for every gate slot of this layer."""
+        for name, child in self.named_children():  # type: ignore[attr-defined]
+            if isinstance(child, GateSlot) and child.dimension == self.dimension:
+                yield name, child
+
+    def to_host(self) -> nn.Module:
+        """A host-class module sharing this layer's parameters with the gate slots removed (gates ignored)."""
+        host = self.host_class.__new__(self.host_class)
+        state = {k: (v.copy() if isinstance(v, (dict, set)) else v) for k, v in self.__dict__.items()}
+        host.__dict__.update(state)
+        for name, slot in list(self.gate_slots()):
+            host._modules[name] = slot.inner if slot.inner is not None else nn.Identity()
+        return host

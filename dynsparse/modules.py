@@ -1,0 +1,58 @@
+"""Find, adopt and replace modules, keeping parameters, hooks, device, dtype and the training flag."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from .errors import DynsparseError
+
+__all__ = ["adopt", "first_param", "is_stateless", "replace_module_"]
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def adopt(host: nn.Module, cls: type[M]) -> M:
+    """Return a new ``cls`` instance that shares ``host``'s children, parameters, buffers and hooks.
+
+    ``cls`` must be a subclass of ``type(host)`` that adds no required state of its own; the host is not
+    changed. This is how a gated layer is made from a host layer without copying its ``forward``.
+    """
+    if not issubclass(cls, type(host)):
+        raise DynsparseError(f"{cls.__name__} is not a subclass of {type(host).__name__}")
+    new = cls.__new__(cls)
+    state = {}
+    for key, value in host.__dict__.items():
+        state[key] = value.copy() if isinstance(value, (dict, set)) else value
+    new.__dict__.update(state)
+    return new
+
+
+def replace_module_(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``fqn`` inside ``model`` (in place) and return ``model``."""
+    if fqn == "":
+        raise DynsparseError("cannot replace the root module in place; gate its children instead")
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+    return model
+
+
+def first_param(module: nn.Module) -> torch.Tensor | None:
+    """The first floating parameter or buffer of ``module`` (for its device and dtype), or None."""
+    for t in module.parameters():
+        if t.is_floating_point():
+            return t
+    for t in module.buffers():
+        if t.is_floating_point():
+            return t
+    return None
+
+
+def is_stateless(module: nn.Module | None) -> bool:
+    """True when ``module`` holds no parameters and no persistent buffers (so wrapping it keeps state-dict keys)."""
+    if module is None:
+        return True
+    return len(module.state_dict()) == 0

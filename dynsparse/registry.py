@@ -1,0 +1,74 @@
+"""A small name -> factory registry that refuses duplicates and suggests close matches on a miss."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from .errors import ConfigError
+
+__all__ = ["Registry", "suggest"]
+
+T = TypeVar("T")
+
+
+def suggest(name: str, choices: list[str] | tuple[str, ...] | set[str]) -> str:
+    """Return a " Did you mean ...?" hint for ``name`` among ``choices`` (empty when nothing is close)."""
+    close = difflib.get_close_matches(name, sorted(choices), n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+class Registry(Generic[T]):
+    """Maps names to factories.
+
+    Args:
+        kind: What the registry holds, used in error messages (e.g. ``"gate"``).
+
+    Example:
+        >>> reg = Registry("gate")
+        >>> @reg.register("mine")
+        ... class Mine: ...
+        >>> reg.get("mine") is Mine
+        True
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator that registers an object under ``name``; raises on a duplicate name."""
+
+        def add(obj: T) -> T:
+            if name in self._items:
+                raise ConfigError(f"{self.kind} {name!r} is already registered (by {self._items[name]!r})")
+            self._items[name] = obj
+            return obj
+
+        return add
+
+    def get(self, name: str) -> T:
+        """Return the object registered as ``name``; an unknown name raises with the close matches."""
+        if not isinstance(name, str):
+            raise ConfigError(f"{self.kind} name must be a string, got {type(name).__name__}")
+        try:
+            return self._items[name]
+        except KeyError:
+            known = ", ".join(sorted(self._items))
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}.{suggest(name, list(self._items))} Known: {known}"
+            ) from None
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)

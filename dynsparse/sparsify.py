@@ -1,0 +1,294 @@
+"""``sparsify_`` and friends: put gates into a model, list them, freeze them, sum their penalties."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, GateError, UnsupportedModuleError
+from .gates import FixedGate, Gate, InputDependentGate
+from .registry import suggest
+
+__all__ = [
+    "DIMENSIONS",
+    "SparsifyPlan",
+    "fix_gates_",
+    "named_gates",
+    "penalty",
+    "plan_sparsify",
+    "sparsify_",
+]
+
+log = logging.getLogger(__name__)
+
+#: The static dimensions ``sparsify_`` knows.
+DIMENSIONS = ("neurons", "heads", "channels", "layers")
+
+# Class names that look like a candidate for a dimension; an unknown class matching one is reported, not ignored.
+_LOOKALIKE = {
+    "neurons": re.compile(r"(Mlp|MLP|GLU|FeedForward|FFN)$"),
+    "heads": re.compile(r"Attention$"),
+    "channels": re.compile(r"(BasicBlock|Bottleneck|Residual|SeparableConv|ConvNeXtBlock)$"),
+}
+_SPEC_KEYS = {"gate", "include", "exclude"}
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A module that looked gatable for a dimension but was not gated, and why."""
+
+    fqn: str
+    module_type: str
+    dimension: str
+    reason: str
+
+
+@dataclass
+class SparsifyPlan:
+    """What ``sparsify_`` will do: ``targets`` as ``(fqn, dimension)`` and the modules it must skip."""
+
+    targets: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    gate_specs: dict[str, Any] = field(default_factory=dict)
+
+
+def _parse_spec(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    if not isinstance(spec, Mapping) or not spec:
+        raise ConfigError(f"sparsify spec must be a non-empty mapping of dimension -> options, got {spec!r}")
+    out = {}
+    for dim, opts in spec.items():
+        if dim not in DIMENSIONS:
+            raise ConfigError(f"unknown dimension {dim!r} in sparsify spec.{suggest(dim, DIMENSIONS)} "
+                              f"Known: {', '.join(DIMENSIONS)}")
+        if opts is None:
+            opts = {}
+        elif isinstance(opts, str):
+            opts = {"gate": opts}
+        elif not isinstance(opts, Mapping):
+            raise ConfigError(f"sparsify spec field {dim!r} must be a mapping like {{'gate': 'hard_concrete'}}, "
+                              f"got {type(opts).__name__}")
+        out[dim] = dict(opts)
+    return out
+
+
+def _patterns(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ConfigError(f"{where} must be a glob pattern or a list of them, got {value!r}")
+
+
+def _selected(fqn: str, include: list[str], exclude: list[str]) -> bool:
+    if include and not any(fnmatch.fnmatchcase(fqn, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatchcase(fqn, p) for p in exclude)
+
+
+def plan_sparsify(
+    model: nn.Module,
+    spec: Mapping[str, Any],
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> SparsifyPlan:
+    """Work out where ``sparsify_`` would put gates, without changing ``model``.
+
+    Args:
+        model: The model.
+        spec: ``{dimension: {"gate": name, "include": globs, "exclude": globs, **gate_kwargs}}``.
+        include: fqn glob patterns; only matching modules get gates (all dimensions).
+        exclude: fqn glob patterns; matching modules get no gates (all dimensions).
+
+    Returns:
+        A :class:`SparsifyPlan` listing targets and the modules that cannot be gated.
+    """
+    from .integrations import timm as table
+    from .layers.base import GatedLayer
+    from .layers.slot import GateSlot
+
+    dims = _parse_spec(spec)
+    g_inc, g_exc = _patterns(include, "include"), _patterns(exclude, "exclude")
+    plan = SparsifyPlan()
+    for dim, opts in dims.items():
+        inc = g_inc + _patterns(opts.pop("include", None), f"{dim}.include")
+        exc = g_exc + _patterns(opts.pop("exclude", None), f"{dim}.exclude")
+        opts.setdefault("gate", "hard_concrete")
+        plan.gate_specs[dim] = opts
+        found = 0
+        for fqn, module in model.named_modules():
+            if isinstance(module, (Gate, InputDependentGate, GateSlot)) or not _selected(fqn, inc, exc):
+                continue
+            mtype = type(module).__name__
+            if dim == "layers":
+                branches = table.branches_of(module)
+                if branches is None:
+                    continue
+                gated = [b.slot for b in branches if isinstance(getattr(module, b.slot, None), GateSlot)]
+                if gated:
+                    plan.skipped.append(Skipped(fqn, mtype, dim, f"{gated} already hold layer gates"))
+                    continue
+                plan.targets.append((fqn, dim))
+                found += 1
+                continue
+            if isinstance(module, GatedLayer) and module.dimension == dim:
+                plan.skipped.append(Skipped(fqn, mtype, dim, f"it is already gated for {dim!r}"))
+                continue
+            host = table.host_type(module)
+            gated_cls = table.GATED_LAYERS[dim].get(host)
+            if gated_cls is not None and type(module) is host:
+                reason = gated_cls.unsupported_reason(module)
+                if reason is None:
+                    plan.targets.append((fqn, dim))
+                    found += 1
+                else:
+                    plan.skipped.append(Skipped(fqn, mtype, dim, reason))
+            elif host in table.UNSUPPORTED.get(dim, {}):
+                plan.skipped.append(Skipped(fqn, mtype, dim, table.UNSUPPORTED[dim][host]))
+            elif gated_cls is None and dim in _LOOKALIKE and _LOOKALIKE[dim].search(host.__name__) \
+                    and not isinstance(module, GatedLayer) and _owns_weights(module):
+                plan.skipped.append(Skipped(fqn, mtype, dim, f"no gated layer is known for {host.__module__}."
+                                            f"{host.__name__}"))
+        if not found and not any(s.dimension == dim for s in plan.skipped):
+            raise UnsupportedModuleError("", type(model).__name__, dim,
+                                         "no module of the model can be gated for this dimension "
+                                         "(check the model family and the include/exclude patterns)")
+    return plan
+
+
+def _owns_weights(module: nn.Module) -> bool:
+    return any(isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d)) for m in module.children())
+
+
+def sparsify_(
+    model: nn.Module,
+    spec: Mapping[str, Any],
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    on_unsupported: Literal["raise", "skip"] = "raise",
+) -> nn.Module:
+    """Put gates into ``model`` in place and return it.
+
+    Layers are swapped for their gated twins (same parameters, same child names, same ``forward``) and
+    residual branches get ``layers`` gates; every gate starts open, so the output is unchanged.
+
+    Args:
+        model: A timm model (ViT/DeiT, ResNet, ConvNeXt, EfficientNet, MobileNetV3, Swin, ...).
+        spec: ``{dimension: {"gate": name, **gate_kwargs}}`` with dimensions ``neurons``, ``heads``,
+            ``channels``, ``layers``; a dimension may also carry ``include`` / ``exclude`` fqn globs.
+        include: fqn glob patterns limiting where gates go (all dimensions).
+        exclude: fqn glob patterns where no gates go (all dimensions).
+        on_unsupported: ``"raise"`` (default) raises on the first module that looks gatable but is not;
+            ``"skip"`` leaves such modules as they are and logs them (see :func:`plan_sparsify`).
+
+    Returns:
+        ``model``, gated.
+
+    Raises:
+        ConfigError: a bad spec (unknown dimension or gate, bad gate arguments).
+        UnsupportedModuleError: a module cannot be gated (names its fqn and type), or nothing can.
+
+    Example:
+        >>> import timm, dynsparse as ds
+        >>> m = timm.create_model("test_vit")
+        >>> _ = ds.sparsify_(m, {"neurons": {"gate": "hard_concrete"}, "heads": "sigmoid"})
+        >>> len(list(ds.named_gates(m)))
+        4
+    """
+    from .integrations import timm as table
+    from .layers.residual import gate_branches_
+    from .modules import replace_module_
+
+    if on_unsupported not in ("raise", "skip"):
+        raise ConfigError(f"on_unsupported must be 'raise' or 'skip', got {on_unsupported!r}")
+    plan = plan_sparsify(model, spec, include=include, exclude=exclude)
+    if plan.skipped:
+        if on_unsupported == "raise":
+            s = plan.skipped[0]
+            more = f" ({len(plan.skipped) - 1} more; on_unsupported='skip' skips them)" if len(plan.skipped) > 1 else ""
+            raise UnsupportedModuleError(s.fqn, s.module_type, s.dimension, s.reason + more)
+        log.warning("sparsify_: skipped %d module(s):\n%s", len(plan.skipped),
+                    "\n".join(f"  {s.fqn} ({s.module_type}) for {s.dimension!r}: {s.reason}" for s in plan.skipped))
+    # Class swaps first (neurons / heads / channels), then branch gates, which only replace drop_path children.
+    for fqn, dim in sorted(plan.targets, key=lambda t: t[1] == "layers"):
+        module = model.get_submodule(fqn)
+        gate = plan.gate_specs[dim]
+        if dim == "layers":
+            gate_branches_(module, table.branches_of(module), gate, fqn=fqn)
+            continue
+        cls = table.GATED_LAYERS[dim][table.host_type(module)]
+        try:
+            new = cls.from_module(module, gate=gate, fqn=fqn)
+        except (ConfigError, GateError) as e:
+            raise ConfigError(f"while gating {dim!r} of {fqn!r} ({type(module).__name__}): {e}") from e
+        if fqn:
+            replace_module_(model, fqn, new)
+        else:
+            raise UnsupportedModuleError(fqn, type(module).__name__, dim, "the root module itself cannot be swapped")
+    return model
+
+
+def named_gates(model: nn.Module) -> Iterator[tuple[str, Gate | InputDependentGate]]:
+    """Every gate of ``model`` with its qualified name (e.g. ``"blocks.0.mlp.norm.gate"``)."""
+    for fqn, m in model.named_modules():
+        if isinstance(m, (Gate, InputDependentGate)):
+            yield fqn, m
+
+
+def penalty(model: nn.Module) -> Tensor:
+    """Sum of every gate's ``penalty()`` as one scalar (0 when the model has no gate with a penalty)."""
+    terms = [g.penalty() for _, g in named_gates(model)]
+    if not terms:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else None)
+    return torch.stack([t.to(terms[0].dtype) for t in terms]).sum()
+
+
+def fix_gates_(model: nn.Module, masks: Mapping[str, Tensor] | None = None) -> nn.Module:
+    """Freeze gates to fixed bool masks (in place) and return ``model``.
+
+    Args:
+        model: A gated model.
+        masks: ``{gate_fqn: keep_mask}``; a key may also name the gate's slot (without ``.gate``). ``None``
+            freezes every static gate to its own current ``keep_mask()`` and eval values.
+
+    Raises:
+        ConfigError: an fqn names no gate (with close matches).
+        GateError: a mask has the wrong shape or dtype (names the fqn).
+    """
+    gates = {fqn: g for fqn, g in named_gates(model) if isinstance(g, Gate)}
+    if masks is None:
+        items = [(fqn, None) for fqn in gates]
+    else:
+        items = []
+        for key, mask in masks.items():
+            fqn = key if key in gates else f"{key}.gate"
+            if fqn not in gates:
+                raise ConfigError(f"fix_gates_: {key!r} names no gate of the model.{suggest(key, list(gates))}")
+            items.append((fqn, mask))
+    for fqn, mask in items:
+        old = gates[fqn]
+        ref = old.eval_values().detach()
+        if mask is None:
+            values, mask_t = ref.clamp(min=0), old.keep_mask()
+        else:
+            mask_t = torch.as_tensor(mask, device=ref.device)
+            if mask_t.dtype != torch.bool or mask_t.shape != (old.num_units,):
+                raise GateError(f"fix_gates_: mask for {fqn!r} must be bool of shape ({old.num_units},), "
+                                f"got {mask_t.dtype} {tuple(mask_t.shape)}")
+            values = torch.ones_like(ref)
+        new = FixedGate(old.num_units, mask=mask_t, values=values, device=ref.device, dtype=ref.dtype)
+        new.train(old.training)
+        parent_name, _, child = fqn.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return model
