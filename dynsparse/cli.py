@@ -25,8 +25,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     spec = {d: {"gate": "hard_concrete"} for d in ("neurons", "heads", "layers")}
     ds.sparsify_(model, spec)
-    print(f"model: vit_tiny (depth 4, 32x32 input), gates: {len(list(ds.named_gates(model)))} "
-          f"on {', '.join(spec)}")
+    print(f"model: vit_tiny (depth 4, 32x32 input), gates: {len(list(ds.named_gates(model)))} on {', '.join(spec)}")
     gate_params = [p for n, p in model.named_parameters() if ".gate." in n]
     weights = [p for n, p in model.named_parameters() if ".gate." not in n]
     opt = torch.optim.AdamW([{"params": weights, "lr": 1e-3}, {"params": gate_params, "lr": 0.1}])
@@ -45,8 +44,10 @@ def _demo(args: argparse.Namespace) -> int:
             if isinstance(g, ds.HardConcreteGate):
                 g.constrain_()
         if step % max(1, args.steps // 5) == 0 or step == args.steps:
-            print(f"step {step:4d}  task loss {loss_task.item():.4f}  expected L0 "
-                  f"{ds.penalty(model).item():8.1f} / {n_units}")
+            print(
+                f"step {step:4d}  task loss {loss_task.item():.4f}  expected L0 "
+                f"{ds.penalty(model).item():8.1f} / {n_units}"
+            )
     print(f"trained {args.steps} steps on random data in {time.perf_counter() - t0:.1f}s")
     model.eval()
     print(ds.sparsity_report(model, torch.zeros(1, 3, 32, 32)))

@@ -55,8 +55,10 @@ class SparsityReport:
         for r in self.rows:
             lines.append(f"{r.dimension:<10} {r.gates:>6} {r.kept:>8} {r.total:>8} {100 * r.keep_ratio:>6.1f}%")
         if self.flops_keep_ratio is not None:
-            lines.append(f"FLOPs: {self.kept_flops / 1e6:.2f}M of {self.dense_flops / 1e6:.2f}M kept "
-                         f"({100 * self.flops_keep_ratio:.1f}%, estimate from the gates' keep masks)")
+            lines.append(
+                f"FLOPs: {self.kept_flops / 1e6:.2f}M of {self.dense_flops / 1e6:.2f}M kept "
+                f"({100 * self.flops_keep_ratio:.1f}%, estimate from the gates' keep masks)"
+            )
         return "\n".join(lines)
 
 
@@ -66,8 +68,9 @@ def _default_input(model: nn.Module) -> Tensor | None:
     if not size:
         return None
     ref = next(model.parameters(), None)
-    return torch.zeros(1, *size, device=ref.device if ref is not None else None,
-                       dtype=ref.dtype if ref is not None else None)
+    return torch.zeros(
+        1, *size, device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None
+    )
 
 
 def _module_flops(model: nn.Module, example: Tensor | tuple) -> dict[str, int]:
@@ -85,7 +88,7 @@ def _module_flops(model: nn.Module, example: Tensor | tuple) -> dict[str, int]:
     for name, ops in counter.get_flop_counts().items():
         if name == "Global":
             continue
-        rel = "" if name == root else name[len(root) + 1:] if name.startswith(root + ".") else None
+        rel = "" if name == root else name[len(root) + 1 :] if name.startswith(root + ".") else None
         if rel is not None:
             out[rel] = int(sum(ops.values()))
     return out
@@ -146,8 +149,7 @@ def sparsity_report(model: nn.Module, example_input: Tensor | tuple | None = Non
     try:
         totals = _module_flops(model, example)
     except Exception as e:  # the example input does not fit the model
-        raise ConfigError(f"sparsity_report: the example input does not run through {type(model).__name__}: {e}") \
-            from e
+        raise ConfigError(f"sparsity_report: the example input does not run through {type(model).__name__}: {e}") from e
     excl = _exclusive(totals)
     kept_flops = 0.0
     for name, flops in excl.items():

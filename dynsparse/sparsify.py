@@ -65,15 +65,18 @@ def _parse_spec(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     out = {}
     for dim, opts in spec.items():
         if dim not in DIMENSIONS:
-            raise ConfigError(f"unknown dimension {dim!r} in sparsify spec.{suggest(dim, DIMENSIONS)} "
-                              f"Known: {', '.join(DIMENSIONS)}")
+            raise ConfigError(
+                f"unknown dimension {dim!r} in sparsify spec.{suggest(dim, DIMENSIONS)} Known: {', '.join(DIMENSIONS)}"
+            )
         if opts is None:
             opts = {}
         elif isinstance(opts, str):
             opts = {"gate": opts}
         elif not isinstance(opts, Mapping):
-            raise ConfigError(f"sparsify spec field {dim!r} must be a mapping like {{'gate': 'hard_concrete'}}, "
-                              f"got {type(opts).__name__}")
+            raise ConfigError(
+                f"sparsify spec field {dim!r} must be a mapping like {{'gate': 'hard_concrete'}}, "
+                f"got {type(opts).__name__}"
+            )
         out[dim] = dict(opts)
     return out
 
@@ -154,14 +157,24 @@ def plan_sparsify(
                     plan.skipped.append(Skipped(fqn, mtype, dim, reason))
             elif host in table.UNSUPPORTED.get(dim, {}):
                 plan.skipped.append(Skipped(fqn, mtype, dim, table.UNSUPPORTED[dim][host]))
-            elif gated_cls is None and dim in _LOOKALIKE and _LOOKALIKE[dim].search(host.__name__) \
-                    and not isinstance(module, GatedLayer) and _owns_weights(module):
-                plan.skipped.append(Skipped(fqn, mtype, dim, f"no gated layer is known for {host.__module__}."
-                                            f"{host.__name__}"))
+            elif (
+                gated_cls is None
+                and dim in _LOOKALIKE
+                and _LOOKALIKE[dim].search(host.__name__)
+                and not isinstance(module, GatedLayer)
+                and _owns_weights(module)
+            ):
+                plan.skipped.append(
+                    Skipped(fqn, mtype, dim, f"no gated layer is known for {host.__module__}.{host.__name__}")
+                )
         if not found and not any(s.dimension == dim for s in plan.skipped):
-            raise UnsupportedModuleError("", type(model).__name__, dim,
-                                         "no module of the model can be gated for this dimension "
-                                         "(check the model family and the include/exclude patterns)")
+            raise UnsupportedModuleError(
+                "",
+                type(model).__name__,
+                dim,
+                "no module of the model can be gated for this dimension "
+                "(check the model family and the include/exclude patterns)",
+            )
     return plan
 
 
@@ -217,8 +230,11 @@ def sparsify_(
             s = plan.skipped[0]
             more = f" ({len(plan.skipped) - 1} more; on_unsupported='skip' skips them)" if len(plan.skipped) > 1 else ""
             raise UnsupportedModuleError(s.fqn, s.module_type, s.dimension, s.reason + more)
-        log.warning("sparsify_: skipped %d module(s):\n%s", len(plan.skipped),
-                    "\n".join(f"  {s.fqn} ({s.module_type}) for {s.dimension!r}: {s.reason}" for s in plan.skipped))
+        log.warning(
+            "sparsify_: skipped %d module(s):\n%s",
+            len(plan.skipped),
+            "\n".join(f"  {s.fqn} ({s.module_type}) for {s.dimension!r}: {s.reason}" for s in plan.skipped),
+        )
     # Class swaps first (neurons / heads / channels), then branch gates, which only replace drop_path children.
     for fqn, dim in sorted(plan.targets, key=lambda t: t[1] == "layers"):
         module = model.get_submodule(fqn)
@@ -284,8 +300,10 @@ def fix_gates_(model: nn.Module, masks: Mapping[str, Tensor] | None = None) -> n
         else:
             mask_t = torch.as_tensor(mask, device=ref.device)
             if mask_t.dtype != torch.bool or mask_t.shape != (old.num_units,):
-                raise GateError(f"fix_gates_: mask for {fqn!r} must be bool of shape ({old.num_units},), "
-                                f"got {mask_t.dtype} {tuple(mask_t.shape)}")
+                raise GateError(
+                    f"fix_gates_: mask for {fqn!r} must be bool of shape ({old.num_units},), "
+                    f"got {mask_t.dtype} {tuple(mask_t.shape)}"
+                )
             values = torch.ones_like(ref)
         new = FixedGate(old.num_units, mask=mask_t, values=values, device=ref.device, dtype=ref.dtype)
         new.train(old.training)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -36,7 +36,7 @@ GATES.register("fixed")(FixedGate)
 
 #: What a gated layer accepts as its gate: a registered name, ``{"gate": name, **kwargs}``, or a factory
 #: ``f(num_units, device=..., dtype=...) -> Gate``.
-GateSpec = Union[str, Mapping[str, Any], Callable[..., Gate]]
+GateSpec = str | Mapping[str, Any] | Callable[..., Gate]
 
 
 def register_gate(name: str) -> Callable:

@@ -73,8 +73,9 @@ class GatedLayer:
             UnsupportedModuleError: ``host`` has the wrong type or a configuration that cannot be gated exactly.
         """
         if type(host) is not cls.host_class:
-            raise UnsupportedModuleError(fqn, type(host).__name__, cls.dimension, f"{cls.__name__} wraps only "
-                                         f"{cls.host_class.__name__}")
+            raise UnsupportedModuleError(
+                fqn, type(host).__name__, cls.dimension, f"{cls.__name__} wraps only {cls.host_class.__name__}"
+            )
         reason = cls.unsupported_reason(host)
         if reason is not None:
             raise UnsupportedModuleError(fqn, type(host).__name__, cls.dimension, reason)
@@ -90,8 +91,14 @@ class GatedLayer:
         device, dtype = (ref.device, ref.dtype) if ref is not None else (None, None)
         for spec in self._slot_specs(self):  # type: ignore[arg-type]
             g = make_gate(gate, spec.num_units, device=device, dtype=dtype)
-            slot = GateSlot(g, dimension=self.dimension, dim=spec.dim, unit_size=spec.unit_size,
-                            inner=getattr(self, spec.child), scope=spec.scope)
+            slot = GateSlot(
+                g,
+                dimension=self.dimension,
+                dim=spec.dim,
+                unit_size=spec.unit_size,
+                inner=getattr(self, spec.child),
+                scope=spec.scope,
+            )
             setattr(self, spec.child, slot.train(self.training))  # type: ignore[attr-defined]
 
     def gate_slots(self) -> Iterator[tuple[str, GateSlot]]:

@@ -87,8 +87,11 @@ class GatedInvertedResidual(GatedLayer, InvertedResidual):
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
-        return [SlotSpec("aa", host.conv_dw.out_channels, dim=1,
-                         scope=("conv_pw", "bn1", "conv_dw", "bn2", "se", "conv_pwl"))]
+        return [
+            SlotSpec(
+                "aa", host.conv_dw.out_channels, dim=1, scope=("conv_pw", "bn1", "conv_dw", "bn2", "se", "conv_pwl")
+            )
+        ]
 
 
 class GatedEdgeResidual(GatedLayer, EdgeResidual):

@@ -19,8 +19,10 @@ def _hidden_slot(m: nn.Module) -> SlotSpec:
 
 def _norm_reason(m: nn.Module) -> str | None:
     if not isinstance(m.norm, nn.Identity):
-        return (f"its hidden norm ({type(m.norm).__name__}) normalises over all hidden units, so removing a unit "
-                "is not exact")
+        return (
+            f"its hidden norm ({type(m.norm).__name__}) normalises over all hidden units, so removing a unit "
+            "is not exact"
+        )
     return None
 
 

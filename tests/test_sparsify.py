@@ -1,0 +1,193 @@
+"""sparsify_ spec handling, named_gates, fix_gates_, penalty and sparsity_report."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+import dynsparse as ds
+from dynsparse.layers import GateSlot
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def vit():
+    torch.manual_seed(0)
+    return timm.create_model("test_vit", pretrained=False).eval()
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ({"neuron": {"gate": "hard_concrete"}}, r"unknown dimension 'neuron'.*Did you mean 'neurons'"),
+        ({"heads": {"gate": "hard_concret"}}, r"unknown gate 'hard_concret'.*'hard_concrete'"),
+        ({"heads": {"gate": "sigmoid", "temprature": 2.0}}, r"bad arguments for gate 'sigmoid'.*temprature"),
+        ({"heads": 3}, r"field 'heads' must be a mapping"),
+        ({}, r"non-empty mapping"),
+        ({"heads": {"gate": "topk", "include": 5}}, r"heads\.include"),
+    ],
+)
+def test_bad_specs_name_the_field(vit, spec, match):
+    with pytest.raises(ds.ConfigError, match=match):
+        ds.sparsify_(vit, spec)
+
+
+def test_bad_on_unsupported(vit):
+    with pytest.raises(ds.ConfigError, match="on_unsupported"):
+        ds.sparsify_(vit, {"heads": "hard_concrete"}, on_unsupported="ignore")
+
+
+def test_string_spec_and_gate_kwargs(vit):
+    ds.sparsify_(vit, {"heads": "sigmoid", "neurons": {"gate": "topk", "keep": 0.5}})
+    gates = dict(ds.named_gates(vit))
+    assert isinstance(gates["blocks.0.attn.norm.gate"], ds.SigmoidGate)
+    g = gates["blocks.0.mlp.norm.gate"]
+    assert isinstance(g, ds.TopKGate) and g.k == g.num_units // 2
+
+
+def test_include_exclude_globs(vit):
+    ds.sparsify_(
+        vit,
+        {"neurons": {"gate": "hard_concrete", "include": "blocks.[01].*"}, "heads": "hard_concrete"},
+        exclude=["blocks.5.*"],
+    )
+    fqns = [f for f, _ in ds.named_gates(vit)]
+    assert [f for f in fqns if ".mlp." in f] == ["blocks.0.mlp.norm.gate", "blocks.1.mlp.norm.gate"]
+    assert [f for f in fqns if ".attn." in f] == [f"blocks.{i}.attn.norm.gate" for i in range(5)]
+
+
+def test_gating_twice_is_refused_and_plan_does_not_mutate(vit):
+    plan = ds.plan_sparsify(vit, {"neurons": "hard_concrete"})
+    assert len(plan.targets) == 6 and not list(ds.named_gates(vit))
+    ds.sparsify_(vit, {"neurons": "hard_concrete", "layers": "hard_concrete"})
+    with pytest.raises(ds.UnsupportedModuleError, match="already gated"):
+        ds.sparsify_(vit, {"neurons": "hard_concrete"})
+    with pytest.raises(ds.UnsupportedModuleError, match="already hold layer gates"):
+        ds.sparsify_(vit, {"layers": "hard_concrete"})
+    ds.sparsify_(vit, {"heads": "hard_concrete"})  # another dimension is fine
+
+
+def test_fix_gates_masks_and_errors(vit):
+    ds.sparsify_(vit, {"heads": "hard_concrete", "neurons": "hard_concrete"})
+    mask = torch.tensor([True, False])
+    ds.fix_gates_(vit, {"blocks.0.attn.norm.gate": mask, "blocks.1.attn.norm": mask})  # slot name works too
+    gates = dict(ds.named_gates(vit))
+    assert isinstance(gates["blocks.0.attn.norm.gate"], ds.FixedGate)
+    assert gates["blocks.1.attn.norm.gate"].keep_mask().tolist() == [True, False]
+    assert isinstance(gates["blocks.2.attn.norm.gate"], ds.HardConcreteGate)
+    assert gates["blocks.0.attn.norm.gate"].training is False
+    with pytest.raises(ds.ConfigError, match=r"'blocks\.0\.atn\.norm\.gate' names no gate.*Did you mean"):
+        ds.fix_gates_(vit, {"blocks.0.atn.norm.gate": mask})
+    with pytest.raises(ds.GateError, match=r"blocks\.2\.attn\.norm\.gate.*shape \(2,\)"):
+        ds.fix_gates_(vit, {"blocks.2.attn.norm.gate": torch.tensor([True, False, True])})
+    with pytest.raises(ds.GateError, match="bool"):
+        ds.fix_gates_(vit, {"blocks.2.attn.norm.gate": torch.tensor([1, 0])})
+
+
+def test_fix_gates_without_masks_freezes_current_state(vit):
+    ds.sparsify_(vit, {"neurons": "hard_concrete"})
+    g = vit.blocks[0].mlp.norm.gate
+    with torch.no_grad():
+        g.log_alpha[:3] = -10.0  # closed
+        g.log_alpha[3] = 1.0  # eval value between 0 and 1
+    x = torch.randn(1, 3, 32, 32)
+    before = vit(x)
+    ds.fix_gates_(vit)
+    fixed = vit.blocks[0].mlp.norm.gate
+    assert isinstance(fixed, ds.FixedGate)
+    assert fixed.keep_mask()[:3].tolist() == [False] * 3
+    assert 0 < fixed.eval_values()[3] < 1
+    torch.testing.assert_close(vit(x), before)
+
+
+def test_closed_head_equals_zeroed_head_output(vit):
+    """Closing a head is the same as zeroing that head's slice of the attention output before proj."""
+    ds.sparsify_(vit, {"heads": "fixed"})
+    attn = vit.blocks[0].attn
+    ds.fix_gates_(vit, {"blocks.0.attn.norm.gate": torch.tensor([False, True])})
+    x = torch.randn(2, 5, attn.qkv.in_features)
+    captured = {}
+    attn.proj.register_forward_hook(lambda m, i, o: captured.update(x=i[0]))
+    attn(x)
+    hd = attn.head_dim
+    assert torch.all(captured["x"][..., :hd] == 0) and torch.any(captured["x"][..., hd:] != 0)
+
+
+def test_penalty_sums_gate_penalties(vit):
+    assert ds.penalty(vit).item() == 0.0
+    ds.sparsify_(vit, {"heads": "hard_concrete", "neurons": "topk"})
+    expected = sum(g.penalty() for _, g in ds.named_gates(vit))
+    torch.testing.assert_close(ds.penalty(vit), expected)
+
+
+def test_report_counts_and_flops(vit):
+    ds.sparsify_(vit, {"heads": "fixed", "neurons": "fixed", "layers": "fixed"})
+    full = ds.sparsity_report(vit)
+    assert full.flops_keep_ratio == pytest.approx(1.0)
+    masks = {}
+    for fqn, g in ds.named_gates(vit):
+        if ".mlp." in fqn:
+            masks[fqn] = torch.arange(g.num_units) < g.num_units // 4
+        elif ".attn." in fqn:
+            masks[fqn] = torch.tensor([True, False])
+    masks["blocks.5.drop_path2.gate"] = torch.tensor([False])
+    ds.fix_gates_(vit, masks)
+    x = torch.zeros(1, 3, 32, 32)
+    rep = ds.sparsity_report(vit, x)
+    rows = {r.dimension: r for r in rep.rows}
+    assert rows["heads"].kept == 6 and rows["heads"].total == 12
+    assert rows["neurons"].keep_ratio == pytest.approx(0.25)
+    assert rows["layers"].kept == 11
+    # analytic FLOPs: attention scales with heads, MLP with neurons, the closed MLP branch costs nothing
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        vit(x)
+    counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
+    attn = sum(counts[f"VisionTransformer.blocks.{i}.attn"] for i in range(6))
+    mlp = sum(counts[f"VisionTransformer.blocks.{i}.mlp"] for i in range(6))
+    total = counts["Global"]
+    expect = total - attn / 2 - mlp * 0.75 - counts["VisionTransformer.blocks.5.mlp"] * 0.25
+    assert rep.dense_flops == total
+    assert rep.kept_flops == pytest.approx(expect)
+    text = str(rep)
+    assert "heads" in text and "FLOPs" in text
+
+
+def test_report_with_two_gates_on_one_conv():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet50", pretrained=False, num_classes=4).eval()
+    ds.sparsify_(model, {"channels": "fixed"})
+    blk = "layer1.0"
+    ds.fix_gates_(model, {f"{blk}.act1.gate": torch.arange(64) < 32, f"{blk}.act2.gate": torch.arange(64) < 16})
+    rep = ds.sparsity_report(model, torch.zeros(1, 3, 64, 64))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        model(torch.zeros(1, 3, 64, 64))
+    c = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
+    p = f"ResNet.{blk}."
+    removed = c[p + "conv1"] * 0.5 + c[p + "conv2"] * (1 - 0.5 * 0.25) + c[p + "conv3"] * 0.75
+    assert rep.kept_flops == pytest.approx(c["Global"] - removed)
+
+
+def test_report_without_input_has_no_flops():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    rep = ds.sparsity_report(model)
+    assert rep.dense_flops is None and rep.rows == []
+
+
+def test_import_does_not_import_timm_or_transformers():
+    code = "import sys, dynsparse; assert 'timm' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_gate_slots_only_in_expected_places(vit):
+    ds.sparsify_(vit, {"heads": "hard_concrete", "neurons": "hard_concrete", "layers": "hard_concrete"})
+    places = {fqn.rsplit(".", 1)[-1] for fqn, m in vit.named_modules() if isinstance(m, GateSlot)}
+    assert places == {"norm", "drop_path1", "drop_path2"}
