@@ -40,6 +40,9 @@ class Registry(Generic[T]):
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator that registers an object under ``name``; raises on a duplicate name."""
 
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{self.kind} name must be a non-empty string, got {name!r}")
+
         def add(obj: T) -> T:
             if name in self._items:
                 raise ConfigError(f"{self.kind} {name!r} is already registered (by {self._items[name]!r})")

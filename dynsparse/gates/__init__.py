@@ -69,6 +69,9 @@ def make_gate(
         if "gate" not in spec:
             raise ConfigError(f"gate spec {spec!r} has no 'gate' field naming a registered gate ({GATES.names()})")
         name = spec.pop("gate")
+        clash = sorted(set(spec) & (set(kwargs) | {"device", "dtype"}))
+        if clash:
+            raise ConfigError(f"gate spec for {name!r} sets {clash}, which the caller sets too")
         return make_gate(name, num_units, device=device, dtype=dtype, **spec, **kwargs)
     factory = GATES.get(spec) if isinstance(spec, str) else spec
     if not callable(factory):

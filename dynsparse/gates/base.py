@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -108,18 +110,18 @@ class InputDependentGate(nn.Module):
 
     def num_kept(self) -> int:
         """Units kept per sample under the current budget (at least one)."""
-        return max(1, round(self.keep * self.num_units))
+        return max(1, math.floor(self.keep * self.num_units + 0.5))
 
     def penalty(self) -> Tensor:
         """Scalar regulariser; 0 for gates without one."""
         p = next(self.parameters(), None)
-        return torch.zeros((), device=p.device if p is not None else None)
+        return torch.zeros((), device=p.device if p is not None else None, dtype=p.dtype if p is not None else None)
 
     def extra_repr(self) -> str:
         return f"num_units={self.num_units}, keep={self.keep}"
 
 
 def _check_keep(owner: str, keep: float) -> float:
-    if not isinstance(keep, (int, float)) or not 0.0 < float(keep) <= 1.0:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < float(keep) <= 1.0:
         raise GateError(f"{owner}: keep must be a fraction in (0, 1], got {keep!r}")
     return float(keep)

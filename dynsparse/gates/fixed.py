@@ -44,7 +44,7 @@ class FixedGate(Gate):
         if values.shape != (num_units,) or not values.is_floating_point():
             raise GateError(f"FixedGate: values must be a float tensor of shape ({num_units},)")
         self.register_buffer("mask", mask.to(device=device))
-        self.register_buffer("values", values.to(device=device, dtype=dtype or torch.get_default_dtype()))
+        self.register_buffer("values", values.to(device=device, dtype=dtype or values.dtype))
 
     def eval_values(self) -> Tensor:
         return self.values * self.mask.to(self.values.dtype)

@@ -59,6 +59,8 @@ class HardConcreteGate(Gate):
             raise GateError(f"HardConcreteGate: init_drop_rate must be in (0, 1), got {init_drop_rate}")
         if not (gamma < 0.0 and zeta > 1.0 and beta > 0.0):
             raise GateError(f"HardConcreteGate: need gamma < 0 < 1 < zeta and beta > 0, got {gamma}, {zeta}, {beta}")
+        if not (math.isfinite(init_std) and init_std >= 0):
+            raise GateError(f"HardConcreteGate: init_std must be >= 0, got {init_std}")
         self.init_drop_rate = float(init_drop_rate)
         self.init_std = float(init_std)
         self.beta, self.gamma, self.zeta, self.eps = float(beta), float(gamma), float(zeta), float(eps)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -42,9 +44,9 @@ class SigmoidGate(Gate):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(num_units)
-        if temperature <= 0:
+        if not (math.isfinite(temperature) and temperature > 0):
             raise GateError(f"SigmoidGate: temperature must be > 0, got {temperature}")
-        if not 0.0 < threshold < 1.0:
+        if not (0.0 < threshold < 1.0):
             raise GateError(f"SigmoidGate: threshold must be in (0, 1), got {threshold}")
         self.temperature = float(temperature)
         self.threshold = float(threshold)

@@ -52,11 +52,11 @@ class TopKGate(Gate):
         if k is not None and keep is not None:
             raise GateError("TopKGate: give either k or keep, not both")
         if k is not None:
-            if not isinstance(k, int) or not 0 <= k <= n:
+            if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= n:
                 raise GateError(f"TopKGate: k must be an int in [0, {n}], got {k!r}")
             return k
         keep = 1.0 if keep is None else keep
-        if not 0.0 <= keep <= 1.0:
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 <= keep <= 1.0:
             raise GateError(f"TopKGate: keep must be in [0, 1], got {keep!r}")
         return 0 if keep == 0 else min(n, max(1, math.floor(keep * n + 0.5)))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from timm.layers import Attention, GluMlp, Mlp, SwiGLU
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, EdgeResidual, InvertedResidual
 from timm.models.convnext import ConvNeXtBlock
@@ -15,6 +16,9 @@ from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from ..convert.surgery import scale_bn_
+from ..convert.zero import ZeroBranch
+from ..errors import UnsupportedModuleError
 from ..layers.attention import GatedAttention
 from ..layers.base import GatedLayer
 from ..layers.conv import (
@@ -27,7 +31,7 @@ from ..layers.conv import (
 from ..layers.mlp import GatedGluMlp, GatedMlp, GatedSwiGLU
 from ..layers.residual import Branch
 
-__all__ = ["BRANCHES", "GATED_LAYERS", "UNSUPPORTED", "branches_of"]
+__all__ = ["BRANCHES", "GATED_LAYERS", "UNSUPPORTED", "branches_of", "close_branches", "fold_branch_scale_"]
 
 #: dimension -> host class -> gated class (exact host types only).
 GATED_LAYERS: dict[str, dict[type[nn.Module], type[GatedLayer]]] = {
@@ -84,3 +88,111 @@ def branches_of(module: nn.Module) -> list[Branch] | None:
     """Residual branches of ``module`` if its host class is in :data:`BRANCHES`, else None."""
     fn = BRANCHES.get(host_type(module))
     return fn(module) if fn is not None else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conversion of residual branches: fold a non-binary branch gate value, and remove closed branches.
+
+
+def _scale_linear_(m: nn.Module, v: float) -> None:
+    with torch.no_grad():
+        m.weight.mul_(v)
+        if m.bias is not None:
+            m.bias.mul_(v)
+
+
+def _scale_last_bn_(block: nn.Module, bn: str) -> None:
+    def fold(v: float) -> None:
+        norm = getattr(block, bn)
+        act = getattr(norm, "act", None)
+        if act is not None and not isinstance(act, nn.Identity):
+            raise UnsupportedModuleError(
+                "",
+                type(block).__name__,
+                "layers",
+                f"{bn} ends in an activation, so a gate value {v:.4g} cannot be folded",
+            )
+        if host_type(block) in (BasicBlock, Bottleneck) and block.se is not None:
+            raise UnsupportedModuleError(
+                "",
+                type(block).__name__,
+                "layers",
+                f"squeeze-excite follows {bn}, so a gate value {v:.4g} cannot be folded",
+            )
+        scale_bn_(norm, v)
+
+    return fold
+
+
+def _fold_vit(block: nn.Module, slot: str, v: float) -> None:
+    ls, inner, last = ("ls1", "attn", "proj") if slot == "drop_path1" else ("ls2", "mlp", "fc2")
+    ls_mod = getattr(block, ls, None)
+    if ls_mod is not None and hasattr(ls_mod, "gamma"):
+        with torch.no_grad():
+            ls_mod.gamma.mul_(v)
+    else:
+        _scale_linear_(getattr(getattr(block, inner), last), v)
+
+
+def _fold_convnext(block: nn.Module, slot: str, v: float) -> None:
+    if block.gamma is not None:
+        with torch.no_grad():
+            block.gamma.mul_(v)
+    else:
+        _scale_linear_(block.mlp.fc2, v)
+
+
+def fold_branch_scale_(block: nn.Module, slot: str, v: float) -> None:
+    """Fold a branch gate's eval value ``v`` (0 < v < 1) into the last affine step of the branch."""
+    host = host_type(block)
+    if host in (Block, SwinTransformerBlock):
+        return _fold_vit(block, slot, v)
+    if host is ConvNeXtBlock:
+        return _fold_convnext(block, slot, v)
+    last_bn = {
+        BasicBlock: "bn2",
+        Bottleneck: "bn3",
+        InvertedResidual: "bn3",
+        EdgeResidual: "bn2",
+        DepthwiseSeparableConv: "bn2",
+    }.get(host)
+    if last_bn is None:
+        raise UnsupportedModuleError("", type(block).__name__, "layers", "no rule to fold a branch gate value")
+    _scale_last_bn_(block, last_bn)(v)
+
+
+def _close_transformer(block: nn.Module, closed: set[str]) -> nn.Module | None:
+    if closed >= {"drop_path1", "drop_path2"}:
+        return nn.Identity()
+    for slot in closed:
+        norm, inner, ls = ("norm1", "attn", "ls1") if slot == "drop_path1" else ("norm2", "mlp", "ls2")
+        setattr(block, inner, ZeroBranch())
+        setattr(block, norm, nn.Identity())
+        if hasattr(block, ls):
+            setattr(block, ls, nn.Identity())
+    return None
+
+
+def _close_resnet(block: nn.Module, act: str) -> nn.Module:
+    post = getattr(block, act)
+    return post if block.downsample is None else nn.Sequential(block.downsample, post)
+
+
+def close_branches(block: nn.Module, closed: set[str]) -> nn.Module | None:
+    """Remove the closed branches (slot names) of ``block``.
+
+    Returns a module that replaces the whole block (e.g. ``nn.Identity`` when nothing is left), or ``None``
+    when the block was edited in place (a ViT block that keeps one of its two branches).
+    """
+    host = host_type(block)
+    if host in (Block, SwinTransformerBlock):
+        return _close_transformer(block, closed)
+    if host is BasicBlock:
+        return _close_resnet(block, "act2")
+    if host is Bottleneck:
+        return _close_resnet(block, "act3")
+    if host is ConvNeXtBlock:
+        return block.shortcut
+    if host in (InvertedResidual, EdgeResidual, DepthwiseSeparableConv):
+        return nn.Identity()
+    raise UnsupportedModuleError("", type(block).__name__, "layers", "no rule to remove a closed branch")

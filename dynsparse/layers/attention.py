@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import torch
 from timm.layers import Attention
-from torch import nn
+from torch import Tensor, nn
 
+from ..convert.surgery import slice_linear_in_, slice_linear_out_
 from .base import GatedLayer, SlotSpec
 
 __all__ = ["GatedAttention"]
+
+
+def head_elements(heads: Tensor, head_dim: int) -> Tensor:
+    """Element indices ``(h * head_dim + j)`` of the given heads, in order."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
 
 
 class GatedAttention(GatedLayer, Attention):
@@ -19,7 +26,7 @@ class GatedAttention(GatedLayer, Attention):
 
     Example:
         >>> import torch, timm.layers
-        >>> host = timm.layers.Attention(32, num_heads=4, qk_norm=True)
+        >>> host = timm.layers.Attention(32, num_heads=4)
         >>> gated = GatedAttention.from_module(host).eval()
         >>> x = torch.randn(2, 7, 32)
         >>> torch.allclose(gated(x), host(x))
@@ -38,3 +45,14 @@ class GatedAttention(GatedLayer, Attention):
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
         return [SlotSpec("norm", host.num_heads, dim=-1, unit_size=host.head_dim, scope=("",))]
+
+    @classmethod
+    def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
+        hd, width = module.head_dim, module.attn_dim
+        elems = head_elements(idx, hd)
+        slice_linear_out_(module.qkv, torch.cat([elems, elems + width, elems + 2 * width]))
+        if module.gate is not None:  # timm's optional sigmoid output gate, one value per channel
+            slice_linear_out_(module.gate, elems)
+        slice_linear_in_(module.proj, elems, None if scale is None else scale.repeat_interleave(hd))
+        module.num_heads = len(idx)
+        module.attn_dim = len(idx) * hd

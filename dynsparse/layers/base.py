@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
 from ..gates import GateSpec, make_gate
@@ -61,6 +61,15 @@ class GatedLayer:
         raise NotImplementedError
 
     @classmethod
+    def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
+        """Keep units ``idx`` (sorted, non-empty) of the gate at ``child`` by slicing producer and consumer.
+
+        Works on a host module or a gated one (same children), in place. ``scale`` (one value per kept unit)
+        is folded into the consumer weights; ``None`` leaves the weights as they are (shape-only replay).
+        """
+        raise NotImplementedError
+
+    @classmethod
     def from_module(cls, host: nn.Module, gate: GateSpec = "hard_concrete", fqn: str = "") -> GatedLayer:
         """Make the gated twin of ``host``; it shares the host's parameters (no copy) and starts open.
 
@@ -113,5 +122,5 @@ class GatedLayer:
         state = {k: (v.copy() if isinstance(v, (dict, set)) else v) for k, v in self.__dict__.items()}
         host.__dict__.update(state)
         for name, slot in list(self.gate_slots()):
-            host._modules[name] = slot.inner if slot.inner is not None else nn.Identity()
+            host._modules[name] = slot.inner
         return host

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, EdgeResidual, InvertedResidual
 from timm.models.resnet import BasicBlock, Bottleneck
-from torch import nn
+from torch import Tensor, nn
 
+from ..convert.surgery import slice_bn_, slice_conv_in_, slice_conv_out_, slice_depthwise_
+from ..errors import UnsupportedModuleError
 from ..modules import is_stateless
 from .base import GatedLayer, SlotSpec
 
@@ -36,6 +38,33 @@ def _grouped(conv: nn.Conv2d, name: str, depthwise_ok: bool = False) -> str | No
     return f"{name} is a grouped conv (groups={g}); removing single channels would break its groups"
 
 
+def _check_aa(m: nn.Module, what: str) -> None:
+    aa = getattr(m, "aa", None)
+    inner = getattr(aa, "inner", aa)  # the slot may hold the aa module
+    if inner is not None and not isinstance(inner, nn.Identity) and type(inner).__name__ != "GateSlot":
+        raise UnsupportedModuleError(
+            "", type(m).__name__, "channels", f"anti-aliasing ({type(inner).__name__}) on {what} cannot be sliced yet"
+        )
+
+
+def _slice_se_(se: nn.Module, idx: Tensor, scale: Tensor | None, owner: nn.Module) -> None:
+    """Slice a squeeze-excite module on the gated channels; ``scale`` also folds into its reduction input."""
+    if isinstance(se, nn.Identity) or se is None:
+        return
+    names = [("conv_reduce", "conv_expand"), ("fc1", "fc2")]
+    for reduce, expand in names:
+        if hasattr(se, reduce) and hasattr(se, expand):
+            slice_conv_in_(getattr(se, reduce), idx, scale)
+            slice_conv_out_(getattr(se, expand), idx)
+            return
+    raise UnsupportedModuleError(
+        "",
+        type(owner).__name__,
+        "channels",
+        f"its squeeze-excite module {type(se).__name__} is not known to the converter",
+    )
+
+
 class GatedBasicBlock(GatedLayer, BasicBlock):
     """timm ResNet ``BasicBlock`` with a ``channels`` gate between ``conv1`` and ``conv2`` (in the ``act1`` slot)."""
 
@@ -49,6 +78,13 @@ class GatedBasicBlock(GatedLayer, BasicBlock):
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
         return [SlotSpec("act1", host.conv1.out_channels, dim=1, scope=("conv1", "bn1", "conv2"))]
+
+    @classmethod
+    def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
+        _check_aa(module, "conv1's output")
+        slice_conv_out_(module.conv1, idx)
+        slice_bn_(module.bn1, idx)
+        slice_conv_in_(module.conv2, idx, scale)
 
 
 class GatedBottleneck(GatedLayer, Bottleneck):
@@ -67,6 +103,18 @@ class GatedBottleneck(GatedLayer, Bottleneck):
             SlotSpec("act1", host.conv1.out_channels, dim=1, scope=("conv1", "bn1", "conv2")),
             SlotSpec("act2", host.conv2.out_channels, dim=1, scope=("conv2", "bn2", "conv3")),
         ]
+
+    @classmethod
+    def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
+        if child == "act1":
+            slice_conv_out_(module.conv1, idx)
+            slice_bn_(module.bn1, idx)
+            slice_conv_in_(module.conv2, idx, scale)
+        else:
+            _check_aa(module, "conv2's output")
+            slice_conv_out_(module.conv2, idx)
+            slice_bn_(module.bn2, idx)
+            slice_conv_in_(module.conv3, idx, scale)
 
 
 class GatedInvertedResidual(GatedLayer, InvertedResidual):
@@ -93,6 +141,15 @@ class GatedInvertedResidual(GatedLayer, InvertedResidual):
             )
         ]
 
+    @classmethod
+    def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
+        slice_conv_out_(module.conv_pw, idx)
+        slice_bn_(module.bn1, idx)
+        slice_depthwise_(module.conv_dw, idx)
+        slice_bn_(module.bn2, idx)
+        _slice_se_(module.se, idx, scale, module)
+        slice_conv_in_(module.conv_pwl, idx, scale)
+
 
 class GatedEdgeResidual(GatedLayer, EdgeResidual):
     """timm ``EdgeResidual`` (fused MBConv) with a ``channels`` gate on the expansion channels (``aa`` slot)."""
@@ -107,6 +164,13 @@ class GatedEdgeResidual(GatedLayer, EdgeResidual):
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
         return [SlotSpec("aa", host.conv_exp.out_channels, dim=1, scope=("conv_exp", "bn1", "se", "conv_pwl"))]
+
+    @classmethod
+    def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
+        slice_conv_out_(module.conv_exp, idx)
+        slice_bn_(module.bn1, idx)
+        _slice_se_(module.se, idx, scale, module)
+        slice_conv_in_(module.conv_pwl, idx, scale)
 
 
 class GatedDepthwiseSeparableConv(GatedLayer, DepthwiseSeparableConv):
@@ -130,3 +194,14 @@ class GatedDepthwiseSeparableConv(GatedLayer, DepthwiseSeparableConv):
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
         return [SlotSpec("aa", host.conv_dw.out_channels, dim=1, scope=("conv_dw", "bn1", "se", "conv_pw"))]
+
+    @classmethod
+    def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
+        raise UnsupportedModuleError(
+            "",
+            type(module).__name__,
+            "channels",
+            "its depthwise channels are the block's input channels; converting them "
+            "needs the producer of the block's input, which the converter does not "
+            "slice yet (close no channel of this gate, or exclude the block)",
+        )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from timm.layers import GluMlp, Mlp, SwiGLU
-from torch import nn
+from torch import Tensor, nn
 
+from ..convert.surgery import slice_linear_in_, slice_linear_out_
 from .base import GatedLayer, SlotSpec
 
 __all__ = ["GatedGluMlp", "GatedMlp", "GatedSwiGLU"]
@@ -17,16 +19,26 @@ def _hidden_slot(m: nn.Module) -> SlotSpec:
     return SlotSpec("norm", units, dim=1 if conv else -1, scope=("",))
 
 
-def _norm_reason(m: nn.Module) -> str | None:
-    if not isinstance(m.norm, nn.Identity):
-        return (
-            f"its hidden norm ({type(m.norm).__name__}) normalises over all hidden units, so removing a unit "
-            "is not exact"
-        )
-    return None
+class _GatedHidden(GatedLayer):
+    """Shared rules of the timm MLPs: the gate takes the place of the (Identity) hidden ``norm``."""
+
+    dimension = "neurons"
+
+    @classmethod
+    def unsupported_reason(cls, host: nn.Module) -> str | None:
+        if not isinstance(host.norm, nn.Identity):
+            return (
+                f"its hidden norm ({type(host.norm).__name__}) normalises over all hidden units, so removing "
+                "a unit is not exact"
+            )
+        return None
+
+    @classmethod
+    def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
+        return [_hidden_slot(host)]
 
 
-class GatedMlp(GatedLayer, Mlp):
+class GatedMlp(_GatedHidden, Mlp):
     """timm ``Mlp`` with a ``neurons`` gate after ``act``/``drop1`` (in the ``norm`` slot, before ``fc2``).
 
     Same constructor arguments as ``timm.layers.Mlp`` plus ``gate``; pass it as ``mlp_layer`` to a timm
@@ -42,42 +54,32 @@ class GatedMlp(GatedLayer, Mlp):
     """
 
     host_class = Mlp
-    dimension = "neurons"
 
     @classmethod
-    def unsupported_reason(cls, host: nn.Module) -> str | None:
-        return _norm_reason(host)
-
-    @classmethod
-    def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
-        return [_hidden_slot(host)]
+    def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
+        slice_linear_out_(module.fc1, idx)
+        slice_linear_in_(module.fc2, idx, scale)
 
 
-class GatedGluMlp(GatedLayer, GluMlp):
+class GatedGluMlp(_GatedHidden, GluMlp):
     """timm ``GluMlp`` with a ``neurons`` gate on the gated product, before ``fc2`` (``norm`` slot)."""
 
     host_class = GluMlp
-    dimension = "neurons"
 
     @classmethod
-    def unsupported_reason(cls, host: nn.Module) -> str | None:
-        return _norm_reason(host)
-
-    @classmethod
-    def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
-        return [_hidden_slot(host)]
+    def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
+        hidden = _hidden_slot(module).num_units
+        slice_linear_out_(module.fc1, torch.cat([idx, idx + hidden]))  # fc1 holds both halves of the GLU
+        slice_linear_in_(module.fc2, idx, scale)
 
 
-class GatedSwiGLU(GatedLayer, SwiGLU):
+class GatedSwiGLU(_GatedHidden, SwiGLU):
     """timm ``SwiGLU`` with a ``neurons`` gate on ``act(fc1_g(x)) * fc1_x(x)``, before ``fc2`` (``norm`` slot)."""
 
     host_class = SwiGLU
-    dimension = "neurons"
 
     @classmethod
-    def unsupported_reason(cls, host: nn.Module) -> str | None:
-        return _norm_reason(host)
-
-    @classmethod
-    def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
-        return [_hidden_slot(host)]
+    def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
+        slice_linear_out_(module.fc1_g, idx)
+        slice_linear_out_(module.fc1_x, idx)
+        slice_linear_in_(module.fc2, idx, scale)

@@ -48,14 +48,15 @@ class GateSlot(nn.Module):
         if inner is not None and not is_stateless(inner):
             raise GateError(f"GateSlot can only wrap a module without state, got {type(inner).__name__}")
         self.gate = gate
-        self.inner = None if isinstance(inner, nn.Identity) else inner
+        self.inner = inner  # the original child (None, Identity, an activation, a DropPath), restored on conversion
+        self._apply_inner = inner is not None and not isinstance(inner, nn.Identity)
         self.dimension = dimension
         self.dim = dim
         self.unit_size = unit_size
         self.scope = tuple(scope)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.inner is not None:
+        if self._apply_inner:
             x = self.inner(x)
         m = self.gate().to(x.dtype)
         if self.unit_size == 0:

@@ -1,0 +1,93 @@
+"""``SlicePlan``: which units a conversion keeps, as versioned JSON data (no code, no pickle)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError
+
+__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "SlicePlan"]
+
+PLAN_FORMAT = "dynsparse.slice_plan"
+PLAN_VERSION = 1
+_DIMS = ("neurons", "heads", "channels", "layers")
+
+
+@dataclass
+class SlicePlan:
+    """``fqn -> dimension -> sorted keep indices``, where ``fqn`` names the place a gate sits.
+
+    The fqn is the gate slot's qualified name in the host model (``"blocks.0.mlp.norm"`` for an MLP's
+    neurons, ``"layer1.0.act1"`` for a ResNet block's first internal channels, ``"blocks.3.drop_path1"``
+    for a ViT block's attention branch). ``units`` records each gate's original unit count, so a plan can
+    be checked against the model it is applied to. A ``layers`` entry is ``[0]`` (kept) or ``[]`` (removed).
+
+    Example:
+        >>> plan = SlicePlan({"blocks.0.mlp.norm": {"neurons": [0, 2]}}, {"blocks.0.mlp.norm": 4})
+        >>> SlicePlan.from_json(plan.to_json()) == plan
+        True
+    """
+
+    entries: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    units: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for fqn, dims in self.entries.items():
+            if not isinstance(dims, Mapping) or len(dims) != 1:
+                raise ConfigError(f"slice plan entry {fqn!r} must map exactly one dimension to keep indices")
+            for dim, idx in dims.items():
+                if dim not in _DIMS:
+                    raise ConfigError(f"slice plan entry {fqn!r}: unknown dimension {dim!r} (known: {_DIMS})")
+                if not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
+                    raise ConfigError(f"slice plan entry {fqn!r}.{dim}: indices must be ints")
+                if list(idx) != sorted(set(idx)):
+                    raise ConfigError(f"slice plan entry {fqn!r}.{dim}: indices must be sorted and unique")
+                n = self.units.get(fqn)
+                if n is not None and idx and not (idx[0] >= 0 and idx[-1] < n):
+                    raise ConfigError(f"slice plan entry {fqn!r}.{dim}: index out of range for {n} units")
+
+    def dimension(self, fqn: str) -> str:
+        """The dimension of the entry at ``fqn``."""
+        return next(iter(self.entries[fqn]))
+
+    def keep(self, fqn: str) -> list[int]:
+        """The keep indices of the entry at ``fqn``."""
+        return next(iter(self.entries[fqn].values()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "entries": self.entries, "units": self.units}
+
+    def to_json(self) -> str:
+        """Compact, deterministic JSON text."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "slice plan") -> SlicePlan:
+        """Parse and validate; errors name ``source`` and the field."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a JSON object")
+        if data.get("format") != PLAN_FORMAT:
+            raise ConfigError(f"{source}: field 'format' must be {PLAN_FORMAT!r}, got {data.get('format')!r}")
+        version = data.get("version")
+        if version != PLAN_VERSION:
+            raise ConfigError(f"{source}: unsupported plan version {version!r} (this dynsparse reads {PLAN_VERSION})")
+        entries, units = data.get("entries"), data.get("units", {})
+        if not isinstance(entries, Mapping) or not isinstance(units, Mapping):
+            raise ConfigError(f"{source}: fields 'entries' and 'units' must be objects")
+        try:
+            return cls({k: {d: list(i) for d, i in v.items()} for k, v in entries.items()}, dict(units))
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        except (AttributeError, TypeError) as e:
+            raise ConfigError(f"{source}: malformed entries ({e})") from None
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "slice plan") -> SlicePlan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{source}: not valid JSON ({e})") from None
+        return cls.from_dict(data, source)
