@@ -5,6 +5,7 @@ The public API is small: gates (what decides), ``sparsify_`` (put gates into a m
 (importing it imports timm; ``import dynsparse`` does not).
 """
 
+from .convert import SlicePlan, ZeroBranch, apply_plan, convert, load, load_gated, make_plan, save, save_gated, verify
 from .errors import ConfigError, DynsparseError, GateError, UnsupportedModuleError
 from .gates import (
     GATES,
@@ -33,17 +34,27 @@ __all__ = [
     "HardConcreteGate",
     "InputDependentGate",
     "SigmoidGate",
+    "SlicePlan",
     "SparsifyPlan",
     "SparsityReport",
     "TopKGate",
     "UnsupportedModuleError",
+    "ZeroBranch",
     "__version__",
+    "apply_plan",
+    "convert",
     "fix_gates_",
+    "load",
+    "load_gated",
     "make_gate",
+    "make_plan",
     "named_gates",
     "penalty",
     "plan_sparsify",
     "register_gate",
+    "save",
+    "save_gated",
     "sparsify_",
     "sparsity_report",
+    "verify",
 ]

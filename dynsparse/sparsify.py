@@ -225,6 +225,7 @@ def sparsify_(
     if on_unsupported not in ("raise", "skip"):
         raise ConfigError(f"on_unsupported must be 'raise' or 'skip', got {on_unsupported!r}")
     plan = plan_sparsify(model, spec, include=include, exclude=exclude)
+    call = {"spec": _plain(spec), "include": include, "exclude": exclude, "on_unsupported": on_unsupported}
     if plan.skipped:
         if on_unsupported == "raise":
             s = plan.skipped[0]
@@ -251,7 +252,18 @@ def sparsify_(
             replace_module_(model, fqn, new)
         else:
             raise UnsupportedModuleError(fqn, type(module).__name__, dim, "the root module itself cannot be swapped")
+    # the calls made, so a gated checkpoint can be rebuilt without pickle (see dynsparse.convert.io)
+    model.__dict__.setdefault("_dynsparse_history", []).append(call)
     return model
+
+
+def _plain(spec: Mapping[str, Any]) -> Any:
+    """A deep plain-data copy of a spec (mappings to dicts, tuples to lists); callables stay as they are."""
+    if isinstance(spec, Mapping):
+        return {k: _plain(v) for k, v in spec.items()}
+    if isinstance(spec, (list, tuple)):
+        return [_plain(v) for v in spec]
+    return spec
 
 
 def named_gates(model: nn.Module) -> Iterator[tuple[str, Gate | InputDependentGate]]:

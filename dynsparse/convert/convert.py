@@ -1,0 +1,222 @@
+"""``convert``: freeze gates into a physically smaller model made of the host library's own classes."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import defaultdict
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, DynsparseError, UnsupportedModuleError
+from ..gates import InputDependentGate
+from .plan import SlicePlan
+from .verify import verify
+
+__all__ = ["apply_plan", "convert", "make_plan"]
+
+log = logging.getLogger(__name__)
+
+
+def _slots(model: nn.Module):
+    from ..layers.slot import GateSlot
+
+    return [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, GateSlot)]
+
+
+def _keep(slot) -> tuple[Tensor, Tensor]:
+    """Keep indices and eval values of a slot's gate; keep-none keeps one unit with value 0 (no 0-width tensor)."""
+    with torch.no_grad():
+        values = slot.gate.eval_values().detach()
+        idx = slot.gate.keep_mask().nonzero().flatten()
+    if idx.numel() == 0:
+        return torch.zeros(1, dtype=torch.long, device=values.device), torch.zeros(
+            1, dtype=values.dtype, device=values.device
+        )
+    return idx, values[idx]
+
+
+def make_plan(model: nn.Module) -> SlicePlan:
+    """The :class:`SlicePlan` of a gated model: for every gate slot, the sorted indices its gate keeps."""
+    plan = SlicePlan()
+    for fqn, slot in _slots(model):
+        keep = slot.gate.keep_mask().nonzero().flatten().tolist()
+        plan.entries[fqn] = {slot.dimension: keep}
+        plan.units[fqn] = slot.gate.num_units
+    return plan
+
+
+def _set(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
+    if not fqn:
+        return new
+    parent, _, child = fqn.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
+
+
+def _slice_units(model: nn.Module, fqn: str, child: str, dim: str, idx: Tensor, scale: Tensor | None) -> None:
+    """Slice the host layer at ``fqn`` for the gate at its child ``child``."""
+    from ..integrations import timm as table
+
+    module = model.get_submodule(fqn) if fqn else model
+    host = table.host_type(module)
+    gated_cls = table.GATED_LAYERS.get(dim, {}).get(host)
+    if gated_cls is None:
+        raise UnsupportedModuleError(fqn, type(module).__name__, dim, "no slicer is known for this module")
+    try:
+        gated_cls.slice_(module, child, idx, scale)
+    except UnsupportedModuleError as e:
+        raise UnsupportedModuleError(fqn, e.module_type, e.dimension, e.reason) from None
+
+
+def _close(model: nn.Module, closed: dict[str, set[str]]) -> nn.Module:
+    from ..integrations import timm as table
+
+    # deepest first, so a replaced block never hides another closed block's path
+    for fqn in sorted(closed, key=lambda f: -f.count(".")):
+        block = model.get_submodule(fqn) if fqn else model
+        try:
+            new = table.close_branches(block, closed[fqn])
+        except UnsupportedModuleError as e:
+            raise UnsupportedModuleError(fqn, e.module_type, e.dimension, e.reason) from None
+        if new is not None:
+            model = _set(model, fqn, new)
+    return model
+
+
+def convert(
+    model: nn.Module,
+    *,
+    verify_inputs: Tensor | tuple | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    static: bool = True,
+) -> nn.Module:
+    """Freeze every gate into a new, physically smaller model; the input model is not changed.
+
+    For each gate the kept units are sliced out of its producer and consumer weights; a non-binary eval
+    value is folded into the consumer; a closed ``layers`` gate removes its branch (the block becomes
+    ``nn.Identity``, its shortcut, or keeps a parameter-free ``ZeroBranch``); keep-none of a unit gate keeps
+    one unit whose consumer weights are zero, so no tensor has width 0. The result holds the host
+    library's own classes (timm ``Attention`` with fewer ``num_heads``, ``Mlp`` with a narrower ``fc1``, ...)
+    and no gate, slot or hook of dynsparse. It is returned in eval mode, with its :class:`SlicePlan` as
+    ``model.slice_plan``.
+
+    Args:
+        model: A gated model (``sparsify_``-ed, possibly with fixed gates).
+        verify_inputs: If given, run both models on it (eval mode) and raise when outputs differ by more than
+            ``atol + rtol * |reference|``; the max-abs difference is logged.
+        atol: Absolute tolerance of the check.
+        rtol: Relative tolerance of the check.
+        static: ``True`` refuses input-dependent gates (a fully static model); ``False`` keeps them as run-time
+            skip modules.
+
+    Returns:
+        The converted model.
+
+    Raises:
+        ConfigError: input-dependent gates with ``static=True``.
+        UnsupportedModuleError: a gate whose producer cannot be sliced (names the fqn).
+        DynsparseError: the verification failed.
+    """
+    dynamic = [fqn for fqn, m in model.named_modules() if isinstance(m, InputDependentGate)]
+    if dynamic and static:
+        raise ConfigError(
+            f"convert(static=True): the model has input-dependent gates ({', '.join(dynamic[:5])}); "
+            "pass static=False to keep them as run-time skip modules"
+        )
+    plan = make_plan(model)
+    new = copy.deepcopy(model).eval()
+    from ..layers.base import GatedLayer
+
+    # 1. unit gates: slice producer/consumer, fold eval values, then swap the layer back to its host class
+    owners: dict[str, list[tuple[str, object]]] = defaultdict(list)
+    for fqn, slot in _slots(new):
+        if slot.dimension != "layers":
+            parent, _, child = fqn.rpartition(".")
+            owners[parent].append((child, slot))
+    for parent, items in owners.items():
+        for child, slot in items:
+            idx, values = _keep(slot)
+            full = idx.numel() == slot.gate.num_units and bool(torch.all(values == 1))
+            if not full:
+                _slice_units(new, parent, child, slot.dimension, idx, None if bool(torch.all(values == 1)) else values)
+        layer = new.get_submodule(parent) if parent else new
+        if isinstance(layer, GatedLayer):
+            new = _set(new, parent, layer.to_host())
+        else:  # a slot installed by hand in a host module
+            for child, slot in items:
+                setattr(layer, child, slot.inner)
+    # 2. branch gates: fold non-binary values, restore the original child, then remove closed branches
+    closed: dict[str, set[str]] = defaultdict(set)
+    from ..integrations import timm as table
+
+    for fqn, slot in _slots(new):
+        parent, _, child = fqn.rpartition(".")
+        block = new.get_submodule(parent) if parent else new
+        v = float(slot.gate.eval_values().detach().reshape(()))
+        if v <= 0:
+            closed[parent].add(child)
+        elif v != 1.0:
+            try:
+                table.fold_branch_scale_(block, child, v)
+            except UnsupportedModuleError as e:
+                raise UnsupportedModuleError(parent, e.module_type, e.dimension, e.reason) from None
+        setattr(block, child, slot.inner)
+    new = _close(new, closed)
+    _check_clean(new)
+    new.slice_plan = plan
+    if verify_inputs is not None:
+        diff = verify(model, new, verify_inputs, atol=atol, rtol=rtol)
+        log.info("convert: max-abs difference to the gated model %.3g", diff)
+    return new
+
+
+def _check_clean(model: nn.Module) -> None:
+    from ..gates import Gate
+    from ..layers.base import GatedLayer
+    from ..layers.slot import GateSlot
+
+    left = [fqn for fqn, m in model.named_modules() if isinstance(m, (Gate, GateSlot, GatedLayer))]
+    if left:
+        raise DynsparseError(f"convert left gated modules behind: {left[:5]}")
+
+
+def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
+    """Replay ``plan`` on a fresh, ungated host model (in place) and return it (it may be a new root).
+
+    Only shapes change: the weights are those of ``model``, sliced; load the converted weights afterwards.
+
+    Raises:
+        ConfigError: a plan entry names a module the model does not have, or a unit count that differs.
+    """
+    closed: dict[str, set[str]] = defaultdict(set)
+    for fqn in sorted(plan.entries):
+        dim, keep = plan.dimension(fqn), plan.keep(fqn)
+        parent, _, child = fqn.rpartition(".")
+        try:
+            block = model.get_submodule(parent) if parent else model
+        except AttributeError:
+            raise ConfigError(f"slice plan entry {fqn!r}: the model has no module {parent!r}") from None
+        if not hasattr(block, child):
+            raise ConfigError(f"slice plan entry {fqn!r}: {type(block).__name__} at {parent!r} has no child {child!r}")
+        if dim == "layers":
+            if not keep:
+                closed[parent].add(child)
+            continue
+        n = plan.units.get(fqn)
+        if n is not None:
+            from ..integrations import timm as table
+
+            gated_cls = table.GATED_LAYERS.get(dim, {}).get(table.host_type(block))
+            if gated_cls is None:
+                raise UnsupportedModuleError(parent, type(block).__name__, dim, "no slicer is known for this module")
+            specs = {s.child: s.num_units for s in gated_cls._slot_specs(block)}
+            if specs.get(child) != n:
+                raise ConfigError(f"slice plan entry {fqn!r}: plan has {n} units, the model has {specs.get(child)}")
+        if n is not None and len(keep) == n:
+            continue
+        idx = torch.tensor(keep if keep else [0], dtype=torch.long)
+        _slice_units(model, parent, child, dim, idx, None)
+    return _close(model, closed)

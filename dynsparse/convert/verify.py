@@ -1,0 +1,53 @@
+"""``verify``: run two models on the same inputs and check their outputs agree."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import DynsparseError
+
+__all__ = ["verify"]
+
+
+def _flatten(out) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flatten(o)]
+    if isinstance(out, dict):
+        return [t for k in sorted(out) for t in _flatten(out[k])]
+    return []
+
+
+def verify(
+    reference: nn.Module, candidate: nn.Module, inputs: Tensor | tuple, *, atol: float = 1e-4, rtol: float = 1e-4
+) -> float:
+    """Max-abs difference of ``candidate``'s outputs to ``reference``'s, both in eval mode, on ``inputs``.
+
+    Training flags are restored afterwards.
+
+    Raises:
+        DynsparseError: some element differs by more than ``atol + rtol * |reference|`` (the message gives
+            the max-abs difference), or the output structures differ.
+    """
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    flags = (reference.training, candidate.training)
+    reference.eval()
+    candidate.eval()
+    try:
+        with torch.no_grad():
+            ref, out = _flatten(reference(*args)), _flatten(candidate(*args))
+    finally:
+        reference.train(flags[0])
+        candidate.train(flags[1])
+    if len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out, strict=True)):
+        raise DynsparseError("verify: the two models return outputs of different structure or shape")
+    diff, bad = 0.0, False
+    for a, b in zip(ref, out, strict=True):
+        d = (a.double() - b.double()).abs()
+        diff = max(diff, float(d.max()) if d.numel() else 0.0)
+        bad = bad or bool((d > atol + rtol * a.double().abs()).any())
+    if bad:
+        raise DynsparseError(f"verify: outputs differ, max-abs difference {diff:.3g} (atol={atol}, rtol={rtol})")
+    return diff
