@@ -54,6 +54,36 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    import dynsparse as ds
+    from dynsparse.report import _default_input
+
+    model, info = ds.load_gated(args.checkpoint)
+    model.eval()
+    x = _default_input(model)
+    if x is None:
+        raise ds.ConfigError(f"{args.checkpoint}: the model has no input_size in its pretrained_cfg to verify with")
+    x = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x.dtype)
+    converted = ds.convert(model)
+    diff = ds.verify(model, converted, x, atol=args.atol, rtol=args.atol)
+    out = Path(args.out)
+    path = ds.save(converted, out / "model.safetensors", arch=info["arch"])
+    (out / "plan.json").write_text(json.dumps(converted.slice_plan.to_dict(), indent=1, sort_keys=True) + "\n")
+    n0 = sum(p.numel() for n, p in model.named_parameters() if ".gate." not in n)
+    n1 = sum(p.numel() for p in converted.parameters())
+    report = ds.sparsity_report(model, x)
+    print(f"converted {args.checkpoint} -> {path}")
+    print(f"parameters: {n0:,} -> {n1:,} ({100 * n1 / max(n0, 1):.1f}%)")
+    print(f"FLOPs kept (estimate from the gates): {100 * report.flops_keep_ratio:.1f}%")
+    print(f"max-abs difference to the gated model on a random image: {diff:.3g}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dynsparse`` command."""
     parser = argparse.ArgumentParser(prog="dynsparse", description=__doc__)
@@ -65,9 +95,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=1)
     demo.set_defaults(func=_demo)
+    conv = sub.add_parser("convert", help="convert a gated checkpoint (save_gated) into a smaller static model")
+    conv.add_argument("checkpoint", help="gated checkpoint written by dynsparse.save_gated (.safetensors)")
+    conv.add_argument("--out", required=True, help="output directory (model.safetensors + plan.json)")
+    conv.add_argument("--atol", type=float, default=1e-4, help="tolerance of the built-in output check")
+    conv.set_defaults(func=_convert)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from dynsparse.errors import DynsparseError
+
+    try:
+        return args.func(args)
+    except DynsparseError as e:
+        print(f"dynsparse {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

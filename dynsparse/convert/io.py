@@ -232,7 +232,7 @@ def save_gated(
 
 
 def load_gated(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a checkpoint written by :func:`save_gated`; returns ``(model, extra)``."""
+    """Load a checkpoint written by :func:`save_gated`; returns ``(model, {"arch": ..., "extra": ...})``."""
     from ..gates import FixedGate
     from ..sparsify import fix_gates_, named_gates, sparsify_
 
@@ -262,4 +262,4 @@ def load_gated(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     if to_fix:
         fix_gates_(model, to_fix)
     _load_into(model, tensors, path)
-    return model, _json(meta, "extra", path)
+    return model, {"arch": arch, "extra": _json(meta, "extra", path)}
