@@ -194,7 +194,7 @@ def test_static_refuses_input_dependent_gates():
 
     model = nn.Sequential(nn.Linear(3, 3))
     model.router = Router(3)
-    with pytest.raises(ds.ConfigError, match="input-dependent gates.*router"):
+    with pytest.raises(ds.ConfigError, match=r"input-dependent gates.*router"):
         ds.convert(model)
 
 
@@ -211,7 +211,7 @@ def test_save_load_errors_name_file_and_tensor(tmp_path):
     # damaged file
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(ds.DynsparseError, match="bad.safetensors"):
+    with pytest.raises(ds.DynsparseError, match=r"bad\.safetensors"):
         ds.load(bad)
     # a tensor with the wrong shape
     from safetensors import safe_open
@@ -227,7 +227,7 @@ def test_save_load_errors_name_file_and_tensor(tmp_path):
     # a missing tensor
     del tensors["blocks.0.mlp.fc2.weight"]
     save_file(tensors, str(tmp_path / "missing.safetensors"), metadata=meta)
-    with pytest.raises(ds.DynsparseError, match="'blocks.0.mlp.fc2.weight' is missing"):
+    with pytest.raises(ds.DynsparseError, match=r"'blocks\.0\.mlp\.fc2\.weight' is missing"):
         ds.load(tmp_path / "missing.safetensors")
     # a plan of another version
     meta2 = dict(meta, plan=meta["plan"].replace('"version":1', '"version":99'))
