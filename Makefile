@@ -6,7 +6,7 @@ PIP ?= $(PY) -m pip
 
 install:
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) install -q -e ".[dev,docs]"
+	$(PIP) install -q -e ".[dev,docs,export]"
 
 demo: install
 	dynsparse demo
