@@ -7,7 +7,7 @@ from timm.layers import Attention
 from torch import Tensor, nn
 
 from ..convert.surgery import slice_linear_in_, slice_linear_out_
-from .base import GatedLayer, SlotSpec
+from .base import GatedLayer, Producer, SlotSpec, unit_rows
 
 __all__ = ["GatedAttention"]
 
@@ -45,6 +45,15 @@ class GatedAttention(GatedLayer, Attention):
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
         return [SlotSpec("norm", host.num_heads, dim=-1, unit_size=host.head_dim, scope=("",))]
+
+    @classmethod
+    def producers(cls, module: nn.Module, child: str) -> list[Producer]:
+        w = module.attn_dim
+        idx = unit_rows(module.num_heads, module.head_dim, offsets=(0, w, 2 * w))
+        out = [Producer("qkv.weight", 0, idx)]
+        if module.qkv.bias is not None:
+            out.append(Producer("qkv.bias", 0, idx))
+        return out
 
     @classmethod
     def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
@@ -12,7 +13,7 @@ from ..gates import GateSpec, make_gate
 from ..modules import adopt, first_param
 from .slot import GateSlot
 
-__all__ = ["GatedLayer", "SlotSpec"]
+__all__ = ["GatedLayer", "Producer", "SlotSpec", "unit_rows"]
 
 
 class SlotSpec:
@@ -30,6 +31,24 @@ class SlotSpec:
 
     def __init__(self, child: str, num_units: int, dim: int = -1, unit_size: int = 1, scope: tuple[str, ...] = ("",)):
         self.child, self.num_units, self.dim, self.unit_size, self.scope = child, num_units, dim, unit_size, scope
+
+
+class Producer(NamedTuple):
+    """Where the weights of each unit of a gate live in one parameter of the layer.
+
+    ``param`` is the parameter's name relative to the layer, ``dim`` the axis the units lie on and ``index``
+    a ``(num_units, k)`` tensor: unit ``j`` owns ``param.index_select(dim, index[j])``.
+    """
+
+    param: str
+    dim: int
+    index: Tensor
+
+
+def unit_rows(n: int, per_unit: int = 1, offsets: tuple[int, ...] = (0,)) -> Tensor:
+    """``(n, per_unit * len(offsets))`` index: unit ``j`` owns rows ``o + j * per_unit + i`` for each offset ``o``."""
+    base = torch.arange(n)[:, None] * per_unit + torch.arange(per_unit)[None, :]
+    return torch.cat([base + o for o in offsets], dim=1)
 
 
 class GatedLayer:
@@ -68,6 +87,16 @@ class GatedLayer:
         is folded into the consumer weights; ``None`` leaves the weights as they are (shape-only replay).
         """
         raise NotImplementedError
+
+    @classmethod
+    def producers(cls, module: nn.Module, child: str) -> list[Producer]:
+        """The producer weights of each unit of the gate at ``child`` (for group lasso and importance scores)."""
+        raise NotImplementedError
+
+    @classmethod
+    def unit_norm(cls, module: nn.Module, child: str) -> str | None:
+        """Name of the BatchNorm whose channels are the gate's units (network slimming), or None."""
+        return None
 
     @classmethod
     def from_module(cls, host: nn.Module, gate: GateSpec = "hard_concrete", fqn: str = "") -> GatedLayer:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..convert.surgery import slice_bn_, slice_conv_in_, slice_conv_out_, slice_depthwise_
 from ..errors import UnsupportedModuleError
 from ..modules import is_stateless
-from .base import GatedLayer, SlotSpec
+from .base import GatedLayer, Producer, SlotSpec, unit_rows
 
 __all__ = [
     "GatedBasicBlock",
@@ -65,6 +65,10 @@ def _slice_se_(se: nn.Module, idx: Tensor, scale: Tensor | None, owner: nn.Modul
     )
 
 
+def _conv_rows(module: nn.Module, conv: str) -> list[Producer]:
+    return [Producer(f"{conv}.weight", 0, unit_rows(getattr(module, conv).out_channels))]
+
+
 class GatedBasicBlock(GatedLayer, BasicBlock):
     """timm ResNet ``BasicBlock`` with a ``channels`` gate between ``conv1`` and ``conv2`` (in the ``act1`` slot)."""
 
@@ -78,6 +82,14 @@ class GatedBasicBlock(GatedLayer, BasicBlock):
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
         return [SlotSpec("act1", host.conv1.out_channels, dim=1, scope=("conv1", "bn1", "conv2"))]
+
+    @classmethod
+    def producers(cls, module: nn.Module, child: str) -> list[Producer]:
+        return _conv_rows(module, "conv1")
+
+    @classmethod
+    def unit_norm(cls, module: nn.Module, child: str) -> str | None:
+        return "bn1"
 
     @classmethod
     def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
@@ -103,6 +115,14 @@ class GatedBottleneck(GatedLayer, Bottleneck):
             SlotSpec("act1", host.conv1.out_channels, dim=1, scope=("conv1", "bn1", "conv2")),
             SlotSpec("act2", host.conv2.out_channels, dim=1, scope=("conv2", "bn2", "conv3")),
         ]
+
+    @classmethod
+    def producers(cls, module: nn.Module, child: str) -> list[Producer]:
+        return _conv_rows(module, "conv1" if child == "act1" else "conv2")
+
+    @classmethod
+    def unit_norm(cls, module: nn.Module, child: str) -> str | None:
+        return "bn1" if child == "act1" else "bn2"
 
     @classmethod
     def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
@@ -142,6 +162,14 @@ class GatedInvertedResidual(GatedLayer, InvertedResidual):
         ]
 
     @classmethod
+    def producers(cls, module: nn.Module, child: str) -> list[Producer]:
+        return [*_conv_rows(module, "conv_pw"), Producer("conv_dw.weight", 0, unit_rows(module.conv_dw.out_channels))]
+
+    @classmethod
+    def unit_norm(cls, module: nn.Module, child: str) -> str | None:
+        return "bn2"
+
+    @classmethod
     def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
         slice_conv_out_(module.conv_pw, idx)
         slice_bn_(module.bn1, idx)
@@ -164,6 +192,14 @@ class GatedEdgeResidual(GatedLayer, EdgeResidual):
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
         return [SlotSpec("aa", host.conv_exp.out_channels, dim=1, scope=("conv_exp", "bn1", "se", "conv_pwl"))]
+
+    @classmethod
+    def producers(cls, module: nn.Module, child: str) -> list[Producer]:
+        return _conv_rows(module, "conv_exp")
+
+    @classmethod
+    def unit_norm(cls, module: nn.Module, child: str) -> str | None:
+        return "bn1"
 
     @classmethod
     def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
@@ -194,6 +230,14 @@ class GatedDepthwiseSeparableConv(GatedLayer, DepthwiseSeparableConv):
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
         return [SlotSpec("aa", host.conv_dw.out_channels, dim=1, scope=("conv_dw", "bn1", "se", "conv_pw"))]
+
+    @classmethod
+    def producers(cls, module: nn.Module, child: str) -> list[Producer]:
+        return [Producer("conv_dw.weight", 0, unit_rows(module.conv_dw.out_channels))]
+
+    @classmethod
+    def unit_norm(cls, module: nn.Module, child: str) -> str | None:
+        return "bn1"
 
     @classmethod
     def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:

@@ -7,7 +7,7 @@ from timm.layers import GluMlp, Mlp, SwiGLU
 from torch import Tensor, nn
 
 from ..convert.surgery import slice_linear_in_, slice_linear_out_
-from .base import GatedLayer, SlotSpec
+from .base import GatedLayer, Producer, SlotSpec, unit_rows
 
 __all__ = ["GatedGluMlp", "GatedMlp", "GatedSwiGLU"]
 
@@ -17,6 +17,13 @@ def _hidden_slot(m: nn.Module) -> SlotSpec:
     conv = isinstance(fc2, nn.Conv2d)
     units = fc2.in_channels if conv else fc2.in_features
     return SlotSpec("norm", units, dim=1 if conv else -1, scope=("",))
+
+
+def _with_bias(layer: nn.Module, name: str, idx: Tensor) -> list[Producer]:
+    out = [Producer(f"{name}.weight", 0, idx)]
+    if getattr(layer, "bias", None) is not None:
+        out.append(Producer(f"{name}.bias", 0, idx))
+    return out
 
 
 class _GatedHidden(GatedLayer):
@@ -56,6 +63,11 @@ class GatedMlp(_GatedHidden, Mlp):
     host_class = Mlp
 
     @classmethod
+    def producers(cls, module: nn.Module, child: str) -> list[Producer]:
+        idx = unit_rows(_hidden_slot(module).num_units)
+        return _with_bias(module.fc1, "fc1", idx)
+
+    @classmethod
     def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
         slice_linear_out_(module.fc1, idx)
         slice_linear_in_(module.fc2, idx, scale)
@@ -65,6 +77,11 @@ class GatedGluMlp(_GatedHidden, GluMlp):
     """timm ``GluMlp`` with a ``neurons`` gate on the gated product, before ``fc2`` (``norm`` slot)."""
 
     host_class = GluMlp
+
+    @classmethod
+    def producers(cls, module: nn.Module, child: str) -> list[Producer]:
+        h = _hidden_slot(module).num_units
+        return _with_bias(module.fc1, "fc1", unit_rows(h, offsets=(0, h)))
 
     @classmethod
     def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
@@ -77,6 +94,11 @@ class GatedSwiGLU(_GatedHidden, SwiGLU):
     """timm ``SwiGLU`` with a ``neurons`` gate on ``act(fc1_g(x)) * fc1_x(x)``, before ``fc2`` (``norm`` slot)."""
 
     host_class = SwiGLU
+
+    @classmethod
+    def producers(cls, module: nn.Module, child: str) -> list[Producer]:
+        idx = unit_rows(_hidden_slot(module).num_units)
+        return _with_bias(module.fc1_g, "fc1_g", idx) + _with_bias(module.fc1_x, "fc1_x", idx)
 
     @classmethod
     def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
