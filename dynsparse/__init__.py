@@ -1,7 +1,7 @@
 """dynsparse: dynamic and static sparsity for PyTorch models.
 
 The public API is small: gates (what decides), ``sparsify_`` (put gates into a model), ``named_gates``,
-``fix_gates_``, ``penalty`` and ``sparsity_report``. Gated timm layers live in :mod:`dynsparse.layers`
+``fix_gates_``, ``penalty`` and ``sparsity_report``. Gated timm layers live in `dynsparse.layers`
 (importing it imports timm; ``import dynsparse`` does not).
 """
 

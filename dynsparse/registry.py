@@ -25,7 +25,7 @@ class Registry(Generic[T]):
     Args:
         kind: What the registry holds, used in error messages (e.g. ``"gate"``).
 
-    Example:
+    Examples:
         >>> reg = Registry("gate")
         >>> @reg.register("mine")
         ... class Mine: ...

@@ -30,10 +30,10 @@ class DimensionRow:
 
 @dataclass
 class SparsityReport:
-    """Result of :func:`sparsity_report`; ``str(report)`` renders a table.
+    """Result of `sparsity_report`; ``str(report)`` renders a table.
 
     Attributes:
-        rows: One :class:`DimensionRow` per gated dimension.
+        rows: One `DimensionRow` per gated dimension.
         per_gate: ``{gate_fqn: (kept, total)}``.
         dense_flops: FLOPs of one forward pass of the ungated model on the example input (None if not measured).
         kept_flops: Estimated FLOPs once the closed units are removed (None if not measured).
@@ -121,7 +121,7 @@ def sparsity_report(model: nn.Module, example_input: Tensor | tuple | None = Non
         example_input: Input of one forward pass, or a tuple of positional inputs.
 
     Returns:
-        A :class:`SparsityReport`; print it for a table.
+        A `SparsityReport`; print it for a table.
     """
     from .layers.slot import GateSlot
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, GateError, UnsupportedModuleError
-from .gates import FixedGate, Gate, InputDependentGate
+from .gates import FixedGate, Gate, InputDependentGate, make_gate
 from .registry import suggest
 
 __all__ = [
@@ -113,7 +113,7 @@ def plan_sparsify(
         exclude: fqn glob patterns; matching modules get no gates (all dimensions).
 
     Returns:
-        A :class:`SparsifyPlan` listing targets and the modules that cannot be gated.
+        A `SparsifyPlan` listing targets and the modules that cannot be gated.
     """
     from .integrations import timm as table
     from .layers.base import GatedLayer
@@ -126,6 +126,10 @@ def plan_sparsify(
         inc = g_inc + _patterns(opts.pop("include", None), f"{dim}.include")
         exc = g_exc + _patterns(opts.pop("exclude", None), f"{dim}.exclude")
         opts.setdefault("gate", "hard_concrete")
+        try:  # build a throw-away gate now, so a bad gate spec fails before any module is changed
+            make_gate(opts, 4096)
+        except (ConfigError, GateError) as e:
+            raise ConfigError(f"sparsify spec field {dim!r}: {e}") from None
         plan.gate_specs[dim] = opts
         found = 0
         for fqn, module in model.named_modules():
@@ -202,7 +206,7 @@ def sparsify_(
         include: fqn glob patterns limiting where gates go (all dimensions).
         exclude: fqn glob patterns where no gates go (all dimensions).
         on_unsupported: ``"raise"`` (default) raises on the first module that looks gatable but is not;
-            ``"skip"`` leaves such modules as they are and logs them (see :func:`plan_sparsify`).
+            ``"skip"`` leaves such modules as they are and logs them (see `plan_sparsify`).
 
     Returns:
         ``model``, gated.
@@ -211,7 +215,7 @@ def sparsify_(
         ConfigError: a bad spec (unknown dimension or gate, bad gate arguments).
         UnsupportedModuleError: a module cannot be gated (names its fqn and type), or nothing can.
 
-    Example:
+    Examples:
         >>> import timm, dynsparse as ds
         >>> m = timm.create_model("test_vit")
         >>> _ = ds.sparsify_(m, {"neurons": {"gate": "hard_concrete"}, "heads": "sigmoid"})

@@ -38,7 +38,7 @@ def _keep(slot) -> tuple[Tensor, Tensor]:
 
 
 def make_plan(model: nn.Module) -> SlicePlan:
-    """The :class:`SlicePlan` of a gated model: for every gate slot, the sorted indices its gate keeps."""
+    """The `SlicePlan` of a gated model: for every gate slot, the sorted indices its gate keeps."""
     plan = SlicePlan()
     for fqn, slot in _slots(model):
         keep = slot.gate.keep_mask().nonzero().flatten().tolist()
@@ -100,7 +100,7 @@ def convert(
     ``nn.Identity``, its shortcut, or keeps a parameter-free ``ZeroBranch``); keep-none of a unit gate keeps
     one unit whose consumer weights are zero, so no tensor has width 0. The result holds the host
     library's own classes (timm ``Attention`` with fewer ``num_heads``, ``Mlp`` with a narrower ``fc1``, ...)
-    and no gate, slot or hook of dynsparse. It is returned in eval mode, with its :class:`SlicePlan` as
+    and no gate, slot or hook of dynsparse. It is returned in eval mode, with its `SlicePlan` as
     ``model.slice_plan``.
 
     Args:

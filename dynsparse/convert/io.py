@@ -140,7 +140,7 @@ def save(
     """Save a converted model: architecture spec + slice plan + safetensors weights, in one file.
 
     Args:
-        model: A model returned by :func:`dynsparse.convert` (its plan is ``model.slice_plan``).
+        model: A model returned by `dynsparse.convert` (its plan is ``model.slice_plan``).
         path: Target file (``.safetensors``); written atomically.
         arch: ``{"name": timm name, "kwargs": {...}}``; default: the model's ``pretrained_cfg`` architecture,
             which is only right when the model was created without extra kwargs.
@@ -178,7 +178,7 @@ def apply_plan_to_spec(arch: Mapping[str, Any], plan: SlicePlan) -> nn.Module:
 
 
 def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Load a model saved by :func:`save`: build the host from its spec, replay the plan, load the weights.
+    """Load a model saved by `save`: build the host from its spec, replay the plan, load the weights.
 
     Never unpickles; needs no dynsparse gated class. The model is returned in eval mode.
 
@@ -205,7 +205,7 @@ def save_gated(
     arch: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Save a gated (training) model as a checkpoint that :func:`load_gated` rebuilds without pickle.
+    """Save a gated (training) model as a checkpoint that `load_gated` rebuilds without pickle.
 
     The checkpoint records the architecture, the ``sparsify_`` calls made on the model, the class of each gate
     (so fixed gates come back fixed) and the state dict.
@@ -232,7 +232,7 @@ def save_gated(
 
 
 def load_gated(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a checkpoint written by :func:`save_gated`; returns ``(model, {"arch": ..., "extra": ...})``."""
+    """Load a checkpoint written by `save_gated`; returns ``(model, {"arch": ..., "extra": ...})``."""
     from ..gates import FixedGate
     from ..sparsify import fix_gates_, named_gates, sparsify_
 

@@ -25,7 +25,7 @@ class SlicePlan:
     for a ViT block's attention branch). ``units`` records each gate's original unit count, so a plan can
     be checked against the model it is applied to. A ``layers`` entry is ``[0]`` (kept) or ``[]`` (removed).
 
-    Example:
+    Examples:
         >>> plan = SlicePlan({"blocks.0.mlp.norm": {"neurons": [0, 2]}}, {"blocks.0.mlp.norm": 4})
         >>> SlicePlan.from_json(plan.to_json()) == plan
         True

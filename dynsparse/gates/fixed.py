@@ -21,7 +21,7 @@ class FixedGate(Gate):
         device: Device of the buffers.
         dtype: Dtype of ``values``.
 
-    Example:
+    Examples:
         >>> FixedGate(3, mask=torch.tensor([True, False, True]))()
         tensor([1., 0., 1.])
     """

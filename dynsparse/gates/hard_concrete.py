@@ -35,7 +35,7 @@ class HardConcreteGate(Gate):
         device: Device of the parameter.
         dtype: Dtype of the parameter.
 
-    Example:
+    Examples:
         >>> g = HardConcreteGate(4).eval()
         >>> g()
         tensor([1., 1., 1., 1.], grad_fn=<ClampBackward1>)

@@ -29,7 +29,7 @@ class SigmoidGate(Gate):
         device: Device of the parameter.
         dtype: Dtype of the parameter.
 
-    Example:
+    Examples:
         >>> SigmoidGate(3).eval()()
         tensor([1., 1., 1.])
     """

@@ -27,7 +27,7 @@ class TopKGate(Gate):
         device: Device of the parameter.
         dtype: Dtype of the parameter.
 
-    Example:
+    Examples:
         >>> g = TopKGate(4, k=2)
         >>> with torch.no_grad():
         ...     g.scores.copy_(torch.tensor([0.1, 0.9, 0.5, 0.2]))

@@ -85,7 +85,7 @@ def host_type(module: nn.Module) -> type[nn.Module]:
 
 
 def branches_of(module: nn.Module) -> list[Branch] | None:
-    """Residual branches of ``module`` if its host class is in :data:`BRANCHES`, else None."""
+    """Residual branches of ``module`` if its host class is in `BRANCHES`, else None."""
     fn = BRANCHES.get(host_type(module))
     return fn(module) if fn is not None else None
 

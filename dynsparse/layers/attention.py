@@ -24,7 +24,7 @@ class GatedAttention(GatedLayer, Attention):
     (its per-channel gate follows the head gate, so removing a head stays exact). ``scale_norm=True``
     normalises over all heads and is refused.
 
-    Example:
+    Examples:
         >>> import torch, timm.layers
         >>> host = timm.layers.Attention(32, num_heads=4)
         >>> gated = GatedAttention.from_module(host).eval()

@@ -55,7 +55,7 @@ class GatedLayer:
     """Mixin for gated subclasses of host layers (``class GatedMlp(GatedLayer, Mlp)``).
 
     A gated layer keeps the host's constructor arguments (plus ``gate``), child names and ``forward``: its
-    gates sit in :class:`GateSlot` children that replace parameter-free children of the host, so host
+    gates sit in `GateSlot` children that replace parameter-free children of the host, so host
     checkpoints load and only ``*.gate.*`` keys are new. Built with default gate arguments every gate is
     open and the output equals the host's.
 
@@ -104,7 +104,7 @@ class GatedLayer:
 
         Args:
             host: A module whose exact type is ``host_class``.
-            gate: Gate spec for every gate of the layer (see :func:`dynsparse.gates.make_gate`).
+            gate: Gate spec for every gate of the layer (see `dynsparse.gates.make_gate`).
             fqn: Qualified name of ``host`` in its model, used in error messages.
 
         Raises:

@@ -49,9 +49,9 @@ class GatedMlp(_GatedHidden, Mlp):
     """timm ``Mlp`` with a ``neurons`` gate after ``act``/``drop1`` (in the ``norm`` slot, before ``fc2``).
 
     Same constructor arguments as ``timm.layers.Mlp`` plus ``gate``; pass it as ``mlp_layer`` to a timm
-    model, or make it from an existing ``Mlp`` with :meth:`from_module`.
+    model, or make it from an existing ``Mlp`` with `from_module`.
 
-    Example:
+    Examples:
         >>> import torch, timm.layers
         >>> host = timm.layers.Mlp(8, 32)
         >>> gated = GatedMlp.from_module(host, gate="hard_concrete").eval()
