@@ -5,53 +5,57 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from collections.abc import Sequence
 
 __all__ = ["main"]
 
 
+def _train(args: argparse.Namespace) -> int:
+    from dynsparse.recipes import load_recipe
+    from dynsparse.recipes.run import run_recipe
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    torch_threads(args.threads)
+    run_recipe(recipe, args.out, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
-    import timm
+    from importlib.resources import files
+
+    from dynsparse.recipes import load_recipe
+    from dynsparse.recipes.run import run_recipe
+
+    path = files("dynsparse.recipes").joinpath("demo.yaml")
+    recipe = load_recipe(str(path), args.set or [])
+    torch_threads(args.threads)
+    print(f"dynsparse demo: recipe {path} (output in {args.out or recipe.output_dir})")
+    run_recipe(recipe, args.out, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
     import torch
-    import torch.nn.functional as F
 
     import dynsparse as ds
+    from dynsparse.data import load_dataset, make_loader
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=4, num_classes=10
-    )
-    spec = {d: {"gate": "hard_concrete"} for d in ("neurons", "heads", "layers")}
-    ds.sparsify_(model, spec)
-    print(f"model: vit_tiny (depth 4, 32x32 input), gates: {len(list(ds.named_gates(model)))} on {', '.join(spec)}")
-    gate_params = [p for n, p in model.named_parameters() if ".gate." in n]
-    weights = [p for n, p in model.named_parameters() if ".gate." not in n]
-    opt = torch.optim.AdamW([{"params": weights, "lr": 1e-3}, {"params": gate_params, "lr": 0.1}])
-    x = torch.randn(args.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (args.batch,))
-    n_units = sum(g.num_units for _, g in ds.named_gates(model))
-    model.train()
-    t0 = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        loss_task = F.cross_entropy(model(x), y)
-        loss = loss_task + args.lam * ds.penalty(model) / n_units
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        for _, g in ds.named_gates(model):
-            if isinstance(g, ds.HardConcreteGate):
-                g.constrain_()
-        if step % max(1, args.steps // 5) == 0 or step == args.steps:
-            print(
-                f"step {step:4d}  task loss {loss_task.item():.4f}  expected L0 "
-                f"{ds.penalty(model).item():8.1f} / {n_units}"
-            )
-    print(f"trained {args.steps} steps on random data in {time.perf_counter() - t0:.1f}s")
-    model.eval()
-    print(ds.sparsity_report(model, torch.zeros(1, 3, 32, 32)))
+    model = ds.load(args.model)
+    test = load_dataset(args.dataset, split="test", root=args.root, image_size=args.image_size, channels=args.channels)
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in make_loader(test, 256, shuffle=False, seed=0):
+            correct += int((model(x).argmax(-1) == y).sum())
+            total += len(y)
+    print(f"{args.model}: test accuracy {100 * correct / total:.2f}% on {total} {args.dataset} images")
     return 0
+
+
+def torch_threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -61,7 +65,7 @@ def _convert(args: argparse.Namespace) -> int:
     import torch
 
     import dynsparse as ds
-    from dynsparse.report import _default_input
+    from dynsparse.flops import default_input as _default_input
 
     model, info = ds.load_gated(args.checkpoint)
     model.eval()
@@ -88,20 +92,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dynsparse`` command."""
     parser = argparse.ArgumentParser(prog="dynsparse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="gate a small timm ViT, train it a few steps, print a sparsity report")
-    demo.add_argument("--steps", type=int, default=60)
-    demo.add_argument("--batch", type=int, default=32)
-    demo.add_argument("--lam", type=float, default=2.0, help="weight of the expected-L0 penalty (per unit)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, default=1)
+    demo = sub.add_parser("demo", help="run the built-in default recipe end to end (digits, small ViT)")
+    train = sub.add_parser("train", help="run a recipe (YAML) end to end")
+    train.add_argument("recipe", help="path to a recipe YAML file")
+    for p in (demo, train):
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field")
+        p.add_argument("--resume", action="store_true", help="continue from the output dir's checkpoint")
+        p.add_argument("--out", default=None, help="output directory (default: the recipe's output_dir)")
+        p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+    train.set_defaults(func=_train)
+    ev = sub.add_parser("eval", help="test accuracy of a converted model on a built-in data set")
+    ev.add_argument("model", help="converted model file (model.safetensors)")
+    ev.add_argument("--dataset", required=True)
+    ev.add_argument("--root", default=None)
+    ev.add_argument("--image-size", type=int, default=None)
+    ev.add_argument("--channels", type=int, default=None)
+    ev.set_defaults(func=_eval)
     conv = sub.add_parser("convert", help="convert a gated checkpoint (save_gated) into a smaller static model")
     conv.add_argument("checkpoint", help="gated checkpoint written by dynsparse.save_gated (.safetensors)")
     conv.add_argument("--out", required=True, help="output directory (model.safetensors + plan.json)")
     conv.add_argument("--atol", type=float, default=1e-4, help="tolerance of the built-in output check")
     conv.set_defaults(func=_convert)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.command in ("train", "demo") else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     from dynsparse.errors import DynsparseError
 
     try:

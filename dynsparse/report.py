@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .flops import CostModel, default_input
 from .gates import Gate
 
 __all__ = ["DimensionRow", "SparsityReport", "sparsity_report"]
@@ -62,52 +61,6 @@ class SparsityReport:
         return "\n".join(lines)
 
 
-def _default_input(model: nn.Module) -> Tensor | None:
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    if not size:
-        return None
-    ref = next(model.parameters(), None)
-    return torch.zeros(
-        1, *size, device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None
-    )
-
-
-def _module_flops(model: nn.Module, example: Tensor | tuple) -> dict[str, int]:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(*example) if isinstance(example, tuple) else model(example)
-    finally:
-        model.train(was_training)
-    root = type(model).__name__
-    out = {}
-    for name, ops in counter.get_flop_counts().items():
-        if name == "Global":
-            continue
-        rel = "" if name == root else name[len(root) + 1 :] if name.startswith(root + ".") else None
-        if rel is not None:
-            out[rel] = int(sum(ops.values()))
-    return out
-
-
-def _exclusive(totals: dict[str, int]) -> dict[str, int]:
-    excl = dict(totals)
-    for name, flops in totals.items():
-        if name:
-            parent = name.rpartition(".")[0]
-            if parent in excl:
-                excl[parent] -= flops
-    return excl
-
-
-def _covers(scope_path: str, name: str) -> bool:
-    return scope_path == "" or name == scope_path or name.startswith(scope_path + ".")
-
-
 def sparsity_report(model: nn.Module, example_input: Tensor | tuple | None = None) -> SparsityReport:
     """Units kept / total per dimension, and the estimated fraction of FLOPs kept.
 
@@ -127,7 +80,6 @@ def sparsity_report(model: nn.Module, example_input: Tensor | tuple | None = Non
 
     report = SparsityReport()
     acc: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-    factors: list[tuple[str, float]] = []  # (scope path, kept fraction)
     for fqn, module in model.named_modules():
         if not isinstance(module, GateSlot):
             continue
@@ -138,26 +90,12 @@ def sparsity_report(model: nn.Module, example_input: Tensor | tuple | None = Non
         row[0] += 1
         row[1] += kept
         row[2] += total
-        parent = fqn.rpartition(".")[0]
-        for s in module.scope:
-            factors.append((f"{parent}.{s}".strip(".") if s else parent, kept / total))
     order = {d: i for i, d in enumerate(("neurons", "heads", "channels", "layers"))}
     report.rows = [DimensionRow(d, g, k, t) for d, (g, k, t) in sorted(acc.items(), key=lambda i: order.get(i[0], 9))]
-    example = example_input if example_input is not None else _default_input(model)
+    example = example_input if example_input is not None else default_input(model)
     if example is None:
         return report
-    try:
-        totals = _module_flops(model, example)
-    except Exception as e:  # the example input does not fit the model
-        raise ConfigError(f"sparsity_report: the example input does not run through {type(model).__name__}: {e}") from e
-    excl = _exclusive(totals)
-    kept_flops = 0.0
-    for name, flops in excl.items():
-        f = 1.0
-        for path, frac in factors:
-            if _covers(path, name):
-                f *= frac
-        kept_flops += flops * f
-    report.dense_flops = totals.get("", sum(excl.values()))
-    report.kept_flops = kept_flops
+    cost = CostModel(model, example, kind="flops")
+    report.dense_flops = int(cost.total)
+    report.kept_flops = cost.fraction() * cost.total
     return report

@@ -40,8 +40,8 @@ def _arch_of(model: nn.Module, arch: Mapping[str, Any] | None) -> dict[str, Any]
             raise ConfigError(f"arch: unknown field(s) {sorted(unknown)} (known: library, name, kwargs)")
         arch.setdefault("library", "timm")
         arch.setdefault("kwargs", {})
-        if arch["library"] != "timm":
-            raise ConfigError(f"arch: field 'library' must be 'timm', got {arch['library']!r}")
+        if arch["library"] not in ("timm", "dynsparse"):
+            raise ConfigError(f"arch: field 'library' must be 'timm' or 'dynsparse', got {arch['library']!r}")
         try:
             json.dumps(arch)
         except TypeError as e:
@@ -58,9 +58,13 @@ def _arch_of(model: nn.Module, arch: Mapping[str, Any] | None) -> dict[str, Any]
 
 def build_host(arch: Mapping[str, Any], source: str = "arch") -> nn.Module:
     """Create the (ungated, dense) host model an architecture spec describes, with random weights."""
-    import timm
-
     try:
+        if arch.get("library", "timm") == "dynsparse":
+            from ..models import create_model
+
+            return create_model(arch["name"], **arch.get("kwargs", {}))
+        import timm
+
         return timm.create_model(arch["name"], pretrained=False, **arch.get("kwargs", {}))
     except Exception as e:  # timm raises many kinds of errors for a bad name or kwargs
         raise ConfigError(

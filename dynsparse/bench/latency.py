@@ -1,0 +1,68 @@
+"""Latency of several models side by side: warm-up, interleaved rounds, medians of paired ratios."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LatencyResult", "compare_latency"]
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """Median seconds per forward of each model, and the median paired speed-up of each over ``reference``."""
+
+    threads: int
+    batch: int
+    rounds: int
+    median_s: dict[str, float]
+    speedup: dict[str, float]
+
+    def __str__(self) -> str:
+        parts = [f"{k}: {1e3 * v:.2f} ms (x{self.speedup[k]:.2f})" for k, v in self.median_s.items()]
+        return f"batch {self.batch}, {self.threads} thread(s), {self.rounds} rounds: " + ", ".join(parts)
+
+
+def compare_latency(
+    models: Mapping[str, nn.Module],
+    x: Tensor,
+    *,
+    reference: str | None = None,
+    rounds: int = 15,
+    warmup: int = 3,
+    threads: int = 1,
+) -> LatencyResult:
+    """Time one forward of each model on ``x`` under ``torch.inference_mode``, interleaved round by round.
+
+    The order of the models rotates every round; the speed-up of model ``m`` is the median over rounds of
+    ``t_reference / t_m`` measured in the same round. ``torch.set_num_threads(threads)`` is set for the
+    measurement and restored afterwards.
+    """
+    names = list(models)
+    reference = reference or names[0]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    try:
+        for m in models.values():
+            m.eval()
+        with torch.inference_mode():
+            for _ in range(warmup):
+                for n in names:
+                    models[n](x)
+            for r in range(rounds):
+                order = names[r % len(names) :] + names[: r % len(names)]
+                for n in order:
+                    t0 = time.perf_counter()
+                    models[n](x)
+                    times[n].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    speed = {n: statistics.median([a / b for a, b in zip(times[reference], times[n], strict=True)]) for n in names}
+    return LatencyResult(threads, int(x.shape[0]), rounds, med, speed)

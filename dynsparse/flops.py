@@ -1,0 +1,138 @@
+"""``CostModel``: the FLOPs (or parameters) a gated model keeps, exactly or as a differentiable expectation.
+
+The model runs once under ``torch.utils.flop_counter`` to get every module's own FLOPs. Each gate slot
+declares a scope (the modules whose cost scales with its kept fraction); a module's kept cost is its cost
+times the product of the kept fractions of the gates that cover it (so a conv between two gated channel sets
+scales with both). ``fraction()`` uses the gates' keep masks; ``expected_fraction()`` uses their
+``expected_keep()`` probabilities and is differentiable, for budget regularizers.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+
+__all__ = ["CostModel", "default_input", "module_flops"]
+
+
+def default_input(model: nn.Module) -> Tensor | None:
+    """A zero batch of one for a timm model's ``pretrained_cfg['input_size']`` (None when unknown)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if not size:
+        return None
+    ref = next(model.parameters(), None)
+    return torch.zeros(
+        1, *size, device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None
+    )
+
+
+def module_flops(model: nn.Module, example: Tensor | tuple) -> dict[str, int]:
+    """Total FLOPs of each module (by fqn relative to ``model``, ``""`` = root) for one forward pass in eval mode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*example) if isinstance(example, tuple) else model(example)
+    except Exception as e:  # the example input does not fit the model
+        raise ConfigError(f"the example input does not run through {type(model).__name__}: {e}") from e
+    finally:
+        model.train(was_training)
+    root = type(model).__name__
+    out = {}
+    for name, ops in counter.get_flop_counts().items():
+        if name == "Global":
+            continue
+        rel = "" if name == root else name[len(root) + 1 :] if name.startswith(root + ".") else None
+        if rel is not None:
+            out[rel] = int(sum(ops.values()))
+    return out
+
+
+def _exclusive(totals: dict[str, int]) -> dict[str, int]:
+    excl = dict(totals)
+    for name, flops in totals.items():
+        if name:
+            parent = name.rpartition(".")[0]
+            if parent in excl:
+                excl[parent] -= flops
+    return excl
+
+
+def _own_params(model: nn.Module) -> dict[str, int]:
+    out = {}
+    for fqn, m in model.named_modules():
+        n = sum(p.numel() for name, p in m.named_parameters(recurse=False))
+        if n and ".gate" not in f".{fqn}" and not fqn.endswith("gate"):
+            out[fqn] = n
+    return out
+
+
+def _covers(path: str, name: str) -> bool:
+    return path == "" or name == path or name.startswith(path + ".")
+
+
+class CostModel:
+    """Kept cost of a gated model as a function of its gates.
+
+    Args:
+        model: A gated model. Gates may be replaced later (``fix_gates_``): the cost model reads each slot's
+            current gate.
+        example_input: Input of one forward pass (``kind="flops"``); default: a zero image of the timm
+            model's ``input_size``.
+        kind: ``"flops"`` or ``"params"``.
+    """
+
+    def __init__(
+        self, model: nn.Module, example_input: Tensor | tuple | None = None, kind: Literal["flops", "params"] = "flops"
+    ) -> None:
+        from .layers.slot import GateSlot
+
+        if kind not in ("flops", "params"):
+            raise ConfigError(f"CostModel: kind must be 'flops' or 'params', got {kind!r}")
+        self.kind = kind
+        self.slots: list[tuple[str, GateSlot]] = [(f, m) for f, m in model.named_modules() if isinstance(m, GateSlot)]
+        scopes: list[tuple[int, str]] = []
+        for i, (fqn, slot) in enumerate(self.slots):
+            parent = fqn.rpartition(".")[0]
+            for s in slot.scope:
+                scopes.append((i, f"{parent}.{s}".strip(".") if s else parent))
+        if kind == "flops":
+            example = example_input if example_input is not None else default_input(model)
+            if example is None:
+                raise ConfigError(f"CostModel: pass example_input; {type(model).__name__} has no default input size")
+            costs = _exclusive(module_flops(model, example))
+        else:
+            costs = _own_params(model)
+        terms: dict[tuple[int, ...], float] = defaultdict(float)
+        for name, cost in costs.items():
+            if cost:
+                key = tuple(sorted({i for i, path in scopes if _covers(path, name)}))
+                terms[key] += cost
+        self.total = float(sum(costs.values()))
+        self.terms = sorted(terms.items())
+
+    def _combine(self, fractions: list[Tensor]) -> Tensor:
+        kept = fractions[0].new_zeros(()) if fractions else torch.zeros(())
+        for key, cost in self.terms:
+            f = torch.ones((), dtype=kept.dtype, device=kept.device)
+            for i in key:
+                f = f * fractions[i]
+            kept = kept + cost * f
+        return kept / self.total if self.total else kept
+
+    def expected_fraction(self) -> Tensor:
+        """Differentiable expected kept fraction from the gates' ``expected_keep()``."""
+        return self._combine([slot.gate.expected_keep().mean() for _, slot in self.slots])
+
+    @torch.no_grad()
+    def fraction(self) -> float:
+        """Kept fraction once the closed units are removed (from the gates' keep masks)."""
+        return float(self._combine([slot.gate.keep_mask().float().mean() for _, slot in self.slots]))

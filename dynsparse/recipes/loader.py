@@ -1,0 +1,96 @@
+"""Read recipes from YAML (the only place YAML is parsed), keeping line numbers for error messages."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .schema import Recipe, RecipeError, parse_recipe
+
+__all__ = ["apply_overrides", "load_recipe", "recipe_to_dict"]
+
+
+def _lines(node: yaml.Node, path: str, out: dict[str, int]) -> None:
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = f"{path}.{k.value}" if path else str(k.value)
+            out[key] = k.start_mark.line + 1
+            _lines(v, key, out)
+            out[key] = k.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _lines(v, f"{path}[{i}]", out)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (``stages[1].epochs=3``); values are parsed as YAML scalars."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        parts: list[Any] = []
+        for part in key.split("."):
+            while "[" in part:
+                name, _, rest = part.partition("[")
+                if name:
+                    parts.append(name)
+                idx, _, part = rest.partition("]")
+                parts.append(int(idx))
+            if part:
+                parts.append(part)
+        node = data
+        for p in parts[:-1]:
+            try:
+                node = node[p]
+            except (KeyError, IndexError, TypeError):
+                raise RecipeError(f"--set {item!r}: the recipe has no {p!r} on that path") from None
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load and validate a YAML recipe; errors name the file, the field and its line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the recipe ({e.strerror})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    lines: dict[str, int] = {}
+    if node is not None:
+        _lines(node, "", lines)
+    if overrides:
+        data = apply_overrides(data or {}, overrides)
+    try:
+        return parse_recipe(data or {}, lines)
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Plain data of a recipe (for reports and checkpoints)."""
+    import dataclasses
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(recipe)

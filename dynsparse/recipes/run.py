@@ -1,0 +1,192 @@
+"""Run a recipe end to end: train the stages, an optional dense baseline, convert, evaluate, report, plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..convert import convert, save
+from ..flops import module_flops
+from ..sparsify import named_gates
+from .schema import Recipe, StageSpec
+from .train import Trainer, build_model
+
+__all__ = ["dense_baseline", "run_recipe"]
+
+log = logging.getLogger(__name__)
+
+
+def dense_baseline(recipe: Recipe) -> Recipe:
+    """The same recipe without any sparsity: same stages, epochs and optimizers (the same training budget)."""
+    stages = tuple(
+        StageSpec(name=s.name, epochs=s.epochs, optimizer=s.optimizer, schedule=s.schedule) for s in recipe.stages
+    )
+    return dataclasses.replace(recipe, stages=stages, baseline=False, name=recipe.name + "-dense")
+
+
+def _params(model: nn.Module, nonzero: bool = False) -> int:
+    return int(sum((p != 0).sum() if nonzero else p.numel() for n, p in model.named_parameters() if ".gate." not in n))
+
+
+def run_recipe(
+    recipe: Recipe, out_dir: str | os.PathLike | None = None, *, resume: bool = False, progress: bool | None = None
+) -> dict[str, Any] | None:
+    """Train, convert, evaluate; writes ``report.json``, ``report.png``, ``model.safetensors`` to the output dir.
+
+    Returns the report (on rank 0; ``None`` on other ranks of a distributed run).
+    """
+    out = Path(out_dir or recipe.output_dir)
+    trainer = Trainer(recipe, out, resume=resume, progress=progress)
+    model = trainer.run()
+    if trainer.dist.world > 1 and not trainer.dist.main:
+        return None
+    baseline = None
+    if recipe.baseline:
+        base = Trainer(dense_baseline(recipe), out / "baseline", resume=resume, progress=progress)
+        base.run()
+        baseline = {"test_acc": base.state.history[-1]["test_acc"], "history": base.state.history}
+    test_loader = trainer._loader(0, train=False)
+    x_verify = torch.stack([trainer.test_set[i][0] for i in range(min(8, len(trainer.test_set)))])
+    model.eval()
+    gated_acc = trainer._evaluate(model, test_loader)
+    if list(named_gates(model)) and recipe.convert.enabled:
+        converted = convert(model, verify_inputs=x_verify, atol=recipe.convert.atol, rtol=recipe.convert.atol)
+        arch = {"library": recipe.model.library, "name": recipe.model.name, "kwargs": recipe.model.kwargs}
+        save(converted, out / "model.safetensors", arch=arch)
+    else:
+        converted = model
+    conv_acc = trainer._evaluate(converted, test_loader)
+    dense = build_model(recipe).eval()
+    ex = trainer.example
+    report: dict[str, Any] = {
+        "recipe": recipe.name,
+        "stages": _stage_summary(trainer.state.history),
+        "gated_test_acc": gated_acc,
+        "converted_test_acc": conv_acc,
+        "dense_baseline_test_acc": baseline["test_acc"] if baseline else None,
+        "params": {
+            "dense": _params(dense),
+            "converted": _params(converted),
+            "converted_nonzero": _params(converted, nonzero=True),
+        },
+        "flops": {
+            "dense": sum(v for k, v in module_flops(dense, ex).items() if k == ""),
+            "converted": sum(v for k, v in module_flops(converted, ex).items() if k == ""),
+        },
+        "latency": [],
+    }
+    if recipe.evaluate.latency:
+        from ..bench.latency import compare_latency
+
+        for b in recipe.evaluate.batch_sizes:
+            x = ex.expand(b, *ex.shape[1:]).contiguous()
+            res = compare_latency(
+                {"dense": dense, "converted": converted},
+                x,
+                rounds=recipe.evaluate.rounds,
+                threads=recipe.evaluate.threads,
+            )
+            report["latency"].append(
+                {
+                    "batch": b,
+                    "threads": res.threads,
+                    "rounds": res.rounds,
+                    "dense_ms": 1e3 * res.median_s["dense"],
+                    "converted_ms": 1e3 * res.median_s["converted"],
+                    "speedup": res.speedup["converted"],
+                }
+            )
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    _plot(trainer.state.history, baseline, out / "report.png", recipe.name)
+    print(format_report(report))
+    return report
+
+
+def _stage_summary(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for r in history:
+        out[r["stage"]] = {k: v for k, v in r.items() if k not in ("time_s",)}
+    return list(out.values())
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """A plain-text table of a report."""
+    lines = [f"recipe {r['recipe']}", "", "stage            epochs  test acc  kept FLOPs  weight sparsity"]
+    for s in r["stages"]:
+        kf = f"{100 * s['kept_flops']:.1f}%" if "kept_flops" in s else "-"
+        ws = f"{100 * s['weight_sparsity']:.1f}%" if "weight_sparsity" in s else "-"
+        lines.append(f"{s['stage']:<16} {s['epoch']:>6}  {100 * s['test_acc']:7.2f}%  {kf:>10}  {ws:>15}")
+    lines.append("")
+    lines.append(f"{'':<22}{'dense':>14}{'converted':>14}")
+    if r["dense_baseline_test_acc"] is not None:
+        lines.append(
+            f"{'test accuracy':<22}{100 * r['dense_baseline_test_acc']:13.2f}%{100 * r['converted_test_acc']:13.2f}%"
+        )
+    else:
+        lines.append(f"{'test accuracy':<22}{'-':>14}{100 * r['converted_test_acc']:13.2f}%")
+    p = r["params"]
+    lines.append(f"{'parameters':<22}{p['dense']:>14,}{p['converted']:>14,}")
+    if p["converted_nonzero"] != p["converted"]:
+        lines.append(f"{'non-zero parameters':<22}{p['dense']:>14,}{p['converted_nonzero']:>14,}")
+    f = r["flops"]
+    lines.append(f"{'FLOPs / image':<22}{f['dense']:>14,}{f['converted']:>14,}")
+    for lat in r["latency"]:
+        lines.append(
+            f"{'latency b=' + str(lat['batch']) + ' (ms)':<22}{lat['dense_ms']:14.3f}"
+            f"{lat['converted_ms']:14.3f}   x{lat['speedup']:.2f} ({lat['threads']} thread, "
+            f"median of {lat['rounds']} interleaved rounds)"
+        )
+    return "\n".join(lines)
+
+
+def _plot(history: list[dict[str, Any]], baseline: dict[str, Any] | None, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in history]
+    ax.plot(steps, [100 * r["test_acc"] for r in history], "o-", color="C0", label="test accuracy (gated)")
+    if baseline:
+        ax.plot(
+            [r["step"] for r in baseline["history"]],
+            [100 * r["test_acc"] for r in baseline["history"]],
+            "s--",
+            color="C2",
+            label="test accuracy (dense, same budget)",
+        )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("test accuracy (%)")
+    ax2 = ax.twinx()
+    if any("kept_flops" in r for r in history):
+        ax2.plot(steps, [100 * r.get("kept_flops", 1.0) for r in history], "^-", color="C1", label="kept FLOPs")
+    if any("weight_sparsity" in r for r in history):
+        ax2.plot(
+            steps,
+            [100 * (1 - r.get("weight_sparsity", 0.0)) for r in history],
+            "v-",
+            color="C3",
+            label="non-zero weights",
+        )
+    ax2.set_ylabel("kept (%)")
+    ax2.set_ylim(0, 105)
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower left", fontsize=8)
+    last = None
+    for r in history:
+        if r["stage"] != last and last is not None:
+            ax.axvline(r["step"] - 0.5, color="grey", lw=0.5)
+        last = r["stage"]
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

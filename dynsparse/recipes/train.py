@@ -1,0 +1,444 @@
+"""The recipe trainer: plain PyTorch, runs unchanged under ``torchrun`` (DistributedDataParallel, gloo on CPU).
+
+Per stage: structural changes at the start (gates, sparse-VD layers, frozen gates), epochs of training with
+the stage's regularizers, a JSON-lines log record and an atomic checkpoint after every epoch, then the
+stage's end actions (enforce a budget, prune VD weights). ``resume=True`` rebuilds the structure from the
+recipe, loads the last checkpoint (weights, optimizer states, RNG state) and continues to the same result.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..gates import FixedGate, Gate, HardConcreteGate
+from ..sparsify import fix_gates_, named_gates, sparsify_
+from .checkpoint import load_checkpoint, save_checkpoint
+from .loader import recipe_to_dict
+from .schema import OptimizerSpec, Recipe, RegularizerSpec, ScheduleSpec, StageSpec
+
+__all__ = ["Trainer", "build_model"]
+
+log = logging.getLogger(__name__)
+
+
+def build_model(recipe: Recipe) -> nn.Module:
+    """The recipe's (dense) model with random weights."""
+    from ..convert.io import build_host
+
+    return build_host(
+        {"library": recipe.model.library, "name": recipe.model.name, "kwargs": recipe.model.kwargs},
+        source="recipe model",
+    )
+
+
+def _optimizer(spec: OptimizerSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if spec.name == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    cls = torch.optim.AdamW if spec.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def lr_factor(spec: ScheduleSpec, step: int, total: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base learning rate at ``step`` of ``total`` (a pure function of the step)."""
+    warm = int(spec.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    if spec.name == "constant" or total <= warm:
+        return 1.0
+    t = (step - warm) / max(1, total - warm)
+    low = spec.min_lr_ratio
+    if spec.name == "linear":
+        return low + (1 - low) * (1 - t)
+    return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _is_gate_param(name: str) -> bool:
+    return ".gate." in f".{name}"
+
+
+def state_digest(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer (to check that ranks or runs ended identical)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class RunState:
+    stage: int = 0
+    epoch: int = 0  # epochs completed in `stage`
+    step: int = 0  # global optimizer steps
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs a recipe's stages.
+
+    Args:
+        recipe: The recipe.
+        out_dir: Output directory (default: ``recipe.output_dir``).
+        resume: Continue from ``out_dir/checkpoint.pt``.
+        progress: Show progress bars (rank 0, on a terminal).
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        out_dir: str | os.PathLike | None = None,
+        *,
+        resume: bool = False,
+        progress: bool | None = None,
+    ) -> None:
+        self.recipe = recipe
+        self.out = Path(out_dir or recipe.output_dir)
+        self.resume = resume
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.dist = _Dist()
+        self.model: nn.Module | None = None
+        self.teacher: nn.Module | None = None
+        self.state = RunState()
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def _init_dist(self) -> None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")
+        if torch.distributed.is_initialized():
+            self.dist = _Dist(torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+    def _data(self) -> None:
+        from ..data import load_dataset
+
+        d = self.recipe.data
+        kw = dict(root=d.root, image_size=d.image_size, channels=d.channels)
+        self.train_set = load_dataset(d.dataset, split="train", **kw)
+        self.test_set = load_dataset(d.dataset, split="test", **kw)
+        if d.train_subset is not None:
+            g = torch.Generator().manual_seed(self.recipe.seed)
+            idx = torch.randperm(len(self.train_set), generator=g)[: d.train_subset].tolist()
+            self.train_set = torch.utils.data.Subset(self.train_set, idx)
+        self.example = self.test_set[0][0][None]
+
+    def _loader(self, stage_idx: int, train: bool):
+        from ..data import make_loader
+
+        d = self.recipe.data
+        if train:
+            return make_loader(
+                self.train_set,
+                d.batch_size,
+                shuffle=True,
+                seed=self.recipe.seed + 1009 * stage_idx,
+                distributed=self.dist.world > 1,
+                drop_last=True,
+            )
+        return make_loader(self.test_set, d.eval_batch_size, shuffle=False, seed=0)
+
+    # ---------------------------------------------------------------------------------- structure
+    def _start_stage_(self, st: StageSpec) -> None:
+        from ..regularizers.variational import sparse_vd_
+
+        model = self.model
+        if st.distill is not None:
+            self.teacher = copy.deepcopy(model).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        else:
+            self.teacher = None
+        if st.sparsify:
+            sparsify_(model, st.sparsify)
+        if any(r.name == "sparse_vd" for r in st.regularizers) and not _has_svd(model):
+            sparse_vd_(model)
+        if st.fix_gates:
+            fix_gates_(model)
+
+    def _end_stage_structure_(self, st: StageSpec) -> None:
+        if st.prune_vd and _has_svd(self.model):
+            from ..regularizers.variational import remove_svd_
+
+            remove_svd_(self.model)
+
+    def _rebuild(self, ckpt: dict[str, Any]) -> None:
+        """Replay the structural changes of the stages before the checkpoint's stage, then load its state."""
+        meta = ckpt["meta"]
+        self.state = RunState(meta["stage"], meta["epoch"], meta["step"], json.loads(meta["history"]))
+        for i, st in enumerate(self.recipe.stages[: self.state.stage + 1]):
+            self._start_stage_(st)
+            if i < self.state.stage or self.state.epoch >= st.epochs:
+                self._end_stage_structure_(st)
+        classes = json.loads(meta["gates"])
+        fix = {
+            f: torch.ones(g.num_units, dtype=torch.bool)
+            for f, g in named_gates(self.model)
+            if classes.get(f) == FixedGate.__name__ and not isinstance(g, FixedGate)
+        }
+        if fix:
+            fix_gates_(self.model, fix)
+        self.model.load_state_dict(ckpt["model"])
+        if self.teacher is not None and ckpt.get("teacher") is not None:
+            self.teacher.load_state_dict(ckpt["teacher"])
+        torch.set_rng_state(ckpt["rng"])
+
+    # ----------------------------------------------------------------------------------- training
+    def _regularizers(self, st: StageSpec, steps_per_epoch: int) -> list[tuple[RegularizerSpec, Any]]:
+        out = []
+        for r in st.regularizers:
+            if r.name == "budget":
+                from ..regularizers.budget import TargetSparsity
+
+                obj = TargetSparsity(
+                    self.model,
+                    r.target,
+                    kind=r.kind,
+                    warmup_steps=int(r.warmup_epochs * steps_per_epoch),
+                    example_input=self.example,
+                )
+            elif r.name == "group_lasso":
+                from ..regularizers.group_lasso import GroupLasso
+
+                obj = GroupLasso(self.model, weight=r.weight)
+            elif r.name == "bn_l1":
+                from ..regularizers.bn_l1 import BNScaleL1
+
+                obj = BNScaleL1(self.model, weight=r.weight)
+            else:
+                obj = None
+            out.append((r, obj))
+        return out
+
+    def _reg_loss(self, regs, epoch: float, step_in_stage: int, n_train: int) -> tuple[Tensor, dict[str, float]]:
+        total = torch.zeros(())
+        info: dict[str, float] = {}
+        for r, obj in regs:
+            if r.name == "l0":
+                gates = [g for _, g in named_gates(self.model) if isinstance(g, HardConcreteGate)]
+                n = sum(g.num_units for g in gates) or 1
+                term = r.weight * torch.stack([g.penalty() for g in gates]).sum() / n if gates else total
+            elif r.name == "budget":
+                term = obj(step_in_stage)
+                info["lambda1"] = float(obj.lambda1.detach())
+                info["target"] = obj.target_at(step_in_stage)
+            elif r.name == "sparse_vd":
+                from ..regularizers.variational import kl_weight, svd_kl
+
+                w = kl_weight(epoch, start=r.kl_start, end=r.kl_end) if r.kl_end > 0 else 1.0
+                info["kl_weight"] = w
+                term = r.weight * w * svd_kl(self.model) / n_train
+            elif r.name == "bn_l1":
+                term = total  # applied as a subgradient after backward, as in the reference code
+            else:
+                term = obj()
+            total = total + term
+        return total, info
+
+    def _evaluate(self, model: nn.Module, loader) -> float:
+        from torchmetrics.classification import MulticlassAccuracy
+
+        n_cls = getattr(self.test_set, "num_classes", None) or int(max(int(y) for _, y in [self.test_set[0]]) + 1)
+        metric = MulticlassAccuracy(num_classes=n_cls, average="micro")
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            for x, y in loader:
+                metric.update(model(x).argmax(-1), y)
+        model.train(was)
+        return float(metric.compute())
+
+    def run(self) -> nn.Module:
+        """Train every stage; returns the trained (gated) model."""
+        torch.manual_seed(self.recipe.seed)
+        self._init_dist()
+        self._data()
+        self.model = build_model(self.recipe)
+        ck_path = self.out / "checkpoint.pt"
+        resumed_stage = None
+        if self.resume and ck_path.exists():
+            self._rebuild(load_checkpoint(ck_path))
+            resumed_stage = self.state.stage
+            log.info("resumed from %s at stage %d epoch %d", ck_path, self.state.stage, self.state.epoch)
+        elif self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "log.jsonl").write_text("")
+        test_loader = self._loader(0, train=False)
+        n_train = len(self.train_set)
+        for si in range(self.state.stage, len(self.recipe.stages)):
+            st = self.recipe.stages[si]
+            resumed = si == resumed_stage
+            if not resumed:
+                self.state.stage, self.state.epoch = si, 0
+                self._start_stage_(st)
+            self._train_stage(si, st, test_loader, n_train, ck_path, resume_opt=resumed)
+        if self.dist.world > 1:
+            (self.out / f"rank{self.dist.rank}.json").write_text(json.dumps({"digest": state_digest(self.model)}))
+            torch.distributed.barrier()
+        return self.model
+
+    def _train_stage(self, si: int, st: StageSpec, test_loader, n_train: int, ck_path: Path, resume_opt: bool) -> None:
+        model = self.model
+        loader = self._loader(si, train=True)
+        steps_per_epoch = len(loader)
+        regs = self._regularizers(st, steps_per_epoch)
+        gate_params = [p for n, p in model.named_parameters() if _is_gate_param(n) and p.requires_grad]
+        weights = [p for n, p in model.named_parameters() if not _is_gate_param(n) and p.requires_grad]
+        opts = {"weights": _optimizer(st.optimizer, weights)}
+        if gate_params:
+            opts["gates"] = _optimizer(st.gate_optimizer or st.optimizer, gate_params)
+        budget = next((o for r, o in regs if r.name == "budget"), None)
+        if budget is not None:
+            opts["lambdas"] = torch.optim.Adam(
+                budget.parameters(), lr=next(r.lr for r, _ in regs if r.name == "budget"), maximize=True
+            )
+        ckpt = load_checkpoint(ck_path) if resume_opt and ck_path.exists() else None
+        if ckpt is not None and ckpt["meta"]["stage"] == si:
+            for k, o in opts.items():
+                o.load_state_dict(ckpt["optim"][k])
+            if budget is not None and ckpt.get("budget") is not None:
+                budget.load_state_dict(ckpt["budget"])
+        net = model
+        if self.dist.world > 1:
+            net = nn.parallel.DistributedDataParallel(model)
+        base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in opts.items() if k != "lambdas"}
+        total_steps = st.epochs * steps_per_epoch
+        bn_l1 = next((o for r, o in regs if r.name == "bn_l1"), None)
+        for epoch in range(self.state.epoch, st.epochs):
+            from ..data import set_epoch
+
+            set_epoch(loader, epoch)
+            model.train()
+            t0, loss_sum, n = time.perf_counter(), 0.0, 0
+            it = loader
+            if self.progress and self.dist.main:
+                from tqdm import tqdm
+
+                it = tqdm(loader, desc=f"{st.name} {epoch + 1}/{st.epochs}", leave=False)
+            info: dict[str, float] = {}
+            for bi, (x, y) in enumerate(it):
+                step_in_stage = epoch * steps_per_epoch + bi
+                f = lr_factor(st.schedule, step_in_stage, total_steps, steps_per_epoch)
+                for k, lrs in base_lrs.items():
+                    for g, lr in zip(opts[k].param_groups, lrs, strict=True):
+                        g["lr"] = lr * f
+                out = net(x)
+                loss = F.cross_entropy(out, y)
+                if self.teacher is not None:
+                    T = st.distill.temperature
+                    with torch.no_grad():
+                        t_out = self.teacher(x)
+                    kd = (
+                        F.kl_div(
+                            F.log_softmax(out / T, -1),
+                            F.log_softmax(t_out / T, -1),
+                            log_target=True,
+                            reduction="batchmean",
+                        )
+                        * T
+                        * T
+                    )
+                    loss = loss + st.distill.weight * kd
+                reg, info = self._reg_loss(regs, epoch + bi / steps_per_epoch, step_in_stage, n_train)
+                total = loss + reg
+                for o in opts.values():
+                    o.zero_grad(set_to_none=True)
+                total.backward()
+                if bn_l1 is not None:
+                    bn_l1.add_subgradient_()
+                for o in opts.values():
+                    o.step()
+                for _, g in named_gates(model):
+                    if isinstance(g, HardConcreteGate):
+                        g.constrain_()
+                loss_sum += float(loss.detach()) * len(y)
+                n += len(y)
+                self.state.step += 1
+            self.state.epoch = epoch + 1
+            if epoch + 1 == st.epochs:
+                if st.enforce_budget and budget is not None:
+                    budget.enforce_()
+                self._end_stage_structure_(st)
+            acc = self._evaluate(model, test_loader)
+            record = {
+                "stage": st.name,
+                "stage_index": si,
+                "epoch": epoch + 1,
+                "step": self.state.step,
+                "train_loss": loss_sum / max(n, 1),
+                "test_acc": acc,
+                "time_s": time.perf_counter() - t0,
+                **info,
+            }
+            record.update(self._sparsity(model, budget))
+            self.state.history.append(record)
+            if self.dist.main:
+                with open(self.out / "log.jsonl", "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                log.info("%s epoch %d/%d: loss %.4f acc %.4f", st.name, epoch + 1, st.epochs, record["train_loss"], acc)
+                self._save(ck_path, opts, budget)
+            if self.dist.world > 1:
+                torch.distributed.barrier()
+
+    def _sparsity(self, model: nn.Module, budget) -> dict[str, float]:
+        out: dict[str, float] = {}
+        gates = list(named_gates(model))
+        if gates:
+            from ..flops import CostModel
+
+            cost = budget.cost if budget is not None else CostModel(model, self.example)
+            out["kept_flops"] = cost.fraction()
+            with torch.no_grad():
+                out["expected_kept_flops"] = float(cost.expected_fraction())
+        if _has_svd(model):
+            from ..regularizers.variational import svd_sparsity
+
+            out["weight_sparsity"] = float(
+                svd_sparsity(model)["total"] if isinstance(svd_sparsity(model), dict) else svd_sparsity(model)
+            )
+        return out
+
+    def _save(self, path: Path, opts: dict[str, torch.optim.Optimizer], budget) -> None:
+        gates = {f: type(g).__name__ for f, g in named_gates(self.model) if isinstance(g, Gate)}
+        state = {
+            "model": self.model.state_dict(),
+            "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+            "optim": {k: o.state_dict() for k, o in opts.items()},
+            "budget": budget.state_dict() if budget is not None else None,
+            "rng": torch.get_rng_state(),
+            "meta": {
+                "stage": self.state.stage,
+                "epoch": self.state.epoch,
+                "step": self.state.step,
+                "history": json.dumps(self.state.history),
+                "gates": json.dumps(gates),
+                "recipe": json.dumps(recipe_to_dict(self.recipe)),
+            },
+        }
+        save_checkpoint(state, path)
+
+
+def _has_svd(model: nn.Module) -> bool:
+    return any(type(m).__name__ in ("LinearSVDO", "Conv2dSVDO") for m in model.modules())

@@ -1,0 +1,110 @@
+"""Target-sparsity controller: a Lagrangian whose multipliers are maximised (CoFi, Xia et al. 2022).
+
+With ``s`` the expected kept fraction of FLOPs (or parameters) computed from the gates and ``t`` the target
+on its schedule, the term added to the loss is ``λ1·(s − t) + λ2·(s − t)²``. The model minimises it; the
+multipliers ``λ1, λ2`` are trained by gradient *ascent* (an optimizer with ``maximize=True``), so any gap
+between ``s`` and ``t`` makes them grow until the gates meet the target. ``enforce_`` closes the least
+likely units at the end so the deterministic kept fraction is at most the target.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..flops import CostModel
+
+__all__ = ["TargetSparsity", "linear_target"]
+
+
+def linear_target(step: int, target: float, warmup_steps: int, start: float = 1.0) -> float:
+    """Kept-fraction target at ``step``: from ``start`` linearly to ``target`` over ``warmup_steps``, then flat."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return target
+    return start + (target - start) * step / warmup_steps
+
+
+class TargetSparsity(nn.Module):
+    """``λ1·(s − t) + λ2·(s − t)²`` with learnable multipliers to maximise.
+
+    Args:
+        model: The gated model.
+        target: Kept fraction to reach (``0.4`` = keep 40 % of the FLOPs), in (0, 1].
+        kind: ``"flops"`` or ``"params"``.
+        warmup_steps: Steps over which the target moves linearly from 1 to ``target``.
+        example_input: Input of one forward pass for the FLOPs count (default: the timm input size).
+
+    Example:
+        >>> budget = TargetSparsity(model, target=0.4, warmup_steps=1000, example_input=x)
+        >>> opt_lambda = torch.optim.Adam(budget.parameters(), lr=0.01, maximize=True)
+        >>> loss = task_loss + budget(step)   # then backward; step both optimizers
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target: float,
+        kind: Literal["flops", "params"] = "flops",
+        warmup_steps: int = 0,
+        example_input: Tensor | tuple | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < target <= 1.0:
+            raise ConfigError(f"TargetSparsity: target (kept fraction) must be in (0, 1], got {target}")
+        self.cost = CostModel(model, example_input, kind=kind)
+        if not self.cost.slots:
+            raise ConfigError("TargetSparsity: the model has no gates (call dynsparse.sparsify_ first)")
+        self.target, self.kind, self.warmup_steps = float(target), kind, int(warmup_steps)
+        ref = self.cost.slots[0][1].gate.expected_keep()
+        self.lambda1 = nn.Parameter(torch.zeros((), dtype=ref.dtype, device=ref.device))
+        self.lambda2 = nn.Parameter(torch.zeros((), dtype=ref.dtype, device=ref.device))
+
+    def target_at(self, step: int) -> float:
+        return linear_target(step, self.target, self.warmup_steps)
+
+    def expected(self) -> Tensor:
+        """Differentiable expected kept fraction ``s``."""
+        return self.cost.expected_fraction()
+
+    def forward(self, step: int) -> Tensor:
+        gap = self.expected() - self.target_at(step)
+        return self.lambda1 * gap + self.lambda2 * gap * gap
+
+    @torch.no_grad()
+    def enforce_(self, max_iter: int = 100_000) -> float:
+        """Close the units least likely to be kept until the deterministic kept fraction is ≤ ``target``.
+
+        Works on gates with a ``log_alpha`` (hard-concrete) or ``logits`` (sigmoid) parameter by lowering the
+        parameter of the closed unit; returns the kept fraction reached.
+        """
+        frac = self.cost.fraction()
+        candidates = []
+        for _, slot in self.cost.slots:
+            g = slot.gate
+            p = getattr(g, "log_alpha", None)
+            if p is None:
+                p = getattr(g, "logits", None)
+            if p is None:
+                continue
+            keep = g.expected_keep()
+            for j in range(g.num_units):
+                candidates.append((float(keep[j]), p, j, g))
+        candidates.sort(key=lambda c: c[0])
+        closed = 0
+        for _, p, j, g in candidates:
+            if frac <= self.target + 1e-9 or closed >= max_iter:
+                break
+            if not bool(g.keep_mask()[j]):
+                continue
+            if int(g.keep_mask().sum()) <= 1 and g.num_units > 1:
+                continue  # keep at least one unit per gate; a whole branch is closed by its layer gate
+            p[j] = -20.0
+            closed += 1
+            frac = self.cost.fraction()
+        return frac
+
+    def extra_repr(self) -> str:
+        return f"target={self.target}, kind={self.kind!r}, warmup_steps={self.warmup_steps}"
