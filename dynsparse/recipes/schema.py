@@ -249,6 +249,12 @@ def parse_recipe(data: dict[str, Any], lines: dict[str, int] | None = None) -> R
     recipe = _build(Recipe, data, "", lines or {})
     if not recipe.stages:
         raise RecipeError("stages: a recipe needs at least one stage")
+    if recipe.data.root is not None:
+        import os
+
+        if not os.path.isdir(recipe.data.root):
+            line = f" (line {lines['data.root']})" if lines and "data.root" in lines else ""
+            raise RecipeError(f"data.root{line}: directory {recipe.data.root!r} does not exist")
     for i, st in enumerate(recipe.stages):
         p = f"stages[{i}]"
         if st.epochs < 0:
