@@ -1,0 +1,168 @@
+"""Timing helpers shared by the benchmark scripts: interleaved paired rounds, robust summaries, markdown.
+
+Not part of the package: benchmarks are scripts, run by hand (``python benchmarks/<name>.py``), never by the
+test suite. The method is built for a small, shared, noisy machine:
+
+* every variant is warmed up before anything is timed;
+* variants run interleaved, one step each per round, and the order rotates every round, so a slow spell of
+  the machine hits all variants alike instead of whichever happened to run during it;
+* results are ratios *within* a round (paired), summarised by their median and interquartile range,
+  which ignore the odd round disturbed by another process;
+* each step is timed by the wall clock and by the process's CPU time; the latter leaves out the time the
+  process sat waiting while other processes ran.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "Spread",
+    "Timings",
+    "count_flops",
+    "interleaved_rounds",
+    "markdown_table",
+    "paired_ratios",
+    "spread",
+]
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median and quartiles of a sample."""
+
+    median: float
+    q1: float
+    q3: float
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """Median and first / third quartiles (inclusive method, so two values are enough)."""
+    if not values:
+        raise ValueError("spread() needs at least one value")
+    if len(values) == 1:
+        v = float(values[0])
+        return Spread(v, v, v)
+    q1, med, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return Spread(med, q1, q3)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Per-round seconds of each variant, by two clocks; entry ``i`` of every list comes from round ``i``.
+
+    ``wall`` is elapsed time (``time.perf_counter``). ``cpu`` is the CPU time of this process
+    (``time.process_time``, all its threads): it leaves out the time the process waited while other processes
+    ran, so on a shared machine it measures the work of a step far more stably than ``wall``.
+    """
+
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]
+
+
+def interleaved_rounds(
+    steps: Mapping[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 3,
+    on_round: Callable[[int, dict[str, float], dict[str, float]], None] | None = None,
+) -> Timings:
+    """Time ``steps`` side by side: per round, each step once, in an order that rotates every round.
+
+    Args:
+        steps: ``{variant: step}``; a step runs one unit of work (e.g. one training step) and returns when done.
+        rounds: Timed rounds.
+        warmup: Untimed rounds first (allocator, lazy init, caches).
+        on_round: Called after each timed round with ``(round_index, wall, cpu)``, both ``{variant: seconds}``.
+
+    Returns:
+        The wall-clock and CPU seconds of every step.
+
+    The garbage collector runs between steps, never inside a timed one.
+    """
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    out = Timings({name: [] for name in names}, {name: [] for name in names})
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            wall, cpu = {}, {}
+            for name in order:
+                gc.collect()
+                c0, t0 = time.process_time(), time.perf_counter()
+                steps[name]()
+                wall[name], cpu[name] = time.perf_counter() - t0, time.process_time() - c0
+            for name in names:
+                out.wall[name].append(wall[name])
+                out.cpu[name].append(cpu[name])
+            if on_round is not None:
+                on_round(r, wall, cpu)
+    finally:
+        if was_enabled:
+            gc.enable()
+    return out
+
+
+def paired_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> list[float]:
+    """Per-round ratios ``numerator[i] / denominator[i]`` of two variants timed in the same rounds."""
+    if len(numerator) != len(denominator):
+        raise ValueError(f"paired_ratios: {len(numerator)} vs {len(denominator)} rounds")
+    return [a / b for a, b in zip(numerator, denominator, strict=True)]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str = "") -> str:
+    """A GitHub-flavoured markdown table.
+
+    Args:
+        header: Column titles.
+        rows: Cells, converted with ``str``.
+        align: One letter per column, ``"l"`` or ``"r"``; missing letters mean left.
+    """
+    marks = ["---:" if align[i : i + 1] == "r" else "---" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(marks) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def count_flops(model, *inputs) -> int:
+    """FLOPs of one forward pass of ``model`` on ``inputs``, counted by ``torch.utils.flop_counter``.
+
+    ``FlopCounterMode`` counts matrix products and convolutions (2 FLOPs per multiply-add), not element-wise
+    ops or norms. Out of the box it has no formula for the CPU kernel of fused attention
+    (``aten._scaled_dot_product_flash_attention_for_cpu``), so the ``q @ k^T`` and ``attn @ v`` products of a
+    timm ViT on CPU would count as zero; this function adds that formula (the same as for the GPU kernels).
+
+    The model runs in eval mode under ``torch.inference_mode()``; its training flag is restored.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None:
+        mapping[cpu_sdpa] = _sdpa_cpu_flops
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+            model(*inputs)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
