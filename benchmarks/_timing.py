@@ -135,34 +135,12 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], alig
     return "\n".join(lines)
 
 
-def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(query, key, value)
-
-
 def count_flops(model, *inputs) -> int:
-    """FLOPs of one forward pass of ``model`` on ``inputs``, counted by ``torch.utils.flop_counter``.
+    """FLOPs of one forward pass of ``model`` on ``inputs`` (see ``dynsparse.flops.count_flops``).
 
     ``FlopCounterMode`` counts matrix products and convolutions (2 FLOPs per multiply-add), not element-wise
-    ops or norms. Out of the box it has no formula for the CPU kernel of fused attention
-    (``aten._scaled_dot_product_flash_attention_for_cpu``), so the ``q @ k^T`` and ``attn @ v`` products of a
-    timm ViT on CPU would count as zero; this function adds that formula (the same as for the GPU kernels).
-
-    The model runs in eval mode under ``torch.inference_mode()``; its training flag is restored.
+    ops or norms; dynsparse adds the formula for the CPU kernel of fused attention, which it lacks.
     """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    from dynsparse.flops import count_flops as _count
 
-    mapping = {}
-    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if cpu_sdpa is not None:
-        mapping[cpu_sdpa] = _sdpa_cpu_flops
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-            model(*inputs)
-    finally:
-        model.train(was_training)
-    return int(counter.get_total_flops())
+    return _count(model, *inputs)

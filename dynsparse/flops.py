@@ -17,7 +17,24 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 
-__all__ = ["CostModel", "default_input", "module_flops"]
+__all__ = ["CostModel", "count_flops", "default_input", "module_flops"]
+
+
+def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def _custom_mapping() -> dict:
+    """Formulas ``FlopCounterMode`` lacks: the CPU kernel of fused attention counts like the GPU kernels."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {op: _sdpa_cpu_flops} if op is not None else {}
+
+
+def count_flops(model: nn.Module, *inputs) -> int:
+    """FLOPs of one forward pass (eval mode, 2 per multiply-add; matmuls, convs and attention, not element-wise)."""
+    return module_flops(model, inputs if len(inputs) != 1 else inputs[0]).get("", 0)
 
 
 def default_input(model: nn.Module) -> Tensor | None:
@@ -39,7 +56,7 @@ def module_flops(model: nn.Module, example: Tensor | tuple) -> dict[str, int]:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
             model(*example) if isinstance(example, tuple) else model(example)
     except Exception as e:  # the example input does not fit the model
         raise ConfigError(f"the example input does not run through {type(model).__name__}: {e}") from e
