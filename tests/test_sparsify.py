@@ -146,7 +146,9 @@ def test_report_counts_and_flops(vit):
     # analytic FLOPs: attention scales with heads, MLP with neurons, the closed MLP branch costs nothing
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as fc:
+    from dynsparse.flops import _custom_mapping
+
+    with FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as fc:
         vit(x)
     counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
     attn = sum(counts[f"VisionTransformer.blocks.{i}.attn"] for i in range(6))
