@@ -1,0 +1,166 @@
+"""``image-folder``: a user directory in torchvision's ``ImageFolder`` layout, decoded once into memory.
+
+Layouts (class names are the sorted sub-directory names, as in torchvision; files are found recursively)::
+
+    root/train/<class>/<img>   root/test/<class>/<img>   (or root/val/...)   explicit splits
+    root/<class>/<img>                                                        one folder, split here
+
+With one folder, each class's files (sorted) are shuffled by ``np.random.RandomState(0)`` and the first
+``n // 5`` of them form the test split, the rest the train split: a fixed, stratified 80/20 split.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from .catalog import DatasetInfo, RawImages, register_dataset
+from .errors import DataFormatError, DataNotFoundError
+
+__all__ = ["IMG_EXTENSIONS", "find_classes", "list_images", "read_image_folder"]
+
+#: File extensions read as images (torchvision's list).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_SPLIT_DIRS = {"train": ("train",), "test": ("test", "val")}
+_HOLDOUT_SEED = 0
+_HOLDOUT_FRACTION = 5  # every class gives n // 5 files to the test split
+
+
+def find_classes(directory: Path) -> list[str]:
+    """Sorted names of the sub-directories of ``directory`` (the classes)."""
+    classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise DataNotFoundError(f"dataset 'image-folder': no class sub-directories in {str(directory)!r}")
+    return classes
+
+
+def list_images(directory: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """``(file, class index)`` of every image under ``directory/<class>``, in sorted order."""
+    samples = []
+    for label, name in enumerate(classes):
+        class_dir = directory / name
+        if not class_dir.is_dir():
+            continue
+        files = sorted(
+            Path(dirpath) / f
+            for dirpath, _, filenames in os.walk(class_dir, followlinks=True)
+            for f in filenames
+            if f.lower().endswith(IMG_EXTENSIONS)
+        )
+        samples.extend((f, label) for f in files)
+    return samples
+
+
+def _holdout(samples: list[tuple[Path, int]], split: str) -> list[tuple[Path, int]]:
+    by_class: dict[int, list[tuple[Path, int]]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    out = []
+    rng = np.random.RandomState(_HOLDOUT_SEED)
+    for label in sorted(by_class):
+        group = by_class[label]
+        perm = rng.permutation(len(group))
+        n_test = len(group) // _HOLDOUT_FRACTION
+        keep = sorted(perm[:n_test] if split == "test" else perm[n_test:])
+        out.extend(group[i] for i in keep)
+    return out
+
+
+def _load_image(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert(mode)
+            if size is not None and img.size != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataFormatError(f"dataset 'image-folder': cannot read image {str(path)!r} ({exc})") from None
+
+
+def read_image_folder(
+    root: str | os.PathLike, split: str, image_size: tuple[int, int] | None = None, channels: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Decode every image of ``split`` under ``root`` into one uint8 tensor.
+
+    Args:
+        root: The dataset directory (see the module docstring for the layouts).
+        split: ``"train"`` or ``"test"``.
+        image_size: ``(H, W)`` every image is resized to (PIL bilinear); None requires equal sizes.
+        channels: 1 (PIL ``"L"``) or 3 (``"RGB"``, the default).
+
+    Returns:
+        ``images (N, C, H, W)`` uint8, ``labels (N,)`` int64, class names.
+
+    Raises:
+        DataNotFoundError: ``root`` or its classes/images are missing.
+        DataFormatError: An unreadable image, or sizes differ while ``image_size`` is None; names the file.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataNotFoundError(f"dataset 'image-folder': root {str(root)!r} is not a directory")
+    split_dirs = [root / d for d in _SPLIT_DIRS[split] if (root / d).is_dir()]
+    if (root / "train").is_dir():  # explicit splits; the classes are those of the train split
+        if not split_dirs:
+            raise DataNotFoundError(
+                f"dataset 'image-folder': {str(root)!r} has a train/ directory but no "
+                f"{' or '.join(_SPLIT_DIRS[split])}/ directory"
+            )
+        classes = find_classes(root / "train")
+        unknown = sorted(set(find_classes(split_dirs[0])) - set(classes))
+        if unknown:
+            raise DataFormatError(
+                f"dataset 'image-folder': {str(split_dirs[0])!r} has classes {unknown} missing from "
+                f"{str(root / 'train')!r}"
+            )
+        samples = list_images(split_dirs[0], classes)
+        where = split_dirs[0]
+    else:
+        classes = find_classes(root)
+        samples = _holdout(list_images(root, classes), split)
+        where = root
+    if not samples:
+        raise DataNotFoundError(
+            f"dataset 'image-folder': no images ({', '.join(IMG_EXTENSIONS)}) for split {split!r} under {str(where)!r}"
+        )
+    mode = "L" if channels == 1 else "RGB"
+    arrays = []
+    for path, _ in samples:
+        array = _load_image(path, mode, image_size)
+        if arrays and array.shape != arrays[0].shape:
+            raise DataFormatError(
+                f"dataset 'image-folder': image {str(path)!r} is {array.shape[1]}×{array.shape[0]} but "
+                f"{str(samples[0][0])!r} is {arrays[0].shape[1]}×{arrays[0].shape[0]}; pass image_size= to resize"
+            )
+        arrays.append(array)
+    stacked = np.stack(arrays)
+    images = torch.from_numpy(stacked).unsqueeze(1) if mode == "L" else torch.from_numpy(stacked).permute(0, 3, 1, 2)
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    return images.contiguous(), labels, classes
+
+
+def _read(split: str, root: str | os.PathLike | None, image_size, channels) -> RawImages:
+    if root is None:
+        raise ConfigError("dataset 'image-folder' needs root=DIR (root/<class>/<image> or root/train/<class>/...)")
+    images, labels, classes = read_image_folder(root, split, image_size, channels)
+    c = images.shape[1]
+    return RawImages(images, labels, classes, 255.0, (0.5,) * c, (0.5,) * c)
+
+
+IMAGE_FOLDER = register_dataset(
+    DatasetInfo(
+        name="image-folder",
+        num_classes=None,
+        channels=3,
+        image_size=None,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        source="a user directory in torchvision ImageFolder layout, passed as root=DIR",
+    ),
+    _read,
+)
