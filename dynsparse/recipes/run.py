@@ -65,8 +65,11 @@ def run_recipe(
     conv_acc = trainer._evaluate(converted, test_loader)
     dense = build_model(recipe).eval()
     ex = trainer.example
+    from .train import state_digest
+
     report: dict[str, Any] = {
         "recipe": recipe.name,
+        "final_state_digest": state_digest(model),
         "stages": _stage_summary(trainer.state.history),
         "gated_test_acc": gated_acc,
         "converted_test_acc": conv_acc,

@@ -23,6 +23,7 @@ __all__ = [
     "EvaluateSpec",
     "ModelSpec",
     "OptimizerSpec",
+    "PruneSpec",
     "Recipe",
     "RegularizerSpec",
     "ScheduleSpec",
@@ -79,7 +80,8 @@ class RegularizerSpec:
     ``name``: ``l0`` (expected L0 of hard-concrete gates), ``budget`` (target-sparsity Lagrangian: ``target``
     kept fraction of ``kind`` flops/params, ``warmup_epochs``, multiplier ``lr``), ``group_lasso``, ``bn_l1``,
     ``sparse_vd`` (swap Linear/Conv for sparse variational dropout, KL ``weight`` with warm-up epochs
-    ``kl_start``..``kl_end``).
+    ``kl_start``..``kl_end``). ``group_lasso`` with ``prox: true`` takes a proximal step after each update
+    instead of adding the penalty to the loss.
     """
 
     name: Literal["l0", "budget", "group_lasso", "bn_l1", "sparse_vd"]
@@ -90,6 +92,22 @@ class RegularizerSpec:
     lr: float = 0.01
     kl_start: float = 0.0
     kl_end: float = 0.0
+    prox: bool = False
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """Structured pruning at the end of a stage: keep masks from a score, frozen into the gates.
+
+    ``method``: ``bn_scale`` (network slimming: |γ| of the BN before each channel gate) or ``group_lasso``
+    (norm of each unit's producer weights). Give ``ratio`` (fraction of units pruned) or ``threshold``.
+    """
+
+    method: Literal["bn_scale", "group_lasso"]
+    ratio: float | None = None
+    threshold: float | None = None
+    scope: Literal["global", "layer"] = "global"
+    min_keep: int = 1
 
 
 @dataclass(frozen=True)
@@ -121,6 +139,7 @@ class StageSpec:
     fix_gates: bool = False
     enforce_budget: bool = False
     prune_vd: bool = False
+    prune: PruneSpec | None = None
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,22 @@ class Trainer:
         if st.fix_gates:
             fix_gates_(model)
 
+    def _prune_(self, st: StageSpec) -> None:
+        spec = st.prune
+        if spec is None:
+            return
+        if spec.method == "bn_scale":
+            from ..regularizers.bn_l1 import BNScaleL1
+
+            masks = BNScaleL1(self.model).keep_masks(
+                spec.ratio, threshold=spec.threshold, scope=spec.scope, min_keep=spec.min_keep
+            )
+        else:
+            from ..regularizers.group_lasso import GroupLasso
+
+            masks = GroupLasso(self.model).keep_masks(spec.threshold or 1e-5, min_keep=spec.min_keep)
+        fix_gates_(self.model, masks)
+
     def _end_stage_structure_(self, st: StageSpec) -> None:
         if st.prune_vd and _has_svd(self.model):
             from ..regularizers.variational import remove_svd_
@@ -209,7 +225,11 @@ class Trainer:
     def _regularizers(self, st: StageSpec, steps_per_epoch: int) -> list[tuple[RegularizerSpec, Any]]:
         out = []
         for r in st.regularizers:
-            if r.name == "budget":
+            if r.name == "l0":
+                from ..regularizers.l0 import ExpectedL0
+
+                obj = ExpectedL0(self.model, weight=r.weight)
+            elif r.name == "budget":
                 from ..regularizers.budget import TargetSparsity
 
                 obj = TargetSparsity(
@@ -236,11 +256,7 @@ class Trainer:
         total = torch.zeros(())
         info: dict[str, float] = {}
         for r, obj in regs:
-            if r.name == "l0":
-                gates = [g for _, g in named_gates(self.model) if isinstance(g, HardConcreteGate)]
-                n = sum(g.num_units for g in gates) or 1
-                term = r.weight * torch.stack([g.penalty() for g in gates]).sum() / n if gates else total
-            elif r.name == "budget":
+            if r.name == "budget":
                 term = obj(step_in_stage)
                 info["lambda1"] = float(obj.lambda1.detach())
                 info["target"] = obj.target_at(step_in_stage)
@@ -250,8 +266,8 @@ class Trainer:
                 w = kl_weight(epoch, start=r.kl_start, end=r.kl_end) if r.kl_end > 0 else 1.0
                 info["kl_weight"] = w
                 term = r.weight * w * svd_kl(self.model) / n_train
-            elif r.name == "bn_l1":
-                term = total  # applied as a subgradient after backward, as in the reference code
+            elif r.name == "bn_l1" or (r.name == "group_lasso" and r.prox):
+                continue  # a subgradient after backward (as the reference code) / a proximal step after the update
             else:
                 term = obj()
             total = total + term
@@ -260,8 +276,8 @@ class Trainer:
     def _evaluate(self, model: nn.Module, loader) -> float:
         from torchmetrics.classification import MulticlassAccuracy
 
-        n_cls = getattr(self.test_set, "num_classes", None) or int(max(int(y) for _, y in [self.test_set[0]]) + 1)
-        metric = MulticlassAccuracy(num_classes=n_cls, average="micro")
+        n_cls = len(self.test_set.classes)
+        metric = MulticlassAccuracy(num_classes=n_cls, average="micro", sync_on_compute=False)  # every rank sees all
         was = model.training
         model.eval()
         with torch.no_grad():
@@ -314,6 +330,8 @@ class Trainer:
             opts["lambdas"] = torch.optim.Adam(
                 budget.parameters(), lr=next(r.lr for r, _ in regs if r.name == "budget"), maximize=True
             )
+        # base learning rates come from the spec, before a resumed optimizer state overwrites the scheduled ones
+        base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in opts.items() if k != "lambdas"}
         ckpt = load_checkpoint(ck_path) if resume_opt and ck_path.exists() else None
         if ckpt is not None and ckpt["meta"]["stage"] == si:
             for k, o in opts.items():
@@ -323,7 +341,6 @@ class Trainer:
         net = model
         if self.dist.world > 1:
             net = nn.parallel.DistributedDataParallel(model)
-        base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in opts.items() if k != "lambdas"}
         total_steps = st.epochs * steps_per_epoch
         bn_l1 = next((o for r, o in regs if r.name == "bn_l1"), None)
         for epoch in range(self.state.epoch, st.epochs):
@@ -370,6 +387,9 @@ class Trainer:
                     bn_l1.add_subgradient_()
                 for o in opts.values():
                     o.step()
+                for r, obj in regs:
+                    if r.name == "group_lasso" and r.prox:
+                        obj.prox_step_(opts["weights"].param_groups[0]["lr"])
                 for _, g in named_gates(model):
                     if isinstance(g, HardConcreteGate):
                         g.constrain_()
@@ -380,6 +400,7 @@ class Trainer:
             if epoch + 1 == st.epochs:
                 if st.enforce_budget and budget is not None:
                     budget.enforce_()
+                self._prune_(st)
                 self._end_stage_structure_(st)
             acc = self._evaluate(model, test_loader)
             record = {
@@ -412,12 +433,8 @@ class Trainer:
             out["kept_flops"] = cost.fraction()
             with torch.no_grad():
                 out["expected_kept_flops"] = float(cost.expected_fraction())
-        if _has_svd(model):
-            from ..regularizers.variational import svd_sparsity
-
-            out["weight_sparsity"] = float(
-                svd_sparsity(model)["total"] if isinstance(svd_sparsity(model), dict) else svd_sparsity(model)
-            )
+        if any(r.name == "sparse_vd" for st in self.recipe.stages for r in st.regularizers):
+            out["weight_sparsity"] = weight_sparsity(model)
         return out
 
     def _save(self, path: Path, opts: dict[str, torch.optim.Optimizer], budget) -> None:
@@ -438,6 +455,19 @@ class Trainer:
             },
         }
         save_checkpoint(state, path)
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """Fraction of Linear/Conv weights that are zero, or pruned by sparse VD (``log α > 3``)."""
+    pruned = total = 0
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if hasattr(m, "weight_mask"):
+                pruned += int((~m.weight_mask()).sum())
+            else:
+                pruned += int((m.weight == 0).sum())
+            total += m.weight.numel()
+    return pruned / total if total else 0.0
 
 
 def _has_svd(model: nn.Module) -> bool:
