@@ -25,12 +25,14 @@ class UnsupportedModuleError(DynsparseError, TypeError):
         module_type: Name of the module's class.
         dimension: The dimension that was asked for.
         reason: Why it cannot be gated.
+        action: What failed: ``"gate"`` (sparsify) or ``"convert"``.
     """
 
-    def __init__(self, fqn: str, module_type: str, dimension: str, reason: str) -> None:
+    def __init__(self, fqn: str, module_type: str, dimension: str, reason: str, action: str = "gate") -> None:
         self.fqn = fqn
         self.module_type = module_type
         self.dimension = dimension
         self.reason = reason
+        self.action = action
         where = fqn or "<root>"
-        super().__init__(f"cannot gate {dimension!r} of module {where!r} ({module_type}): {reason}")
+        super().__init__(f"cannot {action} {dimension!r} of module {where!r} ({module_type}): {reason}")

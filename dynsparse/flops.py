@@ -43,6 +43,15 @@ def default_input(model: nn.Module) -> Tensor | None:
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
     if not size:
         return None
+    size = list(size)
+    pe = getattr(model, "patch_embed", None)  # a ViT built with another img_size keeps the default cfg
+    img = getattr(pe, "img_size", None)
+    if img is not None and getattr(getattr(pe, "proj", None), "in_channels", None):
+        size = [pe.proj.in_channels, *img]
+    else:
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is not None:
+            size[0] = first.in_channels
     ref = next(model.parameters(), None)
     return torch.zeros(
         1, *size, device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None

@@ -17,6 +17,7 @@ from .verify import verify
 __all__ = ["apply_plan", "convert", "make_plan"]
 
 log = logging.getLogger(__name__)
+_NO_SLICER = "no slicer is known for this module"
 
 
 def _slots(model: nn.Module):
@@ -63,11 +64,13 @@ def _slice_units(model: nn.Module, fqn: str, child: str, dim: str, idx: Tensor, 
     host = table.host_type(module)
     gated_cls = table.GATED_LAYERS.get(dim, {}).get(host)
     if gated_cls is None:
-        raise UnsupportedModuleError(fqn, type(module).__name__, dim, "no slicer is known for this module")
+        raise UnsupportedModuleError(
+            fqn, type(module).__name__, dim, "no slicer is known for this module", action="convert"
+        )
     try:
         gated_cls.slice_(module, child, idx, scale)
     except UnsupportedModuleError as e:
-        raise UnsupportedModuleError(fqn, e.module_type, e.dimension, e.reason) from None
+        raise UnsupportedModuleError(fqn, e.module_type, e.dimension, e.reason, action="convert") from None
 
 
 def _close(model: nn.Module, closed: dict[str, set[str]]) -> nn.Module:
@@ -79,7 +82,7 @@ def _close(model: nn.Module, closed: dict[str, set[str]]) -> nn.Module:
         try:
             new = table.close_branches(block, closed[fqn])
         except UnsupportedModuleError as e:
-            raise UnsupportedModuleError(fqn, e.module_type, e.dimension, e.reason) from None
+            raise UnsupportedModuleError(fqn, e.module_type, e.dimension, e.reason, action="convert") from None
         if new is not None:
             model = _set(model, fqn, new)
     return model
@@ -162,7 +165,7 @@ def convert(
             try:
                 table.fold_branch_scale_(block, child, v)
             except UnsupportedModuleError as e:
-                raise UnsupportedModuleError(parent, e.module_type, e.dimension, e.reason) from None
+                raise UnsupportedModuleError(parent, e.module_type, e.dimension, e.reason, action="convert") from None
         setattr(block, child, slot.inner)
     new = _close(new, closed)
     _check_clean(new)
@@ -211,7 +214,9 @@ def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
 
             gated_cls = table.GATED_LAYERS.get(dim, {}).get(table.host_type(block))
             if gated_cls is None:
-                raise UnsupportedModuleError(parent, type(block).__name__, dim, "no slicer is known for this module")
+                raise UnsupportedModuleError(
+                    parent, type(block).__name__, dim, "no slicer is known for this module", action="convert"
+                )
             specs = {s.child: s.num_units for s in gated_cls._slot_specs(block)}
             if specs.get(child) != n:
                 raise ConfigError(f"slice plan entry {fqn!r}: plan has {n} units, the model has {specs.get(child)}")

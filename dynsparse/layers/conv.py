@@ -212,8 +212,9 @@ class GatedEdgeResidual(GatedLayer, EdgeResidual):
 class GatedDepthwiseSeparableConv(GatedLayer, DepthwiseSeparableConv):
     """timm ``DepthwiseSeparableConv`` with a ``channels`` gate on the depthwise channels (``aa`` slot, before SE).
 
-    The depthwise channels are the block's input channels, so the block must have no residual: a removed
-    channel is then also removed from the producer of the block's input (handled by the converter).
+    The depthwise channels are the block's input channels, so the block must have no residual. Training with
+    the gate works; the converter does not yet slice the producer of the block's input, so it refuses a gate
+    that closes or scales any channel (an all-open gate converts).
     """
 
     host_class = DepthwiseSeparableConv
@@ -247,5 +248,5 @@ class GatedDepthwiseSeparableConv(GatedLayer, DepthwiseSeparableConv):
             "channels",
             "its depthwise channels are the block's input channels; converting them "
             "needs the producer of the block's input, which the converter does not "
-            "slice yet (close no channel of this gate, or exclude the block)",
+            "slice yet (keep every channel of this gate open with value 1, or exclude the block)",
         )

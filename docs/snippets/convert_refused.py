@@ -1,0 +1,34 @@
+import timm
+import torch
+from timm.layers import BlurPool2d
+
+import dynsparse as ds
+
+torch.manual_seed(0)
+cases = [  # (model, sparsify spec, gates to fix: slot fqn -> keep mask)
+    (  # the depthwise channels of a DepthwiseSeparableConv are its input channels
+        timm.create_model("mobilenetv3_small_050", pretrained=False),
+        {"channels": "fixed"},
+        {"blocks.0.0.aa": torch.arange(16) < 8},
+    ),
+    (  # anti-aliasing (BlurPool2d, a per-channel filter) sits between the gated channels and conv2
+        timm.create_model("test_resnet", pretrained=False, aa_layer=BlurPool2d),
+        {"channels": "fixed"},
+        {"layer2.0.act1": torch.arange(48) < 24},
+    ),
+    (  # a branch value of 0.5 before squeeze-excite: SE(0.5 * x) is not 0.5 * SE(x)
+        timm.create_model("test_resnet", pretrained=False, block_args={"attn_layer": "se"}),
+        {"layers": {"gate": "hard_concrete", "include": "layer1.0"}},
+        {},
+    ),
+]
+for model, spec, masks in cases:
+    ds.sparsify_(model, spec)
+    ds.fix_gates_(model, masks)
+    if not masks:
+        with torch.no_grad():
+            model.layer1[0].drop_path.gate.log_alpha.fill_(0.0)  # eval value 0.5
+    try:
+        ds.convert(model)
+    except ds.UnsupportedModuleError as e:
+        print(f"UnsupportedModuleError: {e}")
