@@ -166,10 +166,10 @@ class _SVDO:
 class LinearSVDO(_SVDO, nn.Linear):
     """``nn.Linear`` with sparse variational dropout on every weight.
 
-    Same constructor arguments and state-dict keys as ``nn.Linear`` plus ``log_sigma2``.
+    Same constructor arguments (``in_features, out_features, bias, device, dtype``) and state-dict keys as
+    ``nn.Linear`` plus ``log_sigma2``.
 
     Args:
-        in_features, out_features, bias, device, dtype: As ``nn.Linear``.
         threshold: Weights with ``log α > threshold`` are zeroed in eval (3).
         init_log_sigma2: Initial ``log σ²`` of every weight (-10).
 
