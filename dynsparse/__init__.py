@@ -5,7 +5,7 @@ The public API is small: gates (what decides), ``sparsify_`` (put gates into a m
 (importing it imports timm; ``import dynsparse`` does not).
 """
 
-from . import regularizers  # noqa: F401  (registers the "variational" gate)
+from . import prune, regularizers  # regularizers registers the "variational" gate
 from .convert import SlicePlan, ZeroBranch, apply_plan, convert, load, load_gated, make_plan, save, save_gated, verify
 from .errors import ConfigError, DynsparseError, GateError, UnsupportedModuleError
 from .gates import (
@@ -52,7 +52,9 @@ __all__ = [
     "named_gates",
     "penalty",
     "plan_sparsify",
+    "prune",
     "register_gate",
+    "regularizers",
     "save",
     "save_gated",
     "sparsify_",
