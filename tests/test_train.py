@@ -143,3 +143,57 @@ def test_cli_train_reports_bad_recipe(tmp_path, bad):
     )
     assert res.returncode == 2
     assert "error:" in res.stderr
+
+
+COMPOSED = """\
+name: composed
+seed: 1
+model:
+  name: vit_tiny_patch16_224
+  kwargs: {img_size: 8, patch_size: 2, in_chans: 1, num_classes: 10, embed_dim: 32, depth: 2, num_heads: 2}
+data: {dataset: digits, batch_size: 32, train_subset: 320}
+stages:
+  - {name: dense, epochs: 1}
+  - name: gates
+    epochs: 1
+    sparsify: {heads: {gate: hard_concrete}, neurons: {gate: hard_concrete}}
+    regularizers: [{name: budget, target: 0.6}]
+    enforce_budget: true
+    prune: {method: magnitude, ratio: 0.5, exclude: ["head", "patch_embed.*"]}
+  - {name: finetune, epochs: FT, fix_gates: true}
+evaluate: {latency: false}
+"""
+
+
+def test_composed_stages_resume_exactly(tmp_path, monkeypatch):
+    """Gates, then unstructured magnitude pruning of what remains; a run that crashes after the first fine-tuning
+    epoch and is resumed ends exactly like an uninterrupted one (masked layers and fixed gates are rebuilt)."""
+    import yaml
+
+    import dynsparse as ds
+    from dynsparse.prune import sparsity
+    from dynsparse.recipes import parse_recipe
+    from dynsparse.recipes.train import Trainer, state_digest
+
+    recipe = parse_recipe(yaml.safe_load(COMPOSED.replace("FT", "2")))
+    straight = Trainer(recipe, tmp_path / "a", progress=False).run()
+
+    class Crash(Exception):
+        pass
+
+    original = Trainer._save
+    saves = []
+
+    def crash_after_three(self, *args):
+        original(self, *args)
+        saves.append(1)
+        if len(saves) == 3:
+            raise Crash
+
+    monkeypatch.setattr(Trainer, "_save", crash_after_three)
+    with pytest.raises(Crash):
+        Trainer(recipe, tmp_path / "b", progress=False).run()
+    monkeypatch.setattr(Trainer, "_save", original)
+    resumed = Trainer(recipe, tmp_path / "b", resume=True, progress=False).run()
+    assert state_digest(resumed) == state_digest(straight)
+    assert list(ds.named_gates(resumed)) and sparsity(resumed).overall > 0.3

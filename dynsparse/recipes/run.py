@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -56,6 +57,10 @@ def run_recipe(
     x_verify = torch.stack([trainer.test_set[i][0] for i in range(min(8, len(trainer.test_set)))])
     model.eval()
     gated_acc = trainer._evaluate(model, test_loader)
+    from ..prune import remove_
+
+    if any(hasattr(m, "weight_mask") and not callable(m.weight_mask) for m in model.modules()):
+        model = remove_(copy.deepcopy(model))  # unstructured masks become zeros in plain layers
     if list(named_gates(model)) and recipe.convert.enabled:
         converted = convert(model, verify_inputs=x_verify, atol=recipe.convert.atol, rtol=recipe.convert.atol)
         arch = {"library": recipe.model.library, "name": recipe.model.name, "kwargs": recipe.model.kwargs}

@@ -99,12 +99,15 @@ class RegularizerSpec:
 class PruneSpec:
     """Structured pruning at the end of a stage: keep masks from a score, frozen into the gates.
 
-    ``method``: ``bn_scale`` (network slimming: |γ| of the BN before each channel gate) or ``group_lasso``
-    (norm of each unit's producer weights). Give ``ratio`` (fraction of units pruned) or ``threshold``.
+    ``method``: ``bn_scale`` (network slimming: |γ| of the BN before each channel gate), ``group_lasso``
+    (norm of each unit's producer weights) — both give ``ratio`` (fraction of units pruned) or ``threshold`` —
+    or ``magnitude``: unstructured pruning of Linear/Conv weights to sparsity ``ratio`` (``scope`` global or
+    per layer, ``exclude`` fqn globs), kept as masks through later stages and made permanent before conversion.
     """
 
-    method: Literal["bn_scale", "group_lasso"]
+    method: Literal["bn_scale", "group_lasso", "magnitude"]
     ratio: float | None = None
+    exclude: tuple[str, ...] = ()
     threshold: float | None = None
     scope: Literal["global", "layer"] = "global"
     min_keep: int = 1

@@ -182,6 +182,11 @@ class Trainer:
         spec = st.prune
         if spec is None:
             return
+        if spec.method == "magnitude":
+            from ..prune import unstructured_
+
+            unstructured_(self.model, spec.ratio or 0.0, scope=spec.scope, exclude=list(spec.exclude) or None)
+            return
         if spec.method == "bn_scale":
             from ..regularizers.bn_l1 import BNScaleL1
 
@@ -195,6 +200,10 @@ class Trainer:
         fix_gates_(self.model, masks)
 
     def _end_stage_structure_(self, st: StageSpec) -> None:
+        if st.prune is not None and st.prune.method == "magnitude":  # masked layers (a no-op once pruned)
+            from ..prune import unstructured_
+
+            unstructured_(self.model, 0.0, scope=st.prune.scope, exclude=list(st.prune.exclude) or None)
         if st.prune_vd and _has_svd(self.model):
             from ..regularizers.variational import remove_svd_
 
@@ -433,7 +442,8 @@ class Trainer:
             out["kept_flops"] = cost.fraction()
             with torch.no_grad():
                 out["expected_kept_flops"] = float(cost.expected_fraction())
-        if any(r.name == "sparse_vd" for st in self.recipe.stages for r in st.regularizers):
+        unstructured = any(st.prune is not None and st.prune.method == "magnitude" for st in self.recipe.stages)
+        if unstructured or any(r.name == "sparse_vd" for st in self.recipe.stages for r in st.regularizers):
             out["weight_sparsity"] = weight_sparsity(model)
         return out
 
@@ -462,8 +472,11 @@ def weight_sparsity(model: nn.Module) -> float:
     pruned = total = 0
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            if hasattr(m, "weight_mask"):
-                pruned += int((~m.weight_mask()).sum())
+            mask = getattr(m, "weight_mask", None)
+            if callable(mask):  # sparse VD: log alpha > 3
+                pruned += int((~mask()).sum())
+            elif mask is not None:  # a masked layer of dynsparse.prune
+                pruned += int((mask == 0).sum())
             else:
                 pruned += int((m.weight == 0).sum())
             total += m.weight.numel()
