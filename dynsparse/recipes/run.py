@@ -15,7 +15,6 @@ from torch import nn
 
 from ..convert import convert, save
 from ..flops import module_flops
-from ..sparsify import named_gates
 from .schema import Recipe, StageSpec
 from .train import Trainer, build_model
 
@@ -61,7 +60,7 @@ def run_recipe(
 
     if any(hasattr(m, "weight_mask") and not callable(m.weight_mask) for m in model.modules()):
         model = remove_(copy.deepcopy(model))  # unstructured masks become zeros in plain layers
-    if list(named_gates(model)) and recipe.convert.enabled:
+    if recipe.convert.enabled:  # also without gates: the model file is then the (pruned) dense model
         converted = convert(model, verify_inputs=x_verify, atol=recipe.convert.atol, rtol=recipe.convert.atol)
         arch = {"library": recipe.model.library, "name": recipe.model.name, "kwargs": recipe.model.kwargs}
         save(converted, out / "model.safetensors", arch=arch)
