@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, GateError
 from ..gates import Gate, register_gate
 from ..modules import adopt, replace_module_
+from ..sparsify import _patterns
 
 __all__ = [
     "K1",
@@ -269,7 +270,7 @@ def sparse_vd_(
     Raises:
         ConfigError: nothing matched, or bad patterns.
     """
-    inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
+    inc, exc = _patterns(include, "sparse_vd_: include"), _patterns(exclude, "sparse_vd_: exclude")
     targets = []
     for fqn, m in model.named_modules():
         if type(m) not in _TWINS:
@@ -290,16 +291,6 @@ def sparse_vd_(
         twin = _TWINS[type(m)].from_module(m, threshold=threshold, init_log_sigma2=init_log_sigma2)
         replace_module_(model, fqn, twin)
     return model
-
-
-def _patterns(value: str | Sequence[str] | None, where: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ConfigError(f"sparse_vd_: {where} must be a glob pattern or a list of them, got {value!r}")
 
 
 def svd_kl(model: nn.Module) -> Tensor:
