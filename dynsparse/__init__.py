@@ -5,7 +5,7 @@ The public API is small: gates (what decides), ``sparsify_`` (put gates into a m
 (importing it imports timm; ``import dynsparse`` does not).
 """
 
-from . import prune, regularizers  # regularizers registers the "variational" gate
+from . import importance, prune, regularizers  # regularizers registers the "variational" gate
 from .convert import SlicePlan, ZeroBranch, apply_plan, convert, load, load_gated, make_plan, save, save_gated, verify
 from .errors import ConfigError, DynsparseError, GateError, UnsupportedModuleError
 from .gates import (
@@ -45,6 +45,7 @@ __all__ = [
     "apply_plan",
     "convert",
     "fix_gates_",
+    "importance",
     "load",
     "load_gated",
     "make_gate",

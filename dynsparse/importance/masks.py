@@ -1,0 +1,265 @@
+"""Scores to keep masks: ``keep_masks`` for gates (structured), ``unstructured_masks`` for weights.
+
+Higher score = kept. Ties are broken by position, so the counts are exact and the result is deterministic:
+for gate units the lower unit index is kept (as ``dynsparse.gates.functional.topk_mask`` does); for weights the
+lower flat index is pruned first (as ``dynsparse.prune.unstructured_`` does, so both give the same masks).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..registry import suggest
+
+__all__ = ["NORMALIZATIONS", "keep_masks", "unstructured_masks"]
+
+log = logging.getLogger(__name__)
+
+#: Per-gate normalisations of the scores before a global ranking.
+NORMALIZATIONS = ("none", "l2", "mean")
+_SCOPES = ("global", "layer")
+_WEIGHT_SCOPES = ("global", "layer", "row")
+
+
+def _count(fraction: float, n: int) -> int:
+    """Units pruned out of ``n`` for a sparsity ``fraction``: ``floor(fraction * n + 0.5)`` (as ``prune``)."""
+    return min(n, math.floor(fraction * n + 0.5))
+
+
+def _fraction(owner: str, name: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ConfigError(f"{owner}: {name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _choice(owner: str, name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigError(
+            f"{owner}: unknown {name} {value!r}.{suggest(str(value), choices)} Known: {', '.join(choices)}"
+        )
+    return value
+
+
+def _score_tensors(owner: str, scores: Mapping[str, Tensor], ndim: int | None) -> dict[str, Tensor]:
+    if not isinstance(scores, Mapping) or not scores:
+        raise ConfigError(f"{owner}: scores must be a non-empty mapping {{fqn: tensor}}, got {type(scores).__name__}")
+    out = {}
+    for key, s in scores.items():
+        t = torch.as_tensor(s).detach().cpu()
+        if ndim is not None and t.dim() != ndim:
+            raise ConfigError(f"{owner}: scores for {key!r} must be {ndim}-D, got shape {tuple(t.shape)}")
+        if t.numel() == 0:
+            raise ConfigError(f"{owner}: scores for {key!r} are empty")
+        t = t.double()
+        if torch.isnan(t).any():
+            raise ConfigError(f"{owner}: scores for {key!r} contain NaN")
+        out[key] = t
+    return out
+
+
+def _normalized(s: Tensor, how: str) -> Tensor:
+    if how == "l2":
+        d = s.norm()
+    elif how == "mean":
+        d = s.abs().mean()
+    else:
+        return s
+    return s / d if bool(d > 0) and bool(torch.isfinite(d)) else s
+
+
+def _prune_order(s: Tensor) -> Tensor:
+    """Unit indices from first pruned to last: ascending score, ties: the higher index first."""
+    n = s.numel()
+    flipped = torch.sort(s.flip(0), stable=True).indices
+    return n - 1 - flipped
+
+
+def keep_masks(
+    scores: Mapping[str, Tensor],
+    sparsity: float | None = None,
+    *,
+    num_pruned: int | None = None,
+    scope: Literal["global", "layer"] = "global",
+    normalize: Literal["none", "l2", "mean"] = "none",
+    round_to: int = 1,
+    max_sparsity: float | None = None,
+    min_keep: int = 1,
+) -> dict[str, Tensor]:
+    """Turn per-unit scores into ``{gate_fqn: (num_units,) bool keep mask}`` for `dynsparse.fix_gates_`.
+
+    The lowest scores are pruned. How many:
+
+    * ``scope="global"``: ``floor(sparsity · N + 0.5)`` units (or ``num_pruned``) over all ``N`` units of all
+      gates, ranked together after the optional per-gate ``normalize`` (``"l2"``: divide by the gate's L2 norm,
+      Molchanov 2017; ``"mean"``: by its mean absolute score). Exact unless a constraint below blocks it
+      (then as many as allowed are pruned and a warning is logged).
+    * ``scope="layer"``: ``floor(sparsity · n_g + 0.5)`` units (or ``num_pruned``) in each gate.
+
+    Constraints per gate, applied in both scopes: at most ``floor(max_sparsity · n_g)`` units pruned; at least
+    ``min_keep`` kept (gates of a single unit, i.e. ``layers`` branch gates, are exempt: they may close); and
+    with ``round_to > 1`` the kept count is a multiple of ``round_to`` (or the whole gate), rounded to the
+    nearest allowed count (halfway: keep more), so totals are then approximate.
+
+    Args:
+        scores: ``{gate_fqn: (num_units,) scores}``, e.g. from an `Importance`; higher = keep.
+        sparsity: Fraction of units pruned, in [0, 1]. Give exactly one of ``sparsity`` and ``num_pruned``.
+        num_pruned: Number of units pruned (in total for ``"global"``, per gate for ``"layer"``).
+        scope: ``"global"`` or ``"layer"``.
+        normalize: ``"none"``, ``"l2"`` or ``"mean"`` (only matters for ``"global"``).
+        round_to: Kept counts are multiples of this (e.g. 8 for SIMD-friendly widths).
+        max_sparsity: Largest fraction of any one gate that may be pruned (None: no limit).
+        min_keep: Fewest units kept per multi-unit gate.
+
+    Returns:
+        ``{gate_fqn: bool tensor}`` on the CPU, one per key of ``scores``.
+
+    Examples:
+        >>> m = keep_masks({"a.gate": torch.tensor([1.0, 2, 3, 4]), "b.gate": torch.tensor([10.0, 20, 30, 40])}, 0.5)
+        >>> m["a.gate"].tolist(), m["b.gate"].tolist()
+        ([False, False, False, True], [False, True, True, True])
+    """
+    owner = "keep_masks"
+    s = _score_tensors(owner, scores, ndim=1)
+    sparsity = _fraction(owner, "sparsity", sparsity)
+    max_sparsity = _fraction(owner, "max_sparsity", max_sparsity)
+    if (sparsity is None) == (num_pruned is None):
+        raise ConfigError(f"{owner}: give exactly one of sparsity and num_pruned")
+    if num_pruned is not None and (isinstance(num_pruned, bool) or not isinstance(num_pruned, int) or num_pruned < 0):
+        raise ConfigError(f"{owner}: num_pruned must be an int >= 0, got {num_pruned!r}")
+    _choice(owner, "scope", scope, _SCOPES)
+    _choice(owner, "normalize", normalize, NORMALIZATIONS)
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ConfigError(f"{owner}: round_to must be an int >= 1, got {round_to!r}")
+    if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
+        raise ConfigError(f"{owner}: min_keep must be an int >= 0, got {min_keep!r}")
+
+    keys = list(s)
+    sizes = {k: s[k].numel() for k in keys}
+    caps = {}  # most units of each gate that may be pruned
+    for k, n in sizes.items():
+        cap = n - (0 if n == 1 else min(min_keep, n))
+        if max_sparsity is not None:
+            cap = min(cap, math.floor(max_sparsity * n + 1e-9))
+        caps[k] = max(cap, 0)
+    orders = {k: _prune_order(s[k]) for k in keys}
+
+    if scope == "layer":
+        want = {k: (num_pruned if num_pruned is not None else _count(sparsity, n)) for k, n in sizes.items()}
+        pruned = {k: min(want[k], caps[k], sizes[k]) for k in keys}
+        requested = sum(min(w, sizes[k]) for k, w in want.items())
+    else:
+        total = sum(sizes.values())
+        requested = min(num_pruned, total) if num_pruned is not None else _count(sparsity, total)
+        # every unit in global prune order: ascending normalised score, ties by gate order then unit order
+        values, gate_of, rank = [], [], []
+        for gi, k in enumerate(keys):
+            order = orders[k]
+            values.append(_normalized(s[k], normalize)[order])
+            gate_of.append(torch.full((len(order),), gi, dtype=torch.long))
+            rank.append(torch.arange(len(order)))
+        values_t, gate_t, rank_t = torch.cat(values), torch.cat(gate_of), torch.cat(rank)
+        glob = torch.sort(values_t, stable=True).indices
+        cap_t = torch.tensor([caps[k] for k in keys], dtype=torch.long)
+        allowed = glob[rank_t[glob] < cap_t[gate_t[glob]]]  # a unit may go only while its gate is under its cap
+        chosen = gate_t[allowed[:requested]]
+        counts = torch.bincount(chosen, minlength=len(keys))
+        pruned = {k: int(counts[gi]) for gi, k in enumerate(keys)}
+
+    if round_to > 1:
+        for k in keys:
+            pruned[k] = sizes[k] - _round_kept(sizes[k] - pruned[k], sizes[k], sizes[k] - caps[k], round_to)
+    done = sum(pruned.values())
+    if round_to == 1 and done < requested:
+        log.warning(
+            "keep_masks: pruned %d of the %d units asked; max_sparsity / min_keep allow no more", done, requested
+        )
+    out = {}
+    for k in keys:
+        mask = torch.ones(sizes[k], dtype=torch.bool)
+        mask[orders[k][: pruned[k]]] = False
+        out[k] = mask
+    return out
+
+
+def _round_kept(kept: int, n: int, lowest: int, round_to: int) -> int:
+    """The allowed kept count nearest to ``kept``: a multiple of ``round_to`` or ``n``, and ``>= lowest``."""
+    allowed = [c for c in range(0, n + 1, round_to) if c >= lowest] + [n]
+    return min(allowed, key=lambda c: (abs(c - kept), -c))
+
+
+def _lowest_mask(flat: Tensor, k: int) -> Tensor:
+    """Bool mask of exactly ``k`` lowest entries of 1-D ``flat`` (ties: lowest index first)."""
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool)
+    thr = flat.kthvalue(k).values
+    out = flat < thr
+    missing = k - int(out.sum())
+    if missing > 0:
+        out[(flat == thr).nonzero().squeeze(1)[:missing]] = True
+    return out
+
+
+def unstructured_masks(
+    scores: Mapping[str, Tensor],
+    sparsity: float,
+    *,
+    scope: Literal["global", "layer", "row"] = "global",
+    exclude: str | Sequence[str] = (),
+) -> dict[str, Tensor]:
+    """Turn per-weight scores into ``{param_fqn: bool keep mask}`` with exactly the requested sparsity.
+
+    ``"global"`` prunes ``floor(sparsity · N + 0.5)`` of all ``N`` scored weights together (SNIP, GraSP,
+    SynFlow); ``"layer"`` that fraction of each tensor (AGP, Han 2015); ``"row"`` that fraction of each output
+    row (``w[i]``, Wanda). The lowest scores go; ties are broken by position (lower flat index pruned first, the
+    keys in their order), so counts are exact. The masks feed ``dynsparse.prune.apply_masks_``.
+
+    Args:
+        scores: ``{param_fqn: scores shaped like the weight}``; higher = keep.
+        sparsity: Fraction pruned, in [0, 1].
+        scope: ``"global"``, ``"layer"`` or ``"row"``.
+        exclude: Glob patterns of ``param_fqn`` keys left out of the ranking and of the result.
+
+    Examples:
+        >>> unstructured_masks({"w": torch.tensor([[3.0, 1.0], [2.0, 4.0]])}, 0.5)["w"].tolist()
+        [[True, False], [False, True]]
+    """
+    owner = "unstructured_masks"
+    pats = [exclude] if isinstance(exclude, str) else list(exclude)
+    kept = {k: v for k, v in scores.items() if not any(fnmatch.fnmatchcase(k, p) for p in pats)}
+    if not kept:
+        raise ConfigError(f"{owner}: no scores left after exclude={exclude!r}")
+    s = _score_tensors(owner, kept, ndim=None)
+    sparsity = _fraction(owner, "sparsity", sparsity)
+    _choice(owner, "scope", scope, _WEIGHT_SCOPES)
+    if scope == "global":
+        flat = torch.cat([t.flatten() for t in s.values()])
+        prune = _lowest_mask(flat, _count(sparsity, flat.numel()))
+        out, start = {}, 0
+        for k, t in s.items():
+            out[k] = ~prune[start : start + t.numel()].view(t.shape)
+            start += t.numel()
+        return out
+    if scope == "layer":
+        return {k: ~_lowest_mask(t.flatten(), _count(sparsity, t.numel())).view(t.shape) for k, t in s.items()}
+    out = {}
+    for k, t in s.items():
+        rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+        n_prune = _count(sparsity, rows.shape[1])
+        order = torch.sort(rows, dim=1, stable=True).indices[:, :n_prune]
+        mask = torch.ones_like(rows, dtype=torch.bool)
+        mask.scatter_(1, order, False)
+        out[k] = mask.view(t.shape)
+    return out
