@@ -18,6 +18,7 @@ Examples:
 
 from .blocks import BLOCK_SCORES, EVICT_BYTES, BlockSparseLinear, block_mask, block_scores, nm_mask
 from .schedule import IterativePruner, agp, exponential, linear, one_shot
+from .structured import structured_
 from .unstructured import (
     IMPORTANCES,
     SCOPES,
@@ -54,5 +55,6 @@ __all__ = [
     "reapply_masks_",
     "remove_",
     "sparsity",
+    "structured_",
     "unstructured_",
 ]
