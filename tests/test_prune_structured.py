@@ -55,3 +55,35 @@ def test_existing_gates_are_reused_and_bad_input_raises():
         ds.prune.structured_(m, {"heads": 1.5})
     with pytest.raises(ds.ConfigError, match="mapping"):
         ds.prune.structured_(m, 0.5)
+
+
+def test_sensitivity_per_layer_leaves_model_unchanged(tmp_path):
+    from dynsparse.models import LeNet300100
+
+    torch.manual_seed(0)
+    m = LeNet300100(img_size=8)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(64, 1, 8, 8)
+    y = m(x).argmax(-1)
+
+    def acc(model):
+        return float((model(x).argmax(-1) == y).float().mean())
+
+    res = ds.prune.sensitivity(m, acc, ratios=[0.0, 0.5, 0.9])
+    assert list(res.curves) == ["fc1.weight", "fc2.weight", "fc3.weight"]
+    assert all(c[0] == 1.0 for c in res.curves.values())  # ratio 0 is the unpruned model
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert res.ratios_for(1.0) == {"fc1.weight": 0.0, "fc2.weight": 0.0, "fc3.weight": 0.0}
+    assert res.table().count("\n") == 4
+    assert res.plot(tmp_path / "s.png").stat().st_size > 1000
+    with pytest.raises(ds.ConfigError, match="unknown layer"):
+        ds.prune.sensitivity(m, acc, layers=["nope.weight"])
+
+
+def test_sensitivity_of_gates():
+    torch.manual_seed(0)
+    v = timm.create_model("test_vit").eval()
+    ds.sparsify_(v, {"heads": "fixed"})
+    res = ds.prune.sensitivity(v, lambda mm: float(mm(X).abs().mean()), ratios=[0.0, 0.5], group="units")
+    assert len(res.curves) == 6 and all(isinstance(g, ds.FixedGate) for _, g in ds.named_gates(v))
+    assert all(int(g.keep_mask().sum()) == 2 for _, g in ds.named_gates(v))  # the model's own gates untouched

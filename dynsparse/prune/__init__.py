@@ -18,6 +18,7 @@ Examples:
 
 from .blocks import BLOCK_SCORES, EVICT_BYTES, BlockSparseLinear, block_mask, block_scores, nm_mask
 from .schedule import IterativePruner, agp, exponential, linear, one_shot
+from .sensitivity import SensitivityResult, sensitivity
 from .structured import structured_
 from .unstructured import (
     IMPORTANCES,
@@ -42,6 +43,7 @@ __all__ = [
     "IterativePruner",
     "MaskedConv2d",
     "MaskedLinear",
+    "SensitivityResult",
     "Sparsity",
     "agp",
     "apply_masks_",
@@ -54,6 +56,7 @@ __all__ = [
     "one_shot",
     "reapply_masks_",
     "remove_",
+    "sensitivity",
     "sparsity",
     "structured_",
     "unstructured_",
