@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, UnsupportedModuleError
-from ..layers.base import Producer
+from ..layers.base import unit_weights
 from ..regularizers._common import UNIT_DIMENSIONS, SlotRef
 from ..sparsify import DIMENSIONS
 from ._util import LossFn, batch_loss, batches, check_dimensions, double_backward_ok, gate_refs, scoring_mode
@@ -65,13 +65,6 @@ class Importance:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dimensions={self.dimensions})"
-
-
-def unit_weights(layer: nn.Module, p: Producer) -> Tensor:
-    """``(num_units, k)`` view (a copy) of the weights producer ``p`` assigns to each unit of ``layer``."""
-    w = layer.get_parameter(p.param)
-    idx = p.index.to(w.device)
-    return w.index_select(p.dim, idx.flatten()).movedim(p.dim, 0).reshape(idx.shape[0], -1)
 
 
 class MagnitudeImportance(Importance):

@@ -13,7 +13,7 @@ from ..gates import GateSpec, make_gate
 from ..modules import adopt, first_param
 from .slot import GateSlot
 
-__all__ = ["GatedLayer", "Producer", "SlotSpec", "unit_rows"]
+__all__ = ["GatedLayer", "Producer", "SlotSpec", "unit_rows", "unit_weights"]
 
 
 class SlotSpec:
@@ -43,6 +43,13 @@ class Producer(NamedTuple):
     param: str
     dim: int
     index: Tensor
+
+
+def unit_weights(layer: nn.Module, p: Producer) -> Tensor:
+    """``(num_units, k)`` copy of the weights producer ``p`` assigns to each unit of ``layer`` (differentiable)."""
+    w = layer.get_parameter(p.param)
+    idx = p.index.to(w.device)
+    return w.index_select(p.dim, idx.flatten()).movedim(p.dim, 0).reshape(idx.shape[0], -1)
 
 
 def unit_rows(n: int, per_unit: int = 1, offsets: tuple[int, ...] = (0,)) -> Tensor:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, UnsupportedModuleError
-from ..layers.base import Producer
+from ..layers.base import Producer, unit_weights
 from ._common import SlotRef, check_dimensions, check_min_keep, check_weight, gated_slots, keep_at_least
 
 __all__ = ["GroupLasso"]
@@ -106,19 +106,11 @@ class GroupLasso:
             )
 
     # ------------------------------------------------------------------------------------------------ core
-    @staticmethod
-    def _group_rows(layer: nn.Module, p: Producer) -> tuple[Tensor, Tensor]:
-        """The parameter and its (num_units, group_size) view of the units' producer weights (a copy)."""
-        w = layer.get_parameter(p.param)
-        idx = p.index.to(w.device)
-        rows = w.index_select(p.dim, idx.flatten()).movedim(p.dim, 0)
-        return w, rows.reshape(idx.shape[0], -1)
-
     def _squared_norms(self, e: _Entry) -> Tensor:
         """(num_units,) ‖w_g‖₂² of each group, differentiable."""
         total = None
         for p in e.producers:
-            _, rows = self._group_rows(e.ref.layer, p)
+            rows = unit_weights(e.ref.layer, p)
             sq = rows.pow(2).sum(1)
             total = sq if total is None else total + sq.to(total.dtype)
         assert total is not None
