@@ -352,6 +352,8 @@ class Trainer:
             net = nn.parallel.DistributedDataParallel(model)
         total_steps = st.epochs * steps_per_epoch
         bn_l1 = next((o for r, o in regs if r.name == "bn_l1"), None)
+        # the gates are fixed within a stage (structure changes only at its start and end): find them once
+        hc_gates = [g for _, g in named_gates(model) if isinstance(g, HardConcreteGate)]
         for epoch in range(self.state.epoch, st.epochs):
             from ..data import set_epoch
 
@@ -399,9 +401,8 @@ class Trainer:
                 for r, obj in regs:
                     if r.name == "group_lasso" and r.prox:
                         obj.prox_step_(opts["weights"].param_groups[0]["lr"])
-                for _, g in named_gates(model):
-                    if isinstance(g, HardConcreteGate):
-                        g.constrain_()
+                for g in hc_gates:
+                    g.constrain_()
                 loss_sum += float(loss.detach()) * len(y)
                 n += len(y)
                 self.state.step += 1
