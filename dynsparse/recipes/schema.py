@@ -97,20 +97,45 @@ class RegularizerSpec:
 
 @dataclass(frozen=True)
 class PruneSpec:
-    """Structured pruning at the end of a stage: keep masks from a score, frozen into the gates.
+    """Pruning in a stage (see ``dynsparse.recipes.pruning``).
 
-    ``method``: ``bn_scale`` (network slimming: |γ| of the BN before each channel gate), ``group_lasso``
-    (norm of each unit's producer weights) — both give ``ratio`` (fraction of units pruned) or ``threshold`` —
-    or ``magnitude``: unstructured pruning of Linear/Conv weights to sparsity ``ratio`` (``scope`` global or
-    per layer, ``exclude`` fqn globs), kept as masks through later stages and made permanent before conversion.
+    ``method``:
+
+    * ``unstructured`` (``magnitude`` is the same with ``importance: magnitude``): per-weight masks on
+      Linear/Conv weights to sparsity ``ratio`` (``scope`` global or per layer), scored by ``importance`` (a
+      name of ``dynsparse.importance.WEIGHT_IMPORTANCES``: magnitude, random, gradient, taylor, obd, snip,
+      grasp, synflow, wanda), kept as masks through later stages and made permanent before conversion.
+      ``schedule: one_shot`` prunes once, ``at`` the stage's ``start`` (pruning at initialization) or ``end``;
+      ``linear`` / ``agp`` (Zhu & Gupta's cubic ramp) raise the sparsity from 0 at ``begin_epoch`` to ``ratio``
+      at ``end_epoch`` (default: 3/4 of the stage), every ``frequency`` steps, training in between.
+    * ``structured``: whole units, ``dimensions: {channels: 0.5, heads: 0.25}`` (fraction removed), scored by a
+      structured importance (magnitude, taylor, activation, apoz, random; a name or ``{name: ..., **kwargs}``)
+      over ``calibration_batches`` training batches, ranked per gate (``scope: layer``) or across gates
+      (``global``, with ``normalize``), kept counts rounded to ``round_to``, at most ``max_ratio`` per gate.
+    * ``bn_scale`` (network slimming: |γ| of the BN before each channel gate; ``ratio`` or ``threshold``) and
+      ``group_lasso`` (units whose producer-weight norm fell below ``threshold``).
+
+    ``include`` / ``exclude`` are module fqn globs.
     """
 
-    method: Literal["bn_scale", "group_lasso", "magnitude"]
+    method: Literal["unstructured", "magnitude", "structured", "bn_scale", "group_lasso"]
     ratio: float | None = None
+    importance: str | dict[str, Any] = "magnitude"
+    dimensions: dict[str, float] | None = None
+    schedule: Literal["one_shot", "linear", "agp"] = "one_shot"
+    at: Literal["start", "end"] = "end"
+    begin_epoch: float = 0.0
+    end_epoch: float | None = None
+    frequency: int = 100
+    include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     threshold: float | None = None
     scope: Literal["global", "layer"] = "global"
+    normalize: Literal["none", "l2", "mean"] = "none"
+    round_to: int = 1
+    max_ratio: float | None = None
     min_keep: int = 1
+    calibration_batches: int = 8
 
 
 @dataclass(frozen=True)
@@ -286,6 +311,8 @@ def parse_recipe(data: dict[str, Any], lines: dict[str, int] | None = None) -> R
                 raise RecipeError(f"{p}.regularizers[{j}].target: the budget regularizer needs a target kept fraction")
             if r.name == "budget" and not 0 < r.target <= 1:
                 raise RecipeError(f"{p}.regularizers[{j}].target: must be in (0, 1], got {r.target}")
+        if st.prune is not None:
+            _check_prune(st.prune, st.epochs, f"{p}.prune", lines or {})
         if st.sparsify is not None:
             from ..sparsify import _parse_spec
 
@@ -294,3 +321,53 @@ def parse_recipe(data: dict[str, Any], lines: dict[str, int] | None = None) -> R
             except ConfigError as e:
                 raise RecipeError(f"{p}.sparsify: {e}") from None
     return recipe
+
+
+def _check_prune(spec: PruneSpec, epochs: int, p: str, lines: dict[str, int]) -> None:
+    """Consistency of a `PruneSpec` beyond field types (which fields each method needs)."""
+
+    def fail(name: str, msg: str) -> None:
+        line = f" (line {lines[f'{p}.{name}']})" if f"{p}.{name}" in lines else ""
+        raise RecipeError(f"{p}.{name}{line}: {msg}")
+
+    unstructured = spec.method in ("unstructured", "magnitude")
+    if spec.method == "magnitude" and spec.importance != "magnitude":
+        fail("importance", "method 'magnitude' scores by magnitude; use method 'unstructured' for other scores")
+    if spec.ratio is not None and not 0.0 <= spec.ratio < 1.0:
+        fail("ratio", f"must be a fraction in [0, 1), got {spec.ratio}")
+    if unstructured and spec.ratio is None:
+        fail("ratio", f"method {spec.method!r} needs the sparsity to reach (fraction of weights removed)")
+    if spec.method == "bn_scale" and spec.ratio is None and spec.threshold is None:
+        fail("ratio", "method 'bn_scale' needs a ratio or a threshold")
+    if spec.schedule != "one_shot" and not unstructured:
+        fail("schedule", f"gradual schedules prune weights (method unstructured), not {spec.method!r}")
+    end = spec.end_epoch if spec.end_epoch is not None else 0.75 * epochs
+    if spec.schedule != "one_shot" and not 0 <= spec.begin_epoch < end <= epochs:
+        fail(
+            "end_epoch",
+            f"the schedule must run within the stage: 0 <= begin_epoch {spec.begin_epoch} < end_epoch {end} "
+            f"<= epochs {epochs}",
+        )
+    if spec.frequency < 1:
+        fail("frequency", f"must be >= 1 step, got {spec.frequency}")
+    if spec.calibration_batches < 1:
+        fail("calibration_batches", f"must be >= 1, got {spec.calibration_batches}")
+    if spec.round_to < 1:
+        fail("round_to", f"must be >= 1, got {spec.round_to}")
+    if spec.method == "structured":
+        if not spec.dimensions:
+            fail("dimensions", "method 'structured' needs {dimension: fraction removed}, e.g. {channels: 0.5}")
+        for dim, r in spec.dimensions.items():
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
+                fail(f"dimensions.{dim}", f"must be a fraction in [0, 1), got {r!r}")
+    elif spec.dimensions is not None:
+        fail("dimensions", f"only method 'structured' prunes dimensions, not {spec.method!r}")
+    if unstructured or spec.method == "structured":
+        from ..importance import IMPORTANCES, WEIGHT_IMPORTANCES
+
+        registry = WEIGHT_IMPORTANCES if unstructured else IMPORTANCES
+        name = spec.importance.get("name") if isinstance(spec.importance, dict) else spec.importance
+        if unstructured and not isinstance(spec.importance, str):
+            fail("importance", "a per-weight importance is a name")
+        if name not in registry.names():
+            fail("importance", f"{name!r} is not one of {registry.names()}.{suggest(str(name), registry.names())}")

@@ -28,6 +28,7 @@ from ..gates import FixedGate, Gate, HardConcreteGate
 from ..sparsify import fix_gates_, named_gates, sparsify_
 from .checkpoint import load_checkpoint, save_checkpoint
 from .loader import recipe_to_dict
+from .pruning import StagePruning
 from .schema import OptimizerSpec, Recipe, RegularizerSpec, ScheduleSpec, StageSpec
 
 __all__ = ["Trainer", "build_model"]
@@ -123,6 +124,7 @@ class Trainer:
         self.model: nn.Module | None = None
         self.teacher: nn.Module | None = None
         self.state = RunState()
+        self.pruning: StagePruning | None = None
 
     # ----------------------------------------------------------------------------------------- set-up
     def _init_dist(self) -> None:
@@ -178,32 +180,20 @@ class Trainer:
         if st.fix_gates:
             fix_gates_(model)
 
-    def _prune_(self, st: StageSpec) -> None:
-        spec = st.prune
-        if spec is None:
-            return
-        if spec.method == "magnitude":
-            from ..prune import unstructured_
-
-            unstructured_(self.model, spec.ratio or 0.0, scope=spec.scope, exclude=list(spec.exclude) or None)
-            return
-        if spec.method == "bn_scale":
-            from ..regularizers.bn_l1 import BNScaleL1
-
-            masks = BNScaleL1(self.model).keep_masks(
-                spec.ratio, threshold=spec.threshold, scope=spec.scope, min_keep=spec.min_keep
-            )
-        else:
-            from ..regularizers.group_lasso import GroupLasso
-
-            masks = GroupLasso(self.model).keep_masks(spec.threshold or 1e-5, min_keep=spec.min_keep)
-        fix_gates_(self.model, masks)
+    def _pruning(self, si: int, st: StageSpec) -> StagePruning | None:
+        if st.prune is None:
+            return None
+        return StagePruning(
+            self.model,
+            st.prune,
+            epochs=st.epochs,
+            steps_per_epoch=len(self._loader(si, train=True)),
+            data=lambda: self._loader(si, train=True),
+            example=self.example,
+            where=f"stages[{si}].prune",
+        )
 
     def _end_stage_structure_(self, st: StageSpec) -> None:
-        if st.prune is not None and st.prune.method == "magnitude":  # masked layers (a no-op once pruned)
-            from ..prune import unstructured_
-
-            unstructured_(self.model, 0.0, scope=st.prune.scope, exclude=list(st.prune.exclude) or None)
         if st.prune_vd and _has_svd(self.model):
             from ..regularizers.variational import remove_svd_
 
@@ -215,6 +205,9 @@ class Trainer:
         self.state = RunState(meta["stage"], meta["epoch"], meta["step"], json.loads(meta["history"]))
         for i, st in enumerate(self.recipe.stages[: self.state.stage + 1]):
             self._start_stage_(st)
+            self.pruning = self._pruning(i, st)
+            if self.pruning is not None:
+                self.pruning.structure_()  # masks and fixed gates come with the state loaded below
             if i < self.state.stage or self.state.epoch >= st.epochs:
                 self._end_stage_structure_(st)
         classes = json.loads(meta["gates"])
@@ -318,6 +311,9 @@ class Trainer:
             if not resumed:
                 self.state.stage, self.state.epoch = si, 0
                 self._start_stage_(st)
+                self.pruning = self._pruning(si, st)
+                if self.pruning is not None:
+                    self.pruning.start_()
             self._train_stage(si, st, test_loader, n_train, ck_path, resume_opt=resumed)
         if self.dist.world > 1:
             (self.out / f"rank{self.dist.rank}.json").write_text(json.dumps({"digest": state_digest(self.model)}))
@@ -403,6 +399,8 @@ class Trainer:
                         obj.prox_step_(opts["weights"].param_groups[0]["lr"])
                 for g in hc_gates:
                     g.constrain_()
+                if self.pruning is not None:
+                    self.pruning.step(step_in_stage)
                 loss_sum += float(loss.detach()) * len(y)
                 n += len(y)
                 self.state.step += 1
@@ -410,7 +408,8 @@ class Trainer:
             if epoch + 1 == st.epochs:
                 if st.enforce_budget and budget is not None:
                     budget.enforce_()
-                self._prune_(st)
+                if self.pruning is not None:
+                    self.pruning.end_()
                 self._end_stage_structure_(st)
             acc = self._evaluate(model, test_loader)
             record = {
@@ -443,7 +442,9 @@ class Trainer:
             out["kept_flops"] = cost.fraction()
             with torch.no_grad():
                 out["expected_kept_flops"] = float(cost.expected_fraction())
-        unstructured = any(st.prune is not None and st.prune.method == "magnitude" for st in self.recipe.stages)
+        unstructured = any(
+            st.prune is not None and st.prune.method in ("magnitude", "unstructured") for st in self.recipe.stages
+        )
         if unstructured or any(r.name == "sparse_vd" for st in self.recipe.stages for r in st.regularizers):
             out["weight_sparsity"] = weight_sparsity(model)
         return out
