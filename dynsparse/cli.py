@@ -88,6 +88,37 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sensitivity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dynsparse.recipes import load_recipe
+    from dynsparse.recipes.analyse import run_sensitivity
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    torch_threads(args.threads)
+    out = Path(args.out or Path(recipe.output_dir) / "sensitivity")
+    rep = run_sensitivity(
+        recipe,
+        out,
+        from_run=args.from_run,
+        group=args.group,
+        dimensions=args.dimensions.split(","),
+        ratios=args.ratios,
+        layers=args.layers,
+        eval_samples=args.eval_samples,
+        max_drop=args.max_drop,
+        progress=not args.no_progress,
+    )
+    print(f"sensitivity of the {rep['model']}, test accuracy on {rep['eval_samples']} images, no retraining:")
+    print(rep["table"])
+    if "ratios_for" in rep:
+        print(f"largest ratio per layer losing at most {rep['max_drop']} points:")
+        for name, r in rep["ratios_for"].items():
+            print(f"  {name}: {r:.0%}")
+    print(f"wrote {out / 'sensitivity.md'}, {out / 'sensitivity.json'}, {rep['plot']}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dynsparse`` command."""
     parser = argparse.ArgumentParser(prog="dynsparse", description=__doc__)
@@ -115,9 +146,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     conv.add_argument("--out", required=True, help="output directory (model.safetensors + plan.json)")
     conv.add_argument("--atol", type=float, default=1e-4, help="tolerance of the built-in output check")
     conv.set_defaults(func=_convert)
+    sens = sub.add_parser("sensitivity", help="prune one layer at a time at increasing ratios; table and plot")
+    sens.add_argument("recipe", help="path to a recipe YAML file")
+    sens.add_argument("--out", default=None, help="output directory (default: OUTPUT_DIR/sensitivity)")
+    sens.add_argument("--from-run", default=None, help="analyse the final model of this finished run's output dir")
+    sens.add_argument("--group", choices=["element", "units"], default="element", help="weights or gated units")
+    sens.add_argument("--dimensions", default="channels,heads,neurons", help="dimensions gated for --group units")
+    sens.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    sens.add_argument("--layers", nargs="+", default=None, help="only these weight / gate fqns")
+    sens.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test images")
+    sens.add_argument("--max-drop", type=float, default=None, help="per-layer ratios losing <= this many points")
+    sens.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field")
+    sens.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    sens.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sens.set_defaults(func=_sensitivity)
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if args.command in ("train", "demo") else logging.WARNING,
+        level=logging.INFO if args.command in ("train", "demo", "sensitivity") else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     from dynsparse.errors import DynsparseError

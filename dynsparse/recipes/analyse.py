@@ -1,0 +1,122 @@
+"""Sensitivity analysis of a recipe's model: ``dynsparse sensitivity RECIPE``.
+
+The model analysed is, by default, the recipe's *dense* model: the leading stages that neither sparsify nor
+prune are trained (or resumed) into ``OUT/dense``, the natural point to decide per-layer ratios before
+pruning. With ``from_run`` it is the final model of a finished ``dynsparse train`` run of the same recipe.
+Each layer (``group="element"``: the weight of each Linear/Conv) or gate (``"units"``: channels, heads or
+neurons of each gate; dense models get fixed all-open gates first) is pruned alone at each ratio, without
+retraining, and the model's test accuracy is recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..atomic import atomic_write
+from ..errors import ConfigError
+from .schema import Recipe, StageSpec
+from .train import Trainer
+
+__all__ = ["dense_prefix", "run_sensitivity"]
+
+
+def _is_dense(st: StageSpec) -> bool:
+    return not (st.sparsify or st.prune or st.regularizers or st.fix_gates or st.prune_vd or st.enforce_budget)
+
+
+def dense_prefix(recipe: Recipe) -> Recipe:
+    """The recipe cut to its leading dense stages (no gates, regularizers or pruning)."""
+    stages = []
+    for st in recipe.stages:
+        if not _is_dense(st):
+            break
+        stages.append(st)
+    if not stages:
+        raise ConfigError(
+            f"recipe {recipe.name!r}: its first stage already sparsifies; there is no dense model to analyse "
+            "(train a dense stage first, or pass --from-run with a finished run)"
+        )
+    return dataclasses.replace(recipe, stages=tuple(stages), baseline=False, name=recipe.name + "-dense")
+
+
+def run_sensitivity(
+    recipe: Recipe,
+    out_dir: str | os.PathLike,
+    *,
+    from_run: str | os.PathLike | None = None,
+    group: Literal["element", "units"] = "element",
+    dimensions: Sequence[str] = ("channels", "heads", "neurons"),
+    ratios: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    layers: Sequence[str] | None = None,
+    eval_samples: int | None = None,
+    max_drop: float | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train (or load) the model, run `dynsparse.prune.sensitivity`, write ``sensitivity.{json,md,png}``.
+
+    Args:
+        recipe: The recipe.
+        out_dir: Output directory.
+        from_run: Output directory of a finished ``dynsparse train`` run of this recipe to analyse instead.
+        group: ``"element"`` (each layer's weights) or ``"units"`` (each gate's units).
+        dimensions: For ``units`` on a model without gates: the dimensions gated (fixed, all open) first.
+        ratios: Fractions pruned.
+        layers: Restrict to these weight / gate fqns.
+        eval_samples: Evaluate on the first N test images only (faster; default all).
+        max_drop: Also derive per-layer ratios that lose at most this many accuracy points.
+        progress: Progress bars while training.
+
+    Returns:
+        ``{"model": ..., "baseline_acc", "ratios", "curves", "table", "plot", "ratios_for"}``.
+    """
+    from ..data import make_loader
+    from ..prune import sensitivity
+    from ..sparsify import named_gates, sparsify_
+
+    out = Path(out_dir)
+    if from_run is not None:
+        run_dir = Path(from_run)
+        if not (run_dir / "checkpoint.pt").is_file():
+            raise ConfigError(f"--from-run {run_dir}: no checkpoint.pt there (the output dir of `dynsparse train`)")
+        trainer = Trainer(recipe, run_dir, resume=True, progress=progress)
+        source = f"final model of the run in {run_dir}"
+    else:
+        trainer = Trainer(dense_prefix(recipe), out / "dense", resume=True, progress=progress)
+        source = f"dense model after stage(s) {[s.name for s in trainer.recipe.stages]} ({out / 'dense'})"
+    model = trainer.run().eval()
+    if group == "units" and not list(named_gates(model)):
+        sparsify_(model, {d: {"gate": "fixed"} for d in dimensions}, on_unsupported="skip")
+    test = trainer.test_set
+    if eval_samples is not None:
+        test = torch.utils.data.Subset(test, range(min(eval_samples, len(test))))
+    loader = make_loader(test, recipe.data.eval_batch_size, shuffle=False, seed=0)
+    result = sensitivity(model, lambda m: trainer._evaluate(m, loader), ratios=ratios, group=group, layers=layers)
+    out.mkdir(parents=True, exist_ok=True)
+    base = next(iter(result.curves.values()))[0] if result.ratios and result.ratios[0] == 0 else None
+    report: dict[str, Any] = {
+        "recipe": recipe.name,
+        "model": source,
+        "group": group,
+        "eval_samples": len(test),
+        "ratios": result.ratios,
+        "curves": result.curves,
+        "baseline_acc": base,
+    }
+    if max_drop is not None:
+        if base is None:
+            raise ConfigError("--max-drop needs ratio 0 among the ratios (the unpruned accuracy)")
+        report["max_drop"] = max_drop
+        report["ratios_for"] = result.ratios_for(base - max_drop / 100)
+    table = result.table()
+    atomic_write(out / "sensitivity.md", lambda p: Path(p).write_text(table + "\n"))
+    atomic_write(out / "sensitivity.json", lambda p: Path(p).write_text(json.dumps(report, indent=1) + "\n"))
+    report["table"] = table
+    report["plot"] = str(result.plot(out / "sensitivity.png", title=f"{recipe.name}: {group} sensitivity"))
+    return report
