@@ -2,7 +2,7 @@
 
 Each page marks a snippet with ``<!-- snippet: NAME -->`` ... ``<!-- /snippet -->``; this script replaces the
 block with the code of ``docs/snippets/NAME`` (a ``.py`` or ``.sh`` file) and what it prints (stdout and stderr,
-in order). Run it after changing the package or a snippet: ``python docs/snippets/render.py``.
+in order). Run it after changing the package or a snippet: ``python docs/snippets/render.py [PAGE.md ...]``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,11 @@ def render(name: str) -> str:
     )
 
 
-def main() -> None:
+def main(pages: list[str]) -> None:
+    """Render every page, or only ``pages`` (names like ``prune.md``)."""
     for page in sorted(DOCS.glob("*.md")):
+        if pages and page.name not in pages:
+            continue
         text = page.read_text()
         new = BLOCK.sub(lambda m: render(m.group(1)), text)
         if new != text:
@@ -42,4 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -31,8 +31,8 @@ class SensitivityResult:
         rows = [f"| {n} | " + " | ".join(f"{v:.4f}" for v in vals) + " |" for n, vals in self.curves.items()]
         return "\n".join([head, sep, *rows])
 
-    def plot(self, path: str | Path, title: str = "sensitivity") -> Path:
-        """Write a PNG with one curve per layer."""
+    def plot(self, path: str | Path, title: str = "sensitivity", ylabel: str = "metric") -> Path:
+        """Write a PNG with one curve per layer (``ylabel``: what ``eval_fn`` measured)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -42,7 +42,7 @@ class SensitivityResult:
         for name, vals in self.curves.items():
             ax.plot([100 * r for r in self.ratios], vals, marker="o", ms=3, label=name)
         ax.set_xlabel(f"pruned ({self.group}) %")
-        ax.set_ylabel("metric")
+        ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()

@@ -118,5 +118,7 @@ def run_sensitivity(
     atomic_write(out / "sensitivity.md", lambda p: Path(p).write_text(table + "\n"))
     atomic_write(out / "sensitivity.json", lambda p: Path(p).write_text(json.dumps(report, indent=1) + "\n"))
     report["table"] = table
-    report["plot"] = str(result.plot(out / "sensitivity.png", title=f"{recipe.name}: {group} sensitivity"))
+    report["plot"] = str(
+        result.plot(out / "sensitivity.png", title=f"{recipe.name}: {group} sensitivity", ylabel="test accuracy")
+    )
     return report
