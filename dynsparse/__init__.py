@@ -19,6 +19,8 @@ from .gates import (
     make_gate,
     register_gate,
 )
+from .gates.tokens import TOKEN_GATES, TokenGate
+from .knob import budget, get_budget, set_budget_
 from .report import SparsityReport, sparsity_report
 from .sparsify import DIMENSIONS, SparsifyPlan, fix_gates_, named_gates, penalty, plan_sparsify, sparsify_
 
@@ -27,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DIMENSIONS",
     "GATES",
+    "TOKEN_GATES",
     "ConfigError",
     "DynsparseError",
     "FixedGate",
@@ -38,13 +41,16 @@ __all__ = [
     "SlicePlan",
     "SparsifyPlan",
     "SparsityReport",
+    "TokenGate",
     "TopKGate",
     "UnsupportedModuleError",
     "ZeroBranch",
     "__version__",
     "apply_plan",
+    "budget",
     "convert",
     "fix_gates_",
+    "get_budget",
     "importance",
     "load",
     "load_gated",
@@ -58,6 +64,7 @@ __all__ = [
     "regularizers",
     "save",
     "save_gated",
+    "set_budget_",
     "sparsify_",
     "sparsity_report",
     "verify",

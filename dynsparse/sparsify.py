@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: The static dimensions ``sparsify_`` knows.
 DIMENSIONS = ("neurons", "heads", "channels", "layers")
+#: Input-dependent dimensions: decided per input at run time (``tokens``: see `dynsparse.layers.tokens`).
+DYNAMIC_DIMENSIONS = ("tokens",)
 
 # Class names that look like a candidate for a dimension; an unknown class matching one is reported, not ignored.
 _LOOKALIKE = {
@@ -64,9 +66,10 @@ def _parse_spec(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"sparsify spec must be a non-empty mapping of dimension -> options, got {spec!r}")
     out = {}
     for dim, opts in spec.items():
-        if dim not in DIMENSIONS:
+        if dim not in DIMENSIONS + DYNAMIC_DIMENSIONS:
+            known = DIMENSIONS + DYNAMIC_DIMENSIONS
             raise ConfigError(
-                f"unknown dimension {dim!r} in sparsify spec.{suggest(dim, DIMENSIONS)} Known: {', '.join(DIMENSIONS)}"
+                f"unknown dimension {dim!r} in sparsify spec.{suggest(dim, known)} Known: {', '.join(known)}"
             )
         if opts is None:
             opts = {}
@@ -123,6 +126,9 @@ def plan_sparsify(
     g_inc, g_exc = _patterns(include, "include"), _patterns(exclude, "exclude")
     plan = SparsifyPlan()
     for dim, opts in dims.items():
+        if dim in DYNAMIC_DIMENSIONS:
+            _check_tokens(opts)
+            continue
         inc = g_inc + _patterns(opts.pop("include", None), f"{dim}.include")
         exc = g_exc + _patterns(opts.pop("exclude", None), f"{dim}.exclude")
         opts.setdefault("gate", "hard_concrete")
@@ -180,6 +186,18 @@ def plan_sparsify(
                 "(check the model family and the include/exclude patterns)",
             )
     return plan
+
+
+def _check_tokens(opts: dict[str, Any]) -> None:
+    """A ``tokens`` spec names a registered token gate and only known fields (checked before any change)."""
+    from .gates.tokens import TOKEN_GATES
+
+    name = opts.get("gate", "cls_attention")
+    if name not in TOKEN_GATES.names():
+        raise ConfigError(
+            f"sparsify spec field 'tokens': unknown token gate {name!r}.{suggest(str(name), TOKEN_GATES.names())} "
+            f"Known: {', '.join(TOKEN_GATES.names())}"
+        )
 
 
 def _owns_weights(module: nn.Module) -> bool:
@@ -256,6 +274,10 @@ def sparsify_(
             replace_module_(model, fqn, new)
         else:
             raise UnsupportedModuleError(fqn, type(module).__name__, dim, "the root module itself cannot be swapped")
+    if "tokens" in spec:
+        from .layers.tokens import gate_tokens_
+
+        gate_tokens_(model, **_parse_spec(spec)["tokens"])
     # the calls made, so a gated checkpoint can be rebuilt without pickle (see dynsparse.convert.io)
     model.__dict__.setdefault("_dynsparse_history", []).append(call)
     return model

@@ -13,18 +13,24 @@ from .base import Gate, InputDependentGate
 from .fixed import FixedGate
 from .hard_concrete import HardConcreteGate
 from .sigmoid import SigmoidGate
+from .tokens import TOKEN_GATES, ClsAttentionTokenGate, PredictorTokenGate, TokenGate, make_token_gate
 from .topk import TopKGate
 
 __all__ = [
     "GATES",
+    "TOKEN_GATES",
+    "ClsAttentionTokenGate",
     "FixedGate",
     "Gate",
     "GateSpec",
     "HardConcreteGate",
     "InputDependentGate",
+    "PredictorTokenGate",
     "SigmoidGate",
+    "TokenGate",
     "TopKGate",
     "make_gate",
+    "make_token_gate",
     "register_gate",
 ]
 

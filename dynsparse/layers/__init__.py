@@ -23,6 +23,9 @@ _LAZY = {
     "GatedEdgeResidual": ".conv",
     "GatedDepthwiseSeparableConv": ".conv",
     "Branch": ".residual",
+    "PolicyBlock": ".tokens",
+    "TokenGatedBlock": ".tokens",
+    "TokenSelect": ".tokens",
     "gate_branches_": ".residual",
 }
 

@@ -1,0 +1,119 @@
+"""Per-input token dropping in a timm ViT on CPU: measured speed-up over dense against the FLOPs-ideal one.
+
+Run from the repository root (about 5 minutes with the defaults, on one thread)::
+
+    python benchmarks/dynamic_tokens.py
+    python benchmarks/dynamic_tokens.py --cases b3 --batches 1 --rounds 20
+
+Cases (``vit_small_patch16_224``, ``pretrained=False``, seed 0, 224x224, fp32, eval mode, random weights):
+
+* ``b3``: the ``cls_attention`` gate (EViT's score, no parameters) at block 3, keep 0.5: blocks 3 (its MLP) to
+  11 run on 98 of the 196 patch tokens (+ the class token).
+* ``dynamicvit``: DynamicViT's layout: ``predictor`` gates (a learned MLP per location, its cost included) at
+  blocks 3, 6, 9 with keep 0.7 each (0.7, 0.49, 0.343 of the tokens).
+* ``evit``: ``cls_attention`` at blocks 3, 6, 9, keep 0.7, dropped tokens fused into one (EViT).
+
+Every input of a batch chooses its own tokens (random images, so the decisions differ across the batch); the
+batch stays one tensor because each input keeps the same number of tokens. Method: ``torch.inference_mode()``,
+a fixed random batch, warm-up rounds, then rounds that run dense and dynamic once each in alternating order;
+the speed-up is the median of the per-round paired ratios (quartiles in brackets), by wall clock and by process
+CPU time. The FLOPs-ideal speed-up is the ratio of ``torch.utils.flop_counter`` counts of one forward pass of
+each model (the dynamic one counted with its gates and as it ran: fewer tokens after the gates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import count_flops, interleaved_rounds, markdown_table, paired_ratios, spread  # noqa: E402
+
+CASES = {
+    "b3": {"gate": "cls_attention", "blocks": [3], "keep": 0.5},
+    "dynamicvit": {"gate": "predictor", "blocks": [3, 6, 9], "keep": 0.7},
+    "evit": {"gate": "cls_attention", "blocks": [3, 6, 9], "keep": 0.7, "fuse": True},
+}
+
+
+def build(case: str):
+    import timm
+
+    import dynsparse as ds
+
+    torch.manual_seed(0)
+    dense = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+    torch.manual_seed(0)
+    dyn = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+    dyn.load_state_dict(dense.state_dict())
+    ds.sparsify_(dyn, {"tokens": CASES[case]})
+    return dense, dyn.eval()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--rounds", type=int, default=0, help="timed rounds (default: 30 at batch 1, 8 at batch 32)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
+        f"vit_small_patch16_224 224x224 fp32, inference_mode"
+    )
+    rows = []
+    t_start = time.perf_counter()
+    for case in args.cases:
+        dense, dyn = build(case)
+        for b in args.batches:
+            x = torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(b))
+            with torch.inference_mode():
+                ideal = count_flops(dense, x) / count_flops(dyn, x)
+                rounds = args.rounds or (30 if b == 1 else 8)
+                t = interleaved_rounds({"dense": lambda: dense(x), "dyn": lambda: dyn(x)}, rounds, args.warmup)
+            wall = spread(paired_ratios(t.wall["dense"], t.wall["dyn"]))
+            cpu = spread(paired_ratios(t.cpu["dense"], t.cpu["dyn"]))
+            rows.append(
+                [
+                    case,
+                    b,
+                    f"{1e3 * spread(t.wall['dense']).median:.1f}",
+                    f"{1e3 * spread(t.wall['dyn']).median:.1f}",
+                    f"{wall.median:.2f}x ({wall.q1:.2f}-{wall.q3:.2f})",
+                    f"{cpu.median:.2f}x",
+                    f"{ideal:.2f}x",
+                    f"{wall.median / ideal:.2f}",
+                    rounds,
+                ]
+            )
+            print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    print()
+    print(
+        markdown_table(
+            [
+                "case",
+                "batch",
+                "dense ms",
+                "dynamic ms",
+                "speed-up, wall (IQR)",
+                "speed-up, CPU time",
+                "FLOPs-ideal",
+                "achieved / ideal",
+                "rounds",
+            ],
+            rows,
+            "lrrrrrrrr",
+        )
+    )
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Token gates: per input, which tokens of a vision transformer go on through the later blocks.
+
+A token gate scores the non-prefix tokens at one block (`dynsparse.layers.tokens.TokenGatedBlock`); the
+block keeps the ``ceil(keep · n)`` best of the ``n`` tokens that reach it (at least one) and **gathers**
+them, so every later block really runs on fewer tokens. Prefix tokens (class, distillation, registers) are
+always kept. Two gates are registered in `TOKEN_GATES`:
+
+* ``cls_attention`` (EViT, Liang et al. 2022): the class token's attention to each token in this block,
+  averaged over heads. No parameters and no training: try it on any pretrained ViT at once; optionally the
+  dropped tokens are fused into one token weighted by that attention.
+* ``predictor`` (DynamicViT, Rao et al. 2021): a small MLP on each token and a policy-weighted global
+  feature gives keep / drop log-probabilities. Trained with hard Gumbel-softmax decisions and attention
+  masking (the dropped tokens stay in the tensor but no other token attends to them), a ratio loss towards
+  the cumulative keep target, optionally distillation from the dense model.
+
+``keep`` is the run-time knob (`InputDependentGate.set_budget_`): it changes how many tokens are gathered
+without retraining.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..registry import Registry
+from .base import InputDependentGate
+
+__all__ = ["TOKEN_GATES", "ClsAttentionTokenGate", "PredictorTokenGate", "TokenGate", "make_token_gate"]
+
+#: Registered token gates: name -> class (constructor ``(num_units, keep=..., dim=..., **kwargs)``).
+TOKEN_GATES: Registry[type[TokenGate]] = Registry("token gate")
+
+
+class TokenGate(InputDependentGate):
+    """Base of token gates: ``scores(x, h, attn) -> (B, n)``, higher = keep.
+
+    Args:
+        num_units: Non-prefix tokens reaching the gate at the model's native input size (for reports; the
+            gate works for any token count).
+        keep: Fraction of the arriving non-prefix tokens kept, in (0, 1].
+        dim: Token width (embedding dimension).
+    """
+
+    #: The gate learns its decisions (trained through the masked-attention path of the block).
+    trainable: bool = False
+    #: The gate's scores are weights that can fuse the dropped tokens into one (EViT).
+    fusable: bool = False
+
+    def __init__(self, num_units: int, keep: float = 0.5, dim: int = 0) -> None:
+        super().__init__(num_units, keep)
+        self.dim = dim
+
+    def kept(self, n: int) -> int:
+        """Tokens kept of ``n`` arriving non-prefix tokens: ``ceil(keep · n)``, at least one."""
+        return max(1, min(n, math.ceil(self.keep * n - 1e-9)))
+
+    def num_kept(self) -> int:
+        return self.kept(self.num_units)
+
+    def scores(self, x: Tensor, h: Tensor, attn: nn.Module, num_prefix: int, policy: Tensor | None = None) -> Tensor:
+        """``(B, n)`` scores of the non-prefix tokens.
+
+        Args:
+            x: Tokens after this block's attention branch, (B, N, C).
+            h: The attention's input (``norm1`` of the block input), (B, N, C).
+            attn: The block's timm ``Attention``.
+            num_prefix: Prefix tokens at the front of the sequence.
+            policy: (B, N) keep decisions so far (training of trainable gates), else None.
+        """
+        raise NotImplementedError
+
+    def topk_policy(self, x: Tensor, h: Tensor, attn: nn.Module, num_prefix: int, policy: Tensor) -> Tensor:
+        """Masked inference: the (B, N) policy keeping the ``kept(n)`` best of the ``n`` tokens still alive.
+
+        The same decisions as gathering (every input has the same number of alive tokens).
+        """
+        alive = policy[:, num_prefix:] > 0
+        n = int(alive[0].sum())
+        s = self.scores(x, h, attn, num_prefix, policy).masked_fill(~alive, float("-inf"))
+        idx = s.topk(self.kept(n), dim=1).indices
+        keep = torch.zeros_like(s).scatter_(1, idx, 1.0)
+        return torch.cat([policy[:, :num_prefix], keep.to(policy.dtype)], dim=1)
+
+    def forward(self, x: Tensor, h: Tensor | None = None, attn: nn.Module | None = None, num_prefix: int = 1) -> Tensor:
+        """``(B, n)`` 0/1 multiplier of the non-prefix tokens kept under the current budget."""
+        s = self.scores(x, x if h is None else h, attn, num_prefix)
+        idx = s.topk(self.kept(s.shape[1]), dim=1).indices
+        return torch.zeros_like(s).scatter_(1, idx, 1.0)
+
+    def extra_repr(self) -> str:
+        return f"num_units={self.num_units}, keep={self.keep}, dim={self.dim}"
+
+
+@TOKEN_GATES.register("cls_attention")
+class ClsAttentionTokenGate(TokenGate):
+    """EViT's score: the class token's attention to each token in this block, averaged over the heads.
+
+    It recomputes only the class token's row of the block's attention: ``q_cls · K`` (a ``(B, H, C)`` vector
+    times the tokens when the keys are not normalised, ``O(N·C·H)``; with ``qk_norm`` the keys are projected,
+    ``O(N·C²)``), the same probabilities the block's softmax produced. No parameters.
+    """
+
+    fusable = True
+
+    def scores(self, x: Tensor, h: Tensor, attn: nn.Module, num_prefix: int, policy: Tensor | None = None) -> Tensor:
+        return cls_attention(h, attn, num_prefix, policy)
+
+
+def cls_attention(h: Tensor, attn: nn.Module, num_prefix: int, policy: Tensor | None = None) -> Tensor:
+    """Mean over heads of softmax(q_cls·kᵀ·scale) restricted to the non-prefix tokens: (B, N - num_prefix).
+
+    With a (B, N) ``policy``, dropped tokens take no part in the softmax (and score 0), as in masked attention.
+    """
+    if attn is None or not hasattr(attn, "qkv"):
+        raise ConfigError("cls_attention token gate: needs the block's timm Attention (with a fused qkv Linear)")
+    if num_prefix < 1:
+        raise ConfigError("cls_attention token gate: the model has no class token to score the tokens with")
+    B, N, C = h.shape
+    H, d = attn.num_heads, attn.head_dim
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(h[:, 0], w[: H * d], None if b is None else b[: H * d]).view(B, H, d)
+    wk = w[H * d : 2 * H * d]
+    if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
+        # q·(W_k h + b_k) = (W_kᵀ q)·h + q·b_k; the second term is the same for every key: softmax ignores it
+        u = torch.einsum("bhd,hdc->bhc", q * attn.scale, wk.view(H, d, C))
+        logits = torch.einsum("bnc,bhc->bhn", h, u)
+    else:
+        k = F.linear(h, wk, None if b is None else b[H * d : 2 * H * d]).view(B, N, H, d).transpose(1, 2)
+        q, k = attn.q_norm(q.unsqueeze(2)), attn.k_norm(k)
+        logits = (q * attn.scale @ k.transpose(-2, -1)).squeeze(2)
+    if policy is not None:
+        logits = logits.masked_fill(policy[:, None, :] == 0, float("-inf"))
+    return logits.softmax(-1)[..., num_prefix:].mean(1)
+
+
+@TOKEN_GATES.register("predictor")
+class PredictorTokenGate(TokenGate):
+    """DynamicViT's keep predictor (``PredictorLG``): local and policy-weighted global features -> keep/drop.
+
+    ``z = GELU(Linear(LN(x)))``; the first half of ``z`` is per token, the second half is averaged over the
+    kept tokens; an MLP ``C -> C/2 -> C/4 -> 2`` gives log-probabilities of (keep, drop). The score is the
+    keep log-probability. Its `penalty` is the ratio loss of the last training forward:
+    ``weight · (mean kept fraction − target)²`` with the cumulative ``target`` set by the block.
+
+    Args:
+        num_units: See `TokenGate`.
+        keep: See `TokenGate`.
+        dim: Token width C (required).
+        weight: Weight of the ratio loss (DynamicViT: 2.0, divided over the locations by the model's sum).
+        tau: Gumbel-softmax temperature in training.
+    """
+
+    trainable = True
+
+    def __init__(self, num_units: int, keep: float = 0.5, dim: int = 0, weight: float = 2.0, tau: float = 1.0) -> None:
+        super().__init__(num_units, keep, dim)
+        if not isinstance(dim, int) or dim < 4:
+            raise ConfigError(f"predictor token gate: dim must be the token width (>= 4), got {dim!r}")
+        self.weight, self.tau = float(weight), float(tau)
+        self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(dim, dim // 2),
+            nn.GELU(),
+            nn.Linear(dim // 2, dim // 4),
+            nn.GELU(),
+            nn.Linear(dim // 4, 2),
+            nn.LogSoftmax(dim=-1),
+        )
+        #: Cumulative keep target of this location (set by the block from the keeps before it).
+        self.target = keep
+        self._ratio: Tensor | None = None
+
+    def log_probs(self, t: Tensor, policy: Tensor | None) -> Tensor:
+        """(B, n, 2) log-probabilities of (keep, drop) for tokens ``t`` (B, n, C) given their policy (B, n)."""
+        z = self.in_conv(t)
+        half = z.shape[-1] // 2
+        local, glob = z[..., :half], z[..., half:]
+        if policy is None:
+            g = glob.mean(1, keepdim=True)
+        else:
+            p = policy.unsqueeze(-1).to(z.dtype)
+            g = (glob * p).sum(1, keepdim=True) / p.sum(1, keepdim=True).clamp_min(1e-6)
+        return self.out_conv(torch.cat([local, g.expand_as(glob)], dim=-1))
+
+    def scores(self, x: Tensor, h: Tensor, attn: nn.Module, num_prefix: int, policy: Tensor | None = None) -> Tensor:
+        return self.log_probs(x[:, num_prefix:], None if policy is None else policy[:, num_prefix:])[..., 0]
+
+    def sample(self, x: Tensor, num_prefix: int, policy: Tensor) -> Tensor:
+        """Training: hard Gumbel-softmax keep decisions (straight-through) times the previous ``policy`` (B, N)."""
+        lp = self.log_probs(x[:, num_prefix:], policy[:, num_prefix:])
+        keep = F.gumbel_softmax(lp, tau=self.tau, hard=True)[..., 0] * policy[:, num_prefix:]
+        self._ratio = keep.mean(1)  # (B,) kept fraction of the original patch tokens at this location
+        return torch.cat([policy[:, :num_prefix], keep], dim=1)
+
+    def penalty(self) -> Tensor:
+        if self._ratio is None or not self.training:
+            return self.out_conv[-2].bias.new_zeros(())
+        return self.weight * ((self._ratio.mean() - self.target) ** 2)
+
+
+def make_token_gate(spec: str | dict[str, Any], num_units: int, dim: int) -> TokenGate:
+    """A token gate from a name or ``{"gate": name, "keep": ..., **kwargs}``."""
+    opts = {"gate": spec} if isinstance(spec, str) else dict(spec)
+    name = opts.pop("gate", "cls_attention")
+    cls = TOKEN_GATES.get(name)
+    try:
+        return cls(num_units, dim=dim, **opts)
+    except TypeError as e:
+        raise ConfigError(f"token gate {name!r}: {e}") from None

@@ -1,0 +1,73 @@
+"""The run-time knob: change how much input-dependent gates keep, without retraining.
+
+`set_budget_` sets ``keep`` of every input-dependent gate of a model (token gates, per-input channel gates,
+...); `budget` does it for a ``with`` block and restores the previous values afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from .errors import ConfigError
+from .gates import InputDependentGate
+
+__all__ = ["budget", "get_budget", "set_budget_"]
+
+
+def _gates(model: nn.Module, kind: type | tuple[type, ...] | None) -> list[tuple[str, InputDependentGate]]:
+    gates = [(f, m) for f, m in model.named_modules() if isinstance(m, InputDependentGate)]
+    if kind is not None:
+        gates = [(f, m) for f, m in gates if isinstance(m, kind)]
+    if not gates:
+        raise ConfigError(f"set_budget_: {type(model).__name__} has no input-dependent gate to set a budget on")
+    return gates
+
+
+def get_budget(model: nn.Module) -> dict[str, float]:
+    """``{gate_fqn: keep}`` of every input-dependent gate."""
+    return {f: g.keep for f, g in _gates(model, None)}
+
+
+def set_budget_(
+    model: nn.Module, keep: float | dict[str, float], *, kind: type | tuple[type, ...] | None = None
+) -> nn.Module:
+    """Set the fraction kept by input-dependent gates (in place); returns ``model``.
+
+    Args:
+        model: A model with input-dependent gates.
+        keep: One fraction in (0, 1] for every gate, or ``{gate_fqn: keep}``.
+        kind: Only gates of this class (e.g. ``dynsparse.gates.TokenGate``).
+
+    Examples:
+        >>> import timm, dynsparse as ds
+        >>> m = ds.sparsify_(timm.create_model("test_vit"), {"tokens": {"gate": "cls_attention", "blocks": [1]}})
+        >>> ds.get_budget(ds.set_budget_(m, keep=0.25))
+        {'blocks.1.tokens.gate': 0.25}
+    """
+    gates = _gates(model, kind)
+    if isinstance(keep, dict):
+        known = {f for f, _ in gates}
+        unknown = sorted(set(keep) - known)
+        if unknown:
+            raise ConfigError(f"set_budget_: no input-dependent gate named {unknown[0]!r}; gates: {sorted(known)[:5]}")
+        for f, g in gates:
+            if f in keep:
+                g.set_budget_(keep[f])
+        return model
+    for _, g in gates:
+        g.set_budget_(keep)
+    return model
+
+
+@contextmanager
+def budget(model: nn.Module, keep: float | dict[str, float], **kwargs) -> Iterator[nn.Module]:
+    """``with budget(model, 0.5): ...`` runs the block at that budget, then restores the previous one."""
+    before = get_budget(model)
+    set_budget_(model, keep, **kwargs)
+    try:
+        yield model
+    finally:
+        set_budget_(model, before)
