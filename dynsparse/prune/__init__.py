@@ -1,4 +1,4 @@
-"""Weight pruning: unstructured masks (``unstructured_``, ``remove_``), schedules (AGP, ...), block and N:M sparsity.
+"""Weight pruning: unstructured masks (``unstructured_``, ``remove_``), schedules, lottery tickets, block / N:M.
 
 Masked layers are drop-in twins of ``nn.Linear`` / ``nn.Conv2d`` (same ``weight`` / ``bias``, plus a
 ``weight_mask`` buffer); `BlockSparseLinear` runs a BSR kernel where it measured faster than dense.
@@ -17,6 +17,7 @@ Examples:
 """
 
 from .blocks import BLOCK_SCORES, EVICT_BYTES, BlockSparseLinear, block_mask, block_scores, nm_mask
+from .lottery import ImpResult, LotteryRound, LotteryTicket, imp, reinit_
 from .schedule import IterativePruner, agp, exponential, linear, one_shot
 from .sensitivity import SensitivityResult, sensitivity
 from .structured import structured_
@@ -40,7 +41,10 @@ __all__ = [
     "IMPORTANCES",
     "SCOPES",
     "BlockSparseLinear",
+    "ImpResult",
     "IterativePruner",
+    "LotteryRound",
+    "LotteryTicket",
     "MaskedConv2d",
     "MaskedLinear",
     "SensitivityResult",
@@ -50,11 +54,13 @@ __all__ = [
     "block_mask",
     "block_scores",
     "exponential",
+    "imp",
     "linear",
     "masks",
     "nm_mask",
     "one_shot",
     "reapply_masks_",
+    "reinit_",
     "remove_",
     "sensitivity",
     "sparsity",
