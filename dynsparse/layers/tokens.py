@@ -82,7 +82,7 @@ def masked_attention(attn: nn.Module, x: Tensor, policy: Tensor, eps: float = 1e
     """timm ``Attention`` forward with DynamicViT's policy: token i attends to j only if j is kept (or j = i).
 
     ``softmax_with_policy``: ``exp(A_ij − max_i) · G_ij / (Σ_k exp(A_ik − max_i) · G_ik + eps)`` with
-    ``G_ij = policy_j`` for ``j ≠ i`` and 1 on the diagonal, computed in float32. Uses the module's own
+    ``G_ij = policy_j`` for ``j ≠ i`` and 1 on the diagonal, computed in at least float32. Uses the module's own
     children (qkv, q/k norms, head gate in ``norm``, proj), so gated heads are respected.
     """
     B, N = x.shape[:2]
@@ -91,10 +91,11 @@ def masked_attention(attn: nn.Module, x: Tensor, policy: Tensor, eps: float = 1e
     q, k, v = attn.qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     a = (q * attn.scale) @ k.transpose(-2, -1)
-    g = policy.reshape(B, 1, 1, N).to(torch.float32)
-    eye = torch.eye(N, device=x.device, dtype=torch.float32).view(1, 1, N, N)
+    acc = torch.promote_types(q.dtype, torch.float32)  # at least float32 (DynamicViT computes it in float32)
+    g = policy.reshape(B, 1, 1, N).to(acc)
+    eye = torch.eye(N, device=x.device, dtype=acc).view(1, 1, N, N)
     g = g + (1.0 - g) * eye
-    a = a.float()
+    a = a.to(acc)
     a = (a - a.max(dim=-1, keepdim=True).values).exp() * g
     a = ((a + eps / N) / (a.sum(dim=-1, keepdim=True) + eps)).to(q.dtype)
     out = (attn.attn_drop(a) @ v).transpose(1, 2).reshape(B, N, H * d)
