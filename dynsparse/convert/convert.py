@@ -169,6 +169,12 @@ def convert(
         setattr(block, child, slot.inner)
     new = _close(new, closed)
     _check_clean(new)
+    if not static:
+        from ..layers.tokens import token_spec
+
+        spec = token_spec(new) if hasattr(new, "blocks") else None
+        if spec is not None:
+            plan.dynamic["tokens"] = spec
     new.slice_plan = plan
     if verify_inputs is not None:
         diff = verify(model, new, verify_inputs, atol=atol, rtol=rtol)
@@ -224,4 +230,12 @@ def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
             continue
         idx = torch.tensor(keep if keep else [0], dtype=torch.long)
         _slice_units(model, parent, child, dim, idx, None)
-    return _close(model, closed)
+    model = _close(model, closed)
+    if "tokens" in plan.dynamic:
+        from ..layers.tokens import gate_tokens_
+
+        try:
+            gate_tokens_(model, **plan.dynamic["tokens"])
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"slice plan 'dynamic.tokens': {e}") from None
+    return model

@@ -33,6 +33,8 @@ class SlicePlan:
 
     entries: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     units: dict[str, int] = field(default_factory=dict)
+    #: Input-dependent parts kept as run-time modules, as ``dynsparse.sparsify_`` specs (e.g. ``{"tokens": ...}``).
+    dynamic: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for fqn, dims in self.entries.items():
@@ -58,7 +60,10 @@ class SlicePlan:
         return next(iter(self.entries[fqn].values()))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "entries": self.entries, "units": self.units}
+        out = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "entries": self.entries, "units": self.units}
+        if self.dynamic:
+            out["dynamic"] = self.dynamic
+        return out
 
     def to_json(self) -> str:
         """Compact, deterministic JSON text."""
@@ -74,11 +79,14 @@ class SlicePlan:
         version = data.get("version")
         if version != PLAN_VERSION:
             raise ConfigError(f"{source}: unsupported plan version {version!r} (this dynsparse reads {PLAN_VERSION})")
-        entries, units = data.get("entries"), data.get("units", {})
-        if not isinstance(entries, Mapping) or not isinstance(units, Mapping):
-            raise ConfigError(f"{source}: fields 'entries' and 'units' must be objects")
+        entries, units, dynamic = data.get("entries"), data.get("units", {}), data.get("dynamic", {})
+        if not isinstance(entries, Mapping) or not isinstance(units, Mapping) or not isinstance(dynamic, Mapping):
+            raise ConfigError(f"{source}: fields 'entries', 'units' and 'dynamic' must be objects")
+        unknown = sorted(set(dynamic) - {"tokens"})
+        if unknown:
+            raise ConfigError(f"{source}: unknown dynamic part {unknown[0]!r} (known: tokens)")
         try:
-            return cls({k: {d: list(i) for d, i in v.items()} for k, v in entries.items()}, dict(units))
+            return cls({k: {d: list(i) for d, i in v.items()} for k, v in entries.items()}, dict(units), dict(dynamic))
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
         except (AttributeError, TypeError) as e:

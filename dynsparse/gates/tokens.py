@@ -197,6 +197,11 @@ class PredictorTokenGate(TokenGate):
         self._ratio = keep.mean(1)  # (B,) kept fraction of the original patch tokens at this location
         return torch.cat([policy[:, :num_prefix], keep], dim=1)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_ratio"] = None  # the last forward's kept fraction carries an autograd graph: not copied
+        return state
+
     def penalty(self) -> Tensor:
         if self._ratio is None or not self.training:
             return self.out_conv[-2].bias.new_zeros(())

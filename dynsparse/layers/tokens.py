@@ -25,7 +25,15 @@ from ..errors import ConfigError
 from ..gates.tokens import TokenGate
 from ..modules import adopt
 
-__all__ = ["PolicyBlock", "TokenGatedBlock", "TokenSelect", "TokenState", "gate_tokens_", "masked_attention"]
+__all__ = [
+    "PolicyBlock",
+    "TokenGatedBlock",
+    "TokenSelect",
+    "TokenState",
+    "gate_tokens_",
+    "masked_attention",
+    "token_spec",
+]
 
 
 class TokenState:
@@ -36,6 +44,9 @@ class TokenState:
 
     def __init__(self) -> None:
         self.policy: Tensor | None = None
+
+    def __deepcopy__(self, memo: dict) -> TokenState:
+        return TokenState()  # a copy of the model starts with no decisions (and no autograd graph)
 
 
 class TokenSelect(nn.Module):
@@ -259,3 +270,31 @@ def gate_tokens_(
         if not isinstance(seq[i], TokenGatedBlock):
             seq[i] = PolicyBlock.from_module(seq[i], state)
     return model
+
+
+def token_spec(model: nn.Module) -> dict | None:
+    """The `gate_tokens_` arguments that rebuild ``model``'s token gates (current budgets included), or None."""
+    from ..gates.tokens import TOKEN_GATES
+
+    blocks = getattr(model, "blocks", None)
+    found = [(i, b.tokens) for i, b in enumerate(blocks or ()) if isinstance(b, TokenGatedBlock)]
+    if not found:
+        return None
+    names = {TOKEN_GATES.get(n): n for n in TOKEN_GATES.names()}
+    first = found[0][1]
+    kinds = {type(sel.gate) for _, sel in found}
+    if len(kinds) > 1 or len({sel.fuse for _, sel in found}) > 1:
+        raise ConfigError("tokens: one gate kind and one fuse setting per model can be saved")
+    gate = first.gate
+    if type(gate) not in names:
+        raise ConfigError(f"tokens: the gate {type(gate).__name__} is not registered in TOKEN_GATES")
+    spec: dict = {
+        "gate": names[type(gate)],
+        "blocks": [i for i, _ in found],
+        "keep": [sel.gate.keep for _, sel in found],
+        "fuse": first.fuse,
+    }
+    for key in ("weight", "tau"):
+        if hasattr(gate, key):
+            spec[key] = getattr(gate, key)
+    return spec

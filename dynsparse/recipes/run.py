@@ -61,7 +61,13 @@ def run_recipe(
     if any(hasattr(m, "weight_mask") and not callable(m.weight_mask) for m in model.modules()):
         model = remove_(copy.deepcopy(model))  # unstructured masks become zeros in plain layers
     if recipe.convert.enabled:  # also without gates: the model file is then the (pruned) dense model
-        converted = convert(model, verify_inputs=x_verify, atol=recipe.convert.atol, rtol=recipe.convert.atol)
+        converted = convert(
+            model,
+            verify_inputs=x_verify,
+            atol=recipe.convert.atol,
+            rtol=recipe.convert.atol,
+            static=recipe.convert.static,
+        )
         arch = {"library": recipe.model.library, "name": recipe.model.name, "kwargs": recipe.model.kwargs}
         save(converted, out / "model.safetensors", arch=arch)
     else:

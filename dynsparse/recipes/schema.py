@@ -81,10 +81,11 @@ class RegularizerSpec:
     kept fraction of ``kind`` flops/params, ``warmup_epochs``, multiplier ``lr``), ``group_lasso``, ``bn_l1``,
     ``sparse_vd`` (swap Linear/Conv for sparse variational dropout, KL ``weight`` with warm-up epochs
     ``kl_start``..``kl_end``). ``group_lasso`` with ``prox: true`` takes a proximal step after each update
-    instead of adding the penalty to the loss.
+    instead of adding the penalty to the loss. ``tokens``: ``weight`` × the token gates' own losses (the ratio
+    loss of trained ``predictor`` gates, already weighted by each gate's ``weight``).
     """
 
-    name: Literal["l0", "budget", "group_lasso", "bn_l1", "sparse_vd"]
+    name: Literal["l0", "budget", "group_lasso", "bn_l1", "sparse_vd", "tokens"]
     weight: float = 1.0
     target: float | None = None
     kind: Literal["flops", "params"] = "flops"
@@ -172,8 +173,11 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class ConvertSpec:
+    """Conversion after training; ``static: false`` keeps input-dependent gates (tokens) as run-time modules."""
+
     enabled: bool = True
     atol: float = 1e-4
+    static: bool = True
 
 
 @dataclass(frozen=True)

@@ -249,6 +249,11 @@ class Trainer:
                 from ..regularizers.bn_l1 import BNScaleL1
 
                 obj = BNScaleL1(self.model, weight=r.weight)
+            elif r.name == "tokens":
+                from ..gates.tokens import TokenGate
+
+                gates = [g for _, g in named_gates(self.model) if isinstance(g, TokenGate)]
+                obj = _GatePenalty(gates, r.weight)
             else:
                 obj = None
             out.append((r, obj))
@@ -434,7 +439,7 @@ class Trainer:
 
     def _sparsity(self, model: nn.Module, budget) -> dict[str, float]:
         out: dict[str, float] = {}
-        gates = list(named_gates(model))
+        gates = [g for _, g in named_gates(model) if isinstance(g, Gate)]  # static gates (not per-input ones)
         if gates:
             from ..flops import CostModel
 
@@ -483,6 +488,16 @@ def weight_sparsity(model: nn.Module) -> float:
                 pruned += int((m.weight == 0).sum())
             total += m.weight.numel()
     return pruned / total if total else 0.0
+
+
+class _GatePenalty:
+    """``weight`` × the sum of some gates' own ``penalty()``."""
+
+    def __init__(self, gates: list[nn.Module], weight: float) -> None:
+        self.gates, self.weight = gates, weight
+
+    def __call__(self) -> Tensor:
+        return self.weight * sum((g.penalty() for g in self.gates), torch.zeros(()))
 
 
 def _has_svd(model: nn.Module) -> bool:
