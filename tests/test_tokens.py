@@ -180,3 +180,45 @@ def test_errors_name_the_problem():
         ds.set_budget_(ds.sparsify_(_vit(), {"tokens": {"blocks": [1]}}), 1.5)
     with pytest.raises(ds.ConfigError, match="no input-dependent gate"):
         ds.set_budget_(_vit(), 0.5)
+
+
+def test_knob_curve_table_and_plot(tmp_path):
+    from dynsparse.bench import knob_curve
+
+    dense = _vit()
+    m = ds.sparsify_(_vit(), {"tokens": {"gate": "cls_attention", "blocks": [1], "keep": 0.5}})
+    x = _x(4).float()
+    y = dense(x).argmax(-1)
+    curve = knob_curve(
+        m,
+        dense,
+        lambda mod: (mod(x).argmax(-1) == y).float().mean().item(),
+        x,
+        keeps=[1.0, 0.5, 0.25],
+        batch_sizes=[1, 4],
+        rounds=2,
+    )
+    assert [p.keep for p in curve.points] == [1.0, 0.5, 0.25]
+    assert curve.points[0].metric == curve.dense_metric == 1.0
+    assert curve.points[0].flops_ratio > curve.points[1].flops_ratio > curve.points[2].flops_ratio
+    assert curve.table().count("\n") == 5 and "b4 ms (speed-up)" in curve.table()
+    assert curve.plot(tmp_path / "k.png").read_bytes()[:4] == b"\x89PNG"
+    assert ds.get_budget(m) == {"blocks.1.tokens.gate": 0.5}
+
+
+def test_converted_dynamic_model_saves_and_loads(tmp_path):
+    arch = {
+        "name": "vit_small_patch16_224",
+        "kwargs": dict(img_size=32, patch_size=4, embed_dim=32, depth=5, num_heads=4, num_classes=7),
+    }
+    for gate in GATES:
+        m = ds.sparsify_(_vit(), {"tokens": {"gate": gate, "blocks": [1, 3], "keep": [0.5, 0.6]}})
+        x = _x(2).float()
+        with pytest.raises(ds.ConfigError, match="static=False"):
+            ds.convert(m)
+        small = ds.convert(m, static=False, verify_inputs=x)
+        ds.save(small, tmp_path / f"{gate}.safetensors", arch=arch)
+        back = ds.load(tmp_path / f"{gate}.safetensors")
+        assert isinstance(back.blocks[1], TokenGatedBlock) and ds.get_budget(back) == ds.get_budget(m)
+        with torch.no_grad():
+            torch.testing.assert_close(back(x), m(x))

@@ -1,0 +1,132 @@
+"""The speed / accuracy curve of the run-time knob: accuracy, FLOPs and measured latency at each budget."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+
+__all__ = ["KnobCurve", "KnobPoint", "knob_curve"]
+
+
+@dataclass(frozen=True)
+class KnobPoint:
+    """One budget: the metric, the FLOPs relative to dense, and the measured speed-up per batch size."""
+
+    keep: float
+    metric: float
+    flops_ratio: float
+    latency_ms: dict[int, float] = field(default_factory=dict)
+    speedup: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class KnobCurve:
+    """Points of `knob_curve`, with the dense model's metric and latency."""
+
+    points: list[KnobPoint]
+    dense_metric: float
+    dense_ms: dict[int, float]
+    threads: int
+    rounds: int
+
+    def table(self) -> str:
+        """A markdown table, one row per budget (and one for the dense model)."""
+        batches = sorted(self.dense_ms)
+        head = ["keep", "metric", "FLOPs vs dense", *[f"b{b} ms (speed-up)" for b in batches]]
+        rows = [["dense", f"{self.dense_metric:.4f}", "100.0%", *[f"{self.dense_ms[b]:.2f}" for b in batches]]]
+        for p in self.points:
+            cells = [f"{p.latency_ms[b]:.2f} ({p.speedup[b]:.2f}x)" for b in batches]
+            rows.append([f"{p.keep:g}", f"{p.metric:.4f}", f"{100 * p.flops_ratio:.1f}%", *cells])
+        lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+    def plot(self, path: str | Path, title: str = "run-time knob", ylabel: str = "test accuracy") -> Path:
+        """PNG: metric against measured speed-up over dense (one line per batch size), keep values annotated."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for b in sorted(self.dense_ms):
+            xs = [p.speedup[b] for p in self.points]
+            ax.plot(xs, [p.metric for p in self.points], marker="o", label=f"batch {b}")
+            if b == min(self.dense_ms):
+                for p, xv in zip(self.points, xs, strict=True):
+                    ax.annotate(
+                        f"keep {p.keep:g}", (xv, p.metric), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                    )
+        ax.axhline(self.dense_metric, color="grey", ls="--", lw=1, label="dense")
+        ax.set_xlabel(f"measured speed-up over dense ({self.threads} thread)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def knob_curve(
+    model: nn.Module,
+    dense: nn.Module,
+    eval_fn: Callable[[nn.Module], float],
+    x: Tensor,
+    *,
+    keeps: Sequence[float] = (1.0, 0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2),
+    batch_sizes: Sequence[int] = (1, 32),
+    rounds: int = 15,
+    threads: int = 1,
+) -> KnobCurve:
+    """Sweep `dynsparse.set_budget_` over ``keeps``: metric, FLOPs and latency against ``dense`` at each budget.
+
+    Latency is measured side by side with the dense model in one process (`compare_latency`: interleaved
+    rounds, median of paired ratios). The model's budget is restored afterwards.
+
+    Args:
+        model: A model with input-dependent gates (e.g. token gates), in eval mode.
+        dense: The dense reference.
+        eval_fn: ``eval_fn(model) -> float`` (e.g. test accuracy).
+        x: Real inputs, at least ``max(batch_sizes)`` of them (the first ``b`` are timed at batch ``b``, so the
+            inputs of a batch make their own decisions); FLOPs are counted on the first one.
+        keeps: Budgets to try.
+        batch_sizes: Batch sizes timed.
+        rounds: Interleaved timing rounds.
+        threads: ``torch.set_num_threads`` while timing.
+    """
+    from ..flops import count_flops
+    from ..knob import budget
+    from .latency import compare_latency
+
+    if not keeps:
+        raise ConfigError("knob_curve: keeps must not be empty")
+    if len(x) < max(batch_sizes):
+        raise ConfigError(f"knob_curve: x has {len(x)} inputs, fewer than the largest batch size {max(batch_sizes)}")
+    model.eval()
+    dense.eval()
+    dense_flops = count_flops(dense, x[:1])
+    dense_ms: dict[int, list[float]] = {b: [] for b in batch_sizes}
+    points = []
+    for keep in keeps:
+        with budget(model, keep):
+            with torch.no_grad():
+                metric = float(eval_fn(model))
+                flops = count_flops(model, x[:1]) / dense_flops
+            lat, spd = {}, {}
+            for b in batch_sizes:
+                xb = x[:b].contiguous()
+                res = compare_latency({"dense": dense, "model": model}, xb, rounds=rounds, threads=threads)
+                lat[b], spd[b] = 1e3 * res.median_s["model"], res.speedup["model"]
+                dense_ms[b].append(1e3 * res.median_s["dense"])
+        points.append(KnobPoint(keep, metric, flops, lat, spd))
+    with torch.no_grad():
+        dense_metric = float(eval_fn(dense))
+    med = {b: sorted(v)[len(v) // 2] for b, v in dense_ms.items()}
+    return KnobCurve(points, dense_metric, med, threads, rounds)
