@@ -29,6 +29,7 @@ from ..sparsify import fix_gates_, named_gates, sparsify_
 from .checkpoint import load_checkpoint, save_checkpoint
 from .loader import recipe_to_dict
 from .pruning import StagePruning
+from .regularize import _has_svd, build_regularizers, weight_sparsity
 from .schema import OptimizerSpec, Recipe, RegularizerSpec, ScheduleSpec, StageSpec
 
 __all__ = ["Trainer", "build_model"]
@@ -225,39 +226,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- training
     def _regularizers(self, st: StageSpec, steps_per_epoch: int) -> list[tuple[RegularizerSpec, Any]]:
-        out = []
-        for r in st.regularizers:
-            if r.name == "l0":
-                from ..regularizers.l0 import ExpectedL0
-
-                obj = ExpectedL0(self.model, weight=r.weight)
-            elif r.name == "budget":
-                from ..regularizers.budget import TargetSparsity
-
-                obj = TargetSparsity(
-                    self.model,
-                    r.target,
-                    kind=r.kind,
-                    warmup_steps=int(r.warmup_epochs * steps_per_epoch),
-                    example_input=self.example,
-                )
-            elif r.name == "group_lasso":
-                from ..regularizers.group_lasso import GroupLasso
-
-                obj = GroupLasso(self.model, weight=r.weight)
-            elif r.name == "bn_l1":
-                from ..regularizers.bn_l1 import BNScaleL1
-
-                obj = BNScaleL1(self.model, weight=r.weight)
-            elif r.name == "tokens":
-                from ..gates.tokens import TokenGate
-
-                gates = [g for _, g in named_gates(self.model) if isinstance(g, TokenGate)]
-                obj = _GatePenalty(gates, r.weight)
-            else:
-                obj = None
-            out.append((r, obj))
-        return out
+        return build_regularizers(self.model, st, steps_per_epoch, self.example)
 
     def _reg_loss(self, regs, epoch: float, step_in_stage: int, n_train: int) -> tuple[Tensor, dict[str, float]]:
         total = torch.zeros(())
@@ -472,33 +441,3 @@ class Trainer:
             },
         }
         save_checkpoint(state, path)
-
-
-def weight_sparsity(model: nn.Module) -> float:
-    """Fraction of Linear/Conv weights that are zero, or pruned by sparse VD (``log α > 3``)."""
-    pruned = total = 0
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            mask = getattr(m, "weight_mask", None)
-            if callable(mask):  # sparse VD: log alpha > 3
-                pruned += int((~mask()).sum())
-            elif mask is not None:  # a masked layer of dynsparse.prune
-                pruned += int((mask == 0).sum())
-            else:
-                pruned += int((m.weight == 0).sum())
-            total += m.weight.numel()
-    return pruned / total if total else 0.0
-
-
-class _GatePenalty:
-    """``weight`` × the sum of some gates' own ``penalty()``."""
-
-    def __init__(self, gates: list[nn.Module], weight: float) -> None:
-        self.gates, self.weight = gates, weight
-
-    def __call__(self) -> Tensor:
-        return self.weight * sum((g.penalty() for g in self.gates), torch.zeros(()))
-
-
-def _has_svd(model: nn.Module) -> bool:
-    return any(type(m).__name__ in ("LinearSVDO", "Conv2dSVDO") for m in model.modules())
