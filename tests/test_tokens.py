@@ -222,3 +222,37 @@ def test_converted_dynamic_model_saves_and_loads(tmp_path):
         assert isinstance(back.blocks[1], TokenGatedBlock) and ds.get_budget(back) == ds.get_budget(m)
         with torch.no_grad():
             torch.testing.assert_close(back(x), m(x))
+
+
+def test_recipe_trains_converts_and_reloads_a_token_model(tmp_path):
+    """A stage gates tokens with a trained predictor (ratio loss, distillation); the saved model reloads."""
+    import yaml
+
+    from dynsparse.recipes import parse_recipe
+    from dynsparse.recipes.run import run_recipe
+
+    recipe = parse_recipe(
+        yaml.safe_load(
+            """
+name: tok
+seed: 0
+model:
+  name: vit_tiny_patch16_224
+  kwargs: {img_size: 8, patch_size: 2, in_chans: 1, num_classes: 10, embed_dim: 32, depth: 3, num_heads: 2}
+data: {dataset: digits, batch_size: 32, train_subset: 128}
+stages:
+  - {name: dense, epochs: 1}
+  - name: tokens
+    epochs: 1
+    sparsify: {tokens: {gate: predictor, blocks: [1], keep: 0.5}}
+    regularizers: [{name: tokens}]
+    distill: {weight: 1.0}
+convert: {static: false}
+evaluate: {latency: false}
+"""
+        )
+    )
+    report = run_recipe(recipe, tmp_path, progress=False)
+    assert report["flops"]["converted"] < 0.8 * report["flops"]["dense"]
+    back = ds.load(tmp_path / "model.safetensors")
+    assert isinstance(back.blocks[1], TokenGatedBlock) and ds.get_budget(back) == {"blocks.1.tokens.gate": 0.5}
