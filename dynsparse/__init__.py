@@ -19,6 +19,7 @@ from .gates import (
     make_gate,
     register_gate,
 )
+from .gates.routers import ROUTERS, BlockRouter
 from .gates.tokens import TOKEN_GATES, TokenGate
 from .knob import budget, get_budget, set_budget_
 from .report import SparsityReport, sparsity_report
@@ -29,7 +30,9 @@ __version__ = "0.1.0"
 __all__ = [
     "DIMENSIONS",
     "GATES",
+    "ROUTERS",
     "TOKEN_GATES",
+    "BlockRouter",
     "ConfigError",
     "DynsparseError",
     "FixedGate",

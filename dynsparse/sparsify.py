@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 #: The static dimensions ``sparsify_`` knows.
 DIMENSIONS = ("neurons", "heads", "channels", "layers")
-#: Input-dependent dimensions: decided per input at run time (``tokens``: see `dynsparse.layers.tokens`).
-DYNAMIC_DIMENSIONS = ("tokens",)
+#: Input-dependent dimensions, decided per input at run time: ``tokens`` (`dynsparse.layers.tokens`) and
+#: ``depth`` (per-input block skipping, `dynsparse.layers.routing`).
+DYNAMIC_DIMENSIONS = ("tokens", "depth")
 
 # Class names that look like a candidate for a dimension; an unknown class matching one is reported, not ignored.
 _LOOKALIKE = {
@@ -127,7 +128,7 @@ def plan_sparsify(
     plan = SparsifyPlan()
     for dim, opts in dims.items():
         if dim in DYNAMIC_DIMENSIONS:
-            _check_tokens(opts)
+            _check_dynamic(dim, opts)
             continue
         inc = g_inc + _patterns(opts.pop("include", None), f"{dim}.include")
         exc = g_exc + _patterns(opts.pop("exclude", None), f"{dim}.exclude")
@@ -188,15 +189,25 @@ def plan_sparsify(
     return plan
 
 
-def _check_tokens(opts: dict[str, Any]) -> None:
-    """A ``tokens`` spec names a registered token gate and only known fields (checked before any change)."""
+def _check_dynamic(dim: str, opts: dict[str, Any]) -> None:
+    """A ``tokens`` / ``depth`` spec names a registered gate (checked before any module changes)."""
+    from .gates.routers import ROUTERS
     from .gates.tokens import TOKEN_GATES
 
-    name = opts.get("gate", "cls_attention")
-    if name not in TOKEN_GATES.names():
+    registry, default, what = (
+        (TOKEN_GATES, "cls_attention", "token gate")
+        if dim == "tokens"
+        else (
+            ROUTERS,
+            "router",
+            "block router",
+        )
+    )
+    name = opts.get("gate", default)
+    if name not in registry.names():
         raise ConfigError(
-            f"sparsify spec field 'tokens': unknown token gate {name!r}.{suggest(str(name), TOKEN_GATES.names())} "
-            f"Known: {', '.join(TOKEN_GATES.names())}"
+            f"sparsify spec field {dim!r}: unknown {what} {name!r}.{suggest(str(name), registry.names())} "
+            f"Known: {', '.join(registry.names())}"
         )
 
 
@@ -278,6 +289,10 @@ def sparsify_(
         from .layers.tokens import gate_tokens_
 
         gate_tokens_(model, **_parse_spec(spec)["tokens"])
+    if "depth" in spec:
+        from .layers.routing import route_blocks_
+
+        route_blocks_(model, **_parse_spec(spec)["depth"])
     # the calls made, so a gated checkpoint can be rebuilt without pickle (see dynsparse.convert.io)
     model.__dict__.setdefault("_dynsparse_history", []).append(call)
     return model

@@ -21,6 +21,9 @@ for step in range(400):
     opt.step()
     if pruner.step(step + 1):  # prune after the update, when the target changed
         s = ds.prune.sparsity(model)
-        print(f"step {step + 1:3d}: target {pruner.target:.3f}, per layer", {k: round(v, 3) for k, v in s.layers.items()})
-print(f"final loss {loss.item():.3f}, masked weights all zero:", all(
-    not m.masked_weight()[~m.weight_mask].any() for m in model if hasattr(m, "weight_mask")))
+        layers = {k: round(v, 3) for k, v in s.layers.items()}
+        print(f"step {step + 1:3d}: target {pruner.target:.3f}, per layer", layers)
+print(
+    f"final loss {loss.item():.3f}, masked weights all zero:",
+    all(not m.masked_weight()[~m.weight_mask].any() for m in model if hasattr(m, "weight_mask")),
+)

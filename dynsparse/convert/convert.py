@@ -170,11 +170,13 @@ def convert(
     new = _close(new, closed)
     _check_clean(new)
     if not static:
+        from ..layers.routing import depth_spec
         from ..layers.tokens import token_spec
 
-        spec = token_spec(new) if hasattr(new, "blocks") else None
-        if spec is not None:
-            plan.dynamic["tokens"] = spec
+        for key, fn in (("tokens", token_spec), ("depth", depth_spec)):
+            spec = fn(new) if hasattr(new, "blocks") else None
+            if spec is not None:
+                plan.dynamic[key] = spec
     new.slice_plan = plan
     if verify_inputs is not None:
         diff = verify(model, new, verify_inputs, atol=atol, rtol=rtol)
@@ -231,11 +233,14 @@ def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
         idx = torch.tensor(keep if keep else [0], dtype=torch.long)
         _slice_units(model, parent, child, dim, idx, None)
     model = _close(model, closed)
-    if "tokens" in plan.dynamic:
+    if plan.dynamic:
+        from ..layers.routing import route_blocks_
         from ..layers.tokens import gate_tokens_
 
-        try:
-            gate_tokens_(model, **plan.dynamic["tokens"])
-        except (ConfigError, TypeError) as e:
-            raise ConfigError(f"slice plan 'dynamic.tokens': {e}") from None
+        for key, fn in (("depth", route_blocks_), ("tokens", gate_tokens_)):
+            if key in plan.dynamic:
+                try:
+                    fn(model, **plan.dynamic[key])
+                except (ConfigError, TypeError) as e:
+                    raise ConfigError(f"slice plan 'dynamic.{key}': {e}") from None
     return model

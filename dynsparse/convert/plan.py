@@ -82,9 +82,9 @@ class SlicePlan:
         entries, units, dynamic = data.get("entries"), data.get("units", {}), data.get("dynamic", {})
         if not isinstance(entries, Mapping) or not isinstance(units, Mapping) or not isinstance(dynamic, Mapping):
             raise ConfigError(f"{source}: fields 'entries', 'units' and 'dynamic' must be objects")
-        unknown = sorted(set(dynamic) - {"tokens"})
+        unknown = sorted(set(dynamic) - {"tokens", "depth"})
         if unknown:
-            raise ConfigError(f"{source}: unknown dynamic part {unknown[0]!r} (known: tokens)")
+            raise ConfigError(f"{source}: unknown dynamic part {unknown[0]!r} (known: tokens, depth)")
         try:
             return cls({k: {d: list(i) for d, i in v.items()} for k, v in entries.items()}, dict(units), dict(dynamic))
         except ConfigError as e:

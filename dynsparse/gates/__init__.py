@@ -12,13 +12,16 @@ from ..registry import Registry
 from .base import Gate, InputDependentGate
 from .fixed import FixedGate
 from .hard_concrete import HardConcreteGate
+from .routers import ROUTERS, BlockRouter
 from .sigmoid import SigmoidGate
 from .tokens import TOKEN_GATES, ClsAttentionTokenGate, PredictorTokenGate, TokenGate, make_token_gate
 from .topk import TopKGate
 
 __all__ = [
     "GATES",
+    "ROUTERS",
     "TOKEN_GATES",
+    "BlockRouter",
     "ClsAttentionTokenGate",
     "FixedGate",
     "Gate",

@@ -24,6 +24,7 @@ _LAZY = {
     "GatedDepthwiseSeparableConv": ".conv",
     "Branch": ".residual",
     "PolicyBlock": ".tokens",
+    "RoutedBlock": ".routing",
     "TokenGatedBlock": ".tokens",
     "TokenSelect": ".tokens",
     "gate_branches_": ".residual",

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..gates.tokens import TokenGate
-from ..modules import adopt
+from ..modules import adopt, first_param
 
 __all__ = [
     "PolicyBlock",
@@ -250,6 +250,9 @@ def gate_tokens_(
         raise ConfigError(f"tokens.keep: {len(keeps)} values for {len(idx)} blocks")
     if any(isinstance(b, TokenGatedBlock) for b in seq):
         raise ConfigError("tokens: the model already has token gates")
+    odd = [f"blocks.{i} ({type(b).__name__})" for i, b in enumerate(seq) if i >= idx[0] and type(b) is not Block]
+    if odd:
+        raise ConfigError(f"tokens: token gates need plain timm Blocks from the first gate on; found {odd[0]}")
     state, n, target = TokenState(), patches, 1.0
     for j, (i, k) in enumerate(zip(idx, keeps, strict=True)):
         spec = {"gate": gate} if isinstance(gate, str) else dict(gate)
@@ -264,7 +267,8 @@ def gate_tokens_(
             )
         if prefix < 1 and isinstance(gate, str) and gate == "cls_attention":
             raise ConfigError("tokens: the cls_attention gate needs a class token; this model has no prefix token")
-        seq[i] = TokenGatedBlock.from_module(seq[i], TokenSelect(g, prefix, fuse), state, first=j == 0)
+        sel = _like(TokenSelect(g, prefix, fuse), seq[i])
+        seq[i] = TokenGatedBlock.from_module(seq[i], sel, state, first=j == 0)
         n = g.kept(n) + (1 if fuse else 0)
     for i in range(idx[0] + 1, len(seq)):  # blocks after the first gate mask attention on the masked path
         if not isinstance(seq[i], TokenGatedBlock):
@@ -298,3 +302,11 @@ def token_spec(model: nn.Module) -> dict | None:
         if hasattr(gate, key):
             spec[key] = getattr(gate, key)
     return spec
+
+
+def _like(new: nn.Module, block: nn.Module) -> nn.Module:
+    """``new`` on ``block``'s device and dtype, in its training mode."""
+    p = first_param(block)
+    if p is not None:
+        new = new.to(device=p.device, dtype=p.dtype)
+    return new.train(block.training)

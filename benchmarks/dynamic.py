@@ -1,9 +1,9 @@
-"""Per-input token dropping in a timm ViT on CPU: measured speed-up over dense against the FLOPs-ideal one.
+"""Per-input dynamic inference in a timm ViT on CPU: measured speed-up over dense against the FLOPs-ideal one.
 
 Run from the repository root (about 5 minutes with the defaults, on one thread)::
 
-    python benchmarks/dynamic_tokens.py
-    python benchmarks/dynamic_tokens.py --cases b3 --batches 1 --rounds 20
+    python benchmarks/dynamic.py
+    python benchmarks/dynamic.py --cases b3 --batches 1 --rounds 20
 
 Cases (``vit_small_patch16_224``, ``pretrained=False``, seed 0, 224x224, fp32, eval mode, random weights):
 
@@ -12,8 +12,11 @@ Cases (``vit_small_patch16_224``, ``pretrained=False``, seed 0, 224x224, fp32, e
 * ``dynamicvit``: DynamicViT's layout: ``predictor`` gates (a learned MLP per location, its cost included) at
   blocks 3, 6, 9 with keep 0.7 each (0.7, 0.49, 0.343 of the tokens).
 * ``evit``: ``cls_attention`` at blocks 3, 6, 9, keep 0.7, dropped tokens fused into one (EViT).
+* ``depth``: a ``router`` on every block (per-input layer skipping), its weights drawn at random (seed 0, so
+  that about half of the (image, block) pairs run; an untrained router runs everything): at batch 1 a skipped
+  block costs only its router, in a batch the images that run a block are gathered along the batch dimension.
 
-Every input of a batch chooses its own tokens (random images, so the decisions differ across the batch); the
+Every input of a batch chooses its own tokens (or blocks) (random images, so the decisions differ across the batch); the
 batch stays one tensor because each input keeps the same number of tokens. Method: ``torch.inference_mode()``,
 a fixed random batch, warm-up rounds, then rounds that run dense and dynamic once each in alternating order;
 the speed-up is the median of the per-round paired ratios (quartiles in brackets), by wall clock and by process
@@ -32,12 +35,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import count_flops, interleaved_rounds, markdown_table, paired_ratios, spread  # noqa: E402
+from _timing import count_flops, interleaved_rounds, markdown_table, paired_ratios, spread
 
 CASES = {
     "b3": {"gate": "cls_attention", "blocks": [3], "keep": 0.5},
     "dynamicvit": {"gate": "predictor", "blocks": [3, 6, 9], "keep": 0.7},
     "evit": {"gate": "cls_attention", "blocks": [3, 6, 9], "keep": 0.7, "fuse": True},
+    "depth": {"gate": "router", "blocks": "all", "keep": 0.5},
 }
 
 
@@ -51,7 +55,15 @@ def build(case: str):
     torch.manual_seed(0)
     dyn = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
     dyn.load_state_dict(dense.state_dict())
-    ds.sparsify_(dyn, {"tokens": CASES[case]})
+    if case == "depth":
+        ds.sparsify_(dyn, {"depth": CASES[case]})
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for b in dyn.blocks:
+                b.router.proj.weight.copy_(torch.randn(b.router.proj.weight.shape, generator=g) * 0.5)
+                b.router.proj.bias.zero_()
+    else:
+        ds.sparsify_(dyn, {"tokens": CASES[case]})
     return dense, dyn.eval()
 
 
@@ -77,7 +89,9 @@ def main() -> None:
             with torch.inference_mode():
                 ideal = count_flops(dense, x) / count_flops(dyn, x)
                 rounds = args.rounds or (30 if b == 1 else 8)
-                t = interleaved_rounds({"dense": lambda: dense(x), "dyn": lambda: dyn(x)}, rounds, args.warmup)
+                t = interleaved_rounds(
+                    {"dense": lambda m=dense, x=x: m(x), "dyn": lambda m=dyn, x=x: m(x)}, rounds, args.warmup
+                )
             wall = spread(paired_ratios(t.wall["dense"], t.wall["dyn"]))
             cpu = spread(paired_ratios(t.cpu["dense"], t.cpu["dyn"]))
             rows.append(
