@@ -245,7 +245,7 @@ stages:
   - name: tokens
     epochs: 1
     sparsify: {tokens: {gate: predictor, blocks: [1], keep: 0.5}}
-    regularizers: [{name: tokens}]
+    regularizers: [{name: dynamic}]
     distill: {weight: 1.0}
 convert: {static: false}
 evaluate: {latency: false}

@@ -41,10 +41,10 @@ def build_regularizers(
             from ..regularizers.bn_l1 import BNScaleL1
 
             obj = BNScaleL1(model, weight=r.weight)
-        elif r.name == "tokens":
-            from ..gates.tokens import TokenGate
+        elif r.name == "dynamic":
+            from ..gates import InputDependentGate
 
-            obj = _GatePenalty([g for _, g in named_gates(model) if isinstance(g, TokenGate)], r.weight)
+            obj = _GatePenalty([g for _, g in named_gates(model) if isinstance(g, InputDependentGate)], r.weight)
         else:
             obj = None
         out.append((r, obj))

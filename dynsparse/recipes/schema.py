@@ -81,11 +81,11 @@ class RegularizerSpec:
     kept fraction of ``kind`` flops/params, ``warmup_epochs``, multiplier ``lr``), ``group_lasso``, ``bn_l1``,
     ``sparse_vd`` (swap Linear/Conv for sparse variational dropout, KL ``weight`` with warm-up epochs
     ``kl_start``..``kl_end``). ``group_lasso`` with ``prox: true`` takes a proximal step after each update
-    instead of adding the penalty to the loss. ``tokens``: ``weight`` × the token gates' own losses (the ratio
-    loss of trained ``predictor`` gates, already weighted by each gate's ``weight``).
+    instead of adding the penalty to the loss. ``dynamic``: ``weight`` × the own losses of the input-dependent
+    gates (ratio loss of ``predictor`` token gates, target loss of block routers; each has its own ``weight``).
     """
 
-    name: Literal["l0", "budget", "group_lasso", "bn_l1", "sparse_vd", "tokens"]
+    name: Literal["l0", "budget", "group_lasso", "bn_l1", "sparse_vd", "dynamic"]
     weight: float = 1.0
     target: float | None = None
     kind: Literal["flops", "params"] = "flops"
