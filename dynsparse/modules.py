@@ -9,7 +9,7 @@ from torch import nn
 
 from .errors import DynsparseError
 
-__all__ = ["adopt", "first_param", "is_stateless", "replace_module_"]
+__all__ = ["adopt", "first_param", "is_stateless", "place_like", "replace_module_"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -56,3 +56,11 @@ def is_stateless(module: nn.Module | None) -> bool:
     if module is None:
         return True
     return len(module.state_dict()) == 0
+
+
+def place_like(new: M, ref: nn.Module) -> M:
+    """``new`` moved to ``ref``'s device and floating dtype and set to its training mode (for modules added to it)."""
+    p = first_param(ref)
+    if p is not None:
+        new = new.to(device=p.device, dtype=p.dtype)
+    return new.train(ref.training)

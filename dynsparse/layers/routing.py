@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..gates.routers import ROUTERS, BlockRouter
-from ..modules import adopt, first_param
+from ..modules import adopt, place_like
 
 __all__ = ["RoutedBlock", "depth_spec", "route_blocks_"]
 
@@ -88,7 +88,7 @@ def route_blocks_(
             router = cls(seq[i].norm1.normalized_shape[0], keep=keep, **router_kwargs)
         except TypeError as e:
             raise ConfigError(f"depth router {gate!r}: {e}") from None
-        seq[i] = RoutedBlock.from_module(seq[i], _like(router, seq[i]))
+        seq[i] = RoutedBlock.from_module(seq[i], place_like(router, seq[i]))
     return model
 
 
@@ -112,11 +112,3 @@ def depth_spec(model: nn.Module) -> dict | None:
         "tau": r.tau,
         "pool": r.pool,
     }
-
-
-def _like(new: nn.Module, block: nn.Module) -> nn.Module:
-    """``new`` on ``block``'s device and dtype, in its training mode."""
-    p = first_param(block)
-    if p is not None:
-        new = new.to(device=p.device, dtype=p.dtype)
-    return new.train(block.training)

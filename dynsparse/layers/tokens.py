@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..gates.tokens import TokenGate
-from ..modules import adopt, first_param
+from ..modules import adopt, place_like
 
 __all__ = [
     "PolicyBlock",
@@ -267,7 +267,7 @@ def gate_tokens_(
             )
         if prefix < 1 and isinstance(gate, str) and gate == "cls_attention":
             raise ConfigError("tokens: the cls_attention gate needs a class token; this model has no prefix token")
-        sel = _like(TokenSelect(g, prefix, fuse), seq[i])
+        sel = place_like(TokenSelect(g, prefix, fuse), seq[i])
         seq[i] = TokenGatedBlock.from_module(seq[i], sel, state, first=j == 0)
         n = g.kept(n) + (1 if fuse else 0)
     for i in range(idx[0] + 1, len(seq)):  # blocks after the first gate mask attention on the masked path
@@ -302,11 +302,3 @@ def token_spec(model: nn.Module) -> dict | None:
         if hasattr(gate, key):
             spec[key] = getattr(gate, key)
     return spec
-
-
-def _like(new: nn.Module, block: nn.Module) -> nn.Module:
-    """``new`` on ``block``'s device and dtype, in its training mode."""
-    p = first_param(block)
-    if p is not None:
-        new = new.to(device=p.device, dtype=p.dtype)
-    return new.train(block.training)
