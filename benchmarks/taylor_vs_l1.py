@@ -1,6 +1,7 @@
 """Structured channel pruning of a small timm ResNet on Fashion-MNIST: Taylor-FO vs L1 filter norm vs random.
 
-Run: ``python benchmarks/taylor_vs_l1.py [--dense-epochs 3] [--finetune 1] [--seeds 0 1 2] [--threads 1]``
+Run: ``python benchmarks/taylor_vs_l1.py [--dense-epochs 3] [--finetune 1] [--seeds 0 1 2] [--threads 1]``;
+the paper protocol: ``--layers 2 2 2 2 --dense-epochs 5 --methods taylor-paper l1-paper random-paper``.
 
 Model: timm ``resnet10t`` (one ``BasicBlock`` per stage) with reduced widths: ``channels=(16, 32, 64, 128)``,
 ``stem_width=16``, one input channel, 10 classes, on 28×28 images. For each seed one dense network is trained
@@ -18,6 +19,12 @@ every block (the ``act1`` slot, between ``conv1`` and ``conv2``) and closes half
   fine-tuning, every ``--every`` mini-batches the importance is recomputed on the gated model (Taylor over
   ``--iter-calib`` batches) and ``keep_masks`` + ``ds.fix_gates_`` close a few more channels of each gate, in
   ``--steps`` equal steps up to 50 %; closed channels score lowest so they stay closed;
+* ``taylor-paper`` / ``l1-paper`` / ``random-paper``: Molchanov 2019's protocol from the trained network
+  (``prune_paper``): training goes on at lr ``--prune-lr``; Taylor-FO-BN is read from each training mini-batch's
+  own backward pass and averaged with momentum 0.9 since the last step; every ``--every`` mini-batches
+  ``--sparsity / --steps`` more of each gate is closed (layer-wise equal ratios, so equal FLOPs), then
+  ``--finetune`` epochs of fine-tuning (cosine from ``--prune-lr``) follow the last step, the same for every
+  method. ``--layers 2 2 2 2`` gives a deeper, ResNet-18-style network (two blocks per stage);
 * ``taylor-global``: one-shot, ranked across the gates without normalisation (Molchanov 2019);
   ``taylor-global-l2`` / ``l1-global-l2``: ranked across the gates after per-gate ℓ2 normalisation (Molchanov
   2017). With a global ranking the widths, hence the FLOPs, differ from the layer-wise methods and between them.
@@ -51,15 +58,39 @@ from dynsparse.data import load_dataset, make_loader, set_epoch
 from dynsparse.flops import count_flops
 from dynsparse.importance import MagnitudeImportance, RandomImportance, TaylorImportance, keep_masks
 
-METHODS = ("l1", "taylor", "random", "taylor-iter", "l1-iter", "taylor-global", "taylor-global-l2", "l1-global-l2")
+METHODS = (
+    "l1",
+    "taylor",
+    "random",
+    "taylor-iter",
+    "l1-iter",
+    "taylor-global",
+    "taylor-global-l2",
+    "l1-global-l2",
+    "taylor-paper",
+    "l1-paper",
+    "random-paper",
+)
 DEFAULT_METHODS = ("l1", "taylor", "random", "taylor-iter", "l1-iter")
 
 
-def build(seed: int) -> nn.Module:
+def build(seed: int, layers: Sequence[int] = (1, 1, 1, 1)) -> nn.Module:
     torch.manual_seed(seed)
     return timm.create_model(
-        "resnet10t", pretrained=False, num_classes=10, in_chans=1, channels=(16, 32, 64, 128), stem_width=16
+        "resnet10t",
+        pretrained=False,
+        num_classes=10,
+        in_chans=1,
+        channels=(16, 32, 64, 128),
+        stem_width=16,
+        layers=tuple(layers),
     )
+
+
+def block_widths(model: nn.Module) -> list[int]:
+    return [
+        blk.conv1.out_channels for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for blk in stage
+    ]
 
 
 def evaluate(model: nn.Module, loader) -> float:
@@ -112,6 +143,19 @@ def calib_batches(train_set, n: int, seed: int, offset: int) -> list:
     return list(itertools.islice(loader, n))
 
 
+def closed_lowest(scores: dict[str, torch.Tensor], gates: dict) -> dict[str, torch.Tensor]:
+    """Scores in float64 with every closed channel below every open one, so a closed channel stays closed.
+
+    The open scores are not shifted by a constant: Taylor scores are squared gradients, often far below float32's
+    resolution around 1.
+    """
+    out = {}
+    for f, s in scores.items():
+        s = s.double()
+        out[f] = torch.where(gates[f].keep_mask().cpu(), s, s.min() - 1)
+    return out
+
+
 def prune_iterative_hook(method: str, train_set, seed: int, args):
     """A training hook that closes ``args.sparsity / args.steps`` more of each gate every ``args.every`` steps."""
     scorer = MagnitudeImportance(p=1) if method.startswith("l1") else TaylorImportance(order=1)
@@ -123,13 +167,90 @@ def prune_iterative_hook(method: str, train_set, seed: int, args):
         gates = dict(ds.named_gates(model))
         data = calib_batches(train_set, args.iter_calib, seed, k) if not method.startswith("l1") else None
         scores = scorer(model, data)
-        # closed channels rank lowest, so a channel once closed stays closed
-        scores = {
-            f: torch.where(gates[f].keep_mask().cpu(), s - s.min() + 1, torch.zeros_like(s)) for f, s in scores.items()
-        }
+        scores = closed_lowest(scores, gates)
         ds.fix_gates_(model, keep_masks(scores, args.sparsity * k / args.steps, scope="layer"))
 
     return hook
+
+
+def prune_paper(method: str, dense: nn.Module, loader, seed: int, args, test_loader) -> tuple[nn.Module, float]:
+    """Molchanov et al. 2019's protocol from the trained ``dense`` network; returns (gated model, error before FT).
+
+    Training continues (SGD, constant lr ``--prune-lr``) on the gated copy. Every ``--every`` mini-batches, the
+    lowest-ranked open channels are closed, ``--sparsity / --steps`` of each gate per step (layer-wise equal
+    ratios: every method ends with the same widths, hence the same FLOPs), for ``--steps`` steps. Scores:
+
+    * ``taylor-paper``: Taylor-FO-BN, ``(z·∂L/∂z)²`` of the gate ``z`` after ``bn1``/``act1``, read from the
+      training mini-batch's own backward pass (train mode), averaged with momentum 0.9 over the mini-batches
+      since the last pruning step (reset after each step);
+    * ``l1-paper``: the L1 norm of each ``conv1`` filter at the pruning step;
+    * ``random-paper``: random scores, new at each step.
+
+    Closed channels rank lowest, so they stay closed. After the last step the gated model is fine-tuned for
+    ``--finetune`` epochs (lr ``--prune-lr``, cosine), the same for every method.
+    """
+    model = copy.deepcopy(dense)
+    ds.sparsify_(model, {"channels": {"gate": "fixed"}})  # all open; before the optimizer is built
+    opt = sgd(model, args.prune_lr)
+    avg: dict[str, torch.Tensor] = {}
+    leaves: dict[str, torch.Tensor] = {}
+    handles: list = []
+
+    def attach(on: bool = True) -> None:  # fix_gates_ swaps the gate modules: hook the new ones
+        for h in handles:
+            h.remove()
+        handles.clear()
+        if not on or method != "taylor-paper":
+            return
+        for fqn, gate in ds.named_gates(model):
+
+            def hook(module, inputs, out, fqn=fqn):
+                z = out.detach().clone().requires_grad_(True)
+                leaves[fqn] = z
+                return z
+
+            handles.append(gate.register_forward_hook(hook))
+
+    attach()
+    prune_steps = args.every * args.steps
+    ft_steps = max(1, args.finetune * len(loader))
+    step, epoch, before = 0, 0, float("nan")
+    model.train()
+    while step < prune_steps + ft_steps:
+        set_epoch(loader, epoch + 1000 * (seed + 1))
+        epoch += 1
+        for x, y in loader:
+            if step >= prune_steps + ft_steps:
+                break
+            t = max(0, step - prune_steps) / ft_steps
+            for g in opt.param_groups:
+                g["lr"] = args.prune_lr * (1.0 if step < prune_steps else 0.5 * (1 + math.cos(math.pi * t)))
+            leaves.clear()
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for fqn, z in leaves.items():
+                cur = (z.detach() * z.grad).double().pow(2).reshape(-1)
+                avg[fqn] = cur if fqn not in avg else 0.9 * avg[fqn] + 0.1 * cur
+            step += 1
+            if step <= prune_steps and step % args.every == 0:
+                k = step // args.every
+                gates = dict(ds.named_gates(model))
+                if method == "taylor-paper":
+                    scores = {f: avg[f] for f in gates}
+                elif method == "l1-paper":
+                    scores = MagnitudeImportance(p=1)(model, None)
+                else:
+                    scores = RandomImportance(seed=1000 * seed + k)(model, None)
+                scores = closed_lowest(scores, gates)
+                ds.fix_gates_(model, keep_masks(scores, args.sparsity * k / args.steps, scope="layer"))
+                avg.clear()
+                attach()
+                if k == args.steps:
+                    before = evaluate(model, test_loader)
+    attach(on=False)
+    return model, before
 
 
 def synthetic(n: int, seed: int) -> TensorDataset:
@@ -154,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
     ap.add_argument("--calib", type=int, default=20, help="calibration batches of 128 for one-shot Taylor")
     ap.add_argument("--every", type=int, default=30, help="iterative: mini-batches between pruning steps")
     ap.add_argument("--steps", type=int, default=10, help="iterative: number of pruning steps")
+    ap.add_argument("--prune-lr", type=float, default=0.01, help="*-paper: lr while pruning and of the fine-tuning")
+    ap.add_argument("--layers", type=int, nargs=4, default=[1, 1, 1, 1], help="blocks per stage (2 2 2 2: 18-style)")
     ap.add_argument("--iter-calib", type=int, default=5, help="iterative: Taylor batches per pruning step")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
@@ -174,14 +297,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
     widths: dict[str, list[int]] = {}
     for seed in args.seeds:
         loader = make_loader(train_set, 128, shuffle=True, seed=seed, drop_last=True)
-        dense = build(seed)
+        dense = build(seed, args.layers)
         train(dense, loader, args.dense_epochs, 0.1, seed)
         errors["dense"].append(evaluate(dense, test_loader))
         flops["dense"].append(count_flops(dense, example))
         print(f"seed {seed} dense: {100 * errors['dense'][-1]:.2f}% ({time.perf_counter() - t0:.0f} s)", flush=True)
         for method in args.methods:
             model = copy.deepcopy(dense)
-            if method.endswith("-iter"):
+            if method.endswith("-paper"):
+                model, pre_ft = prune_paper(method, dense, loader, seed, args, test_loader)
+                small = ds.convert(model)
+                before[method].append(pre_ft)
+            elif method.endswith("-iter"):
                 ds.sparsify_(model, {"channels": {"gate": "fixed"}})  # all open; before the optimizer is built
                 hook = prune_iterative_hook(method, train_set, seed, args)
                 train(model, loader, args.finetune, 0.01, seed + 1, hook=hook)
@@ -213,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
             err = evaluate(small, test_loader)
             errors[method].append(err)
             flops[method].append(count_flops(small, example))
-            widths[method] = [b[0].conv1.out_channels for b in (small.layer1, small.layer2, small.layer3, small.layer4)]
+            widths[method] = block_widths(small)
             pre = "" if math.isnan(before[method][-1]) else f"{100 * before[method][-1]:.2f}% before FT, "
             print(
                 f"seed {seed} {method}: {pre}{100 * err:.2f}% after FT, {flops[method][-1] / 1e6:.3f} MFLOPs, "
@@ -222,7 +349,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
             )
     wall = time.perf_counter() - t0
     print(
-        f"\n{args.dataset}, resnet10t (16-32-64-128), {100 * args.sparsity:g}% of block channels, "
+        f"\n{args.dataset}, resnet10t (16-32-64-128, layers {args.layers}), "
+        f"{100 * args.sparsity:g}% of block channels, "
         f"{args.dense_epochs} dense epochs, {args.finetune} fine-tuning epoch(s), seeds {args.seeds}: "
         "test error % of the converted model"
     )
@@ -233,6 +361,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
         pre = fmt(before[method]) if method in before and not math.isnan(before[method][0]) else "–"
         per_seed = ", ".join(f"{100 * e:.2f}" for e in errs)
         print(f"| {method} | {mflops} | {pre} | {fmt(errs)} | {per_seed} |")
+    for a, b in (("taylor", "l1"), ("taylor-iter", "l1-iter"), ("taylor-paper", "l1-paper")):
+        if a in errors and b in errors:
+            diffs = [100 * (x - y) for x, y in zip(errors[a], errors[b], strict=True)]
+            per_seed = ", ".join(f"{d:+.2f}" for d in diffs)
+            mean = statistics.mean(diffs)
+            std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            print(f"paired {a} − {b} (points, per seed): {per_seed}; mean {mean:+.2f} ± {std:.2f}")
     print(f"\n({wall:.0f} s, {args.threads} thread)")
     return dict(errors)
 
