@@ -25,9 +25,11 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,20 +41,16 @@ from dynsparse.importance import grasp, random, snip, synflow, unstructured_mask
 from dynsparse.models import LeNet300100
 from dynsparse.prune import apply_masks_, sparsity
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import accuracy
+
 METHODS = ("snip", "grasp", "synflow", "random", "random-snip")
 LAYERS = ("fc1.weight", "fc2.weight", "fc3.weight")
 
 
 def evaluate(model: nn.Module, loader) -> float:
     """Test error in [0, 1]."""
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += int((model(x).argmax(-1) == y).sum())
-            total += len(y)
-    model.train()
-    return 1 - correct / total
+    return 1 - accuracy(model, loader)
 
 
 def train(model: nn.Module, loader, epochs: int, lr: float, seed: int) -> None:

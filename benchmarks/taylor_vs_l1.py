@@ -43,9 +43,11 @@ import copy
 import itertools
 import math
 import statistics
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 import timm
 import torch
@@ -57,6 +59,9 @@ import dynsparse as ds
 from dynsparse.data import load_dataset, make_loader, set_epoch
 from dynsparse.flops import count_flops
 from dynsparse.importance import MagnitudeImportance, RandomImportance, TaylorImportance, keep_masks
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import accuracy
 
 METHODS = (
     "l1",
@@ -95,15 +100,7 @@ def block_widths(model: nn.Module) -> list[int]:
 
 def evaluate(model: nn.Module, loader) -> float:
     """Test error in [0, 1]."""
-    was = model.training
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += int((model(x).argmax(-1) == y).sum())
-            total += len(y)
-    model.train(was)
-    return 1 - correct / total
+    return 1 - accuracy(model, loader)
 
 
 def sgd(model: nn.Module, lr: float) -> torch.optim.Optimizer:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,16 +25,13 @@ from torch import nn
 from dynsparse.data import load_dataset, make_loader, set_epoch
 from dynsparse.models import LeNet300100
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import accuracy
+
 
 def evaluate(model: nn.Module, loader) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += int((model(x).argmax(-1) == y).sum())
-            total += len(y)
-    model.train()
-    return correct / total
+    """Test accuracy in [0, 1]."""
+    return accuracy(model, loader)
 
 
 def train(model, loader, epochs, lr, masks=None, seed=0):
