@@ -42,7 +42,7 @@ from dynsparse.models import LeNet300100
 from dynsparse.prune import apply_masks_, sparsity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import accuracy
+from _common import accuracy, train_adam_cosine
 
 METHODS = ("snip", "grasp", "synflow", "random", "random-snip")
 LAYERS = ("fc1.weight", "fc2.weight", "fc3.weight")
@@ -55,19 +55,7 @@ def evaluate(model: nn.Module, loader) -> float:
 
 def train(model: nn.Module, loader, epochs: int, lr: float, seed: int) -> None:
     """Adam with a cosine decay to 0.1·lr; the data order depends on ``seed`` and the epoch only."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps, step = max(1, epochs * len(loader)), 0
-    model.train()
-    for epoch in range(epochs):
-        set_epoch(loader, epoch + 1000 * seed)
-        for x, y in loader:
-            for g in opt.param_groups:
-                g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / steps)).item()))
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+    train_adam_cosine(model, loader, epochs, lr, seed)
 
 
 def init_model(seed: int, image_size: int) -> LeNet300100:

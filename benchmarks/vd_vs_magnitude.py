@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dynsparse.data import load_dataset, make_loader, set_epoch
+from dynsparse.data import load_dataset, make_loader
 from dynsparse.models import LeNet300100
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import accuracy
+from _common import accuracy, train_adam_cosine
 
 
 def evaluate(model: nn.Module, loader) -> float:
@@ -35,23 +34,14 @@ def evaluate(model: nn.Module, loader) -> float:
 
 
 def train(model, loader, epochs, lr, masks=None, seed=0):
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * len(loader)
-    step = 0
-    for epoch in range(epochs):
-        set_epoch(loader, epoch + 1000 * seed)
-        for x, y in loader:
-            for g in opt.param_groups:
-                g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / steps)).item()))
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if masks:
-                with torch.no_grad():
-                    for layer, m in masks.items():
-                        layer.weight.mul_(m)
+    """`train_adam_cosine`, with the masks re-applied to the weights after every step."""
+
+    def reapply() -> None:
+        with torch.no_grad():
+            for layer, m in masks.items():
+                layer.weight.mul_(m)
+
+    train_adam_cosine(model, loader, epochs, lr, seed, reapply if masks else None)
 
 
 def layer_masks(model: LeNet300100, sparsity: float) -> dict[nn.Linear, torch.Tensor]:

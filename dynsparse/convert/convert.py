@@ -174,7 +174,7 @@ def convert(
         from ..layers.tokens import token_spec
 
         for key, fn in (("tokens", token_spec), ("depth", depth_spec)):
-            spec = fn(new) if hasattr(new, "blocks") else None
+            spec = fn(new)
             if spec is not None:
                 plan.dynamic[key] = spec
     new.slice_plan = plan

@@ -77,9 +77,6 @@ class BlockRouter(InputDependentGate):
             return (hard - soft.detach() + soft).unsqueeze(-1)
         return (p >= 1.0 - self.keep).to(x.dtype).unsqueeze(-1)
 
-    def num_kept(self) -> int:
-        return 1
-
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_p"] = None  # carries an autograd graph

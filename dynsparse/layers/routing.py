@@ -23,8 +23,6 @@ __all__ = ["RoutedBlock", "depth_spec", "route_blocks_"]
 class RoutedBlock(Block):
     """A timm ``Block`` that runs only for the inputs its router sends through (see the module doc)."""
 
-    host_class = Block
-
     @classmethod
     def from_module(cls, block: Block, router: BlockRouter) -> RoutedBlock:
         """A `RoutedBlock` sharing ``block``'s children and parameters, with ``router`` as child ``router``."""
@@ -49,13 +47,6 @@ class RoutedBlock(Block):
             attn_mask = attn_mask.index_select(0, idx)
         y = super().forward(x.index_select(0, idx), attn_mask=attn_mask, is_causal=is_causal)
         return x.index_copy(0, idx, y)
-
-    def to_host(self) -> Block:
-        """The plain timm ``Block`` with the same children (the router removed)."""
-        new = Block.__new__(Block)
-        new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in self.__dict__.items()})
-        new._modules.pop("router", None)
-        return new
 
 
 def route_blocks_(

@@ -119,7 +119,6 @@ def masked_attention(attn: nn.Module, x: Tensor, policy: Tensor, eps: float = 1e
 class _TokenAware(Block):
     """Shared parts of the token-aware blocks: attention with the shared policy, the MLP branch."""
 
-    host_class = Block
     _token_state: TokenState
 
     def _attend(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> tuple[Tensor, Tensor]:
@@ -135,15 +134,6 @@ class _TokenAware(Block):
 
     def _mlp(self, x: Tensor) -> Tensor:
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-    def to_host(self) -> Block:
-        """The plain timm ``Block`` with the same children (the token selection removed)."""
-        new = Block.__new__(Block)
-        new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in self.__dict__.items()})
-        new._modules.pop("tokens", None)
-        for key in ("_token_state", "_first"):
-            new.__dict__.pop(key, None)
-        return new
 
 
 class PolicyBlock(_TokenAware):

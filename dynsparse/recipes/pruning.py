@@ -78,15 +78,21 @@ class StagePruning:
                     f"{where}: the schedule must run within the stage: begin_epoch {spec.begin_epoch} < end_epoch "
                     f"{end_epoch} <= epochs {epochs} (steps {begin}..{end} of {total})"
                 )
-            if spec.schedule == "agp":
+            if spec.schedule == "agp":  # AGP updates every `frequency` steps by itself
                 fn = functools.partial(
                     agp, initial=0.0, final=spec.ratio, begin=begin, end=end, frequency=spec.frequency
                 )
             else:
-                fn = functools.partial(linear, initial=0.0, final=spec.ratio, begin=begin, end=end)
+                fn = _quantized(
+                    functools.partial(linear, initial=0.0, final=spec.ratio, begin=begin, end=end),
+                    spec.frequency,
+                    begin,
+                    end,
+                )
+            self._end = end
             self.pruner = IterativePruner(
                 model,
-                _quantized(fn, spec.frequency, begin, end),
+                fn,
                 importance=self._weight_scores if spec.importance != "magnitude" else "magnitude",
                 scope=spec.scope,
                 include=list(spec.include) or None,
@@ -114,7 +120,7 @@ class StagePruning:
     def end_(self) -> None:
         """After the last epoch: the final target of a schedule, or the one-shot pruning ``at: end``."""
         if self.gradual:
-            self._unstructured(self.spec.ratio, self.spec.importance)
+            self.pruner.step(self._end)  # the final target; a no-op when the last steps reached it already
         elif self.spec.at == "end":
             self._prune_once()
 
@@ -192,7 +198,7 @@ class StagePruning:
 
 
 def _quantized(fn: Callable[[int], float], frequency: int, begin: int, end: int) -> Callable[[int], float]:
-    """The schedule, read only at ``begin + k·frequency`` and at ``end`` (a linear ramp changes every step)."""
+    """The schedule read only at ``begin + k·frequency`` and at ``end`` (a linear ramp would change every step)."""
 
     def schedule(step: int) -> float:
         if begin < step < end:
