@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 #: The static dimensions ``sparsify_`` knows.
 DIMENSIONS = ("neurons", "heads", "channels", "layers")
 #: Input-dependent dimensions, decided per input at run time: ``tokens`` (`dynsparse.layers.tokens`) and
-#: ``depth`` (per-input block skipping, `dynsparse.layers.routing`).
+#: ``depth`` (per-input block skipping, `dynsparse.layers.routing`). ``channels`` and ``neurons`` are dynamic too
+#: when their gate is a per-input one (see `dynsparse.layers.dynamic`).
 DYNAMIC_DIMENSIONS = ("tokens", "depth")
 
 # Class names that look like a candidate for a dimension; an unknown class matching one is reported, not ignored.
@@ -121,14 +122,18 @@ def plan_sparsify(
     """
     from .integrations import timm as table
     from .layers.base import GatedLayer
+    from .layers.dynamic import dynamic_part_of
     from .layers.slot import GateSlot
 
     dims = _parse_spec(spec)
+    if "tokens" in dims and "depth" in dims:  # refused before any module changes
+        raise ConfigError("sparsify spec: 'depth' routers do not combine with token gates ('tokens') yet")
     g_inc, g_exc = _patterns(include, "include"), _patterns(exclude, "exclude")
     plan = SparsifyPlan()
     for dim, opts in dims.items():
-        if dim in DYNAMIC_DIMENSIONS:
-            _check_dynamic(dim, opts)
+        part = dynamic_part_of(dim, opts)
+        if part is not None:
+            part.check(opts)
             continue
         inc = g_inc + _patterns(opts.pop("include", None), f"{dim}.include")
         exc = g_exc + _patterns(opts.pop("exclude", None), f"{dim}.exclude")
@@ -187,28 +192,6 @@ def plan_sparsify(
                 "(check the model family and the include/exclude patterns)",
             )
     return plan
-
-
-def _check_dynamic(dim: str, opts: dict[str, Any]) -> None:
-    """A ``tokens`` / ``depth`` spec names a registered gate (checked before any module changes)."""
-    from .gates.routers import ROUTERS
-    from .gates.tokens import TOKEN_GATES
-
-    registry, default, what = (
-        (TOKEN_GATES, "cls_attention", "token gate")
-        if dim == "tokens"
-        else (
-            ROUTERS,
-            "router",
-            "block router",
-        )
-    )
-    name = opts.get("gate", default)
-    if name not in registry.names():
-        raise ConfigError(
-            f"sparsify spec field {dim!r}: unknown {what} {name!r}.{suggest(str(name), registry.names())} "
-            f"Known: {', '.join(registry.names())}"
-        )
 
 
 def _owns_weights(module: nn.Module) -> bool:
@@ -285,14 +268,16 @@ def sparsify_(
             replace_module_(model, fqn, new)
         else:
             raise UnsupportedModuleError(fqn, type(module).__name__, dim, "the root module itself cannot be swapped")
-    if "tokens" in spec:
-        from .layers.tokens import gate_tokens_
+    # input-dependent parts last, inner modules before whole blocks (the order of DYNAMIC_PARTS)
+    from .layers.dynamic import DYNAMIC_PARTS, dynamic_part_of
 
-        gate_tokens_(model, **_parse_spec(spec)["tokens"])
-    if "depth" in spec:
-        from .layers.routing import route_blocks_
-
-        route_blocks_(model, **_parse_spec(spec)["depth"])
+    dims = _parse_spec(spec)
+    for key, part in DYNAMIC_PARTS.items():
+        if key in dims and dynamic_part_of(key, dims[key]) is part:
+            opts = dict(dims[key])
+            if part.always:
+                opts.setdefault("gate", part.default_gate)
+            part.apply_(model, **opts)
     # the calls made, so a gated checkpoint can be rebuilt without pickle (see dynsparse.convert.io)
     model.__dict__.setdefault("_dynsparse_history", []).append(call)
     return model

@@ -170,11 +170,13 @@ def convert(
     new = _close(new, closed)
     _check_clean(new)
     if not static:
-        from ..layers.routing import depth_spec
-        from ..layers.tokens import token_spec
+        from ..layers.dynamic import DYNAMIC_PARTS
 
-        for key, fn in (("tokens", token_spec), ("depth", depth_spec)):
-            spec = fn(new)
+        for key, part in DYNAMIC_PARTS.items():
+            try:
+                spec = part.spec_of(new)
+            except ImportError:  # a part whose module is not part of this build
+                continue
             if spec is not None:
                 plan.dynamic[key] = spec
     new.slice_plan = plan
@@ -234,13 +236,12 @@ def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
         _slice_units(model, parent, child, dim, idx, None)
     model = _close(model, closed)
     if plan.dynamic:
-        from ..layers.routing import route_blocks_
-        from ..layers.tokens import gate_tokens_
+        from ..layers.dynamic import DYNAMIC_PARTS
 
-        for key, fn in (("depth", route_blocks_), ("tokens", gate_tokens_)):
+        for key, part in DYNAMIC_PARTS.items():
             if key in plan.dynamic:
                 try:
-                    fn(model, **plan.dynamic[key])
+                    part.apply_(model, **plan.dynamic[key])
                 except (ConfigError, TypeError) as e:
                     raise ConfigError(f"slice plan 'dynamic.{key}': {e}") from None
     return model

@@ -82,9 +82,11 @@ class SlicePlan:
         entries, units, dynamic = data.get("entries"), data.get("units", {}), data.get("dynamic", {})
         if not isinstance(entries, Mapping) or not isinstance(units, Mapping) or not isinstance(dynamic, Mapping):
             raise ConfigError(f"{source}: fields 'entries', 'units' and 'dynamic' must be objects")
-        unknown = sorted(set(dynamic) - {"tokens", "depth"})
+        from ..layers.dynamic import DYNAMIC_PARTS
+
+        unknown = sorted(set(dynamic) - set(DYNAMIC_PARTS))
         if unknown:
-            raise ConfigError(f"{source}: unknown dynamic part {unknown[0]!r} (known: tokens, depth)")
+            raise ConfigError(f"{source}: unknown dynamic part {unknown[0]!r} (known: {', '.join(DYNAMIC_PARTS)})")
         try:
             return cls({k: {d: list(i) for d, i in v.items()} for k, v in entries.items()}, dict(units), dict(dynamic))
         except ConfigError as e:
