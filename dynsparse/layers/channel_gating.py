@@ -1,0 +1,429 @@
+"""Per-input channel gating of timm ResNet blocks (FBS): each input runs only the channels its gate keeps.
+
+`FBSBasicBlock` and `FBSBottleneck` are timm's ``BasicBlock`` / ``Bottleneck`` with the same children plus
+one `dynsparse.gates.FBSGate` per gated set of internal channels (``gate1``: ``conv1``'s outputs; ``gate2``:
+a Bottleneck's ``conv2`` outputs). The residual width is never gated, so blocks stay independent.
+
+* **Gated channels.** BasicBlock: ``conv1``'s outputs (= ``conv2``'s inputs). Bottleneck: ``conv2``'s outputs
+  (= ``conv3``'s inputs) and, by default (``bottleneck_conv1=True``), ``conv1``'s outputs too, so the 3×3
+  ``conv2`` shrinks in both its input and output channels (FBS's quadratic saving).
+* **Decisions up front.** Every gate of a block reads the block's input (its global average pool), so all
+  of a block's decisions are known before its first conv. FBS predicts each layer from that layer's own input;
+  for a Bottleneck's ``gate2`` we read the block input instead (one pooling, and a batch can be planned
+  whole: grouped by decision or by the union of kept channels).
+* **Inference** (eval mode) gathers, per input, the kept filters of the producing conv with their BatchNorm
+  statistics and affine, and the matching input slices of the consuming conv; the kept channels are scaled
+  by their saliencies after the activation (FBS's ``ReLU(π · BN(conv x)) = π · ReLU(BN(conv x))`` for
+  ``π ≥ 0``). A batch is run by `strategy` (see `FBSBlockMixin.strategy`).
+* **Training** computes every channel and multiplies by the gate's output (``π`` on kept channels, 0
+  elsewhere), so the gradient reaches the saliency weights.
+
+`gate_channels_` installs the gates (``ds.sparsify_(model, {"channels": {"gate": "fbs", "keep": 0.5}})``
+routes here), `channel_spec` gives the arguments that rebuild them (saved by ``ds.convert(static=False)``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.models.resnet import BasicBlock, Bottleneck
+from torch import Tensor, nn
+
+from ..errors import ConfigError, GateError, UnsupportedModuleError
+from ..gates.base import InputDependentGate
+from ..gates.channel_gates import CHANNEL_GATES
+from ..modules import adopt, first_param, is_stateless, place_like
+
+__all__ = ["CHANNEL_GATES", "FBSBasicBlock", "FBSBottleneck", "channel_spec", "gate_channels_"]
+
+STRATEGIES = ("auto", "group", "loop", "union", "grouped_conv", "masked")
+
+
+class FBSBlockMixin:
+    """Shared forward of the FBS blocks. ``_stages``: ``(conv, norm, elementwise children, gate child)``.
+
+    Attributes:
+        strategy: How an eval batch runs: ``"auto"`` (default: one gathered run when every input made the same
+            decisions, else the union of kept channels when it is small, else one gathered run per input),
+            ``"group"`` (one gathered run per distinct decision), ``"loop"`` (one per input), ``"union"``
+            (the union of every input's kept channels, zeros for the others), ``"grouped_conv"`` (per-input
+            gathered weights stacked into one grouped conv), ``"masked"`` (dense convs, masked: no saving;
+            for checking). Every strategy gives the same outputs up to float rounding.
+    """
+
+    _stages: tuple[tuple[str, str, tuple[str, ...], str | None], ...]
+    _last: tuple[str, str]
+    _out_act: str
+    strategy: str = "auto"
+
+    def gates(self) -> list[tuple[str, InputDependentGate | None]]:
+        return [(g, getattr(self, g, None) if g else None) for *_, g in self._stages]
+
+    def forward(self, x: Tensor) -> Tensor:
+        ss = x.mean((2, 3))
+        stages = [
+            (getattr(self, c), getattr(self, n), [getattr(self, p) for p in post]) for c, n, post, _ in self._stages
+        ]
+        gates = [g for _, g in self.gates()]
+        if self.training or self.strategy == "masked":
+            mults = [None if g is None else g(ss) for g in gates]
+            y = _masked(x, stages, mults, getattr(self, self._last[0]))
+        else:
+            decisions = [(None, None) if g is None else g.decide(ss) for g in gates]
+            y = _run_batch(x, stages, decisions, getattr(self, self._last[0]), self.strategy)
+        return self._tail(x, y)
+
+    def _tail(self, x: Tensor, y: Tensor) -> Tensor:
+        y = getattr(self, self._last[1])(y)
+        if self.se is not None:
+            y = self.se(y)
+        if self.drop_path is not None:
+            y = self.drop_path(y)
+        shortcut = self.downsample(x) if self.downsample is not None else x
+        return getattr(self, self._out_act)(y + shortcut)
+
+
+# --------------------------------------------------------------------------------------------------- runners
+# A stage is (conv, norm, [element-wise modules]); every runner returns the last conv's output (B, C_out, H, W).
+
+
+def _conv(h: Tensor, conv: nn.Conv2d, w: Tensor, groups: int = 1) -> Tensor:
+    return F.conv2d(h, w, None, conv.stride, conv.padding, conv.dilation, groups)
+
+
+def _scale(h: Tensor, v: Tensor) -> Tensor:
+    v = v[:, :, None, None]
+    return h * v if torch.is_grad_enabled() else h.mul_(v)
+
+
+def _masked(x: Tensor, stages, mults: list[Tensor | None], last: nn.Conv2d) -> Tensor:
+    """Dense convs, kept channels scaled by their saliency and the others zeroed (training and checking)."""
+    h = x
+    for (conv, norm, post), m in zip(stages, mults, strict=True):
+        h = norm(conv(h))
+        for p in post:
+            h = p(h)
+        if m is not None:
+            h = h * m[:, :, None, None]
+    return last(h)
+
+
+def _gathered(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | None], last: nn.Conv2d) -> Tensor:
+    """One set of kept channels for the whole of ``x``: idxs (k,) per stage (None: all), vals (B, k)."""
+    h, prev = x, None
+    for (conv, norm, post), idx, val in zip(stages, idxs, vals, strict=True):
+        w = conv.weight if idx is None else conv.weight.index_select(0, idx)
+        h = _conv(h, conv, w if prev is None else w.index_select(1, prev))
+        if idx is None:
+            h = norm(h)
+        else:
+            g = None if norm.weight is None else norm.weight.index_select(0, idx)
+            b = None if norm.bias is None else norm.bias.index_select(0, idx)
+            rm, rv = norm.running_mean.index_select(0, idx), norm.running_var.index_select(0, idx)
+            h = F.batch_norm(h, rm, rv, g, b, False, 0.0, norm.eps)
+        for p in post:
+            h = p(h)
+        if val is not None:
+            h = _scale(h, val)
+        prev = idx
+    return _conv(h, last, last.weight if prev is None else last.weight.index_select(1, prev))
+
+
+def _grouped(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | None], last: nn.Conv2d) -> Tensor:
+    """Per-input kept channels (idxs (B, k)): each input's gathered weights stacked into one grouped conv."""
+    n, h, prev = x.shape[0], x, None
+    for conv, norm, post, idx, val in [(*s, i, v) for s, i, v in zip(stages, idxs, vals, strict=True)] + [
+        (last, None, [], None, None)
+    ]:
+        w = conv.weight
+        if idx is None and prev is None:
+            h = conv(h) if norm is None else norm(conv(h))
+        else:
+            if idx is not None and prev is not None:
+                w = w[idx[:, :, None], prev[:, None, :]]  # (B, k, k_prev, kh, kw)
+            elif idx is not None:
+                w = w[idx]
+            else:
+                w = w[:, prev].transpose(0, 1)
+            h = _conv(h.reshape(1, -1, *h.shape[2:]), conv, w.reshape(-1, *w.shape[2:]), groups=n)
+            h = h.reshape(n, -1, *h.shape[2:])
+            if norm is not None and idx is None:
+                h = norm(h)
+            elif norm is not None:
+                s = torch.rsqrt(norm.running_var + norm.eps)
+                s = s if norm.weight is None else s * norm.weight
+                t = -norm.running_mean * s + (0.0 if norm.bias is None else norm.bias)
+                h = torch.addcmul(t[idx][:, :, None, None], h, s[idx][:, :, None, None])
+        for p in post:
+            h = p(h)
+        if val is not None:
+            h = _scale(h, val)
+        prev = idx
+    return h
+
+
+def _run_batch(x: Tensor, stages, decisions, last: nn.Conv2d, strategy: str) -> Tensor:
+    """Eval forward of a batch by ``strategy`` (see `FBSBlockMixin.strategy`); decisions (idx (B, k), val (B, k))."""
+    idxs, vals = [d[0] for d in decisions], [d[1] for d in decisions]
+    n = x.shape[0]
+    if n == 1 or strategy in ("auto", "group"):
+        keys = torch.cat([i for i in idxs if i is not None], 1)
+        uniq, inv = torch.unique(keys, dim=0, return_inverse=True) if n > 1 else (keys, None)
+        if len(uniq) == 1:
+            return _gathered(x, stages, [None if i is None else i[0] for i in idxs], vals, last)
+        if strategy == "auto":
+            strategy = _auto(idxs, [c.out_channels for c, *_ in stages], n, len(uniq))
+    if strategy == "grouped_conv":
+        return _grouped(x, stages, idxs, vals, last)
+    if strategy == "union":
+        us = [None if i is None else torch.unique(i) for i in idxs]
+        vs = []
+        for (conv, *_), i, v, u in zip(stages, idxs, vals, us, strict=True):
+            if i is not None:
+                full = v.new_zeros(n, conv.out_channels).scatter(1, i, v)
+                v = full.index_select(1, u)
+            vs.append(v)
+        return _gathered(x, stages, us, vs, last)
+    if strategy == "group":
+        out = None
+        for g in range(int(inv.max()) + 1):
+            rows = (inv == g).nonzero().squeeze(1)
+            r0 = int(rows[0])
+            sub_v = [None if v is None else v.index_select(0, rows) for v in vals]
+            y = _gathered(x.index_select(0, rows), stages, [None if i is None else i[r0] for i in idxs], sub_v, last)
+            out = y.new_empty(n, *y.shape[1:]) if out is None else out
+            out.index_copy_(0, rows, y)
+        return out
+    return torch.cat(  # "loop"
+        [
+            _gathered(
+                x[b : b + 1],
+                stages,
+                [None if i is None else i[b] for i in idxs],
+                [None if v is None else v[b : b + 1] for v in vals],
+                last,
+            )
+            for b in range(n)
+        ]
+    )
+
+
+def _auto(idxs: list[Tensor | None], units: list[int], n: int, groups: int) -> str:
+    """The strategy ``"auto"`` picks for a batch with more than one distinct decision (see the module doc)."""
+    fr = [(torch.unique(i).numel() / c, i.shape[1] / c) for i, c in zip(idxs, units, strict=True) if i is not None]
+    if all(u <= 1.25 * k for u, k in fr):
+        return "union"
+    return "group" if groups <= n // 2 else "loop"
+
+
+def _why_not(host: nn.Module, stages, last: tuple[str, str]) -> str | None:
+    """Why ``host`` cannot be run by the gathered forward, or None."""
+    aa = getattr(host, "aa", None)
+    if aa is not None and not isinstance(aa, nn.Identity):
+        return f"anti-aliasing ({type(aa).__name__}) on the gated channels is not supported"
+    convs = [c for c, *_ in stages] + [last[0]]
+    norms = [n for _, n, *_ in stages] + [last[1]]
+    for c in convs:
+        m = getattr(host, c)
+        plain = m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str) and m.bias is None
+        if type(m) is not nn.Conv2d or not plain:
+            return f"{c} must be a plain nn.Conv2d (groups=1, zero padding, no bias), got {m!r}"
+    for n in norms:
+        m = getattr(host, n)
+        if type(m) is not nn.BatchNorm2d or not m.track_running_stats:
+            return f"{n} must be an nn.BatchNorm2d with running statistics, got {type(m).__name__}"
+    for _, _, post, _ in stages:
+        for p in post:
+            if not is_stateless(getattr(host, p)):
+                return (
+                    f"{p} ({type(getattr(host, p)).__name__}) holds parameters; only element-wise modules may sit there"
+                )
+    return None
+
+
+class FBSBasicBlock(FBSBlockMixin, BasicBlock):
+    """timm ``BasicBlock`` whose ``conv1`` outputs are gated per input by child ``gate1`` (see the module doc)."""
+
+    _stages = (("conv1", "bn1", ("drop_block", "act1", "aa"), "gate1"),)
+    _last = ("conv2", "bn2")
+    _out_act = "act2"
+
+    @classmethod
+    def from_module(cls, block: BasicBlock, gate1: InputDependentGate) -> FBSBasicBlock:
+        """An `FBSBasicBlock` sharing ``block``'s children and parameters, with ``gate1`` as a new child."""
+        new = adopt(block, cls)
+        new.gate1 = gate1
+        return new
+
+
+class FBSBottleneck(FBSBlockMixin, Bottleneck):
+    """timm ``Bottleneck`` with ``conv2``'s outputs (child ``gate2``) and optionally ``conv1``'s (``gate1``) gated."""
+
+    _stages = (("conv1", "bn1", ("act1",), "gate1"), ("conv2", "bn2", ("drop_block", "act2", "aa"), "gate2"))
+    _last = ("conv3", "bn3")
+    _out_act = "act3"
+
+    @classmethod
+    def from_module(
+        cls, block: Bottleneck, gate2: InputDependentGate, gate1: InputDependentGate | None = None
+    ) -> FBSBottleneck:
+        """An `FBSBottleneck` sharing ``block``'s children, with new children ``gate2`` (and ``gate1``)."""
+        new = adopt(block, cls)
+        if gate1 is None:
+            new._stages = (("conv1", "bn1", ("act1",), None), cls._stages[1])
+        else:
+            new.gate1 = gate1
+        new.gate2 = gate2
+        return new
+
+
+_TWINS = {BasicBlock: FBSBasicBlock, Bottleneck: FBSBottleneck}
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(f, m) for f, m in model.named_modules() if type(m) in _TWINS or isinstance(m, FBSBlockMixin)]
+
+
+def gate_channels_(
+    model: nn.Module,
+    gate: str = "fbs",
+    keep: float = 0.5,
+    blocks: str | Sequence[int | str] = "all",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    bottleneck_conv1: bool = True,
+    strategy: str = "auto",
+    **gate_kwargs,
+) -> nn.Module:
+    """Gate the internal channels of a timm ResNet's blocks per input (in place); returns ``model``.
+
+    Args:
+        model: A timm ResNet-family model (``BasicBlock`` / ``Bottleneck`` blocks).
+        gate: A name of `CHANNEL_GATES` (``"fbs"``).
+        keep: Fraction of the gated channels each input keeps, in (0, 1] (the run-time knob).
+        blocks: ``"all"``, or block indices (in ``named_modules`` order of the ResNet blocks) or block fqns.
+        include: fqn globs; only matching blocks are gated.
+        exclude: fqn globs; matching blocks are not gated.
+        bottleneck_conv1: Also gate a Bottleneck's ``conv1`` outputs (``gate1``), not only ``conv2``'s.
+        strategy: How eval batches run (see `FBSBlockMixin.strategy`).
+        **gate_kwargs: Gate options (``weight``, ``init_std`` of `dynsparse.gates.FBSGate`).
+
+    Raises:
+        ConfigError: an unknown gate (with suggestions), a bad ``keep``, ``blocks`` or option.
+        UnsupportedModuleError: the model has no ResNet block, or a chosen block cannot be gated (names it).
+
+    Examples:
+        >>> import timm, dynsparse as ds
+        >>> m = ds.sparsify_(timm.create_model("resnet10t"), {"channels": {"gate": "fbs", "keep": 0.5}})
+        >>> type(m.layer1[0]).__name__, m.layer1[0].gate1.num_kept()
+        ('FBSBasicBlock', 32)
+    """
+    cls = CHANNEL_GATES.get(gate)
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"channels.strategy: one of {', '.join(STRATEGIES)} expected, got {strategy!r}")
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < float(keep) <= 1.0:
+        raise ConfigError(f"channels.keep: a fraction in (0, 1] expected, got {keep!r}")
+    if not isinstance(bottleneck_conv1, bool):
+        raise ConfigError(f"channels.bottleneck_conv1: true or false expected, got {bottleneck_conv1!r}")
+    found = _blocks(model)
+    if not found:
+        raise UnsupportedModuleError(
+            "",
+            type(model).__name__,
+            "channels",
+            "per-input channel gates need timm ResNet BasicBlock/Bottleneck blocks",
+        )
+    chosen = _choose(found, blocks, include, exclude)
+    for fqn, block in chosen:
+        if isinstance(block, FBSBlockMixin):
+            raise UnsupportedModuleError(
+                fqn, type(block).__name__, "channels", "it already has per-input channel gates"
+            )
+        twin = _TWINS[type(block)]
+        stages = twin._stages if type(block) is BasicBlock or bottleneck_conv1 else twin._stages[1:]
+        reason = _why_not(block, stages, twin._last)
+        if reason is not None:
+            raise UnsupportedModuleError(fqn, type(block).__name__, "channels", reason)
+    built = []  # every gate is built before any block changes, so a bad gate option changes nothing
+    for fqn, block in chosen:
+        if type(block) is BasicBlock:
+            built.append(
+                (fqn, FBSBasicBlock.from_module(block, _make(cls, gate, fqn, block, "conv1", keep, gate_kwargs)))
+            )
+        else:
+            g1 = _make(cls, gate, fqn, block, "conv1", keep, gate_kwargs) if bottleneck_conv1 else None
+            g2 = _make(cls, gate, fqn, block, "conv2", keep, gate_kwargs)
+            built.append((fqn, FBSBottleneck.from_module(block, g2, g1)))
+    for fqn, new in built:
+        if strategy != "auto":
+            new.strategy = strategy
+        parent, _, child = fqn.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
+
+
+def _make(cls, name: str, fqn: str, block: nn.Module, conv: str, keep: float, kwargs: dict) -> InputDependentGate:
+    p = first_param(block)
+    dd = {"device": p.device if p is not None else None, "dtype": p.dtype if p is not None else None}
+    try:
+        gate = cls(block.conv1.in_channels, getattr(block, conv).out_channels, keep=keep, **kwargs, **dd)
+    except (TypeError, ConfigError, GateError) as e:
+        raise ConfigError(f"channels: bad option for gate {name!r} at {fqn!r}: {e}") from None
+    return place_like(gate, block)
+
+
+def _choose(found, blocks, include, exclude) -> list[tuple[str, nn.Module]]:
+    inc = [include] if isinstance(include, str) else list(include or [])
+    exc = [exclude] if isinstance(exclude, str) else list(exclude or [])
+    if blocks == "all":
+        chosen = list(found)
+    else:
+        items = [blocks] if isinstance(blocks, (int, str)) else list(blocks)
+        names = [f for f, _ in found]
+        chosen = []
+        for b in items:
+            if isinstance(b, int) and not isinstance(b, bool) and 0 <= b < len(found):
+                chosen.append(found[b])
+            elif isinstance(b, str) and b in names:
+                chosen.append(found[names.index(b)])
+            else:
+                raise ConfigError(
+                    f"channels.blocks: 'all', block indices in [0, {len(found)}) or block fqns "
+                    f"({', '.join(names[:4])}, ...) expected, got {b!r}"
+                )
+    chosen = [(f, m) for f, m in chosen if (not inc or any(fnmatch.fnmatchcase(f, p) for p in inc))]
+    chosen = [(f, m) for f, m in chosen if not any(fnmatch.fnmatchcase(f, p) for p in exc)]
+    if not chosen:
+        raise ConfigError("channels: the blocks / include / exclude options leave no block to gate")
+    return chosen
+
+
+def channel_spec(model: nn.Module) -> dict | None:
+    """The `gate_channels_` arguments that rebuild ``model``'s per-input channel gates, or None when it has none.
+
+    Raises:
+        ConfigError: gates with different settings (one kind and one setting per model can be saved).
+    """
+    found = [(f, m) for f, m in model.named_modules() if isinstance(m, FBSBlockMixin)]
+    if not found:
+        return None
+    gates = [g for _, m in found for _, g in m.gates() if g is not None]
+    settings = {(type(g), g.keep, g.weight, g.init_std) for g in gates}
+    conv1 = {m.gates()[0][1] is not None for _, m in found if isinstance(m, FBSBottleneck)}
+    strategies = {m.strategy for _, m in found}
+    if len(settings) > 1 or len(conv1) > 1 or len(strategies) > 1:
+        raise ConfigError("channels: per-input channel gates with different settings cannot be saved in one plan yet")
+    g = gates[0]
+    name = next(n for n in CHANNEL_GATES.names() if CHANNEL_GATES.get(n) is type(g))
+    return {
+        "gate": name,
+        "keep": g.keep,
+        "blocks": [f for f, _ in found],
+        "bottleneck_conv1": conv1.pop() if conv1 else True,
+        "strategy": strategies.pop(),
+        "weight": g.weight,
+        "init_std": g.init_std,
+    }
