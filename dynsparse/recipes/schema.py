@@ -38,11 +38,16 @@ class RecipeError(ConfigError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The model: a timm name with kwargs, or a dynsparse built-in (``library: dynsparse``)."""
+    """The model: a timm name with kwargs, or a dynsparse built-in (``library: dynsparse``).
+
+    ``pretrained`` names weights that an installed package ships (``dynsparse.pretrained.PRETRAINED``, e.g.
+    ``efficientnet_lite0`` for ``tf_efficientnet_lite0``); without it the weights are random.
+    """
 
     name: str
     library: Literal["timm", "dynsparse"] = "timm"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
 
 
 @dataclass(frozen=True)
@@ -306,6 +311,8 @@ def parse_recipe(data: dict[str, Any], lines: dict[str, int] | None = None) -> R
         if not os.path.isdir(recipe.data.root):
             line = f" (line {lines['data.root']})" if lines and "data.root" in lines else ""
             raise RecipeError(f"data.root{line}: directory {recipe.data.root!r} does not exist")
+    if recipe.model.pretrained is not None:
+        _check_pretrained(recipe.model, lines or {})
     for i, st in enumerate(recipe.stages):
         p = f"stages[{i}]"
         if st.epochs < 0:
@@ -325,6 +332,24 @@ def parse_recipe(data: dict[str, Any], lines: dict[str, int] | None = None) -> R
             except ConfigError as e:
                 raise RecipeError(f"{p}.sparsify: {e}") from None
     return recipe
+
+
+def _check_pretrained(spec: ModelSpec, lines: dict[str, int]) -> None:
+    """The pretrained weights must be registered and made for the recipe's model (the package may be absent)."""
+    from ..pretrained import PRETRAINED
+
+    line = f" (line {lines['model.pretrained']})" if "model.pretrained" in lines else ""
+    if spec.pretrained not in PRETRAINED:
+        raise RecipeError(
+            f"model.pretrained{line}: unknown pretrained weights {spec.pretrained!r}."
+            f"{suggest(spec.pretrained, PRETRAINED.names())} Known: {', '.join(PRETRAINED.names())}"
+        )
+    src = PRETRAINED.get(spec.pretrained)
+    if spec.library != src.library or spec.name != src.arch:
+        raise RecipeError(
+            f"model.pretrained{line}: weights {spec.pretrained!r} are for {src.library} model {src.arch!r}, "
+            f"not {spec.library} model {spec.name!r}"
+        )
 
 
 def _check_prune(spec: PruneSpec, epochs: int, p: str, lines: dict[str, int]) -> None:

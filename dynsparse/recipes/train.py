@@ -38,9 +38,13 @@ log = logging.getLogger(__name__)
 
 
 def build_model(recipe: Recipe) -> nn.Module:
-    """The recipe's (dense) model with random weights."""
+    """The recipe's (dense) model: random weights, or the ``model.pretrained`` weights an installed package ships."""
     from ..convert.io import build_host
 
+    if recipe.model.pretrained is not None:
+        from ..pretrained import load_pretrained
+
+        return load_pretrained(recipe.model.pretrained, **recipe.model.kwargs)
     return build_host(
         {"library": recipe.model.library, "name": recipe.model.name, "kwargs": recipe.model.kwargs},
         source="recipe model",
