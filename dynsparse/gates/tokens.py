@@ -13,6 +13,10 @@ always kept. Two gates are registered in `TOKEN_GATES`:
   masking (the dropped tokens stay in the tensor but no other token attends to them), a ratio loss towards
   the cumulative keep target, optionally distillation from the dense model.
 
+* ``threshold`` (LTP, Kim et al. 2022): keeps the tokens whose received attention exceeds a learned
+  per-block threshold, so each input keeps a **variable** number of tokens (`ThresholdTokenGate`; the batched
+  variable-count path is `dynsparse.layers.token_pack`).
+
 ``keep`` is the run-time knob (`InputDependentGate.set_budget_`): it changes how many tokens are gathered
 without retraining.
 """
@@ -28,9 +32,16 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import Registry
-from .base import InputDependentGate
+from .base import InputDependentGate, _check_keep
 
-__all__ = ["TOKEN_GATES", "ClsAttentionTokenGate", "PredictorTokenGate", "TokenGate", "make_token_gate"]
+__all__ = [
+    "TOKEN_GATES",
+    "ClsAttentionTokenGate",
+    "PredictorTokenGate",
+    "ThresholdTokenGate",
+    "TokenGate",
+    "make_token_gate",
+]
 
 #: Registered token gates: name -> class (constructor ``(num_units, keep=..., dim=..., **kwargs)``).
 TOKEN_GATES: Registry[type[TokenGate]] = Registry("token gate")
@@ -50,6 +61,8 @@ class TokenGate(InputDependentGate):
     trainable: bool = False
     #: The gate's scores are weights that can fuse the dropped tokens into one (EViT).
     fusable: bool = False
+    #: Inputs of a batch keep different numbers of tokens (a threshold, not a top-k): the block packs them.
+    variable: bool = False
 
     def __init__(self, num_units: int, keep: float = 0.5, dim: int = 0) -> None:
         super().__init__(num_units, keep)
@@ -206,6 +219,177 @@ class PredictorTokenGate(TokenGate):
         if self._ratio is None or not self.training:
             return self.out_conv[-2].bias.new_zeros(())
         return self.weight * ((self._ratio.mean() - self.target) ** 2)
+
+
+#: Points of the calibration table: the thresholds that keep 0, 1/100, ..., 1 of the arriving tokens.
+TABLE_POINTS = 101
+
+
+@TOKEN_GATES.register("threshold")
+class ThresholdTokenGate(TokenGate):
+    """LTP's learned threshold (Kim et al. 2022): keep the tokens that receive more attention than ``θ``.
+
+    **Score.** Token ``i`` scores ``s_i = (1/H) Σ_h Σ_q A_h[q, i]``: the attention probability it receives in
+    this block, summed over the ``n`` queries alive and averaged over the heads. That is LTP's mean over heads
+    and queries times ``n``: the mean score over all ``n`` keys is exactly 1 (a token's "fair share") whatever
+    the resolution, so ``θ`` is in units of the fair share (LTP's absolute threshold equals ``θ / n``).
+
+    **Training** (LTP's soft stage): ``m_i = σ((s_i − θ) / T)`` with the learned ``θ``; the block multiplies
+    ``m`` into the keep policy that every later block's attention uses, so nothing is gathered, shapes hold and
+    the gradient reaches ``θ`` through the later attention weights and the penalty. ``penalty()`` of the last
+    training forward: ``weight · f`` (LTP's L1 on the masks, as a mean) or, with ``target``,
+    ``weight · (f − target)²``, where ``f`` is the soft fraction of the arriving tokens kept.
+
+    **Inference**: keep ``s_i > θ`` (and always the best token of each input), so inputs of a batch keep
+    different numbers of tokens; prefix tokens are always kept and not ranked.
+
+    **Knob**: ``keep=None`` (default) uses the learned ``θ``; ``keep=k`` uses the threshold that keeps a fraction
+    ``k`` of the arriving tokens on the calibration data: a table of score quantiles (``table``, a buffer), kept
+    as a running average in training (``momentum``) or recorded exactly by
+    `dynsparse.layers.calibrate_tokens_`. ``keep=1`` keeps every token.
+
+    Args:
+        num_units: See `TokenGate`.
+        keep: None (learned threshold) or a fraction in (0, 1] (calibrated threshold).
+        dim: Token width (unused; for the common constructor).
+        threshold: Initial ``θ``; `dynsparse.layers.gate_tokens_` sets it to LTP's ``final_threshold · l / L``
+            for block ``l`` (0-based) of ``L``.
+        temperature: ``T`` of the soft mask, in units of the fair share (LTP's ``1e-3`` on absolute scores of
+            about 100 tokens is 0.1).
+        weight: Weight of the penalty (LTP's ``lambda_threshold``).
+        target: None for the L1 penalty, or the kept fraction of the arriving tokens to pull toward.
+        momentum: Weight of a new training batch in the running score table.
+    """
+
+    trainable = True
+    variable = True
+
+    def __init__(
+        self,
+        num_units: int,
+        keep: float | None = None,
+        dim: int = 0,
+        threshold: float = 0.0,
+        temperature: float = 0.1,
+        weight: float = 0.01,
+        target: float | None = None,
+        momentum: float = 0.1,
+    ) -> None:
+        super().__init__(num_units, 1.0, dim)
+        self.set_budget_(keep)
+        for name, v, ok in (
+            ("threshold", threshold, True),
+            ("temperature", temperature, temperature > 0 if _real(temperature) else False),
+            ("weight", weight, weight >= 0 if _real(weight) else False),
+            ("momentum", momentum, 0 < momentum <= 1 if _real(momentum) else False),
+        ):
+            if not _real(v) or not math.isfinite(v) or not ok:
+                raise ConfigError(f"threshold token gate: {name} must be a finite number (see the doc), got {v!r}")
+        if target is not None and (not _real(target) or not 0 < target <= 1):
+            raise ConfigError(f"threshold token gate: target must be None or a fraction in (0, 1], got {target!r}")
+        self.temperature, self.weight, self.momentum = float(temperature), float(weight), float(momentum)
+        self.target = None if target is None else float(target)
+        self.threshold = nn.Parameter(torch.tensor(float(threshold)))
+        self.register_buffer("table", torch.zeros(TABLE_POINTS))
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.long))
+        self._fraction: Tensor | None = None
+        #: Scores gathered by `dynsparse.layers.calibrate_tokens_` (a list while it runs, else None).
+        self.collect: list[Tensor] | None = None
+
+    def set_budget_(self, keep: float | None) -> ThresholdTokenGate:
+        """``None``: the learned threshold; a fraction in (0, 1]: the calibrated one. Returns self."""
+        self.keep = None if keep is None else _check_keep(type(self).__name__, keep)
+        return self
+
+    def kept(self, n: int) -> int:
+        """Expected tokens kept of ``n`` (``n`` with the learned threshold: the count depends on the input)."""
+        return n if self.keep is None else super().kept(n)
+
+    def theta(self) -> Tensor:
+        """The inference threshold under the current budget (a 0-dim tensor; ``-inf`` for ``keep=1``)."""
+        if self.keep is None:
+            return self.threshold.detach()
+        if self.keep >= 1.0:
+            return self.threshold.detach().new_tensor(float("-inf"))
+        if int(self.calibrated) == 0:
+            raise ConfigError(
+                f"threshold token gate: keep={self.keep} needs a score table; run "
+                "dynsparse.layers.calibrate_tokens_(model, inputs) (or train the model) first, or use keep=None"
+            )
+        pos = self.keep * (TABLE_POINTS - 1)
+        lo = min(int(pos), TABLE_POINTS - 2)
+        return torch.lerp(self.table[lo], self.table[lo + 1], pos - lo)
+
+    def soft_mask(self, s: Tensor) -> Tensor:
+        """Training: ``σ((s − θ) / T)`` with the learned ``θ`` (any shape)."""
+        return torch.sigmoid((s - self.threshold) / self.temperature)
+
+    @torch.no_grad()
+    def observe(self, s: Tensor, exact: bool = False) -> None:
+        """Add scores (any shape, of arriving non-prefix tokens) to the table: a running average, or ``exact``."""
+        probs = torch.linspace(1.0, 0.0, TABLE_POINTS, dtype=torch.float64, device=s.device)
+        q = torch.quantile(s.detach().flatten()[: 1 << 24].double(), probs).to(self.table.dtype)
+        if exact or int(self.calibrated) == 0:
+            self.table.copy_(q)
+        else:
+            self.table.lerp_(q, self.momentum)
+        self.calibrated += 1
+
+    def record(self, fraction: Tensor) -> None:
+        """Training: the soft fraction of the arriving tokens kept (for `penalty`)."""
+        self._fraction = fraction
+
+    def penalty(self) -> Tensor:
+        if self._fraction is None or not self.training:
+            return self.threshold.new_zeros(())
+        f = self._fraction
+        return self.weight * (f if self.target is None else (f - self.target) ** 2)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fraction"], state["collect"] = None, None  # an autograd graph / calibration scores: not copied
+        return state
+
+    def scores(self, x: Tensor, h: Tensor, attn: nn.Module, num_prefix: int, policy: Tensor | None = None) -> Tensor:
+        return received_attention(h, attn, policy)[:, num_prefix:]
+
+    def forward(self, x: Tensor, h: Tensor | None = None, attn: nn.Module | None = None, num_prefix: int = 1) -> Tensor:
+        """``(B, n)`` 0/1 multiplier: ``s > θ`` under the current budget, at least the best token per input."""
+        s = self.scores(x, x if h is None else h, attn, num_prefix)
+        keep = s > self.theta()
+        keep.scatter_(1, s.argmax(1, keepdim=True), True)
+        return keep.to(s.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_units={self.num_units}, keep={self.keep}, threshold={float(self.threshold.detach()):.4g}, "
+            f"temperature={self.temperature}, weight={self.weight}, target={self.target}"
+        )
+
+
+def _real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def received_attention(h: Tensor, attn: nn.Module, policy: Tensor | None = None) -> Tensor:
+    """``(B, N)``: attention each token receives in ``attn`` on input ``h`` (B, N, C), summed over the queries, mean
+    over heads (LTP's score times N: the scores of the ``n`` alive tokens average to 1).
+
+    With a (B, N) keep ``policy``, dropped keys take no part in the softmax and queries are weighted by it.
+    Recomputes q and k (``O(N·C² + N²·C)``); the token-gated block gets the same scores from its own attention.
+    """
+    if attn is None or not hasattr(attn, "qkv"):
+        raise ConfigError("threshold token gate: needs the block's timm Attention (with a fused qkv Linear)")
+    B, N, _ = h.shape
+    H, d = attn.num_heads, attn.head_dim
+    q, k = attn.qkv(h)[..., : 2 * H * d].reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    logits = (attn.q_norm(q) * attn.scale) @ attn.k_norm(k).transpose(-2, -1)
+    if policy is not None:
+        logits = logits.masked_fill(policy[:, None, None, :] == 0, float("-inf"))
+    a = logits.softmax(-1)
+    if policy is not None:
+        a = a * policy[:, None, :, None].to(a.dtype)
+    return a.sum(-2).mean(1)
 
 
 def make_token_gate(spec: str | dict[str, Any], num_units: int, dim: int) -> TokenGate:

@@ -12,10 +12,16 @@ is removed; the block samples hard keep decisions and every later block (`Policy
 to dropped tokens (DynamicViT's ``softmax_with_policy``), so the gradient reaches the predictor. With the
 same decisions, masked and gathered inference give the same class-token output (a tested identity).
 
+A ``threshold`` gate (LTP) keeps a *variable* number of tokens per input: at inference the kept tokens of the
+whole batch are packed into one tensor and every later block runs on it (`dynsparse.layers.token_pack`); the
+last block hands ``(B, n_max, C)`` to the head. In training its soft masks multiply the shared policy.
+
 State dicts keep the host's keys; a learned gate adds ``blocks.i.tokens.gate.*``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from timm.models.vision_transformer import Block
@@ -24,12 +30,14 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..gates.tokens import TokenGate
 from ..modules import adopt, place_like
+from .token_pack import Packing, packed_attention, select_tokens, unpack
 
 __all__ = [
     "PolicyBlock",
     "TokenGatedBlock",
     "TokenSelect",
     "TokenState",
+    "calibrate_tokens_",
     "gate_tokens_",
     "masked_attention",
     "token_spec",
@@ -39,14 +47,22 @@ __all__ = [
 class TokenState:
     """Keep decisions shared by the token-aware blocks of one model during a masked (training) forward.
 
-    ``policy`` is (B, N) with 1 for kept tokens (prefix included); the first gated block resets it.
+    ``policy`` is (B, N) with 1 for kept tokens (prefix included); the first gated block resets it. ``packing``
+    describes the packed batch of a variable-count (threshold) gate at inference; ``attention`` is the
+    `dynsparse.layers.token_pack.packed_attention` mode; ``num_prefix`` / ``pool_prefix`` / ``pool`` describe the
+    model's head (for the last block, which unpacks).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, num_prefix: int = 0, pool_prefix: bool = False, pool: str = "token") -> None:
         self.policy: Tensor | None = None
+        self.packing: Packing | None = None
+        self.attention = "auto"
+        self.num_prefix, self.pool_prefix, self.pool = num_prefix, pool_prefix, pool
 
     def __deepcopy__(self, memo: dict) -> TokenState:
-        return TokenState()  # a copy of the model starts with no decisions (and no autograd graph)
+        new = TokenState(self.num_prefix, self.pool_prefix, self.pool)  # no decisions (and no autograd graph)
+        new.attention = self.attention
+        return new
 
 
 class TokenSelect(nn.Module):
@@ -89,12 +105,16 @@ class TokenSelect(nn.Module):
         return f"num_prefix={self.num_prefix}, fuse={self.fuse}"
 
 
-def masked_attention(attn: nn.Module, x: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
+def masked_attention(
+    attn: nn.Module, x: Tensor, policy: Tensor, eps: float = 1e-6, scores: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
     """timm ``Attention`` forward with DynamicViT's policy: token i attends to j only if j is kept (or j = i).
 
     ``softmax_with_policy``: ``exp(A_ij − max_i) · G_ij / (Σ_k exp(A_ik − max_i) · G_ik + eps)`` with
     ``G_ij = policy_j`` for ``j ≠ i`` and 1 on the diagonal, computed in at least float32. Uses the module's own
-    children (qkv, q/k norms, head gate in ``norm``, proj), so gated heads are respected.
+    children (qkv, q/k norms, head gate in ``norm``, proj), so gated heads are respected. ``policy`` may be soft
+    (a threshold gate's training masks). With ``scores``, also returns the (B, N) attention each token receives,
+    queries weighted by the policy (see `dynsparse.gates.tokens.received_attention`).
     """
     B, N = x.shape[:2]
     H, d = attn.num_heads, attn.head_dim
@@ -113,7 +133,10 @@ def masked_attention(attn: nn.Module, x: Tensor, policy: Tensor, eps: float = 1e
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out))
+    out = attn.proj_drop(attn.proj(out))
+    if not scores:
+        return out
+    return out, (a * policy.reshape(B, 1, N, 1).to(a.dtype)).sum(-2).mean(1)
 
 
 class _TokenAware(Block):
@@ -121,16 +144,32 @@ class _TokenAware(Block):
 
     _token_state: TokenState
 
-    def _attend(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> tuple[Tensor, Tensor]:
+    def _attend(
+        self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, scores: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(x + attention branch, norm1(x), received-attention scores or None)``."""
         h = self.norm1(x)
-        policy = self._token_state.policy
-        if policy is not None:
-            if attn_mask is not None or is_causal:
-                raise ConfigError("token gates: an attention mask cannot be combined with masked token training")
-            a = masked_attention(self.attn, h, policy, eps=1e-6 if self.training else 0.0)
+        state = self._token_state
+        s = None
+        if (state.policy is not None or state.packing is not None) and (attn_mask is not None or is_causal):
+            raise ConfigError("token gates: an attention mask cannot be combined with masked or packed tokens")
+        if state.policy is not None:
+            eps = 1e-6 if self.training else 0.0
+            a = masked_attention(self.attn, h, state.policy, eps=eps, scores=scores)
+            a, s = a if scores else (a, None)
+        elif state.packing is not None:
+            a, s = packed_attention(self.attn, h, state.packing, scores, state.attention)
         else:
             a = self.attn(h, attn_mask=attn_mask, is_causal=is_causal)
-        return x + self.drop_path1(self.ls1(a)), h
+        return x + self.drop_path1(self.ls1(a)), h, s
+
+    def _finish(self, x: Tensor) -> Tensor:
+        """The last block of the model hands a packed batch back as (B, n_max, C) (see `token_pack.unpack`)."""
+        state = self._token_state
+        if getattr(self, "_last", False) and state.packing is not None:
+            x = unpack(x, state.packing, state.num_prefix, state.pool_prefix)
+            state.packing = None
+        return x
 
     def _mlp(self, x: Tensor) -> Tensor:
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -147,10 +186,11 @@ class PolicyBlock(_TokenAware):
         return new
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        if self._token_state.policy is None:
+        state = self._token_state
+        if state.policy is None and state.packing is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        x, _ = self._attend(x, attn_mask, is_causal)
-        return self._mlp(x)
+        x, _, _ = self._attend(x, attn_mask, is_causal)
+        return self._finish(self._mlp(x))
 
 
 class TokenGatedBlock(_TokenAware):
@@ -171,6 +211,8 @@ class TokenGatedBlock(_TokenAware):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         sel: TokenSelect = self.tokens
+        if sel.gate.variable:
+            return self._variable(x, attn_mask, is_causal)
         train = self.training and sel.gate.trainable
         masked = train or (sel.mask_inference and not self.training)
         state = self._token_state
@@ -178,7 +220,7 @@ class TokenGatedBlock(_TokenAware):
             state.policy = x.new_ones(x.shape[:2])
         elif not masked:
             state.policy = None
-        x, h = self._attend(x, attn_mask, is_causal)
+        x, h, _ = self._attend(x, attn_mask, is_causal)
         if not masked:
             return self._mlp(sel(x, h, self.attn))
         if sel.fuse:
@@ -187,6 +229,41 @@ class TokenGatedBlock(_TokenAware):
             state.policy = sel.gate.sample(x, sel.num_prefix, state.policy)
         else:
             state.policy = sel.gate.topk_policy(x, h, self.attn, sel.num_prefix, state.policy)
+        return self._mlp(x)
+
+    def _variable(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+        """A threshold gate: soft masks in training, a packed batch at inference (hard masks if ``mask_inference``)."""
+        sel: TokenSelect = self.tokens
+        gate, P, state = sel.gate, sel.num_prefix, self._token_state
+        masked = self.training or sel.mask_inference
+        if self._first:
+            state.policy = x.new_ones(x.shape[:2]) if masked else None
+            state.packing = None
+        if not masked:
+            if state.packing is None:
+                state.packing = Packing([x.shape[1]] * x.shape[0], device=x.device)
+            x, _, s = self._attend(x, attn_mask, is_causal, scores=True)
+            if getattr(gate, "collect", None) is not None:  # calibrate_tokens_
+                gate.collect.append(s[:, P:][state.packing.valid[:, P:]])
+            x, state.packing = select_tokens(x, s, state.packing, gate.theta(), P)
+            return self._finish(self._mlp(x))
+        if self.training and state.pool != "token":
+            raise ConfigError(
+                f"tokens: training a threshold gate needs class-token pooling (global_pool='token'), the model "
+                f"pools with {state.pool!r}"
+            )
+        x, _, s = self._attend(x, attn_mask, is_causal, scores=True)
+        prev, s = state.policy[:, P:], s[:, P:]
+        if self.training:
+            gate.observe(s[prev > 0.5])
+            m = gate.soft_mask(s) * prev
+            gate.record(m.sum() / prev.sum().clamp_min(1e-6))
+        else:  # hard decisions on the masked path: the same as the packed path
+            s = s.masked_fill(prev == 0, float("-inf"))
+            keep = s > gate.theta()
+            keep.scatter_(1, s.argmax(1, keepdim=True), True)
+            m = keep.to(prev.dtype) * prev
+        state.policy = torch.cat([state.policy[:, :P], m], dim=1)
         return self._mlp(x)
 
 
@@ -210,26 +287,35 @@ def gate_tokens_(
     model: nn.Module,
     gate: str | dict = "cls_attention",
     blocks: list[int] | tuple[int, ...] = (3, 6, 9),
-    keep: float | list[float] = 0.7,
+    keep: float | list[float | None] | None = None,
     fuse: bool = False,
+    final_threshold: float = 1.0,
     **gate_kwargs,
 ) -> nn.Module:
     """Make the given blocks of a timm ViT keep only part of the tokens, per input (in place).
 
     Args:
         model: A timm ``VisionTransformer`` (ViT, DeiT, with register / distillation tokens).
-        gate: A name of `dynsparse.gates.TOKEN_GATES` (``cls_attention``, ``predictor``).
+        gate: A name of `dynsparse.gates.TOKEN_GATES` (``cls_attention``, ``predictor``, ``threshold``).
         blocks: Indices of the blocks that select tokens (after their attention).
         keep: Fraction of the arriving non-prefix tokens kept at each of them (one value or one per block).
+            None: 0.7 for the top-k gates, the learned threshold for ``threshold``.
         fuse: Fuse the dropped tokens into one token (EViT; ``cls_attention`` only).
-        **gate_kwargs: Extra arguments of the gate (e.g. ``weight``, ``tau`` of ``predictor``).
+        final_threshold: ``threshold`` gate: LTP's ``θ_final``; block ``l`` of ``L`` starts at
+            ``θ_final · l / L`` (unless ``threshold=`` is given).
+        **gate_kwargs: Extra arguments of the gate (e.g. ``weight``, ``tau`` of ``predictor``; ``temperature``,
+            ``weight``, ``target`` of ``threshold``).
 
     Returns:
         ``model``.
     """
-    from ..gates.tokens import make_token_gate
+    from ..gates.tokens import TOKEN_GATES, make_token_gate
 
     seq, prefix, patches = _token_host(model)
+    spec = {"gate": gate} if isinstance(gate, str) else dict(gate)
+    variable = TOKEN_GATES.get(spec.get("gate", "cls_attention")).variable
+    if variable:
+        _check_variable_head(model, final_threshold)
     idx = [blocks] if isinstance(blocks, int) else list(blocks)
     if not idx or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(seq) for i in idx):
         raise ConfigError(f"tokens.blocks: block indices in [0, {len(seq)}) expected, got {blocks!r}")
@@ -243,14 +329,19 @@ def gate_tokens_(
     odd = [f"blocks.{i} ({type(b).__name__})" for i, b in enumerate(seq) if i >= idx[0] and type(b) is not Block]
     if odd:
         raise ConfigError(f"tokens: token gates need plain timm Blocks from the first gate on; found {odd[0]}")
-    state, n, target = TokenState(), patches, 1.0
+    pool = getattr(model, "global_pool", "token")
+    state = TokenState(prefix, bool(getattr(model, "pool_include_prefix", False)), pool)
+    n, target = patches, 1.0
     for j, (i, k) in enumerate(zip(idx, keeps, strict=True)):
-        spec = {"gate": gate} if isinstance(gate, str) else dict(gate)
-        g = make_token_gate({**spec, **gate_kwargs, "keep": k}, max(n, 1), seq[i].norm1.normalized_shape[0])
-        target *= g.keep
-        if hasattr(g, "target"):
-            g.target = target
-        if g.trainable and getattr(model, "global_pool", "token") != "token":
+        opts = {**spec, **gate_kwargs, "keep": 0.7 if k is None and not variable else k}
+        if variable:
+            opts.setdefault("threshold", final_threshold * i / len(seq))
+        g = make_token_gate(opts, max(n, 1), seq[i].norm1.normalized_shape[0])
+        if not variable:
+            target *= g.keep
+            if hasattr(g, "target"):
+                g.target = target
+        if g.trainable and not variable and pool != "token":
             raise ConfigError(
                 f"tokens: a trained token gate needs class-token pooling (global_pool='token'), the model pools "
                 f"with {model.global_pool!r}"
@@ -263,7 +354,24 @@ def gate_tokens_(
     for i in range(idx[0] + 1, len(seq)):  # blocks after the first gate mask attention on the masked path
         if not isinstance(seq[i], TokenGatedBlock):
             seq[i] = PolicyBlock.from_module(seq[i], state)
+    seq[-1]._last = True  # hands a packed batch back to the head
     return model
+
+
+def _check_variable_head(model: nn.Module, final_threshold: float) -> None:
+    """A variable-count gate needs a head that `token_pack.unpack` serves exactly."""
+    if isinstance(final_threshold, bool) or not isinstance(final_threshold, (int, float)):
+        raise ConfigError(f"tokens.final_threshold: a number expected, got {final_threshold!r}")
+    pool = getattr(model, "global_pool", "token")
+    if getattr(model, "attn_pool", None) is not None:
+        raise ConfigError("tokens: the threshold gate does not support attention pooling (global_pool='map')")
+    if pool not in ("token", "avg", "max", "avgmax", ""):
+        raise ConfigError(f"tokens: the threshold gate does not support global_pool={pool!r}")
+    if pool in ("avg", "max", "avgmax") and not isinstance(getattr(model, "norm", nn.Identity()), nn.Identity):
+        raise ConfigError(
+            f"tokens: the threshold gate with global_pool={pool!r} needs fc_norm (model.norm = Identity), since "
+            "inputs keep different token counts and the pooled tokens are normalised after pooling"
+        )
 
 
 def token_spec(model: nn.Module) -> dict | None:
@@ -288,7 +396,57 @@ def token_spec(model: nn.Module) -> dict | None:
         "keep": [sel.gate.keep for _, sel in found],
         "fuse": first.fuse,
     }
-    for key in ("weight", "tau"):
-        if hasattr(gate, key):
+    for key in ("weight", "tau", "temperature", "target", "momentum"):
+        if hasattr(gate, key) and (key != "target" or gate.variable):
             spec[key] = getattr(gate, key)
     return spec
+
+
+@torch.no_grad()
+def calibrate_tokens_(model: nn.Module, inputs: Tensor | Iterable[Tensor]) -> nn.Module:
+    """Record the score table of every ``threshold`` gate on ``inputs`` (in place), for ``keep=`` budgets.
+
+    The gates are calibrated in order, one pass over ``inputs`` each: gate ``j``'s table holds the exact score
+    quantiles of the tokens that reach it when the gates before it run at their current budgets (set them with
+    `dynsparse.set_budget_` first to calibrate for a budget). Afterwards ``set_budget_(model, keep=k)`` makes
+    each gate keep about a fraction ``k`` of the tokens that reach it (exactly, on these inputs, at the
+    calibrated budget). Runs in eval mode and restores the training flag.
+
+    Args:
+        model: A model with ``threshold`` token gates.
+        inputs: One batch or an iterable of batches (images, as the model takes them).
+
+    Returns:
+        ``model``.
+
+    Examples:
+        >>> import timm, torch, dynsparse as ds
+        >>> m = ds.sparsify_(timm.create_model("test_vit"), {"tokens": {"gate": "threshold", "blocks": [1]}})
+        >>> ds.get_budget(ds.set_budget_(calibrate_tokens_(m, torch.randn(4, 3, 160, 160)), keep=0.5))
+        {'blocks.1.tokens.gate': 0.5}
+    """
+    gates = [b.tokens.gate for b in getattr(model, "blocks", ()) if isinstance(b, TokenGatedBlock)]
+    gates = [g for g in gates if g.variable]
+    if not gates:
+        raise ConfigError(f"calibrate_tokens_: {type(model).__name__} has no threshold token gate")
+    batches = [inputs] if isinstance(inputs, Tensor) else list(inputs)
+    if not batches:
+        raise ConfigError("calibrate_tokens_: no inputs")
+    budgets, training = [g.keep for g in gates], model.training
+    model.eval()
+    try:
+        for j, g in enumerate(gates):
+            for later in gates[j:]:
+                later.keep = 1.0  # gate j's scores do not depend on its own decisions or the later ones
+            g.collect = []
+            for x in batches:
+                model(x)
+            g.observe(torch.cat(g.collect), exact=True)
+            g.collect = None
+            g.set_budget_(budgets[j])
+    finally:
+        for g, k in zip(gates, budgets, strict=True):
+            g.collect = None
+            g.set_budget_(k)
+        model.train(training)
+    return model

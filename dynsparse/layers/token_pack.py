@@ -1,0 +1,192 @@
+"""Variable token counts per input in one batch: the packed layout, its attention and the way back to the head.
+
+After a ``threshold`` token gate (`dynsparse.gates.ThresholdTokenGate`) the inputs of a batch keep different
+numbers of tokens. Between blocks they travel as one **packed** tensor ``(1, T, C)`` with ``T = Σ_b n_b``:
+input ``b`` owns rows ``offsets[b] : offsets[b] + n_b`` (its prefix tokens, then its kept tokens in their
+original order). A `Packing` (the lengths) rides along in the model's shared ``TokenState``. When every input
+has the same count the tensor is the usual ``(B, n, C)``.
+
+Token-wise layers (norms, qkv, proj, MLP, LayerScale) run on the packed tensor as it is: no padding, no loop,
+no mask. Only attention mixes tokens, and only within an input; `packed_attention` runs it
+
+* ``"pad"``: q, k, v scattered into ``(B, n_max)`` with a key-padding mask, one batched attention call; or
+* ``"loop"``: one attention call per input on its own rows.
+
+``"auto"`` picks one by `attention_mode` (the rule comes from measurements, see docs/dynamic_thresholds.md).
+At the end of the blocks `unpack` returns ``(B, n_max, C)`` to the model's final norm and head: padding rows
+are copies of the mean of the input's pooled rows, so class-token, mean, max and mean+max pooling all give
+exactly what each input gives alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Packing", "attention_mode", "packed_attention", "select_tokens", "unpack"]
+
+
+class Packing:
+    """Token counts of the inputs of a packed batch (prefix tokens included).
+
+    Args:
+        lengths: Tokens of each input, in batch order.
+        device: Device of the index tensors.
+    """
+
+    def __init__(self, lengths: list[int], device: torch.device | str | None = None) -> None:
+        self.lengths = [int(n) for n in lengths]
+        self.batch, self.total, self.nmax = len(self.lengths), sum(self.lengths), max(self.lengths)
+        self.uniform = min(self.lengths) == self.nmax
+        self.offsets = [0]
+        for n in self.lengths[:-1]:
+            self.offsets.append(self.offsets[-1] + n)
+        self.device = device
+        self._valid: Tensor | None = None
+        self._index: Tensor | None = None
+
+    @property
+    def valid(self) -> Tensor:
+        """(B, n_max) bool: which padded positions hold a token."""
+        if self._valid is None:
+            n = torch.tensor(self.lengths, device=self.device)
+            self._valid = torch.arange(self.nmax, device=self.device) < n[:, None]
+        return self._valid
+
+    @property
+    def index(self) -> Tensor:
+        """(T,) positions of the packed rows in the flattened ``(B · n_max)`` padded layout."""
+        if self._index is None:
+            self._index = self.valid.flatten().nonzero().squeeze(1)
+        return self._index
+
+    def shape(self, rows: Tensor) -> Tensor:
+        """Packed rows ``(T, F)`` as the layout tensor: ``(B, n, F)`` when uniform, else ``(1, T, F)``."""
+        return rows.view(self.batch, self.nmax, -1) if self.uniform else rows.unsqueeze(0)
+
+    def pad(self, rows: Tensor) -> Tensor:
+        """Packed rows ``(T, F)`` -> ``(B, n_max, F)``, zeros at the padding."""
+        if self.uniform:
+            return rows.view(self.batch, self.nmax, -1)
+        out = rows.new_zeros(self.batch * self.nmax, rows.shape[-1])
+        return out.index_copy_(0, self.index, rows).view(self.batch, self.nmax, -1)
+
+    def unpad(self, padded: Tensor) -> Tensor:
+        """``(B, n_max, F)`` -> packed rows ``(T, F)``."""
+        rows = padded.reshape(self.batch * self.nmax, -1)
+        return rows if self.uniform else rows.index_select(0, self.index)
+
+    def __repr__(self) -> str:
+        return f"Packing(batch={self.batch}, total={self.total}, nmax={self.nmax})"
+
+
+#: ``"pad"`` below this many inputs, ``"loop"`` from it on (see `attention_mode`).
+LOOP_FROM_BATCH = 1 << 30
+
+
+def attention_mode(pk: Packing) -> str:
+    """The attention strategy ``"auto"`` uses for ``pk``: ``"pad"`` (one call with a key-padding mask)."""
+    return "loop" if pk.batch >= LOOP_FROM_BATCH else "pad"
+
+
+def _attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, scores: bool):
+    """Attention of (M, H, n, d) q/k/v with an optional (M, n) key mask; scores (M, n) if asked (-inf at padding)."""
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if not scores:
+        mask = None if valid is None else valid[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale), None
+    a = (q * attn.scale) @ k.transpose(-2, -1)
+    if valid is not None:
+        a = a.masked_fill(~valid[:, None, None, :], float("-inf"))
+    a = a.softmax(-1)
+    o = a @ v
+    if valid is not None:
+        a = a * valid[:, None, :, None].to(a.dtype)  # padded queries receive nothing
+    s = a.sum(-2).mean(1)
+    return o, s if valid is None else s.masked_fill(~valid, float("-inf"))
+
+
+def packed_attention(
+    attn: nn.Module, h: Tensor, pk: Packing, scores: bool = False, mode: str = "auto"
+) -> tuple[Tensor, Tensor | None]:
+    """A timm ``Attention`` on a packed batch: every input attends only to its own tokens.
+
+    Args:
+        attn: The block's timm ``Attention`` (its qkv, q/k norms, scale, norm, gate and proj are used).
+        h: The layout tensor, ``(1, T, C)`` packed or ``(B, n, C)`` when ``pk.uniform``.
+        pk: The packing of ``h``.
+        scores: Also return the attention each token receives (explicit softmax instead of fused attention).
+        mode: ``"pad"``, ``"loop"`` or ``"auto"`` (see the module doc).
+
+    Returns:
+        The attention output in the layout of ``h``, and ``(B, n_max)`` scores (``-inf`` at the padding; see
+        `dynsparse.gates.tokens.received_attention`) or None.
+    """
+    H, d = attn.num_heads, attn.head_dim
+    gate = attn.gate(h).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(h).reshape(pk.total, 3 * H * d)
+    B, n = pk.batch, pk.nmax
+    mode = attention_mode(pk) if mode == "auto" else mode
+    if mode not in ("pad", "loop"):
+        raise ValueError(f"packed_attention: mode must be 'pad', 'loop' or 'auto', got {mode!r}")
+    if pk.uniform or mode == "pad":
+        q, k, v = pk.pad(qkv).view(B, n, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        o, s = _attend(attn, q, k, v, None if pk.uniform else pk.valid, scores)
+        o = pk.unpad(o.transpose(1, 2).reshape(B, n, H * d))
+    else:
+        outs, rows = [], []
+        for start, length in zip(pk.offsets, pk.lengths, strict=True):
+            q, k, v = qkv[start : start + length].view(1, length, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+            o, s = _attend(attn, q, k, v, None, scores)
+            outs.append(o[0].transpose(0, 1).reshape(length, H * d))
+            rows.append(s)
+        o = torch.cat(outs)
+        s = pk.pad(torch.cat(rows, 1).reshape(-1, 1)).squeeze(-1) if scores else None
+        if s is not None:
+            s = s.masked_fill(~pk.valid, float("-inf"))
+    o = attn.norm(pk.shape(o))
+    if gate is not None:
+        o = o * gate
+    return attn.proj_drop(attn.proj(o)), s
+
+
+def select_tokens(x: Tensor, s: Tensor, pk: Packing, theta: Tensor, num_prefix: int) -> tuple[Tensor, Packing]:
+    """Keep, per input, the prefix and the non-prefix tokens scoring above ``theta`` (at least the best one).
+
+    Args:
+        x: The layout tensor of ``pk``.
+        s: (B, n_max) scores (``-inf`` at the padding).
+        pk: The packing of ``x``.
+        theta: 0-dim threshold.
+        num_prefix: Prefix tokens at the front of every input (always kept, not ranked).
+
+    Returns:
+        The kept tokens in the new layout, and their packing.
+    """
+    P = num_prefix
+    keep = s > theta
+    keep[:, :P] = True
+    keep.scatter_(1, s[:, P:].argmax(1, keepdim=True) + P, True)
+    keep &= pk.valid
+    flat = keep.flatten() if pk.uniform else keep.flatten()[pk.index]
+    new = Packing(keep.sum(1).tolist(), device=x.device)
+    rows = x.reshape(pk.total, -1).index_select(0, flat.nonzero().squeeze(1))
+    return new.shape(rows), new
+
+
+def unpack(x: Tensor, pk: Packing, num_prefix: int, include_prefix: bool = False) -> Tensor:
+    """The layout tensor as ``(B, n_max, C)`` for the model's final norm and head.
+
+    Padding rows are copies of the mean of the input's pooled rows (its non-prefix tokens, or all of them with
+    ``include_prefix``): the mean over the padded rows is then that mean, and the max is unchanged, so
+    ``global_pool`` ``'token'``, ``'avg'``, ``'max'`` and ``'avgmax'`` give what the input gives alone (the
+    final norm must be the identity for the reductions, as timm builds it with ``fc_norm``).
+    """
+    if pk.uniform:
+        return x
+    padded = pk.pad(x.reshape(pk.total, -1))
+    lo = 0 if include_prefix else num_prefix
+    count = (torch.tensor(pk.lengths, device=x.device) - lo).clamp_min(1).to(x.dtype)
+    mean = padded[:, lo:].sum(1) / count[:, None]
+    return torch.where(pk.valid[..., None], padded, mean[:, None, :])
