@@ -120,7 +120,7 @@ def plan_sparsify(
     Returns:
         A `SparsifyPlan` listing targets and the modules that cannot be gated.
     """
-    from .integrations import timm as table
+    from .integrations import tables as table
     from .layers.base import GatedLayer
     from .layers.dynamic import dynamic_part_of
     from .layers.slot import GateSlot
@@ -151,8 +151,11 @@ def plan_sparsify(
             if dim == "layers":
                 branches = table.branches_of(module)
                 if branches is None:
+                    reason = table.unknown_block_reason(module)
+                    if reason is not None:
+                        plan.skipped.append(Skipped(fqn, mtype, dim, reason))
                     continue
-                gated = [b.slot for b in branches if isinstance(getattr(module, b.slot, None), GateSlot)]
+                gated = [b.slot for b in branches if isinstance(_child(module, b.slot), GateSlot)]
                 if gated:
                     plan.skipped.append(Skipped(fqn, mtype, dim, f"{gated} already hold layer gates"))
                     continue
@@ -163,7 +166,8 @@ def plan_sparsify(
                 plan.skipped.append(Skipped(fqn, mtype, dim, f"it is already gated for {dim!r}"))
                 continue
             host = table.host_type(module)
-            gated_cls = table.GATED_LAYERS[dim].get(host)
+            gated_cls = table.gated_class(dim, module)
+            unsupported = table.unsupported_reason(dim, module)
             if gated_cls is not None and type(module) is host:
                 reason = gated_cls.unsupported_reason(module)
                 if reason is None:
@@ -171,10 +175,11 @@ def plan_sparsify(
                     found += 1
                 else:
                     plan.skipped.append(Skipped(fqn, mtype, dim, reason))
-            elif host in table.UNSUPPORTED.get(dim, {}):
-                plan.skipped.append(Skipped(fqn, mtype, dim, table.UNSUPPORTED[dim][host]))
+            elif unsupported is not None:
+                plan.skipped.append(Skipped(fqn, mtype, dim, unsupported))
             elif (
                 gated_cls is None
+                and not table.covered(dim, module)
                 and dim in _LOOKALIKE
                 and _LOOKALIKE[dim].search(host.__name__)
                 and not isinstance(module, GatedLayer)
@@ -192,6 +197,13 @@ def plan_sparsify(
                 "(check the model family and the include/exclude patterns)",
             )
     return plan
+
+
+def _child(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _owns_weights(module: nn.Module) -> bool:
@@ -212,7 +224,8 @@ def sparsify_(
     residual branches get ``layers`` gates; every gate starts open, so the output is unchanged.
 
     Args:
-        model: A timm model (ViT/DeiT, ResNet, ConvNeXt, EfficientNet, MobileNetV3, Swin, ...).
+        model: A timm model (ViT/DeiT, ResNet, ConvNeXt, EfficientNet, MobileNetV3, Swin, ...) or a Hugging Face
+            transformers model (BERT, RoBERTa, ViT, GPT-2, Llama, Qwen2, Mistral; see ``docs/huggingface.md``).
         spec: ``{dimension: {"gate": name, **gate_kwargs}}`` with dimensions ``neurons``, ``heads``,
             ``channels``, ``layers``; a dimension may also carry ``include`` / ``exclude`` fqn globs.
         include: fqn glob patterns limiting where gates go (all dimensions).
@@ -234,8 +247,7 @@ def sparsify_(
         >>> len(list(ds.named_gates(m)))
         4
     """
-    from .integrations import timm as table
-    from .layers.residual import gate_branches_
+    from .integrations import tables as table
     from .modules import replace_module_
 
     if on_unsupported not in ("raise", "skip"):
@@ -257,9 +269,9 @@ def sparsify_(
         module = model.get_submodule(fqn)
         gate = plan.gate_specs[dim]
         if dim == "layers":
-            gate_branches_(module, table.branches_of(module), gate, fqn=fqn)
+            table.gate_branches_(module, gate, fqn=fqn)
             continue
-        cls = table.GATED_LAYERS[dim][table.host_type(module)]
+        cls = table.gated_class(dim, module)
         try:
             new = cls.from_module(module, gate=gate, fqn=fqn)
         except (ConfigError, GateError) as e:

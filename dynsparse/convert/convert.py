@@ -58,11 +58,10 @@ def _set(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
 
 def _slice_units(model: nn.Module, fqn: str, child: str, dim: str, idx: Tensor, scale: Tensor | None) -> None:
     """Slice the host layer at ``fqn`` for the gate at its child ``child``."""
-    from ..integrations import timm as table
+    from ..integrations import tables as table
 
     module = model.get_submodule(fqn) if fqn else model
-    host = table.host_type(module)
-    gated_cls = table.GATED_LAYERS.get(dim, {}).get(host)
+    gated_cls = table.gated_class(dim, module)
     if gated_cls is None:
         raise UnsupportedModuleError(
             fqn, type(module).__name__, dim, "no slicer is known for this module", action="convert"
@@ -74,7 +73,7 @@ def _slice_units(model: nn.Module, fqn: str, child: str, dim: str, idx: Tensor, 
 
 
 def _close(model: nn.Module, closed: dict[str, set[str]]) -> nn.Module:
-    from ..integrations import timm as table
+    from ..integrations import tables as table
 
     # deepest first, so a replaced block never hides another closed block's path
     for fqn in sorted(closed, key=lambda f: -f.count(".")):
@@ -95,6 +94,7 @@ def convert(
     atol: float = 1e-4,
     rtol: float = 1e-4,
     static: bool = True,
+    uniform: bool = False,
 ) -> nn.Module:
     """Freeze every gate into a new, physically smaller model; the input model is not changed.
 
@@ -114,6 +114,10 @@ def convert(
         rtol: Relative tolerance of the check.
         static: ``True`` refuses input-dependent gates (a fully static model); ``False`` keeps them as run-time
             skip modules.
+        uniform: First make every layer keep the same number of units per dimension (`uniform_gates_`: the mean
+            count, best units by gate value), so a Hugging Face model's config can describe the result and
+            ``save_pretrained`` / ``from_pretrained`` rebuild it; raises when its config still cannot (see
+            `dynsparse.integrations.hf.finalize_`). ``verify_inputs`` then compares with the equalized model.
 
     Returns:
         The converted model.
@@ -129,15 +133,20 @@ def convert(
             f"convert(static=True): the model has input-dependent gates ({', '.join(dynamic[:5])}); "
             "pass static=False to keep them as run-time skip modules"
         )
+    if uniform:
+        from .uniform import uniform_gates_
+
+        model = uniform_gates_(copy.deepcopy(model))
     plan = make_plan(model)
     new = copy.deepcopy(model).eval()
+    from ..integrations import tables as table
     from ..layers.base import GatedLayer
 
     # 1. unit gates: slice producer/consumer, fold eval values, then swap the layer back to its host class
     owners: dict[str, list[tuple[str, object]]] = defaultdict(list)
     for fqn, slot in _slots(new):
         if slot.dimension != "layers":
-            parent, _, child = fqn.rpartition(".")
+            parent, child = table.slot_owner(new, fqn, slot.dimension)
             owners[parent].append((child, slot))
     for parent, items in owners.items():
         for child, slot in items:
@@ -150,13 +159,11 @@ def convert(
             new = _set(new, parent, layer.to_host())
         else:  # a slot installed by hand in a host module
             for child, slot in items:
-                setattr(layer, child, slot.inner)
+                table.unslot_(new, f"{parent}.{child}".strip("."), slot.inner)
     # 2. branch gates: fold non-binary values, restore the original child, then remove closed branches
     closed: dict[str, set[str]] = defaultdict(set)
-    from ..integrations import timm as table
-
     for fqn, slot in _slots(new):
-        parent, _, child = fqn.rpartition(".")
+        parent, child = table.slot_owner(new, fqn, "layers")
         block = new.get_submodule(parent) if parent else new
         v = float(slot.gate.eval_values().detach().reshape(()))
         if v <= 0:
@@ -166,8 +173,9 @@ def convert(
                 table.fold_branch_scale_(block, child, v)
             except UnsupportedModuleError as e:
                 raise UnsupportedModuleError(parent, e.module_type, e.dimension, e.reason, action="convert") from None
-        setattr(block, child, slot.inner)
+        table.unslot_(new, fqn, slot.inner)
     new = _close(new, closed)
+    new = table.finalize_(new, uniform=uniform)
     _check_clean(new)
     if not static:
         from ..layers.dynamic import DYNAMIC_PARTS
@@ -204,15 +212,17 @@ def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
     Raises:
         ConfigError: a plan entry names a module the model does not have, or a unit count that differs.
     """
+    from ..integrations import tables as table
+
     closed: dict[str, set[str]] = defaultdict(set)
     for fqn in sorted(plan.entries):
         dim, keep = plan.dimension(fqn), plan.keep(fqn)
-        parent, _, child = fqn.rpartition(".")
+        parent, child = table.slot_owner(model, fqn, dim)
         try:
             block = model.get_submodule(parent) if parent else model
         except AttributeError:
             raise ConfigError(f"slice plan entry {fqn!r}: the model has no module {parent!r}") from None
-        if not hasattr(block, child):
+        if not hasattr(block, child) and not _listed(block, dim, child):
             raise ConfigError(f"slice plan entry {fqn!r}: {type(block).__name__} at {parent!r} has no child {child!r}")
         if dim == "layers":
             if not keep:
@@ -220,9 +230,7 @@ def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
             continue
         n = plan.units.get(fqn)
         if n is not None:
-            from ..integrations import timm as table
-
-            gated_cls = table.GATED_LAYERS.get(dim, {}).get(table.host_type(block))
+            gated_cls = table.gated_class(dim, block)
             if gated_cls is None:
                 raise UnsupportedModuleError(
                     parent, type(block).__name__, dim, "no slicer is known for this module", action="convert"
@@ -235,6 +243,7 @@ def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
         idx = torch.tensor(keep if keep else [0], dtype=torch.long)
         _slice_units(model, parent, child, dim, idx, None)
     model = _close(model, closed)
+    model = table.finalize_(model)
     if plan.dynamic:
         from ..layers.dynamic import DYNAMIC_PARTS
 
@@ -245,3 +254,10 @@ def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
                 except (ConfigError, TypeError) as e:
                     raise ConfigError(f"slice plan 'dynamic.{key}': {e}") from None
     return model
+
+
+def _listed(block: nn.Module, dim: str, child: str) -> bool:
+    """True when a table lists ``child`` (a path such as ``"o_proj.gate_in"``) as a slot of ``block``."""
+    from ..integrations import tables as table
+
+    return table.owns(block, dim, child)

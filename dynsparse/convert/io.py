@@ -1,7 +1,8 @@
 """Save and load models as safetensors: weights plus JSON metadata (architecture spec, slice plan). No pickle.
 
 One file holds everything: the tensors, and in the safetensors header the host's architecture spec (e.g.
-``{"library": "timm", "name": "vit_small_patch16_224", "kwargs": {"num_classes": 10}}``), the slice plan,
+``{"library": "timm", "name": "vit_small_patch16_224", "kwargs": {"num_classes": 10}}``, or for a Hugging Face
+model ``{"library": "transformers", "name": "LlamaForCausalLM", "config": {...}}``), the slice plan,
 and for a gated checkpoint the ``sparsify_`` calls and gate classes. Writes are atomic: a temporary file in
 the same directory is fsynced and renamed over the target, so a crash leaves the last good file.
 """
@@ -35,18 +36,29 @@ def _arch_of(model: nn.Module, arch: Mapping[str, Any] | None) -> dict[str, Any]
                 "arch: field 'name' (the timm model name) is required, e.g. "
                 "{'name': 'vit_small_patch16_224', 'kwargs': {'num_classes': 10}}"
             )
-        unknown = set(arch) - {"library", "name", "kwargs"}
+        unknown = set(arch) - {"library", "name", "kwargs", "config"}
         if unknown:
-            raise ConfigError(f"arch: unknown field(s) {sorted(unknown)} (known: library, name, kwargs)")
+            raise ConfigError(f"arch: unknown field(s) {sorted(unknown)} (known: library, name, kwargs, config)")
         arch.setdefault("library", "timm")
-        arch.setdefault("kwargs", {})
-        if arch["library"] not in ("timm", "dynsparse"):
-            raise ConfigError(f"arch: field 'library' must be 'timm' or 'dynsparse', got {arch['library']!r}")
+        if arch["library"] not in ("timm", "dynsparse", "transformers"):
+            raise ConfigError(
+                f"arch: field 'library' must be 'timm', 'dynsparse' or 'transformers', got {arch['library']!r}"
+            )
+        if arch["library"] == "transformers":
+            if not isinstance(arch.get("config"), Mapping):
+                raise ConfigError("arch: a transformers arch needs field 'config' (the model config as a dict)")
+        else:
+            arch.setdefault("kwargs", {})
         try:
             json.dumps(arch)
         except TypeError as e:
             raise ConfigError(f"arch: kwargs must be JSON data ({e})") from None
         return arch
+    from ..integrations.tables import arch_of
+
+    spec = arch_of(model)  # a Hugging Face model: its class name and the dense host's config
+    if spec is not None:
+        return spec
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = cfg.get("architecture") if isinstance(cfg, Mapping) else None
     if not name:
@@ -59,6 +71,10 @@ def _arch_of(model: nn.Module, arch: Mapping[str, Any] | None) -> dict[str, Any]
 def build_host(arch: Mapping[str, Any], source: str = "arch") -> nn.Module:
     """Create the (ungated, dense) host model an architecture spec describes, with random weights."""
     try:
+        if arch.get("library") == "transformers":
+            from ..integrations.hf import build_host as build_hf
+
+            return build_hf(arch)
         if arch.get("library", "timm") == "dynsparse":
             from ..models import create_model
 
@@ -67,16 +83,22 @@ def build_host(arch: Mapping[str, Any], source: str = "arch") -> nn.Module:
 
         return timm.create_model(arch["name"], pretrained=False, **arch.get("kwargs", {}))
     except Exception as e:  # timm raises many kinds of errors for a bad name or kwargs
-        raise ConfigError(
-            f"{source}: cannot build timm model {arch.get('name')!r} with kwargs {arch.get('kwargs')}: {e}"
-        ) from e
+        what = f"{arch.get('library', 'timm')} model {arch.get('name')!r}"
+        raise ConfigError(f"{source}: cannot build {what} with kwargs {arch.get('kwargs')}: {e}") from e
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
     """Write a safetensors file atomically (temp file + fsync + rename)."""
     import safetensors.torch
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset())
+        out[k] = v.clone() if key in seen else v  # tied weights (an LM head sharing the embedding) saved twice
+        seen.add(key)
+    tensors = out
     return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
 
 
@@ -157,7 +179,7 @@ def save(
     if shapes != mine:
         bad = sorted(k for k in set(shapes) | set(mine) if shapes.get(k) != mine.get(k))
         raise ConfigError(
-            f"save: arch {spec['name']!r} with kwargs {spec['kwargs']} and the plan do not rebuild this "
+            f"save: arch {spec['name']!r} with kwargs {spec.get('kwargs')} and the plan do not rebuild this "
             f"model (first mismatch: {bad[0]!r}); pass the arch kwargs the model was created with"
         )
     meta = {"format": _FORMAT, "kind": "converted", "arch": json.dumps(spec), "plan": plan.to_json()}
