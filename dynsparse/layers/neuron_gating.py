@@ -18,10 +18,9 @@ How a decision becomes less work (``module.strategy``, ``"auto"`` by default):
 * ``"union"``: one gather of the union of the sets of the batch, each row masked inside it (exact).
 * ``"mask"``: the dense MLP with the dropped activations zeroed (the reference; no gain).
 * ``"auto"``: ``gather`` for one set or for per-input sets of ≥ 8 tokens; otherwise (decoding several single
-  tokens) ``union`` when the union keeps ≤ 70 % of the neurons, else ``mask``. For a single token it also uses
-  the fastest kernels measured on CPU: the dense producer when more than 35 % of the neurons run (a row gather
-  copies the weights and costs more than it saves), and ``embedding_bag`` over a cached transposed ``fc2``
-  weight for the down projection (reads only the kept rows, no copy). ``benchmarks/dynamic_neurons.py``.
+  tokens) ``union`` when the union keeps ≤ 70 % of the neurons, else ``mask``. For a single token it uses the
+  single-row kernels of `dynsparse.layers.neuron_kernels` (``module.kernel``: ``"torch"`` or ``"compiled"``).
+  Measured in ``benchmarks/dynamic_neurons.py``.
 
 All strategies give the same output for the same decisions (tested); in training the masked path runs.
 """
@@ -34,13 +33,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from timm.layers import GluMlp, Mlp, SwiGLU
 from torch import Tensor, nn
 
 from ..errors import ConfigError, UnsupportedModuleError
 from ..gates.neuron_gates import NEURON_GATES, CatsGate, DejaVuGate, NeuronGate, active_labels, fit_predictor_
 from ..modules import adopt, place_like, replace_module_
+from .neuron_kernels import KERNELS, consumer_row, linear_rows, producer_row, transposed
 
 __all__ = [
     "NEURON_GATES",
@@ -59,8 +58,6 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("auto", "gather", "union", "mask")
 #: ``auto``: union of several single-token sets only when it keeps at most this fraction of the neurons.
 UNION_MAX = 0.7
-#: ``auto``, one token: gather producer rows only below this kept fraction (a row gather costs ~1.7x a dense row).
-GATHER_PRODUCER_BELOW = 0.35
 #: ``auto``: per-input groups of at least this many tokens run one gathered matmul each.
 MIN_GROUP_ROWS = 8
 
@@ -93,7 +90,7 @@ class NeuronGated:
         new = adopt(host, cls)
         new._modules = dict(new._modules)
         new.neurons = place_like(gate, host)
-        new.strategy, new._record, new._w2t, new._w2t_key = "auto", None, None, None
+        new.strategy, new.kernel, new._record, new._w2t, new._w2t_key = "auto", "torch", None, None, None
         gate.owner = fqn
         return new
 
@@ -103,21 +100,11 @@ class NeuronGated:
 
     def _gate_act(self, x: Tensor, idx: Tensor | None = None) -> Tensor:
         w, b, _, _ = self._producers()
-        return self.act(_linear_rows(x, w, b, idx))
+        return self.act(linear_rows(x, w, b, idx))
 
     def _hidden(self, x: Tensor, g: Tensor, idx: Tensor | None = None) -> Tensor:
         _, _, wv, bv = self._producers()
-        return g if wv is None else g * _linear_rows(x, wv, bv, idx)
-
-    def _fc2_t(self) -> Tensor:
-        """``fc2.weight`` transposed and contiguous (H, C_out), cached until the weight changes."""
-        w = self.fc2.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if self._w2t_key != key:
-            with torch.inference_mode(False), torch.no_grad():
-                self._w2t = w.t().contiguous()
-            self._w2t_key = key
-        return self._w2t
+        return g if wv is None else g * linear_rows(x, wv, bv, idx)
 
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -166,41 +153,29 @@ class NeuronGated:
 
     def _run(self, rows: Tensor, g: Tensor | None, idx: Tensor, m: Tensor | None) -> Tensor:
         """The MLP on ``rows`` (n, C) with only neurons ``idx`` (sorted); ``m`` (n, len(idx)) masks inside them."""
-        fast = self.strategy == "auto" and rows.shape[0] == 1
-        dense_producer = fast and idx.numel() > GATHER_PRODUCER_BELOW * self.neurons.num_units
+        one = self.strategy == "auto" and rows.shape[0] == 1  # one token: the fastest single-row kernels
+        wg, bg, wv, bv = self._producers()
         if g is not None:
             g = g.index_select(1, idx)
         else:
-            g = self._gate_act(rows).index_select(1, idx) if dense_producer else self._gate_act(rows, idx)
-        _, _, wv, bv = self._producers()
-        if wv is None:
-            h = g
-        elif dense_producer:
-            h = g * F.linear(rows, wv, bv).index_select(1, idx)
-        else:
-            h = g * _linear_rows(rows, wv, bv, idx)
-        h = self.drop1(h)
+            g = self.act(producer_row(rows, wg, bg, idx, self.kernel) if one else linear_rows(rows, wg, bg, idx))
+        if wv is not None:
+            g = g * (producer_row(rows, wv, bv, idx, self.kernel) if one else linear_rows(rows, wv, bv, idx))
+        h = self.drop1(g)
         if m is not None:
             h = h * m.to(h.dtype)
-        b = self.fc2.bias
+        b, w_t = self.fc2.bias, transposed(self, self.fc2.weight)
         if idx.numel() == 0:
             y = rows.new_zeros(rows.shape[0], self.fc2.out_features) + (0 if b is None else b)
-        elif fast:
-            y = F.embedding_bag(idx[None], self._fc2_t(), per_sample_weights=h, mode="sum")
-            y = y if b is None else y + b
+        elif one:
+            y = consumer_row(h, idx, w_t, b, self.kernel)
         else:
-            w = self._fc2_t().index_select(0, idx)
+            w = w_t.index_select(0, idx)
             y = h @ w if b is None else torch.addmm(b, h, w)
         return self.drop2(y)
 
     def extra_repr(self) -> str:
-        return f"strategy={self.strategy!r}"
-
-
-def _linear_rows(x: Tensor, w: Tensor, b: Tensor | None, idx: Tensor | None) -> Tensor:
-    if idx is None:
-        return F.linear(x, w, b)
-    return F.linear(x, w.index_select(0, idx), None if b is None else b.index_select(0, idx))
+        return f"strategy={self.strategy!r}, kernel={self.kernel!r}"
 
 
 class NeuronGatedMlp(NeuronGated, Mlp):
@@ -354,15 +329,25 @@ def neuron_spec(model: nn.Module) -> dict | None:
     return spec
 
 
-def set_strategy_(model: nn.Module, strategy: str) -> nn.Module:
-    """Set how every neuron-gated MLP turns decisions into less work (``auto``, ``gather``, ``union``, ``mask``)."""
+def set_strategy_(model: nn.Module, strategy: str = "auto", kernel: str | None = None) -> nn.Module:
+    """Set how every neuron-gated MLP turns decisions into less work (in place); returns ``model``.
+
+    Args:
+        model: A model with per-input neuron gates.
+        strategy: ``"auto"``, ``"gather"``, ``"union"`` or ``"mask"`` (see the module doc).
+        kernel: Single-token kernels of ``"auto"``: ``"torch"`` (default) or ``"compiled"`` (fused gather
+            kernels generated by `torch.compile`; see `dynsparse.layers.neuron_kernels`); None keeps the current.
+    """
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if kernel is not None and kernel not in KERNELS:
+        raise ConfigError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     mlps = [m for m in model.modules() if isinstance(m, NeuronGated)]
     if not mlps:
         raise ConfigError(f"set_strategy_: {type(model).__name__} has no per-input neuron gate")
     for m in mlps:
         m.strategy = strategy
+        m.kernel = kernel or m.kernel
     return model
 
 
