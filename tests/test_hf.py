@@ -273,3 +273,33 @@ def test_cross_attention_gpt2_is_refused():
     cfg = transformers.GPT2Config(n_embd=32, n_head=4, n_layer=1, add_cross_attention=True, **DECODER)
     with pytest.raises(UnsupportedModuleError, match="crossattention"):
         ds.sparsify_(transformers.GPT2LMHeadModel(cfg), {"heads": "fixed"})
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_non_binary_gate_values_are_folded(name):
+    model = _build(name)
+    ds.sparsify_(model, {"heads": "hard_concrete", "neurons": "hard_concrete", "layers": "hard_concrete"})
+    with torch.no_grad():  # stand-in for training: eval values spread over [0, 1]
+        for _, gate in ds.named_gates(model):
+            gate.log_alpha.normal_(0.0, 2.0 if gate.num_units > 1 else 0.5)
+    ds.fix_gates_(model.eval())
+    values = torch.cat([g.eval_values() for _, g in ds.named_gates(model)])
+    assert bool(((values > 0) & (values < 1)).any())
+    x = _inputs(name)
+    converted = ds.convert(model, verify_inputs=(x["input_ids"],))
+    _close(_out(converted, x), _out(model, x), name)
+
+
+def test_include_exclude_and_skip_on_hf_models(caplog):
+    model = _build("llama")
+    ds.sparsify_(model, {"heads": "fixed", "neurons": {"gate": "fixed", "exclude": "*.layers.0.*"}}, include="*.1.*")
+    assert [f for f, _ in ds.named_gates(model)] == [
+        "model.layers.1.self_attn.o_proj.gate_in.gate",
+        "model.layers.1.mlp.down_proj.gate_in.gate",
+    ]
+    distil = transformers.DistilBertModel(
+        transformers.DistilBertConfig(vocab_size=61, dim=32, n_heads=4, hidden_dim=48, n_layers=2)
+    )
+    ds.sparsify_(distil, {"heads": "fixed"}, on_unsupported="skip")  # logged, not gated
+    assert not list(ds.named_gates(distil))
+    assert "transformer.layer.0.attention (DistilBertSelfAttention)" in caplog.text
