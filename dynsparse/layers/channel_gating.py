@@ -1,15 +1,17 @@
 """Per-input channel gating of timm ResNet blocks (FBS): each input runs only the channels its gate keeps.
 
 `FBSBasicBlock` and `FBSBottleneck` are timm's ``BasicBlock`` / ``Bottleneck`` with the same children plus
-one `dynsparse.gates.FBSGate` per gated set of internal channels (``gate1``: ``conv1``'s outputs; ``gate2``:
-a Bottleneck's ``conv2`` outputs). The residual width is never gated, so blocks stay independent.
+one `dynsparse.gates.FBSGate` per gated set of internal channels, in a child ``gate`` (an ``nn.ModuleDict``
+keyed by the producing conv: ``gate.conv1`` gates ``conv1``'s outputs, ``gate.conv2`` a Bottleneck's ``conv2``
+outputs), so the state dict keeps every timm key and adds only ``*.gate.*`` keys. The residual width is never
+gated, so blocks stay independent.
 
 * **Gated channels.** BasicBlock: ``conv1``'s outputs (= ``conv2``'s inputs). Bottleneck: ``conv2``'s outputs
   (= ``conv3``'s inputs) and, by default (``bottleneck_conv1=True``), ``conv1``'s outputs too, so the 3×3
   ``conv2`` shrinks in both its input and output channels (FBS's quadratic saving).
 * **Decisions up front.** Every gate of a block reads the block's input (its global average pool), so all
   of a block's decisions are known before its first conv. FBS predicts each layer from that layer's own input;
-  for a Bottleneck's ``gate2`` we read the block input instead (one pooling, and a batch can be planned
+  for a Bottleneck's ``gate.conv2`` we read the block input instead (one pooling, and a batch can be planned
   whole: grouped by decision or by the union of kept channels).
 * **Inference** (eval mode) gathers, per input, the kept filters of the producing conv with their BatchNorm
   statistics and affine, and the matching input slices of the consuming conv; the kept channels are scaled
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import Tensor, nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..errors import ConfigError, GateError, UnsupportedModuleError
 from ..gates.base import InputDependentGate
@@ -39,11 +42,12 @@ from ..modules import adopt, first_param, is_stateless, place_like
 
 __all__ = ["CHANNEL_GATES", "FBSBasicBlock", "FBSBottleneck", "channel_spec", "gate_channels_"]
 
+_MKLDNN = torch.backends.mkldnn.is_available()
 STRATEGIES = ("auto", "group", "loop", "union", "grouped_conv", "masked")
 
 
 class FBSBlockMixin:
-    """Shared forward of the FBS blocks. ``_stages``: ``(conv, norm, elementwise children, gate child)``.
+    """Shared forward of the FBS blocks. ``_stages``: ``(conv, norm, element-wise children)``; ``gate[conv]``.
 
     Attributes:
         strategy: How an eval batch runs: ``"auto"`` (default: one gathered run when every input made the same
@@ -54,19 +58,18 @@ class FBSBlockMixin:
             for checking). Every strategy gives the same outputs up to float rounding.
     """
 
-    _stages: tuple[tuple[str, str, tuple[str, ...], str | None], ...]
+    _stages: tuple[tuple[str, str, tuple[str, ...]], ...]
     _last: tuple[str, str]
     _out_act: str
     strategy: str = "auto"
 
     def gates(self) -> list[tuple[str, InputDependentGate | None]]:
-        return [(g, getattr(self, g, None) if g else None) for *_, g in self._stages]
+        """``(conv, gate or None)`` per stage."""
+        return [(c, self.gate[c] if c in self.gate else None) for c, *_ in self._stages]  # noqa: SIM401
 
     def forward(self, x: Tensor) -> Tensor:
         ss = x.mean((2, 3))
-        stages = [
-            (getattr(self, c), getattr(self, n), [getattr(self, p) for p in post]) for c, n, post, _ in self._stages
-        ]
+        stages = [(getattr(self, c), getattr(self, n), [getattr(self, p) for p in post]) for c, n, post in self._stages]
         gates = [g for _, g in self.gates()]
         if self.training or self.strategy == "masked":
             mults = [None if g is None else g(ss) for g in gates]
@@ -90,8 +93,23 @@ class FBSBlockMixin:
 # A stage is (conv, norm, [element-wise modules]); every runner returns the last conv's output (B, C_out, H, W).
 
 
-def _conv(h: Tensor, conv: nn.Conv2d, w: Tensor, groups: int = 1) -> Tensor:
-    return F.conv2d(h, w, None, conv.stride, conv.padding, conv.dilation, groups)
+def _conv(h: Tensor, conv: nn.Conv2d, w: Tensor, bias: Tensor | None = None, groups: int = 1) -> Tensor:
+    fast = _MKLDNN and h.dtype == torch.float32 and h.device.type == "cpu" and not torch.is_grad_enabled()
+    if fast and not is_in_torch_dispatch_mode():  # FLOP counters and tracers see the plain conv below
+        # F.conv2d sends a batch-1 3x3 conv with <= 20480 input values to a slow im2col kernel (measured: ~8 ms
+        # for 256 -> 512 channels at 7x7, 3-4x oneDNN's time); gathered convs are often that small.
+        return torch.ops.aten.mkldnn_convolution(
+            h.contiguous(), w, bias, list(conv.padding), list(conv.stride), list(conv.dilation), groups
+        )
+    return F.conv2d(h, w, bias, conv.stride, conv.padding, conv.dilation, groups)
+
+
+def _bn_fold(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """(C,) scale and shift of an eval BatchNorm: ``BN(y) = y · scale + shift``."""
+    s = torch.rsqrt(norm.running_var + norm.eps)
+    s = s if norm.weight is None else s * norm.weight
+    t = -norm.running_mean * s
+    return s, t if norm.bias is None else t + norm.bias
 
 
 def _scale(h: Tensor, v: Tensor) -> Tensor:
@@ -115,15 +133,14 @@ def _gathered(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | 
     """One set of kept channels for the whole of ``x``: idxs (k,) per stage (None: all), vals (B, k)."""
     h, prev = x, None
     for (conv, norm, post), idx, val in zip(stages, idxs, vals, strict=True):
-        w = conv.weight if idx is None else conv.weight.index_select(0, idx)
-        h = _conv(h, conv, w if prev is None else w.index_select(1, prev))
         if idx is None:
-            h = norm(h)
-        else:
-            g = None if norm.weight is None else norm.weight.index_select(0, idx)
-            b = None if norm.bias is None else norm.bias.index_select(0, idx)
-            rm, rv = norm.running_mean.index_select(0, idx), norm.running_var.index_select(0, idx)
-            h = F.batch_norm(h, rm, rv, g, b, False, 0.0, norm.eps)
+            h = norm(_conv(h, conv, conv.weight if prev is None else conv.weight.index_select(1, prev)))
+        else:  # BatchNorm folded into the gathered filters: one conv with bias, no norm pass
+            s, t = _bn_fold(norm)
+            w = conv.weight.index_select(0, idx)
+            w = w if prev is None else w.index_select(1, prev)
+            w = w * s.index_select(0, idx)[:, None, None, None]
+            h = _conv(h, conv, w, t.index_select(0, idx))
         for p in post:
             h = p(h)
         if val is not None:
@@ -153,9 +170,7 @@ def _grouped(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | N
             if norm is not None and idx is None:
                 h = norm(h)
             elif norm is not None:
-                s = torch.rsqrt(norm.running_var + norm.eps)
-                s = s if norm.weight is None else s * norm.weight
-                t = -norm.running_mean * s + (0.0 if norm.bias is None else norm.bias)
+                s, t = _bn_fold(norm)
                 h = torch.addcmul(t[idx][:, :, None, None], h, s[idx][:, :, None, None])
         for p in post:
             h = p(h)
@@ -175,9 +190,15 @@ def _run_batch(x: Tensor, stages, decisions, last: nn.Conv2d, strategy: str) -> 
         if len(uniq) == 1:
             return _gathered(x, stages, [None if i is None else i[0] for i in idxs], vals, last)
         if strategy == "auto":
-            strategy = _auto(idxs, [c.out_channels for c, *_ in stages], n, len(uniq))
+            strategy = _auto(x, stages, idxs, n, len(uniq))
     if strategy == "grouped_conv":
         return _grouped(x, stages, idxs, vals, last)
+    if strategy == "masked":
+        mults = [
+            None if i is None else v.new_zeros(n, c.out_channels).scatter(1, i, v)
+            for (c, *_), i, v in zip(stages, idxs, vals, strict=True)
+        ]
+        return _masked(x, stages, mults, last)
     if strategy == "union":
         us = [None if i is None else torch.unique(i) for i in idxs]
         vs = []
@@ -211,9 +232,22 @@ def _run_batch(x: Tensor, stages, decisions, last: nn.Conv2d, strategy: str) -> 
     )
 
 
-def _auto(idxs: list[Tensor | None], units: list[int], n: int, groups: int) -> str:
-    """The strategy ``"auto"`` picks for a batch with more than one distinct decision (see the module doc)."""
-    fr = [(torch.unique(i).numel() / c, i.shape[1] / c) for i, c in zip(idxs, units, strict=True) if i is not None]
+def _auto(x: Tensor, stages, idxs: list[Tensor | None], n: int, groups: int) -> str:
+    """The strategy ``"auto"`` picks for a batch with more than one distinct decision (see `FBSBlockMixin`).
+
+    Per-input runs re-gather weights for every input (or group); below 8x8 output positions a conv does too
+    little work per weight for that to pay, so small maps run the union of the kept channels, or masked when the
+    union is every channel. Otherwise the union when it is at most 1.25x one input's share, else per group when
+    groups hold two inputs on average, else per input (measurements in docs/dynamic_channels.md).
+    """
+    conv = stages[0][0]
+    positions = x.shape[2] * x.shape[3] / (conv.stride[0] * conv.stride[1])
+    fr = []
+    for (c, *_), i in zip(stages, idxs, strict=True):
+        if i is not None:
+            fr.append((torch.unique(i).numel() / c.out_channels, i.shape[1] / c.out_channels))
+    if positions < 64:
+        return "masked" if all(u == 1.0 for u, _ in fr) else "union"
     if all(u <= 1.25 * k for u, k in fr):
         return "union"
     return "group" if groups <= n // 2 else "loop"
@@ -235,7 +269,7 @@ def _why_not(host: nn.Module, stages, last: tuple[str, str]) -> str | None:
         m = getattr(host, n)
         if type(m) is not nn.BatchNorm2d or not m.track_running_stats:
             return f"{n} must be an nn.BatchNorm2d with running statistics, got {type(m).__name__}"
-    for _, _, post, _ in stages:
+    for _, _, post in stages:
         for p in post:
             if not is_stateless(getattr(host, p)):
                 return (
@@ -245,39 +279,38 @@ def _why_not(host: nn.Module, stages, last: tuple[str, str]) -> str | None:
 
 
 class FBSBasicBlock(FBSBlockMixin, BasicBlock):
-    """timm ``BasicBlock`` whose ``conv1`` outputs are gated per input by child ``gate1`` (see the module doc)."""
+    """timm ``BasicBlock`` whose ``conv1`` outputs are gated per input by ``gate.conv1`` (see the module doc)."""
 
-    _stages = (("conv1", "bn1", ("drop_block", "act1", "aa"), "gate1"),)
+    _stages = (("conv1", "bn1", ("drop_block", "act1", "aa")),)
     _last = ("conv2", "bn2")
     _out_act = "act2"
 
     @classmethod
-    def from_module(cls, block: BasicBlock, gate1: InputDependentGate) -> FBSBasicBlock:
-        """An `FBSBasicBlock` sharing ``block``'s children and parameters, with ``gate1`` as a new child."""
-        new = adopt(block, cls)
-        new.gate1 = gate1
-        return new
+    def from_module(cls, block: BasicBlock, gates: dict[str, InputDependentGate]) -> FBSBasicBlock:
+        """An `FBSBasicBlock` sharing ``block``'s children and parameters, with ``gates`` (``{"conv1": gate}``)."""
+        return _adopt(block, cls, gates)
 
 
 class FBSBottleneck(FBSBlockMixin, Bottleneck):
-    """timm ``Bottleneck`` with ``conv2``'s outputs (child ``gate2``) and optionally ``conv1``'s (``gate1``) gated."""
+    """timm ``Bottleneck`` with ``conv2``'s outputs gated (``gate.conv2``), optionally ``conv1``'s (``gate.conv1``)."""
 
-    _stages = (("conv1", "bn1", ("act1",), "gate1"), ("conv2", "bn2", ("drop_block", "act2", "aa"), "gate2"))
+    _stages = (("conv1", "bn1", ("act1",)), ("conv2", "bn2", ("drop_block", "act2", "aa")))
     _last = ("conv3", "bn3")
     _out_act = "act3"
 
     @classmethod
-    def from_module(
-        cls, block: Bottleneck, gate2: InputDependentGate, gate1: InputDependentGate | None = None
-    ) -> FBSBottleneck:
-        """An `FBSBottleneck` sharing ``block``'s children, with new children ``gate2`` (and ``gate1``)."""
-        new = adopt(block, cls)
-        if gate1 is None:
-            new._stages = (("conv1", "bn1", ("act1",), None), cls._stages[1])
-        else:
-            new.gate1 = gate1
-        new.gate2 = gate2
-        return new
+    def from_module(cls, block: Bottleneck, gates: dict[str, InputDependentGate]) -> FBSBottleneck:
+        """An `FBSBottleneck` sharing ``block``'s children, with ``gates`` (``{"conv2": g}`` or also ``"conv1"``)."""
+        return _adopt(block, cls, gates)
+
+
+def _adopt(block: nn.Module, cls: type, gates: dict[str, InputDependentGate]) -> nn.Module:
+    known = [c for c, *_ in cls._stages]
+    if not gates or any(c not in known for c in gates):
+        raise ConfigError(f"{cls.__name__}: gates must be keyed by some of {known}, got {sorted(gates)}")
+    new = adopt(block, cls)
+    new.gate = nn.ModuleDict({c: gates[c] for c in known if c in gates})
+    return new
 
 
 _TWINS = {BasicBlock: FBSBasicBlock, Bottleneck: FBSBottleneck}
@@ -307,7 +340,7 @@ def gate_channels_(
         blocks: ``"all"``, or block indices (in ``named_modules`` order of the ResNet blocks) or block fqns.
         include: fqn globs; only matching blocks are gated.
         exclude: fqn globs; matching blocks are not gated.
-        bottleneck_conv1: Also gate a Bottleneck's ``conv1`` outputs (``gate1``), not only ``conv2``'s.
+        bottleneck_conv1: Also gate a Bottleneck's ``conv1`` outputs (``gate.conv1``), not only ``conv2``'s.
         strategy: How eval batches run (see `FBSBlockMixin.strategy`).
         **gate_kwargs: Gate options (``weight``, ``init_std`` of `dynsparse.gates.FBSGate`).
 
@@ -318,7 +351,7 @@ def gate_channels_(
     Examples:
         >>> import timm, dynsparse as ds
         >>> m = ds.sparsify_(timm.create_model("resnet10t"), {"channels": {"gate": "fbs", "keep": 0.5}})
-        >>> type(m.layer1[0]).__name__, m.layer1[0].gate1.num_kept()
+        >>> type(m.layer1[0]).__name__, m.layer1[0].gate["conv1"].num_kept()
         ('FBSBasicBlock', 32)
     """
     cls = CHANNEL_GATES.get(gate)
@@ -343,20 +376,26 @@ def gate_channels_(
                 fqn, type(block).__name__, "channels", "it already has per-input channel gates"
             )
         twin = _TWINS[type(block)]
-        stages = twin._stages if type(block) is BasicBlock or bottleneck_conv1 else twin._stages[1:]
-        reason = _why_not(block, stages, twin._last)
+        reason = _why_not(block, twin._stages, twin._last)
         if reason is not None:
             raise UnsupportedModuleError(fqn, type(block).__name__, "channels", reason)
     built = []  # every gate is built before any block changes, so a bad gate option changes nothing
     for fqn, block in chosen:
         if type(block) is BasicBlock:
             built.append(
-                (fqn, FBSBasicBlock.from_module(block, _make(cls, gate, fqn, block, "conv1", keep, gate_kwargs)))
+                (
+                    fqn,
+                    FBSBasicBlock.from_module(
+                        block, {"conv1": _make(cls, gate, fqn, block, "conv1", keep, gate_kwargs)}
+                    ),
+                )
             )
         else:
-            g1 = _make(cls, gate, fqn, block, "conv1", keep, gate_kwargs) if bottleneck_conv1 else None
-            g2 = _make(cls, gate, fqn, block, "conv2", keep, gate_kwargs)
-            built.append((fqn, FBSBottleneck.from_module(block, g2, g1)))
+            gs = {
+                c: _make(cls, gate, fqn, block, c, keep, gate_kwargs)
+                for c in ("conv1", "conv2")[not bottleneck_conv1 :]
+            }
+            built.append((fqn, FBSBottleneck.from_module(block, gs)))
     for fqn, new in built:
         if strategy != "auto":
             new.strategy = strategy
@@ -412,7 +451,7 @@ def channel_spec(model: nn.Module) -> dict | None:
         return None
     gates = [g for _, m in found for _, g in m.gates() if g is not None]
     settings = {(type(g), g.keep, g.weight, g.init_std) for g in gates}
-    conv1 = {m.gates()[0][1] is not None for _, m in found if isinstance(m, FBSBottleneck)}
+    conv1 = {"conv1" in m.gate for _, m in found if isinstance(m, FBSBottleneck)}
     strategies = {m.strategy for _, m in found}
     if len(settings) > 1 or len(conv1) > 1 or len(strategies) > 1:
         raise ConfigError("channels: per-input channel gates with different settings cannot be saved in one plan yet")
