@@ -12,12 +12,18 @@ Cases (``vit_small_patch16_224``, ``pretrained=False``, seed 0, 224x224, fp32, e
 * ``dynamicvit``: DynamicViT's layout: ``predictor`` gates (a learned MLP per location, its cost included) at
   blocks 3, 6, 9 with keep 0.7 each (0.7, 0.49, 0.343 of the tokens).
 * ``evit``: ``cls_attention`` at blocks 3, 6, 9, keep 0.7, dropped tokens fused into one (EViT).
+* ``threshold``: LTP's ``threshold`` gate at block 3, calibrated (`calibrate_tokens_`, 16 other images) to keep
+  0.5 of the tokens on average: each image keeps its own number of tokens; a batch is packed.
+* ``ltp``: ``threshold`` gates at blocks 3, 6, 9, calibrated to keep 0.7 per location (0.7, 0.49, 0.34 on
+  average, as ``evit``), counts per image differ at every gate.
 * ``depth``: a ``router`` on every block (per-input layer skipping), its weights drawn at random (seed 0, so
   that about half of the (image, block) pairs run; an untrained router runs everything): at batch 1 a skipped
   block costs only its router, in a batch the images that run a block are gathered along the batch dimension.
 
 Every input of a batch chooses its own tokens (or blocks) (random images, so the decisions differ across the batch); the
-batch stays one tensor because each input keeps the same number of tokens. Method: ``torch.inference_mode()``,
+batch stays one tensor because each input keeps the same number of tokens, except for the threshold cases, whose
+images are Gaussian noise times a per-image contrast in [0, 2) (so that their token counts differ widely) and
+whose batches are packed (`dynsparse.layers.token_pack`). Method: ``torch.inference_mode()``,
 a fixed random batch, warm-up rounds, then rounds that run dense and dynamic once each in alternating order;
 the speed-up is the median of the per-round paired ratios (quartiles in brackets), by wall clock and by process
 CPU time. The FLOPs-ideal speed-up is the ratio of ``torch.utils.flop_counter`` counts of one forward pass of
@@ -41,8 +47,17 @@ CASES = {
     "b3": {"gate": "cls_attention", "blocks": [3], "keep": 0.5},
     "dynamicvit": {"gate": "predictor", "blocks": [3, 6, 9], "keep": 0.7},
     "evit": {"gate": "cls_attention", "blocks": [3, 6, 9], "keep": 0.7, "fuse": True},
+    "threshold": {"gate": "threshold", "blocks": [3], "keep": 0.5},
+    "ltp": {"gate": "threshold", "blocks": [3, 6, 9], "keep": 0.7},
     "depth": {"gate": "router", "blocks": "all", "keep": 0.5},
 }
+
+
+def images(case: str, n: int, seed: int) -> torch.Tensor:
+    """The timed batch: Gaussian noise (times a per-image contrast in [0, 2) for the threshold cases)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 224, 224, generator=g)
+    return x * (2 * torch.rand(n, 1, 1, 1, generator=g)) if CASES[case]["gate"] == "threshold" else x
 
 
 def build(case: str):
@@ -62,6 +77,14 @@ def build(case: str):
             for b in dyn.blocks:
                 b.router.proj.weight.copy_(torch.randn(b.router.proj.weight.shape, generator=g) * 0.5)
                 b.router.proj.bias.zero_()
+    elif CASES[case]["gate"] == "threshold":
+        from dynsparse.layers.tokens import calibrate_tokens_
+
+        spec = dict(CASES[case])
+        keep = spec.pop("keep")
+        ds.set_budget_(ds.sparsify_(dyn, {"tokens": spec}), keep)
+        with torch.inference_mode():
+            calibrate_tokens_(dyn, [images(case, 16, 1000)])
     else:
         ds.sparsify_(dyn, {"tokens": CASES[case]})
     return dense, dyn.eval()
@@ -85,7 +108,7 @@ def main() -> None:
     for case in args.cases:
         dense, dyn = build(case)
         for b in args.batches:
-            x = torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(b))
+            x = images(case, b, b)
             with torch.inference_mode():
                 ideal = count_flops(dense, x) / count_flops(dyn, x)
                 rounds = args.rounds or (30 if b == 1 else 8)

@@ -19,6 +19,10 @@ timed interleaved round by round after warm-up; speed-up = median of the paired 
   token-wise work of a padded layout without its mask, so a lower bound of (b)'s time;
 * ``per-image loop``: option (c), the threshold model called on one image at a time.
 
+``--attention`` instead times the attention of one vit_small block alone on packed batches (6 heads of 64,
+random counts uniform in [n/2, n] per image), ``"pad"`` against ``"loop"``, over a grid of batch sizes and
+counts: the data behind `dynsparse.layers.token_pack.attention_mode`.
+
 The FLOPs-ideal speed-up of each variant is ``torch.utils.flop_counter``'s count of dense over the
 threshold model's actual run (gates included).
 """
@@ -92,14 +96,42 @@ def padded_bound(dense, per_gate_max: list[int]):
     return ds.sparsify_(m, {"tokens": {"gate": "cls_attention", "blocks": BLOCKS, "keep": keeps}}).eval()
 
 
+def attention_grid(rounds: int) -> None:
+    """Time ``packed_attention`` ``"pad"`` vs ``"loop"`` on one vit_small block's attention."""
+    import timm
+
+    from dynsparse.layers.token_pack import Packing, packed_attention
+
+    torch.manual_seed(0)
+    attn = timm.create_model("vit_small_patch16_224", pretrained=False).blocks[0].attn.eval()
+    rows = []
+    for b in (2, 8, 32, 128):
+        for n in (16, 64, 192):
+            g = torch.Generator().manual_seed(b * n)
+            pk = Packing(torch.randint(n // 2, n + 1, (b,), generator=g).tolist())
+            h = torch.randn(1, pk.total, 384, generator=g)
+            steps = {m: (lambda m=m, h=h, pk=pk: packed_attention(attn, h, pk, mode=m)) for m in ("pad", "loop")}
+            with torch.inference_mode():
+                t = interleaved_rounds(steps, rounds, 2)
+            r = spread(paired_ratios(t.cpu["pad"], t.cpu["loop"]))
+            pad, loop = (1e3 * spread(t.cpu[m]).median for m in ("pad", "loop"))
+            rows.append([b, n, f"{pad:.2f}", f"{loop:.2f}", f"{r.median:.2f} ({r.q1:.2f}-{r.q3:.2f})"])
+            print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    header = ["batch", "max tokens", "pad ms (CPU)", "loop ms (CPU)", "pad / loop time (IQR)"]
+    print(markdown_table(header, rows, "rrrrr"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--attention", action="store_true", help="time the attention strategies alone")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--keep", type=float, default=0.7)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.attention:
+        return attention_grid(args.rounds * 2)
     t0 = time.perf_counter()
     dense, dyn = build(args.keep)
     state = dyn.blocks[BLOCKS[0]]._token_state
