@@ -34,6 +34,9 @@ DIMENSIONS = ("neurons", "heads", "channels", "layers")
 #: ``depth`` (per-input block skipping, `dynsparse.layers.routing`). ``channels`` and ``neurons`` are dynamic too
 #: when their gate is a per-input one (see `dynsparse.layers.dynamic`).
 DYNAMIC_DIMENSIONS = ("tokens", "depth")
+#: Dimensions coupled across the whole model: ``width``, one mask over the residual stream of a Hugging Face
+#: model (`dynsparse.integrations.hf_width`).
+COUPLED_DIMENSIONS = ("width",)
 
 # Class names that look like a candidate for a dimension; an unknown class matching one is reported, not ignored.
 _LOOKALIKE = {
@@ -68,8 +71,8 @@ def _parse_spec(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"sparsify spec must be a non-empty mapping of dimension -> options, got {spec!r}")
     out = {}
     for dim, opts in spec.items():
-        if dim not in DIMENSIONS + DYNAMIC_DIMENSIONS:
-            known = DIMENSIONS + DYNAMIC_DIMENSIONS
+        if dim not in DIMENSIONS + DYNAMIC_DIMENSIONS + COUPLED_DIMENSIONS:
+            known = DIMENSIONS + DYNAMIC_DIMENSIONS + COUPLED_DIMENSIONS
             raise ConfigError(
                 f"unknown dimension {dim!r} in sparsify spec.{suggest(dim, known)} Known: {', '.join(known)}"
             )
@@ -143,6 +146,12 @@ def plan_sparsify(
         except (ConfigError, GateError) as e:
             raise ConfigError(f"sparsify spec field {dim!r}: {e}") from None
         plan.gate_specs[dim] = opts
+        if dim in COUPLED_DIMENSIONS:  # one gate for the whole model, checked before any module changes
+            if inc != g_inc or exc != g_exc:
+                raise ConfigError(f"sparsify spec field {dim!r}: one gate covers the whole model (no include/exclude)")
+            table.check_width(model)
+            plan.targets.append(("", dim))
+            continue
         found = 0
         for fqn, module in model.named_modules():
             if isinstance(module, (Gate, InputDependentGate, GateSlot)) or not _selected(fqn, inc, exc):
@@ -265,9 +274,12 @@ def sparsify_(
             "\n".join(f"  {s.fqn} ({s.module_type}) for {s.dimension!r}: {s.reason}" for s in plan.skipped),
         )
     # Class swaps first (neurons / heads / channels), then branch gates, which only replace drop_path children.
-    for fqn, dim in sorted(plan.targets, key=lambda t: t[1] == "layers"):
+    for fqn, dim in sorted(plan.targets, key=lambda t: (t[1] == "layers", t[1] == "width")):
         module = model.get_submodule(fqn)
         gate = plan.gate_specs[dim]
+        if dim == "width":
+            table.gate_width_(model, gate)
+            continue
         if dim == "layers":
             table.gate_branches_(module, gate, fqn=fqn)
             continue

@@ -145,7 +145,7 @@ def convert(
     # 1. unit gates: slice producer/consumer, fold eval values, then swap the layer back to its host class
     owners: dict[str, list[tuple[str, object]]] = defaultdict(list)
     for fqn, slot in _slots(new):
-        if slot.dimension != "layers":
+        if slot.dimension not in ("layers", "width"):
             parent, child = table.slot_owner(new, fqn, slot.dimension)
             owners[parent].append((child, slot))
     for parent, items in owners.items():
@@ -162,7 +162,10 @@ def convert(
                 table.unslot_(new, f"{parent}.{child}".strip("."), slot.inner)
     # 2. branch gates: fold non-binary values, restore the original child, then remove closed branches
     closed: dict[str, set[str]] = defaultdict(set)
+    widths = [(fqn, slot) for fqn, slot in _slots(new) if slot.dimension == "width"]
     for fqn, slot in _slots(new):
+        if slot.dimension == "width":
+            continue
         parent, child = table.slot_owner(new, fqn, "layers")
         block = new.get_submodule(parent) if parent else new
         v = float(slot.gate.eval_values().detach().reshape(()))
@@ -175,6 +178,9 @@ def convert(
                 raise UnsupportedModuleError(parent, e.module_type, e.dimension, e.reason, action="convert") from None
         table.unslot_(new, fqn, slot.inner)
     new = _close(new, closed)
+    for _, slot in widths:  # 3. the residual-stream width, one gate for the whole model
+        idx, values = _keep(slot)
+        table.slice_width_(new, idx, None if bool(torch.all(values == 1)) else values)
     new = table.finalize_(new, uniform=uniform)
     _check_clean(new)
     if not static:
@@ -215,8 +221,12 @@ def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
     from ..integrations import tables as table
 
     closed: dict[str, set[str]] = defaultdict(set)
+    width: list[int] | None = None
     for fqn in sorted(plan.entries):
         dim, keep = plan.dimension(fqn), plan.keep(fqn)
+        if dim == "width":
+            width = keep if keep else [0]
+            continue
         parent, child = table.slot_owner(model, fqn, dim)
         try:
             block = model.get_submodule(parent) if parent else model
@@ -243,6 +253,8 @@ def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
         idx = torch.tensor(keep if keep else [0], dtype=torch.long)
         _slice_units(model, parent, child, dim, idx, None)
     model = _close(model, closed)
+    if width is not None:
+        table.slice_width_(model, torch.tensor(width, dtype=torch.long))
     model = table.finalize_(model)
     if plan.dynamic:
         from ..layers.dynamic import DYNAMIC_PARTS

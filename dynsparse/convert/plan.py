@@ -13,7 +13,7 @@ __all__ = ["PLAN_FORMAT", "PLAN_VERSION", "SlicePlan"]
 
 PLAN_FORMAT = "dynsparse.slice_plan"
 PLAN_VERSION = 1
-_DIMS = ("neurons", "heads", "channels", "layers")
+_DIMS = ("neurons", "heads", "channels", "layers", "width")
 
 
 @dataclass

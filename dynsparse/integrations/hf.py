@@ -321,6 +321,7 @@ def finalize_(model: nn.Module, uniform: bool = False) -> nn.Module:
         else:
             for key, value in found[0].items():
                 setattr(config, key, value)
+    problems += _width_fields_(model, config)
     if problems and uniform:
         raise ConfigError(
             f"convert(uniform=True): the config of {type(model).__name__} cannot describe the converted model: "
@@ -329,6 +330,24 @@ def finalize_(model: nn.Module, uniform: bool = False) -> nn.Module:
     if problems:
         log.info("convert: %s keeps per-layer sizes only in its modules: %s", type(model).__name__, problems)
     return model
+
+
+def _width_fields_(model: nn.Module, config: PretrainedConfig) -> list[str]:
+    """Write a narrower residual stream into ``config.hidden_size`` where the family can say it."""
+    from .hf_width import width_of
+
+    width = width_of(model)
+    if width is None or width == config.hidden_size:
+        return []
+    heads = [m for m in model.modules() if type(m) in GATED_LAYERS["heads"]]
+    if any(isinstance(m, (BertAttention, RobertaAttention, GPT2Attention)) for m in heads):
+        return [
+            f"{type(model).__name__} derives its head size from hidden_size, so a narrower width needs dynsparse.save"
+        ]
+    if heads and isinstance(heads[0], ViTAttention):
+        config.head_dim = heads[0].head_dim
+    config.hidden_size = width
+    return []
 
 
 def build_host(arch: dict[str, Any]) -> nn.Module:

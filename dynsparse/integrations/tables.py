@@ -20,14 +20,17 @@ from ..layers.residual import Branch
 
 __all__ = [
     "branches_of",
+    "check_width",
     "close_branches",
     "covered",
     "finalize_",
     "fold_branch_scale_",
     "gate_branches_",
+    "gate_width_",
     "gated_class",
     "host_type",
     "owns",
+    "slice_width_",
     "slot_owner",
     "tables",
     "unknown_block_reason",
@@ -195,3 +198,42 @@ def arch_of(model: nn.Module) -> dict[str, Any] | None:
         if spec is not None:
             return spec
     return None
+
+
+def _width_table() -> ModuleType | None:
+    if "transformers" not in sys.modules or not any(t.__name__.endswith(".hf") for t in tables()):
+        return None
+    from . import hf_width
+
+    return hf_width
+
+
+def check_width(model: nn.Module) -> None:
+    """Raise unless ``model`` can take a ``width`` gate (a Hugging Face model the width table covers)."""
+    from ..errors import UnsupportedModuleError
+
+    hw = _width_table()
+    if hw is None or hw.width_of(model) is None:
+        raise UnsupportedModuleError(
+            "",
+            type(model).__name__,
+            "width",
+            "no residual-stream rule is known for this model (width covers Hugging Face BERT, RoBERTa, ViT, GPT-2, "
+            "Llama, Qwen2 and Mistral)",
+        )
+    hw.check_covered(model)
+
+
+def gate_width_(model: nn.Module, gate: GateSpec) -> nn.Module:
+    """Put one ``width`` gate over the residual stream of ``model`` (in place)."""
+    return _width_table().gate_width_(model, gate)
+
+
+def slice_width_(model: nn.Module, idx: Any, scale: Any = None) -> nn.Module:
+    """Keep residual-stream channels ``idx`` of ``model`` (in place); ``scale`` is folded into its norms."""
+    hw = _width_table()
+    if hw is None:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"a 'width' plan entry needs a Hugging Face model, got {type(model).__name__}")
+    return hw.slice_width_(model, idx, scale)

@@ -1,0 +1,113 @@
+"""The ``width`` dimension of Hugging Face models: one mask over the residual stream, shared by every norm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_hf import DECODERS, FACTORIES, _build, _close, _foreign, _inputs, _out, _random_masks  # noqa: E402
+
+import dynsparse as ds  # noqa: E402
+from dynsparse.errors import ConfigError, UnsupportedModuleError  # noqa: E402
+
+torch.set_num_threads(1)
+ALL = ("width", "heads", "neurons", "layers")
+
+
+def _stream(gated, out, model):
+    """The gated output restricted to the kept stream channels, when the output is the stream itself."""
+    return out[..., gated.width.gate.keep_mask()] if out.shape[-1] == gated.width.gate.num_units else out
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_width_with_every_dimension_converts_exactly(name, tmp_path):
+    model = _build(name)
+    x = _inputs(name)
+    dense = _out(model, x)
+    ds.sparsify_(model, {d: "fixed" for d in ALL})
+    _close(_out(model, x), dense, f"{name} open gates")
+    ds.fix_gates_(model, _random_masks(model, seed=7))
+    kept = int(model.width.gate.keep_mask().sum())
+    assert 0 < kept < model.width.gate.num_units
+    ref = _out(model, x)
+    converted = ds.convert(model)
+    out = _out(converted, x)
+    _close(out, _stream(model, ref, converted), name)
+    assert _foreign(converted) == []
+    norms = [m for m in converted.modules() if "Norm" in type(m).__name__]
+    assert norms and all(m.weight.shape == (kept,) for m in norms)
+    loaded = ds.load(ds.save(converted, tmp_path / "m.safetensors"))
+    assert torch.equal(_out(loaded, x), out)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_width_pruned_decoders_generate_the_same_tokens(name):
+    model = _build(name)
+    ds.sparsify_(model, {"width": "fixed", "heads": "fixed"})
+    ds.fix_gates_(model, _random_masks(model, seed=2))
+    converted = ds.convert(model)
+    x = _inputs(name)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(converted.generate(**x, **kw), model.generate(**x, **kw))
+    if name == "gpt2":  # tied input / output embeddings stay tied
+        assert converted.lm_head.weight is converted.transformer.wte.weight
+
+
+@pytest.mark.parametrize("name", ["llama", "vit"])
+def test_uniform_width_round_trips_through_save_pretrained(name, tmp_path):
+    model = _build(name)
+    ds.sparsify_(model, {"width": "fixed", "heads": "fixed", "neurons": "fixed"})
+    ds.fix_gates_(model, _random_masks(model, seed=4))
+    converted = ds.convert(model, uniform=True)
+    assert converted.config.hidden_size == int(model.width.gate.keep_mask().sum())
+    converted.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    x = _inputs(name)
+    assert torch.equal(_out(reloaded, x), _out(converted, x))
+
+
+def test_non_binary_width_values_fold_into_the_norms():
+    model = _build("llama")
+    ds.sparsify_(model, {"width": "hard_concrete"})
+    with torch.no_grad():
+        model.width.gate.log_alpha.normal_(0.0, 2.0)
+    ds.fix_gates_(model.eval())
+    values = model.width.gate.eval_values()
+    assert bool(((values > 0) & (values < 1)).any())
+    x = _inputs("llama")
+    _close(_out(ds.convert(model), x), _out(model, x), "llama")
+
+
+def test_width_gate_is_one_module_and_trains():
+    model = _build("bert")
+    ds.sparsify_(model, {"width": "hard_concrete"})
+    assert [f for f, _ in ds.named_gates(model)] == ["width.gate"]
+    assert [k for k in model.state_dict() if ".gate." in f".{k}"] == ["width.gate.log_alpha"]
+    model.train()
+    _out(model, _inputs("bert")).sum().backward()
+    assert model.width.gate.log_alpha.grad is not None and torch.isfinite(model.width.gate.log_alpha.grad).all()
+
+
+def test_width_refusals_name_the_module():
+    mlm = transformers.BertForMaskedLM(
+        transformers.BertConfig(
+            vocab_size=61, hidden_size=32, num_attention_heads=4, intermediate_size=48, num_hidden_layers=1
+        )
+    )
+    with pytest.raises(UnsupportedModuleError, match=r"'cls\.predictions' \(BertLMPredictionHead\)"):
+        ds.sparsify_(mlm, {"width": "fixed"})
+    assert not list(ds.named_gates(mlm))
+    import timm
+
+    with pytest.raises(UnsupportedModuleError, match="residual-stream"):
+        ds.sparsify_(timm.create_model("test_vit"), {"width": "fixed"})
+    with pytest.raises(ConfigError, match="include/exclude"):
+        ds.sparsify_(_build("llama"), {"width": {"gate": "fixed", "include": "model.*"}})
+    bert = _build("bert")
+    ds.sparsify_(bert, {"width": "fixed"})
+    ds.fix_gates_(bert, {"width": torch.arange(32) < 20})
+    with pytest.raises(ConfigError, match=r"narrower width needs dynsparse\.save"):
+        ds.convert(bert, uniform=True)
