@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import timm
@@ -228,13 +227,3 @@ def test_sparsify_routes_neurons_and_static_gates_still_work():
     assert ds.get_budget(m)["blocks.2.mlp.neurons"] == 0.25
     static = ds.sparsify_(_vit(), {"neurons": {"gate": "hard_concrete"}})
     assert not any(isinstance(x, (NeuronGated, CatsGate)) for x in static.modules())
-
-
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="needs a C++ compiler")
-def test_compiled_single_token_kernels_equal_masked():
-    m = _gated("swiglu", "dejavu", per="token")
-    x = torch.randn(1, 1, 12, dtype=torch.float64)
-    ref = _run(m, x, "mask")
-    set_strategy_(m, "auto", kernel="compiled")
-    with torch.no_grad():
-        torch.testing.assert_close(m(x), ref, atol=1e-12, rtol=0)

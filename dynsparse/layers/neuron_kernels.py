@@ -1,15 +1,18 @@
 """CPU kernels for running an MLP on a subset of its hidden neurons (used by `dynsparse.layers.neuron_gating`).
 
-For a single token the MLP is two matrix-vector products, bound by memory traffic, not arithmetic: a gathered
-weight copy (``index_select`` of rows, then a product) reads the kept rows twice and writes them once, so at
-keep 0.5 it costs *more* than the dense product. What pays off on CPU (``benchmarks/dynamic_neurons.py``):
+For a single token the MLP is two matrix-vector products, bound by memory traffic, not arithmetic. What was
+measured on the 2-core EPYC with one thread (``benchmarks/dynamic_neurons.py``, d = 1024):
 
-* down projection: ``F.embedding_bag`` over the transposed ``fc2`` weight (H, C) with the activations as
-  per-sample weights sums only the kept rows, with no copy (``kernel="torch"``, the default);
-* up / gate projection: stock PyTorch has no copy-free row-gather product, so ``kernel="torch"`` runs the dense
-  product when more than `GATHER_PRODUCER_BELOW` of the neurons are kept and selects; ``kernel="compiled"``
-  uses a `torch.compile`-generated fused gather-dot (``(W[idx] * x).sum(-1)``, reads the kept rows once; needs a
-  C++ compiler, compiles on first use, ~10-60 s, then cached by inductor) and the same for the down projection.
+* a gathered weight copy (``index_select`` of rows, then the product) reads the kept rows twice and writes
+  them once: at keep 0.5 it costs ~1.3-1.5x the *dense* product, so for one token the producer (``fc1``,
+  ``fc1_g``, ``fc1_x``) runs densely and selects when more than `GATHER_PRODUCER_BELOW` of the neurons are kept;
+* the down projection uses ``F.embedding_bag`` over the transposed ``fc2`` weight (H, C), the activations as
+  per-sample weights: it reads only the kept rows, with no copy. With the weights in cache it is 3x faster than
+  the dense product at keep 0.5; with cold weights (the real case: an LLM-sized MLP does not fit in cache)
+  it costs about as much as the dense product, because each 4 KB row is a separate page that the hardware
+  prefetcher does not follow across;
+* a `torch.compile`-generated fused gather-dot for the producer (``(W[idx] * x).sum(-1)``) gained < 10 % in the
+  whole MLP and was dropped; its down-projection twin was 35x slower than ``embedding_bag``.
 """
 
 from __future__ import annotations
@@ -18,12 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GATHER_PRODUCER_BELOW", "KERNELS", "consumer_row", "linear_rows", "producer_row", "transposed"]
+__all__ = ["GATHER_PRODUCER_BELOW", "consumer_row", "linear_rows", "producer_row", "transposed"]
 
 #: ``kernel="torch"``, one token: gather producer rows only below this kept fraction (measured crossover).
 GATHER_PRODUCER_BELOW = 0.35
-KERNELS = ("torch", "compiled")
-_compiled: dict[str, object] = {}
 
 
 def linear_rows(x: Tensor, w: Tensor, b: Tensor | None, idx: Tensor | None) -> Tensor:
@@ -33,37 +34,16 @@ def linear_rows(x: Tensor, w: Tensor, b: Tensor | None, idx: Tensor | None) -> T
     return F.linear(x, w.index_select(0, idx), None if b is None else b.index_select(0, idx))
 
 
-def _rows_dot(w: Tensor, idx: Tensor, x: Tensor) -> Tensor:
-    return (w[idx] * x).sum(-1)
-
-
-def _rows_axpy(w: Tensor, idx: Tensor, h: Tensor) -> Tensor:
-    return (w[idx] * h[:, None]).sum(0)
-
-
-def _kernel(name: str):
-    fn = _compiled.get(name)
-    if fn is None:
-        fn = _compiled[name] = torch.compile({"dot": _rows_dot, "axpy": _rows_axpy}[name], fullgraph=True)
-    return fn
-
-
-def producer_row(x: Tensor, w: Tensor, b: Tensor | None, idx: Tensor, kernel: str) -> Tensor:
+def producer_row(x: Tensor, w: Tensor, b: Tensor | None, idx: Tensor) -> Tensor:
     """Pre-activations of neurons ``idx`` for one token ``x`` (1, C): (1, len(idx))."""
-    if kernel == "compiled":
-        out = _kernel("dot")(w, idx, x[0])[None]
-        return out if b is None else out + b.index_select(0, idx)
     if idx.numel() > GATHER_PRODUCER_BELOW * w.shape[0]:
         return F.linear(x, w, b).index_select(1, idx)
     return linear_rows(x, w, b, idx)
 
 
-def consumer_row(h: Tensor, idx: Tensor, w_t: Tensor, b: Tensor | None, kernel: str) -> Tensor:
+def consumer_row(h: Tensor, idx: Tensor, w_t: Tensor, b: Tensor | None) -> Tensor:
     """``fc2`` on one token's kept activations ``h`` (1, len(idx)), from the transposed weight ``w_t`` (H, C)."""
-    if kernel == "compiled":
-        y = _kernel("axpy")(w_t, idx, h[0])[None]
-    else:
-        y = F.embedding_bag(idx[None], w_t, per_sample_weights=h, mode="sum")
+    y = F.embedding_bag(idx[None], w_t, per_sample_weights=h, mode="sum")
     return y if b is None else y + b
 
 

@@ -1,0 +1,187 @@
+"""Per-input MLP neuron selection (CATS, Deja Vu) on CPU: measured speed-up against the FLOPs-ideal one, and accuracy.
+
+Run from the repository root, one thread::
+
+    python benchmarks/dynamic_neurons.py --part decode     # (a) single tokens through LLM-sized MLPs, ~3 min
+    python benchmarks/dynamic_neurons.py --part vit        # (b) vit_small_patch16_224, dejavu per image, ~4 min
+    python benchmarks/dynamic_neurons.py --part accuracy   # CATS / Deja Vu on a small ViT trained on Fashion-MNIST
+
+Speed (random weights, fp32, ``torch.inference_mode()``, seed 0):
+
+* ``decode``: one MLP, ``x`` of shape (B, 1, C) (B single tokens, each with its own decisions), keep 0.5:
+  ``swiglu`` (C = 1024, hidden 2816, SiLU) and ``mlp`` (C = 1024 → 4096 → 1024, GELU); gates ``cats``
+  (calibrated on 64 random tokens) and ``dejavu`` per token (an untrained predictor of the default rank C/8:
+  random but input-dependent decisions; the cost is the same as a trained one). Each step runs the MLP 20 times.
+* ``vit``: ``vit_small_patch16_224`` with ``dejavu`` per image (``per="input"``) at keep 0.5 in all 12 MLPs.
+
+Method: dense and dynamic run interleaved after warm-up; the speed-up is the median of the per-round paired
+ratios (quartiles in brackets), by wall clock and by process CPU time. The FLOPs-ideal speed-up counts both
+with ``torch.utils.flop_counter``, the dynamic one on the FLOP-minimal ``gather`` path (gathered matmuls only,
+predictor or threshold included), whatever kernels the timed ``strategy`` uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import count_flops, interleaved_rounds, markdown_table, paired_ratios, spread
+
+HEADER = [
+    "case",
+    "batch",
+    "strategy",
+    "dense ms",
+    "dynamic ms",
+    "speed-up, wall (IQR)",
+    "CPU time",
+    "FLOPs-ideal",
+    "achieved / ideal",
+    "rounds",
+]
+
+
+def _measure(name, dense, dyn, x, strategy, rounds, warmup, reps=1):
+    from dynsparse.layers.neuron_gating import set_strategy_
+
+    with torch.inference_mode():
+        set_strategy_(dyn, "gather")
+        ideal = count_flops(dense, x) / count_flops(dyn, x)
+        set_strategy_(dyn, strategy)
+
+        def run(m):
+            for _ in range(reps):
+                m(x)
+
+        t = interleaved_rounds({"dense": lambda: run(dense), "dyn": lambda: run(dyn)}, rounds, warmup)
+    wall = spread(paired_ratios(t.wall["dense"], t.wall["dyn"]))
+    cpu = spread(paired_ratios(t.cpu["dense"], t.cpu["dyn"]))
+    row = [
+        name,
+        x.shape[0],
+        strategy,
+        f"{1e3 * spread(t.wall['dense']).median / reps:.3f}",
+        f"{1e3 * spread(t.wall['dyn']).median / reps:.3f}",
+        f"{wall.median:.2f}x ({wall.q1:.2f}-{wall.q3:.2f})",
+        f"{cpu.median:.2f}x",
+        f"{ideal:.2f}x",
+        f"{wall.median / ideal:.2f}",
+        rounds,
+    ]
+    print(" | ".join(str(c) for c in row), flush=True)
+    return row
+
+
+def decode(args) -> list:
+    from timm.layers import Mlp, SwiGLU
+
+    from dynsparse.layers.neuron_gating import calibrate_neurons_, gate_neurons_
+
+    hosts = {"swiglu": lambda: SwiGLU(1024, 2816), "mlp": lambda: Mlp(1024, 4096)}
+    rows = []
+    for host in args.hosts:
+        torch.manual_seed(0)
+        dense = nn.Sequential(hosts[host]()).eval()
+        for gate in args.gates:
+            dyn = gate_neurons_(copy.deepcopy(dense), gate, keep=args.keep, per="token")
+            if gate == "cats":
+                calibrate_neurons_(dyn, [torch.randn(64, 1, 1024)])
+            for b in args.batches:
+                x = torch.randn(b, 1, 1024, generator=torch.Generator().manual_seed(b))
+                for strategy in ["auto", *args.strategies]:
+                    rows.append(_measure(f"{host}/{gate}", dense, dyn, x, strategy, args.rounds or 30, 3, 20))
+    return rows
+
+
+def vit(args) -> list:
+    import timm
+
+    import dynsparse as ds
+
+    torch.manual_seed(0)
+    dense = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+    dyn = ds.sparsify_(copy.deepcopy(dense), {"neurons": {"gate": "dejavu", "keep": args.keep, "per": "input"}})
+    rows = []
+    for b in args.vit_batches:
+        x = torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(b))
+        rows.append(_measure("vit_small/dejavu", dense, dyn, x, "auto", args.rounds or (20 if b == 1 else 6), 2))
+    return rows
+
+
+def accuracy(args) -> None:
+    """CATS (calibrated, no fine-tuning) and Deja Vu (predictors trained, host frozen) vs keep, Fashion-MNIST ViT."""
+    import timm
+    from _common import accuracy as acc
+    from _common import train_adam_cosine
+
+    import dynsparse as ds
+    from dynsparse.data import load_dataset, make_loader
+    from dynsparse.layers.neuron_gating import calibrate_neurons_, train_predictors_
+
+    t0 = time.perf_counter()
+    train = load_dataset("fashion-mnist", split="train", channels=1)
+    test = load_dataset("fashion-mnist", split="test", channels=1)
+    sub = torch.utils.data.Subset(train, range(args.train_subset))
+    loader = make_loader(sub, 128, shuffle=True, seed=0, drop_last=True)
+    test_loader = make_loader(test, 1000, shuffle=False)
+    kw = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=4)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw)
+    train_adam_cosine(model, loader, args.epochs, lr=2e-3)
+    model.eval()
+    calib = [x for x, _ in make_loader(torch.utils.data.Subset(train, range(50000, 52000)), 250, shuffle=False)]
+    print(f"# dense ViT trained {args.epochs} epochs on {args.train_subset} images in {time.perf_counter() - t0:.0f} s")
+    dense_acc = acc(model, test_loader)
+    cats = ds.sparsify_(copy.deepcopy(model), {"neurons": {"gate": "cats", "keep": 0.5}})
+    calibrate_neurons_(cats, calib)
+    dejavu = ds.sparsify_(copy.deepcopy(model), {"neurons": {"gate": "dejavu", "keep": 0.5, "per": "input"}})
+    recall = train_predictors_(dejavu, calib)
+    print(f"# dejavu held-out recall at keep 0.5 (chance 0.5): {', '.join(f'{v:.3f}' for v in recall.values())}")
+    rows = []
+    for keep in args.keeps:
+        row = [keep, f"{dense_acc:.2%}"]
+        for m in (cats, dejavu):
+            with ds.budget(m, keep):
+                row.append(f"{acc(m, test_loader):.2%}")
+        rows.append(row)
+    print(markdown_table(["keep", "dense", "cats (no FT)", "dejavu per image (predictors only)"], rows, "rrrr"))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=["decode", "vit", "accuracy"], nargs="+", default=["decode", "vit"])
+    p.add_argument("--hosts", nargs="+", default=["swiglu", "mlp"])
+    p.add_argument("--gates", nargs="+", default=["cats", "dejavu"])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--vit-batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--strategies", nargs="+", default=[], help="also time these strategies (gather, union, mask)")
+    p.add_argument("--rounds", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--train-subset", type=int, default=20000)
+    p.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.3])
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, fp32")
+    t0, rows = time.perf_counter(), []
+    if "decode" in args.part:
+        rows += decode(args)
+    if "vit" in args.part:
+        rows += vit(args)
+    if rows:
+        print("\n" + markdown_table(HEADER, rows, "lrlrrrrrrr") + f"\n\ntotal {time.perf_counter() - t0:.0f} s")
+    if "accuracy" in args.part:
+        accuracy(args)
+
+
+if __name__ == "__main__":
+    main()
