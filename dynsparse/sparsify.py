@@ -236,7 +236,8 @@ def sparsify_(
         model: A timm model (ViT/DeiT, ResNet, ConvNeXt, EfficientNet, MobileNetV3, Swin, ...) or a Hugging Face
             transformers model (BERT, RoBERTa, ViT, GPT-2, Llama, Qwen2, Mistral; see ``docs/huggingface.md``).
         spec: ``{dimension: {"gate": name, **gate_kwargs}}`` with dimensions ``neurons``, ``heads``,
-            ``channels``, ``layers``; a dimension may also carry ``include`` / ``exclude`` fqn globs.
+            ``channels``, ``layers`` (and ``width`` for Hugging Face models: one gate over the residual stream);
+            a dimension may also carry ``include`` / ``exclude`` fqn globs.
         include: fqn glob patterns limiting where gates go (all dimensions).
         exclude: fqn glob patterns where no gates go (all dimensions).
         on_unsupported: ``"raise"`` (default) raises on the first module that looks gatable but is not;

@@ -61,8 +61,10 @@ def test_uniform_width_round_trips_through_save_pretrained(name, tmp_path):
     model = _build(name)
     ds.sparsify_(model, {"width": "fixed", "heads": "fixed", "neurons": "fixed"})
     ds.fix_gates_(model, _random_masks(model, seed=4))
+    ds.fix_gates_(model, {"width": torch.arange(32) < 23})  # 23 channels: not a multiple of the head count
     converted = ds.convert(model, uniform=True)
-    assert converted.config.hidden_size == int(model.width.gate.keep_mask().sum())
+    cfg = converted.config
+    assert cfg.hidden_size < 32 and cfg.hidden_size % cfg.num_attention_heads == 0  # rounded by rank
     converted.save_pretrained(tmp_path)
     reloaded = type(model).from_pretrained(tmp_path).eval()
     x = _inputs(name)
@@ -111,3 +113,13 @@ def test_width_refusals_name_the_module():
     ds.fix_gates_(bert, {"width": torch.arange(32) < 20})
     with pytest.raises(ConfigError, match=r"narrower width needs dynsparse\.save"):
         ds.convert(bert, uniform=True)
+
+
+def test_gated_checkpoint_with_width_round_trips(tmp_path):
+    model = _build("gpt2")
+    ds.sparsify_(model, {"width": "fixed", "neurons": "fixed"})
+    ds.fix_gates_(model, _random_masks(model, seed=9))
+    loaded, _ = ds.load_gated(ds.save_gated(model, tmp_path / "g.safetensors"))
+    x = _inputs("gpt2")
+    assert torch.equal(_out(loaded.eval(), x), _out(model, x))
+    assert torch.equal(loaded.width.gate.keep_mask(), model.width.gate.keep_mask())

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..layers.slot import GateSlot
 
-__all__ = ["uniform_gates_"]
+__all__ = ["keep_top_", "uniform_gates_"]
 
 _UNIT_DIMENSIONS = ("heads", "neurons", "channels")
 
@@ -42,8 +43,7 @@ def uniform_gates_(model: nn.Module, dimensions: Iterable[str] = _UNIT_DIMENSION
         >>> sorted({int(g.keep_mask().sum()) for _, g in ds.named_gates(m)})
         [2]
     """
-    from ..gates import FixedGate, Gate
-    from ..layers.slot import GateSlot
+    from ..gates import Gate
 
     dims = tuple(dimensions)
     bad = [d for d in dims if d not in _UNIT_DIMENSIONS]
@@ -53,18 +53,30 @@ def uniform_gates_(model: nn.Module, dimensions: Iterable[str] = _UNIT_DIMENSION
     for _, m in model.named_modules():
         if isinstance(m, GateSlot) and m.dimension in dims and isinstance(m.gate, Gate):
             groups[(m.dimension, m.gate.num_units)].append(m)
-    for (_, n), slots in groups.items():
-        with torch.no_grad():
-            kept = [int(s.gate.keep_mask().sum()) for s in slots]
-            k = round(sum(kept) / len(kept))
-            for s in slots:
-                old = s.gate
-                values = old.eval_values().detach().clamp(min=0)
-                score = old.keep_mask().to(values.dtype) * 4 + values * 2 + old.expected_keep().detach().to(values)
-                order = torch.argsort(score, descending=True, stable=True)
-                mask = torch.zeros(n, dtype=torch.bool, device=values.device)
-                mask[order[:k]] = True
-                values = torch.where(values > 0, values, torch.ones_like(values))
-                new = FixedGate(n, mask=mask, values=values, device=values.device, dtype=values.dtype)
-                s.gate = new.train(old.training)
+    for slots in groups.values():
+        kept = [int(s.gate.keep_mask().sum()) for s in slots]
+        k = round(sum(kept) / len(kept))
+        for s in slots:
+            keep_top_(s, k)
+    from ..integrations.tables import round_width_
+
+    round_width_(model)
     return model
+
+
+def keep_top_(slot: GateSlot, k: int) -> GateSlot:
+    """Freeze the gate of ``slot`` to keep its ``k`` best units (in place): ranked by keep mask, then eval value,
+    then ``expected_keep()``. Kept units keep their eval value (1 where it was 0)."""
+    from ..gates import FixedGate
+
+    old = slot.gate
+    n = old.num_units
+    with torch.no_grad():
+        values = old.eval_values().detach().clamp(min=0)
+        score = old.keep_mask().to(values.dtype) * 4 + values * 2 + old.expected_keep().detach().to(values)
+        order = torch.argsort(score, descending=True, stable=True)
+        mask = torch.zeros(n, dtype=torch.bool, device=values.device)
+        mask[order[:k]] = True
+        values = torch.where(values > 0, values, torch.ones_like(values))
+    slot.gate = FixedGate(n, mask=mask, values=values, device=values.device, dtype=values.dtype).train(old.training)
+    return slot

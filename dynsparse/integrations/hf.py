@@ -56,6 +56,7 @@ __all__ = [
     "fold_branch_scale_",
     "gate_branches_",
     "host_config",
+    "round_width_",
     "unknown_block_reason",
 ]
 
@@ -322,6 +323,12 @@ def finalize_(model: nn.Module, uniform: bool = False) -> nn.Module:
             for key, value in found[0].items():
                 setattr(config, key, value)
     problems += _width_fields_(model, config)
+    validate = getattr(config, "validate", None)
+    if not problems and validate is not None:
+        try:
+            validate()
+        except Exception as e:  # the config class's own checks (e.g. hidden_size % num_attention_heads)
+            problems.append(f"its config rejects the counts ({e})")
     if problems and uniform:
         raise ConfigError(
             f"convert(uniform=True): the config of {type(model).__name__} cannot describe the converted model: "
@@ -329,6 +336,31 @@ def finalize_(model: nn.Module, uniform: bool = False) -> nn.Module:
         )
     if problems:
         log.info("convert: %s keeps per-layer sizes only in its modules: %s", type(model).__name__, problems)
+    return model
+
+
+def round_width_(model: nn.Module) -> nn.Module:
+    """Make the ``width`` gate of a Llama-style model keep a multiple of its query-head count (in place).
+
+    ``LlamaConfig`` requires ``hidden_size % num_attention_heads == 0``; called by ``convert(uniform=True)`` after
+    the head gates are equalized. The best channels by gate rank are kept.
+    """
+    from ..convert.uniform import keep_top_
+
+    slot = model._modules.get("width")
+    attn = [m for m in model.modules() if isinstance(m, (LlamaAttention, Qwen2Attention, MistralAttention))]
+    if not isinstance(slot, GateSlot) or not attn:
+        return model
+    rules = GATED_LAYERS["heads"][host_type(attn[0])]
+    gated = dict(attn[0].gate_slots()) if isinstance(attn[0], GatedLayer) else {}
+    if gated:
+        kept = int(next(iter(gated.values())).gate.keep_mask().sum())
+        heads = max(kept, 1) * rules.group_size(attn[0])  # keep-none converts to one zeroed unit
+    else:
+        heads = rules.num_heads(attn[0])
+    n, k = slot.gate.num_units, int(slot.gate.keep_mask().sum())
+    if heads > 0 and k % heads:
+        keep_top_(slot, min(max(heads, round(k / heads) * heads), n // heads * heads))
     return model
 
 

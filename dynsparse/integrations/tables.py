@@ -30,6 +30,7 @@ __all__ = [
     "gated_class",
     "host_type",
     "owns",
+    "round_width_",
     "slice_width_",
     "slot_owner",
     "tables",
@@ -237,3 +238,12 @@ def slice_width_(model: nn.Module, idx: Any, scale: Any = None) -> nn.Module:
 
         raise ConfigError(f"a 'width' plan entry needs a Hugging Face model, got {type(model).__name__}")
     return hw.slice_width_(model, idx, scale)
+
+
+def round_width_(model: nn.Module) -> nn.Module:
+    """``uniform=True``: let a table round a ``width`` gate's keep count to what a config can say (in place)."""
+    for t in tables():
+        fn = getattr(t, "round_width_", None)
+        if fn is not None:
+            fn(model)
+    return model
