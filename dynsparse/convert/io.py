@@ -44,11 +44,9 @@ def _arch_of(model: nn.Module, arch: Mapping[str, Any] | None) -> dict[str, Any]
             raise ConfigError(
                 f"arch: field 'library' must be 'timm', 'dynsparse' or 'transformers', got {arch['library']!r}"
             )
-        if arch["library"] == "transformers":
-            if not isinstance(arch.get("config"), Mapping):
-                raise ConfigError("arch: a transformers arch needs field 'config' (the model config as a dict)")
-        else:
-            arch.setdefault("kwargs", {})
+        if arch["library"] == "transformers" and not isinstance(arch.get("config"), Mapping):
+            raise ConfigError("arch: a transformers arch needs field 'config' (the model config as a dict)")
+        arch.setdefault("kwargs", {})
         try:
             json.dumps(arch)
         except TypeError as e:

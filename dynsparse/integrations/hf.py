@@ -390,11 +390,26 @@ def build_host(arch: dict[str, Any]) -> nn.Module:
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
         raise ConfigError(f"arch: {arch['name']!r} is not a transformers model class")
     config = cls.config_class.from_dict(dict(arch["config"]))
-    return cls(config)
+    return cls(config, **arch.get("kwargs", {}))
+
+
+def _constructor_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Constructor flags of the base models that the config does not hold (``add_pooling_layer=False``, ...)."""
+    kwargs: dict[str, Any] = {}
+    if hasattr(model, "pooler") and model.pooler is None:
+        kwargs["add_pooling_layer"] = False
+    embeddings = getattr(model, "embeddings", None)
+    if embeddings is not None and getattr(embeddings, "mask_token", None) is not None:
+        kwargs["use_mask_token"] = True
+    return kwargs
 
 
 def arch_of(model: nn.Module) -> dict[str, Any] | None:
-    """The architecture spec of an HF model (class name and dense host config), or None for other models."""
+    """The architecture spec of an HF model (class name, dense host config, constructor flags), or None."""
     if not isinstance(model, PreTrainedModel):
         return None
-    return {"library": "transformers", "name": type(model).__name__, "config": host_config(model)}
+    spec = {"library": "transformers", "name": type(model).__name__, "config": host_config(model)}
+    kwargs = _constructor_kwargs(model)
+    if kwargs:
+        spec["kwargs"] = kwargs
+    return spec
