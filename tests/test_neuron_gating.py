@@ -74,7 +74,7 @@ def test_batch_equals_one_by_one_and_decisions_differ(host, gate, per):
     torch.testing.assert_close(batch, single, atol=1e-12, rtol=0)
     mlp = m[0]
     with torch.no_grad():
-        keep = mlp.neurons(mlp._gate_act(x.reshape(-1, 12))) if gate == "cats" else mlp.neurons(x)
+        keep = mlp.neurons(mlp.gate_activation(x.reshape(-1, 12))) if gate == "cats" else mlp.neurons(x)
     assert not bool((keep == keep[:1]).all())  # inputs keep different neurons
 
 
@@ -97,7 +97,7 @@ def test_cats_calibration_reaches_the_target_on_calibration_data(keep):
     calibrate_neurons_(m, data)
     mlp = m[0]
     with torch.no_grad():
-        kept = torch.cat([mlp.neurons(mlp._gate_act(x.reshape(-1, 16))).flatten() for x in data]).float().mean()
+        kept = torch.cat([mlp.neurons(mlp.gate_activation(x.reshape(-1, 16))).flatten() for x in data]).float().mean()
     assert abs(kept.item() - keep) <= 0.02, f"kept {kept.item():.4f} of the activations, target {keep}"
     assert mlp.neurons.threshold.item() == pytest.approx(mlp.neurons.threshold_at(keep))
 
@@ -150,7 +150,7 @@ def test_predictor_learns_a_synthetic_task():
 def _recall(m, x):
     mlp = m[0]
     with torch.no_grad():
-        truth = mlp._gate_act(x) > 0
+        truth = mlp.gate_activation(x) > 0
         pred = mlp.neurons(x)
     return float((pred & truth).sum() / truth.sum())
 

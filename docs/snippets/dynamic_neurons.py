@@ -20,7 +20,7 @@ calib = [torch.randn(32, 1, 64) for _ in range(4)]  # use real hidden states
 calibrate_neurons_(mlp, calib)
 gate = mlp[0].neurons
 print(gate)
-kept = torch.cat([gate(mlp[0]._gate_act(x.reshape(-1, 64))).float().flatten() for x in calib]).mean()
+kept = torch.cat([gate(mlp[0].gate_activation(x.reshape(-1, 64))).float().flatten() for x in calib]).mean()
 print(f"kept on the calibration data: {kept:.3f}, threshold {gate.threshold.item():.4f}")
 token = torch.randn(1, 1, 64)
 with torch.no_grad():

@@ -97,7 +97,8 @@ class NeuronGated:
     def _producers(self) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         raise NotImplementedError
 
-    def _gate_act(self, x: Tensor, idx: Tensor | None = None) -> Tensor:
+    def gate_activation(self, x: Tensor, idx: Tensor | None = None) -> Tensor:
+        """``act(W_g x + b_g)`` (n, H) of rows ``x`` (n, C), neurons ``idx`` only when given (what cats thresholds)."""
         w, b, _, _ = self._producers()
         return self.act(linear_rows(x, w, b, idx))
 
@@ -112,7 +113,7 @@ class NeuronGated:
         n = x.shape[1] if gate.per == "input" and x.dim() == 3 else 1  # rows per decision
         g = None
         if self._record is not None or isinstance(gate, CatsGate):
-            g = self._gate_act(rows)
+            g = self.gate_activation(rows)
         if self._record is not None:
             h = self._hidden(rows, g)
             self._record(self, x, rows, g, h)
@@ -124,7 +125,7 @@ class NeuronGated:
 
     def _masked(self, rows: Tensor, g: Tensor | None, keep: Tensor, n: int) -> Tensor:
         if g is None:
-            g = self._gate_act(rows)
+            g = self.gate_activation(rows)
         m = keep.repeat_interleave(n, 0) if n > 1 else keep
         h = self.drop1(self._hidden(rows, g)) * m.to(g.dtype)
         return self.drop2(self.fc2(h))
