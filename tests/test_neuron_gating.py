@@ -227,3 +227,15 @@ def test_sparsify_routes_neurons_and_static_gates_still_work():
     assert ds.get_budget(m)["blocks.2.mlp.neurons"] == 0.25
     static = ds.sparsify_(_vit(), {"neurons": {"gate": "hard_concrete"}})
     assert not any(isinstance(x, (NeuronGated, CatsGate)) for x in static.modules())
+
+
+def test_unsupported_mlps_are_refused_with_their_name():
+    m = nn.Sequential(Mlp(8, 16, norm_layer=nn.LayerNorm), Mlp(8, 16, use_conv=True))
+    with pytest.raises(UnsupportedModuleError, match=r"'0' \(Mlp\).*hidden norm"):
+        gate_neurons_(m, "cats", modules=["0"])
+    with pytest.raises(UnsupportedModuleError, match=r"'1' \(Mlp\).*convolutional"):
+        gate_neurons_(m, "cats", modules=["1"])
+    with pytest.raises(ConfigError, match="no module 'nope'"):
+        gate_neurons_(m, "cats", modules=["nope"])
+    with pytest.raises(ConfigError, match=r"neurons\.keep.*'2'"):
+        gate_neurons_(nn.Sequential(Mlp(8, 16)), "cats", keep={"2": 0.5})
