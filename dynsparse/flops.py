@@ -83,12 +83,19 @@ def module_flops(model: nn.Module, example: Tensor | tuple) -> dict[str, int]:
 
 
 def _exclusive(totals: dict[str, int]) -> dict[str, int]:
+    """FLOPs of each module minus those of its nearest counted descendants.
+
+    A container that is never called (an ``nn.ModuleList`` such as Hugging Face's ``encoder.layer``) has no count
+    of its own, so a module's FLOPs are taken off its nearest *counted* ancestor, not only its direct parent.
+    """
     excl = dict(totals)
     for name, flops in totals.items():
-        if name:
-            parent = name.rpartition(".")[0]
+        parent = name
+        while parent:
+            parent = parent.rpartition(".")[0]
             if parent in excl:
                 excl[parent] -= flops
+                break
     return excl
 
 
@@ -126,8 +133,12 @@ class CostModel:
         self.kind = kind
         self.slots: list[tuple[str, GateSlot]] = [(f, m) for f, m in model.named_modules() if isinstance(m, GateSlot)]
         scopes: list[tuple[int, str]] = []
+        from .integrations.tables import slot_owner
+
         for i, (fqn, slot) in enumerate(self.slots):
-            parent = fqn.rpartition(".")[0]
+            # a slot's scope names children of its owner: the direct parent for timm, the attention / MLP / block
+            # above the carrier layer for Hugging Face (e.g. ``self_attn`` for ``self_attn.o_proj.gate_in``)
+            parent = slot_owner(model, fqn, slot.dimension)[0]
             for s in slot.scope:
                 scopes.append((i, f"{parent}.{s}".strip(".") if s else parent))
         if kind == "flops":

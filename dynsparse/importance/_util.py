@@ -170,6 +170,8 @@ def gate_refs(model: nn.Module, dimensions: Sequence[str]) -> list[SlotRef]:
     if "layers" in dimensions:
         for fqn, m in model.named_modules():
             if isinstance(m, GateSlot) and m.dimension == "layers":
-                parent, _, child = fqn.rpartition(".")
+                from ..integrations.tables import slot_owner
+
+                parent, child = slot_owner(model, fqn, "layers")
                 refs.append(SlotRef(f"{fqn}.gate", parent, model.get_submodule(parent), child, m))
     return refs

@@ -47,7 +47,10 @@ class _Hidden(HFGatedLayer):
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
-        return [SlotSpec(f"{cls._consumer}.{IN}", cls.hidden_size(host), dim=-1)]
+        # the FLOPs that scale with the kept units: the producers and the consumer, not the whole owner (a BERT
+        # layer owns its feed-forward units, but its attention does not shrink with them)
+        scope = (*cls._producers, cls._consumer)
+        return [SlotSpec(f"{cls._consumer}.{IN}", cls.hidden_size(host), dim=-1, scope=scope)]
 
     @classmethod
     def producers(cls, module: nn.Module, child: str) -> list[Producer]:
