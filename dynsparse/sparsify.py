@@ -144,7 +144,7 @@ def plan_sparsify(
         try:  # build a throw-away gate now, so a bad gate spec fails before any module is changed
             make_gate(opts, 4096)
         except (ConfigError, GateError) as e:
-            raise ConfigError(f"sparsify spec field {dim!r}: {e}") from None
+            raise ConfigError(f"sparsify spec field {dim!r}: {e}{_per_input_hint(dim, opts)}") from None
         plan.gate_specs[dim] = opts
         if dim in COUPLED_DIMENSIONS:  # one gate for the whole model, checked before any module changes
             if inc != g_inc or exc != g_exc:
@@ -213,6 +213,20 @@ def _child(module: nn.Module, path: str) -> nn.Module | None:
         return module.get_submodule(path)
     except AttributeError:
         return None
+
+
+def _per_input_hint(dim: str, opts: dict[str, Any]) -> str:
+    """For a dimension that also takes per-input gates: those names, and a suggestion among them."""
+    from .layers.dynamic import DYNAMIC_PARTS
+
+    part = DYNAMIC_PARTS.get(dim)
+    if part is None or part.always or not isinstance(opts.get("gate"), str):
+        return ""
+    try:
+        names = part.gates().names()
+    except (ImportError, AttributeError):
+        return ""
+    return f". Per-input {dim} gates: {', '.join(names)}.{suggest(opts['gate'], names)}"
 
 
 def _owns_weights(module: nn.Module) -> bool:

@@ -193,3 +193,12 @@ def test_gate_slots_only_in_expected_places(vit):
     ds.sparsify_(vit, {"heads": "hard_concrete", "neurons": "hard_concrete", "layers": "hard_concrete"})
     places = {fqn.rsplit(".", 1)[-1] for fqn, m in vit.named_modules() if isinstance(m, GateSlot)}
     assert places == {"norm", "drop_path1", "drop_path2"}
+
+
+def test_unknown_gate_of_a_dimension_with_per_input_gates_lists_and_suggests_them():
+    import timm
+
+    with pytest.raises(ds.ConfigError, match=r"Per-input neurons gates: cats, dejavu\..*Did you mean 'cats'"):
+        ds.sparsify_(timm.create_model("test_vit"), {"neurons": {"gate": "cat"}})
+    with pytest.raises(ds.ConfigError, match=r"Per-input channels gates: .*fbs"):
+        ds.sparsify_(timm.create_model("resnet10t"), {"channels": {"gate": "fb"}})
