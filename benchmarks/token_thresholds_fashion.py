@@ -11,9 +11,11 @@ A ViT (embed 96, depth 6, 4 heads, 4x4 patches: 49 tokens + class token) is trai
 * ``threshold`` (LTP), calibrated on 2,000 training images (`calibrate_tokens_`) to keep 0.5 on average:
   each image keeps its own count.
 
-Then each gated model is fine-tuned for ``--finetune`` epochs: ``cls_attention`` with its gathered tokens,
-``threshold`` with LTP's soft masks and the target-keep penalty (target 0.5, weight 1), and evaluated at its
-learned thresholds (``keep=None``) and re-calibrated at ``keep=0.5``. Accuracy on the 10,000 test images; FLOPs
+Then each gated model is fine-tuned: ``cls_attention`` with its gathered tokens for ``2 · --finetune``
+epochs; ``threshold`` as LTP does, ``--finetune`` epochs with soft masks and the target-keep penalty (target
+0.5, weight 1; ``θ`` starts at the calibrated value), then ``--finetune`` epochs with hard masks (``T = 1e-3``,
+``θ`` frozen, no penalty), evaluated at its learned thresholds (``keep=None``) and re-calibrated at
+``keep=0.5``. Accuracy on the 10,000 test images; FLOPs
 per image from ``torch.utils.flop_counter`` over the test set's first 1,000 images (gates included).
 """
 
@@ -109,12 +111,19 @@ def main() -> None:
     report("threshold calibrated 0.5, no training", thr.eval())
     with torch.no_grad():  # start the learned threshold at the calibrated one
         thr.blocks[1].tokens.gate.threshold.copy_(thr.blocks[1].tokens.gate.theta())
-    finetune(topk, loader, args.finetune, 5e-4)
-    report(f"cls_attention top-k 0.5, {args.finetune} epoch(s) fine-tuned", topk)
-    finetune(thr, loader, args.finetune, 5e-4)
+    e = args.finetune
+    finetune(topk, loader, e, 5e-4)
+    report(f"cls_attention top-k 0.5, {e} epoch(s) fine-tuned", topk)
+    finetune(topk, loader, e, 5e-4)
+    report(f"cls_attention top-k 0.5, {2 * e} epoch(s) fine-tuned", topk)
+    finetune(thr, loader, e, 5e-4)
     ds.set_budget_(thr, None)
     g = thr.blocks[1].tokens.gate
-    report(f"threshold learned θ = {float(g.threshold.detach()):.3f}, {args.finetune} epoch(s) soft-trained", thr)
+    report(f"threshold learned θ = {float(g.threshold.detach()):.3f}, {e} soft epoch(s)", thr)
+    g.temperature, g.weight = 1e-3, 0.0  # LTP's second stage: hard masks, fixed threshold
+    g.threshold.requires_grad_(False)
+    finetune(thr, loader, e, 5e-4)
+    report(f"  + {e} hard-mask epoch(s)", thr)
     ds.set_budget_(thr, 0.5)
     calibrate_tokens_(thr, calib.split(500))
     report("  same, re-calibrated keep 0.5", thr)
