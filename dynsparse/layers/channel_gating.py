@@ -135,12 +135,16 @@ def _gathered(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | 
     for (conv, norm, post), idx, val in zip(stages, idxs, vals, strict=True):
         if idx is None:
             h = norm(_conv(h, conv, conv.weight if prev is None else conv.weight.index_select(1, prev)))
-        else:  # BatchNorm folded into the gathered filters: one conv with bias, no norm pass
+        else:
             s, t = _bn_fold(norm)
             w = conv.weight.index_select(0, idx)
             w = w if prev is None else w.index_select(1, prev)
-            w = w * s.index_select(0, idx)[:, None, None, None]
-            h = _conv(h, conv, w, t.index_select(0, idx))
+            if w.numel() <= h.shape[0] * h.shape[2] * h.shape[3] * w.shape[0] // (conv.stride[0] * conv.stride[1]):
+                # BatchNorm folded into the gathered filters (fewer values than the output): a conv with bias
+                h = _conv(h, conv, w * s.index_select(0, idx)[:, None, None, None], t.index_select(0, idx))
+            else:  # small maps: the norm on the output is the cheaper pass
+                h = _conv(h, conv, w)
+                h = torch.addcmul(t.index_select(0, idx)[:, None, None], h, s.index_select(0, idx)[:, None, None])
         for p in post:
             h = p(h)
         if val is not None:
