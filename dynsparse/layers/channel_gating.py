@@ -51,7 +51,8 @@ class FBSBlockMixin:
 
     Attributes:
         strategy: How an eval batch runs: ``"auto"`` (default: one gathered run when every input made the same
-            decisions, else the union of kept channels when it is small, else one gathered run per input),
+            decisions, else the rule of `_auto`: the union of kept channels on small maps or when it is small,
+            else one gathered run per group of equal decisions or per input),
             ``"group"`` (one gathered run per distinct decision), ``"loop"`` (one per input), ``"union"``
             (the union of every input's kept channels, zeros for the others), ``"grouped_conv"`` (per-input
             gathered weights stacked into one grouped conv), ``"masked"`` (dense convs, masked: no saving;
