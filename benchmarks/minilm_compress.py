@@ -282,6 +282,40 @@ def probe(train_x: Tensor, train_y: Sequence[int], test_x: Tensor, test_y: Seque
     return 100.0 * float(clf.score(test_x.numpy(), list(test_y)))
 
 
+def torch_pruning_(model: nn.Module, sparsity: float, example: tuple[Tensor, Tensor]) -> nn.Module:
+    """Torch-Pruning (MetaPruner, L2 magnitude of each coupled group): heads and FFN neurons, width untouched.
+
+    The residual stream is kept by ignoring every layer that writes it; Torch-Pruning leaves the head counts of
+    ``BertSelfAttention`` stale, so they are written back by hand, as its own BERT example does.
+    """
+    import torch_pruning as tp
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    attn = [m for m in model.modules() if isinstance(m, BertSelfAttention)]
+    heads = {lin: a.num_attention_heads for a in attn for lin in (a.query, a.key, a.value)}
+    ignored = [model.embeddings]
+    ignored += [layer.attention.output.dense for layer in model.encoder.layer]
+    ignored += [layer.output.dense for layer in model.encoder.layer]
+    pruner = tp.pruner.MetaPruner(
+        model,
+        {"input_ids": example[0], "attention_mask": example[1]},
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=sparsity,
+        ignored_layers=ignored,
+        output_transform=lambda out: out.last_hidden_state.sum(),
+        num_heads=heads,
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=sparsity,
+    )
+    pruner.step()
+    for a in attn:
+        a.num_attention_heads = pruner.num_heads[a.query]
+        a.attention_head_size = a.query.out_features // a.num_attention_heads
+        a.all_head_size = a.query.out_features
+    return model.eval()
+
+
 def magnitude_sparsity(teacher: nn.Module, kept: float) -> float:
     """Fraction of heads and neurons to remove by magnitude so the kept FLOPs are about ``kept``."""
     heads = teacher.config.num_attention_heads
@@ -306,7 +340,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--probe-train", type=int, default=2000, help="rotten-tomatoes train snippets for the probe")
     ap.add_argument("--probe-test", type=int, default=0, help="test snippets (0 = all 2 693)")
     ap.add_argument("--rounds", type=int, default=30, help="latency rounds")
-    ap.add_argument("--no-magnitude", action="store_true", help="skip the magnitude-pruning baseline")
+    ap.add_argument("--methods", default="gates,magnitude,torch-pruning", help="what to compress the model with")
+    ap.add_argument(
+        "--baseline-keep", type=float, default=0.5, help="kept FLOPs of the baselines when 'gates' is not run"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="", help="write the results as JSON here")
     ap.add_argument("--save", default="", help="ds.save the converted gated model here")
@@ -340,71 +377,82 @@ def main(argv: Sequence[str] | None = None) -> dict:
     assert ids128.shape == (1, 128), ids128.shape
     say(f"data: {len(train)} train sentences, {len(held_seqs)} held-out, probe {len(p_train)} / {len(p_test)}")
 
-    # ---- ours: hard-concrete gates to the FLOPs target
-    student = copy.deepcopy(teacher)
-    for p in student.parameters():
-        p.requires_grad_(True)
-    dims = [d.strip() for d in args.dims.split(",") if d.strip()]
-    ds.sparsify_(student, {d: {"gate": "hard_concrete", "init_drop_rate": args.init_drop} for d in dims})
-    data = batches(train, args.batch, seed=args.seed)
-    warmup = int(args.warmup * args.steps)
-    budget = train_gates(
-        teacher,
-        student,
-        data,
-        args.steps,
-        example=example,
-        target=args.target,
-        warmup=warmup,
-        lr=args.lr,
-        gate_lr=args.gate_lr,
-        lambda_lr=args.lambda_lr,
-        w_tok=args.w_tok,
-    )
-    say(f"after enforce_: kept FLOPs by the gates {budget.cost.fraction():.4f}")
-    ds.fix_gates_(student)
-    keep = width_keep(student)
     vids, vmask = collate(held_seqs[:8])
     vmask[0, 5:] = 0  # padding in the check batch
-    small = ds.convert(student)  # verify_inputs cannot compare a narrower stream; checked here instead
-    with torch.no_grad():
-        diff = (expand(_hidden(small, vids, vmask), keep, width) - _hidden(student, vids, vmask)).abs().max().item()
-    say(f"converted: max-abs difference to the gated model {diff:.2e}; width {width if keep is None else len(keep)}")
-    if not diff < 1e-3:
-        raise RuntimeError(f"the converted model differs from the gated one by {diff:.2e}")
-    if args.finetune_steps:
-        finetune(teacher, small, data, args.finetune_steps, keep=keep, lr=args.lr, w_tok=args.w_tok, name="ours")
-    if args.save:
-        ds.save(small, args.save)
-
     dense_flops = count_flops(teacher, *example)
-    models: dict[str, tuple[nn.Module, Tensor | None]] = {"dense": (teacher, None), "ours (gates)": (small, keep)}
-    flops = {"dense": dense_flops, "ours (gates)": count_flops(small, *example)}
-    kept = flops["ours (gates)"] / dense_flops
-    say(f"counted FLOPs at 1 x 128: dense {dense_flops / 1e9:.3f} G, ours {kept:.4f} of dense")
+    models: dict[str, tuple[nn.Module, Tensor | None]] = {"dense": (teacher, None)}
+    flops = {"dense": dense_flops}
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    dims = [d.strip() for d in args.dims.split(",") if d.strip()]
+    keep, small, kept = None, None, args.baseline_keep
 
-    # ---- baseline: magnitude pruning of heads and neurons at the same FLOPs, same distillation budget
-    if not args.no_magnitude:
-        s = magnitude_sparsity(teacher, kept)
-        mag = copy.deepcopy(teacher)
-        for p in mag.parameters():
+    # ---- ours: hard-concrete gates to the FLOPs target
+    if "gates" in methods:
+        student = copy.deepcopy(teacher)
+        for p in student.parameters():
             p.requires_grad_(True)
-        ds.prune.structured_(mag, {"heads": s, "neurons": s}, importance="magnitude")
-        mag_small = ds.convert(mag, verify_inputs=(vids, vmask))
-        data_m = batches(train, args.batch, seed=args.seed)
+        ds.sparsify_(student, {d: {"gate": "hard_concrete", "init_drop_rate": args.init_drop} for d in dims})
+        data = batches(train, args.batch, seed=args.seed)
+        budget = train_gates(
+            teacher,
+            student,
+            data,
+            args.steps,
+            example=example,
+            target=args.target,
+            warmup=int(args.warmup * args.steps),
+            lr=args.lr,
+            gate_lr=args.gate_lr,
+            lambda_lr=args.lambda_lr,
+            w_tok=args.w_tok,
+        )
+        say(f"after enforce_: kept FLOPs by the gates {budget.cost.fraction():.4f}")
+        ds.fix_gates_(student)
+        keep = width_keep(student)
+        small = ds.convert(student)  # verify_inputs cannot compare a narrower stream; checked here instead
+        with torch.no_grad():
+            out = expand(_hidden(small, vids, vmask), keep, width)
+            diff = (out - _hidden(student, vids, vmask)).abs().max().item()
+        say(
+            f"converted: max-abs difference to the gated model {diff:.2e}; width {width if keep is None else len(keep)}"
+        )
+        if not diff < 1e-3:
+            raise RuntimeError(f"the converted model differs from the gated one by {diff:.2e}")
+        if args.finetune_steps:
+            finetune(teacher, small, data, args.finetune_steps, keep=keep, lr=args.lr, w_tok=args.w_tok, name="ours")
+        if args.save:
+            ds.save(small, args.save)
+        models["ours (gates)"] = (small, keep)
+        flops["ours (gates)"] = count_flops(small, *example)
+        kept = flops["ours (gates)"] / dense_flops
+        say(f"counted FLOPs at 1 x 128: dense {dense_flops / 1e9:.3f} G, ours {kept:.4f} of dense")
+
+    # ---- baselines: heads and neurons by weight magnitude at the same FLOPs, same distillation budget
+    s = magnitude_sparsity(teacher, kept)
+    for method in ("magnitude", "torch-pruning"):
+        if method not in methods:
+            continue
+        base = copy.deepcopy(teacher)
+        for p in base.parameters():
+            p.requires_grad_(True)
+        if method == "magnitude":
+            ds.prune.structured_(base, {"heads": s, "neurons": s}, importance="magnitude")
+            base = ds.convert(base, verify_inputs=(vids, vmask))
+        else:
+            torch_pruning_(base, s, example)
         finetune(
             teacher,
-            mag_small,
-            data_m,
+            base,
+            batches(train, args.batch, seed=args.seed),
             args.steps + args.finetune_steps,
             keep=None,
             lr=args.lr,
             w_tok=args.w_tok,
-            name="magnitude",
+            name=method,
         )
-        models["magnitude"] = (mag_small, None)
-        flops["magnitude"] = count_flops(mag_small, *example)
-        say(f"magnitude: {s:.3f} of heads and neurons removed, kept FLOPs {flops['magnitude'] / dense_flops:.4f}")
+        models[method] = (base, None)
+        flops[method] = count_flops(base, *example)
+        say(f"{method}: {s:.3f} of heads and neurons removed, kept FLOPs {flops[method] / dense_flops:.4f}")
 
     # ---- evaluation
     emb = {name: encode(m, held_seqs, k, width) for name, (m, k) in models.items()}
@@ -479,9 +527,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"{args.rounds} interleaved rounds; load {' '.join(f'{x:.1f}' for x in _loadavg())}")
     print(markdown_table(header, rows, "lrrrrrrrrr"))
     print()
-    print("ours:", f"width {width if keep is None else len(keep)} of {width};", "; ".join(structure(small)))
-    results["structure"] = structure(small)
-    results["width"] = width if keep is None else len(keep)
+    if small is not None:
+        print("ours:", f"width {width if keep is None else len(keep)} of {width};", "; ".join(structure(small)))
+        results["structure"] = structure(small)
+        results["width"] = width if keep is None else len(keep)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     say("done")
