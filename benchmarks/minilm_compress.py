@@ -207,8 +207,32 @@ def train_gates(
                 f"lambda1 {budget.lambda1.item():+.3f} lambda2 {budget.lambda2.item():+.3f}"
             )
     student.eval()
-    budget.enforce_()
+    enforce_target_(budget)
     return budget
+
+
+@torch.no_grad()
+def enforce_target_(budget: TargetSparsity) -> float:
+    """``budget.enforce_()``, then reopen the units it closed, most likely first, while the target still holds.
+
+    ``enforce_`` closes units by their probability of being kept, whatever they cost, so closing a whole branch
+    can overshoot the target by 10 % of the FLOPs; reopening what fits brings the kept fraction back to just
+    under the target. Returns the kept fraction.
+    """
+    gates = [slot.gate for _, slot in budget.cost.slots if hasattr(slot.gate, "log_alpha")]
+    before = [(g, g.log_alpha.detach().clone(), g.expected_keep().detach().clone()) for g in gates]
+    budget.enforce_()
+    closed = [
+        (float(p_keep[j]), g, j, float(old[j]))
+        for g, old, p_keep in before
+        for j in range(g.num_units)
+        if g.log_alpha[j] != old[j]
+    ]
+    for _, g, j, old in sorted(closed, key=lambda c: -c[0]):
+        g.log_alpha[j] = old
+        if budget.cost.fraction() > budget.target + 1e-9:
+            g.log_alpha[j] = -20.0
+    return budget.cost.fraction()
 
 
 def finetune(
@@ -327,13 +351,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--target", type=float, default=0.5, help="kept fraction of encoder FLOPs at 1 x 128 tokens")
     ap.add_argument("--dims", default="heads,neurons,layers,width", help="gated dimensions")
     ap.add_argument("--steps", type=int, default=300, help="gate-training steps")
-    ap.add_argument("--warmup", type=float, default=0.6, help="fraction of --steps over which the target ramps")
+    ap.add_argument("--warmup", type=float, default=0.5, help="fraction of --steps over which the target ramps")
     ap.add_argument("--finetune-steps", type=int, default=150, help="fine-tune steps of the converted model")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=64, help="training sequence length")
     ap.add_argument("--lr", type=float, default=1e-4, help="AdamW lr of the weights")
-    ap.add_argument("--gate-lr", type=float, default=0.05, help="AdamW lr of the gates' log_alpha")
-    ap.add_argument("--lambda-lr", type=float, default=0.05, help="Adam (maximize) lr of the Lagrange multipliers")
+    ap.add_argument("--gate-lr", type=float, default=0.1, help="AdamW lr of the gates' log_alpha")
+    ap.add_argument("--lambda-lr", type=float, default=0.02, help="Adam (maximize) lr of the Lagrange multipliers")
     ap.add_argument("--init-drop", type=float, default=0.01, help="initial drop rate of the hard-concrete gates")
     ap.add_argument("--w-tok", type=float, default=1.0, help="weight of the token-level cosine loss")
     ap.add_argument("--eval-sentences", type=int, default=1000, help="held-out sentences for the cosine")
