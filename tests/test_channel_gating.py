@@ -218,6 +218,8 @@ def test_bad_options_name_the_field(opts, error, match):
 def test_unknown_gate_suggests_fbs():
     with pytest.raises(ds.ConfigError, match=r"unknown per-input channel gate 'fbz'.*Did you mean 'fbs'"):
         gate_channels_(_host(), gate="fbz")
+    with pytest.raises(ds.ConfigError, match=r"'channels'.*unknown gate 'fbz'.*Did you mean 'fbs'"):
+        ds.sparsify_(_host(), {"channels": {"gate": "fbz"}})
 
 
 def test_unsupported_models_and_blocks_are_named():
