@@ -98,8 +98,10 @@ def run_recipe(
     if recipe.evaluate.latency:
         from ..bench.latency import compare_latency
 
+        # distinct test images, so the inputs of a batch make their own decisions in input-dependent models
+        images = _test_images(test_loader, max(recipe.evaluate.batch_sizes), ex)
         for b in recipe.evaluate.batch_sizes:
-            x = ex.expand(b, *ex.shape[1:]).contiguous()
+            x = images[:b].contiguous()
             res = compare_latency(
                 {"dense": dense, "converted": converted},
                 x,
@@ -157,6 +159,25 @@ def format_report(r: dict[str, Any]) -> str:
             f"median of {lat['rounds']} interleaved rounds)"
         )
     return "\n".join(lines)
+
+
+def _test_images(loader, n: int, example):
+    """The first ``n`` images of ``loader`` (cycled when it has fewer), on ``example``'s device and dtype."""
+    import torch
+
+    chunks, have = [], 0
+    for batch in loader:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        chunks.append(x)
+        have += len(x)
+        if have >= n:
+            break
+    if not chunks:
+        return example.expand(n, *example.shape[1:])
+    x = torch.cat(chunks)
+    if len(x) < n:
+        x = x.repeat((n + len(x) - 1) // len(x), *([1] * (x.dim() - 1)))
+    return x[:n].to(device=example.device, dtype=example.dtype)
 
 
 def _plot(history: list[dict[str, Any]], baseline: dict[str, Any] | None, path: Path, title: str) -> None:

@@ -1,0 +1,18 @@
+"""The recipe report's latency inputs: distinct test images, so per-input gates see a real batch."""
+
+from __future__ import annotations
+
+import torch
+
+from dynsparse.recipes.run import _test_images
+
+
+def test_latency_batch_is_made_of_distinct_test_images():
+    data = [(torch.arange(4.0).view(4, 1, 1, 1) + 10 * i, torch.zeros(4)) for i in range(3)]
+    example = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
+    x = _test_images(data, 10, example)
+    assert x.shape == (10, 1, 1, 1) and x.dtype == torch.float64
+    assert x.flatten().tolist() == [0, 1, 2, 3, 10, 11, 12, 13, 20, 21]
+    # fewer images than the batch: cycled, never a single image repeated
+    y = _test_images(data[:1], 6, example)
+    assert y.flatten().tolist() == [0, 1, 2, 3, 0, 1]
