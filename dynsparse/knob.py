@@ -26,19 +26,23 @@ def _gates(model: nn.Module, kind: type | tuple[type, ...] | None) -> list[tuple
     return gates
 
 
-def get_budget(model: nn.Module) -> dict[str, float]:
-    """``{gate_fqn: keep}`` of every input-dependent gate."""
+def get_budget(model: nn.Module) -> dict[str, float | None]:
+    """``{gate_fqn: keep}`` of every input-dependent gate (``None``: a gate on its learned thresholds)."""
     return {f: g.keep for f, g in _gates(model, None)}
 
 
 def set_budget_(
-    model: nn.Module, keep: float | dict[str, float], *, kind: type | tuple[type, ...] | None = None
+    model: nn.Module,
+    keep: float | dict[str, float | None] | None,
+    *,
+    kind: type | tuple[type, ...] | None = None,
 ) -> nn.Module:
     """Set the fraction kept by input-dependent gates (in place); returns ``model``.
 
     Args:
         model: A model with input-dependent gates.
-        keep: One fraction in (0, 1] for every gate, or ``{gate_fqn: keep}``.
+        keep: One fraction in (0, 1] for every gate, or ``{gate_fqn: keep}``. ``None`` returns gates with learned
+            thresholds (the ``threshold`` token gate) to those thresholds instead of a calibrated keep fraction.
         kind: Only gates of this class (e.g. ``dynsparse.gates.TokenGate``).
 
     Examples:
@@ -63,7 +67,7 @@ def set_budget_(
 
 
 @contextmanager
-def budget(model: nn.Module, keep: float | dict[str, float], **kwargs) -> Iterator[nn.Module]:
+def budget(model: nn.Module, keep: float | dict[str, float | None] | None, **kwargs) -> Iterator[nn.Module]:
     """``with budget(model, 0.5): ...`` runs the block at that budget, then restores the previous one."""
     before = get_budget(model)
     set_budget_(model, keep, **kwargs)

@@ -10,30 +10,48 @@ import torch
 from ..errors import ConfigError, GateError
 from ..registry import Registry
 from .base import Gate, InputDependentGate
+from .channel_gates import CHANNEL_GATES, FBSGate
 from .fixed import FixedGate
 from .hard_concrete import HardConcreteGate
+from .neuron_gates import NEURON_GATES, CatsGate, DejaVuGate, NeuronGate
 from .routers import ROUTERS, BlockRouter
 from .sigmoid import SigmoidGate
-from .tokens import TOKEN_GATES, ClsAttentionTokenGate, PredictorTokenGate, TokenGate, make_token_gate
+from .tokens import (
+    TOKEN_GATES,
+    ClsAttentionTokenGate,
+    PredictorTokenGate,
+    ThresholdTokenGate,
+    TokenGate,
+    make_token_gate,
+    received_attention,
+)
 from .topk import TopKGate
 
 __all__ = [
+    "CHANNEL_GATES",
     "GATES",
+    "NEURON_GATES",
     "ROUTERS",
     "TOKEN_GATES",
     "BlockRouter",
+    "CatsGate",
     "ClsAttentionTokenGate",
+    "DejaVuGate",
+    "FBSGate",
     "FixedGate",
     "Gate",
     "GateSpec",
     "HardConcreteGate",
     "InputDependentGate",
+    "NeuronGate",
     "PredictorTokenGate",
     "SigmoidGate",
+    "ThresholdTokenGate",
     "TokenGate",
     "TopKGate",
     "make_gate",
     "make_token_gate",
+    "received_attention",
     "register_gate",
 ]
 
