@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -337,7 +338,7 @@ def gate_channels_(
     exclude: str | Sequence[str] | None = None,
     bottleneck_conv1: bool = True,
     strategy: str = "auto",
-    **gate_kwargs,
+    **gate_kwargs: Any,
 ) -> nn.Module:
     """Gate the internal channels of a timm ResNet's blocks per input (in place); returns ``model``.
 

@@ -10,6 +10,8 @@ hard decision, so the router learns from the task loss and its `penalty`.
 
 from __future__ import annotations
 
+from typing import Any
+
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -50,7 +52,7 @@ class RoutedBlock(Block):
 
 
 def route_blocks_(
-    model: nn.Module, gate: str = "router", blocks: list[int] | str = "all", keep: float = 0.5, **router_kwargs
+    model: nn.Module, gate: str = "router", blocks: list[int] | str = "all", keep: float = 0.5, **router_kwargs: Any
 ) -> nn.Module:
     """Give blocks of a timm ViT a per-input router (in place); returns ``model``.
 

@@ -22,6 +22,7 @@ State dicts keep the host's keys; a learned gate adds ``blocks.i.tokens.gate.*``
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block
@@ -290,7 +291,7 @@ def gate_tokens_(
     keep: float | list[float | None] | None = None,
     fuse: bool = False,
     final_threshold: float = 1.0,
-    **gate_kwargs,
+    **gate_kwargs: Any,
 ) -> nn.Module:
     """Make the given blocks of a timm ViT keep only part of the tokens, per input (in place).
 
