@@ -174,6 +174,7 @@ def train_gates(
     gate_lr: float,
     lambda_lr: float,
     w_tok: float,
+    refill: bool = False,
     log_every: int = 25,
 ) -> TargetSparsity:
     """Distill into the gated ``student`` under the FLOPs Lagrangian, then ``enforce_`` the target (in place)."""
@@ -207,17 +208,18 @@ def train_gates(
                 f"lambda1 {budget.lambda1.item():+.3f} lambda2 {budget.lambda2.item():+.3f}"
             )
     student.eval()
-    enforce_target_(budget)
+    enforce_target_(budget, refill=refill)
     return budget
 
 
 @torch.no_grad()
-def enforce_target_(budget: TargetSparsity) -> float:
+def enforce_target_(budget: TargetSparsity, refill: bool = False) -> float:
     """``budget.enforce_()``, then reopen the units it closed, most likely first, while the target still holds.
 
     ``enforce_`` closes units by their probability of being kept, whatever they cost, so closing a whole branch
     can overshoot the target by 10 % of the FLOPs; reopening what fits brings the kept fraction back to just
-    under the target. Returns the kept fraction.
+    under the target. ``refill``: then also reopen, fully and most likely first, units closed during training
+    while the target holds (when the multipliers pushed the kept FLOPs below the target). Returns the kept fraction.
     """
     gates = [slot.gate for _, slot in budget.cost.slots if hasattr(slot.gate, "log_alpha")]
     before = [(g, g.log_alpha.detach().clone(), g.expected_keep().detach().clone()) for g in gates]
@@ -232,6 +234,12 @@ def enforce_target_(budget: TargetSparsity) -> float:
         g.log_alpha[j] = old
         if budget.cost.fraction() > budget.target + 1e-9:
             g.log_alpha[j] = -20.0
+    if refill:  # the controller overshot during training: reopen units it closed (fully) while the target holds
+        shut = [(float(g.log_alpha[j]), g, j) for g in gates for j in range(g.num_units) if not g.keep_mask()[j]]
+        for la, g, j in sorted(shut, key=lambda c: -c[0]):
+            g.log_alpha[j] = g.log_alpha_range[1]
+            if budget.cost.fraction() > budget.target + 1e-9:
+                g.log_alpha[j] = la
     return budget.cost.fraction()
 
 
@@ -359,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--gate-lr", type=float, default=0.1, help="AdamW lr of the gates' log_alpha")
     ap.add_argument("--lambda-lr", type=float, default=0.02, help="Adam (maximize) lr of the Lagrange multipliers")
     ap.add_argument("--init-drop", type=float, default=0.01, help="initial drop rate of the hard-concrete gates")
+    ap.add_argument("--refill", action="store_true", help="reopen units closed below the target after training")
     ap.add_argument("--w-tok", type=float, default=1.0, help="weight of the token-level cosine loss")
     ap.add_argument("--eval-sentences", type=int, default=1000, help="held-out sentences for the cosine")
     ap.add_argument("--probe-train", type=int, default=2000, help="rotten-tomatoes train snippets for the probe")
@@ -429,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             gate_lr=args.gate_lr,
             lambda_lr=args.lambda_lr,
             w_tok=args.w_tok,
+            refill=args.refill,
         )
         say(f"after enforce_: kept FLOPs by the gates {budget.cost.fraction():.4f}")
         ds.fix_gates_(student)

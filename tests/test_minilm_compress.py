@@ -69,7 +69,7 @@ def test_pipeline_keeps_the_target_and_converts_exactly():
     ds.sparsify_(student, {d: "hard_concrete" for d in DIMS})
     seqs = [list(torch.randint(3, 100, (n,)).tolist()) for n in (5, 7, 9, 11, 6, 8, 10, 12)]
     data = bench.batches(seqs, 4)
-    kw = dict(target=0.5, warmup=2, lr=1e-3, gate_lr=0.05, lambda_lr=0.05, w_tok=1.0)
+    kw = dict(target=0.5, warmup=2, lr=1e-3, gate_lr=0.05, lambda_lr=0.05, w_tok=1.0, refill=True)
     budget = bench.train_gates(teacher, student, data, 3, example=example, **kw)
     assert budget.cost.fraction() <= 0.5 + 1e-9
     ds.fix_gates_(student)
