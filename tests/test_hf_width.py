@@ -123,3 +123,25 @@ def test_gated_checkpoint_with_width_round_trips(tmp_path):
     x = _inputs("gpt2")
     assert torch.equal(_out(loaded.eval(), x), _out(model, x))
     assert torch.equal(loaded.width.gate.keep_mask(), model.width.gate.keep_mask())
+
+
+def test_convert_verifies_a_width_pruned_model_on_the_kept_channels():
+    """``convert(verify_inputs=...)`` compares a narrower output with the gated model's kept channels, and a wrong
+    converted model is still caught."""
+    from dynsparse.convert.verify import verify
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=61, hidden_size=32, num_attention_heads=4, intermediate_size=48)
+    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    ds.sparsify_(model, {"width": "fixed", "heads": "fixed"})
+    mask = torch.ones(32, dtype=torch.bool)
+    mask[::3] = False
+    ds.fix_gates_(model, {"width.gate": mask})
+    x = torch.randint(3, 61, (2, 7))
+    conv = ds.convert(model, verify_inputs=(x,))  # raised "different structure or shape" before
+    assert conv(x)[0].shape[-1] == int(mask.sum())
+    w = conv.encoder.layer[0].output.dense.weight
+    with torch.no_grad():
+        w.add_(0.1 * torch.randn_like(w))
+    with pytest.raises(ds.DynsparseError, match="outputs differ"):
+        verify(model, conv, (x,), width=(32, conv.slice_plan.keep("width")))

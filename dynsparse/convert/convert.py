@@ -195,7 +195,10 @@ def convert(
                 plan.dynamic[key] = spec
     new.slice_plan = plan
     if verify_inputs is not None:
-        diff = verify(model, new, verify_inputs, atol=atol, rtol=rtol)
+        width = None
+        if "width" in plan.entries and plan.units.get("width") is not None:
+            width = (int(plan.units["width"]), plan.keep("width"))
+        diff = verify(model, new, verify_inputs, atol=atol, rtol=rtol, width=width)
         log.info("convert: max-abs difference to the gated model %.3g", diff)
     return new
 
