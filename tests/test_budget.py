@@ -107,3 +107,21 @@ def test_bad_targets():
     ds.sparsify_(m, {"heads": "hard_concrete"})
     with pytest.raises(ds.ConfigError, match=r"\(0, 1\]"):
         TargetSparsity(m, 1.5)
+
+
+def test_enforce_reopen_refills_what_a_costly_closure_overshot(vit):
+    """A branch gate with a low keep probability but a large cost is closed first; ``reopen`` brings back the
+    cheaper units closed after it that still fit, so the kept fraction ends closer to (never above) the target."""
+    budget = TargetSparsity(vit, target=0.75, example_input=X)
+    slots = [slot for _, slot in budget.cost.slots]
+    with torch.no_grad():
+        for i, slot in enumerate(slots):  # distinct probabilities: branch gates least likely, then unit gates
+            la = slot.gate.log_alpha
+            la.copy_(torch.linspace(1.0, 3.0, la.numel()) + (0.0 if slot.dimension == "layers" else 4.0) + 0.01 * i)
+    state = {k: v.clone() for k, v in vit.state_dict().items()}
+    plain = budget.enforce_()
+    vit.load_state_dict(state)
+    refilled = budget.enforce_(reopen=True)
+    assert plain <= 0.75 + 1e-9 and refilled <= 0.75 + 1e-9
+    assert refilled > plain + 0.01, (plain, refilled)  # the closure of a branch overshot; reopening refilled
+    assert budget.cost.fraction() == pytest.approx(refilled)

@@ -74,11 +74,17 @@ class TargetSparsity(nn.Module):
         return self.lambda1 * gap + self.lambda2 * gap * gap
 
     @torch.no_grad()
-    def enforce_(self, max_iter: int = 100_000) -> float:
+    def enforce_(self, max_iter: int = 100_000, reopen: bool = False) -> float:
         """Close the units least likely to be kept until the deterministic kept fraction is ≤ ``target``.
 
         Works on gates with a ``log_alpha`` (hard-concrete) or ``logits`` (sigmoid) parameter by lowering the
         parameter of the closed unit; returns the kept fraction reached.
+
+        Args:
+            max_iter: Most units closed.
+            reopen: Units are closed by probability, whatever they cost, so the last one closed (e.g. a whole
+                residual branch) can take the kept fraction well under the target. ``True`` then reopens the units
+                closed here, most likely first, each one only if the target still holds.
         """
         frac = self.cost.fraction()
         candidates = []
@@ -93,7 +99,7 @@ class TargetSparsity(nn.Module):
             for j in range(g.num_units):
                 candidates.append((float(keep[j]), p, j, g))
         candidates.sort(key=lambda c: c[0])
-        closed = 0
+        closed, shut = 0, []
         for _, p, j, g in candidates:
             if frac <= self.target + 1e-9 or closed >= max_iter:
                 break
@@ -101,9 +107,18 @@ class TargetSparsity(nn.Module):
                 continue
             if int(g.keep_mask().sum()) <= 1 and g.num_units > 1:
                 continue  # keep at least one unit per gate; a whole branch is closed by its layer gate
+            shut.append((p, j, float(p[j])))
             p[j] = -20.0
             closed += 1
             frac = self.cost.fraction()
+        if reopen:  # ``shut`` is in order of increasing keep probability: the most likely come back first
+            for p, j, old in reversed(shut):
+                p[j] = old
+                now = self.cost.fraction()
+                if now > self.target + 1e-9:
+                    p[j] = -20.0
+                else:
+                    frac = now
         return frac
 
     def extra_repr(self) -> str:
