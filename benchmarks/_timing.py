@@ -27,6 +27,7 @@ __all__ = [
     "interleaved_rounds",
     "markdown_table",
     "paired_ratios",
+    "speed_cells",
     "spread",
 ]
 
@@ -119,6 +120,24 @@ def paired_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> l
     if len(numerator) != len(denominator):
         raise ValueError(f"paired_ratios: {len(numerator)} vs {len(denominator)} rounds")
     return [a / b for a, b in zip(numerator, denominator, strict=True)]
+
+
+def speed_cells(t: Timings, ideal: float, *, base: str = "dense", variant: str = "dyn", reps: int = 1, digits: int = 1):
+    """The speed columns of a dense-vs-variant row, from interleaved rounds ``t``.
+
+    ``[base ms, variant ms, wall speed-up (IQR), CPU-time speed-up, FLOPs-ideal, achieved / ideal]``: medians of
+    the per-round times (divided by ``reps`` calls per round, with ``digits`` decimals) and of the paired ratios.
+    """
+    wall = spread(paired_ratios(t.wall[base], t.wall[variant]))
+    cpu = spread(paired_ratios(t.cpu[base], t.cpu[variant]))
+    return [
+        f"{1e3 * spread(t.wall[base]).median / reps:.{digits}f}",
+        f"{1e3 * spread(t.wall[variant]).median / reps:.{digits}f}",
+        f"{wall.median:.2f}x ({wall.q1:.2f}-{wall.q3:.2f})",
+        f"{cpu.median:.2f}x",
+        f"{ideal:.2f}x",
+        f"{wall.median / ideal:.2f}",
+    ]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str = "") -> str:

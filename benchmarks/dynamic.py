@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import count_flops, interleaved_rounds, markdown_table, paired_ratios, spread
+from _timing import count_flops, interleaved_rounds, markdown_table, speed_cells
 
 CASES = {
     "b3": {"gate": "cls_attention", "blocks": [3], "keep": 0.5},
@@ -115,21 +115,7 @@ def main() -> None:
                 t = interleaved_rounds(
                     {"dense": lambda m=dense, x=x: m(x), "dyn": lambda m=dyn, x=x: m(x)}, rounds, args.warmup
                 )
-            wall = spread(paired_ratios(t.wall["dense"], t.wall["dyn"]))
-            cpu = spread(paired_ratios(t.cpu["dense"], t.cpu["dyn"]))
-            rows.append(
-                [
-                    case,
-                    b,
-                    f"{1e3 * spread(t.wall['dense']).median:.1f}",
-                    f"{1e3 * spread(t.wall['dyn']).median:.1f}",
-                    f"{wall.median:.2f}x ({wall.q1:.2f}-{wall.q3:.2f})",
-                    f"{cpu.median:.2f}x",
-                    f"{ideal:.2f}x",
-                    f"{wall.median / ideal:.2f}",
-                    rounds,
-                ]
-            )
+            rows.append([case, b, *speed_cells(t, ideal), rounds])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
     print()
     print(

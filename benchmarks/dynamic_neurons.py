@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import count_flops, interleaved_rounds, markdown_table, paired_ratios, spread
+from _timing import count_flops, interleaved_rounds, markdown_table, speed_cells
 
 HEADER = [
     "case",
@@ -62,20 +62,7 @@ def _measure(name, dense, dyn, x, strategy, rounds, warmup, reps=1):
                 m(x)
 
         t = interleaved_rounds({"dense": lambda: run(dense), "dyn": lambda: run(dyn)}, rounds, warmup)
-    wall = spread(paired_ratios(t.wall["dense"], t.wall["dyn"]))
-    cpu = spread(paired_ratios(t.cpu["dense"], t.cpu["dyn"]))
-    row = [
-        name,
-        x.shape[0],
-        strategy,
-        f"{1e3 * spread(t.wall['dense']).median / reps:.3f}",
-        f"{1e3 * spread(t.wall['dyn']).median / reps:.3f}",
-        f"{wall.median:.2f}x ({wall.q1:.2f}-{wall.q3:.2f})",
-        f"{cpu.median:.2f}x",
-        f"{ideal:.2f}x",
-        f"{wall.median / ideal:.2f}",
-        rounds,
-    ]
+    row = [name, x.shape[0], strategy, *speed_cells(t, ideal, reps=reps, digits=3), rounds]
     print(" | ".join(str(c) for c in row), flush=True)
     return row
 
