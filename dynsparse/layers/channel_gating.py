@@ -26,7 +26,6 @@ routes here), `channel_spec` gives the arguments that rebuild them (saved by ``d
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +39,7 @@ from ..errors import ConfigError, GateError, UnsupportedModuleError
 from ..gates.base import InputDependentGate
 from ..gates.channel_gates import CHANNEL_GATES
 from ..modules import adopt, first_param, is_stateless, place_like
+from ..sparsify import _patterns, _selected
 
 __all__ = ["CHANNEL_GATES", "FBSBasicBlock", "FBSBottleneck", "channel_spec", "gate_channels_"]
 
@@ -424,8 +424,7 @@ def _make(cls, name: str, fqn: str, block: nn.Module, conv: str, keep: float, kw
 
 
 def _choose(found, blocks, include, exclude) -> list[tuple[str, nn.Module]]:
-    inc = [include] if isinstance(include, str) else list(include or [])
-    exc = [exclude] if isinstance(exclude, str) else list(exclude or [])
+    inc, exc = _patterns(include, "channels.include"), _patterns(exclude, "channels.exclude")
     if blocks == "all":
         chosen = list(found)
     else:
@@ -442,8 +441,7 @@ def _choose(found, blocks, include, exclude) -> list[tuple[str, nn.Module]]:
                     f"channels.blocks: 'all', block indices in [0, {len(found)}) or block fqns "
                     f"({', '.join(names[:4])}, ...) expected, got {b!r}"
                 )
-    chosen = [(f, m) for f, m in chosen if (not inc or any(fnmatch.fnmatchcase(f, p) for p in inc))]
-    chosen = [(f, m) for f, m in chosen if not any(fnmatch.fnmatchcase(f, p) for p in exc)]
+    chosen = [(f, m) for f, m in chosen if _selected(f, inc, exc)]
     if not chosen:
         raise ConfigError("channels: the blocks / include / exclude options leave no block to gate")
     return chosen

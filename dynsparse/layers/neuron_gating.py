@@ -26,7 +26,6 @@ All strategies give the same output for the same decisions (tested); in training
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, UnsupportedModuleError
 from ..gates.neuron_gates import NEURON_GATES, CatsGate, DejaVuGate, NeuronGate, active_labels, fit_predictor_
 from ..modules import adopt, place_like, replace_module_
+from ..sparsify import _patterns, _selected
 from .neuron_kernels import consumer_row, linear_rows, producer_row, transposed
 
 __all__ = [
@@ -218,8 +218,7 @@ TWINS: dict[type[nn.Module], type[NeuronGated]] = {
 def _targets(
     model: nn.Module, modules: Sequence[str] | None, include: Sequence[str] | str | None, exclude
 ) -> list[tuple[str, nn.Module]]:
-    inc = [include] if isinstance(include, str) else list(include or [])
-    exc = [exclude] if isinstance(exclude, str) else list(exclude or [])
+    inc, exc = _patterns(include, "neurons.include"), _patterns(exclude, "neurons.exclude")
     named = dict(model.named_modules())
     if modules is not None:
         missing = [f for f in modules if f not in named]
@@ -231,14 +230,7 @@ def _targets(
             f, m = bad[0]
             raise UnsupportedModuleError(f, type(m).__name__, "neurons", "not a timm Mlp, GluMlp or SwiGLU")
         return found
-    return [
-        (f, m)
-        for f, m in named.items()
-        if type(m) in TWINS
-        and f
-        and (not inc or any(fnmatch.fnmatchcase(f, p) for p in inc))
-        and not any(fnmatch.fnmatchcase(f, p) for p in exc)
-    ]
+    return [(f, m) for f, m in named.items() if type(m) in TWINS and f and _selected(f, inc, exc)]
 
 
 def gate_neurons_(
