@@ -356,9 +356,7 @@ class ThresholdTokenGate(TokenGate):
     def forward(self, x: Tensor, h: Tensor | None = None, attn: nn.Module | None = None, num_prefix: int = 1) -> Tensor:
         """``(B, n)`` 0/1 multiplier: ``s > θ`` under the current budget, at least the best token per input."""
         s = self.scores(x, x if h is None else h, attn, num_prefix)
-        keep = s > self.theta()
-        keep.scatter_(1, s.argmax(1, keepdim=True), True)
-        return keep.to(s.dtype)
+        return threshold_keep(s, self.theta()).to(s.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -369,6 +367,15 @@ class ThresholdTokenGate(TokenGate):
 
 def _real(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def threshold_keep(s: Tensor, theta: Tensor) -> Tensor:
+    """``(B, n)`` bool: the tokens scoring above ``theta``, and always each input's best one.
+
+    The one decision rule of the ``threshold`` gate, shared by its gathered, packed and masked paths.
+    """
+    keep = s > theta
+    return keep.scatter_(1, s.argmax(1, keepdim=True), True)
 
 
 def received_attention(h: Tensor, attn: nn.Module, policy: Tensor | None = None) -> Tensor:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..gates.tokens import threshold_keep
+
 __all__ = ["Packing", "attention_mode", "packed_attention", "select_tokens", "unpack"]
 
 
@@ -173,9 +175,7 @@ def select_tokens(x: Tensor, s: Tensor, pk: Packing, theta: Tensor, num_prefix: 
         The kept tokens in the new layout, and their packing.
     """
     P = num_prefix
-    keep = s > theta
-    keep[:, :P] = True
-    keep.scatter_(1, s[:, P:].argmax(1, keepdim=True) + P, True)
+    keep = torch.cat([s.new_ones(s.shape[0], P, dtype=torch.bool), threshold_keep(s[:, P:], theta)], dim=1)
     keep &= pk.valid
     flat = keep.flatten() if pk.uniform else keep.flatten()[pk.index]
     new = Packing(keep.sum(1).tolist(), device=x.device)

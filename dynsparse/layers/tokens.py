@@ -29,7 +29,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..gates.tokens import TokenGate
+from ..gates.tokens import TokenGate, threshold_keep
 from ..modules import adopt, place_like
 from .token_pack import Packing, packed_attention, select_tokens, unpack
 
@@ -260,10 +260,7 @@ class TokenGatedBlock(_TokenAware):
             m = gate.soft_mask(s) * prev
             gate.record(m.sum() / prev.sum().clamp_min(1e-6))
         else:  # hard decisions on the masked path: the same as the packed path
-            s = s.masked_fill(prev == 0, float("-inf"))
-            keep = s > gate.theta()
-            keep.scatter_(1, s.argmax(1, keepdim=True), True)
-            m = keep.to(prev.dtype) * prev
+            m = threshold_keep(s.masked_fill(prev == 0, float("-inf")), gate.theta()).to(prev.dtype) * prev
         state.policy = torch.cat([state.policy[:, :P], m], dim=1)
         return self._mlp(x)
 
