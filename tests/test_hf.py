@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="the Hugging Face extra: pip install 'dynsparse[hf]'")
 
 import dynsparse as ds  # noqa: E402
 from dynsparse.errors import ConfigError, UnsupportedModuleError  # noqa: E402

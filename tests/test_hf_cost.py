@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="the Hugging Face extra: pip install 'dynsparse[hf]'")
 
 import dynsparse as ds  # noqa: E402
 from dynsparse.flops import CostModel, count_flops  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="the Hugging Face extra: pip install 'dynsparse[hf]'")
 
 from test_hf import DECODERS, FACTORIES, _build, _close, _foreign, _inputs, _out, _random_masks  # noqa: E402
 

@@ -12,9 +12,9 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="the Hugging Face extra: pip install 'dynsparse[hf]'")
 
 import dynsparse as ds  # noqa: E402
 from dynsparse.flops import CostModel  # noqa: E402
