@@ -164,27 +164,14 @@ def train_gates(
 
 @torch.no_grad()
 def enforce_target_(budget: TargetSparsity, refill: bool = False) -> float:
-    """``budget.enforce_()``, then reopen the units it closed, most likely first, while the target still holds.
+    """``budget.enforce_(reopen=True)``: close by probability, then reopen what fits, most likely first.
 
-    ``enforce_`` closes units by their probability of being kept, whatever they cost, so closing a whole branch
-    can overshoot the target by 10 % of the FLOPs; reopening what fits brings the kept fraction back to just
-    under the target. ``refill``: then also reopen, fully and most likely first, units closed during training
-    while the target holds (when the multipliers pushed the kept FLOPs below the target). Returns the kept fraction.
+    ``refill``: then also reopen, fully and most likely first, units closed during training while the target holds
+    (when the multipliers pushed the kept FLOPs below the target). Returns the kept fraction.
     """
-    gates = [slot.gate for _, slot in budget.cost.slots if hasattr(slot.gate, "log_alpha")]
-    before = [(g, g.log_alpha.detach().clone(), g.expected_keep().detach().clone()) for g in gates]
-    budget.enforce_()
-    closed = [
-        (float(p_keep[j]), g, j, float(old[j]))
-        for g, old, p_keep in before
-        for j in range(g.num_units)
-        if g.log_alpha[j] != old[j]
-    ]
-    for _, g, j, old in sorted(closed, key=lambda c: -c[0]):
-        g.log_alpha[j] = old
-        if budget.cost.fraction() > budget.target + 1e-9:
-            g.log_alpha[j] = -20.0
+    budget.enforce_(reopen=True)
     if refill:  # the controller overshot during training: reopen units it closed (fully) while the target holds
+        gates = [slot.gate for _, slot in budget.cost.slots if hasattr(slot.gate, "log_alpha")]
         shut = [(float(g.log_alpha[j]), g, j) for g in gates for j in range(g.num_units) if not g.keep_mask()[j]]
         for la, g, j in sorted(shut, key=lambda c: -c[0]):
             g.log_alpha[j] = g.log_alpha_range[1]
