@@ -161,10 +161,8 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _test_images(loader, n: int, example):
+def _test_images(loader, n: int, example: torch.Tensor) -> torch.Tensor:
     """The first ``n`` images of ``loader`` (cycled when it has fewer), on ``example``'s device and dtype."""
-    import torch
-
     chunks, have = [], 0
     for batch in loader:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
