@@ -56,6 +56,7 @@ def expand(hidden: Tensor, keep: Tensor | None, width: int) -> Tensor:
 
 def distill_loss(student: Tensor, teacher: Tensor, mask: Tensor, w_tok: float) -> Tensor:
     """``1 - cos`` of the mean-pooled sentence embeddings + ``w_tok * (1 - mean token cosine)``."""
+    mask = mask.to(student.device)
     s_emb, t_emb = mean_pool(student, mask), mean_pool(teacher, mask)
     loss = 1.0 - F.cosine_similarity(s_emb, t_emb, dim=-1).mean()
     if w_tok:
@@ -72,8 +73,33 @@ def no_dropout_(model: nn.Module) -> nn.Module:
     return model
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _hidden(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
-    return model(input_ids=ids, attention_mask=mask).last_hidden_state
+    dev = _device(model)
+    return model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+
+
+def layer_states(model: nn.Module, ids: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
+    """Every layer's output hidden states (embeddings excluded), on the model's device."""
+    dev = _device(model)
+    out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), output_hidden_states=True)
+    return tuple(out.hidden_states[1:])
+
+
+def layer_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], mask: Tensor) -> Tensor:
+    """Mean over layers of ``1 - token cosine`` between matching layers' hidden states (CoFi-style layer distill).
+
+    The last layer is left out (the final-state terms of `distill_loss` cover it).
+    """
+    m = mask.to(student[0].device, student[0].dtype)
+    terms = [
+        1.0 - (F.cosine_similarity(s, t, dim=-1, eps=1e-6) * m).sum() / m.sum()
+        for s, t in zip(student[:-1], teacher[:-1], strict=True)
+    ]
+    return torch.stack(terms).mean()
 
 
 def width_keep(model: nn.Module) -> Tensor | None:
@@ -106,7 +132,7 @@ def encode(model: nn.Module, seqs: Sequence[Sequence[int]], keep: Tensor | None,
         idx = order[b : b + bs]
         ids, mask = collate([seqs[i] for i in idx])
         h = expand(_hidden(model, ids, mask), keep, width)
-        out[idx] = F.normalize(mean_pool(h, mask), dim=-1)
+        out[idx] = F.normalize(mean_pool(h, mask.to(h.device)), dim=-1).float().cpu()
     return out
 
 

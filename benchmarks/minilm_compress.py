@@ -48,6 +48,8 @@ from _minilm import (
     distill_loss,
     encode,
     expand,
+    layer_loss,
+    layer_states,
     magnitude_sparsity,
     no_dropout_,
     probe,
@@ -111,6 +113,28 @@ def attribute_bert_flops_(cost: CostModel, model: nn.Module, example: tuple[Tens
 
 
 # ------------------------------------------------------------------------------------------------------ data
+def _loss(
+    teacher: nn.Module,
+    student: nn.Module,
+    ids: Tensor,
+    mask: Tensor,
+    *,
+    keep: Tensor | None,
+    w_tok: float,
+    w_layer: float,
+) -> Tensor:
+    """The distillation loss: final states (`distill_loss`) + ``w_layer`` x the layer-wise token cosine loss."""
+    width = teacher.config.hidden_size
+    if not w_layer:
+        with torch.no_grad():
+            t = _hidden(teacher, ids, mask)
+        return distill_loss(expand(_hidden(student, ids, mask), keep, width), t, mask, w_tok)
+    with torch.no_grad():
+        t = layer_states(teacher, ids, mask)
+    s = [expand(h, keep, width) for h in layer_states(student, ids, mask)]
+    return distill_loss(s[-1], t[-1], mask, w_tok) + w_layer * layer_loss(s, t, mask)
+
+
 def train_gates(
     teacher: nn.Module,
     student: nn.Module,
@@ -124,12 +148,19 @@ def train_gates(
     gate_lr: float,
     lambda_lr: float,
     w_tok: float,
+    w_layer: float = 0.0,
     refill: bool = False,
+    device: str = "cpu",
     log_every: int = 25,
 ) -> TargetSparsity:
-    """Distill into the gated ``student`` under the FLOPs Lagrangian, then ``enforce_`` the target (in place)."""
+    """Distill into the gated ``student`` under the FLOPs Lagrangian, then ``enforce_`` the target (in place).
+
+    The FLOPs are counted on the CPU; training runs on ``device``; the student and the budget end on the CPU.
+    """
     budget = TargetSparsity(student, target=target, kind="flops", warmup_steps=warmup, example_input=example)
     attribute_bert_flops_(budget.cost, student, example)
+    student.to(device)
+    budget.to(device)
     gates = [p for n, p in student.named_parameters() if n.endswith("log_alpha")]
     weights = [p for n, p in student.named_parameters() if not n.endswith("log_alpha")]
     opt = torch.optim.AdamW(
@@ -140,9 +171,7 @@ def train_gates(
     hc = [g for _, g in ds.named_gates(student) if hasattr(g, "constrain_")]
     for step in range(steps):
         ids, mask = next(data)
-        with torch.no_grad():
-            t = _hidden(teacher, ids, mask)
-        d = distill_loss(_hidden(student, ids, mask), t, mask, w_tok)
+        d = _loss(teacher, student, ids, mask, keep=None, w_tok=w_tok, w_layer=w_layer)
         reg = budget(step)
         (d + reg).backward()
         opt.step()
@@ -157,7 +186,8 @@ def train_gates(
                 f"(target now {budget.target_at(step):.3f}, deterministic {budget.cost.fraction():.3f})  "
                 f"lambda1 {budget.lambda1.item():+.3f} lambda2 {budget.lambda2.item():+.3f}"
             )
-    student.eval()
+    student.eval().cpu()
+    budget.cpu()
     enforce_target_(budget, refill=refill)
     return budget
 
@@ -190,23 +220,26 @@ def finetune(
     lr: float,
     w_tok: float,
     name: str,
+    w_layer: float = 0.0,
+    device: str = "cpu",
     log_every: int = 25,
 ) -> nn.Module:
-    """Distillation fine-tune of a converted (plain) model; ``keep``: its residual channels among the teacher's."""
-    width = teacher.config.hidden_size
+    """Distillation fine-tune of a converted (plain) model; ``keep``: its residual channels among the teacher's.
+
+    Trains on ``device``; the model ends on the CPU.
+    """
+    model.to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     no_dropout_(model.train())
     for step in range(steps):
         ids, mask = next(data)
-        with torch.no_grad():
-            t = _hidden(teacher, ids, mask)
-        loss = distill_loss(expand(_hidden(model, ids, mask), keep, width), t, mask, w_tok)
+        loss = _loss(teacher, model, ids, mask, keep=keep, w_tok=w_tok, w_layer=w_layer)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % log_every == 0 or step == steps - 1:
             say(f"{name} fine-tune step {step:4d}/{steps}: distill {loss.item():.4f}")
-    return model.eval()
+    return model.eval().cpu()
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -232,6 +265,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument(
         "--baseline-keep", type=float, default=0.5, help="kept FLOPs of the baselines when 'gates' is not run"
     )
+    ap.add_argument("--w-layer", type=float, default=0.0, help="weight of the layer-wise token cosine loss")
+    ap.add_argument(
+        "--distill-data",
+        default="english-sentences",
+        help="comma-separated text sets whose train split is distilled on (labels never used)",
+    )
+    ap.add_argument("--device", default="cpu", help="device for training and embeddings (latency is always CPU)")
+    ap.add_argument("--save-plan", default="", help="write the converted model's SlicePlan JSON here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="", help="write the results as JSON here")
     ap.add_argument("--save", default="", help="ds.save the converted gated model here")
@@ -242,13 +283,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
+    dev = args.device
     encoder = load_pretrained("all-minilm-l6-v2")
     tok, teacher = encoder.tokenizer, encoder.model.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     width = teacher.config.hidden_size
 
-    train = tokenize(tok, load_text("english-sentences", "train").texts, args.max_length)
+    texts = [t for name in args.distill_data.split(",") if name.strip() for t in load_text(name.strip(), "train").texts]
+    train = tokenize(tok, texts, args.max_length)
     held = list(load_text("english-sentences", "test").texts)
     random.Random(args.seed).shuffle(held)
     held_seqs = tokenize(tok, held[: args.eval_sentences], 128)
@@ -281,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             p.requires_grad_(True)
         ds.sparsify_(student, {d: {"gate": "hard_concrete", "init_drop_rate": args.init_drop} for d in dims})
         data = batches(train, args.batch, seed=args.seed)
+        teacher.to(dev)
         budget = train_gates(
             teacher,
             student,
@@ -293,11 +337,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
             gate_lr=args.gate_lr,
             lambda_lr=args.lambda_lr,
             w_tok=args.w_tok,
+            w_layer=args.w_layer,
             refill=args.refill,
+            device=dev,
         )
+        teacher.cpu()
         say(f"after enforce_: kept FLOPs by the gates {budget.cost.fraction():.4f}")
         ds.fix_gates_(student)
         keep = width_keep(student)
+        if args.save_plan:
+            Path(args.save_plan).write_text(ds.make_plan(student).to_json())
         small = ds.convert(student)  # verify_inputs cannot compare a narrower stream; checked here instead
         with torch.no_grad():
             out = expand(_hidden(small, vids, vmask), keep, width)
@@ -308,7 +357,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if not diff < 1e-3:
             raise RuntimeError(f"the converted model differs from the gated one by {diff:.2e}")
         if args.finetune_steps:
-            finetune(teacher, small, data, args.finetune_steps, keep=keep, lr=args.lr, w_tok=args.w_tok, name="ours")
+            teacher.to(dev)
+            finetune(
+                teacher,
+                small,
+                data,
+                args.finetune_steps,
+                keep=keep,
+                lr=args.lr,
+                w_tok=args.w_tok,
+                w_layer=args.w_layer,
+                device=dev,
+                name="ours",
+            )
+            teacher.cpu()
         if args.save:
             ds.save(small, args.save)
         models["ours (gates)"] = (small, keep)
@@ -329,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             base = ds.convert(base, verify_inputs=(vids, vmask))
         else:
             torch_pruning_(base, s, example)
+        teacher.to(dev)
         finetune(
             teacher,
             base,
@@ -337,18 +400,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
             keep=None,
             lr=args.lr,
             w_tok=args.w_tok,
+            w_layer=args.w_layer,
+            device=dev,
             name=method,
         )
+        teacher.cpu()
         models[method] = (base, None)
         flops[method] = count_flops(base, *example)
         say(f"{method}: {s:.3f} of heads and neurons removed, kept FLOPs {flops[method] / dense_flops:.4f}")
 
     # ---- evaluation
-    emb = {name: encode(m, held_seqs, k, width) for name, (m, k) in models.items()}
-    say("held-out embeddings done")
-    acc = {}
+    emb, acc = {}, {}
     for name, (m, k) in models.items():
+        m.to(dev)
+        emb[name] = encode(m, held_seqs, k, width)
         acc[name] = probe(encode(m, p_train, k, width), y_train, encode(m, p_test, k, width), y_test)
+        m.cpu()
         say(f"probe {name}: {acc[name]:.2f} %")
     cos = {name: (e * emb["dense"]).sum(-1) for name, e in emb.items()}
 
