@@ -17,11 +17,11 @@ ds.fix_gates_(model, masks)
 small = ds.convert(model)
 for i, block in enumerate(small.transformer.h):
     attn = block.attn
-    what = f"{attn.num_heads} heads, c_attn {tuple(attn.c_attn.weight.shape)}" if hasattr(attn, "c_attn") else "removed"
-    print(
-        f"h.{i}: attention {what} (KV-cache slot {getattr(attn, 'layer_idx', '-')}); "
-        f"mlp c_fc {tuple(block.mlp.c_fc.weight.shape)}"
-    )
+    if hasattr(attn, "c_attn"):
+        what = f"{attn.num_heads} heads, c_attn {tuple(attn.c_attn.weight.shape)}, KV-cache entry {attn.layer_idx}"
+    else:
+        what = "removed"
+    print(f"h.{i}: attention {what}; mlp c_fc {tuple(block.mlp.c_fc.weight.shape)}")
 
 ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
 kw = dict(attention_mask=(ids != 0).long(), max_new_tokens=5, do_sample=False, pad_token_id=0)

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.bert.modeling_bert import BertAttention, BertCrossAttention, BertLayer, BertSelfAttention
@@ -42,6 +42,7 @@ from ..layers.hf_base import OUT, carry_, in_features, scale_out_
 from ..layers.residual import Branch
 from ..layers.slot import GateSlot
 from ..modules import first_param
+from .hf_cache import SkipLayer, ZeroAttention, assign_cache_slots_
 
 __all__ = [
     "BRANCHES",
@@ -129,16 +130,14 @@ _PRE_NORM_PARTS = {
     Qwen2DecoderLayer: ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"),
     MistralDecoderLayer: ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"),
 }
-#: attention classes that read and write a KV cache by ``layer_idx``
+#: self-attention classes that read and write a KV cache by ``layer_idx``
 _CACHED_ATTENTION = (
     LlamaAttention,
     Qwen2Attention,
     MistralAttention,
     GPT2Attention,
     BertSelfAttention,
-    BertCrossAttention,
     RobertaSelfAttention,
-    RobertaCrossAttention,
 )
 
 
@@ -187,18 +186,10 @@ def fold_branch_scale_(block: nn.Module, slot: str, v: float) -> None:
     scale_out_(block.get_submodule(slot.rpartition(".")[0]), v)
 
 
-class ZeroAttention(nn.Module):
-    """A removed attention branch: returns ``(zeros like the input, None)`` like an HF attention module."""
-
-    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
-        return hidden_states.new_zeros(hidden_states.shape), None
-
-
-class SkipLayer(nn.Module):
-    """A removed transformer layer (both branches closed): returns its first input and ignores the rest."""
-
-    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return hidden_states
+def _cache_index(attention: nn.Module) -> int | None:
+    """The KV-cache index of a self-attention module that has one, else None."""
+    idx = getattr(attention, "layer_idx", None)
+    return idx if isinstance(attention, _CACHED_ATTENTION) and isinstance(idx, int) else None
 
 
 def close_branches(block: nn.Module, closed: set[str]) -> nn.Module | None:
@@ -208,17 +199,18 @@ def close_branches(block: nn.Module, closed: set[str]) -> nn.Module | None:
     attn_closed, ffn_closed = slots[0] in closed, slots[1] in closed
     if host in (BertLayer, RobertaLayer):  # post-norm: LayerNorm(0 + x) stays
         if attn_closed:
-            block.attention.self = ZeroAttention()
+            block.attention.self = ZeroAttention(_cache_index(block.attention.self))
             block.attention.output.dense = ZeroBranch()
         if ffn_closed:
             block.intermediate = ZeroBranch()
             block.output.dense = ZeroBranch()
         return None
     norm1, attn, norm2, ffn = _PRE_NORM_PARTS[host]
+    layer_idx = _cache_index(block.get_submodule(attn))
     if attn_closed and ffn_closed:
-        return SkipLayer()
+        return SkipLayer(layer_idx)
     if attn_closed:
-        setattr(block, attn, ZeroAttention())
+        setattr(block, attn, ZeroAttention(layer_idx))
         setattr(block, norm1, nn.Identity())
     if ffn_closed:
         setattr(block, ffn, ZeroBranch())
@@ -227,7 +219,7 @@ def close_branches(block: nn.Module, closed: set[str]) -> nn.Module | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# After conversion: KV-cache indices of the remaining attention layers, and the config where it can say it.
+# After conversion: KV-cache entries of the remaining attention layers, and the config where it can say it.
 
 _HOST_CONFIG = "_dynsparse_host_config"
 
@@ -239,28 +231,6 @@ def host_config(model: nn.Module) -> dict[str, Any] | None:
         return json.loads(cfg)
     config = getattr(model, "config", None)
     return config.to_dict() if isinstance(config, PretrainedConfig) else None
-
-
-def _renumber_cache_(model: nn.Module, config: PretrainedConfig | None) -> None:
-    mods = [m for m in model.modules() if isinstance(m, _CACHED_ATTENTION) and isinstance(m.layer_idx, int)]
-    old = sorted({m.layer_idx for m in mods})
-    if old == list(range(len(old))):
-        return
-    new_of = {o: i for i, o in enumerate(old)}
-    types = getattr(config, "layer_types", None)
-    for m in mods:
-        new = new_of[m.layer_idx]
-        if types is not None and types[m.layer_idx] != types[new]:
-            raise UnsupportedModuleError(
-                "",
-                type(model).__name__,
-                "layers",
-                f"removing attention branches moves layer {m.layer_idx} ({types[m.layer_idx]}) to KV-cache slot "
-                f"{new} ({types[new]}); models with mixed layer_types keep every attention branch",
-                action="convert",
-            )
-    for m in mods:
-        m.layer_idx = new_of[m.layer_idx]
 
 
 def _fields(m: nn.Module, dim: str, config: PretrainedConfig) -> dict[str, int] | str | None:
@@ -287,7 +257,8 @@ def _fields(m: nn.Module, dim: str, config: PretrainedConfig) -> dict[str, int] 
 def finalize_(model: nn.Module, uniform: bool = False) -> nn.Module:
     """Finish a converted (or plan-replayed) HF model in place and return it.
 
-    Renumbers the KV-cache index (``layer_idx``) of the attention layers left after removed branches, and writes
+    Gives the attention layers left after removed branches valid KV-cache entries
+    (`dynsparse.integrations.hf_cache.assign_cache_slots_`, which may edit ``config.layer_types``), and writes
     into ``model.config`` every count that is the same in all layers (heads, key/value heads, head size, MLP
     width), so that ``save_pretrained`` / ``from_pretrained`` rebuild it. The dense host's config is kept for
     `dynsparse.save`.
@@ -305,7 +276,7 @@ def finalize_(model: nn.Module, uniform: bool = False) -> nn.Module:
         return model
     if _HOST_CONFIG not in model.__dict__:
         model.__dict__[_HOST_CONFIG] = config.to_json_string(use_diff=False)
-    _renumber_cache_(model, config)
+    assign_cache_slots_(model, _CACHED_ATTENTION, config)
     problems: list[str] = []
     if any(isinstance(m, (ZeroAttention, ZeroBranch, SkipLayer)) for m in model.modules()):
         problems.append("some residual branches were removed (a stock config has no field for that)")
