@@ -155,7 +155,7 @@ def slot_producers(model: nn.Module, fqn: str, dimension: str) -> list[str] | No
         return None
     parent, child = table.slot_owner(model, fqn, dimension)
     gated_cls = table.gated_class(dimension, _get(model, parent))
-    if gated_cls is None or child not in gated_cls.input_slots:
+    if gated_cls is None or child not in getattr(gated_cls, "input_slots", ()):
         return None
     return input_producers(model, parent, dimension)
 
