@@ -112,6 +112,16 @@ def _covers(path: str, name: str) -> bool:
     return path == "" or name == path or name.startswith(path + ".")
 
 
+def _producers_or_none(model: nn.Module, fqn: str, dimension: str) -> list[str]:
+    from .convert.producer import slot_producers
+    from .errors import UnsupportedModuleError
+
+    try:
+        return slot_producers(model, fqn, dimension) or []
+    except UnsupportedModuleError:  # conversion refuses such a gate when it closes units; nothing to credit
+        return []
+
+
 class CostModel:
     """Kept cost of a gated model as a function of its gates.
 
@@ -141,6 +151,8 @@ class CostModel:
             parent = slot_owner(model, fqn, slot.dimension)[0]
             for s in slot.scope:
                 scopes.append((i, f"{parent}.{s}".strip(".") if s else parent))
+            # a gate on a layer's input channels also removes output channels of the modules producing them
+            scopes.extend((i, p) for p in _producers_or_none(model, fqn, slot.dimension))
         if kind == "flops":
             example = example_input if example_input is not None else default_input(model)
             if example is None:

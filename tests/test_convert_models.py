@@ -45,8 +45,6 @@ MODELS = [
     ),
 ]
 IDS = [m[0] for m in MODELS]
-# DepthwiseSeparableConv channels are the block's input width: the converter does not slice those yet.
-EXCLUDE_DS = ["blocks.0.0"]
 
 
 def _gated(name, kwargs, dims, seed=0, close_layers=0.3):
@@ -56,7 +54,7 @@ def _gated(name, kwargs, dims, seed=0, close_layers=0.3):
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 1.5)
-    ds.sparsify_(model, {d: {"gate": "fixed"} for d in dims}, exclude=EXCLUDE_DS)
+    ds.sparsify_(model, {d: {"gate": "fixed"} for d in dims})
     g = torch.Generator().manual_seed(seed + 1)
     masks = {}
     for fqn, gate in ds.named_gates(model):
@@ -281,11 +279,3 @@ def test_gated_checkpoint_round_trip_and_cli(tmp_path):
     c = ds.load(out / "model.safetensors")
     torch.testing.assert_close(c(x), model(x), rtol=1e-4, atol=1e-5)
     assert (out / "plan.json").exists()
-
-
-def test_depthwise_separable_channels_are_refused_with_fqn():
-    model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=3).eval()
-    ds.sparsify_(model, {"channels": "fixed"}, include="blocks.0.*")
-    ds.fix_gates_(model, {"blocks.0.0.aa.gate": torch.arange(32) < 16})
-    with pytest.raises(ds.UnsupportedModuleError, match=r"'blocks\.0\.0'.*input channels"):
-        ds.convert(model)

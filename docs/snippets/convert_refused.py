@@ -6,11 +6,6 @@ import dynsparse as ds
 
 torch.manual_seed(0)
 cases = [  # (model, sparsify spec, gates to fix: slot fqn -> keep mask)
-    (  # the depthwise channels of a DepthwiseSeparableConv are its input channels
-        timm.create_model("mobilenetv3_small_050", pretrained=False),
-        {"channels": "fixed"},
-        {"blocks.0.0.aa": torch.arange(16) < 8},
-    ),
     (  # anti-aliasing (BlurPool2d, a per-channel filter) sits between the gated channels and conv2
         timm.create_model("test_resnet", pretrained=False, aa_layer=BlurPool2d),
         {"channels": "fixed"},

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, DynsparseError, UnsupportedModuleError
 from ..gates import InputDependentGate
 from .plan import SlicePlan
+from .producer import check_producers, slice_producers_, slot_producers
 from .verify import verify
 
 __all__ = ["apply_plan", "convert", "make_plan"]
@@ -39,12 +40,24 @@ def _keep(slot) -> tuple[Tensor, Tensor]:
 
 
 def make_plan(model: nn.Module) -> SlicePlan:
-    """The `SlicePlan` of a gated model: for every gate slot, the sorted indices its gate keeps."""
+    """The `SlicePlan` of a gated model: for every gate slot, the sorted indices its gate keeps.
+
+    A gate on a layer's input channels that removes any (`GatedLayer.input_slots`) also records the modules
+    outside the layer that produce those channels (``plan.producers``).
+
+    Raises:
+        UnsupportedModuleError: such a gate removes channels whose producer cannot be sliced exactly (names the
+            layer and the module that stops the search).
+    """
     plan = SlicePlan()
     for fqn, slot in _slots(model):
         keep = slot.gate.keep_mask().nonzero().flatten().tolist()
         plan.entries[fqn] = {slot.dimension: keep}
         plan.units[fqn] = slot.gate.num_units
+        if len(keep) < slot.gate.num_units:
+            found = slot_producers(model, fqn, slot.dimension)
+            if found is not None:
+                plan.producers[fqn] = found
     return plan
 
 
@@ -154,6 +167,9 @@ def convert(
             full = idx.numel() == slot.gate.num_units and bool(torch.all(values == 1))
             if not full:
                 _slice_units(new, parent, child, slot.dimension, idx, None if bool(torch.all(values == 1)) else values)
+            fqn = f"{parent}.{child}".strip(".")
+            if fqn in plan.producers:  # a gate on the layer's input channels: slice what produces them
+                slice_producers_(new, plan.producers[fqn], idx)
         layer = new.get_submodule(parent) if parent else new
         if isinstance(layer, GatedLayer):
             new = _set(new, parent, layer.to_host())
@@ -254,7 +270,14 @@ def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
         if n is not None and len(keep) == n:
             continue
         idx = torch.tensor(keep if keep else [0], dtype=torch.long)
+        producers = plan.producers.get(fqn)
+        if producers is None:
+            producers = slot_producers(model, fqn, dim)  # a plan written without the record
+        if producers is not None:
+            check_producers(model, producers, n if n is not None else _units(block, dim, child), fqn)
         _slice_units(model, parent, child, dim, idx, None)
+        if producers is not None:
+            slice_producers_(model, producers, idx)
     model = _close(model, closed)
     if width is not None:
         table.slice_width_(model, torch.tensor(width, dtype=torch.long))
@@ -269,6 +292,14 @@ def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
                 except (ConfigError, TypeError) as e:
                     raise ConfigError(f"slice plan 'dynamic.{key}': {e}") from None
     return model
+
+
+def _units(block: nn.Module, dim: str, child: str) -> int | None:
+    from ..integrations import tables as table
+
+    gated_cls = table.gated_class(dim, block)
+    specs = {s.child: s.num_units for s in gated_cls._slot_specs(block)} if gated_cls is not None else {}
+    return specs.get(child)
 
 
 def _listed(block: nn.Module, dim: str, child: str) -> bool:

@@ -25,6 +25,10 @@ class SlicePlan:
     for a ViT block's attention branch). ``units`` records each gate's original unit count, so a plan can
     be checked against the model it is applied to. A ``layers`` entry is ``[0]`` (kept) or ``[]`` (removed).
 
+    A gate on a layer's *input* channels (the depthwise channels of a timm ``DepthwiseSeparableConv``) also
+    slices modules outside its layer: ``producers`` records them, ``fqn -> [module fqns]`` (``["conv_stem",
+    "bn1"]``), each sliced on its output channels with the entry's keep indices, so a replay needs no search.
+
     Examples:
         >>> plan = SlicePlan({"blocks.0.mlp.norm": {"neurons": [0, 2]}}, {"blocks.0.mlp.norm": 4})
         >>> SlicePlan.from_json(plan.to_json()) == plan
@@ -35,8 +39,15 @@ class SlicePlan:
     units: dict[str, int] = field(default_factory=dict)
     #: Input-dependent parts kept as run-time modules, as ``dynsparse.sparsify_`` specs (e.g. ``{"tokens": ...}``).
     dynamic: dict[str, Any] = field(default_factory=dict)
+    #: Modules outside a gate's layer that produce its units (``fqn -> [module fqns]``), sliced with the entry.
+    producers: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for fqn, mods in self.producers.items():
+            if fqn not in self.entries:
+                raise ConfigError(f"slice plan producers {fqn!r}: no entry of that name")
+            if not isinstance(mods, list) or not all(isinstance(m, str) for m in mods):
+                raise ConfigError(f"slice plan producers {fqn!r}: expected a list of module names")
         for fqn, dims in self.entries.items():
             if not isinstance(dims, Mapping) or len(dims) != 1:
                 raise ConfigError(f"slice plan entry {fqn!r} must map exactly one dimension to keep indices")
@@ -63,6 +74,8 @@ class SlicePlan:
         out = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "entries": self.entries, "units": self.units}
         if self.dynamic:
             out["dynamic"] = self.dynamic
+        if self.producers:
+            out["producers"] = self.producers
         return out
 
     def to_json(self) -> str:
@@ -80,15 +93,21 @@ class SlicePlan:
         if version != PLAN_VERSION:
             raise ConfigError(f"{source}: unsupported plan version {version!r} (this dynsparse reads {PLAN_VERSION})")
         entries, units, dynamic = data.get("entries"), data.get("units", {}), data.get("dynamic", {})
-        if not isinstance(entries, Mapping) or not isinstance(units, Mapping) or not isinstance(dynamic, Mapping):
-            raise ConfigError(f"{source}: fields 'entries', 'units' and 'dynamic' must be objects")
+        producers = data.get("producers", {})
+        if not all(isinstance(f, Mapping) for f in (entries, units, dynamic, producers)):
+            raise ConfigError(f"{source}: fields 'entries', 'units', 'dynamic' and 'producers' must be objects")
         from ..layers.dynamic import DYNAMIC_PARTS
 
         unknown = sorted(set(dynamic) - set(DYNAMIC_PARTS))
         if unknown:
             raise ConfigError(f"{source}: unknown dynamic part {unknown[0]!r} (known: {', '.join(DYNAMIC_PARTS)})")
         try:
-            return cls({k: {d: list(i) for d, i in v.items()} for k, v in entries.items()}, dict(units), dict(dynamic))
+            return cls(
+                {k: {d: list(i) for d, i in v.items()} for k, v in entries.items()},
+                dict(units),
+                dict(dynamic),
+                {k: list(v) if isinstance(v, list) else v for k, v in producers.items()},
+            )
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
         except (AttributeError, TypeError) as e:

@@ -29,6 +29,8 @@ __all__ = [
     "gate_width_",
     "gated_class",
     "host_type",
+    "input_producers",
+    "output_projection",
     "owns",
     "round_width_",
     "slice_width_",
@@ -97,6 +99,30 @@ def unknown_block_reason(module: nn.Module) -> str | None:
         reason = fn(module) if fn is not None else None
         if reason is not None:
             return reason
+    return None
+
+
+def output_projection(block: nn.Module) -> tuple[str, ...] | None:
+    """Children that alone produce ``block``'s output channels (conv first), if a table knows ``block``.
+
+    Raises:
+        UnsupportedModuleError: a table knows ``block`` but its output channels cannot be sliced (e.g. a skip).
+    """
+    for t in tables():
+        fn = getattr(t, "output_projection", None)
+        proj = fn(block) if fn is not None else None
+        if proj is not None:
+            return proj
+    return None
+
+
+def input_producers(parent: nn.Module, child: str) -> tuple[str, ...] | None:
+    """Children of ``parent`` that produce the input of its child ``child`` (conv first), if a table says so."""
+    for t in tables():
+        fn = getattr(t, "input_producers", None)
+        found = fn(parent, child) if fn is not None else None
+        if found is not None:
+            return found
     return None
 
 

@@ -9,8 +9,10 @@ from collections.abc import Callable
 
 import torch
 from timm.layers import Attention, GluMlp, Mlp, SwiGLU
-from timm.models._efficientnet_blocks import DepthwiseSeparableConv, EdgeResidual, InvertedResidual
+from timm.models._efficientnet_blocks import ConvBnAct, DepthwiseSeparableConv, EdgeResidual, InvertedResidual
 from timm.models.convnext import ConvNeXtBlock
+from timm.models.efficientnet import EfficientNet
+from timm.models.mobilenetv3 import MobileNetV3
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block
@@ -31,7 +33,18 @@ from ..layers.conv import (
 from ..layers.mlp import GatedGluMlp, GatedMlp, GatedSwiGLU
 from ..layers.residual import Branch
 
-__all__ = ["BRANCHES", "GATED_LAYERS", "UNSUPPORTED", "branches_of", "close_branches", "fold_branch_scale_"]
+__all__ = [
+    "BRANCHES",
+    "GATED_LAYERS",
+    "INPUT_PRODUCERS",
+    "OUTPUT_PROJECTIONS",
+    "UNSUPPORTED",
+    "branches_of",
+    "close_branches",
+    "fold_branch_scale_",
+    "input_producers",
+    "output_projection",
+]
 
 #: dimension -> host class -> gated class (exact host types only).
 GATED_LAYERS: dict[str, dict[type[nn.Module], type[GatedLayer]]] = {
@@ -56,6 +69,54 @@ UNSUPPORTED: dict[str, dict[type[nn.Module], str]] = {
         ConvNeXtBlock: "a ConvNeXt block's internal channels are its MLP's hidden units: use the 'neurons' dimension",
     },
 }
+
+
+#: host block class -> (conv, norm): without a skip connection, the block's output is ``norm(conv(...))`` (the norm
+#: may end in an activation), so its output channels are sliced there (for a gate on the next block's input).
+OUTPUT_PROJECTIONS: dict[type[nn.Module], tuple[str, str]] = {
+    InvertedResidual: ("conv_pwl", "bn3"),
+    EdgeResidual: ("conv_pwl", "bn2"),
+    DepthwiseSeparableConv: ("conv_pw", "bn2"),
+    ConvBnAct: ("conv", "bn1"),
+}
+
+#: host model class -> child -> the children that produce that child's input, conv first (``forward_features``).
+INPUT_PRODUCERS: dict[type[nn.Module], dict[str, tuple[str, ...]]] = {
+    EfficientNet: {"blocks": ("conv_stem", "bn1")},
+    MobileNetV3: {"blocks": ("conv_stem", "bn1")},
+}
+
+
+def output_projection(block: nn.Module) -> tuple[str, str] | None:
+    """``(conv, norm)`` children that alone produce ``block``'s output channels; None for a block not in the table.
+
+    Raises:
+        UnsupportedModuleError: a known block whose output is more than that (a skip connection adds its input;
+            anti-aliasing follows the norm).
+    """
+    host = host_type(block)
+    proj = OUTPUT_PROJECTIONS.get(host)
+    if proj is None:
+        return None
+    if getattr(block, "has_skip", False):
+        raise UnsupportedModuleError(
+            "",
+            type(block).__name__,
+            "channels",
+            "that block has a skip connection (its output is the sum with its own input), so its output channels "
+            "are a residual width that cannot be sliced",
+        )
+    aa = getattr(block, "aa", None)
+    if host is ConvBnAct and aa is not None and not isinstance(aa, nn.Identity):
+        raise UnsupportedModuleError(
+            "", type(block).__name__, "channels", f"that block ends in anti-aliasing ({type(aa).__name__})"
+        )
+    return proj
+
+
+def input_producers(parent: nn.Module, child: str) -> tuple[str, ...] | None:
+    """Children of ``parent`` that produce the input of its child ``child`` (conv first), or None when unknown."""
+    return INPUT_PRODUCERS.get(type(parent), {}).get(child)
 
 
 def _all_but(block: nn.Module, *excluded: str) -> tuple[str, ...]:

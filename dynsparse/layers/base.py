@@ -67,11 +67,14 @@ class GatedLayer:
     open and the output equals the host's.
 
     Subclasses set ``host_class`` and ``dimension`` and implement ``_slot_specs`` (where the gates go) and
-    optionally ``unsupported_reason`` (a host configuration the gate cannot be exact for).
+    optionally ``unsupported_reason`` (a host configuration the gate cannot be exact for) and ``input_slots``.
     """
 
     host_class: ClassVar[type[nn.Module]]
     dimension: ClassVar[str]
+    #: Slots whose units are the layer's *input* channels: converting them also slices the producer of the
+    #: layer's input, outside the layer (found by `dynsparse.convert.producer.input_producers`).
+    input_slots: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *args: Any, gate: GateSpec = "hard_concrete", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # the host's own constructor

@@ -212,13 +212,25 @@ class GatedEdgeResidual(GatedLayer, EdgeResidual):
 class GatedDepthwiseSeparableConv(GatedLayer, DepthwiseSeparableConv):
     """timm ``DepthwiseSeparableConv`` with a ``channels`` gate on the depthwise channels (``aa`` slot, before SE).
 
-    The depthwise channels are the block's input channels, so the block must have no residual. Training with
-    the gate works; the converter does not yet slice the producer of the block's input, so it refuses a gate
-    that closes or scales any channel (an all-open gate converts).
+    The gate multiplies ``bn1(conv_dw(x))`` (norm + activation included) before squeeze-excite and ``conv_pw``. The
+    depthwise channels are the block's input channels, so the block must have no residual, and converting a gate
+    that closes channels also slices the producer of the block's input, outside the block (``input_slots``): in a
+    timm EfficientNet / MobileNetV3 the stem (``conv_stem`` out + ``bn1``) for ``blocks.0.0``, or the output
+    projection of the block before (``conv_pw`` + ``bn2`` of a DS block, ``conv_pwl`` + ``bn3`` of an
+    ``InvertedResidual``) when that block has no skip (see `dynsparse.convert.producer`). A non-binary eval value
+    is folded where the block is linear in it: the SE's ``conv_reduce`` input and ``conv_pw``'s input columns.
+
+    Example:
+        >>> m = timm.create_model("tf_efficientnet_lite0", num_classes=10)  # doctest: +SKIP
+        >>> ds.sparsify_(m, {"channels": "fixed"}, include="blocks.0.*")  # doctest: +SKIP
+        >>> ds.fix_gates_(m, {"blocks.0.0.aa": torch.arange(32) < 8})  # doctest: +SKIP
+        >>> ds.convert(m).conv_stem.out_channels  # doctest: +SKIP
+        8
     """
 
     host_class = DepthwiseSeparableConv
     dimension = "channels"
+    input_slots = ("aa",)
 
     @classmethod
     def unsupported_reason(cls, host: nn.Module) -> str | None:
@@ -242,11 +254,8 @@ class GatedDepthwiseSeparableConv(GatedLayer, DepthwiseSeparableConv):
 
     @classmethod
     def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
-        raise UnsupportedModuleError(
-            "",
-            type(module).__name__,
-            "channels",
-            "its depthwise channels are the block's input channels; converting them "
-            "needs the producer of the block's input, which the converter does not "
-            "slice yet (keep every channel of this gate open with value 1, or exclude the block)",
-        )
+        """Slice the block's own part (``conv_dw``, ``bn1``, SE, ``conv_pw`` input); the caller slices the producer."""
+        slice_depthwise_(module.conv_dw, idx)
+        slice_bn_(module.bn1, idx)
+        _slice_se_(module.se, idx, scale, module)
+        slice_conv_in_(module.conv_pw, idx, scale)
