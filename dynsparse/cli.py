@@ -9,15 +9,22 @@ from collections.abc import Sequence
 
 __all__ = ["main"]
 
+DEVICE_HELP = "train on auto, cpu, cuda or cuda:N (overrides the recipe's device; the report's latency is CPU)"
+
 
 def _train(args: argparse.Namespace) -> int:
     from dynsparse.recipes import load_recipe
     from dynsparse.recipes.run import run_recipe
 
-    recipe = load_recipe(args.recipe, args.set or [])
+    recipe = load_recipe(args.recipe, _overrides(args))
     torch_threads(args.threads)
     run_recipe(recipe, args.out, resume=args.resume, progress=not args.no_progress)
     return 0
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides, then ``--device`` as the override of the recipe's ``device`` field."""
+    return [*(args.set or []), *([f"device={args.device}"] if args.device else [])]
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -27,7 +34,7 @@ def _demo(args: argparse.Namespace) -> int:
     from dynsparse.recipes.run import run_recipe
 
     path = files("dynsparse.recipes").joinpath("demo.yaml")
-    recipe = load_recipe(str(path), args.set or [])
+    recipe = load_recipe(str(path), _overrides(args))
     torch_threads(args.threads)
     print(f"dynsparse demo: recipe {path} (output in {args.out or recipe.output_dir})")
     run_recipe(recipe, args.out, resume=args.resume, progress=not args.no_progress)
@@ -94,7 +101,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
     from dynsparse.recipes import load_recipe
     from dynsparse.recipes.analyse import run_sensitivity
 
-    recipe = load_recipe(args.recipe, args.set or [])
+    recipe = load_recipe(args.recipe, _overrides(args))
     torch_threads(args.threads)
     out = Path(args.out or Path(recipe.output_dir) / "sensitivity")
     rep = run_sensitivity(
@@ -132,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--out", default=None, help="output directory (default: the recipe's output_dir)")
         p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--device", default=None, help=DEVICE_HELP)
     demo.set_defaults(func=_demo)
     train.set_defaults(func=_train)
     ev = sub.add_parser("eval", help="test accuracy of a converted model on a built-in data set")
@@ -158,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sens.add_argument("--max-drop", type=float, default=None, help="per-layer ratios losing <= this many points")
     sens.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field")
     sens.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    sens.add_argument("--device", default=None, help=DEVICE_HELP)
     sens.add_argument("--no-progress", action="store_true", help="no progress bars")
     sens.set_defaults(func=_sensitivity)
     args = parser.parse_args(argv)

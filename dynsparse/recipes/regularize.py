@@ -74,7 +74,8 @@ class _GatePenalty:
         self.gates, self.weight = gates, weight
 
     def __call__(self) -> Tensor:
-        return self.weight * sum((g.penalty() for g in self.gates), torch.zeros(()))
+        terms = [g.penalty() for g in self.gates]  # on the gates' device
+        return self.weight * (sum(terms[1:], terms[0]) if terms else torch.zeros(()))
 
 
 def _has_svd(model: nn.Module) -> bool:

@@ -40,6 +40,9 @@ def run_recipe(
 ) -> dict[str, Any] | None:
     """Train, convert, evaluate; writes ``report.json``, ``report.png``, ``model.safetensors`` to the output dir.
 
+    Training and the accuracy evaluations run on ``recipe.device``; conversion, its output check, the saved
+    model, FLOPs and latency run on the CPU (the latency claims are CPU claims), after the model moved there.
+
     Returns the report (on rank 0; ``None`` on other ranks of a distributed run).
     """
     out = Path(out_dir or recipe.output_dir)
@@ -55,7 +58,8 @@ def run_recipe(
     test_loader = trainer._loader(0, train=False)
     x_verify = torch.stack([trainer.test_set[i][0] for i in range(min(8, len(trainer.test_set)))])
     model.eval()
-    gated_acc = trainer._evaluate(model, test_loader)
+    gated_acc = trainer._evaluate(model, test_loader)  # on the training device
+    model = model.cpu()  # convert, verify, save, FLOPs and latency: on the CPU
     from ..prune import remove_
 
     if any(hasattr(m, "weight_mask") and not callable(m.weight_mask) for m in model.modules()):
@@ -72,7 +76,9 @@ def run_recipe(
         save(converted, out / "model.safetensors", arch=arch)
     else:
         converted = model
-    conv_acc = trainer._evaluate(converted, test_loader)
+    on_device = copy.deepcopy(converted).to(trainer.device) if trainer.device.type != "cpu" else converted
+    conv_acc = trainer._evaluate(on_device, test_loader)
+    del on_device
     dense = build_model(recipe).eval()
     ex = trainer.example
     from .train import state_digest

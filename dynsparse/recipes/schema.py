@@ -195,7 +195,11 @@ class EvaluateSpec:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A whole recipe."""
+    """A whole recipe.
+
+    ``device`` is where the trainer runs (``auto``, ``cpu``, ``cuda``, ``cuda:N``; see `dynsparse.recipes.device`);
+    conversion, the saved model and latency are always on the CPU.
+    """
 
     name: str
     model: ModelSpec
@@ -204,6 +208,7 @@ class Recipe:
     seed: int = 0
     output_dir: str = "runs/recipe"
     baseline: bool = False
+    device: str = "cpu"
     convert: ConvertSpec = field(default_factory=ConvertSpec)
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
 
@@ -305,6 +310,9 @@ def parse_recipe(data: dict[str, Any], lines: dict[str, int] | None = None) -> R
     recipe = _build(Recipe, data, "", lines or {})
     if not recipe.stages:
         raise RecipeError("stages: a recipe needs at least one stage")
+    from .device import check_device
+
+    check_device(recipe.device, "device" + (f" (line {lines['device']})" if lines and "device" in lines else ""))
     if recipe.data.root is not None:
         import os
 

@@ -1,9 +1,13 @@
-"""The recipe trainer: plain PyTorch, runs unchanged under ``torchrun`` (DistributedDataParallel, gloo on CPU).
+"""The recipe trainer: plain PyTorch, runs unchanged under ``torchrun`` (DistributedDataParallel: gloo on CPU,
+nccl with one GPU per rank on CUDA).
 
 Per stage: structural changes at the start (gates, sparse-VD layers, frozen gates), epochs of training with
 the stage's regularizers, a JSON-lines log record and an atomic checkpoint after every epoch, then the
 stage's end actions (enforce a budget, prune VD weights). ``resume=True`` rebuilds the structure from the
 recipe, loads the last checkpoint (weights, optimizer states, RNG state) and continues to the same result.
+
+The recipe's ``device`` holds the model, teacher, gates, regularizer states and batches; checkpoints hold CPU
+tensors only, so a run trained on a GPU resumes on a CPU and the other way round.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..gates import FixedGate, Gate, HardConcreteGate
+from ..modules import first_param
 from ..sparsify import fix_gates_, named_gates, sparsify_
 from .checkpoint import load_checkpoint, save_checkpoint
+from .device import resolve_device
 from .loader import recipe_to_dict
 from .pruning import StagePruning
 from .regularize import _has_svd, build_regularizers, weight_sparsity
@@ -85,6 +91,25 @@ def state_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _cpu(obj: Any) -> Any:
+    """``obj`` (a state dict, or nested dicts and lists of tensors) with every tensor detached on the CPU."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = type(obj)((k, _cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a module state dict's versions (load_state_dict reads them)
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def _module_device(model: nn.Module) -> torch.device:
+    p = first_param(model)
+    return p.device if p is not None else torch.device("cpu")
+
+
 @dataclass
 class _Dist:
     rank: int = 0
@@ -126,6 +151,7 @@ class Trainer:
         self.resume = resume
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.dist = _Dist()
+        self.device = torch.device("cpu")  # resolved from recipe.device by run()
         self.model: nn.Module | None = None
         self.teacher: nn.Module | None = None
         self.state = RunState()
@@ -133,9 +159,14 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- set-up
     def _init_dist(self) -> None:
+        """The device (``cuda:LOCAL_RANK`` per rank under torchrun) and the process group (nccl on CUDA)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else None
+        self.device = resolve_device(self.recipe.device, local_rank=local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         if world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo")
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         if torch.distributed.is_initialized():
             self.dist = _Dist(torch.distributed.get_rank(), torch.distributed.get_world_size())
 
@@ -156,6 +187,7 @@ class Trainer:
         from ..data import make_loader
 
         d = self.recipe.data
+        pin = self.device.type == "cuda"
         if train:
             return make_loader(
                 self.train_set,
@@ -164,8 +196,14 @@ class Trainer:
                 seed=self.recipe.seed + 1009 * stage_idx,
                 distributed=self.dist.world > 1,
                 drop_last=True,
+                pin_memory=pin,
             )
-        return make_loader(self.test_set, d.eval_batch_size, shuffle=False, seed=0)
+        return make_loader(self.test_set, d.eval_batch_size, shuffle=False, seed=0, pin_memory=pin)
+
+    def _batches(self, loader):
+        """``(x, y)`` batches of ``loader`` on the run's device."""
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     # ---------------------------------------------------------------------------------- structure
     def _start_stage_(self, st: StageSpec) -> None:
@@ -193,8 +231,8 @@ class Trainer:
             st.prune,
             epochs=st.epochs,
             steps_per_epoch=len(self._loader(si, train=True)),
-            data=lambda: self._loader(si, train=True),
-            example=self.example,
+            data=lambda: self._batches(self._loader(si, train=True)),
+            example=self.example.to(self.device),
             where=f"stages[{si}].prune",
         )
 
@@ -227,13 +265,15 @@ class Trainer:
         if self.teacher is not None and ckpt.get("teacher") is not None:
             self.teacher.load_state_dict(ckpt["teacher"])
         torch.set_rng_state(ckpt["rng"])
+        if self.device.type == "cuda" and ckpt.get("cuda_rng") is not None:  # absent in a CPU run's checkpoint
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
 
     # ----------------------------------------------------------------------------------- training
     def _regularizers(self, st: StageSpec, steps_per_epoch: int) -> list[tuple[RegularizerSpec, Any]]:
-        return build_regularizers(self.model, st, steps_per_epoch, self.example)
+        return build_regularizers(self.model, st, steps_per_epoch, self.example.to(self.device))
 
     def _reg_loss(self, regs, epoch: float, step_in_stage: int, n_train: int) -> tuple[Tensor, dict[str, float]]:
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.device)
         info: dict[str, float] = {}
         for r, obj in regs:
             if r.name == "budget":
@@ -254,15 +294,17 @@ class Trainer:
         return total, info
 
     def _evaluate(self, model: nn.Module, loader) -> float:
+        """Test accuracy of ``model`` over ``loader``, on the model's device."""
         from torchmetrics.classification import MulticlassAccuracy
 
         n_cls = len(self.test_set.classes)
         metric = MulticlassAccuracy(num_classes=n_cls, average="micro", sync_on_compute=False)  # every rank sees all
         was = model.training
         model.eval()
+        device = _module_device(model)
         with torch.no_grad():
             for x, y in loader:
-                metric.update(model(x).argmax(-1), y)
+                metric.update(model(x.to(device, non_blocking=True)).argmax(-1).cpu(), y)
         model.train(was)
         return float(metric.compute())
 
@@ -271,7 +313,7 @@ class Trainer:
         torch.manual_seed(self.recipe.seed)
         self._init_dist()
         self._data()
-        self.model = build_model(self.recipe)
+        self.model = build_model(self.recipe).to(self.device)  # initialised on the CPU: the same weights anywhere
         ck_path = self.out / "checkpoint.pt"
         resumed_stage = None
         if self.resume and ck_path.exists():
@@ -323,7 +365,8 @@ class Trainer:
                 budget.load_state_dict(ckpt["budget"])
         net = model
         if self.dist.world > 1:
-            net = nn.parallel.DistributedDataParallel(model)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         total_steps = st.epochs * steps_per_epoch
         bn_l1 = next((o for r, o in regs if r.name == "bn_l1"), None)
         # the gates are fixed within a stage (structure changes only at its start and end): find them once
@@ -341,6 +384,7 @@ class Trainer:
                 it = tqdm(loader, desc=f"{st.name} {epoch + 1}/{st.epochs}", leave=False)
             info: dict[str, float] = {}
             for bi, (x, y) in enumerate(it):
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 step_in_stage = epoch * steps_per_epoch + bi
                 f = lr_factor(st.schedule, step_in_stage, total_steps, steps_per_epoch)
                 for k, lrs in base_lrs.items():
@@ -416,7 +460,7 @@ class Trainer:
         if gates:
             from ..flops import CostModel
 
-            cost = budget.cost if budget is not None else CostModel(model, self.example)
+            cost = budget.cost if budget is not None else CostModel(model, self.example.to(self.device))
             out["kept_flops"] = cost.fraction()
             with torch.no_grad():
                 out["expected_kept_flops"] = float(cost.expected_fraction())
@@ -428,13 +472,16 @@ class Trainer:
         return out
 
     def _save(self, path: Path, opts: dict[str, torch.optim.Optimizer], budget) -> None:
+        """Write the checkpoint: CPU tensors only, whatever the run's device (it resumes on any device)."""
         gates = {f: type(g).__name__ for f, g in named_gates(self.model) if isinstance(g, Gate)}
+        cuda = self.device.type == "cuda"
         state = {
             "model": self.model.state_dict(),
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
             "optim": {k: o.state_dict() for k, o in opts.items()},
             "budget": budget.state_dict() if budget is not None else None,
             "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
             "meta": {
                 "stage": self.state.stage,
                 "epoch": self.state.epoch,
@@ -444,4 +491,4 @@ class Trainer:
                 "recipe": json.dumps(recipe_to_dict(self.recipe)),
             },
         }
-        save_checkpoint(state, path)
+        save_checkpoint(_cpu(state), path)
