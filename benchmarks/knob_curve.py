@@ -8,7 +8,7 @@ Run after ``dynsparse train RECIPE --out RUN`` of a recipe with token gates and 
 It loads the converted model (``RUN/model.safetensors``, token gates kept as run-time modules) and the dense
 baseline the recipe trained (``RUN/baseline``), sets every token gate's ``keep`` to each value in turn with
 ``dynsparse.budget`` (no retraining), and measures the test accuracy on the whole test set, the FLOPs of one
-image relative to dense (``torch.utils.flop_counter``), and the latency against the dense model side by side
+image relative to dense (``torch.utils.flop_counter``, each of 64 test images counted alone, averaged), and the latency against the dense model side by side
 (interleaved rounds, median of paired ratios, one thread) at batch 1 and 64 on real test images (each image
 keeps its own tokens).
 """
@@ -38,6 +38,11 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--dense-run",
+        default=None,
+        help="take the dense baseline from this run dir instead (a recipe whose dense baseline is the same)",
+    )
     p.add_argument("--png", default=None, help="where to write the plot (default RUN/knob.png)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -45,9 +50,10 @@ def main() -> None:
     recipe = load_recipe(args.recipe)
     run = Path(args.run)
     model = ds.load(run / "model.safetensors").eval()
-    if not (run / "baseline" / "checkpoint.pt").exists():
-        raise SystemExit(f"{run / 'baseline'}: no dense baseline (the recipe needs baseline: true)")
-    dense = Trainer(dense_baseline(recipe), run / "baseline", resume=True, progress=False).run().eval()
+    base = Path(args.dense_run or run) / "baseline"
+    if not (base / "checkpoint.pt").exists():
+        raise SystemExit(f"{base}: no dense baseline (the recipe needs baseline: true, or give --dense-run)")
+    dense = Trainer(dense_baseline(recipe), base, resume=True, progress=False).run().eval()
     d = recipe.data
     test = load_dataset(d.dataset, "test", root=d.root, image_size=d.image_size, channels=d.channels)
     loader = make_loader(test, d.eval_batch_size, shuffle=False, seed=0)
@@ -63,7 +69,7 @@ def main() -> None:
     curve = knob_curve(
         model, dense, accuracy, x, keeps=args.keeps, batch_sizes=args.batches, rounds=args.rounds, threads=args.threads
     )
-    print(f"{recipe.name}: token budget sweep, {args.threads} thread, {args.rounds} interleaved rounds per point")
+    print(f"{recipe.name}: budget sweep, {args.threads} thread, {args.rounds} interleaved rounds per point")
     print(curve.table())
     png = curve.plot(args.png or run / "knob.png", title=f"{recipe.name}: run-time knob")
     (run / "knob.json").write_text(

@@ -84,6 +84,7 @@ def knob_curve(
     batch_sizes: Sequence[int] = (1, 32),
     rounds: int = 15,
     threads: int = 1,
+    flops_images: int = 64,
 ) -> KnobCurve:
     """Sweep `dynsparse.set_budget_` over ``keeps``: metric, FLOPs and latency against ``dense`` at each budget.
 
@@ -95,11 +96,13 @@ def knob_curve(
         dense: The dense reference.
         eval_fn: ``eval_fn(model) -> float`` (e.g. test accuracy).
         x: Real inputs, at least ``max(batch_sizes)`` of them (the first ``b`` are timed at batch ``b``, so the
-            inputs of a batch make their own decisions); FLOPs are counted on the first one.
+            inputs of a batch make their own decisions).
         keeps: Budgets to try.
         batch_sizes: Batch sizes timed.
         rounds: Interleaved timing rounds.
         threads: ``torch.set_num_threads`` while timing.
+        flops_images: FLOPs per image are counted on each of the first ``flops_images`` inputs alone (batch 1)
+            and averaged: an input-dependent model (routers, thresholds) spends different FLOPs on each.
     """
     from ..flops import count_flops
     from ..knob import budget
@@ -111,14 +114,20 @@ def knob_curve(
         raise ConfigError(f"knob_curve: x has {len(x)} inputs, fewer than the largest batch size {max(batch_sizes)}")
     model.eval()
     dense.eval()
-    dense_flops = count_flops(dense, x[:1])
+    n_flops = max(1, min(flops_images, len(x)))
+
+    def mean_flops(m: nn.Module) -> float:
+        return sum(count_flops(m, x[i : i + 1]) for i in range(n_flops)) / n_flops
+
+    with torch.no_grad():
+        dense_flops = mean_flops(dense)
     dense_ms: dict[int, list[float]] = {b: [] for b in batch_sizes}
     points = []
     for keep in keeps:
         with budget(model, keep):
             with torch.no_grad():
                 metric = float(eval_fn(model))
-                flops = count_flops(model, x[:1]) / dense_flops
+                flops = mean_flops(model) / dense_flops
             lat, spd = {}, {}
             for b in batch_sizes:
                 xb = x[:b].contiguous()

@@ -1,0 +1,38 @@
+"""`knob_curve` counts the FLOPs of an input-dependent model per image and averages them."""
+
+from __future__ import annotations
+
+import timm
+import torch
+
+import dynsparse as ds
+from dynsparse.bench import knob_curve
+from dynsparse.flops import count_flops
+from dynsparse.layers.routing import RoutedBlock
+
+KW = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=4, num_classes=7)
+
+
+def _vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_small_patch16_224", pretrained=False, **KW).eval()
+
+
+def test_flops_are_the_mean_over_images_of_a_routed_model():
+    m = ds.sparsify_(_vit(), {"depth": {"gate": "router", "blocks": "all", "keep": 0.5}})
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # routers that disagree across inputs
+        for b in m.blocks:
+            if isinstance(b, RoutedBlock):
+                b.router.proj.weight.copy_(torch.randn(b.router.proj.weight.shape, generator=g) * 2)
+                b.router.proj.bias.zero_()
+    dense = _vit()
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        per_image = [count_flops(m, x[i : i + 1]) for i in range(6)]
+    assert len(set(per_image)) > 1, "the routers should run different blocks for different images"
+    curve = knob_curve(m, dense, lambda mod: 0.0, x, keeps=[0.5], batch_sizes=[1], rounds=1, flops_images=6)
+    expected = sum(per_image) / 6 / count_flops(dense, x[:1])
+    assert abs(curve.points[0].flops_ratio - expected) < 1e-12
+    only_first = knob_curve(m, dense, lambda mod: 0.0, x, keeps=[0.5], batch_sizes=[1], rounds=1, flops_images=1)
+    assert only_first.points[0].flops_ratio == per_image[0] / count_flops(dense, x[:1])
