@@ -1,6 +1,6 @@
 """Per-input dynamic inference in a timm ViT on CPU: measured speed-up over dense against the FLOPs-ideal one.
 
-Run from the repository root (about 5 minutes with the defaults, on one thread)::
+Run from the repository root (about 10 minutes with the defaults, on one thread)::
 
     python benchmarks/dynamic.py
     python benchmarks/dynamic.py --cases b3 --batches 1 --rounds 20
