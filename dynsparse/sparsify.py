@@ -129,8 +129,10 @@ def plan_sparsify(
     from .layers.slot import GateSlot
 
     dims = _parse_spec(spec)
-    if "tokens" in dims and "depth" in dims:  # refused before any module changes
-        raise ConfigError("sparsify spec: 'depth' routers do not combine with token gates ('tokens') yet")
+    if "tokens" in dims and "depth" in dims:  # checked before any module changes
+        from .layers.routing import check_with_tokens
+
+        check_with_tokens(dims["tokens"], dims["depth"])
     g_inc, g_exc = _patterns(include, "include"), _patterns(exclude, "exclude")
     plan = SparsifyPlan()
     for dim, opts in dims.items():

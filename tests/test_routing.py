@@ -96,8 +96,10 @@ def test_errors_name_the_problem():
         ds.sparsify_(_vit(), {"depth": {"gate": "ruter"}})
     with pytest.raises(ds.ConfigError, match=r"depth.blocks: 'all' or block indices in \[0, 4\)"):
         ds.sparsify_(_vit(), {"depth": {"blocks": [4]}})
-    with pytest.raises(ds.ConfigError, match="do not combine with token gates"):
-        ds.sparsify_(_vit(), {"tokens": {"blocks": [1]}, "depth": {"blocks": [2]}})
+    m = _vit()
+    with pytest.raises(ds.ConfigError, match=r"blocks.1 selects tokens \('tokens' gate at block 1\); a 'depth' router"):
+        ds.sparsify_(m, {"tokens": {"blocks": [1]}, "depth": {"blocks": [1, 2]}})
+    assert type(m.blocks[1]) is type(_vit().blocks[1])  # refused before any module changed
     with pytest.raises(ds.ConfigError, match="token gates need plain timm Blocks"):
         ds.sparsify_(ds.sparsify_(_vit(), {"depth": {"blocks": [2]}}), {"tokens": {"blocks": [1]}})
     with pytest.raises(ds.ConfigError, match="target must be a fraction"):

@@ -60,14 +60,33 @@ class BlockRouter(InputDependentGate):
         nn.init.constant_(self.proj.bias, 3.0)
         self._p: Tensor | None = None
 
-    def logits(self, x: Tensor) -> Tensor:
-        """(B,) router logits of tokens ``x`` (B, N, C)."""
-        z = x[:, 0] if self.pool == "token" else x.mean(1)
+    def pooled(self, x: Tensor, policy: Tensor | None = None) -> Tensor:
+        """(B, C) summary of tokens ``x`` (B, N, C): the first token, or the mean of the tokens.
+
+        ``policy`` (B, N): keep weights of the tokens (a token gate's masked path); the mean is then over the kept
+        tokens only, as it is when the kept tokens are gathered.
+        """
+        if self.pool == "token":
+            return x[:, 0]
+        if policy is None:
+            return x.mean(1)
+        w = policy.to(x.dtype).unsqueeze(-1)
+        return (x * w).sum(1) / w.sum(1).clamp_min(1e-6)
+
+    def logits(self, x: Tensor, policy: Tensor | None = None) -> Tensor:
+        """(B,) router logits of tokens ``x`` (B, N, C) (``policy``: see `pooled`)."""
+        return self.logits_pooled(self.pooled(x, policy))
+
+    def logits_pooled(self, z: Tensor) -> Tensor:
+        """(B,) router logits of pooled tokens ``z`` (B, C) (see `pooled`)."""
         return self.proj(self.norm(z)).squeeze(-1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, 1) multiplier: hard 0/1 decisions (straight-through samples in training)."""
-        logit = self.logits(x)
+    def forward(self, x: Tensor, policy: Tensor | None = None) -> Tensor:
+        """(B, 1) multiplier: hard 0/1 decisions (straight-through samples in training); ``policy``: see `pooled`."""
+        return self.decide(self.logits(x, policy))
+
+    def decide(self, logit: Tensor) -> Tensor:
+        """(B, 1) decisions from (B,) logits: ``p ≥ 1 − keep`` at inference, straight-through samples in training."""
         p = logit.sigmoid()
         if self.training:
             self._p = p
@@ -75,7 +94,7 @@ class BlockRouter(InputDependentGate):
             soft = torch.sigmoid((logit + torch.log(u) - torch.log1p(-u)) / self.tau)
             hard = (soft > 0.5).to(soft.dtype)
             return (hard - soft.detach() + soft).unsqueeze(-1)
-        return (p >= 1.0 - self.keep).to(x.dtype).unsqueeze(-1)
+        return (p >= 1.0 - self.keep).to(logit.dtype).unsqueeze(-1)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

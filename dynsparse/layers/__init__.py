@@ -25,6 +25,7 @@ _LAZY = {
     "Branch": ".residual",
     "PolicyBlock": ".tokens",
     "RoutedBlock": ".routing",
+    "RoutedPolicyBlock": ".routing",
     "TokenGatedBlock": ".tokens",
     "TokenSelect": ".tokens",
     "gate_branches_": ".residual",

@@ -65,7 +65,8 @@ class DynamicPart:
             )
 
 
-#: key -> part, in the order parts are installed (inner modules first, then whole blocks).
+#: key -> part, in the order parts are installed (inner modules first, then whole blocks; token gates before
+#: routers, which route the blocks after a token gate in the token gates' layout).
 DYNAMIC_PARTS: dict[str, DynamicPart] = {
     "neurons": DynamicPart(
         "neurons",
@@ -87,11 +88,11 @@ DYNAMIC_PARTS: dict[str, DynamicPart] = {
         "per-input channel gate",
         always=False,
     ),
-    "depth": DynamicPart(
-        "depth", ".routing", "route_blocks_", "depth_spec", "..gates.routers:ROUTERS", "router", "block router"
-    ),
     "tokens": DynamicPart(
         "tokens", ".tokens", "gate_tokens_", "token_spec", "..gates.tokens:TOKEN_GATES", "cls_attention", "token gate"
+    ),
+    "depth": DynamicPart(
+        "depth", ".routing", "route_blocks_", "depth_spec", "..gates.routers:ROUTERS", "router", "block router"
     ),
 }
 

@@ -6,20 +6,38 @@ the router; in a batch the inputs that run it are gathered along the batch dimen
 weight copies), run as one smaller batch, and written back, so every input gets exactly what it would get
 alone. In training every input runs the block and its update is multiplied by the router's straight-through
 hard decision, so the router learns from the task loss and its `penalty`.
+
+**With token gates** (`dynsparse.layers.tokens`): a block after the first token gate is a `PolicyBlock`; routed, it
+becomes a `RoutedPolicyBlock`, which routes the inputs in whatever layout the token gates left them:
+
+* gathered tokens (``cls_attention`` / ``predictor`` at inference, ``cls_attention`` in training): ``(B, n, C)``,
+  every input the same count, so the inputs are grouped exactly as above;
+* packed tokens (``threshold`` at inference, `dynsparse.layers.token_pack`): ``(1, T, C)``, input ``b`` owns one
+  segment of rows; the router reads each segment (its mean, or its first row), the segments of the inputs
+  that run the block are gathered into a smaller packed batch with its own `Packing`, run, and written back;
+* masked tokens (trained gates in training, ``mask_inference``): every input runs the block on all its tokens
+  under the shared keep policy; the router pools over the kept tokens only (the same summary as on the gathered
+  or packed path) and its decision multiplies the block's update (training) or selects it (inference).
+
+A block that selects tokens (`TokenGatedBlock`) is never routed: ``blocks="all"`` leaves it out, naming it
+is an error.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
+import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..gates.routers import ROUTERS, BlockRouter
 from ..modules import adopt, place_like
+from .tokens import PolicyBlock, TokenGatedBlock
 
-__all__ = ["RoutedBlock", "depth_spec", "route_blocks_"]
+__all__ = ["RoutedBlock", "RoutedPolicyBlock", "check_with_tokens", "depth_spec", "route_blocks_"]
 
 
 class RoutedBlock(Block):
@@ -51,38 +69,113 @@ class RoutedBlock(Block):
         return x.index_copy(0, idx, y)
 
 
+class RoutedPolicyBlock(RoutedBlock, PolicyBlock):
+    """A block after a token gate (`PolicyBlock`) that runs only for the inputs its router sends through.
+
+    Routes gathered, packed and masked tokens (see the module doc); on gathered tokens it is `RoutedBlock`.
+    """
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        state = self._token_state
+        if state.packing is not None:
+            return self._finish(self._route_packed(x))
+        if state.policy is None:  # gathered tokens: every input has the same count
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        g = self.router(x, state.policy).unsqueeze(-1)  # (B, 1, 1), pooled over the kept tokens
+        y = PolicyBlock.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+        return x + g * (y - x) if self.training else torch.where(g > 0, y, x)
+
+    def _route_packed(self, x: Tensor) -> Tensor:
+        """Packed tokens (1, T, C): run the block on the segments of the inputs the router sends through."""
+        state = self._token_state
+        pk = state.packing
+        rows = x.reshape(pk.total, -1)
+        if self.router.pool == "token":
+            z = rows.index_select(0, torch.tensor(pk.offsets, device=rows.device))
+        else:
+            z = pk.mean(rows)
+        run = self.router.decide(self.router.logits_pooled(z))[:, 0] > 0
+        n = int(run.sum())
+        if n == 0:
+            return x
+        if n == pk.batch:
+            return self._mlp(self._attend(x, None, False)[0])
+        sub, idx = pk.subset(run.nonzero().squeeze(1))
+        state.packing = sub
+        try:
+            y = self._mlp(self._attend(sub.shape(rows.index_select(0, idx)), None, False)[0])
+        finally:
+            state.packing = pk
+        return pk.shape(rows.index_copy(0, idx, y.reshape(sub.total, -1)))
+
+
 def route_blocks_(
     model: nn.Module, gate: str = "router", blocks: list[int] | str = "all", keep: float = 0.5, **router_kwargs: Any
 ) -> nn.Module:
     """Give blocks of a timm ViT a per-input router (in place); returns ``model``.
 
+    Token gates go in first (`dynsparse.layers.gate_tokens_`; ``sparsify_`` with both ``tokens`` and ``depth``
+    does it in that order): blocks after a token gate become `RoutedPolicyBlock`, the others `RoutedBlock`.
+
     Args:
-        model: A timm ``VisionTransformer``.
+        model: A timm ``VisionTransformer``, possibly with token gates.
         gate: A name of `dynsparse.gates.ROUTERS` (``router``).
-        blocks: Block indices, or ``"all"``.
+        blocks: Block indices, or ``"all"`` (every block that does not select tokens).
         keep: Run-time knob of every router (inputs with ``p ≥ 1 − keep`` run the block).
         **router_kwargs: ``target``, ``weight``, ``tau``, ``pool`` of `BlockRouter`.
+
+    Raises:
+        ConfigError: a bad index, a block that selects tokens, a block that has a router already.
     """
     seq = getattr(model, "blocks", None)
     if not isinstance(seq, nn.Sequential) or not len(seq):
         raise ConfigError(f"depth: {type(model).__name__} has no `blocks` sequence of timm ViT blocks")
-    idx = list(range(len(seq))) if blocks == "all" else ([blocks] if isinstance(blocks, int) else list(blocks))
+    if blocks == "all":
+        idx = [i for i, b in enumerate(seq) if not isinstance(b, TokenGatedBlock)]
+    else:
+        idx = [blocks] if isinstance(blocks, int) else list(blocks)
     if not idx or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(seq) for i in idx):
         raise ConfigError(f"depth.blocks: 'all' or block indices in [0, {len(seq)}) expected, got {blocks!r}")
     cls = ROUTERS.get(gate)
     for i in idx:
-        if type(seq[i]) is not Block:
+        if isinstance(seq[i], TokenGatedBlock):
+            raise _selects_tokens(i)
+        if type(seq[i]) not in (Block, PolicyBlock):
             raise ConfigError(
-                f"depth: blocks.{i} is a {type(seq[i]).__name__}, not a plain timm Block (block routers do not "
-                "combine with token gates or another router)"
+                f"depth: blocks.{i} is a {type(seq[i]).__name__}, not a plain timm Block or a block after a token "
+                "gate (a block has at most one router)"
             )
     for i in idx:
         try:
             router = cls(seq[i].norm1.normalized_shape[0], keep=keep, **router_kwargs)
         except TypeError as e:
             raise ConfigError(f"depth router {gate!r}: {e}") from None
-        seq[i] = RoutedBlock.from_module(seq[i], place_like(router, seq[i]))
+        routed = RoutedPolicyBlock if isinstance(seq[i], PolicyBlock) else RoutedBlock
+        seq[i] = routed.from_module(seq[i], place_like(router, seq[i]))
     return model
+
+
+def _selects_tokens(i: int) -> ConfigError:
+    return ConfigError(
+        f"depth.blocks: blocks.{i} selects tokens ('tokens' gate at block {i}); a 'depth' router cannot skip a "
+        "block that selects tokens: route the blocks before or after it (blocks='all' does)"
+    )
+
+
+def check_with_tokens(tokens: dict[str, Any], depth: dict[str, Any]) -> None:
+    """Raise `ConfigError` when a ``sparsify_`` spec routes a block that its ``tokens`` entry makes select tokens.
+
+    ``sparsify_`` calls it before changing any module.
+    """
+    from .tokens import gate_tokens_
+
+    selecting = tokens.get("blocks", inspect.signature(gate_tokens_).parameters["blocks"].default)
+    selecting = {selecting} if isinstance(selecting, int) else set(selecting)
+    routed = depth.get("blocks", "all")
+    routed = [] if routed == "all" else [routed] if isinstance(routed, int) else list(routed)
+    for i in routed:
+        if i in selecting:
+            raise _selects_tokens(i)
 
 
 def depth_spec(model: nn.Module) -> dict | None:

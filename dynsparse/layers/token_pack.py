@@ -47,6 +47,7 @@ class Packing:
         self.device = device
         self._valid: Tensor | None = None
         self._index: Tensor | None = None
+        self._segment: Tensor | None = None
 
     @property
     def valid(self) -> Tensor:
@@ -78,6 +79,34 @@ class Packing:
         """``(B, n_max, F)`` -> packed rows ``(T, F)``."""
         rows = padded.reshape(self.batch * self.nmax, -1)
         return rows if self.uniform else rows.index_select(0, self.index)
+
+    @property
+    def segment(self) -> Tensor:
+        """(T,) the input each packed row belongs to."""
+        if self._segment is None:
+            n = torch.tensor(self.lengths, device=self.device)
+            self._segment = torch.repeat_interleave(torch.arange(self.batch, device=self.device), n)
+        return self._segment
+
+    def subset(self, inputs: Tensor) -> tuple[Packing, Tensor]:
+        """The packing of some inputs only, and their rows.
+
+        Args:
+            inputs: (b,) increasing indices of the inputs kept.
+
+        Returns:
+            Their `Packing` (in the order of ``inputs``) and the (T',) indices of their packed rows.
+        """
+        keep = torch.zeros(self.batch, dtype=torch.bool, device=self.device).index_fill_(0, inputs, True)
+        sub = Packing([self.lengths[i] for i in inputs.tolist()], device=self.device)
+        return sub, keep[self.segment].nonzero().squeeze(1)
+
+    def mean(self, rows: Tensor) -> Tensor:
+        """Packed rows ``(T, F)`` -> ``(B, F)``: the mean of each input's rows."""
+        if self.uniform:
+            return rows.view(self.batch, self.nmax, -1).mean(1)
+        n = torch.tensor(self.lengths, device=rows.device, dtype=rows.dtype)
+        return rows.new_zeros(self.batch, rows.shape[-1]).index_add_(0, self.segment, rows) / n[:, None]
 
     def __repr__(self) -> str:
         return f"Packing(batch={self.batch}, total={self.total}, nmax={self.nmax})"

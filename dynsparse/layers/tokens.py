@@ -326,7 +326,10 @@ def gate_tokens_(
         raise ConfigError("tokens: the model already has token gates")
     odd = [f"blocks.{i} ({type(b).__name__})" for i, b in enumerate(seq) if i >= idx[0] and type(b) is not Block]
     if odd:
-        raise ConfigError(f"tokens: token gates need plain timm Blocks from the first gate on; found {odd[0]}")
+        hint = ""
+        if any(hasattr(b, "router") for b in seq):
+            hint = " (add token gates before routers: a sparsify_ spec with both 'tokens' and 'depth' does)"
+        raise ConfigError(f"tokens: token gates need plain timm Blocks from the first gate on; found {odd[0]}{hint}")
     pool = getattr(model, "global_pool", "token")
     state = TokenState(prefix, bool(getattr(model, "pool_include_prefix", False)), pool)
     n, target = patches, 1.0
