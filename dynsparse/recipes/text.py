@@ -1,0 +1,628 @@
+"""Run a ``task: sentence-embedding`` recipe: gates to a FLOPs target by distillation, convert, fine-tune, evaluate.
+
+1. Teacher: the dense encoder (`EncoderSpec`), frozen. Student: a copy with hard-concrete gates (``sparsify``).
+2. Gate stage, ``steps`` steps: distillation loss (`text_distill.distillation_loss`) + the FLOPs Lagrangian
+   (`TargetSparsity`, FLOPs attributed by `text_flops.attribute_bert_flops_`), AdamW on weights and gates, Adam
+   (maximize) on the multipliers; then `enforce_target_` (kept FLOPs <= target).
+3. ``fix_gates_``, ``convert`` (checked against the gated model on a padded batch), the `SlicePlan` to
+   ``plan.json``; fine-tune stage, ``finetune_steps`` steps of the same distillation on the converted model.
+4. ``model.safetensors`` (`dynsparse.save`), evaluation (held-out cosine, linear probe, FLOPs, CPU latency),
+   ``report.json`` and the printed report.
+
+Checkpoints (atomic, CPU tensors only, read with ``weights_only``): ``gates.pt`` and ``finetune.pt`` at the end of
+each stage and, with ``checkpoint_every: N``, every N steps within it. Each holds the model, optimizer and
+multiplier states, the step, the torch RNG states and the position in the batch stream, so ``resume=True``
+continues from the last one written to the same result as a run never stopped (on the same device; bit for bit on
+the CPU). Without ``checkpoint_every`` a killed run resumes from the last stage boundary.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..atomic import atomic_write
+from ..regularizers.budget import TargetSparsity
+from ..sparsify import fix_gates_, named_gates, sparsify_
+from .checkpoint import load_checkpoint, save_checkpoint
+from .device import resolve_device
+from .loader import recipe_to_dict
+from .schema import RecipeError
+from .text_data import BatchStream, collate, tokenize
+from .text_distill import distillation_loss, expand, hidden_states, no_dropout_, width_keep
+from .text_flops import attribute_bert_flops_
+from .text_schema import EncoderSpec, TextRecipe, sparsify_spec
+
+__all__ = [
+    "TextData",
+    "enforce_target_",
+    "finetune_steps_",
+    "gate_optimizers",
+    "gate_steps_",
+    "load_encoder",
+    "make_budget",
+    "prepare_text_data",
+    "run_text_recipe",
+]
+
+log = logging.getLogger(__name__)
+
+#: Recipe fields each stage's result depends on: a checkpoint written under other values is not resumed.
+_GATE_FIELDS = ("encoder", "data", "sparsify", "budget", "optimizer", "loss", "steps", "seed")
+_FINETUNE_FIELDS = (*_GATE_FIELDS, "finetune_steps")
+
+
+# ------------------------------------------------------------------------------------------------ building blocks
+def load_encoder(spec: EncoderSpec) -> tuple[nn.Module, Any]:
+    """The dense transformers ``BertModel`` (eval mode) and its tokenizer, from a registered name or a directory.
+
+    Raises:
+        RecipeError: the directory holds no BERT encoder (the FLOPs attribution is BERT's).
+    """
+    try:
+        import transformers
+    except ImportError:
+        raise RecipeError(
+            "encoder: a sentence-embedding recipe needs transformers: pip install 'dynsparse[hf]'"
+        ) from None
+    if spec.pretrained is not None:
+        from ..pretrained import load_pretrained
+
+        enc = load_pretrained(spec.pretrained)
+        model, tok = enc.model, enc.tokenizer
+    else:
+        model = transformers.AutoModel.from_pretrained(spec.path, local_files_only=True, add_pooling_layer=False)
+        tok = transformers.AutoTokenizer.from_pretrained(spec.path, local_files_only=True)
+    if not isinstance(model, transformers.BertModel):
+        raise RecipeError(f"encoder: {type(model).__name__} is not a BertModel; the recipe compresses BERT encoders")
+    return model.eval(), tok
+
+
+@dataclass
+class TextData:
+    """Tokenized text of a recipe: distillation sequences, held-out sentences, the probe, the FLOPs example."""
+
+    train: list[list[int]]
+    held: list[list[int]]
+    probe_train: list[list[int]]
+    probe_train_y: list[int]
+    probe_test: list[list[int]]
+    probe_test_y: list[int]
+    example: tuple[Tensor, Tensor]
+
+
+def prepare_text_data(recipe: TextRecipe, tokenizer: Any) -> TextData:
+    """Load and tokenize the recipe's text (`dynsparse.data.text`); subsets are fixed by ``recipe.seed``.
+
+    Raises:
+        RecipeError: the held-out text is too short for the FLOPs example of ``budget.flops_tokens`` tokens.
+    """
+    from ..data.text import load_text
+
+    d, ev = recipe.data, recipe.evaluate
+    texts = [t for name in d.distill for t in load_text(name, "train").texts]
+    if d.train_subset is not None and d.train_subset < len(texts):
+        pick = list(range(len(texts)))
+        random.Random(recipe.seed).shuffle(pick)
+        texts = [texts[i] for i in sorted(pick[: d.train_subset])]
+    train = tokenize(tokenizer, texts, d.max_length)
+    held = list(load_text(ev.held_out, "test").texts)
+    random.Random(recipe.seed).shuffle(held)
+    held_seqs = tokenize(tokenizer, held[: ev.sentences], ev.max_length)
+    p_train, y_train, p_test, y_test = [], [], [], []
+    if ev.probe is not None:
+        tr, te = load_text(ev.probe, "train"), load_text(ev.probe, "test")
+        pick = list(range(len(tr)))
+        random.Random(recipe.seed).shuffle(pick)
+        pick = sorted(pick[: ev.probe_train]) if ev.probe_train else pick
+        n_test = ev.probe_test or len(te)
+        p_train = tokenize(tokenizer, [tr.texts[i] for i in pick], ev.max_length)
+        y_train = [tr.labels[i] for i in pick]
+        p_test, y_test = tokenize(tokenizer, te.texts[:n_test], ev.max_length), list(te.labels[:n_test])
+    n = recipe.budget.flops_tokens
+    ids = torch.tensor([tokenize(tokenizer, [" ".join(held[-200:])], n)[0]])
+    if ids.shape != (1, n):
+        raise RecipeError(f"budget.flops_tokens: the held-out text gives {ids.shape[1]} tokens, not {n}")
+    return TextData(train, held_seqs, p_train, y_train, p_test, y_test, (ids, torch.ones_like(ids)))
+
+
+def make_budget(student: nn.Module, target: float, warmup_steps: int, example: tuple[Tensor, Tensor]) -> TargetSparsity:
+    """`TargetSparsity` on the kept FLOPs of a gated BERT, attributed by `attribute_bert_flops_` (on the CPU)."""
+    budget = TargetSparsity(student, target=target, kind="flops", warmup_steps=warmup_steps, example_input=example)
+    attribute_bert_flops_(budget.cost, student, example)
+    return budget
+
+
+def gate_optimizers(
+    student: nn.Module,
+    budget: TargetSparsity,
+    *,
+    lr: float,
+    gate_lr: float,
+    lambda_lr: float,
+    weight_decay: float = 0.01,
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """AdamW (weights at ``lr`` with decay, gates' ``log_alpha`` at ``gate_lr`` without) and Adam(maximize) of the
+    multipliers at ``lambda_lr``."""
+    gates = [p for n, p in student.named_parameters() if n.endswith("log_alpha")]
+    weights = [p for n, p in student.named_parameters() if not n.endswith("log_alpha")]
+    opt = torch.optim.AdamW(
+        [
+            {"params": weights, "lr": lr, "weight_decay": weight_decay},
+            {"params": gates, "lr": gate_lr, "weight_decay": 0.0},
+        ]
+    )
+    return opt, torch.optim.Adam(budget.parameters(), lr=lambda_lr, maximize=True)
+
+
+def gate_steps_(
+    teacher: nn.Module,
+    student: nn.Module,
+    budget: TargetSparsity,
+    opt: torch.optim.Optimizer,
+    opt_lambda: torch.optim.Optimizer,
+    data: Iterator[tuple[Tensor, Tensor]],
+    steps: int,
+    *,
+    w_tok: float,
+    w_layer: float = 0.0,
+    start: int = 0,
+    log_every: int = 25,
+    on_step: Callable[[int, float], None] | None = None,
+) -> float | None:
+    """Gate-stage steps ``start .. steps - 1``: distillation + the FLOPs Lagrangian (trains ``student`` in place).
+
+    Every model, the budget and the optimizers are already on the training device; ``on_step(done, loss)`` is
+    called after each step (``done``: steps finished). Returns the last step's distillation loss.
+    """
+    no_dropout_(student.train())
+    hc = [g for _, g in named_gates(student) if hasattr(g, "constrain_")]
+    d = None
+    for step in range(start, steps):
+        ids, mask = next(data)
+        d = distillation_loss(teacher, student, ids, mask, keep=None, w_tok=w_tok, w_layer=w_layer)
+        reg = budget(step)
+        (d + reg).backward()
+        opt.step()
+        opt_lambda.step()
+        opt.zero_grad(set_to_none=True)
+        opt_lambda.zero_grad(set_to_none=True)
+        for g in hc:
+            g.constrain_()
+        if step % log_every == 0 or step == steps - 1:
+            log.info(
+                "gates step %4d/%d: distill %.4f  expected FLOPs %.3f (target now %.3f, deterministic %.3f)  "
+                "lambda1 %+.3f lambda2 %+.3f",
+                step,
+                steps,
+                d.item(),
+                budget.expected().item(),
+                budget.target_at(step),
+                budget.cost.fraction(),
+                budget.lambda1.item(),
+                budget.lambda2.item(),
+            )
+        if on_step is not None:
+            on_step(step + 1, d.item())
+    return None if d is None else d.item()
+
+
+@torch.no_grad()
+def enforce_target_(budget: TargetSparsity, refill: bool = False) -> float:
+    """``budget.enforce_(reopen=True)``: close by probability, then reopen what fits, most likely first.
+
+    ``refill``: then also reopen, fully and most likely first, units closed during training while the target holds
+    (when the multipliers pushed the kept FLOPs below the target). Returns the kept fraction.
+    """
+    budget.enforce_(reopen=True)
+    if refill:  # the controller overshot during training: reopen units it closed (fully) while the target holds
+        gates = [slot.gate for _, slot in budget.cost.slots if hasattr(slot.gate, "log_alpha")]
+        shut = [(float(g.log_alpha[j]), g, j) for g in gates for j in range(g.num_units) if not g.keep_mask()[j]]
+        for la, g, j in sorted(shut, key=lambda c: -c[0]):
+            g.log_alpha[j] = g.log_alpha_range[1]
+            if budget.cost.fraction() > budget.target + 1e-9:
+                g.log_alpha[j] = la
+    return budget.cost.fraction()
+
+
+def finetune_steps_(
+    teacher: nn.Module,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    data: Iterator[tuple[Tensor, Tensor]],
+    steps: int,
+    *,
+    keep: Tensor | None,
+    w_tok: float,
+    w_layer: float = 0.0,
+    start: int = 0,
+    log_every: int = 25,
+    name: str = "finetune",
+    on_step: Callable[[int, float], None] | None = None,
+) -> float | None:
+    """Distillation fine-tune steps ``start .. steps - 1`` of a converted (plain) model, in place.
+
+    ``keep``: the model's residual channels among the teacher's (None: all). Returns the last loss.
+    """
+    no_dropout_(model.train())
+    loss = None
+    for step in range(start, steps):
+        ids, mask = next(data)
+        loss = distillation_loss(teacher, model, ids, mask, keep=keep, w_tok=w_tok, w_layer=w_layer)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % log_every == 0 or step == steps - 1:
+            log.info("%s fine-tune step %4d/%d: distill %.4f", name, step, steps, loss.item())
+        if on_step is not None:
+            on_step(step + 1, loss.item())
+    return None if loss is None else loss.item()
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+def _cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _fingerprint(recipe: TextRecipe, fields: tuple[str, ...]) -> dict[str, Any]:
+    plain = recipe_to_dict(recipe)
+    return {k: plain[k] for k in fields}
+
+
+def _load_stage(path: Path, recipe: TextRecipe, fields: tuple[str, ...]) -> dict[str, Any]:
+    ck = load_checkpoint(path)
+    want, have = _fingerprint(recipe, fields), ck.get("recipe", {})
+    diff = sorted(k for k in fields if want.get(k) != have.get(k))
+    if diff:
+        raise RecipeError(
+            f"{path}: written by a recipe that differs in {', '.join(diff)}; resume with the same recipe, or start "
+            f"afresh without --resume (or in another output directory)"
+        )
+    return ck
+
+
+def _progress(total: int, start: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=desc, leave=False, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------- run
+def run_text_recipe(
+    recipe: TextRecipe, out_dir: str | os.PathLike | None = None, *, resume: bool = False, progress: bool | None = None
+) -> dict[str, Any]:
+    """Train, convert, fine-tune and evaluate a sentence-embedding recipe; returns the report.
+
+    Writes to the output dir (default ``recipe.output_dir``): ``gates.pt`` / ``finetune.pt`` (checkpoints),
+    ``log.jsonl`` (a record every ``log_every`` steps), ``plan.json`` (the `SlicePlan`), ``model.safetensors``
+    (the converted model, `dynsparse.save`; load it with `dynsparse.load`), ``report.json``; prints the report.
+
+    Args:
+        recipe: The recipe.
+        out_dir: Output directory.
+        resume: Continue from the last checkpoint in the output dir (a stage boundary, or with
+            ``checkpoint_every`` the last step written); a checkpoint of a recipe that differs in a field that
+            changes the training is refused.
+        progress: Progress bars on stderr (default: when stderr is a terminal).
+
+    Raises:
+        RecipeError: the device is not available, the encoder is not a BERT, a checkpoint does not fit.
+        DynsparseError: conversion does not reproduce the gated model.
+    """
+    from ..convert import convert, make_plan, save
+    from ..flops import count_flops
+    from .text_eval import encode, format_text_report, probe, structure
+
+    t0 = time.time()
+    out = Path(out_dir or recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(recipe.device)
+    progress = sys.stderr.isatty() if progress is None else progress
+    torch.manual_seed(recipe.seed)
+    teacher, tok = load_encoder(recipe.encoder)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    width = teacher.config.hidden_size
+    data = prepare_text_data(recipe, tok)
+    log.info(
+        "data: %d distillation sequences, %d held-out, probe %d / %d",
+        len(data.train),
+        len(data.held),
+        len(data.probe_train),
+        len(data.probe_test),
+    )
+    stream = BatchStream(data.train, recipe.data.batch_size, seed=recipe.seed)
+    student = copy.deepcopy(teacher)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    sparsify_(student, sparsify_spec(recipe))
+    g_path, f_path, log_path = out / "gates.pt", out / "finetune.pt", out / "log.jsonl"
+    ck_g = _load_stage(g_path, recipe, _GATE_FIELDS) if resume and g_path.exists() else None
+    if resume and ck_g is None:
+        log.info("resume: no checkpoint in %s; starting afresh", out)
+    if ck_g is None:  # a fresh run: no stale log or fine-tune checkpoint of an earlier one
+        log_path.write_text("")
+        f_path.unlink(missing_ok=True)
+
+    def record(**kw: Any) -> None:
+        with open(log_path, "a") as fh:
+            fh.write(json.dumps(kw) + "\n")
+
+    # ---- gate stage
+    opt_cfg, b = recipe.optimizer, recipe.budget
+    budget = make_budget(student, b.target, int(b.warmup * recipe.steps), data.example)
+    student.to(device)
+    budget.to(device)
+    teacher.to(device)
+    opt, opt_lambda = gate_optimizers(
+        student, budget, lr=opt_cfg.lr, gate_lr=opt_cfg.gate_lr, lambda_lr=b.lr, weight_decay=opt_cfg.weight_decay
+    )
+    start, gate_loss = 0, None
+    if ck_g is not None:
+        student.load_state_dict(ck_g["model"])
+        budget.load_state_dict(ck_g["budget"])
+        opt.load_state_dict(ck_g["opt"])
+        opt_lambda.load_state_dict(ck_g["opt_lambda"])
+        stream.load_state_dict(ck_g["stream"])
+        _set_rng_state(ck_g["rng"], device)
+        start, gate_loss = int(ck_g["step"]), ck_g["loss"]
+        log.info("resumed the gate stage from %s at step %d%s", g_path, start, " (done)" if ck_g["done"] else "")
+
+    def save_gates(step: int, loss: float | None, done: bool) -> None:
+        save_checkpoint(
+            {
+                "stage": "gates",
+                "step": step,
+                "done": done,
+                "loss": loss,
+                "model": _cpu(student.state_dict()),
+                "budget": _cpu(budget.state_dict()),
+                "opt": _cpu(opt.state_dict()),
+                "opt_lambda": _cpu(opt_lambda.state_dict()),
+                "stream": stream.state_dict(),
+                "rng": _rng_state(device),
+                "recipe": _fingerprint(recipe, _GATE_FIELDS),
+            },
+            g_path,
+        )
+
+    if ck_g is None or not ck_g["done"]:
+        bar = _progress(recipe.steps, start, "gates", progress)
+
+        def on_gate_step(done: int, loss: float) -> None:
+            if bar is not None:
+                bar.update(1)
+            if (done - 1) % recipe.log_every == 0 or done == recipe.steps:
+                record(
+                    stage="gates",
+                    step=done,
+                    loss=loss,
+                    expected_flops=budget.expected().item(),
+                    target=budget.target_at(done - 1),
+                    lambda1=budget.lambda1.item(),
+                    lambda2=budget.lambda2.item(),
+                )
+            if recipe.checkpoint_every and done % recipe.checkpoint_every == 0 and done < recipe.steps:
+                save_gates(done, loss, done=False)
+
+        gate_loss = gate_steps_(
+            teacher,
+            student,
+            budget,
+            opt,
+            opt_lambda,
+            stream,
+            recipe.steps,
+            w_tok=recipe.loss.w_tok,
+            w_layer=recipe.loss.w_layer,
+            start=start,
+            log_every=recipe.log_every,
+            on_step=on_gate_step,
+        )
+        if bar is not None:
+            bar.close()
+        student.eval().cpu()
+        budget.cpu()
+        enforce_target_(budget, refill=b.refill)
+        save_gates(recipe.steps, gate_loss, done=True)
+    else:
+        student.eval().cpu()
+        budget.cpu()
+    kept_gates = budget.cost.fraction()
+    log.info("gate stage done: kept FLOPs by the gates %.4f (target %.4f)", kept_gates, b.target)
+
+    # ---- convert
+    fix_gates_(student)
+    keep = width_keep(student)
+    plan = make_plan(student)
+    atomic_write(out / "plan.json", lambda tmp: Path(tmp).write_text(plan.to_json()))
+    small = convert(student)  # verify_inputs cannot compare a narrower stream; checked here instead
+    vids, vmask = collate(data.held[:8])
+    vmask[0, 5:] = 0  # padding in the check batch
+    with torch.no_grad():
+        diff = (expand(hidden_states(small, vids, vmask), keep, width) - hidden_states(student, vids, vmask)).abs()
+    diff = float(diff.max())
+    log.info(
+        "converted: max-abs difference to the gated model %.2e; width %d", diff, width if keep is None else len(keep)
+    )
+    if not diff < 1e-3:
+        from ..errors import DynsparseError
+
+        raise DynsparseError(f"the converted model differs from the gated one by {diff:.2e} (max-abs, >= 1e-3)")
+
+    # ---- fine-tune stage
+    small.to(device)
+    opt_f = torch.optim.AdamW(
+        [p for p in small.parameters() if p.requires_grad],
+        lr=opt_cfg.finetune_lr or opt_cfg.lr,
+        weight_decay=opt_cfg.weight_decay,
+    )
+    resumable = ck_g is not None and ck_g["done"] and f_path.exists()
+    ck_f = _load_stage(f_path, recipe, _FINETUNE_FIELDS) if resumable else None
+    start_f, ft_loss = 0, None
+    if ck_f is not None:
+        small.load_state_dict(ck_f["model"])
+        opt_f.load_state_dict(ck_f["opt"])
+        stream.load_state_dict(ck_f["stream"])
+        _set_rng_state(ck_f["rng"], device)
+        start_f, ft_loss = int(ck_f["step"]), ck_f["loss"]
+        log.info("resumed the fine-tune stage from %s at step %d", f_path, start_f)
+
+    def save_finetune(step: int, loss: float | None, done: bool) -> None:
+        save_checkpoint(
+            {
+                "stage": "finetune",
+                "step": step,
+                "done": done,
+                "loss": loss,
+                "model": _cpu(small.state_dict()),
+                "opt": _cpu(opt_f.state_dict()),
+                "stream": stream.state_dict(),
+                "rng": _rng_state(device),
+                "recipe": _fingerprint(recipe, _FINETUNE_FIELDS),
+            },
+            f_path,
+        )
+
+    if ck_f is None or not ck_f["done"]:
+        bar = _progress(recipe.finetune_steps, start_f, "finetune", progress)
+
+        def on_ft_step(done: int, loss: float) -> None:
+            if bar is not None:
+                bar.update(1)
+            if (done - 1) % recipe.log_every == 0 or done == recipe.finetune_steps:
+                record(stage="finetune", step=done, loss=loss)
+            if recipe.checkpoint_every and done % recipe.checkpoint_every == 0 and done < recipe.finetune_steps:
+                save_finetune(done, loss, done=False)
+
+        ft_loss = finetune_steps_(
+            teacher,
+            small,
+            opt_f,
+            stream,
+            recipe.finetune_steps,
+            keep=keep,
+            w_tok=recipe.loss.w_tok,
+            w_layer=recipe.loss.w_layer,
+            start=start_f,
+            log_every=recipe.log_every,
+            on_step=on_ft_step,
+        )
+        if bar is not None:
+            bar.close()
+        save_finetune(recipe.finetune_steps, ft_loss, done=True)
+    small.eval().cpu()
+    save(small, out / "model.safetensors")
+    t_train = time.time() - t0
+
+    # ---- evaluation (embeddings on the training device; FLOPs and latency on the CPU)
+    ev = recipe.evaluate
+    emb, acc = {}, {}
+    for name, m, k in (("dense", teacher, None), ("converted", small, keep)):
+        m.to(device)
+        emb[name] = encode(m, data.held, k, width, bs=ev.batch_size)
+        if ev.probe is not None:
+            acc[name] = probe(
+                encode(m, data.probe_train, k, width, bs=ev.batch_size),
+                data.probe_train_y,
+                encode(m, data.probe_test, k, width, bs=ev.batch_size),
+                data.probe_test_y,
+                c=ev.probe_c,
+            )
+        m.cpu()
+    cos = (emb["converted"] * emb["dense"]).sum(-1)
+    ex = data.example
+    dense_flops, small_flops = count_flops(teacher, *ex), count_flops(small, *ex)
+    report: dict[str, Any] = {
+        "recipe": recipe.name,
+        "task": "sentence-embedding",
+        "encoder": recipe.encoder.pretrained or recipe.encoder.path,
+        "device": str(device),
+        "target": b.target,
+        "stages": [
+            {"stage": "gates", "steps": recipe.steps, "loss": gate_loss, "kept_flops": kept_gates},
+            {"stage": "finetune", "steps": recipe.finetune_steps, "loss": ft_loss, "kept_flops": None},
+        ],
+        "convert_max_abs_diff": diff,
+        "params": {
+            "dense": sum(p.numel() for p in teacher.parameters()),
+            "converted": sum(p.numel() for p in small.parameters()),
+        },
+        "flops": {
+            "tokens": recipe.budget.flops_tokens,
+            "dense": dense_flops,
+            "converted": small_flops,
+            "kept": small_flops / dense_flops,
+            "kept_by_gates": kept_gates,
+        },
+        "evaluate": {
+            "held_out": ev.held_out,
+            "cosine": {"n": len(data.held), "mean": float(cos.mean()), "p10": float(cos.quantile(0.1))},
+            "probe": None
+            if ev.probe is None
+            else {
+                "set": ev.probe,
+                "train": len(data.probe_train),
+                "test": len(data.probe_test),
+                "c": ev.probe_c,
+                "dense": acc["dense"],
+                "converted": acc["converted"],
+            },
+        },
+        "width": width if keep is None else len(keep),
+        "dense_width": width,
+        "structure": structure(small),
+        "latency": [],
+        "train_seconds": t_train,
+        "recipe_fields": recipe_to_dict(recipe),
+    }
+    if ev.latency:
+        from ..bench.latency import compare_latency
+
+        res = compare_latency({"dense": teacher, "converted": small}, ex[0], rounds=ev.rounds, threads=ev.threads)
+        report["latency"].append(
+            {
+                "batch": 1,
+                "threads": res.threads,
+                "rounds": res.rounds,
+                "dense_ms": 1e3 * res.median_s["dense"],
+                "converted_ms": 1e3 * res.median_s["converted"],
+                "speedup": res.speedup["converted"],
+            }
+        )
+    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
+    print(format_text_report(report))
+    return report
