@@ -5,12 +5,12 @@ Run after ``dynsparse train RECIPE --out RUN`` of a recipe with token gates and 
     python benchmarks/knob_curve.py recipes/fashion_vit_tokens50.yaml --run runs/fashion_vit_tokens50 \
         --png docs/results/knob_fashion_vit_tokens50.png
 
-It loads the converted model (``RUN/model.safetensors``, token gates kept as run-time modules) and the dense
-baseline the recipe trained (``RUN/baseline``), sets every token gate's ``keep`` to each value in turn with
-``dynsparse.budget`` (no retraining), and measures the test accuracy on the whole test set, the FLOPs of one
-image relative to dense (``torch.utils.flop_counter``, each of 64 test images counted alone, averaged), and the latency against the dense model side by side
-(interleaved rounds, median of paired ratios, one thread) at batch 1 and 64 on real test images (each image
-keeps its own tokens).
+It loads the converted model (``RUN/model.safetensors``, dynamic gates kept as run-time modules) and the dense
+baseline the recipe trained (``RUN/baseline``, or ``--dense-run DIR``'s), sets every gate's ``keep`` to each value
+in turn with ``dynsparse.budget`` (no retraining), and measures the test accuracy on the whole test set, the FLOPs
+per image relative to dense (``torch.utils.flop_counter``, 64 test images each counted alone, averaged), and the
+latency against the dense model side by side (interleaved rounds, median of paired ratios, one thread) at batch 1
+and 64 on real test images (each image makes its own decisions).
 """
 
 from __future__ import annotations
