@@ -2,7 +2,7 @@
 
 1. Teacher: the dense encoder (`EncoderSpec`), frozen. Student: a copy with hard-concrete gates (``sparsify``).
 2. Gate stage, ``steps`` steps: distillation loss (`text_distill.distillation_loss`) + the FLOPs Lagrangian
-   (`TargetSparsity`, FLOPs attributed by `text_flops.attribute_bert_flops_`), AdamW on weights and gates, Adam
+   (`TargetSparsity` over the library's `CostModel`), AdamW on weights and gates, Adam
    (maximize) on the multipliers; then `enforce_target_` (kept FLOPs <= target).
 3. ``fix_gates_``, ``convert`` (checked against the gated model on a padded batch), the `SlicePlan` to
    ``plan.json``; fine-tune stage, ``finetune_steps`` steps of the same distillation on the converted model.
@@ -42,7 +42,6 @@ from .loader import recipe_to_dict
 from .schema import RecipeError
 from .text_data import BatchStream, collate, tokenize
 from .text_distill import distillation_loss, expand, hidden_states, no_dropout_, width_keep
-from .text_flops import attribute_bert_flops_
 from .text_schema import EncoderSpec, TextRecipe, sparsify_spec
 
 __all__ = [
@@ -139,10 +138,13 @@ def prepare_text_data(recipe: TextRecipe, tokenizer: Any) -> TextData:
 
 
 def make_budget(student: nn.Module, target: float, warmup_steps: int, example: tuple[Tensor, Tensor]) -> TargetSparsity:
-    """`TargetSparsity` on the kept FLOPs of a gated BERT, attributed by `attribute_bert_flops_` (on the CPU)."""
-    budget = TargetSparsity(student, target=target, kind="flops", warmup_steps=warmup_steps, example_input=example)
-    attribute_bert_flops_(budget.cost, student, example)
-    return budget
+    """`TargetSparsity` on the kept FLOPs of a gated BERT (on the CPU).
+
+    Its `CostModel` scales each module's FLOPs by every gate that removes some of them; the attention kernel not by
+    the width gate. Its terms equal those of the attribution the recorded MiniLM runs used
+    (``benchmarks/_minilm.py::attribute_bert_flops_``; ``tests/test_minilm_compress.py``).
+    """
+    return TargetSparsity(student, target=target, kind="flops", warmup_steps=warmup_steps, example_input=example)
 
 
 def gate_optimizers(
