@@ -1,13 +1,16 @@
 """Helpers of ``minilm_compress.py``: tokenized batches, the distillation loss, embeddings, the linear probe, the
-structure summary (all from the library's sentence-embedding recipe, ``dynsparse.recipes.text*``), and the
-magnitude / Torch-Pruning baselines."""
+structure summary (all from the library's sentence-embedding recipe, ``dynsparse.recipes.text*``), the
+magnitude / Torch-Pruning baselines, and the FLOPs attribution of the recorded runs (`attribute_bert_flops_`)."""
 
 from __future__ import annotations
 
+import re
+from collections import defaultdict
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from dynsparse.flops import CostModel, module_flops
 from dynsparse.recipes.text_data import BatchStream, collate, tokenize
 from dynsparse.recipes.text_distill import distill_loss, expand, layer_loss, layer_states, no_dropout_, width_keep
 from dynsparse.recipes.text_distill import hidden_states as _hidden
@@ -15,6 +18,7 @@ from dynsparse.recipes.text_eval import encode, probe, structure
 
 __all__ = [
     "_hidden",
+    "attribute_bert_flops_",
     "batches",
     "collate",
     "distill_loss",
@@ -75,3 +79,52 @@ def magnitude_sparsity(teacher: nn.Module, kept: float) -> float:
     """Fraction of heads and neurons to remove by magnitude so the kept FLOPs are about ``kept``."""
     heads = teacher.config.num_attention_heads
     return 1.0 - max(1, round(kept * heads)) / heads
+
+
+def attribute_bert_flops_(cost: CostModel, model: nn.Module, example: tuple[Tensor, Tensor]) -> CostModel:
+    """Re-attribute the FLOPs of a gated HF BERT to every gate that scales them (in place; returns ``cost``).
+
+    The attribution of the recorded runs (docs/results_minilm.md), from before the library's `CostModel` exempted
+    the attention kernel from the width gate; it now gives the same terms as `CostModel`
+    (``tests/test_minilm_compress.py``), which the script uses (``make_budget``).
+
+    Per layer ``i``: everything under ``encoder.layer.i.attention`` scales with that layer's heads gate and
+    attention-branch gate, and (except the q·k / attention·v kernel in ``attention.self``) with the width gate;
+    everything under ``intermediate`` / ``output`` scales with the neurons gate, the FFN-branch gate and the width
+    gate. Other modules (embeddings, a pooler) scale with the width gate. Kept cost = cost x product of the kept
+    fractions of the gates that cover it, as in `CostModel`.
+
+    Args:
+        cost: A `CostModel` of ``model`` (its slots are kept, its terms replaced).
+        model: The gated ``BertModel``.
+        example: ``(input_ids, attention_mask)``, each ``(1, N)``, of the FLOPs count.
+    """
+    index = {fqn: i for i, (fqn, _) in enumerate(cost.slots)}
+    width = index.get("width")
+    totals = module_flops(model, example)
+    own = dict(totals)
+    for name, flops in totals.items():
+        parent = name.rpartition(".")[0] if name else None
+        while parent is not None and parent not in totals:  # a container never called (ModuleList) is missing
+            parent = parent.rpartition(".")[0] if parent else None
+        if parent is not None:  # totals are inclusive: subtract each module from its nearest counted ancestor
+            own[parent] -= flops
+    terms: dict[tuple[int, ...], float] = defaultdict(float)
+    for name, flops in own.items():
+        if not flops:
+            continue
+        key: set[int | None] = set()
+        m = re.match(r"encoder\.layer\.(\d+)\.(attention|intermediate|output)(\.|$)", name)
+        kernel = False
+        if m:
+            p = f"encoder.layer.{m[1]}"
+            carrier = f"{p}.attention.output.dense" if m[2] == "attention" else f"{p}.output.dense"
+            key |= {index.get(f"{carrier}.gate_in"), index.get(f"{carrier}.gate_out")}
+            kernel = name == f"{p}.attention.self"
+        if width is not None and not kernel:
+            key.add(width)
+        key.discard(None)
+        terms[tuple(sorted(key))] += flops
+    cost.total = float(sum(own.values()))
+    cost.terms = sorted(terms.items())
+    return cost

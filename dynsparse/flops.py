@@ -3,8 +3,11 @@
 The model runs once under ``torch.utils.flop_counter`` to get every module's own FLOPs. Each gate slot
 declares a scope (the modules whose cost scales with its kept fraction); a module's kept cost is its cost
 times the product of the kept fractions of the gates that cover it (so a conv between two gated channel sets
-scales with both). ``fraction()`` uses the gates' keep masks; ``expected_fraction()`` uses their
-``expected_keep()`` probabilities and is differentiable, for budget regularizers.
+scales with both). A table may exempt a module's own cost from a gate whose scope covers it: the ``width`` gate
+of a Hugging Face model (scope: the whole model) scales every module except the attention kernels (q·k and
+attention·v run over the heads' channels; `dynsparse.integrations.tables.unscaled`). ``fraction()`` uses the
+gates' keep masks; ``expected_fraction()`` uses their ``expected_keep()`` probabilities and is differentiable,
+for budget regularizers.
 """
 
 from __future__ import annotations
@@ -143,7 +146,9 @@ class CostModel:
         self.kind = kind
         self.slots: list[tuple[str, GateSlot]] = [(f, m) for f, m in model.named_modules() if isinstance(m, GateSlot)]
         scopes: list[tuple[int, str]] = []
+        unscaled: dict[str, set[int]] = defaultdict(set)  # module -> slots whose scope covers it but not its own cost
         from .integrations.tables import slot_owner
+        from .integrations.tables import unscaled as unscaled_by
 
         for i, (fqn, slot) in enumerate(self.slots):
             # a slot's scope names children of its owner: the direct parent for timm, the attention / MLP / block
@@ -153,6 +158,9 @@ class CostModel:
                 scopes.append((i, f"{parent}.{s}".strip(".") if s else parent))
             # a gate on a layer's input channels also removes output channels of the modules producing them
             scopes.extend((i, p) for p in _producers_or_none(model, fqn, slot.dimension))
+            # the width gate (scope: the whole model) does not scale the attention kernels
+            for name in unscaled_by(model, slot.dimension):
+                unscaled[name].add(i)
         if kind == "flops":
             example = example_input if example_input is not None else default_input(model)
             if example is None:
@@ -163,7 +171,7 @@ class CostModel:
         terms: dict[tuple[int, ...], float] = defaultdict(float)
         for name, cost in costs.items():
             if cost:
-                key = tuple(sorted({i for i, path in scopes if _covers(path, name)}))
+                key = tuple(sorted({i for i, path in scopes if _covers(path, name)} - unscaled.get(name, set())))
                 terms[key] += cost
         self.total = float(sum(costs.values()))
         self.terms = sorted(terms.items())

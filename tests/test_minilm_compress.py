@@ -62,6 +62,23 @@ def test_attributed_flops_equal_counted_flops_of_the_converted_model():
     assert cost.fraction() == pytest.approx(counted, rel=1e-6), (cost.fraction(), counted)
 
 
+@pytest.mark.parametrize("dims", [DIMS, DIMS[:3], ("width",), ("heads", "width")])
+@pytest.mark.parametrize("gate", ["fixed", "hard_concrete"])
+def test_library_cost_model_equals_the_recorded_attribution(dims, gate):
+    """``make_budget`` (the library's CostModel) has exactly the terms of the script's attribution of the recorded
+    runs, so their kept fractions (and expected fractions, hence the training) are identical bit for bit."""
+    bench = _load()
+    model, example = _bert(), _example()
+    ds.sparsify_(model, {d: gate for d in dims})
+    budget = bench.make_budget(model, 0.5, 2, example)
+    ref = bench.attribute_bert_flops_(CostModel(model, example), model, example)
+    assert [f for f, _ in budget.cost.slots] == [f for f, _ in ref.slots]
+    assert budget.cost.terms == ref.terms
+    assert budget.cost.total == ref.total
+    assert budget.cost.fraction() == ref.fraction()
+    assert torch.equal(budget.cost.expected_fraction(), ref.expected_fraction())
+
+
 def test_pipeline_keeps_the_target_and_converts_exactly():
     bench = _load()
     teacher, example = _bert(2), _example()

@@ -72,7 +72,17 @@ from ..layers.hf_norm import WIDTH_NORMS, gate_norm, ungate_norm
 from ..layers.slot import GateSlot
 from ..modules import first_param
 
-__all__ = ["ROLES", "SLOT", "check_covered", "gate_width_", "keep_of", "slice_width_", "width_of"]
+__all__ = [
+    "KERNELS",
+    "ROLES",
+    "SLOT",
+    "check_covered",
+    "gate_width_",
+    "keep_of",
+    "kernels_of",
+    "slice_width_",
+    "width_of",
+]
 
 #: Name of the root child holding the width gate.
 SLOT = "width"
@@ -130,6 +140,17 @@ ROLES: dict[type[nn.Module], dict[str, tuple[str, ...]]] = {
     ViTForImageClassification: {"read": ("classifier",)},
 }
 
+#: Host classes whose own FLOPs are the attention kernel (q·k and attention·v; their projections are children). The
+#: kernel runs over the heads' channels, which a narrower stream leaves as they are, so the width gate does not
+#: scale it (`dynsparse.flops.CostModel`); the heads and attention-branch gates do.
+KERNELS: tuple[type[nn.Module], ...] = (
+    BertSelfAttention,
+    RobertaSelfAttention,
+    GPT2Attention,
+    ViTAttention,
+    *_LLAMA_LIKE["attn"],
+)
+
 
 def _host(m: nn.Module) -> type[nn.Module]:
     return getattr(type(m), "host_class", type(m))
@@ -172,6 +193,11 @@ def check_covered(model: nn.Module, roles: list[tuple[str, str, str, nn.Module]]
         raise UnsupportedModuleError(
             fqn, type(m).__name__, "width", "no rule says how it reads or writes the residual stream"
         )
+
+
+def kernels_of(model: nn.Module) -> list[str]:
+    """Fqns of the modules of ``model`` whose own FLOPs are an attention kernel (`KERNELS`, gated or not)."""
+    return [fqn for fqn, m in model.named_modules() if _host(m) in KERNELS]
 
 
 def width_of(model: nn.Module) -> int | None:

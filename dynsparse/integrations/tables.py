@@ -37,6 +37,7 @@ __all__ = [
     "slot_owner",
     "tables",
     "unknown_block_reason",
+    "unscaled",
     "unslot_",
     "unsupported_reason",
 ]
@@ -233,6 +234,14 @@ def _width_table() -> ModuleType | None:
     from . import hf_width
 
     return hf_width
+
+
+def unscaled(model: nn.Module, dim: str) -> list[str]:
+    """Modules inside a ``dim`` gate's scope whose *own* cost that gate does not scale (fqns; their children still
+    scale). For ``width`` (the whole model), the attention kernels: q·k and attention·v run over the heads'
+    channels, not over the residual stream (`dynsparse.integrations.hf_width.KERNELS`)."""
+    hw = _width_table() if dim == "width" else None
+    return hw.kernels_of(model) if hw is not None else []
 
 
 def check_width(model: nn.Module) -> None:

@@ -2,18 +2,21 @@
 
 1. Teacher: the dense encoder (`EncoderSpec`), frozen. Student: a copy with hard-concrete gates (``sparsify``).
 2. Gate stage, ``steps`` steps: distillation loss (`text_distill.distillation_loss`) + the FLOPs Lagrangian
-   (`TargetSparsity`, FLOPs attributed by `text_flops.attribute_bert_flops_`), AdamW on weights and gates, Adam
+   (`TargetSparsity` over the library's `CostModel`), AdamW on weights and gates, Adam
    (maximize) on the multipliers; then `enforce_target_` (kept FLOPs <= target).
 3. ``fix_gates_``, ``convert`` (checked against the gated model on a padded batch), the `SlicePlan` to
    ``plan.json``; fine-tune stage, ``finetune_steps`` steps of the same distillation on the converted model.
-4. ``model.safetensors`` (`dynsparse.save`), evaluation (held-out cosine, linear probe, FLOPs, CPU latency),
-   ``report.json`` and the printed report.
+4. ``model.safetensors`` (`dynsparse.save`), evaluation (held-out cosine, linear probe, FLOPs, CPU latency:
+   `text_eval.evaluate_text`), ``report.json`` and the printed report.
+
+The text is prepared by `text_data.prepare_text_data`; checkpoint helpers are in `text_checkpoint`.
 
 Checkpoints (atomic, CPU tensors only, read with ``weights_only``): ``gates.pt`` and ``finetune.pt`` at the end of
 each stage and, with ``checkpoint_every: N``, every N steps within it. Each holds the model, optimizer and
 multiplier states, the step, the torch RNG states and the position in the batch stream, so ``resume=True``
 continues from the last one written to the same result as a run never stopped (on the same device; bit for bit on
-the CPU). Without ``checkpoint_every`` a killed run resumes from the last stage boundary.
+the CPU). Without ``checkpoint_every`` a killed run resumes from the last stage boundary. A checkpoint written by a
+recipe that differs in a field the stage depends on is refused (`text_checkpoint.GATE_FIELDS` / ``FINETUNE_FIELDS``).
 """
 
 from __future__ import annotations
@@ -22,11 +25,9 @@ import copy
 import json
 import logging
 import os
-import random
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,32 +37,26 @@ from torch import Tensor, nn
 from ..atomic import atomic_write
 from ..regularizers.budget import TargetSparsity
 from ..sparsify import fix_gates_, named_gates, sparsify_
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .device import resolve_device
 from .loader import recipe_to_dict
 from .schema import RecipeError
-from .text_data import BatchStream, collate, tokenize
+from .text_checkpoint import FINETUNE_FIELDS, GATE_FIELDS, fingerprint, load_stage, rng_state, set_rng_state, to_cpu
+from .text_data import BatchStream, collate, prepare_text_data
 from .text_distill import distillation_loss, expand, hidden_states, no_dropout_, width_keep
-from .text_flops import attribute_bert_flops_
 from .text_schema import EncoderSpec, TextRecipe, sparsify_spec
 
 __all__ = [
-    "TextData",
     "enforce_target_",
     "finetune_steps_",
     "gate_optimizers",
     "gate_steps_",
     "load_encoder",
     "make_budget",
-    "prepare_text_data",
     "run_text_recipe",
 ]
 
 log = logging.getLogger(__name__)
-
-#: Recipe fields each stage's result depends on: a checkpoint written under other values is not resumed.
-_GATE_FIELDS = ("encoder", "data", "sparsify", "budget", "optimizer", "loss", "steps", "seed")
-_FINETUNE_FIELDS = (*_GATE_FIELDS, "finetune_steps")
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
@@ -90,59 +85,14 @@ def load_encoder(spec: EncoderSpec) -> tuple[nn.Module, Any]:
     return model.eval(), tok
 
 
-@dataclass
-class TextData:
-    """Tokenized text of a recipe: distillation sequences, held-out sentences, the probe, the FLOPs example."""
-
-    train: list[list[int]]
-    held: list[list[int]]
-    probe_train: list[list[int]]
-    probe_train_y: list[int]
-    probe_test: list[list[int]]
-    probe_test_y: list[int]
-    example: tuple[Tensor, Tensor]
-
-
-def prepare_text_data(recipe: TextRecipe, tokenizer: Any) -> TextData:
-    """Load and tokenize the recipe's text (`dynsparse.data.text`); subsets are fixed by ``recipe.seed``.
-
-    Raises:
-        RecipeError: the held-out text is too short for the FLOPs example of ``budget.flops_tokens`` tokens.
-    """
-    from ..data.text import load_text
-
-    d, ev = recipe.data, recipe.evaluate
-    texts = [t for name in d.distill for t in load_text(name, "train").texts]
-    if d.train_subset is not None and d.train_subset < len(texts):
-        pick = list(range(len(texts)))
-        random.Random(recipe.seed).shuffle(pick)
-        texts = [texts[i] for i in sorted(pick[: d.train_subset])]
-    train = tokenize(tokenizer, texts, d.max_length)
-    held = list(load_text(ev.held_out, "test").texts)
-    random.Random(recipe.seed).shuffle(held)
-    held_seqs = tokenize(tokenizer, held[: ev.sentences], ev.max_length)
-    p_train, y_train, p_test, y_test = [], [], [], []
-    if ev.probe is not None:
-        tr, te = load_text(ev.probe, "train"), load_text(ev.probe, "test")
-        pick = list(range(len(tr)))
-        random.Random(recipe.seed).shuffle(pick)
-        pick = sorted(pick[: ev.probe_train]) if ev.probe_train else pick
-        n_test = ev.probe_test or len(te)
-        p_train = tokenize(tokenizer, [tr.texts[i] for i in pick], ev.max_length)
-        y_train = [tr.labels[i] for i in pick]
-        p_test, y_test = tokenize(tokenizer, te.texts[:n_test], ev.max_length), list(te.labels[:n_test])
-    n = recipe.budget.flops_tokens
-    ids = torch.tensor([tokenize(tokenizer, [" ".join(held[-200:])], n)[0]])
-    if ids.shape != (1, n):
-        raise RecipeError(f"budget.flops_tokens: the held-out text gives {ids.shape[1]} tokens, not {n}")
-    return TextData(train, held_seqs, p_train, y_train, p_test, y_test, (ids, torch.ones_like(ids)))
-
-
 def make_budget(student: nn.Module, target: float, warmup_steps: int, example: tuple[Tensor, Tensor]) -> TargetSparsity:
-    """`TargetSparsity` on the kept FLOPs of a gated BERT, attributed by `attribute_bert_flops_` (on the CPU)."""
-    budget = TargetSparsity(student, target=target, kind="flops", warmup_steps=warmup_steps, example_input=example)
-    attribute_bert_flops_(budget.cost, student, example)
-    return budget
+    """`TargetSparsity` on the kept FLOPs of a gated BERT (on the CPU).
+
+    Its `CostModel` scales each module's FLOPs by every gate that removes some of them; the attention kernel not by
+    the width gate. Its terms equal those of the attribution the recorded MiniLM runs used
+    (``benchmarks/_minilm.py::attribute_bert_flops_``; ``tests/test_minilm_compress.py``).
+    """
+    return TargetSparsity(student, target=target, kind="flops", warmup_steps=warmup_steps, example_input=example)
 
 
 def gate_optimizers(
@@ -271,47 +221,6 @@ def finetune_steps_(
     return None if loss is None else loss.item()
 
 
-# ---------------------------------------------------------------------------------------------------- checkpoints
-def _cpu(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu(v) for v in obj)
-    return obj
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _fingerprint(recipe: TextRecipe, fields: tuple[str, ...]) -> dict[str, Any]:
-    plain = recipe_to_dict(recipe)
-    return {k: plain[k] for k in fields}
-
-
-def _load_stage(path: Path, recipe: TextRecipe, fields: tuple[str, ...]) -> dict[str, Any]:
-    ck = load_checkpoint(path)
-    want, have = _fingerprint(recipe, fields), ck.get("recipe", {})
-    diff = sorted(k for k in fields if want.get(k) != have.get(k))
-    if diff:
-        raise RecipeError(
-            f"{path}: written by a recipe that differs in {', '.join(diff)}; resume with the same recipe, or start "
-            f"afresh without --resume (or in another output directory)"
-        )
-    return ck
-
-
 def _progress(total: int, start: int, desc: str, enabled: bool):
     if not enabled:
         return None
@@ -343,8 +252,7 @@ def run_text_recipe(
         DynsparseError: conversion does not reproduce the gated model.
     """
     from ..convert import convert, make_plan, save
-    from ..flops import count_flops
-    from .text_eval import encode, format_text_report, probe, structure
+    from .text_eval import evaluate_text, format_text_report, structure
 
     t0 = time.time()
     out = Path(out_dir or recipe.output_dir)
@@ -370,7 +278,7 @@ def run_text_recipe(
         p.requires_grad_(True)
     sparsify_(student, sparsify_spec(recipe))
     g_path, f_path, log_path = out / "gates.pt", out / "finetune.pt", out / "log.jsonl"
-    ck_g = _load_stage(g_path, recipe, _GATE_FIELDS) if resume and g_path.exists() else None
+    ck_g = load_stage(g_path, recipe, GATE_FIELDS) if resume and g_path.exists() else None
     if resume and ck_g is None:
         log.info("resume: no checkpoint in %s; starting afresh", out)
     if ck_g is None:  # a fresh run: no stale log or fine-tune checkpoint of an earlier one
@@ -397,7 +305,7 @@ def run_text_recipe(
         opt.load_state_dict(ck_g["opt"])
         opt_lambda.load_state_dict(ck_g["opt_lambda"])
         stream.load_state_dict(ck_g["stream"])
-        _set_rng_state(ck_g["rng"], device)
+        set_rng_state(ck_g["rng"], device)
         start, gate_loss = int(ck_g["step"]), ck_g["loss"]
         log.info("resumed the gate stage from %s at step %d%s", g_path, start, " (done)" if ck_g["done"] else "")
 
@@ -408,13 +316,13 @@ def run_text_recipe(
                 "step": step,
                 "done": done,
                 "loss": loss,
-                "model": _cpu(student.state_dict()),
-                "budget": _cpu(budget.state_dict()),
-                "opt": _cpu(opt.state_dict()),
-                "opt_lambda": _cpu(opt_lambda.state_dict()),
+                "model": to_cpu(student.state_dict()),
+                "budget": to_cpu(budget.state_dict()),
+                "opt": to_cpu(opt.state_dict()),
+                "opt_lambda": to_cpu(opt_lambda.state_dict()),
                 "stream": stream.state_dict(),
-                "rng": _rng_state(device),
-                "recipe": _fingerprint(recipe, _GATE_FIELDS),
+                "rng": rng_state(device),
+                "recipe": fingerprint(recipe, GATE_FIELDS),
             },
             g_path,
         )
@@ -491,13 +399,13 @@ def run_text_recipe(
         weight_decay=opt_cfg.weight_decay,
     )
     resumable = ck_g is not None and ck_g["done"] and f_path.exists()
-    ck_f = _load_stage(f_path, recipe, _FINETUNE_FIELDS) if resumable else None
+    ck_f = load_stage(f_path, recipe, FINETUNE_FIELDS) if resumable else None
     start_f, ft_loss = 0, None
     if ck_f is not None:
         small.load_state_dict(ck_f["model"])
         opt_f.load_state_dict(ck_f["opt"])
         stream.load_state_dict(ck_f["stream"])
-        _set_rng_state(ck_f["rng"], device)
+        set_rng_state(ck_f["rng"], device)
         start_f, ft_loss = int(ck_f["step"]), ck_f["loss"]
         log.info("resumed the fine-tune stage from %s at step %d", f_path, start_f)
 
@@ -508,11 +416,11 @@ def run_text_recipe(
                 "step": step,
                 "done": done,
                 "loss": loss,
-                "model": _cpu(small.state_dict()),
-                "opt": _cpu(opt_f.state_dict()),
+                "model": to_cpu(small.state_dict()),
+                "opt": to_cpu(opt_f.state_dict()),
                 "stream": stream.state_dict(),
-                "rng": _rng_state(device),
-                "recipe": _fingerprint(recipe, _FINETUNE_FIELDS),
+                "rng": rng_state(device),
+                "recipe": fingerprint(recipe, FINETUNE_FIELDS),
             },
             f_path,
         )
@@ -549,23 +457,7 @@ def run_text_recipe(
     t_train = time.time() - t0
 
     # ---- evaluation (embeddings on the training device; FLOPs and latency on the CPU)
-    ev = recipe.evaluate
-    emb, acc = {}, {}
-    for name, m, k in (("dense", teacher, None), ("converted", small, keep)):
-        m.to(device)
-        emb[name] = encode(m, data.held, k, width, bs=ev.batch_size)
-        if ev.probe is not None:
-            acc[name] = probe(
-                encode(m, data.probe_train, k, width, bs=ev.batch_size),
-                data.probe_train_y,
-                encode(m, data.probe_test, k, width, bs=ev.batch_size),
-                data.probe_test_y,
-                c=ev.probe_c,
-            )
-        m.cpu()
-    cos = (emb["converted"] * emb["dense"]).sum(-1)
-    ex = data.example
-    dense_flops, small_flops = count_flops(teacher, *ex), count_flops(small, *ex)
+    ev = evaluate_text(recipe, data, teacher, small, keep, width, device)
     report: dict[str, Any] = {
         "recipe": recipe.name,
         "task": "sentence-embedding",
@@ -577,52 +469,16 @@ def run_text_recipe(
             {"stage": "finetune", "steps": recipe.finetune_steps, "loss": ft_loss, "kept_flops": None},
         ],
         "convert_max_abs_diff": diff,
-        "params": {
-            "dense": sum(p.numel() for p in teacher.parameters()),
-            "converted": sum(p.numel() for p in small.parameters()),
-        },
-        "flops": {
-            "tokens": recipe.budget.flops_tokens,
-            "dense": dense_flops,
-            "converted": small_flops,
-            "kept": small_flops / dense_flops,
-            "kept_by_gates": kept_gates,
-        },
-        "evaluate": {
-            "held_out": ev.held_out,
-            "cosine": {"n": len(data.held), "mean": float(cos.mean()), "p10": float(cos.quantile(0.1))},
-            "probe": None
-            if ev.probe is None
-            else {
-                "set": ev.probe,
-                "train": len(data.probe_train),
-                "test": len(data.probe_test),
-                "c": ev.probe_c,
-                "dense": acc["dense"],
-                "converted": acc["converted"],
-            },
-        },
+        "params": ev["params"],
+        "flops": {**ev["flops"], "kept_by_gates": kept_gates},
+        "evaluate": ev["evaluate"],
         "width": width if keep is None else len(keep),
         "dense_width": width,
         "structure": structure(small),
-        "latency": [],
+        "latency": ev["latency"],
         "train_seconds": t_train,
         "recipe_fields": recipe_to_dict(recipe),
     }
-    if ev.latency:
-        from ..bench.latency import compare_latency
-
-        res = compare_latency({"dense": teacher, "converted": small}, ex[0], rounds=ev.rounds, threads=ev.threads)
-        report["latency"].append(
-            {
-                "batch": 1,
-                "threads": res.threads,
-                "rounds": res.rounds,
-                "dense_ms": 1e3 * res.median_s["dense"],
-                "converted_ms": 1e3 * res.median_s["converted"],
-                "speedup": res.speedup["converted"],
-            }
-        )
     atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
     print(format_text_report(report))
     return report

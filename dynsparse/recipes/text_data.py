@@ -1,4 +1,5 @@
-"""Token batches for sentence-encoder distillation: tokenize, pad, and an endless, resumable stream of batches.
+"""Text of a sentence-embedding recipe: tokenize, pad, an endless, resumable stream of batches, and the tokenized
+data of a recipe (`prepare_text_data`).
 
 `BatchStream` draws exactly the batches of the generator that ``benchmarks/minilm_compress.py`` used for its
 recorded runs (same seed, same order), and its position can be saved and restored (`state_dict`), so a run
@@ -9,12 +10,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["BatchStream", "collate", "tokenize"]
+from .schema import RecipeError
+from .text_schema import TextRecipe
+
+__all__ = ["BatchStream", "TextData", "collate", "prepare_text_data", "tokenize"]
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -99,3 +104,51 @@ class BatchStream:
         self.rng.setstate((version, tuple(rng), gauss))
         self.groups = [list(g) for g in state["groups"]]
         self.pos = int(state["pos"])
+
+
+@dataclass
+class TextData:
+    """Tokenized text of a recipe: distillation sequences, held-out sentences, the probe, the FLOPs example."""
+
+    train: list[list[int]]
+    held: list[list[int]]
+    probe_train: list[list[int]]
+    probe_train_y: list[int]
+    probe_test: list[list[int]]
+    probe_test_y: list[int]
+    example: tuple[Tensor, Tensor]
+
+
+def prepare_text_data(recipe: TextRecipe, tokenizer: Any) -> TextData:
+    """Load and tokenize the recipe's text (`dynsparse.data.text`); subsets are fixed by ``recipe.seed``.
+
+    Raises:
+        RecipeError: the held-out text is too short for the FLOPs example of ``budget.flops_tokens`` tokens.
+    """
+    from ..data.text import load_text
+
+    d, ev = recipe.data, recipe.evaluate
+    texts = [t for name in d.distill for t in load_text(name, "train").texts]
+    if d.train_subset is not None and d.train_subset < len(texts):
+        pick = list(range(len(texts)))
+        random.Random(recipe.seed).shuffle(pick)
+        texts = [texts[i] for i in sorted(pick[: d.train_subset])]
+    train = tokenize(tokenizer, texts, d.max_length)
+    held = list(load_text(ev.held_out, "test").texts)
+    random.Random(recipe.seed).shuffle(held)
+    held_seqs = tokenize(tokenizer, held[: ev.sentences], ev.max_length)
+    p_train, y_train, p_test, y_test = [], [], [], []
+    if ev.probe is not None:
+        tr, te = load_text(ev.probe, "train"), load_text(ev.probe, "test")
+        pick = list(range(len(tr)))
+        random.Random(recipe.seed).shuffle(pick)
+        pick = sorted(pick[: ev.probe_train]) if ev.probe_train else pick
+        n_test = ev.probe_test or len(te)
+        p_train = tokenize(tokenizer, [tr.texts[i] for i in pick], ev.max_length)
+        y_train = [tr.labels[i] for i in pick]
+        p_test, y_test = tokenize(tokenizer, te.texts[:n_test], ev.max_length), list(te.labels[:n_test])
+    n = recipe.budget.flops_tokens
+    ids = torch.tensor([tokenize(tokenizer, [" ".join(held[-200:])], n)[0]])
+    if ids.shape != (1, n):
+        raise RecipeError(f"budget.flops_tokens: the held-out text gives {ids.shape[1]} tokens, not {n}")
+    return TextData(train, held_seqs, p_train, y_train, p_test, y_test, (ids, torch.ones_like(ids)))

@@ -1,4 +1,5 @@
-"""Evaluation of a compressed sentence encoder: embeddings, a linear probe, the structure, the printed report."""
+"""Evaluation of a compressed sentence encoder: embeddings, a linear probe, FLOPs and latency against the dense
+encoder (`evaluate_text`), the structure, the printed report."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..flops import count_flops
 from ..pretrained import mean_pool
-from .text_data import collate
+from .text_data import TextData, collate
 from .text_distill import expand, hidden_states
+from .text_schema import TextRecipe
 
-__all__ = ["encode", "format_text_report", "probe", "structure"]
+__all__ = ["encode", "evaluate_text", "format_text_report", "probe", "structure"]
 
 
 @torch.no_grad()
@@ -92,3 +95,88 @@ def format_text_report(r: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"width {r['width']} of {r['dense_width']}; " + "; ".join(r["structure"]))
     return "\n".join(lines)
+
+
+def evaluate_text(
+    recipe: TextRecipe,
+    data: TextData,
+    teacher: nn.Module,
+    small: nn.Module,
+    keep: Tensor | None,
+    width: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The converted encoder against the dense one: the ``params``, ``flops``, ``evaluate`` and ``latency`` fields
+    of a sentence-embedding report (`dynsparse.recipes.text.run_text_recipe`).
+
+    Embeddings (held-out cosine, linear probe) are computed on ``device``, each model moved there and back to the
+    CPU; FLOPs (of ``data.example``) and latency (``recipe.evaluate.latency``) on the CPU.
+
+    Args:
+        recipe: The recipe (its ``evaluate`` and ``budget.flops_tokens``).
+        data: The recipe's tokenized text.
+        teacher: The dense encoder, on the CPU.
+        small: The converted encoder, on the CPU.
+        keep: ``small``'s residual channels among the teacher's ``width`` (None: all).
+        width: The dense encoder's hidden size.
+        device: Where the embeddings are computed.
+    """
+    ev = recipe.evaluate
+    emb, acc = {}, {}
+    for name, m, k in (("dense", teacher, None), ("converted", small, keep)):
+        m.to(device)
+        emb[name] = encode(m, data.held, k, width, bs=ev.batch_size)
+        if ev.probe is not None:
+            acc[name] = probe(
+                encode(m, data.probe_train, k, width, bs=ev.batch_size),
+                data.probe_train_y,
+                encode(m, data.probe_test, k, width, bs=ev.batch_size),
+                data.probe_test_y,
+                c=ev.probe_c,
+            )
+        m.cpu()
+    cos = (emb["converted"] * emb["dense"]).sum(-1)
+    ex = data.example
+    dense_flops, small_flops = count_flops(teacher, *ex), count_flops(small, *ex)
+    out: dict[str, Any] = {
+        "params": {
+            "dense": sum(p.numel() for p in teacher.parameters()),
+            "converted": sum(p.numel() for p in small.parameters()),
+        },
+        "flops": {
+            "tokens": recipe.budget.flops_tokens,
+            "dense": dense_flops,
+            "converted": small_flops,
+            "kept": small_flops / dense_flops,
+        },
+        "evaluate": {
+            "held_out": ev.held_out,
+            "cosine": {"n": len(data.held), "mean": float(cos.mean()), "p10": float(cos.quantile(0.1))},
+            "probe": None
+            if ev.probe is None
+            else {
+                "set": ev.probe,
+                "train": len(data.probe_train),
+                "test": len(data.probe_test),
+                "c": ev.probe_c,
+                "dense": acc["dense"],
+                "converted": acc["converted"],
+            },
+        },
+        "latency": [],
+    }
+    if ev.latency:
+        from ..bench.latency import compare_latency
+
+        res = compare_latency({"dense": teacher, "converted": small}, ex[0], rounds=ev.rounds, threads=ev.threads)
+        out["latency"].append(
+            {
+                "batch": 1,
+                "threads": res.threads,
+                "rounds": res.rounds,
+                "dense_ms": 1e3 * res.median_s["dense"],
+                "converted_ms": 1e3 * res.median_s["converted"],
+                "speedup": res.speedup["converted"],
+            }
+        )
+    return out

@@ -1,0 +1,73 @@
+"""Checkpoints of a sentence-embedding recipe run (`dynsparse.recipes.text.run_text_recipe`).
+
+CPU copies of states, the torch RNG states, and the recipe fields each stage's result depends on: a checkpoint
+written under other values of them is refused on resume (`load_stage`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .checkpoint import load_checkpoint
+from .loader import recipe_to_dict
+from .schema import RecipeError
+from .text_schema import TextRecipe
+
+__all__ = ["FINETUNE_FIELDS", "GATE_FIELDS", "fingerprint", "load_stage", "rng_state", "set_rng_state", "to_cpu"]
+
+#: Recipe fields each stage's result depends on: a checkpoint written under other values is not resumed.
+GATE_FIELDS = ("encoder", "data", "sparsify", "budget", "optimizer", "loss", "steps", "seed")
+FINETUNE_FIELDS = (*GATE_FIELDS, "finetune_steps")
+
+
+def to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in it (in dicts, lists, tuples) detached and on the CPU; other values as they are."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The torch CPU RNG state, and the CUDA one of ``device`` when it is a GPU."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore RNG states written by `rng_state` (the CUDA one only on a GPU ``device``)."""
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def fingerprint(recipe: TextRecipe, fields: tuple[str, ...]) -> dict[str, Any]:
+    """The values of the top-level recipe ``fields`` as plain data (stored in a checkpoint)."""
+    plain = recipe_to_dict(recipe)
+    return {k: plain[k] for k in fields}
+
+
+def load_stage(path: Path, recipe: TextRecipe, fields: tuple[str, ...]) -> dict[str, Any]:
+    """The checkpoint at ``path``, if it was written by a recipe with the same ``fields``.
+
+    Raises:
+        RecipeError: the checkpoint's recipe differs in one of ``fields`` (the message names them).
+    """
+    ck = load_checkpoint(path)
+    want, have = fingerprint(recipe, fields), ck.get("recipe", {})
+    diff = sorted(k for k in fields if want.get(k) != have.get(k))
+    if diff:
+        raise RecipeError(
+            f"{path}: written by a recipe that differs in {', '.join(diff)}; resume with the same recipe, or start "
+            f"afresh without --resume (or in another output directory)"
+        )
+    return ck
