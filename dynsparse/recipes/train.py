@@ -270,12 +270,13 @@ class Trainer:
         self.state = RunState(meta["stage"], meta["epoch"], meta["step"], json.loads(meta["history"]))
         for i, st in enumerate(self.recipe.stages[: self.state.stage + 1]):
             self._start_stage_(st)
+            ended = i < self.state.stage or self.state.epoch >= st.epochs
             self.pruning = self._pruning(i, st)
             if self.pruning is not None:
-                self.pruning.structure_()  # masks and fixed gates come with the state loaded below
+                self.pruning.structure_(ended=ended)  # masks and fixed gates come with the state loaded below
             if st.calibrate is not None:  # thresholds, tables, predictors come with the state; budgets do not
                 replay_(self.model, st.calibrate, "start")
-            if i < self.state.stage or self.state.epoch >= st.epochs:
+            if ended:
                 self._end_stage_structure_(st)
                 if st.calibrate is not None:
                     replay_(self.model, st.calibrate, "end")
@@ -354,6 +355,8 @@ class Trainer:
         for si in range(self.state.stage, len(self.recipe.stages)):
             st = self.recipe.stages[si]
             resumed = si == resumed_stage
+            if resumed and self.state.epoch >= st.epochs:
+                continue  # the checkpoint's stage had finished (its end may have changed the parameters)
             if not resumed:
                 self.state.stage, self.state.epoch = si, 0
                 self._start_stage_(st)
