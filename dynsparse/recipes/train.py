@@ -396,7 +396,11 @@ class Trainer:
         net = model
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            from ..gates.neuron_gates import DejaVuGate
+
+            # dejavu predictors take no part in the loss (their top-k has no gradient; calibrate trains them)
+            unused = any(isinstance(m, DejaVuGate) for m in model.modules())
+            net = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
         total_steps = st.epochs * steps_per_epoch
         bn_l1 = next((o for r, o in regs if r.name == "bn_l1"), None)
         # the gates are fixed within a stage (structure changes only at its start and end): find them once
