@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["structured_"]
+__all__ = ["open_gates_", "structured_"]
 
 
 def structured_(
@@ -56,18 +56,15 @@ def structured_(
     """
     from ..importance import keep_masks, make_importance
     from ..layers.slot import GateSlot
-    from ..sparsify import fix_gates_, sparsify_
+    from ..sparsify import fix_gates_
 
     if not isinstance(sparsity, Mapping) or not sparsity:
         raise ConfigError(f"structured_: sparsity must be a mapping like {{'channels': 0.5}}, got {sparsity!r}")
     for dim, s in sparsity.items():
         if not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
             raise ConfigError(f"structured_: sparsity[{dim!r}] must be a fraction in [0, 1), got {s!r}")
+    open_gates_(model, list(sparsity), include=include, exclude=exclude)
     slots = {fqn: m for fqn, m in model.named_modules() if isinstance(m, GateSlot)}
-    missing = {d for d in sparsity if not any(s.dimension == d for s in slots.values())}
-    if missing:
-        sparsify_(model, {d: {"gate": "fixed"} for d in sorted(missing)}, include=include, exclude=exclude)
-        slots = {fqn: m for fqn, m in model.named_modules() if isinstance(m, GateSlot)}
     scorer = make_importance(importance)
     scores = scorer(model, data)
     masks = {}
@@ -80,3 +77,25 @@ def structured_(
                 keep_masks(mine, s, scope=scope, normalize=normalize, round_to=round_to, max_sparsity=max_sparsity)
             )
     return fix_gates_(model, masks) if masks else model
+
+
+def open_gates_(
+    model: nn.Module,
+    dimensions: Iterable[str],
+    *,
+    include: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+) -> nn.Module:
+    """Give the ``dimensions`` that have no gate yet ``fixed`` all-open gates (in place); returns ``model``.
+
+    The structure `structured_` prunes in, without scoring anything: a resumed training run rebuilds it before it
+    loads the pruned masks.
+    """
+    from ..layers.slot import GateSlot
+    from ..sparsify import sparsify_
+
+    have = {m.dimension for m in model.modules() if isinstance(m, GateSlot)}
+    missing = sorted({d for d in dimensions if d not in have})
+    if missing:
+        sparsify_(model, {d: {"gate": "fixed"} for d in missing}, include=include, exclude=exclude)
+    return model

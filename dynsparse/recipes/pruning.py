@@ -100,10 +100,20 @@ class StagePruning:
             )
 
     # ------------------------------------------------------------------------------------------ hooks
-    def structure_(self) -> None:
-        """Only the structure this stage's pruning creates (masked layers, all kept), for a resumed run."""
+    def structure_(self, ended: bool = False) -> None:
+        """Only the structure this stage's pruning has created, for a resumed run: masked layers (all kept), or
+        the open gates `structured` pruning closes units of, once it has run (``at: start``, or ``ended``)."""
         if self.unstructured:
             self._unstructured(0.0, "magnitude")
+        elif self.spec.method == "structured" and (self.spec.at == "start" or ended):
+            from ..prune.structured import open_gates_
+
+            open_gates_(
+                self.model,
+                list(self.spec.dimensions),
+                include=list(self.spec.include) or None,
+                exclude=list(self.spec.exclude) or None,
+            )
 
     def start_(self) -> None:
         """At the start of the stage: install masked layers (gradual), or prune now (``at: start``)."""

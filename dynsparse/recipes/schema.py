@@ -157,9 +157,12 @@ class StageSpec:
     """One training stage.
 
     ``sparsify`` is a ``dynsparse.sparsify_`` spec applied at the start of the stage; ``fix_gates`` freezes
-    every gate to its current keep mask at the start; ``enforce_budget`` closes the least likely units at
+    every gate at the start (static gates to their current keep masks; learned ``threshold`` token gates to
+    hard masks at a fixed ``θ``, LTP's second stage); ``enforce_budget`` closes the least likely units at
     the end so a ``budget`` target is met exactly; ``prune_vd`` zeroes sparse-VD weights with log α > 3 at
-    the end.
+    the end. ``calibrate`` runs the data pass that ``cats`` / ``dejavu`` neuron gates and ``threshold`` token
+    gates need (``{batches: 16, at: start, **options}``, see `dynsparse.recipes.calibrate`). A stage with
+    ``epochs: 0`` trains nothing: it applies its start and end actions and is evaluated and checkpointed once.
     """
 
     name: str
@@ -174,6 +177,7 @@ class StageSpec:
     enforce_budget: bool = False
     prune_vd: bool = False
     prune: PruneSpec | None = None
+    calibrate: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -321,6 +325,7 @@ def parse_recipe(data: dict[str, Any], lines: dict[str, int] | None = None) -> R
             raise RecipeError(f"data.root{line}: directory {recipe.data.root!r} does not exist")
     if recipe.model.pretrained is not None:
         _check_pretrained(recipe.model, lines or {})
+    kinds: set[str] = set()  # calibratable gates the model has by each stage
     for i, st in enumerate(recipe.stages):
         p = f"stages[{i}]"
         if st.epochs < 0:
@@ -339,6 +344,13 @@ def parse_recipe(data: dict[str, Any], lines: dict[str, int] | None = None) -> R
                 _parse_spec(st.sparsify)
             except ConfigError as e:
                 raise RecipeError(f"{p}.sparsify: {e}") from None
+            from .calibrate import calibration_kinds
+
+            kinds |= calibration_kinds(st.sparsify)
+        if st.calibrate is not None:
+            from .calibrate import check_calibrate
+
+            check_calibrate(st.calibrate, kinds, f"{p}.calibrate", lines or {})
     return recipe
 
 

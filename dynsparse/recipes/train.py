@@ -1,10 +1,12 @@
 """The recipe trainer: plain PyTorch, runs unchanged under ``torchrun`` (DistributedDataParallel: gloo on CPU,
 nccl with one GPU per rank on CUDA).
 
-Per stage: structural changes at the start (gates, sparse-VD layers, frozen gates), epochs of training with
-the stage's regularizers, a JSON-lines log record and an atomic checkpoint after every epoch, then the
-stage's end actions (enforce a budget, prune VD weights). ``resume=True`` rebuilds the structure from the
-recipe, loads the last checkpoint (weights, optimizer states, RNG state) and continues to the same result.
+Per stage: structural changes at the start (gates, sparse-VD layers, frozen gates) and the start
+calibrations, epochs of training with the stage's regularizers, a JSON-lines log record and an atomic
+checkpoint after every epoch, then the stage's end actions (enforce a budget, prune VD weights, the end
+calibrations). A stage of 0 epochs applies its start and end actions and is evaluated and checkpointed once.
+``resume=True`` rebuilds the structure from the recipe, loads the last checkpoint (weights, optimizer states,
+RNG state) and continues to the same result.
 
 The recipe's ``device`` holds the model, teacher, gates, regularizer states and batches; checkpoints hold CPU
 tensors only, so a run trained on a GPU resumes on a CPU and the other way round.
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 from ..gates import FixedGate, Gate, HardConcreteGate
 from ..modules import first_param
 from ..sparsify import fix_gates_, named_gates, sparsify_
+from .calibrate import calibrate_, harden_thresholds_, replay_
 from .checkpoint import load_checkpoint, save_checkpoint
 from .device import resolve_device
 from .loader import recipe_to_dict
@@ -156,6 +159,7 @@ class Trainer:
         self.teacher: nn.Module | None = None
         self.state = RunState()
         self.pruning: StagePruning | None = None
+        self._calib_info: dict[str, float] = {}  # numbers of the last calibration, for the next log record
 
     # ----------------------------------------------------------------------------------------- set-up
     def _init_dist(self) -> None:
@@ -222,6 +226,7 @@ class Trainer:
             sparse_vd_(model)
         if st.fix_gates:
             fix_gates_(model)
+            harden_thresholds_(model)
 
     def _pruning(self, si: int, st: StageSpec) -> StagePruning | None:
         if st.prune is None:
@@ -242,17 +247,39 @@ class Trainer:
 
             remove_svd_(self.model)
 
+    def _calibrate(self, si: int, st: StageSpec, when: str) -> None:
+        """The stage's calibrations due ``when`` on training batches in a seeded order of their own (the same on
+        every rank and on a resumed run, independent of the training order), on the run's device."""
+        if st.calibrate is None:
+            return
+        from ..data import make_loader, set_epoch
+
+        def batches():
+            loader = make_loader(
+                self.train_set, self.recipe.data.batch_size, shuffle=True, seed=self.recipe.seed + 7919 + 1009 * si
+            )
+            set_epoch(loader, 0 if when == "start" else 1)
+            for x, _ in self._batches(loader):
+                yield x
+
+        self._calib_info.update(calibrate_(self.model, st.calibrate, when, batches, seed=self.recipe.seed))
+
     def _rebuild(self, ckpt: dict[str, Any]) -> None:
         """Replay the structural changes of the stages before the checkpoint's stage, then load its state."""
         meta = ckpt["meta"]
         self.state = RunState(meta["stage"], meta["epoch"], meta["step"], json.loads(meta["history"]))
         for i, st in enumerate(self.recipe.stages[: self.state.stage + 1]):
             self._start_stage_(st)
+            ended = i < self.state.stage or self.state.epoch >= st.epochs
             self.pruning = self._pruning(i, st)
             if self.pruning is not None:
-                self.pruning.structure_()  # masks and fixed gates come with the state loaded below
-            if i < self.state.stage or self.state.epoch >= st.epochs:
+                self.pruning.structure_(ended=ended)  # masks and fixed gates come with the state loaded below
+            if st.calibrate is not None:  # thresholds, tables, predictors come with the state; budgets do not
+                replay_(self.model, st.calibrate, "start")
+            if ended:
                 self._end_stage_structure_(st)
+                if st.calibrate is not None:
+                    replay_(self.model, st.calibrate, "end")
         classes = json.loads(meta["gates"])
         fix = {
             f: torch.ones(g.num_units, dtype=torch.bool)
@@ -328,12 +355,15 @@ class Trainer:
         for si in range(self.state.stage, len(self.recipe.stages)):
             st = self.recipe.stages[si]
             resumed = si == resumed_stage
+            if resumed and self.state.epoch >= st.epochs:
+                continue  # the checkpoint's stage had finished (its end may have changed the parameters)
             if not resumed:
                 self.state.stage, self.state.epoch = si, 0
                 self._start_stage_(st)
                 self.pruning = self._pruning(si, st)
                 if self.pruning is not None:
                     self.pruning.start_()
+                self._calibrate(si, st, "start")
             self._train_stage(si, st, test_loader, n_train, ck_path, resume_opt=resumed)
         if self.dist.world > 1:
             (self.out / f"rank{self.dist.rank}.json").write_text(json.dumps({"digest": state_digest(self.model)}))
@@ -366,7 +396,11 @@ class Trainer:
         net = model
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            from ..gates.neuron_gates import DejaVuGate
+
+            # dejavu predictors take no part in the loss (their top-k has no gradient; calibrate trains them)
+            unused = any(isinstance(m, DejaVuGate) for m in model.modules())
+            net = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
         total_steps = st.epochs * steps_per_epoch
         bn_l1 = next((o for r, o in regs if r.name == "bn_l1"), None)
         # the gates are fixed within a stage (structure changes only at its start and end): find them once
@@ -428,31 +462,57 @@ class Trainer:
                 self.state.step += 1
             self.state.epoch = epoch + 1
             if epoch + 1 == st.epochs:
-                if st.enforce_budget and budget is not None:
-                    budget.enforce_()
-                if self.pruning is not None:
-                    self.pruning.end_()
-                self._end_stage_structure_(st)
-            acc = self._evaluate(model, test_loader)
-            record = {
-                "stage": st.name,
-                "stage_index": si,
-                "epoch": epoch + 1,
-                "step": self.state.step,
-                "train_loss": loss_sum / max(n, 1),
-                "test_acc": acc,
-                "time_s": time.perf_counter() - t0,
-                **info,
-            }
-            record.update(self._sparsity(model, budget))
-            self.state.history.append(record)
-            if self.dist.main:
-                with open(self.out / "log.jsonl", "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                log.info("%s epoch %d/%d: loss %.4f acc %.4f", st.name, epoch + 1, st.epochs, record["train_loss"], acc)
-                self._save(ck_path, opts, budget)
-            if self.dist.world > 1:
-                torch.distributed.barrier()
+                self._end_stage_(si, st, budget)
+            self._close_epoch(si, st, test_loader, opts, budget, ck_path, loss_sum / max(n, 1), t0, info)
+        if st.epochs == 0 and not resume_opt:  # nothing to train: the end actions, one record and a checkpoint
+            self._end_stage_(si, st, budget)
+            self._close_epoch(si, st, test_loader, opts, budget, ck_path, None, time.perf_counter(), {})
+
+    def _end_stage_(self, si: int, st: StageSpec, budget) -> None:
+        """The stage's end actions, in order: enforce the budget, end-of-stage pruning, structure, calibration."""
+        if st.enforce_budget and budget is not None:
+            budget.enforce_()
+        if self.pruning is not None:
+            self.pruning.end_()
+        self._end_stage_structure_(st)
+        self._calibrate(si, st, "end")
+
+    def _close_epoch(
+        self,
+        si: int,
+        st: StageSpec,
+        test_loader,
+        opts,
+        budget,
+        ck_path: Path,
+        train_loss: float | None,
+        t0: float,
+        info,
+    ) -> None:
+        """Evaluate, append the log record and write the checkpoint (rank 0)."""
+        model = self.model
+        acc = self._evaluate(model, test_loader)
+        record = {
+            "stage": st.name,
+            "stage_index": si,
+            "epoch": self.state.epoch,
+            "step": self.state.step,
+            "train_loss": train_loss,
+            "test_acc": acc,
+            "time_s": time.perf_counter() - t0,
+            **info,
+            **self._calib_info,
+        }
+        self._calib_info = {}
+        record.update(self._sparsity(model, budget))
+        self.state.history.append(record)
+        if self.dist.main:
+            with open(self.out / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            log.info("%s epoch %d/%d: loss %s acc %.4f", st.name, self.state.epoch, st.epochs, train_loss, acc)
+            self._save(ck_path, opts, budget)
+        if self.dist.world > 1:
+            torch.distributed.barrier()
 
     def _sparsity(self, model: nn.Module, budget) -> dict[str, float]:
         out: dict[str, float] = {}
