@@ -18,7 +18,10 @@ from ..flops import module_flops
 from .schema import Recipe, StageSpec
 from .train import Trainer, build_model
 
-__all__ = ["dense_baseline", "run_recipe"]
+__all__ = ["FLOPS_IMAGES", "dense_baseline", "run_recipe"]
+
+#: Test images whose FLOPs (each counted alone) the report averages.
+FLOPS_IMAGES = 32
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,8 @@ def run_recipe(
     del on_device
     dense = build_model(recipe).eval()
     ex = trainer.example
+    # per-input models (routers, thresholds, per-input channels / neurons) spend different FLOPs on each image
+    flops_x = _test_images(test_loader, FLOPS_IMAGES, ex.cpu())
     from .train import state_digest
 
     report: dict[str, Any] = {
@@ -96,8 +101,9 @@ def run_recipe(
             "converted_nonzero": _params(converted, nonzero=True),
         },
         "flops": {
-            "dense": sum(v for k, v in module_flops(dense, ex).items() if k == ""),
-            "converted": sum(v for k, v in module_flops(converted, ex).items() if k == ""),
+            "dense": _mean_flops(dense, flops_x),
+            "converted": _mean_flops(converted, flops_x),
+            "images": len(flops_x),
         },
         "latency": [],
     }
@@ -157,7 +163,10 @@ def format_report(r: dict[str, Any]) -> str:
     if p["converted_nonzero"] != p["converted"]:
         lines.append(f"{'non-zero parameters':<22}{p['dense']:>14,}{p['converted_nonzero']:>14,}")
     f = r["flops"]
-    lines.append(f"{'FLOPs / image':<22}{f['dense']:>14,}{f['converted']:>14,}")
+    lines.append(
+        f"{'FLOPs / image':<22}{f['dense']:>14,.0f}{f['converted']:>14,.0f}"
+        f"   (mean of {f.get('images', 1)} test images)"
+    )
     for lat in r["latency"]:
         lines.append(
             f"{'latency b=' + str(lat['batch']) + ' (ms)':<22}{lat['dense_ms']:14.3f}"
@@ -165,6 +174,13 @@ def format_report(r: dict[str, Any]) -> str:
             f"median of {lat['rounds']} interleaved rounds)"
         )
     return "\n".join(lines)
+
+
+def _mean_flops(model: nn.Module, images: torch.Tensor) -> float:
+    """FLOPs of ``model`` on each image alone (batch 1), averaged: exact for static models, the mean for dynamic."""
+    with torch.no_grad():
+        total = sum(module_flops(model, images[i : i + 1]).get("", 0) for i in range(len(images)))
+    return total / len(images)
 
 
 def _test_images(loader, n: int, example: torch.Tensor) -> torch.Tensor:
