@@ -8,6 +8,7 @@ Run from the repository root (about 8 minutes with the defaults, on one thread):
     python benchmarks/convert_speed.py --cases vit --batch 1 --rounds 15
     python benchmarks/convert_speed.py --threads 2 --variants dynsparse
     python benchmarks/convert_speed.py --cases resnet --malloc keep --channels-last
+    python benchmarks/convert_speed.py --cases resnet --malloc keep --optimize jit
 
 Cases (timm models, ``pretrained=False``, seed 0, image 224x224, fp32, eval mode):
 
@@ -55,6 +56,11 @@ Run conditions, always the same for the dense model and every variant:
 * ``--malloc keep``: glibc keeps freed memory in the process and reuses it (``_timing.keep_freed_memory``),
   instead of unmapping every large block on ``free`` and page-faulting fresh zeroed pages for it in the next
   forward, as a caching allocator (jemalloc, tcmalloc) would. Default ``glibc``: glibc's defaults.
+* ``--optimize jit``: every model (dense and variants) is timed as PyTorch's inference graph of it:
+  ``torch.jit.trace`` on the timed batch, ``torch.jit.freeze``, ``torch.jit.optimize_for_inference`` (BN folded
+  into the convs, conv weights pre-packed once in oneDNN's blocked layout instead of reordered at every call,
+  conv + ReLU fused); its output is checked against the eager model's. FLOPs are counted on the eager models.
+  Default ``none``: eager PyTorch.
 
 This is a benchmark, not a test: it asserts nothing about speed.
 """
@@ -68,6 +74,7 @@ import os
 import platform
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -290,6 +297,17 @@ def build_torch_pruning(case: str, dense: nn.Module, name: str, x1: Tensor) -> V
 # ---------------------------------------------------------------------------------------------------- timing
 
 
+def jit_inference_graph(model: nn.Module, x: Tensor) -> Callable[[Tensor], Tensor]:
+    """``model`` as PyTorch's frozen, inference-optimized TorchScript graph, traced on ``x``; checked against it."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.compile; it still works
+        graph = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model.eval(), x)))
+        ref, out = model(x), graph(x)
+        graph(x)  # the first calls run the graph optimizer's profiling passes
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+    return graph
+
+
 def time_variants(
     case: str,
     dense: nn.Module,
@@ -298,11 +316,15 @@ def time_variants(
     rounds: int,
     warmup: int,
     memory_format: torch.memory_format = torch.contiguous_format,
+    optimize: str = "none",
 ) -> dict[str, tuple[Spread, Spread, Spread, Spread]]:
     """Interleaved forwards of ``dense`` and every runnable variant; per variant (dense s, variant s, speed-up, CPU)."""
     torch.manual_seed(1)
     x = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE).contiguous(memory_format=memory_format)
     models = {"dense": dense} | {v.name: v.model for v in variants if v.model is not None}
+    if optimize == "jit":
+        log(f"{case}: batch {batch}, building the frozen TorchScript inference graph of every model")
+        models = {name: jit_inference_graph(m, x) for name, m in models.items()}
     steps: dict[str, Callable[[], object]] = {name: (lambda m=m: m(x)) for name, m in models.items()}
 
     def progress(r: int, wall: dict[str, float], cpu: dict[str, float]) -> None:
@@ -339,6 +361,7 @@ def bench_case(
     warmup: int,
     wanted: list[str],
     memory_format: torch.memory_format = torch.contiguous_format,
+    optimize: str = "none",
 ) -> list[Row]:
     spec = CASES[case]
     torch.manual_seed(0)
@@ -373,7 +396,11 @@ def bench_case(
     rows = []
     for batch in batches:
         runnable = any(v.model is not None for v in variants)
-        timed = time_variants(case, dense, variants, batch, rounds[batch], warmup, memory_format) if runnable else {}
+        timed = (
+            time_variants(case, dense, variants, batch, rounds[batch], warmup, memory_format, optimize)
+            if runnable
+            else {}
+        )
         for v in variants:
             target = spec.target if v.name == "dynsparse" else None
             if v.name in timed:
@@ -451,6 +478,12 @@ def main(argv: list[str] | None = None) -> int:
         default="glibc",
         help="glibc: glibc's defaults; keep: freed memory stays in the process for reuse (default: glibc)",
     )
+    p.add_argument(
+        "--optimize",
+        choices=("none", "jit"),
+        default="none",
+        help="none: eager models; jit: every model as its frozen TorchScript inference graph (default: none)",
+    )
     args = p.parse_args(argv)
     if args.rounds is None:
         rounds = {b: 31 if b <= 4 else 11 for b in args.batch}
@@ -476,12 +509,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} intra-op thread(s), {torch.get_num_interop_threads()} inter-op; "
         f"batch {' '.join(map(str, args.batch))}; rounds {' '.join(f'{rounds[b]} (batch {b})' for b in args.batch)}; "
         f"warm-up {args.warmup}; image {IMAGE_SIZE}x{IMAGE_SIZE}, fp32, inference_mode; "
-        f"memory format {layout}; malloc {args.malloc}",
+        f"memory format {layout}; malloc {args.malloc}; optimize {args.optimize}",
         flush=True,
     )
     rows: list[Row] = []
     for case in args.cases:
-        case_rows = bench_case(case, args.batch, rounds, args.warmup, args.variants, memory_format)
+        case_rows = bench_case(case, args.batch, rounds, args.warmup, args.variants, memory_format, args.optimize)
         rows += case_rows
         for r in case_rows:
             if r.speedup is not None:
@@ -496,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"threads: {torch.get_num_threads()}; rounds: {', '.join(f'{rounds[b]} at batch {b}' for b in args.batch)}; "
-        f"memory format: {layout}; malloc: {args.malloc}"
+        f"memory format: {layout}; malloc: {args.malloc}; optimize: {args.optimize}"
     )
     print()
     print(table(rows))
