@@ -7,6 +7,8 @@ Run from the repository root (about 8 minutes with the defaults, on one thread):
     python benchmarks/convert_speed.py
     python benchmarks/convert_speed.py --cases vit --batch 1 --rounds 15
     python benchmarks/convert_speed.py --threads 2 --variants dynsparse
+    python benchmarks/convert_speed.py --cases resnet --malloc keep --channels-last
+    python benchmarks/convert_speed.py --cases resnet --malloc keep --optimize jit
 
 Cases (timm models, ``pretrained=False``, seed 0, image 224x224, fp32, eval mode):
 
@@ -45,6 +47,21 @@ FLOPs-ideal speed-up is FLOPs(dense)/FLOPs(variant), both counted with ``torch.u
 actual models (batch 1; FLOPs are linear in the batch), CPU fused attention included (``_timing.count_flops``);
 achieved/ideal = measured/ideal. The output ends with a markdown table for ``docs/benchmarks_convert.md``.
 
+Run conditions, always the same for the dense model and every variant:
+
+* ``--channels-last``: the dense model is moved to ``torch.channels_last`` before the variants are built from it
+  (``convert`` keeps the memory format of the weights it slices), every variant is moved to it as well (a no-op
+  for the converted model) and the inputs are channels-last. oneDNN then runs the convs in NHWC without reordering
+  activations to its blocked layout and back around every conv. Default: the default (NCHW) layout.
+* ``--malloc keep``: glibc keeps freed memory in the process and reuses it (``_timing.keep_freed_memory``),
+  instead of unmapping every large block on ``free`` and page-faulting fresh zeroed pages for it in the next
+  forward, as a caching allocator (jemalloc, tcmalloc) would. Default ``glibc``: glibc's defaults.
+* ``--optimize jit``: every model (dense and variants) is timed as PyTorch's inference graph of it:
+  ``torch.jit.trace`` on the timed batch, ``torch.jit.freeze``, ``torch.jit.optimize_for_inference`` (BN folded
+  into the convs, conv weights pre-packed once in oneDNN's blocked layout instead of reordered at every call,
+  conv + ReLU fused); its output is checked against the eager model's. FLOPs are counted on the eager models.
+  Default ``none``: eager PyTorch.
+
 This is a benchmark, not a test: it asserts nothing about speed.
 """
 
@@ -57,12 +74,13 @@ import os
 import platform
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import timm
 import torch
-from _timing import Spread, count_flops, interleaved_rounds, markdown_table, paired_ratios, spread
+from _timing import Spread, count_flops, interleaved_rounds, keep_freed_memory, markdown_table, paired_ratios, spread
 from torch import Tensor, nn
 
 import dynsparse as ds
@@ -279,13 +297,34 @@ def build_torch_pruning(case: str, dense: nn.Module, name: str, x1: Tensor) -> V
 # ---------------------------------------------------------------------------------------------------- timing
 
 
+def jit_inference_graph(model: nn.Module, x: Tensor) -> Callable[[Tensor], Tensor]:
+    """``model`` as PyTorch's frozen, inference-optimized TorchScript graph, traced on ``x``; checked against it."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.compile; it still works
+        graph = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model.eval(), x)))
+        ref, out = model(x), graph(x)
+        graph(x)  # the first calls run the graph optimizer's profiling passes
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+    return graph
+
+
 def time_variants(
-    case: str, dense: nn.Module, variants: list[Variant], batch: int, rounds: int, warmup: int
+    case: str,
+    dense: nn.Module,
+    variants: list[Variant],
+    batch: int,
+    rounds: int,
+    warmup: int,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    optimize: str = "none",
 ) -> dict[str, tuple[Spread, Spread, Spread, Spread]]:
     """Interleaved forwards of ``dense`` and every runnable variant; per variant (dense s, variant s, speed-up, CPU)."""
     torch.manual_seed(1)
-    x = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE)
+    x = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE).contiguous(memory_format=memory_format)
     models = {"dense": dense} | {v.name: v.model for v in variants if v.model is not None}
+    if optimize == "jit":
+        log(f"{case}: batch {batch}, building the frozen TorchScript inference graph of every model")
+        models = {name: jit_inference_graph(m, x) for name, m in models.items()}
     steps: dict[str, Callable[[], object]] = {name: (lambda m=m: m(x)) for name, m in models.items()}
 
     def progress(r: int, wall: dict[str, float], cpu: dict[str, float]) -> None:
@@ -310,10 +349,23 @@ def time_variants(
     return out
 
 
-def bench_case(case: str, batches: list[int], rounds: dict[int, int], warmup: int, wanted: list[str]) -> list[Row]:
+def _off_format(model: nn.Module, memory_format: torch.memory_format) -> int:
+    """How many 4-D parameters of ``model`` are not dense in ``memory_format``."""
+    return sum(1 for p in model.parameters() if p.ndim == 4 and not p.is_contiguous(memory_format=memory_format))
+
+
+def bench_case(
+    case: str,
+    batches: list[int],
+    rounds: dict[int, int],
+    warmup: int,
+    wanted: list[str],
+    memory_format: torch.memory_format = torch.contiguous_format,
+    optimize: str = "none",
+) -> list[Row]:
     spec = CASES[case]
     torch.manual_seed(0)
-    dense = timm.create_model(spec.model, pretrained=False).eval()
+    dense = timm.create_model(spec.model, pretrained=False).eval().to(memory_format=memory_format)
     torch.manual_seed(2)
     x1, x_verify = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE), torch.randn(VERIFY_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE)
     log(f"{case}: building variants of {spec.model} ({spec.description})")
@@ -329,6 +381,10 @@ def bench_case(case: str, batches: list[int], rounds: dict[int, int], warmup: in
             variants.append(build_torch_pruning(case, dense, name, x1))
     dense_flops = count_flops(dense, x1)
     for v in variants:
+        if v.model is not None and memory_format != torch.contiguous_format:
+            off = _off_format(v.model, memory_format)
+            v.model = v.model.to(memory_format=memory_format)  # the same layout for every model
+            v.notes.append(f"{off} 4-D weights were not {memory_format} as built; all are now")
         if v.model is not None:
             v.flops = count_flops(v.model, x1)
         flops = "FLOPs not counted"
@@ -340,7 +396,11 @@ def bench_case(case: str, batches: list[int], rounds: dict[int, int], warmup: in
     rows = []
     for batch in batches:
         runnable = any(v.model is not None for v in variants)
-        timed = time_variants(case, dense, variants, batch, rounds[batch], warmup) if runnable else {}
+        timed = (
+            time_variants(case, dense, variants, batch, rounds[batch], warmup, memory_format, optimize)
+            if runnable
+            else {}
+        )
         for v in variants:
             target = spec.target if v.name == "dynsparse" else None
             if v.name in timed:
@@ -407,6 +467,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="variants besides dense (default: all)"
     )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="dense model, variants and inputs in torch.channels_last (default: the default NCHW layout)",
+    )
+    p.add_argument(
+        "--malloc",
+        choices=("glibc", "keep"),
+        default="glibc",
+        help="glibc: glibc's defaults; keep: freed memory stays in the process for reuse (default: glibc)",
+    )
+    p.add_argument(
+        "--optimize",
+        choices=("none", "jit"),
+        default="none",
+        help="none: eager models; jit: every model as its frozen TorchScript inference graph (default: none)",
+    )
     args = p.parse_args(argv)
     if args.rounds is None:
         rounds = {b: 31 if b <= 4 else 11 for b in args.batch}
@@ -420,6 +497,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--batch, --rounds and --threads must be positive, --warmup non-negative")
 
     torch.set_num_threads(args.threads)
+    if args.malloc == "keep":
+        keep_freed_memory()  # before any model is built: the same allocator for every model
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    layout = "channels_last" if args.channels_last else "NCHW (default layout)"
     torch.set_flush_denormal(True)  # denormals would slow whichever model happens to produce them
     tp_version = importlib.metadata.version("torch-pruning") if tp is not None else "not installed"
     print(
@@ -427,12 +508,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s); "
         f"{torch.get_num_threads()} intra-op thread(s), {torch.get_num_interop_threads()} inter-op; "
         f"batch {' '.join(map(str, args.batch))}; rounds {' '.join(f'{rounds[b]} (batch {b})' for b in args.batch)}; "
-        f"warm-up {args.warmup}; image {IMAGE_SIZE}x{IMAGE_SIZE}, fp32, inference_mode",
+        f"warm-up {args.warmup}; image {IMAGE_SIZE}x{IMAGE_SIZE}, fp32, inference_mode; "
+        f"memory format {layout}; malloc {args.malloc}; optimize {args.optimize}",
         flush=True,
     )
     rows: list[Row] = []
     for case in args.cases:
-        case_rows = bench_case(case, args.batch, rounds, args.warmup, args.variants)
+        case_rows = bench_case(case, args.batch, rounds, args.warmup, args.variants, memory_format, args.optimize)
         rows += case_rows
         for r in case_rows:
             if r.speedup is not None:
@@ -445,7 +527,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"{r.case} batch {r.batch} {r.variant}: not timed; runs? {r.runs}", flush=True)
     print()
-    print(f"threads: {torch.get_num_threads()}; rounds: {', '.join(f'{rounds[b]} at batch {b}' for b in args.batch)}")
+    print(
+        f"threads: {torch.get_num_threads()}; rounds: {', '.join(f'{rounds[b]} at batch {b}' for b in args.batch)}; "
+        f"memory format: {layout}; malloc: {args.malloc}; optimize: {args.optimize}"
+    )
     print()
     print(table(rows))
     return 0

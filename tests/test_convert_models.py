@@ -279,3 +279,29 @@ def test_gated_checkpoint_round_trip_and_cli(tmp_path):
     c = ds.load(out / "model.safetensors")
     torch.testing.assert_close(c(x), model(x), rtol=1e-4, atol=1e-5)
     assert (out / "plan.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "dims"),
+    [("test_resnet", {}, ("channels",)), ("efficientnet_b0", dict(num_classes=5), ("channels",))],
+    ids=["resnet", "efficientnet_b0"],
+)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_convert_keeps_memory_format(name, kwargs, dims, channels_last):
+    """Sliced weights are fresh dense tensors in the layout of the weights they replace (no views, no mixed layouts)."""
+    model = _gated(name, kwargs, dims, close_layers=0.0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=fmt)
+    ref = model(x)
+    converted = ds.convert(model)
+    before = sum(p.numel() for p in model.parameters() if p.ndim == 4)
+    assert sum(p.numel() for p in converted.parameters() if p.ndim == 4) < before, "nothing was sliced"
+    off = [
+        f"{n} {tuple(p.shape)} strides {p.stride()}"
+        for n, p in converted.named_parameters()
+        if p.ndim == 4 and not p.is_contiguous(memory_format=fmt)
+    ]
+    assert off == [], f"convert changed the layout of: {off}"
+    assert all(p.storage_offset() == 0 for p in converted.parameters()), "a converted parameter is a view"
+    torch.testing.assert_close(converted(x), ref, rtol=1e-4, atol=1e-5)

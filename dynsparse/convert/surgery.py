@@ -21,8 +21,21 @@ __all__ = [
 ]
 
 
+def _memory_format_of(t: Tensor | None) -> torch.memory_format:
+    """The memory format ``t`` is stored in: ``channels_last`` (4-D) / ``channels_last_3d`` (5-D) when it is dense
+    in that layout and not in the default one, else ``contiguous_format`` (also when both apply, e.g. 1x1 kernels)."""
+    if t is not None and not t.is_contiguous():
+        if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def _new(t: Tensor, like: nn.Parameter | Tensor | None) -> nn.Parameter | Tensor:
-    t = t.detach().clone().contiguous()
+    # a fresh, dense copy (never a view of the old weight) in the memory format of the tensor it replaces, so a
+    # ``channels_last`` model stays ``channels_last`` and oneDNN does not reorder sliced weights at every call
+    t = t.detach().clone(memory_format=_memory_format_of(like if isinstance(like, Tensor) else None))
     if isinstance(like, nn.Parameter):
         return nn.Parameter(t, requires_grad=like.requires_grad)
     return t
