@@ -57,8 +57,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load and validate a YAML recipe; errors name the file, the field and its line."""
+def read_recipe_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Read a recipe file: its data (a mapping; ``{}`` when empty) and the line of every field path.
+
+    Raises:
+        RecipeError: The file cannot be read, is not valid YAML, or is not a mapping of fields.
+    """
     path = Path(path)
     try:
         text = path.read_text()
@@ -72,12 +76,20 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     lines: dict[str, int] = {}
     if node is not None:
         _lines(node, "", lines)
+    if data is not None and not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of fields, got {type(data).__name__}")
+    return data or {}, lines
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load and validate a YAML recipe; errors name the file, the field and its line."""
+    data, lines = read_recipe_yaml(path)
     if overrides:
-        data = apply_overrides(data or {}, overrides)
+        data = apply_overrides(data, overrides)
     try:
-        return parse_recipe(data or {}, lines)
+        return parse_recipe(data, lines)
     except RecipeError as e:
-        raise RecipeError(f"{path}: {e}") from None
+        raise RecipeError(f"{Path(path)}: {e}") from None
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -12,10 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..registry import suggest
-from .loader import _lines, apply_overrides
+from .loader import apply_overrides, read_recipe_yaml
 from .schema import Recipe, RecipeError, parse_recipe
 from .text_schema import TextRecipe, parse_text_recipe
 
@@ -24,24 +22,6 @@ __all__ = ["TASKS", "load_task_recipe", "recipe_task", "run_task_recipe"]
 #: The recipe kinds, by the value of ``task``.
 TASKS = ("image-classification", "sentence-embedding")
 DEFAULT_TASK = "image-classification"
-
-
-def _read(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read the recipe ({e.strerror})") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
-    lines: dict[str, int] = {}
-    if node is not None:
-        _lines(node, "", lines)
-    if data is not None and not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of fields, got {type(data).__name__}")
-    return data or {}, lines
 
 
 def _task(data: dict[str, Any], lines: dict[str, int]) -> str:
@@ -56,7 +36,7 @@ def _task(data: dict[str, Any], lines: dict[str, int]) -> str:
 
 def recipe_task(path: str | os.PathLike) -> str:
     """The ``task`` of the recipe file at ``path`` (``image-classification`` when it has none)."""
-    data, lines = _read(Path(path))
+    data, lines = read_recipe_yaml(Path(path))
     return _task(data, lines)
 
 
@@ -74,7 +54,7 @@ def load_task_recipe(path: str | os.PathLike, overrides: list[str] | None = None
         RecipeError: an unknown ``task`` (the known ones are listed), or any field error of its schema.
     """
     path = Path(path)
-    data, lines = _read(path)
+    data, lines = read_recipe_yaml(path)
     if overrides:
         data = apply_overrides(data, overrides)
     try:
