@@ -56,6 +56,9 @@ Run conditions, always the same for the dense model and every variant:
 * ``--malloc keep``: glibc keeps freed memory in the process and reuses it (``_timing.keep_freed_memory``),
   instead of unmapping every large block on ``free`` and page-faulting fresh zeroed pages for it in the next
   forward, as a caching allocator (jemalloc, tcmalloc) would. Default ``glibc``: glibc's defaults.
+* ``--optimize fuse``: every model with BatchNorm (dense and variants) has each conv + BN pair folded into one
+  conv by ``torch.fx.experimental.optimization.fuse`` (PyTorch's eager inference fusion) and is otherwise run
+  eagerly; models without BatchNorm (the ViTs) are unchanged.
 * ``--optimize jit``: every model (dense and variants) is timed as PyTorch's inference graph of it:
   ``torch.jit.trace`` on the timed batch, ``torch.jit.freeze``, ``torch.jit.optimize_for_inference`` (BN folded
   into the convs, conv weights pre-packed once in oneDNN's blocked layout instead of reordered at every call,
@@ -269,7 +272,7 @@ def build_torch_pruning(case: str, dense: nn.Module, name: str, x1: Tensor) -> V
         with torch.inference_mode():
             model(x1)
         as_is = "runs"
-    except Exception as e:
+    except Exception as e:  # any tracing failure: time the model unfused, say so
         as_is = f"fails ({short_error(e)})"
     if case == "vit":
         # Torch-Pruning leaves timm's attributes stale; write them back as its ViT example does.
@@ -285,7 +288,7 @@ def build_torch_pruning(case: str, dense: nn.Module, name: str, x1: Tensor) -> V
             out = model(x1)
         if out.shape != (x1.shape[0], dense.num_classes):
             raise RuntimeError(f"output shape {tuple(out.shape)}")
-    except Exception as e:
+    except Exception as e:  # any tracing failure: time the model unfused, say so
         variant.model = None
         variant.runs = f"no ({short_error(e)})"
         return variant
@@ -308,6 +311,23 @@ def jit_inference_graph(model: nn.Module, x: Tensor) -> Callable[[Tensor], Tenso
     return graph
 
 
+def fused_conv_bn(model: nn.Module, x: Tensor) -> nn.Module:
+    """``model`` with every conv + BatchNorm pair folded into one conv (``torch.fx``'s inference fusion), eager
+    otherwise; a model without BatchNorm (or that ``torch.fx`` cannot trace) is returned as is. Checked against it."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        fused = fuse(model.eval())
+    except Exception as e:  # any tracing failure: time the model unfused, say so
+        log(f"  torch.fx could not trace {type(model).__name__} ({type(e).__name__}); timed unfused")
+        return model
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-3, atol=1e-3)
+    return fused
+
+
 def time_variants(
     case: str,
     dense: nn.Module,
@@ -325,6 +345,8 @@ def time_variants(
     if optimize == "jit":
         log(f"{case}: batch {batch}, building the frozen TorchScript inference graph of every model")
         models = {name: jit_inference_graph(m, x) for name, m in models.items()}
+    elif optimize == "fuse":
+        models = {name: fused_conv_bn(m, x) for name, m in models.items()}
     steps: dict[str, Callable[[], object]] = {name: (lambda m=m: m(x)) for name, m in models.items()}
 
     def progress(r: int, wall: dict[str, float], cpu: dict[str, float]) -> None:
@@ -480,9 +502,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--optimize",
-        choices=("none", "jit"),
+        choices=("none", "jit", "fuse"),
         default="none",
-        help="none: eager models; jit: every model as its frozen TorchScript inference graph (default: none)",
+        help="none: eager models; jit: every model as its frozen TorchScript inference graph; fuse: eager with "
+        "conv + BN folded by torch.fx (default: none)",
     )
     args = p.parse_args(argv)
     if args.rounds is None:
