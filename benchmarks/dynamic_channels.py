@@ -98,11 +98,21 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=0, help="timed rounds (default: 20 at batch 1, 5 at batch 32)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--malloc",
+        choices=("glibc", "keep"),
+        default="glibc",
+        help="keep: glibc keeps and reuses freed memory (a caching allocator), for dense and dynamic alike",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.malloc == "keep":
+        from _timing import keep_freed_memory
+
+        keep_freed_memory()
     print(
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
-        f"224x224 fp32, inference_mode, keep {args.keep}"
+        f"224x224 fp32, inference_mode, keep {args.keep}, malloc {args.malloc}"
     )
     header = ["model", "batch", "strategy", "distinct / union", "dense ms", "dynamic ms", "speed-up, wall (IQR)"]
     header += ["speed-up, CPU", "FLOPs-ideal", "achieved / ideal", "rounds"]
