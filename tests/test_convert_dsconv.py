@@ -241,3 +241,19 @@ def test_no_producer_is_refused(build, fqn, match):
     ds.fix_gates_(model, {fqn: torch.arange(n) < n // 2})
     with pytest.raises(ds.UnsupportedModuleError, match=match):
         ds.convert(model)
+
+
+def test_plan_version_is_2_only_when_it_needs_producers():
+    from dynsparse.convert.plan import SlicePlan
+
+    plain = SlicePlan(entries={"blocks.0.mlp.gate": {"neurons": [0, 2]}})
+    with_producers = SlicePlan(
+        entries={"blocks.0.0.aa": {"channels": [1]}}, producers={"blocks.0.0.aa": ["conv_stem", "bn1"]}
+    )
+    assert plain.to_dict()["version"] == 1  # older readers still load it
+    assert with_producers.to_dict()["version"] == 2
+    for plan in (plain, with_producers):
+        assert SlicePlan.from_json(plan.to_json()) == plan
+    data = dict(with_producers.to_dict(), version=3)
+    with pytest.raises(ds.ConfigError, match=r"unsupported plan version 3 \(this dynsparse reads versions 1, 2"):
+        SlicePlan.from_dict(data)

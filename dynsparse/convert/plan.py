@@ -12,7 +12,11 @@ from ..errors import ConfigError
 __all__ = ["PLAN_FORMAT", "PLAN_VERSION", "SlicePlan"]
 
 PLAN_FORMAT = "dynsparse.slice_plan"
-PLAN_VERSION = 1
+#: The newest plan version this dynsparse writes and reads. Version 2 adds ``producers``; a plan without them is
+#: written as version 1, so older readers still load it, and a reader that predates ``producers`` refuses a plan
+#: that needs them (by version) instead of failing later at the weights.
+PLAN_VERSION = 2
+_READS = (1, 2)
 _DIMS = ("neurons", "heads", "channels", "layers", "width")
 
 
@@ -71,7 +75,8 @@ class SlicePlan:
         return next(iter(self.entries[fqn].values()))
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "entries": self.entries, "units": self.units}
+        version = PLAN_VERSION if self.producers else 1
+        out = {"format": PLAN_FORMAT, "version": version, "entries": self.entries, "units": self.units}
         if self.dynamic:
             out["dynamic"] = self.dynamic
         if self.producers:
@@ -90,8 +95,11 @@ class SlicePlan:
         if data.get("format") != PLAN_FORMAT:
             raise ConfigError(f"{source}: field 'format' must be {PLAN_FORMAT!r}, got {data.get('format')!r}")
         version = data.get("version")
-        if version != PLAN_VERSION:
-            raise ConfigError(f"{source}: unsupported plan version {version!r} (this dynsparse reads {PLAN_VERSION})")
+        if version not in _READS:
+            raise ConfigError(
+                f"{source}: unsupported plan version {version!r} (this dynsparse reads versions "
+                f"{', '.join(map(str, _READS))}; a newer dynsparse wrote it)"
+            )
         entries, units, dynamic = data.get("entries"), data.get("units", {}), data.get("dynamic", {})
         producers = data.get("producers", {})
         if not all(isinstance(f, Mapping) for f in (entries, units, dynamic, producers)):
