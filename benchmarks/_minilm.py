@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from dynsparse.flops import CostModel, module_flops
+from dynsparse.flops import CostModel, _exclusive, module_flops
 from dynsparse.recipes.text_data import BatchStream, collate, tokenize
 from dynsparse.recipes.text_distill import distill_loss, expand, layer_loss, layer_states, no_dropout_, width_keep
 from dynsparse.recipes.text_distill import hidden_states as _hidden
@@ -102,13 +102,7 @@ def attribute_bert_flops_(cost: CostModel, model: nn.Module, example: tuple[Tens
     index = {fqn: i for i, (fqn, _) in enumerate(cost.slots)}
     width = index.get("width")
     totals = module_flops(model, example)
-    own = dict(totals)
-    for name, flops in totals.items():
-        parent = name.rpartition(".")[0] if name else None
-        while parent is not None and parent not in totals:  # a container never called (ModuleList) is missing
-            parent = parent.rpartition(".")[0] if parent else None
-        if parent is not None:  # totals are inclusive: subtract each module from its nearest counted ancestor
-            own[parent] -= flops
+    own = _exclusive(totals)  # totals are inclusive: each module minus its nearest counted descendants
     terms: dict[tuple[int, ...], float] = defaultdict(float)
     for name, flops in own.items():
         if not flops:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 
-__all__ = ["CostModel", "count_flops", "default_input", "module_flops"]
+__all__ = ["CostModel", "count_flops", "default_input", "mean_flops", "module_flops"]
 
 
 def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -38,6 +38,15 @@ def _custom_mapping() -> dict:
 def count_flops(model: nn.Module, *inputs) -> int:
     """FLOPs of one forward pass (eval mode, 2 per multiply-add; matmuls, convs and attention, not element-wise)."""
     return module_flops(model, inputs if len(inputs) != 1 else inputs[0]).get("", 0)
+
+
+def mean_flops(model: nn.Module, images: Tensor) -> float:
+    """FLOPs of ``model`` on each of ``images`` alone (batch 1), averaged.
+
+    Exact for a static model; for one with per-input gates (routers, thresholds, per-input channels or neurons),
+    which spends different FLOPs on each input, the mean over ``images``.
+    """
+    return sum(count_flops(model, images[i : i + 1]) for i in range(len(images))) / len(images)
 
 
 def default_input(model: nn.Module) -> Tensor | None:

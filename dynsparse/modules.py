@@ -9,7 +9,7 @@ from torch import nn
 
 from .errors import DynsparseError
 
-__all__ = ["adopt", "first_param", "is_stateless", "place_like", "replace_module_"]
+__all__ = ["adopt", "first_param", "is_stateless", "module_device", "place_like", "replace_module_"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -49,6 +49,12 @@ def first_param(module: nn.Module) -> torch.Tensor | None:
         if t.is_floating_point():
             return t
     return None
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first floating parameter or buffer (the CPU when it has none)."""
+    p = first_param(module)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def is_stateless(module: nn.Module | None) -> bool:

@@ -104,7 +104,7 @@ def knob_curve(
         flops_images: FLOPs per image are counted on each of the first ``flops_images`` inputs alone (batch 1)
             and averaged: an input-dependent model (routers, thresholds) spends different FLOPs on each.
     """
-    from ..flops import count_flops
+    from ..flops import mean_flops
     from ..knob import budget
     from .latency import compare_latency
 
@@ -114,20 +114,15 @@ def knob_curve(
         raise ConfigError(f"knob_curve: x has {len(x)} inputs, fewer than the largest batch size {max(batch_sizes)}")
     model.eval()
     dense.eval()
-    n_flops = max(1, min(flops_images, len(x)))
-
-    def mean_flops(m: nn.Module) -> float:
-        return sum(count_flops(m, x[i : i + 1]) for i in range(n_flops)) / n_flops
-
-    with torch.no_grad():
-        dense_flops = mean_flops(dense)
+    x_flops = x[: max(1, min(flops_images, len(x)))]
+    dense_flops = mean_flops(dense, x_flops)
     dense_ms: dict[int, list[float]] = {b: [] for b in batch_sizes}
     points = []
     for keep in keeps:
         with budget(model, keep):
             with torch.no_grad():
                 metric = float(eval_fn(model))
-                flops = mean_flops(model) / dense_flops
+                flops = mean_flops(model, x_flops) / dense_flops
             lat, spd = {}, {}
             for b in batch_sizes:
                 xb = x[:b].contiguous()

@@ -7,11 +7,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ..atomic import atomic_write
 from ..errors import DynsparseError
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["load_checkpoint", "save_checkpoint", "to_cpu"]
+
+
+def to_cpu(obj: Any) -> Any:
+    """``obj`` (a state dict, or nested dicts and lists of tensors) with every tensor detached on the CPU."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = type(obj)((k, to_cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a module state dict's versions (load_state_dict reads them)
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..convert import convert, save
-from ..flops import module_flops
+from ..flops import mean_flops
 from .schema import Recipe, StageSpec
 from .train import Trainer, build_model
 
@@ -84,8 +84,10 @@ def run_recipe(
     del on_device
     dense = build_model(recipe).eval()
     ex = trainer.example
-    # per-input models (routers, thresholds, per-input channels / neurons) spend different FLOPs on each image
-    flops_x = _test_images(test_loader, FLOPS_IMAGES, ex.cpu())
+    # distinct test images: per-input models (routers, thresholds, per-input channels / neurons) spend different
+    # FLOPs on each, and the inputs of a timed batch make their own decisions
+    sizes = recipe.evaluate.batch_sizes if recipe.evaluate.latency else []
+    images = _test_images(test_loader, max([FLOPS_IMAGES, *sizes]), ex.cpu())
     from .train import state_digest
 
     report: dict[str, Any] = {
@@ -101,17 +103,15 @@ def run_recipe(
             "converted_nonzero": _params(converted, nonzero=True),
         },
         "flops": {
-            "dense": _mean_flops(dense, flops_x),
-            "converted": _mean_flops(converted, flops_x),
-            "images": len(flops_x),
+            "dense": mean_flops(dense, images[:FLOPS_IMAGES]),
+            "converted": mean_flops(converted, images[:FLOPS_IMAGES]),
+            "images": FLOPS_IMAGES,
         },
         "latency": [],
     }
     if recipe.evaluate.latency:
         from ..bench.latency import compare_latency
 
-        # distinct test images, so the inputs of a batch make their own decisions in input-dependent models
-        images = _test_images(test_loader, max(recipe.evaluate.batch_sizes), ex)
         for b in recipe.evaluate.batch_sizes:
             x = images[:b].contiguous()
             res = compare_latency(
@@ -174,13 +174,6 @@ def format_report(r: dict[str, Any]) -> str:
             f"median of {lat['rounds']} interleaved rounds)"
         )
     return "\n".join(lines)
-
-
-def _mean_flops(model: nn.Module, images: torch.Tensor) -> float:
-    """FLOPs of ``model`` on each image alone (batch 1), averaged: exact for static models, the mean for dynamic."""
-    with torch.no_grad():
-        total = sum(module_flops(model, images[i : i + 1]).get("", 0) for i in range(len(images)))
-    return total / len(images)
 
 
 def _test_images(loader, n: int, example: torch.Tensor) -> torch.Tensor:

@@ -35,13 +35,14 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import atomic_write
+from ..modules import module_device
 from ..regularizers.budget import TargetSparsity
 from ..sparsify import fix_gates_, named_gates, sparsify_
-from .checkpoint import save_checkpoint
+from .checkpoint import save_checkpoint, to_cpu
 from .device import resolve_device
 from .loader import recipe_to_dict
 from .schema import RecipeError
-from .text_checkpoint import FINETUNE_FIELDS, GATE_FIELDS, fingerprint, load_stage, rng_state, set_rng_state, to_cpu
+from .text_checkpoint import FINETUNE_FIELDS, GATE_FIELDS, fingerprint, load_stage, rng_state, set_rng_state
 from .text_data import BatchStream, collate, prepare_text_data
 from .text_distill import distillation_loss, expand, hidden_states, no_dropout_, width_keep
 from .text_schema import EncoderSpec, TextRecipe, sparsify_spec
@@ -139,9 +140,10 @@ def gate_steps_(
     """
     no_dropout_(student.train())
     hc = [g for _, g in named_gates(student) if hasattr(g, "constrain_")]
+    dev = module_device(student)
     d = None
     for step in range(start, steps):
-        ids, mask = next(data)
+        ids, mask = (t.to(dev) for t in next(data))  # once per step, for the teacher and the student
         d = distillation_loss(teacher, student, ids, mask, keep=None, w_tok=w_tok, w_layer=w_layer)
         reg = budget(step)
         (d + reg).backward()
@@ -207,9 +209,10 @@ def finetune_steps_(
     ``keep``: the model's residual channels among the teacher's (None: all). Returns the last loss.
     """
     no_dropout_(model.train())
+    dev = module_device(model)
     loss = None
     for step in range(start, steps):
-        ids, mask = next(data)
+        ids, mask = (t.to(dev) for t in next(data))  # once per step, for the teacher and the model
         loss = distillation_loss(teacher, model, ids, mask, keep=keep, w_tok=w_tok, w_layer=w_layer)
         loss.backward()
         opt.step()

@@ -10,29 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from .checkpoint import load_checkpoint
 from .loader import recipe_to_dict
 from .schema import RecipeError
 from .text_schema import TextRecipe
 
-__all__ = ["FINETUNE_FIELDS", "GATE_FIELDS", "fingerprint", "load_stage", "rng_state", "set_rng_state", "to_cpu"]
+__all__ = ["FINETUNE_FIELDS", "GATE_FIELDS", "fingerprint", "load_stage", "rng_state", "set_rng_state"]
 
 #: Recipe fields each stage's result depends on: a checkpoint written under other values is not resumed.
 GATE_FIELDS = ("encoder", "data", "sparsify", "budget", "optimizer", "loss", "steps", "seed")
 FINETUNE_FIELDS = (*GATE_FIELDS, "finetune_steps")
-
-
-def to_cpu(obj: Any) -> Any:
-    """``obj`` with every tensor in it (in dicts, lists, tuples) detached and on the CPU; other values as they are."""
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

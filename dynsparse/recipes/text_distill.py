@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..modules import module_device
 from ..pretrained import mean_pool
 
 __all__ = [
@@ -78,19 +79,15 @@ def no_dropout_(model: nn.Module) -> nn.Module:
     return model
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def hidden_states(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
     """The last hidden states ``(B, N, C)`` of a transformers encoder, on the model's device."""
-    dev = _device(model)
+    dev = module_device(model)
     return model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
 
 
 def layer_states(model: nn.Module, ids: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
     """Every layer's output hidden states (embeddings excluded), on the model's device."""
-    dev = _device(model)
+    dev = module_device(model)
     out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), output_hidden_states=True)
     return tuple(out.hidden_states[1:])
 

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..gates import FixedGate, Gate, HardConcreteGate
-from ..modules import first_param
+from ..modules import module_device
 from ..sparsify import fix_gates_, named_gates, sparsify_
 from .calibrate import calibrate_, harden_thresholds_, replay_
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, to_cpu
 from .device import resolve_device
 from .loader import recipe_to_dict
 from .pruning import StagePruning
@@ -92,25 +92,6 @@ def state_digest(model: nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _cpu(obj: Any) -> Any:
-    """``obj`` (a state dict, or nested dicts and lists of tensors) with every tensor detached on the CPU."""
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        out = type(obj)((k, _cpu(v)) for k, v in obj.items())
-        if hasattr(obj, "_metadata"):  # a module state dict's versions (load_state_dict reads them)
-            out._metadata = obj._metadata
-        return out
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu(v) for v in obj)
-    return obj
-
-
-def _module_device(model: nn.Module) -> torch.device:
-    p = first_param(model)
-    return p.device if p is not None else torch.device("cpu")
 
 
 @dataclass
@@ -328,7 +309,7 @@ class Trainer:
         metric = MulticlassAccuracy(num_classes=n_cls, average="micro", sync_on_compute=False)  # every rank sees all
         was = model.training
         model.eval()
-        device = _module_device(model)
+        device = module_device(model)
         with torch.no_grad():
             for x, y in loader:
                 metric.update(model(x.to(device, non_blocking=True)).argmax(-1).cpu(), y)
@@ -551,4 +532,4 @@ class Trainer:
                 "recipe": json.dumps(recipe_to_dict(self.recipe)),
             },
         }
-        save_checkpoint(_cpu(state), path)
+        save_checkpoint(to_cpu(state), path)
