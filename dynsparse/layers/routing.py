@@ -90,17 +90,14 @@ class RoutedPolicyBlock(RoutedBlock, PolicyBlock):
         state = self._token_state
         pk = state.packing
         rows = x.reshape(pk.total, -1)
-        if self.router.pool == "token":
-            z = rows.index_select(0, torch.tensor(pk.offsets, device=rows.device))
-        else:
-            z = pk.mean(rows)
+        z = rows.index_select(0, pk.starts) if self.router.pool == "token" else pk.mean(rows)
         run = self.router.decide(self.router.logits_pooled(z))[:, 0] > 0
         n = int(run.sum())
         if n == 0:
             return x
         if n == pk.batch:
             return self._mlp(self._attend(x, None, False)[0])
-        sub, idx = pk.subset(run.nonzero().squeeze(1))
+        sub, idx = pk.subset(run)
         state.packing = sub
         try:
             y = self._mlp(self._attend(sub.shape(rows.index_select(0, idx)), None, False)[0])

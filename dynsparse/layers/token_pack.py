@@ -48,13 +48,28 @@ class Packing:
         self._valid: Tensor | None = None
         self._index: Tensor | None = None
         self._segment: Tensor | None = None
+        self._counts: Tensor | None = None
+        self._starts: Tensor | None = None
+
+    @property
+    def counts(self) -> Tensor:
+        """(B,) int64: the number of tokens of each input (``lengths`` as a tensor, built once)."""
+        if self._counts is None:
+            self._counts = torch.tensor(self.lengths, device=self.device)
+        return self._counts
+
+    @property
+    def starts(self) -> Tensor:
+        """(B,) int64: the packed row of each input's first token (``offsets`` as a tensor, built once)."""
+        if self._starts is None:
+            self._starts = torch.tensor(self.offsets, device=self.device)
+        return self._starts
 
     @property
     def valid(self) -> Tensor:
         """(B, n_max) bool: which padded positions hold a token."""
         if self._valid is None:
-            n = torch.tensor(self.lengths, device=self.device)
-            self._valid = torch.arange(self.nmax, device=self.device) < n[:, None]
+            self._valid = torch.arange(self.nmax, device=self.device) < self.counts[:, None]
         return self._valid
 
     @property
@@ -84,28 +99,26 @@ class Packing:
     def segment(self) -> Tensor:
         """(T,) the input each packed row belongs to."""
         if self._segment is None:
-            n = torch.tensor(self.lengths, device=self.device)
-            self._segment = torch.repeat_interleave(torch.arange(self.batch, device=self.device), n)
+            self._segment = torch.repeat_interleave(torch.arange(self.batch, device=self.device), self.counts)
         return self._segment
 
-    def subset(self, inputs: Tensor) -> tuple[Packing, Tensor]:
+    def subset(self, keep: Tensor) -> tuple[Packing, Tensor]:
         """The packing of some inputs only, and their rows.
 
         Args:
-            inputs: (b,) increasing indices of the inputs kept.
+            keep: (B,) bool, the inputs kept.
 
         Returns:
-            Their `Packing` (in the order of ``inputs``) and the (T',) indices of their packed rows.
+            Their `Packing` (in input order) and the (T',) indices of their packed rows.
         """
-        keep = torch.zeros(self.batch, dtype=torch.bool, device=self.device).index_fill_(0, inputs, True)
-        sub = Packing([self.lengths[i] for i in inputs.tolist()], device=self.device)
+        sub = Packing([n for n, k in zip(self.lengths, keep.tolist(), strict=True) if k], device=self.device)
         return sub, keep[self.segment].nonzero().squeeze(1)
 
     def mean(self, rows: Tensor) -> Tensor:
         """Packed rows ``(T, F)`` -> ``(B, F)``: the mean of each input's rows."""
         if self.uniform:
             return rows.view(self.batch, self.nmax, -1).mean(1)
-        n = torch.tensor(self.lengths, device=rows.device, dtype=rows.dtype)
+        n = self.counts.to(rows.dtype)
         return rows.new_zeros(self.batch, rows.shape[-1]).index_add_(0, self.segment, rows) / n[:, None]
 
     def __repr__(self) -> str:
