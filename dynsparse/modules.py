@@ -9,7 +9,16 @@ from torch import nn
 
 from .errors import DynsparseError
 
-__all__ = ["adopt", "first_param", "is_stateless", "module_device", "place_like", "replace_module_"]
+__all__ = [
+    "adopt",
+    "first_param",
+    "is_stateless",
+    "join_fqn",
+    "module_device",
+    "place_like",
+    "replace_module_",
+    "submodule_or_none",
+]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -38,6 +47,19 @@ def replace_module_(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
     return model
+
+
+def join_fqn(*parts: str) -> str:
+    """Qualified module name from its parts, empty parts skipped: ``join_fqn("", "blocks.0", "mlp")``."""
+    return ".".join(p for p in parts if p)
+
+
+def submodule_or_none(model: nn.Module, fqn: str) -> nn.Module | None:
+    """``model``'s submodule at ``fqn`` (``""``: the model), or None when there is none."""
+    try:
+        return model.get_submodule(fqn) if fqn else model
+    except AttributeError:
+        return None
 
 
 def first_param(module: nn.Module) -> torch.Tensor | None:

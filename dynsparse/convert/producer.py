@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
+from ..modules import join_fqn, submodule_or_none
 from .surgery import slice_bn_, slice_conv_out_, slice_depthwise_
 
 __all__ = ["check_producers", "input_producers", "slice_producers_", "slot_producers"]
@@ -51,10 +52,6 @@ def _kind(m: nn.Module) -> str | None:
     return None
 
 
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
-
-
 def _get(model: nn.Module, fqn: str) -> nn.Module:
     return model.get_submodule(fqn) if fqn else model
 
@@ -70,7 +67,7 @@ def _before(model: nn.Module, seq_fqn: str, seq: nn.Sequential, index: int, chai
 
     names = list(seq._modules)
     for name in reversed(names[:index]):
-        fqn, m = _join(seq_fqn, name), seq._modules[name]
+        fqn, m = join_fqn(seq_fqn, name), seq._modules[name]
         kind = _kind(m)
         if kind == "conv":
             return [fqn, *chain]
@@ -90,7 +87,7 @@ def _before(model: nn.Module, seq_fqn: str, seq: nn.Sequential, index: int, chai
                 f"its input is the output of {fqn!r} ({type(m).__name__}), a module the converter cannot slice on "
                 "its output channels"
             )
-        return [_join(fqn, p) for p in proj] + chain
+        return [join_fqn(fqn, p) for p in proj] + chain
     return _input_of(model, seq_fqn, chain)
 
 
@@ -110,7 +107,7 @@ def _input_of(model: nn.Module, fqn: str, chain: list[str]) -> list[str]:
             f"no rule says what produces the input of {fqn!r} in {where} ({type(parent).__name__}); known: "
             "nn.Sequential containers and timm EfficientNet / MobileNetV3 models"
         )
-    return [_join(parent_fqn, p) for p in rule] + chain
+    return [join_fqn(parent_fqn, p) for p in rule] + chain
 
 
 def input_producers(model: nn.Module, fqn: str, dimension: str = "channels") -> list[str]:
@@ -169,7 +166,7 @@ def check_producers(model: nn.Module, fqns: list[str], num_units: int | None, ow
     from ..errors import ConfigError
 
     for fqn in fqns:
-        m = _get_or_none(model, fqn)
+        m = submodule_or_none(model, fqn)
         kind = _kind(m) if m is not None else None
         if kind is None:
             raise ConfigError(f"slice plan producers of {owner!r}: {fqn!r} is not a conv or BatchNorm of the model")
@@ -178,13 +175,6 @@ def check_producers(model: nn.Module, fqns: list[str], num_units: int | None, ow
             raise ConfigError(
                 f"slice plan producers of {owner!r}: {fqn!r} has {n} channels, the gate has {num_units} units"
             )
-
-
-def _get_or_none(model: nn.Module, fqn: str) -> nn.Module | None:
-    try:
-        return _get(model, fqn)
-    except AttributeError:
-        return None
 
 
 def slice_producers_(model: nn.Module, fqns: list[str], idx: Tensor) -> None:

@@ -70,7 +70,7 @@ from ..gates import GateSpec, make_gate
 from ..layers.hf_base import slice_in_, slice_out_
 from ..layers.hf_norm import WIDTH_NORMS, gate_norm, ungate_norm
 from ..layers.slot import GateSlot
-from ..modules import first_param
+from ..modules import first_param, join_fqn, submodule_or_none
 
 __all__ = [
     "KERNELS",
@@ -156,38 +156,27 @@ def _host(m: nn.Module) -> type[nn.Module]:
     return getattr(type(m), "host_class", type(m))
 
 
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
-
-
 def _roles(model: nn.Module) -> list[tuple[str, str, str, nn.Module]]:
     """``(owner_fqn, role, child, owner)`` for every listed child present in ``model``."""
     out = []
     for fqn, m in model.named_modules():
         for role, children in ROLES.get(_host(m), {}).items():
             for child in children:
-                target = getattr(m, child, None) if role == "params" else _get(m, child)
+                target = getattr(m, child, None) if role == "params" else submodule_or_none(m, child)
                 if target is not None:
                     out.append((fqn, role, child, m))
     return out
 
 
-def _get(m: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return m.get_submodule(path)
-    except AttributeError:
-        return None
-
-
 def check_covered(model: nn.Module, roles: list[tuple[str, str, str, nn.Module]] | None = None) -> None:
     """Raise `UnsupportedModuleError` for the first module with parameters that `ROLES` does not cover."""
     roles = _roles(model) if roles is None else roles
-    covered = {_join(fqn, child) for fqn, _, child, _ in roles}
+    covered = {join_fqn(fqn, child) for fqn, _, child, _ in roles}
     for fqn, m in model.named_modules():
         own = [n for n, _ in m.named_parameters(recurse=False)]
         if not own or ".gate" in f".{fqn}":
             continue
-        names = {_join(fqn, n) for n in own}
+        names = {join_fqn(fqn, n) for n in own}
         if any(fqn == c or fqn.startswith(c + ".") for c in covered) or names <= covered:
             continue
         raise UnsupportedModuleError(
@@ -228,7 +217,7 @@ def gate_width_(model: nn.Module, gate: GateSpec) -> nn.Module:
         norm = m.get_submodule(child)
         if type(norm) not in WIDTH_NORMS or tuple(norm.weight.shape) != (width,):
             raise UnsupportedModuleError(
-                _join(fqn, child), type(norm).__name__, "width", f"not a known norm over the {width} stream channels"
+                join_fqn(fqn, child), type(norm).__name__, "width", f"not a known norm over the {width} stream channels"
             )
     ref = first_param(model)
     g = make_gate(gate, width, device=ref.device, dtype=ref.dtype)

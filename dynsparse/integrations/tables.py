@@ -17,6 +17,7 @@ from torch import nn
 from ..gates import GateSpec
 from ..layers.base import GatedLayer
 from ..layers.residual import Branch
+from ..modules import submodule_or_none
 
 __all__ = [
     "branches_of",
@@ -164,13 +165,6 @@ def close_branches(block: nn.Module, closed: set[str]) -> nn.Module | None:
     return t.close_branches(block, closed)
 
 
-def _get(model: nn.Module, fqn: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(fqn) if fqn else model
-    except AttributeError:
-        return None
-
-
 def owns(module: nn.Module, dim: str, child: str) -> bool:
     if dim == "layers":
         branches = branches_of(module)
@@ -189,7 +183,7 @@ def slot_owner(model: nn.Module, fqn: str, dim: str) -> tuple[str, str]:
     parts = fqn.split(".")
     for i in range(len(parts) - 1, -1, -1):
         owner, child = ".".join(parts[:i]), ".".join(parts[i:])
-        module = _get(model, owner)
+        module = submodule_or_none(model, owner)
         if module is not None and owns(module, dim, child):
             return owner, child
     parent, _, child = fqn.rpartition(".")
@@ -199,7 +193,7 @@ def slot_owner(model: nn.Module, fqn: str, dim: str) -> tuple[str, str]:
 def unslot_(model: nn.Module, fqn: str, inner: nn.Module | None) -> None:
     """Take the gate slot at ``fqn`` out of ``model`` (in place), restoring the child it replaced (``inner``)."""
     parent_fqn, _, child = fqn.rpartition(".")
-    parent = _get(model, parent_fqn)
+    parent = submodule_or_none(model, parent_fqn)
     if child in ("gate_in", "gate_out") and "transformers" in sys.modules:
         from ..layers.hf_base import is_carrier, uncarry_path_
 

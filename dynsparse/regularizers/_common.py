@@ -12,6 +12,7 @@ from ..errors import ConfigError
 from ..gates.functional import topk_mask
 from ..layers.base import GatedLayer
 from ..layers.slot import GateSlot
+from ..modules import join_fqn
 from ..registry import suggest
 
 __all__ = [
@@ -39,10 +40,6 @@ class SlotRef(NamedTuple):
     slot: GateSlot
 
 
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
-
-
 def check_dimensions(owner: str, dimensions: Iterable[str]) -> tuple[str, ...]:
     """Validate dimension words against `UNIT_DIMENSIONS`; returns them as a tuple."""
     if isinstance(dimensions, str):
@@ -67,7 +64,7 @@ def gated_slots(model: nn.Module, dimensions: Iterable[str]) -> Iterator[SlotRef
             continue
         for child, slot in module.gate_slots():
             if slot.dimension in dims:
-                yield SlotRef(_join(fqn, child, "gate"), fqn, module, child, slot)
+                yield SlotRef(join_fqn(fqn, child, "gate"), fqn, module, child, slot)
 
 
 def keep_at_least(mask: Tensor, scores: Tensor, min_keep: int) -> Tensor:
