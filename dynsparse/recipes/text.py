@@ -131,12 +131,13 @@ def gate_steps_(
     w_layer: float = 0.0,
     start: int = 0,
     log_every: int = 25,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, Tensor], None] | None = None,
 ) -> float | None:
     """Gate-stage steps ``start .. steps - 1``: distillation + the FLOPs Lagrangian (trains ``student`` in place).
 
     Every model, the budget and the optimizers are already on the training device; ``on_step(done, loss)`` is
-    called after each step (``done``: steps finished). Returns the last step's distillation loss.
+    called after each step (``done``: steps finished; ``loss``: a detached tensor, read it only when needed).
+    Returns the last step's distillation loss.
     """
     no_dropout_(student.train())
     hc = [g for _, g in named_gates(student) if hasattr(g, "constrain_")]
@@ -166,8 +167,8 @@ def gate_steps_(
                 budget.lambda1.item(),
                 budget.lambda2.item(),
             )
-        if on_step is not None:
-            on_step(step + 1, d.item())
+        if on_step is not None:  # the loss as a tensor: a callback reads it (a device sync) only when it logs
+            on_step(step + 1, d.detach())
     return None if d is None else d.item()
 
 
@@ -202,7 +203,7 @@ def finetune_steps_(
     start: int = 0,
     log_every: int = 25,
     name: str = "finetune",
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, Tensor], None] | None = None,
 ) -> float | None:
     """Distillation fine-tune steps ``start .. steps - 1`` of a converted (plain) model, in place.
 
@@ -220,7 +221,7 @@ def finetune_steps_(
         if step % log_every == 0 or step == steps - 1:
             log.info("%s fine-tune step %4d/%d: distill %.4f", name, step, steps, loss.item())
         if on_step is not None:
-            on_step(step + 1, loss.item())
+            on_step(step + 1, loss.detach())
     return None if loss is None else loss.item()
 
 
@@ -333,21 +334,23 @@ def run_text_recipe(
     if ck_g is None or not ck_g["done"]:
         bar = _progress(recipe.steps, start, "gates", progress)
 
-        def on_gate_step(done: int, loss: float) -> None:
+        def on_gate_step(done: int, loss: Tensor) -> None:
             if bar is not None:
                 bar.update(1)
             if (done - 1) % recipe.log_every == 0 or done == recipe.steps:
+                with torch.no_grad():
+                    expected = budget.expected().item()
                 record(
                     stage="gates",
                     step=done,
-                    loss=loss,
-                    expected_flops=budget.expected().item(),
+                    loss=loss.item(),
+                    expected_flops=expected,
                     target=budget.target_at(done - 1),
                     lambda1=budget.lambda1.item(),
                     lambda2=budget.lambda2.item(),
                 )
             if recipe.checkpoint_every and done % recipe.checkpoint_every == 0 and done < recipe.steps:
-                save_gates(done, loss, done=False)
+                save_gates(done, loss.item(), done=False)
 
         gate_loss = gate_steps_(
             teacher,
@@ -431,13 +434,13 @@ def run_text_recipe(
     if ck_f is None or not ck_f["done"]:
         bar = _progress(recipe.finetune_steps, start_f, "finetune", progress)
 
-        def on_ft_step(done: int, loss: float) -> None:
+        def on_ft_step(done: int, loss: Tensor) -> None:
             if bar is not None:
                 bar.update(1)
             if (done - 1) % recipe.log_every == 0 or done == recipe.finetune_steps:
-                record(stage="finetune", step=done, loss=loss)
+                record(stage="finetune", step=done, loss=loss.item())
             if recipe.checkpoint_every and done % recipe.checkpoint_every == 0 and done < recipe.finetune_steps:
-                save_finetune(done, loss, done=False)
+                save_finetune(done, loss.item(), done=False)
 
         ft_loss = finetune_steps_(
             teacher,
