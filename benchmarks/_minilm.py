@@ -8,6 +8,7 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from dynsparse.flops import CostModel, _exclusive, module_flops
@@ -79,6 +80,26 @@ def magnitude_sparsity(teacher: nn.Module, kept: float) -> float:
     """Fraction of heads and neurons to remove by magnitude so the kept FLOPs are about ``kept``."""
     heads = teacher.config.num_attention_heads
     return 1.0 - max(1, round(kept * heads)) / heads
+
+
+def magnitude_pruned(model: nn.Module, sparsity: float, verify_inputs=None) -> nn.Module:
+    """The magnitude baseline: ``sparsity`` of the heads and of the FFN neurons of every layer removed by weight
+    magnitude (``ds.prune.structured_``), converted (checked on ``verify_inputs`` when given). ``model`` is gated in
+    place; the converted model is returned."""
+    import dynsparse as ds
+
+    ds.prune.structured_(model, {"heads": sparsity, "neurons": sparsity}, importance="magnitude")
+    return ds.convert(model, verify_inputs=verify_inputs)
+
+
+def forward_step(model: nn.Module, ids: Tensor, mask: Tensor):
+    """A no-argument step that runs ``model`` once on ``(ids, mask)`` under inference mode (for the timers)."""
+
+    def run() -> None:
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=mask)
+
+    return run
 
 
 def attribute_bert_flops_(cost: CostModel, model: nn.Module, example: tuple[Tensor, Tensor]) -> CostModel:

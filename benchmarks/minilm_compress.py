@@ -51,6 +51,8 @@ from _minilm import (
     collate,
     encode,
     expand,
+    forward_step,
+    magnitude_pruned,
     magnitude_sparsity,
     probe,
     structure,
@@ -302,8 +304,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for p in base.parameters():
             p.requires_grad_(True)
         if method == "magnitude":
-            ds.prune.structured_(base, {"heads": s, "neurons": s}, importance="magnitude")
-            base = ds.convert(base, verify_inputs=(vids, vmask))
+            base = magnitude_pruned(base, s, verify_inputs=(vids, vmask))
         else:
             torch_pruning_(base, s, example)
         teacher.to(dev)
@@ -334,14 +335,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         say(f"probe {name}: {acc[name]:.2f} %")
     cos = {name: (e * emb["dense"]).sum(-1) for name, e in emb.items()}
 
-    def step(m: nn.Module):
-        def run() -> None:
-            with torch.inference_mode():
-                m(input_ids=example[0], attention_mask=example[1])
-
-        return run
-
-    timings = interleaved_rounds({name: step(m) for name, (m, _) in models.items()}, rounds=args.rounds, warmup=3)
+    steps = {name: forward_step(m, *example) for name, (m, _) in models.items()}
+    timings = interleaved_rounds(steps, rounds=args.rounds, warmup=3)
     say("latency done")
 
     rows, results = [], {"args": vars(args), "models": {}}

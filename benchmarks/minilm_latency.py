@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _minilm import forward_step, magnitude_pruned
 from _timing import count_flops, interleaved_rounds, markdown_table, paired_ratios, spread
 
 import dynsparse as ds
@@ -45,20 +46,12 @@ def main(argv: Sequence[str] | None = None) -> list[list[str]]:
         plan = ds.SlicePlan.from_json(Path(path).read_text())
         models[Path(path).stem] = ds.apply_plan(copy.deepcopy(dense), plan).eval()
     if args.baseline_keep < 1:
-        base = copy.deepcopy(dense)
-        s = 1.0 - args.baseline_keep
-        ds.prune.structured_(base, {"heads": s, "neurons": s}, importance="magnitude")
-        models["magnitude (uniform)"] = ds.convert(base).eval()
+        models["magnitude (uniform)"] = magnitude_pruned(copy.deepcopy(dense), 1.0 - args.baseline_keep).eval()
     flops = {name: count_flops(m, ids, mask) for name, m in models.items()}
 
-    def step(m: torch.nn.Module):
-        def run() -> None:
-            with torch.inference_mode():
-                m(input_ids=ids, attention_mask=mask)
-
-        return run
-
-    t = interleaved_rounds({name: step(m) for name, m in models.items()}, rounds=args.rounds, warmup=3)
+    t = interleaved_rounds(
+        {name: forward_step(m, ids, mask) for name, m in models.items()}, rounds=args.rounds, warmup=3
+    )
     rows = []
     for name in models:
         sp = spread(paired_ratios(t.cpu["dense"], t.cpu[name]))
