@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+import dynsparse as ds
 from dynsparse.flops import CostModel, _exclusive, module_flops
 from dynsparse.recipes.text_data import BatchStream, collate, tokenize
 from dynsparse.recipes.text_distill import distill_loss, expand, layer_loss, layer_states, no_dropout_, width_keep
@@ -86,8 +87,6 @@ def magnitude_pruned(model: nn.Module, sparsity: float, verify_inputs=None) -> n
     """The magnitude baseline: ``sparsity`` of the heads and of the FFN neurons of every layer removed by weight
     magnitude (``ds.prune.structured_``), converted (checked on ``verify_inputs`` when given). ``model`` is gated in
     place; the converted model is returned."""
-    import dynsparse as ds
-
     ds.prune.structured_(model, {"heads": sparsity, "neurons": sparsity}, importance="magnitude")
     return ds.convert(model, verify_inputs=verify_inputs)
 
