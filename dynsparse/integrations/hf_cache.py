@@ -41,7 +41,23 @@ def _count_tokens(layer_idx: int, hidden_states: Tensor, inputs: tuple[Any, ...]
     cache.update(zeros, zeros, layer_idx)
 
 
-class ZeroAttention(nn.Module):
+class _RemovedPart(nn.Module):
+    """What `ZeroAttention` and `SkipLayer` share: their cache entry and the token count for a cache with no layer."""
+
+    def __init__(self, layer_idx: int | None = None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.counts_tokens = False
+
+    def _count(self, hidden_states: Tensor, args: tuple, kwargs: dict) -> None:
+        if self.counts_tokens:
+            _count_tokens(self.layer_idx, hidden_states, (*args, *kwargs.values()))
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, counts_tokens={self.counts_tokens}"
+
+
+class ZeroAttention(_RemovedPart):
     """A removed attention branch: returns ``(zeros like the input, None)`` like an HF attention module.
 
     Args:
@@ -52,39 +68,22 @@ class ZeroAttention(nn.Module):
             call's tokens in cache entry ``layer_idx`` (zeros of shape ``(B, 1, T, 1)``) so the cache keeps its length.
     """
 
-    def __init__(self, layer_idx: int | None = None) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.counts_tokens = False
-
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
         """``hidden_states: (B, T, C)`` -> zeros of the same shape; a cache among the inputs is only counted."""
-        if self.counts_tokens:
-            _count_tokens(self.layer_idx, hidden_states, (*args, *kwargs.values()))
+        self._count(hidden_states, args, kwargs)
         return hidden_states.new_zeros(hidden_states.shape), None
 
-    def extra_repr(self) -> str:
-        return f"layer_idx={self.layer_idx}, counts_tokens={self.counts_tokens}"
 
-
-class SkipLayer(nn.Module):
+class SkipLayer(_RemovedPart):
     """A removed transformer layer (both branches closed): returns its first input and ignores the rest.
 
     Args / attributes: as `ZeroAttention` (``layer_idx`` is the cache entry of the layer's attention).
     """
 
-    def __init__(self, layer_idx: int | None = None) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.counts_tokens = False
-
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """``hidden_states: (B, T, C)`` -> ``hidden_states``; a cache among the inputs is only counted."""
-        if self.counts_tokens:
-            _count_tokens(self.layer_idx, hidden_states, (*args, *kwargs.values()))
+        self._count(hidden_states, args, kwargs)
         return hidden_states
-
-    extra_repr = ZeroAttention.extra_repr
 
 
 def assign_cache_slots_(model: nn.Module, attention: tuple[type[nn.Module], ...], config: Any) -> nn.Module:
