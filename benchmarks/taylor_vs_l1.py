@@ -27,7 +27,12 @@ every block (the ``act1`` slot, between ``conv1`` and ``conv2``) and closes half
   method. ``--layers 2 2 2 2`` gives a deeper, ResNet-18-style network (two blocks per stage);
 * ``taylor-global``: one-shot, ranked across the gates without normalisation (Molchanov 2019);
   ``taylor-global-l2`` / ``l1-global-l2``: ranked across the gates after per-gate ℓ2 normalisation (Molchanov
-  2017). With a global ranking the widths, hence the FLOPs, differ from the layer-wise methods and between them.
+  2017). With a global ranking the widths, hence the FLOPs, differ from the layer-wise methods and between them;
+* ``taylor-flops`` / ``l1-flops`` / ``random-flops``: one-shot, ``structured_(model, ["channels"], flops=F)``:
+  ranked across the gates by score per FLOP (`dynsparse.importance.flops_keep_masks`) down to the kept FLOPs
+  fraction ``F`` of the layer-wise ``--sparsity`` cut (or ``--flops``), so every method lands on the same FLOPs
+  (within one channel) and the criterion decides where to cut; Taylor unnormalised (loss units compare across
+  layers), L1 after per-gate ℓ2 normalisation; at most ``--max-sparsity`` of any gate.
 
 Then the network is fine-tuned for ``--finetune`` epochs (SGD lr 0.01, cosine; one-shot methods fine-tune the
 converted model, iterative ones the gated model, then convert: the same number of steps), converted with
@@ -75,6 +80,9 @@ METHODS = (
     "taylor-paper",
     "l1-paper",
     "random-paper",
+    "taylor-flops",
+    "l1-flops",
+    "random-flops",
 )
 DEFAULT_METHODS = ("l1", "taylor", "random", "taylor-iter", "l1-iter")
 
@@ -250,6 +258,12 @@ def prune_paper(method: str, dense: nn.Module, loader, seed: int, args, test_loa
     return model, before
 
 
+def layer_cut_flops(dense: nn.Module, sparsity: float, example: torch.Tensor) -> float:
+    """Kept FLOPs fraction of the layer-wise cut (``sparsity`` of every gate): the ``*-flops`` methods' budget."""
+    model = ds.prune.structured_(copy.deepcopy(dense), {"channels": sparsity}, scope="layer")
+    return count_flops(ds.convert(model), example) / count_flops(dense, example)
+
+
 def synthetic(n: int, seed: int) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
@@ -277,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
     ap.add_argument("--iter-calib", type=int, default=5, help="iterative: Taylor batches per pruning step")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
+    ap.add_argument("--flops", type=float, default=None, help="*-flops: kept FLOPs fraction (default: the layer cut's)")
+    ap.add_argument("--max-sparsity", type=float, default=0.9, help="*-flops: most of any one gate removed")
     ap.add_argument("--synthetic", type=int, default=0, help="use N random examples instead of the dataset")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -311,6 +327,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
                 train(model, loader, args.finetune, 0.01, seed + 1, hook=hook)
                 small = ds.convert(model)
                 before[method].append(float("nan"))
+            elif method.endswith("-flops"):
+                budget = args.flops if args.flops is not None else layer_cut_flops(dense, args.sparsity, example)
+                data = calib_batches(train_set, args.calib, seed, 0) if method.startswith("taylor") else None
+                ds.prune.structured_(
+                    model,
+                    ["channels"],
+                    importance=importance(method, seed, args.calib),
+                    data=data,
+                    flops=budget,
+                    normalize="l2" if method.startswith("l1") else "none",
+                    max_sparsity=args.max_sparsity,
+                    example_input=example,
+                )
+                small = ds.convert(model)
+                before[method].append(evaluate(small, test_loader))
+                train(small, loader, args.finetune, 0.01, seed + 1)
+                model = None
             else:
                 scope = "global" if "-global" in method else "layer"
                 norm = "l2" if method.endswith("-l2") else "none"
@@ -358,7 +391,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
         pre = fmt(before[method]) if method in before and not math.isnan(before[method][0]) else "–"
         per_seed = ", ".join(f"{100 * e:.2f}" for e in errs)
         print(f"| {method} | {mflops} | {pre} | {fmt(errs)} | {per_seed} |")
-    for a, b in (("taylor", "l1"), ("taylor-iter", "l1-iter"), ("taylor-paper", "l1-paper")):
+    pairs = (
+        ("taylor", "l1"),
+        ("taylor-iter", "l1-iter"),
+        ("taylor-paper", "l1-paper"),
+        ("taylor-flops", "l1"),
+        ("taylor-flops", "l1-flops"),
+        ("taylor-flops", "taylor"),
+        ("taylor-flops", "random-flops"),
+    )
+    for a, b in pairs:
         if a in errors and b in errors:
             diffs = [100 * (x - y) for x, y in zip(errors[a], errors[b], strict=True)]
             per_seed = ", ".join(f"{d:+.2f}" for d in diffs)

@@ -10,7 +10,8 @@ Two levels:
 * **Per unit** (structured): `Importance` callables ``importance(model, data=None) -> {gate_fqn: (num_units,)}``
   over the gates of a gated model: `MagnitudeImportance`, `RandomImportance`, `TaylorImportance`,
   `ActivationImportance` (mean, APoZ), `LayerImportance` (residual branches). `keep_masks` turns them into keep
-  masks for `dynsparse.fix_gates_`; `dynsparse.convert` then slices the model. The decision ends in the gates.
+  masks for `dynsparse.fix_gates_` (`flops_keep_masks`: to a FLOPs budget, by score per FLOP);
+  `dynsparse.convert` then slices the model. The decision ends in the gates.
 
 Registries: `IMPORTANCES` (structured, name -> factory) and `WEIGHT_IMPORTANCES` (per weight, name -> function).
 
@@ -29,6 +30,7 @@ from typing import Any
 
 from ..registry import Registry
 from .activation import ActivationImportance, LayerImportance
+from .budget import flops_keep_masks
 from .gradient import gradient, grasp, obd, snip, synflow, taylor
 from .masks import NORMALIZATIONS, keep_masks, unstructured_masks
 from .structured import Importance, MagnitudeImportance, RandomImportance, TaylorImportance, unit_weights
@@ -45,6 +47,7 @@ __all__ = [
     "MovementTracker",
     "RandomImportance",
     "TaylorImportance",
+    "flops_keep_masks",
     "gradient",
     "grasp",
     "keep_masks",

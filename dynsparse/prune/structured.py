@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from torch import nn
@@ -14,11 +14,13 @@ __all__ = ["open_gates_", "structured_"]
 
 def structured_(
     model: nn.Module,
-    sparsity: Mapping[str, float],
+    sparsity: Mapping[str, float] | Sequence[str],
     *,
     importance: Any = "magnitude",
     data: Iterable[Any] | None = None,
-    scope: Literal["global", "layer"] = "layer",
+    scope: Literal["global", "layer"] | None = None,
+    flops: float | None = None,
+    example_input: Any = None,
     normalize: Literal["none", "l2", "mean"] = "none",
     round_to: int = 1,
     max_sparsity: float | None = None,
@@ -33,12 +35,22 @@ def structured_(
     each gate, ``"global"`` across the dimension's gates, optionally normalised), and `dynsparse.fix_gates_`
     records the decision. Call `dynsparse.convert` for the physically smaller model.
 
+    With ``flops=f`` the budget is the model's FLOPs instead of unit counts: ``sparsity`` is then a list of
+    dimensions, their units are ranked together by score per FLOP (`dynsparse.importance.flops_keep_masks`)
+    and closed until the model keeps the fraction ``f`` of its FLOPs, so different importances end at the same
+    FLOPs and differ only in where they cut.
+
     Args:
         model: A timm model (gated or not).
-        sparsity: ``{"channels": 0.5, "heads": 0.25, ...}``, fraction of each dimension's units removed.
+        sparsity: ``{"channels": 0.5, "heads": 0.25, ...}``, fraction of each dimension's units removed; with
+            ``flops``, the dimensions to prune, e.g. ``["channels"]``.
         importance: How to score units (``"magnitude"``, ``"taylor"``, ``"activation"``, ``"apoz"``, ...).
         data: Batches ``(x, y)`` for data-driven scores (Taylor, activations).
-        scope: Rank within each gate (``"layer"``) or across all gates of the dimension (``"global"``).
+        scope: Rank within each gate (``"layer"``, the default) or across all gates of the dimension
+            (``"global"``); ``flops`` always ranks globally.
+        flops: Fraction of the model's FLOPs to keep, in (0, 1] (None: prune by ``sparsity`` fractions).
+        example_input: One input for counting FLOPs with ``flops`` (default: the first batch of ``data``, one
+            sample, else the timm model's default input).
         normalize: Per-gate score normalisation before a global ranking.
         round_to: Kept counts per gate rounded to multiples of this.
         max_sparsity: At most this fraction removed from any one gate.
@@ -58,6 +70,11 @@ def structured_(
     from ..layers.slot import GateSlot
     from ..sparsify import fix_gates_
 
+    if flops is not None:
+        return _structured_flops(
+            model, sparsity, flops, importance, data, scope, example_input, normalize, round_to, max_sparsity,
+            include, exclude,
+        )  # fmt: skip
     if not isinstance(sparsity, Mapping) or not sparsity:
         raise ConfigError(f"structured_: sparsity must be a mapping like {{'channels': 0.5}}, got {sparsity!r}")
     for dim, s in sparsity.items():
@@ -69,14 +86,57 @@ def structured_(
     scores = scorer(model, data)
     masks = {}
     for dim, s in sparsity.items():
-        mine = {f: v for f, v in scores.items() if slots[f.rpartition(".")[0]].dimension == dim}
-        if not mine:
-            raise ConfigError(f"structured_: the importance {type(scorer).__name__} gave no scores for {dim!r}")
+        mine = _scores_of(scores, slots, dim, scorer)
         if s > 0:
             masks.update(
-                keep_masks(mine, s, scope=scope, normalize=normalize, round_to=round_to, max_sparsity=max_sparsity)
+                keep_masks(
+                    mine, s, scope=scope or "layer", normalize=normalize, round_to=round_to, max_sparsity=max_sparsity
+                )
             )
     return fix_gates_(model, masks) if masks else model
+
+
+def _scores_of(scores: Mapping[str, Any], slots: Mapping[str, nn.Module], dim: str, scorer: Any) -> dict[str, Any]:
+    mine = {f: v for f, v in scores.items() if slots[f.rpartition(".")[0]].dimension == dim}
+    if not mine:
+        raise ConfigError(f"structured_: the importance {type(scorer).__name__} gave no scores for {dim!r}")
+    return mine
+
+
+def _structured_flops(
+    model, dims, flops, importance, data, scope, example_input, normalize, round_to, max_sparsity, include, exclude
+) -> nn.Module:
+    """``structured_(..., flops=f)``: one score-per-FLOP ranking over the dimensions' gates."""
+    from ..flops import CostModel
+    from ..importance import flops_keep_masks, make_importance
+    from ..layers.slot import GateSlot
+    from ..sparsify import fix_gates_
+
+    if isinstance(dims, (Mapping, str)) or not isinstance(dims, Sequence) or not dims:
+        raise ConfigError(
+            f"structured_: with flops=..., give the dimensions to prune as a list like ['channels'], got {dims!r}"
+            " (the FLOPs budget replaces per-dimension fractions)"
+        )
+    if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0.0 < flops <= 1.0:
+        raise ConfigError(f"structured_: flops must be the kept fraction of the model's FLOPs in (0, 1], got {flops!r}")
+    if scope == "layer":
+        raise ConfigError("structured_: flops=... ranks units across gates; scope='layer' does not apply")
+    open_gates_(model, list(dims), include=include, exclude=exclude)
+    slots = {fqn: m for fqn, m in model.named_modules() if isinstance(m, GateSlot)}
+    scorer = make_importance(importance)
+    scores = scorer(model, data)
+    mine = {}
+    for dim in dims:
+        mine.update(_scores_of(scores, slots, dim, scorer))
+    if example_input is None and data is not None:
+        first = next(iter(data))
+        x = first[0] if isinstance(first, (tuple, list)) else first
+        example_input = x[:1]
+    cost = CostModel(model, example_input)
+    masks = flops_keep_masks(
+        mine, cost, float(flops), normalize=normalize, round_to=round_to, max_sparsity=max_sparsity
+    )
+    return fix_gates_(model, masks)
 
 
 def open_gates_(
