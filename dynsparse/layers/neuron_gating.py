@@ -34,6 +34,7 @@ import torch
 from timm.layers import GluMlp, Mlp, SwiGLU
 from torch import Tensor, nn
 
+from .. import kernels
 from ..errors import ConfigError, UnsupportedModuleError
 from ..gates.neuron_gates import NEURON_GATES, CatsGate, DejaVuGate, NeuronGate, active_labels, fit_predictor_
 from ..modules import adopt, place_like, replace_module_
@@ -155,6 +156,10 @@ class NeuronGated:
         """The MLP on ``rows`` (n, C) with only neurons ``idx`` (sorted); ``m`` (n, len(idx)) masks inside them."""
         one = self.strategy == "auto" and rows.shape[0] == 1  # one token: the fastest single-row kernels
         wg, bg, wv, bv = self._producers()
+        if one and m is None and idx.numel() and kernels.load() is not None:
+            y = self._kernel_row(rows, g, idx, wg, bg, wv, bv)
+            if y is not None:
+                return self.drop2(y)
         if g is not None:
             g = g.index_select(1, idx)
         else:
@@ -173,6 +178,27 @@ class NeuronGated:
             w = w_t.index_select(0, idx)
             y = h @ w if b is None else torch.addmm(b, h, w)
         return self.drop2(y)
+
+    def _kernel_row(self, rows, g, idx, wg, bg, wv, bv) -> Tensor | None:
+        """One token through `dynsparse.kernels.neuron_rows` (None where it does not apply: the caller's path runs).
+
+        Each kept neuron's producer rows and ``fc2`` column are read as one contiguous stream from a packed copy
+        of the weights (`dynsparse.kernels.pack_neurons`; cats without ``W_v`` reuses the transposed ``fc2``).
+        """
+        w2, b2 = self.fc2.weight, self.fc2.bias
+        has_g = g is None  # dejavu: the gate activation is computed here; cats brought it
+        code = kernels.act_code(self.act) if has_g else 0
+        if code is None or not kernels.eager_cpu(rows, w2, wg, *(t for t in (bg, wv, bv, b2, g) if t is not None)):
+            return None
+        if not has_g and wv is None:
+            packed = transposed(self, w2)
+        else:
+            packed = kernels.pack_neurons(self, wg if has_g else None, wv, w2)
+        y = kernels.neuron_rows(
+            packed, rows[0], idx, c_in=rows.shape[1], has_g=has_g, has_v=wv is not None,
+            g_pre=None if has_g else g[0].index_select(0, idx), b_g=bg, b_v=bv, act=code,
+        )  # fmt: skip
+        return y if b2 is None else y + b2
 
     def extra_repr(self) -> str:
         return f"strategy={self.strategy!r}"

@@ -1,0 +1,181 @@
+"""Optional compiled CPU kernels, built on first use with the system C compiler (no torch headers, ~0.5 s).
+
+Stock PyTorch has no copy-free "matrix-vector product over these rows" on the CPU, which is what a single
+token through an MLP with per-token neuron sets (CATS, Deja Vu) needs. `neuron_rows` runs such an MLP from a
+packed copy of its weights (`pack_neurons`): each kept neuron's producer rows and consumer column lie next to
+each other, so one token reads one contiguous stream per kept neuron and nothing else.
+
+The C source ships in the package (``neuron_rows.c``). It is compiled into ``$DYNSPARSE_CACHE_DIR`` (default
+``~/.cache/dynsparse/kernels``), keyed by a hash of source, compiler and flags; the write is atomic. Where
+there is no compiler, or ``DYNSPARSE_NO_KERNELS=1``, `load` returns None and callers use their PyTorch path;
+`why_unavailable` says why. The kernels run only in eager CPU float32 inference: under autograd, a dispatch
+mode (FLOP counters, ``torch.export``) or ``torch.compile`` the callers take the PyTorch path, which gives the
+same result up to float rounding (tested).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+__all__ = ["act_code", "eager_cpu", "load", "neuron_rows", "pack_neurons", "why_unavailable"]
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("neuron_rows.c")
+_ACT = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc.split()[0]):
+            return cc.split()[0]
+    return None
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-std=c99", "-shared", "-fPIC"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+@functools.cache
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("DYNSPARSE_NO_KERNELS", "") not in ("", "0"):
+        return None, "DYNSPARSE_NO_KERNELS is set"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (set CC)"
+    flags = _flags()
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + cc.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("DYNSPARSE_CACHE_DIR") or Path.home() / ".cache" / "dynsparse") / "kernels"
+    lib = root / f"neuron_rows-{key}.so"
+    try:
+        if not lib.exists():
+            root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
+            os.close(fd)
+            try:
+                run = subprocess.run(
+                    [cc, *flags, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
+                )
+                if run.returncode != 0:
+                    return None, f"{cc} failed on {_SOURCE.name}: {run.stderr.strip()[:500]}"
+                os.replace(tmp, lib)  # atomic: another process sees the old state or the whole library
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        dll = ctypes.CDLL(str(lib))
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"could not build or load {lib}: {e}"
+    f = dll.ds_neuron_rows
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    f.argtypes = [p, i64, p, i64, i64, p, i64, i32, i32, p, p, p, i32, p]
+    f.restype = None
+    log.debug("dynsparse kernels: loaded %s", lib)
+    return dll, ""
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library (built on first call), or None where it cannot be built."""
+    return _build()[0]
+
+
+def why_unavailable() -> str:
+    """Why `load` returns None ("" when the kernels are available)."""
+    return _build()[1]
+
+
+def act_code(act: nn.Module) -> int | None:
+    """The kernel's code for an activation module (ReLU, GELU exact / tanh, SiLU, Identity), else None."""
+    if type(act) is nn.ReLU:
+        return _ACT["relu"]
+    if type(act) is nn.GELU:
+        return _ACT["gelu"] if act.approximate == "none" else _ACT["gelu_tanh"]
+    if type(act) is nn.SiLU:
+        return _ACT["silu"]
+    if type(act) is nn.Identity:
+        return _ACT["identity"]
+    return None
+
+
+def eager_cpu(*tensors: Tensor) -> bool:
+    """True where a kernel may run: plain float32 CPU tensors, no autograd, no dispatch mode, not compiling."""
+    if torch.is_grad_enabled() or is_in_torch_dispatch_mode() or torch.compiler.is_compiling():
+        return False
+    return all(
+        type(t) in (Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors
+    )
+
+
+def pack_neurons(owner: object, w_g: Tensor | None, w_v: Tensor | None, w_out: Tensor) -> Tensor:
+    """Rows ``[w_g[i] | w_v[i] | w_out[:, i]]`` per neuron (H, parts), cached on ``owner`` until a weight changes.
+
+    ``w_g`` / ``w_v``: (H, C_in) producer weights or None; ``w_out``: the (C_out, H) consumer weight.
+    """
+    parts = [w for w in (w_g, w_v) if w is not None]
+    key = tuple((w.data_ptr(), w._version, tuple(w.shape)) for w in (*parts, w_out))
+    if getattr(owner, "_packed_key", None) != key:
+        with torch.inference_mode(False), torch.no_grad():
+            owner._packed = torch.cat([*(w.detach() for w in parts), w_out.detach().t()], 1).contiguous()
+        owner._packed_key = key
+    return owner._packed
+
+
+def neuron_rows(
+    packed: Tensor,
+    x: Tensor,
+    idx: Tensor,
+    *,
+    c_in: int,
+    has_g: bool,
+    has_v: bool,
+    g_pre: Tensor | None = None,
+    b_g: Tensor | None = None,
+    b_v: Tensor | None = None,
+    act: int = 0,
+) -> Tensor:
+    """``Σ_{i ∈ idx} h_i · w_out[:, i]`` for one token ``x`` (C_in,) from `pack_neurons`' rows: (1, C_out).
+
+    ``h_i = act(w_g[i]·x + b_g[i]) · (w_v[i]·x + b_v[i])`` (parts absent where ``has_g`` / ``has_v`` are
+    False; without ``has_g``, ``g_pre`` (len(idx),) gives the activated gate values). Call only when `load`
+    is not None and `eager_cpu` holds.
+    """
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"dynsparse.kernels.neuron_rows: kernels unavailable ({why_unavailable()})")
+    if not has_g and (g_pre is None or g_pre.numel() != idx.numel()):
+        raise ValueError("dynsparse.kernels.neuron_rows: without has_g, g_pre must give one value per kept neuron")
+    if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < packed.shape[0]:
+        raise IndexError(f"dynsparse.kernels.neuron_rows: neuron indices out of range [0, {packed.shape[0]})")
+    c_out = packed.shape[1] - c_in * (int(has_g) + int(has_v))
+    x = x.contiguous()
+    idx = idx.to(torch.int64).contiguous()
+    if g_pre is not None:
+        g_pre = g_pre.to(torch.float32).contiguous()
+    b_g = None if b_g is None else b_g.contiguous()
+    b_v = None if b_v is None else b_v.contiguous()
+    y = torch.empty(1, c_out, dtype=torch.float32)
+
+    def ptr(t: Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    lib.ds_neuron_rows(
+        packed.data_ptr(), packed.stride(0), x.data_ptr(), c_in, c_out, idx.data_ptr(), idx.numel(),
+        int(has_g), int(has_v), ptr(g_pre), ptr(b_g), ptr(b_v), act, y.data_ptr(),
+    )  # fmt: skip
+    return y

@@ -1,0 +1,136 @@
+"""The compiled single-token neuron kernel: exact against the PyTorch path, packing cache, guards, fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.layers import GluMlp, Mlp, SwiGLU
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from dynsparse import kernels
+from dynsparse.layers.neuron_gating import calibrate_neurons_, gate_neurons_, set_strategy_
+
+needs_kernels = pytest.mark.skipif(kernels.load() is None, reason=f"no kernels: {kernels.why_unavailable()}")
+
+HOSTS = {
+    "mlp": lambda: Mlp(40, 96),
+    "mlp_tanh": lambda: Mlp(40, 96, act_layer=lambda: nn.GELU(approximate="tanh")),
+    "mlp_relu": lambda: Mlp(40, 96, act_layer=nn.ReLU),
+    "swiglu": lambda: SwiGLU(40, 96),
+    "glu": lambda: GluMlp(40, 192, act_layer=nn.SiLU),
+    "glu_first": lambda: GluMlp(40, 192, act_layer=nn.GELU, gate_last=False),
+}
+
+
+def _gated(host: str, gate: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    m = nn.Sequential(HOSTS[host]()).eval()
+    gate_neurons_(m, gate, keep=0.5)
+    if gate == "cats":
+        calibrate_neurons_(m, [torch.randn(4, 9, 40)])
+    return m
+
+
+@needs_kernels
+@pytest.mark.parametrize("host", sorted(HOSTS))
+@pytest.mark.parametrize("gate", ["cats", "dejavu"])
+def test_kernel_equals_the_masked_reference(host, gate):
+    m = _gated(host, gate)
+    for seed in range(3):
+        x = torch.randn(1, 1, 40, generator=torch.Generator().manual_seed(seed))
+        set_strategy_(m, "mask")
+        with torch.no_grad():
+            ref = m(x)
+        set_strategy_(m, "auto")
+        with torch.inference_mode():
+            out = m(x)
+        torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    mlp = m[0]
+    used_pack = hasattr(mlp, "_packed")
+    # cats on a plain Mlp reads the transposed fc2 (nothing to pack); every other case packs its neurons
+    assert used_pack == (not (gate == "cats" and host.startswith("mlp")))
+
+
+@needs_kernels
+def test_pack_is_rebuilt_when_a_weight_changes():
+    m = _gated("swiglu", "dejavu")
+    x = torch.randn(1, 1, 40)
+    with torch.inference_mode():
+        m(x)
+    first = m[0]._packed
+    with torch.no_grad():
+        m[0].fc2.weight.mul_(2.0)
+    set_strategy_(m, "mask")
+    with torch.no_grad():
+        ref = m(x)
+    set_strategy_(m, "auto")
+    with torch.inference_mode():
+        out = m(x)
+    assert m[0]._packed is not first
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+@needs_kernels
+def test_raw_kernel_against_a_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    wg, wv, w2 = torch.randn(7, 33, generator=g), torch.randn(7, 33, generator=g), torch.randn(5, 7, generator=g)
+    bg, bv, x = torch.randn(7, generator=g), torch.randn(7, generator=g), torch.randn(33, generator=g)
+    idx = torch.tensor([0, 3, 6])
+    owner = type("Owner", (), {})()
+    packed = kernels.pack_neurons(owner, wg, wv, w2)
+    assert packed.shape == (7, 33 + 33 + 5)
+    h = torch.nn.functional.silu(wg[idx] @ x + bg[idx]) * (wv[idx] @ x + bv[idx])
+    want = w2[:, idx] @ h
+    with torch.inference_mode():
+        got = kernels.neuron_rows(
+            packed, x, idx, c_in=33, has_g=True, has_v=True, b_g=bg, b_v=bv, act=kernels.act_code(nn.SiLU())
+        )
+    torch.testing.assert_close(got[0], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(IndexError, match="out of range"):
+        kernels.neuron_rows(packed, x, torch.tensor([7]), c_in=33, has_g=True, has_v=True)
+    with pytest.raises(ValueError, match="g_pre"):
+        kernels.neuron_rows(packed, x, idx, c_in=33, has_g=False, has_v=True)
+
+
+def test_kernels_stay_out_of_autograd_tracing_and_other_dtypes():
+    t = torch.randn(3)
+    with torch.inference_mode():
+        assert kernels.eager_cpu(t, nn.Parameter(torch.randn(2), requires_grad=False))
+        assert not kernels.eager_cpu(t.double())
+        with FlopCounterMode(display=False):
+            assert not kernels.eager_cpu(t)
+    with torch.enable_grad():
+        assert not kernels.eager_cpu(t)
+    assert kernels.act_code(nn.GELU()) == 2 and kernels.act_code(nn.Tanh()) is None
+
+
+def test_flop_counter_sees_the_sparse_work_not_the_kernel():
+    m = _gated("swiglu", "dejavu")
+    x = torch.randn(1, 1, 40)
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        out = m(x)
+    assert fc.get_total_flops() > 0  # the PyTorch path ran under the counter
+    set_strategy_(m, "mask")
+    with torch.no_grad():
+        torch.testing.assert_close(out, m(x), atol=2e-6, rtol=1e-5)
+
+
+def test_unavailable_kernels_say_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("DYNSPARSE_NO_KERNELS", "1")
+    assert kernels._build.__wrapped__() == (None, "DYNSPARSE_NO_KERNELS is set")
+    monkeypatch.delenv("DYNSPARSE_NO_KERNELS")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(kernels.sysconfig, "get_config_var", lambda name: None)
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    assert kernels._build.__wrapped__() == (None, "no C compiler found (set CC)")
+
+
+def test_the_library_builds_into_the_cache_dir(monkeypatch, tmp_path):
+    if kernels._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("DYNSPARSE_CACHE_DIR", str(tmp_path))
+    lib, why = kernels._build.__wrapped__()
+    assert lib is not None, why
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("neuron_rows-") and built[0].suffix == ".so"
