@@ -1,4 +1,7 @@
-"""CPU kernels for running an MLP on a subset of its hidden neurons (used by `dynsparse.layers.neuron_gating`).
+"""PyTorch kernels for running an MLP on a subset of its hidden neurons (used by `dynsparse.layers.neuron_gating`).
+
+For one token in eager float32 CPU inference, `dynsparse.kernels.neuron_rows` (a small compiled C kernel,
+built on first use) runs first where it is available; these are the portable path and the fallback.
 
 For a single token the MLP is two matrix-vector products, bound by memory traffic, not arithmetic. What was
 measured on the 2-core EPYC with one thread (``benchmarks/dynamic_neurons.py``, d = 1024):
