@@ -23,6 +23,17 @@ HOSTS = {
 }
 
 
+def _fast_vs_masked(m: nn.Sequential, x: torch.Tensor) -> None:
+    """The auto (kernel) path under inference mode against the masked reference."""
+    set_strategy_(m, "mask")
+    with torch.no_grad():
+        ref = m(x)
+    set_strategy_(m, "auto")
+    with torch.inference_mode():
+        out = m(x)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
 def _gated(host: str, gate: str) -> nn.Sequential:
     torch.manual_seed(0)
     m = nn.Sequential(HOSTS[host]()).eval()
@@ -38,14 +49,7 @@ def _gated(host: str, gate: str) -> nn.Sequential:
 def test_kernel_equals_the_masked_reference(host, gate):
     m = _gated(host, gate)
     for seed in range(3):
-        x = torch.randn(1, 1, 40, generator=torch.Generator().manual_seed(seed))
-        set_strategy_(m, "mask")
-        with torch.no_grad():
-            ref = m(x)
-        set_strategy_(m, "auto")
-        with torch.inference_mode():
-            out = m(x)
-        torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+        _fast_vs_masked(m, torch.randn(1, 1, 40, generator=torch.Generator().manual_seed(seed)))
     mlp = m[0]
     used_pack = hasattr(mlp, "_packed")
     # cats on a plain Mlp reads the transposed fc2 (nothing to pack); every other case packs its neurons
@@ -61,14 +65,8 @@ def test_pack_is_rebuilt_when_a_weight_changes():
     first = m[0]._packed
     with torch.no_grad():
         m[0].fc2.weight.mul_(2.0)
-    set_strategy_(m, "mask")
-    with torch.no_grad():
-        ref = m(x)
-    set_strategy_(m, "auto")
-    with torch.inference_mode():
-        out = m(x)
+    _fast_vs_masked(m, x)
     assert m[0]._packed is not first
-    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
 
 @needs_kernels

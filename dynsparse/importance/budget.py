@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .masks import NORMALIZATIONS, _choice, _fraction, _normalized, _prune_order, _score_tensors
+from .masks import NORMALIZATIONS, _choice, _first_pruned, _fraction, _normalized, _prune_order, _score_tensors
 
 __all__ = ["flops_keep_masks"]
 
@@ -155,13 +155,7 @@ def flops_keep_masks(
         pruned[best_key] += best_size
         frac[index[best_key]] = 1.0 - pruned[best_key] / sizes[best_key]
         kept, marginal = kept_and_marginal()
-
-    out = {}
-    for k in keys:
-        mask = torch.ones(sizes[k], dtype=torch.bool)
-        mask[orders[k][: pruned[k]]] = False
-        out[k] = mask
-    return out
+    return _first_pruned(orders, pruned)
 
 
 def _ceil_to(kept: int, round_to: int, n: int) -> int:

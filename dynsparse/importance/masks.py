@@ -183,10 +183,15 @@ def keep_masks(
         log.warning(
             "keep_masks: pruned %d of the %d units asked; max_sparsity / min_keep allow no more", done, requested
         )
+    return _first_pruned(orders, pruned)
+
+
+def _first_pruned(orders: Mapping[str, Tensor], pruned: Mapping[str, int]) -> dict[str, Tensor]:
+    """Keep masks with the first ``pruned[k]`` units of each prune order ``orders[k]`` closed."""
     out = {}
-    for k in keys:
-        mask = torch.ones(sizes[k], dtype=torch.bool)
-        mask[orders[k][: pruned[k]]] = False
+    for k, order in orders.items():
+        mask = torch.ones(order.numel(), dtype=torch.bool)
+        mask[order[: pruned[k]]] = False
         out[k] = mask
     return out
 
