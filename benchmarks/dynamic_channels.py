@@ -4,6 +4,7 @@ Run from the repository root (one thread; about 10 minutes with the defaults)::
 
     python benchmarks/dynamic_channels.py
     python benchmarks/dynamic_channels.py --models resnet18 --batches 32 --strategies loop group union grouped_conv
+    python benchmarks/dynamic_channels.py --malloc keep --channels-last
 
 Cases: ``resnet18`` / ``resnet50`` (``pretrained=False``, seed 0, 224x224, fp32, eval mode), every block gated
 with ``{"channels": {"gate": "fbs", "keep": 0.5}}`` (BasicBlock: ``conv1`` outputs; Bottleneck: ``conv1`` and
@@ -18,6 +19,11 @@ that rotates every round; the speed-up is the median of the per-round paired rat
 wall clock and by process CPU time. The FLOPs-ideal speed-up is the ratio of ``torch.utils.flop_counter`` counts
 of one forward pass of each model, the dynamic one counted as it ran (gate FLOPs included; for the ``masked``
 strategy the ideal is that of the gathered run, to show what masking loses).
+
+Run conditions, always the same for dense and dynamic: ``--channels-last`` moves both models and the images to
+``torch.channels_last`` (oneDNN then runs the convs in NHWC without reordering activations around every conv; the
+FBS runners keep the input's layout); ``--malloc keep`` makes glibc keep and reuse freed memory
+(``_timing.keep_freed_memory``), as a caching allocator would.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from _timing import count_flops, interleaved_rounds, markdown_table, speed_cells
 STRATEGIES = ("auto", "group", "loop", "union", "grouped_conv", "masked")
 
 
-def build(name: str, keep: float, strategy: str):
+def build(name: str, keep: float, strategy: str, memory_format: torch.memory_format = torch.contiguous_format):
     import timm
 
     import dynsparse as ds
@@ -54,7 +60,7 @@ def build(name: str, keep: float, strategy: str):
             if type(m).__name__ == "FBSGate":
                 m.fc.weight.copy_(torch.randn(m.fc.weight.shape, generator=g) / math.sqrt(m.in_dim))
                 m.fc.bias.fill_(1.0)
-    return dense, dyn.eval()
+    return dense.to(memory_format=memory_format), dyn.eval().to(memory_format=memory_format)
 
 
 def images(batch: int, size: int = 224) -> torch.Tensor:
@@ -104,15 +110,22 @@ def main() -> None:
         default="glibc",
         help="keep: glibc keeps and reuses freed memory (a caching allocator), for dense and dynamic alike",
     )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="dense and dynamic models and the images in torch.channels_last (default: the default NCHW layout)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.malloc == "keep":
         from _timing import keep_freed_memory
 
         keep_freed_memory()
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     print(
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
-        f"224x224 fp32, inference_mode, keep {args.keep}, malloc {args.malloc}"
+        f"224x224 fp32, inference_mode, keep {args.keep}, malloc {args.malloc}, "
+        f"{'channels_last' if args.channels_last else 'NCHW'}"
     )
     header = ["model", "batch", "strategy", "distinct / union", "dense ms", "dynamic ms", "speed-up, wall (IQR)"]
     header += ["speed-up, CPU", "FLOPs-ideal", "achieved / ideal", "rounds"]
@@ -120,14 +133,14 @@ def main() -> None:
     t_start = time.perf_counter()
     for name in args.models:
         for strategy in args.strategies:
-            dense, dyn = build(name, args.keep, strategy)
+            dense, dyn = build(name, args.keep, strategy, memory_format)
             for b in args.batches:
-                x = images(b)
+                x = images(b).contiguous(memory_format=memory_format)
                 with torch.inference_mode():
                     distinct, union = decision_stats(dyn, x)
                     ideal_model = dyn
                     if strategy == "masked":
-                        ideal_model = build(name, args.keep, "auto")[1]
+                        ideal_model = build(name, args.keep, "auto", memory_format)[1]
                     ideal = count_flops(dense, x) / count_flops(ideal_model, x)
                     rounds = args.rounds or (20 if b == 1 else 5)
                     t = interleaved_rounds(

@@ -101,6 +101,31 @@ def test_batch_equals_inputs_one_by_one(strategy):
     torch.testing.assert_close(batch, masked, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "masked"])
+def test_channels_last_keeps_its_layout_and_equals_nchw(strategy, n):
+    import copy
+
+    m = _gated()  # float32: the oneDNN path, where the memory format matters
+    _set_strategy(m, strategy)
+    fmt = torch.channels_last
+    cl = copy.deepcopy(m).to(memory_format=fmt)
+    x = _x(n, size=64)  # 16x16 maps in layer1: gathered runs, not only the masked fallback of tiny maps
+    kept = []
+    for b in cl.modules():
+        if isinstance(b, (FBSBasicBlock, FBSBottleneck)):
+            b.register_forward_hook(lambda _b, _a, out: kept.append(out.is_contiguous(memory_format=fmt)))
+    with torch.no_grad():
+        fast = cl.forward_features(x.contiguous(memory_format=fmt))
+        nchw = m.forward_features(x)
+        _set_strategy(m, "masked")
+        masked = m.forward_features(x)
+    assert kept and all(kept), f"{kept.count(False)} of {len(kept)} blocks returned a non-channels-last output"
+    assert fast.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(fast, nchw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, masked, rtol=1e-5, atol=1e-5)
+
+
 def test_inputs_make_different_decisions():
     m = _gated()
     x = _x(5)

@@ -100,10 +100,41 @@ def _conv(h: Tensor, conv: nn.Conv2d, w: Tensor, bias: Tensor | None = None, gro
     if fast and not is_in_torch_dispatch_mode():  # FLOP counters and tracers see the plain conv below
         # F.conv2d sends a batch-1 3x3 conv with <= 20480 input values to a slow im2col kernel (measured: ~8 ms
         # for 256 -> 512 channels at 7x7, 3-4x oneDNN's time); gathered convs are often that small.
+        # Both operands in one memory format (the input's), so mkldnn_convolution copies neither: a channels-last
+        # input with an OIHW weight would be run channels-last after a copy of the weight.
+        fmt = _format(h)
         return torch.ops.aten.mkldnn_convolution(
-            h.contiguous(), w, bias, list(conv.padding), list(conv.stride), list(conv.dilation), groups
+            h.contiguous(memory_format=fmt),
+            w.contiguous(memory_format=fmt),
+            bias,
+            list(conv.padding),
+            list(conv.stride),
+            list(conv.dilation),
+            groups,
         )
     return F.conv2d(h, w, bias, conv.stride, conv.padding, conv.dilation, groups)
+
+
+def _format(t: Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a 4-D tensor laid out channels-last, else ``torch.contiguous_format``."""
+    cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _take(w: Tensor, dim: int, idx: Tensor) -> Tensor:
+    """``w.index_select(dim, idx)`` (``dim`` 0 or 1) in ``w``'s memory format.
+
+    A channels-last tensor is gathered on the contiguous (N, H·W·C) or (N·H·W, C) view of its storage:
+    ``index_select`` on the 4-D view takes a strided path, 4x slower for rows and 8x for columns (measured: 0.8 vs
+    0.2 ms and 5.4 vs 0.7 ms for 256 of 512 3x3 filters or input channels).
+    """
+    if _format(w) is torch.contiguous_format:
+        return w.index_select(dim, idx)
+    n, c, kh, kw = w.shape
+    v = w.permute(0, 2, 3, 1)  # (N, H, W, C), contiguous
+    if dim == 0:
+        return v.reshape(n, -1).index_select(0, idx).view(-1, kh, kw, c).permute(0, 3, 1, 2)
+    return v.reshape(-1, c).index_select(1, idx).view(n, kh, kw, -1).permute(0, 3, 1, 2)
 
 
 def _bn_fold(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
@@ -136,11 +167,11 @@ def _gathered(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | 
     h, prev = x, None
     for (conv, norm, post), idx, val in zip(stages, idxs, vals, strict=True):
         if idx is None:
-            h = norm(_conv(h, conv, conv.weight if prev is None else conv.weight.index_select(1, prev)))
+            h = norm(_conv(h, conv, conv.weight if prev is None else _take(conv.weight, 1, prev)))
         else:
             s, t = _bn_fold(norm)
-            w = conv.weight.index_select(0, idx)
-            w = w if prev is None else w.index_select(1, prev)
+            w = _take(conv.weight, 0, idx)
+            w = w if prev is None else _take(w, 1, prev)
             if w.numel() <= h.shape[0] * h.shape[2] * h.shape[3] * w.shape[0] // (conv.stride[0] * conv.stride[1]):
                 # BatchNorm folded into the gathered filters (fewer values than the output): a conv with bias
                 h = _conv(h, conv, w * s.index_select(0, idx)[:, None, None, None], t.index_select(0, idx))
@@ -152,12 +183,16 @@ def _gathered(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | 
         if val is not None:
             h = _scale(h, val)
         prev = idx
-    return _conv(h, last, last.weight if prev is None else last.weight.index_select(1, prev))
+    return _conv(h, last, last.weight if prev is None else _take(last.weight, 1, prev))
 
 
 def _grouped(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | None], last: nn.Conv2d) -> Tensor:
-    """Per-input kept channels (idxs (B, k)): each input's gathered weights stacked into one grouped conv."""
-    n, h, prev = x.shape[0], x, None
+    """Per-input kept channels (idxs (B, k)): each input's gathered weights stacked into one grouped conv.
+
+    Runs in NCHW, where stacking the inputs along the channels is a view (in channels-last it is a transposing copy
+    at every stage); a channels-last ``x`` is reordered once on the way in and once on the way out.
+    """
+    n, h, prev, fmt = x.shape[0], x.contiguous(), None, _format(x)
     for conv, norm, post, idx, val in [(*s, i, v) for s, i, v in zip(stages, idxs, vals, strict=True)] + [
         (last, None, [], None, None)
     ]:
@@ -183,7 +218,7 @@ def _grouped(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | N
         if val is not None:
             h = _scale(h, val)
         prev = idx
-    return h
+    return h.contiguous(memory_format=fmt)
 
 
 def _run_batch(x: Tensor, stages, decisions, last: nn.Conv2d, strategy: str) -> Tensor:
@@ -223,8 +258,10 @@ def _run_batch(x: Tensor, stages, decisions, last: nn.Conv2d, strategy: str) -> 
             rows = (inv == g).nonzero().squeeze(1)
             r0 = int(rows[0])
             sub_v = [None if v is None else v.index_select(0, rows) for v in vals]
-            y = _gathered(x.index_select(0, rows), stages, [None if i is None else i[r0] for i in idxs], sub_v, last)
-            out = y.new_empty(n, *y.shape[1:]) if out is None else out
+            y = _take(x, 0, rows)
+            y = _gathered(y, stages, [None if i is None else i[r0] for i in idxs], sub_v, last)
+            if out is None:
+                out = torch.empty((n, *y.shape[1:]), dtype=y.dtype, device=y.device, memory_format=_format(y))
             out.index_copy_(0, rows, y)
         return out
     return torch.cat(  # "loop"
