@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dynsparse import kernels
+from dynsparse.errors import DynsparseError
 from dynsparse.layers.neuron_gating import calibrate_neurons_, gate_neurons_, set_strategy_
 
 needs_kernels = pytest.mark.skipif(kernels.load() is None, reason=f"no kernels: {kernels.why_unavailable()}")
@@ -43,17 +44,53 @@ def _gated(host: str, gate: str) -> nn.Sequential:
     return m
 
 
+def _spy(monkeypatch, fail: bool = False) -> list:
+    """Count (or forbid) calls of the kernel."""
+    calls, real = [], kernels.neuron_rows
+
+    def spy(*args, **kwargs):
+        if fail:
+            raise AssertionError("the kernel ran where it must not")
+        calls.append(kwargs.get("has_g"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "neuron_rows", spy)
+    return calls
+
+
 @needs_kernels
 @pytest.mark.parametrize("host", sorted(HOSTS))
 @pytest.mark.parametrize("gate", ["cats", "dejavu"])
-def test_kernel_equals_the_masked_reference(host, gate):
+def test_kernel_equals_the_masked_reference(host, gate, monkeypatch):
     m = _gated(host, gate)
+    calls = _spy(monkeypatch)
     for seed in range(3):
         _fast_vs_masked(m, torch.randn(1, 1, 40, generator=torch.Generator().manual_seed(seed)))
-    mlp = m[0]
-    used_pack = hasattr(mlp, "_packed")
+    assert calls == [gate == "dejavu"] * 3  # one kernel call per token; dejavu computes the gate inside
+    packed = m[0]._packed is not None
     # cats on a plain Mlp reads the transposed fc2 (nothing to pack); every other case packs its neurons
-    assert used_pack == (not (gate == "cats" and host.startswith("mlp")))
+    assert packed == (not (gate == "cats" and host.startswith("mlp")))
+
+
+@needs_kernels
+def test_a_new_weight_at_a_reused_address_is_not_mistaken_for_the_old_one():
+    m = _gated("swiglu", "dejavu")
+    mlp = m[0]
+    for i in range(10):  # replaced Parameters: the allocator often hands out the freed address again
+        with torch.no_grad():
+            mlp.fc1_g.weight = nn.Parameter(torch.randn(96, 40, generator=torch.Generator().manual_seed(i)))
+            mlp.fc2.weight = nn.Parameter(torch.randn(40, 96, generator=torch.Generator().manual_seed(100 + i)))
+        _fast_vs_masked(m, torch.randn(1, 1, 40))
+
+
+@needs_kernels
+def test_jit_trace_does_not_record_the_kernel():
+    m = _gated("mlp", "cats")
+    x = torch.randn(1, 1, 40)
+    with torch.no_grad():
+        traced = torch.jit.trace(m, x, check_trace=False)
+        y = torch.randn(1, 1, 40)
+        torch.testing.assert_close(traced(y), m(y), atol=2e-6, rtol=1e-5)
 
 
 @needs_kernels
@@ -85,10 +122,18 @@ def test_raw_kernel_against_a_hand_computation():
             packed, x, idx, c_in=33, has_g=True, has_v=True, b_g=bg, b_v=bv, act=kernels.act_code(nn.SiLU())
         )
     torch.testing.assert_close(got[0], want, atol=1e-5, rtol=1e-5)
-    with pytest.raises(IndexError, match="out of range"):
+    with pytest.raises(DynsparseError, match="out of range"):
         kernels.neuron_rows(packed, x, torch.tensor([7]), c_in=33, has_g=True, has_v=True)
-    with pytest.raises(ValueError, match="g_pre"):
+    with pytest.raises(DynsparseError, match="g_pre"):
         kernels.neuron_rows(packed, x, idx, c_in=33, has_g=False, has_v=True)
+    with pytest.raises(DynsparseError, match="x must be a float32 CPU tensor"):
+        kernels.neuron_rows(packed, x.double(), idx, c_in=33, has_g=True, has_v=True)
+    with pytest.raises(DynsparseError, match="c_in = 33 values, got 32"):
+        kernels.neuron_rows(packed, x[:32], idx, c_in=33, has_g=True, has_v=True)
+    with pytest.raises(DynsparseError, match="b_g must have one value per neuron"):
+        kernels.neuron_rows(packed, x, idx, c_in=33, has_g=True, has_v=True, b_g=bg[:3])
+    with pytest.raises(DynsparseError, match="unit column stride"):
+        kernels.neuron_rows(packed.t().contiguous().t(), x, idx, c_in=33, has_g=True, has_v=True)
 
 
 def test_kernels_stay_out_of_autograd_tracing_and_other_dtypes():
@@ -103,12 +148,14 @@ def test_kernels_stay_out_of_autograd_tracing_and_other_dtypes():
     assert kernels.act_code(nn.GELU()) == 2 and kernels.act_code(nn.Tanh()) is None
 
 
-def test_flop_counter_sees_the_sparse_work_not_the_kernel():
+def test_flop_counter_sees_the_sparse_work_not_the_kernel(monkeypatch):
     m = _gated("swiglu", "dejavu")
     x = torch.randn(1, 1, 40)
+    _spy(monkeypatch, fail=True)
     with torch.inference_mode(), FlopCounterMode(display=False) as fc:
         out = m(x)
-    assert fc.get_total_flops() > 0  # the PyTorch path ran under the counter
+    # more than the predictor (rank 16: 40·16 + 16·96 MACs): the MLP's own work ran in counted PyTorch ops
+    assert fc.get_total_flops() >= 2 * (40 * 16 + 16 * 96) + 2 * 3 * 48 * 40
     set_strategy_(m, "mask")
     with torch.no_grad():
         torch.testing.assert_close(out, m(x), atol=2e-6, rtol=1e-5)

@@ -110,3 +110,14 @@ def test_bad_input_is_named():
         ds.prune.structured_(net, ["channels"], flops=0.5, scope="layer")
     with pytest.raises(ConfigError, match="flops must be"):
         ds.prune.structured_(net, ["channels"], flops=1.5)
+
+
+def test_one_shot_iterators_as_data_work_with_a_flops_budget():
+    torch.manual_seed(0)
+    net = timm.create_model("test_resnet", zero_init_last=False).eval()
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)]
+    a = ds.prune.structured_(copy.deepcopy(net), ["channels"], importance="taylor", data=iter(batches), flops=0.7)
+    b = ds.prune.structured_(copy.deepcopy(net), ["channels"], importance="taylor", data=batches, flops=0.7)
+    masks_a = {f: g.keep_mask() for f, g in ds.named_gates(a)}
+    masks_b = {f: g.keep_mask() for f, g in ds.named_gates(b)}
+    assert masks_a.keys() == masks_b.keys() and all(torch.equal(masks_a[k], masks_b[k]) for k in masks_a)

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from ..errors import DynsparseError
+
 __all__ = ["act_code", "eager_cpu", "load", "neuron_rows", "pack_neurons", "why_unavailable"]
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     flags = _flags()
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + cc.encode() + " ".join(flags).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("DYNSPARSE_CACHE_DIR") or Path.home() / ".cache" / "dynsparse") / "kernels"
+    try:
+        root = Path(os.environ.get("DYNSPARSE_CACHE_DIR") or Path.home() / ".cache" / "dynsparse") / "kernels"
+    except RuntimeError as e:  # no home directory
+        return None, f"no cache directory ({e}); set DYNSPARSE_CACHE_DIR"
     lib = root / f"neuron_rows-{key}.so"
     try:
         if not lib.exists():
@@ -75,6 +80,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
                 )
                 if run.returncode != 0:
                     return None, f"{cc} failed on {_SOURCE.name}: {run.stderr.strip()[:500]}"
+                os.chmod(tmp, 0o755)  # mkstemp makes it 0600: others sharing the cache could not load it
                 os.replace(tmp, lib)  # atomic: another process sees the old state or the whole library
             finally:
                 if os.path.exists(tmp):
@@ -114,8 +120,14 @@ def act_code(act: nn.Module) -> int | None:
 
 
 def eager_cpu(*tensors: Tensor) -> bool:
-    """True where a kernel may run: plain float32 CPU tensors, no autograd, no dispatch mode, not compiling."""
+    """True where a kernel may run: plain float32 CPU tensors, no autograd, no dispatch mode, not compiling.
+
+    Not while tracing or scripting either (``torch.jit.trace``, the TorchScript ONNX exporter): a tracer does not
+    see a ctypes call, and the traced graph would keep an uninitialised output.
+    """
     if torch.is_grad_enabled() or is_in_torch_dispatch_mode() or torch.compiler.is_compiling():
+        return False
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
     return all(
         type(t) in (Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors
@@ -128,12 +140,26 @@ def pack_neurons(owner: object, w_g: Tensor | None, w_v: Tensor | None, w_out: T
     ``w_g`` / ``w_v``: (H, C_in) producer weights or None; ``w_out``: the (C_out, H) consumer weight.
     """
     parts = [w for w in (w_g, w_v) if w is not None]
-    key = tuple((w.data_ptr(), w._version, tuple(w.shape)) for w in (*parts, w_out))
-    if getattr(owner, "_packed_key", None) != key:
+    if not _cache_valid(getattr(owner, "_packed_src", None), (*parts, w_out)):
         with torch.inference_mode(False), torch.no_grad():
             owner._packed = torch.cat([*(w.detach() for w in parts), w_out.detach().t()], 1).contiguous()
-        owner._packed_key = key
+        owner._packed_src = _cache_key((*parts, w_out))
     return owner._packed
+
+
+def _cache_key(sources: tuple[Tensor, ...]) -> tuple:
+    """The tensors themselves (a live reference: their memory cannot be reused by a new tensor) and versions."""
+    return tuple((t, t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride())) for t in sources)
+
+
+def _cache_valid(key: tuple | None, sources: tuple[Tensor, ...]) -> bool:
+    """True when ``key`` (from `_cache_key`) was made from these very tensors, unchanged since."""
+    if key is None or len(key) != len(sources):
+        return False
+    return all(
+        k[0] is t and k[1:] == (t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+        for k, t in zip(key, sources, strict=True)
+    )
 
 
 def neuron_rows(
@@ -158,15 +184,30 @@ def neuron_rows(
     lib = load()
     if lib is None:
         raise RuntimeError(f"dynsparse.kernels.neuron_rows: kernels unavailable ({why_unavailable()})")
+    owner = "dynsparse.kernels.neuron_rows"
+    n_in = c_in * (int(has_g) + int(has_v))
+    for name, t in (("packed", packed), ("x", x), ("g_pre", g_pre), ("b_g", b_g), ("b_v", b_v)):
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            raise DynsparseError(f"{owner}: {name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    if packed.dim() != 2 or packed.stride(1) != 1 or packed.shape[1] <= n_in:
+        raise DynsparseError(
+            f"{owner}: packed must be (H, parts) with unit column stride and more than {n_in} columns, got shape "
+            f"{tuple(packed.shape)}, strides {packed.stride()}"
+        )
+    if x.numel() != c_in:
+        raise DynsparseError(f"{owner}: x must have c_in = {c_in} values, got {x.numel()}")
+    for name, t in (("b_g", b_g), ("b_v", b_v)):
+        if t is not None and t.numel() != packed.shape[0]:
+            raise DynsparseError(f"{owner}: {name} must have one value per neuron ({packed.shape[0]}), got {t.numel()}")
     if not has_g and (g_pre is None or g_pre.numel() != idx.numel()):
-        raise ValueError("dynsparse.kernels.neuron_rows: without has_g, g_pre must give one value per kept neuron")
+        raise DynsparseError(f"{owner}: without has_g, g_pre must give one value per kept neuron")
     if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < packed.shape[0]:
-        raise IndexError(f"dynsparse.kernels.neuron_rows: neuron indices out of range [0, {packed.shape[0]})")
-    c_out = packed.shape[1] - c_in * (int(has_g) + int(has_v))
+        raise DynsparseError(f"{owner}: neuron indices out of range [0, {packed.shape[0]})")
+    c_out = packed.shape[1] - n_in
     x = x.contiguous()
     idx = idx.to(torch.int64).contiguous()
     if g_pre is not None:
-        g_pre = g_pre.to(torch.float32).contiguous()
+        g_pre = g_pre.contiguous()
     b_g = None if b_g is None else b_g.contiguous()
     b_v = None if b_v is None else b_v.contiguous()
     y = torch.empty(1, c_out, dtype=torch.float32)

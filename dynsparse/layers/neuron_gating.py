@@ -90,9 +90,16 @@ class NeuronGated:
         new = adopt(host, cls)
         new._modules = dict(new._modules)
         new.neurons = place_like(gate, host)
-        new.strategy, new._record, new._w2t, new._w2t_key = "auto", None, None, None
+        new.strategy, new._record = "auto", None
+        new._w2t = new._w2t_src = new._packed = new._packed_src = None
         gate.owner = fqn
         return new
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the weight caches out (rebuilt on first use); they are derived data."""
+        state = dict(super().__getstate__())
+        state.update(_w2t=None, _w2t_src=None, _packed=None, _packed_src=None)
+        return state
 
     # -- the host's weights, in the common form h = act(W_g x + b_g) * (W_v x + b_v) -------------------------
     def _producers(self) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
@@ -156,7 +163,7 @@ class NeuronGated:
         """The MLP on ``rows`` (n, C) with only neurons ``idx`` (sorted); ``m`` (n, len(idx)) masks inside them."""
         one = self.strategy == "auto" and rows.shape[0] == 1  # one token: the fastest single-row kernels
         wg, bg, wv, bv = self._producers()
-        if one and m is None and idx.numel() and kernels.load() is not None:
+        if one and m is None and idx.numel():
             y = self._kernel_row(rows, g, idx, wg, bg, wv, bv)
             if y is not None:
                 return self.drop2(y)
@@ -189,6 +196,8 @@ class NeuronGated:
         has_g = g is None  # dejavu: the gate activation is computed here; cats brought it
         code = kernels.act_code(self.act) if has_g else 0
         if code is None or not kernels.eager_cpu(rows, w2, wg, *(t for t in (bg, wv, bv, b2, g) if t is not None)):
+            return None
+        if kernels.load() is None:  # built on the first call that can use it
             return None
         if not has_g and wv is None:
             packed = transposed(self, w2)

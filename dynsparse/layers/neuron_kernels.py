@@ -51,10 +51,14 @@ def consumer_row(h: Tensor, idx: Tensor, w_t: Tensor, b: Tensor | None) -> Tenso
 
 
 def transposed(owner: object, w: Tensor) -> Tensor:
-    """``w.t().contiguous()``, cached on ``owner`` (attributes ``_w2t`` / ``_w2t_key``) until ``w`` changes."""
-    key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
-    if getattr(owner, "_w2t_key", None) != key:
+    """``w.t().contiguous()``, cached on ``owner`` (attributes ``_w2t`` / ``_w2t_src``) until ``w`` changes.
+
+    The cache holds ``w`` itself, so a new weight at a reused address is not mistaken for the old one.
+    """
+    from ..kernels import _cache_key, _cache_valid
+
+    if not _cache_valid(getattr(owner, "_w2t_src", None), (w,)):
         with torch.inference_mode(False), torch.no_grad():
             owner._w2t = w.t().contiguous()
-        owner._w2t_key = key
+        owner._w2t_src = _cache_key((w,))
     return owner._w2t

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -121,6 +122,11 @@ def _structured_flops(
         raise ConfigError(f"structured_: flops must be the kept fraction of the model's FLOPs in (0, 1], got {flops!r}")
     if scope == "layer":
         raise ConfigError("structured_: flops=... ranks units across gates; scope='layer' does not apply")
+    if example_input is None and data is not None:  # before scoring, which may exhaust a one-shot iterator
+        first, data = _peek(data)
+        if first is not None:
+            x = first[0] if isinstance(first, (tuple, list)) else first
+            example_input = x[:1]
     open_gates_(model, list(dims), include=include, exclude=exclude)
     slots = {fqn: m for fqn, m in model.named_modules() if isinstance(m, GateSlot)}
     scorer = make_importance(importance)
@@ -128,15 +134,20 @@ def _structured_flops(
     mine = {}
     for dim in dims:
         mine.update(_scores_of(scores, slots, dim, scorer))
-    if example_input is None and data is not None:
-        first = next(iter(data))
-        x = first[0] if isinstance(first, (tuple, list)) else first
-        example_input = x[:1]
     cost = CostModel(model, example_input)
     masks = flops_keep_masks(
         mine, cost, float(flops), normalize=normalize, round_to=round_to, max_sparsity=max_sparsity
     )
     return fix_gates_(model, masks)
+
+
+def _peek(data: Iterable[Any]) -> tuple[Any, Iterable[Any]]:
+    """The first batch of ``data`` (None when empty) and an iterable that still yields every batch."""
+    it = iter(data)
+    if it is not data:  # a re-iterable container: it starts over by itself
+        return next(it, None), data
+    first = next(it, None)
+    return first, ([] if first is None else itertools.chain([first], it))
 
 
 def open_gates_(
