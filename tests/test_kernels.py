@@ -84,6 +84,7 @@ def test_a_new_weight_at_a_reused_address_is_not_mistaken_for_the_old_one():
 
 
 @needs_kernels
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
 def test_jit_trace_does_not_record_the_kernel():
     m = _gated("mlp", "cats")
     x = torch.randn(1, 1, 40)
