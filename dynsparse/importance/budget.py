@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
 from .masks import NORMALIZATIONS, _choice, _first_pruned, _fraction, _normalized, _prune_order, _score_tensors
+
+if TYPE_CHECKING:
+    from ..flops import CostModel
 
 __all__ = ["flops_keep_masks"]
 
@@ -28,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def flops_keep_masks(
     scores: Mapping[str, Tensor],
-    cost,
+    cost: CostModel,
     keep: float,
     *,
     normalize: str = "none",
