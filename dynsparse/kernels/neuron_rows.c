@@ -27,32 +27,68 @@ static float act(float v, int kind) {
   }
 }
 
-static float dot(const float* a, const float* b, int64_t n) {
+/* Up to NB neurons at a time: NB independent streams keep more memory requests in flight than one (measured on
+ * the 2-core EPYC, half of a 1024 -> 4096 -> 1024 MLP: 1.70x over dense one neuron at a time, 2.0x in pairs,
+ * 2.6x in fours). m is a compile-time constant where this is inlined with m = NB. */
+#define NB 4
+
+static inline void dots(const float* const* rows, int m, const float* x, int64_t n, float* out) {
   int64_t j = 0;
-  float s = 0.f;
+  for (int u = 0; u < m; ++u) out[u] = 0.f;
 #ifdef __AVX2__
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  for (; j + 32 <= n; j += 32) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 16), _mm256_loadu_ps(b + j + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 24), _mm256_loadu_ps(b + j + 24), a3);
+  __m256 acc[NB];
+  for (int u = 0; u < m; ++u) acc[u] = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    __m256 xv = _mm256_loadu_ps(x + j);
+    for (int u = 0; u < m; ++u) acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[u] + j), xv, acc[u]);
   }
-  float t[8];
-  _mm256_storeu_ps(t, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  s = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+  for (int u = 0; u < m; ++u) {
+    float t[8];
+    _mm256_storeu_ps(t, acc[u]);
+    out[u] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+  }
 #endif
-  for (; j < n; ++j) s += a[j] * b[j];
-  return s;
+  for (; j < n; ++j)
+    for (int u = 0; u < m; ++u) out[u] += rows[u][j] * x[j];
 }
 
-static void axpy(float h, const float* r, float* y, int64_t n) {
+static inline void axpys(const float* h, const float* const* rows, int m, float* y, int64_t n) {
   int64_t j = 0;
 #ifdef __AVX2__
-  __m256 hv = _mm256_set1_ps(h);
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(hv, _mm256_loadu_ps(r + j), _mm256_loadu_ps(y + j)));
+  __m256 hv[NB];
+  for (int u = 0; u < m; ++u) hv[u] = _mm256_set1_ps(h[u]);
+  for (; j + 8 <= n; j += 8) {
+    __m256 acc = _mm256_loadu_ps(y + j);
+    for (int u = 0; u < m; ++u) acc = _mm256_fmadd_ps(hv[u], _mm256_loadu_ps(rows[u] + j), acc);
+    _mm256_storeu_ps(y + j, acc);
+  }
 #endif
-  for (; j < n; ++j) y[j] += h * r[j];
+  for (; j < n; ++j)
+    for (int u = 0; u < m; ++u) y[j] += h[u] * rows[u][j];
+}
+
+static inline void block(const float* P, int64_t stride, const float* x, int64_t c_in, int64_t c_out,
+                         const int64_t* idx, int64_t i0, int m, int has_g, int has_v, const float* g_pre,
+                         const float* b_g, const float* b_v, int act_kind, float* y) {
+  const int64_t off_v = has_g ? c_in : 0, off_out = off_v + (has_v ? c_in : 0);
+  const float* rows[NB];
+  float g[NB], v[NB];
+  for (int u = 0; u < m; ++u) rows[u] = P + idx[i0 + u] * stride;
+  if (has_g) {
+    dots(rows, m, x, c_in, g);
+    for (int u = 0; u < m; ++u) g[u] = act(g[u] + (b_g ? b_g[idx[i0 + u]] : 0.f), act_kind);
+  } else {
+    for (int u = 0; u < m; ++u) g[u] = g_pre[i0 + u];
+  }
+  if (has_v) {
+    const float* vr[NB];
+    for (int u = 0; u < m; ++u) vr[u] = rows[u] + off_v;
+    dots(vr, m, x, c_in, v);
+    for (int u = 0; u < m; ++u) g[u] *= v[u] + (b_v ? b_v[idx[i0 + u]] : 0.f);
+  }
+  const float* out[NB];
+  for (int u = 0; u < m; ++u) out[u] = rows[u] + off_out;
+  axpys(g, out, m, y, c_out);
 }
 
 /* y (c_out) = sum over the k kept neurons idx of h_i * w_out_i (y is overwritten). */
@@ -60,16 +96,8 @@ void ds_neuron_rows(const float* P, int64_t stride, const float* x, int64_t c_in
                     const int64_t* idx, int64_t k, int has_g, int has_v, const float* g_pre, const float* b_g,
                     const float* b_v, int act_kind, float* y) {
   for (int64_t j = 0; j < c_out; ++j) y[j] = 0.f;
-  const int64_t off_v = has_g ? c_in : 0, off_out = off_v + (has_v ? c_in : 0);
-  for (int64_t i = 0; i < k; ++i) {
-    const int64_t n = idx[i];
-    const float* row = P + n * stride;
-    if (i + 1 < k) {  /* start the next neuron's stream early */
-      const char* nxt = (const char*)(P + idx[i + 1] * stride);
-      for (int p = 0; p < 256; p += 64) __builtin_prefetch(nxt + p, 0, 0);
-    }
-    float g = has_g ? act(dot(row, x, c_in) + (b_g ? b_g[n] : 0.f), act_kind) : g_pre[i];
-    if (has_v) g *= dot(row + off_v, x, c_in) + (b_v ? b_v[n] : 0.f);
-    axpy(g, row + off_out, y, c_out);
-  }
+  int64_t i = 0;
+  for (; i + NB <= k; i += NB)
+    block(P, stride, x, c_in, c_out, idx, i, NB, has_g, has_v, g_pre, b_g, b_v, act_kind, y);
+  if (i < k) block(P, stride, x, c_in, c_out, idx, i, (int)(k - i), has_g, has_v, g_pre, b_g, b_v, act_kind, y);
 }

@@ -190,9 +190,8 @@ class NeuronGated:
         """One token through `dynsparse.kernels.neuron_rows` (None where it does not apply: the caller's path runs).
 
         Each kept neuron's producer rows and ``fc2`` column are read as one contiguous stream from a packed copy
-        of the weights (`dynsparse.kernels.pack_neurons`). Not for cats on a plain ``Mlp`` (nothing but ``fc2`` is
-        gathered there, and ``embedding_bag`` over the transposed ``fc2`` measured as fast: 0.80-0.86 of ideal
-        against 0.74-0.76 with the kernel).
+        of the weights (`dynsparse.kernels.pack_neurons`); cats on a plain ``Mlp`` gathers only ``fc2``, from the
+        cached transposed copy.
         """
         w2, b2 = self.fc2.weight, self.fc2.bias
         has_g = g is None  # dejavu: the gate activation is computed here; cats brought it
@@ -201,9 +200,10 @@ class NeuronGated:
             return None
         if kernels.load() is None:  # built on the first call that can use it
             return None
-        if not has_g and wv is None:  # cats on a plain Mlp: only fc2 is gathered; embedding_bag measured as fast
-            return None
-        packed = kernels.pack_neurons(self, wg if has_g else None, wv, w2)
+        if not has_g and wv is None:  # cats on a plain Mlp: only fc2 is gathered, from its transposed copy
+            packed = transposed(self, w2)
+        else:
+            packed = kernels.pack_neurons(self, wg if has_g else None, wv, w2)
         y = kernels.neuron_rows(
             packed, rows[0], idx, c_in=rows.shape[1], has_g=has_g, has_v=wv is not None,
             g_pre=None if has_g else g[0].index_select(0, idx), b_g=bg, b_v=bv, act=code,
