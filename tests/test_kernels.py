@@ -169,6 +169,9 @@ def test_unavailable_kernels_say_why(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels.sysconfig, "get_config_var", lambda name: None)
     monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
     assert kernels._build.__wrapped__() == (None, "no C compiler found (set CC)")
+    monkeypatch.setattr(kernels.torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    lib, why = kernels._build.__wrapped__()
+    assert lib is None and "need AVX2 and FMA" in why and "DEFAULT" in why
 
 
 def test_the_library_builds_into_the_cache_dir(monkeypatch, tmp_path):

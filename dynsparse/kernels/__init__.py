@@ -7,10 +7,10 @@ each other, so one token reads one contiguous stream per kept neuron and nothing
 
 The C source ships in the package (``neuron_rows.c``). It is compiled into ``$DYNSPARSE_CACHE_DIR`` (default
 ``~/.cache/dynsparse/kernels``), keyed by a hash of source, compiler and flags; the write is atomic. Where
-there is no compiler, or ``DYNSPARSE_NO_KERNELS=1``, `load` returns None and callers use their PyTorch path;
-`why_unavailable` says why. The kernels run only in eager CPU float32 inference: under autograd, a dispatch
-mode (FLOP counters, ``torch.export``) or ``torch.compile`` the callers take the PyTorch path, which gives the
-same result up to float rounding (tested).
+there is no compiler, no AVX2 + FMA (x86-64), or ``DYNSPARSE_NO_KERNELS=1``, `load` returns None and callers use
+their PyTorch path; `why_unavailable` says why. The kernels run only in eager CPU float32 inference: under
+autograd, a dispatch mode (FLOP counters, ``torch.export``), tracing or ``torch.compile`` the callers take the
+PyTorch path, which gives the same result up to float rounding (tested).
 """
 
 from __future__ import annotations
@@ -48,16 +48,16 @@ def _compiler() -> str | None:
 
 
 def _flags() -> list[str]:
-    flags = ["-O3", "-std=c99", "-shared", "-fPIC"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma"]
-    return flags
+    return ["-O3", "-std=c99", "-shared", "-fPIC", "-mavx2", "-mfma"]
 
 
 @functools.cache
 def _build() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("DYNSPARSE_NO_KERNELS", "") not in ("", "0"):
         return None, "DYNSPARSE_NO_KERNELS is set"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):  # the scalar loops were never measured faster than PyTorch
+        return None, f"the kernels need AVX2 and FMA (x86-64); this CPU reports {capability}"
     cc = _compiler()
     if cc is None:
         return None, "no C compiler found (set CC)"
