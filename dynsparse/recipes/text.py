@@ -234,6 +234,30 @@ def _progress(total: int, start: int, desc: str, enabled: bool):
 
 
 # ----------------------------------------------------------------------------------------------------------- run
+def _stage_state(
+    stage: str, step: int, done: bool, loss: float | None, parts: dict[str, Any], stream: Any, device: Any
+) -> dict[str, Any]:
+    """A stage checkpoint: position, the ``parts``' state dicts on the CPU, the data stream and the RNG state."""
+    return {
+        "stage": stage,
+        "step": step,
+        "done": done,
+        "loss": loss,
+        **{name: to_cpu(part.state_dict()) for name, part in parts.items()},
+        "stream": stream.state_dict(),
+        "rng": rng_state(device),
+    }
+
+
+def _restore(ck: dict[str, Any], parts: dict[str, Any], stream: Any, device: Any) -> tuple[int, float | None]:
+    """Load a `_stage_state` checkpoint into ``parts``, the stream and the RNG; returns (step, loss)."""
+    for name, part in parts.items():
+        part.load_state_dict(ck[name])
+    stream.load_state_dict(ck["stream"])
+    set_rng_state(ck["rng"], device)
+    return int(ck["step"]), ck["loss"]
+
+
 def run_text_recipe(
     recipe: TextRecipe, out_dir: str | os.PathLike | None = None, *, resume: bool = False, progress: bool | None = None
 ) -> dict[str, Any]:
@@ -303,33 +327,14 @@ def run_text_recipe(
         student, budget, lr=opt_cfg.lr, gate_lr=opt_cfg.gate_lr, lambda_lr=b.lr, weight_decay=opt_cfg.weight_decay
     )
     start, gate_loss = 0, None
+    gate_state = {"model": student, "budget": budget, "opt": opt, "opt_lambda": opt_lambda}
     if ck_g is not None:
-        student.load_state_dict(ck_g["model"])
-        budget.load_state_dict(ck_g["budget"])
-        opt.load_state_dict(ck_g["opt"])
-        opt_lambda.load_state_dict(ck_g["opt_lambda"])
-        stream.load_state_dict(ck_g["stream"])
-        set_rng_state(ck_g["rng"], device)
-        start, gate_loss = int(ck_g["step"]), ck_g["loss"]
+        start, gate_loss = _restore(ck_g, gate_state, stream, device)
         log.info("resumed the gate stage from %s at step %d%s", g_path, start, " (done)" if ck_g["done"] else "")
 
     def save_gates(step: int, loss: float | None, done: bool) -> None:
-        save_checkpoint(
-            {
-                "stage": "gates",
-                "step": step,
-                "done": done,
-                "loss": loss,
-                "model": to_cpu(student.state_dict()),
-                "budget": to_cpu(budget.state_dict()),
-                "opt": to_cpu(opt.state_dict()),
-                "opt_lambda": to_cpu(opt_lambda.state_dict()),
-                "stream": stream.state_dict(),
-                "rng": rng_state(device),
-                "recipe": fingerprint(recipe, GATE_FIELDS),
-            },
-            g_path,
-        )
+        state = _stage_state("gates", step, done, loss, gate_state, stream, device)
+        save_checkpoint({**state, "recipe": fingerprint(recipe, GATE_FIELDS)}, g_path)
 
     if ck_g is None or not ck_g["done"]:
         bar = _progress(recipe.steps, start, "gates", progress)
@@ -407,29 +412,14 @@ def run_text_recipe(
     resumable = ck_g is not None and ck_g["done"] and f_path.exists()
     ck_f = load_stage(f_path, recipe, FINETUNE_FIELDS) if resumable else None
     start_f, ft_loss = 0, None
+    ft_state = {"model": small, "opt": opt_f}
     if ck_f is not None:
-        small.load_state_dict(ck_f["model"])
-        opt_f.load_state_dict(ck_f["opt"])
-        stream.load_state_dict(ck_f["stream"])
-        set_rng_state(ck_f["rng"], device)
-        start_f, ft_loss = int(ck_f["step"]), ck_f["loss"]
+        start_f, ft_loss = _restore(ck_f, ft_state, stream, device)
         log.info("resumed the fine-tune stage from %s at step %d", f_path, start_f)
 
     def save_finetune(step: int, loss: float | None, done: bool) -> None:
-        save_checkpoint(
-            {
-                "stage": "finetune",
-                "step": step,
-                "done": done,
-                "loss": loss,
-                "model": to_cpu(small.state_dict()),
-                "opt": to_cpu(opt_f.state_dict()),
-                "stream": stream.state_dict(),
-                "rng": rng_state(device),
-                "recipe": fingerprint(recipe, FINETUNE_FIELDS),
-            },
-            f_path,
-        )
+        state = _stage_state("finetune", step, done, loss, ft_state, stream, device)
+        save_checkpoint({**state, "recipe": fingerprint(recipe, FINETUNE_FIELDS)}, f_path)
 
     if ck_f is None or not ck_f["done"]:
         bar = _progress(recipe.finetune_steps, start_f, "finetune", progress)
