@@ -327,35 +327,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
                 train(model, loader, args.finetune, 0.01, seed + 1, hook=hook)
                 small = ds.convert(model)
                 before[method].append(float("nan"))
-            elif method.endswith("-flops"):
-                budget = args.flops if args.flops is not None else layer_cut_flops(dense, args.sparsity, example)
+            else:  # one-shot: prune, convert, fine-tune the converted model
+                if method.endswith("-flops"):
+                    budget = args.flops if args.flops is not None else layer_cut_flops(dense, args.sparsity, example)
+                    target, how = (
+                        ["channels"],
+                        dict(
+                            flops=budget,
+                            normalize="l2" if method.startswith("l1") else "none",
+                            max_sparsity=args.max_sparsity,
+                            example_input=example,
+                        ),
+                    )
+                else:
+                    target, how = (
+                        {"channels": args.sparsity},
+                        dict(
+                            scope="global" if "-global" in method else "layer",
+                            normalize="l2" if method.endswith("-l2") else "none",
+                        ),
+                    )
                 data = calib_batches(train_set, args.calib, seed, 0) if method.startswith("taylor") else None
-                ds.prune.structured_(
-                    model,
-                    ["channels"],
-                    importance=importance(method, seed, args.calib),
-                    data=data,
-                    flops=budget,
-                    normalize="l2" if method.startswith("l1") else "none",
-                    max_sparsity=args.max_sparsity,
-                    example_input=example,
-                )
-                small = ds.convert(model)
-                before[method].append(evaluate(small, test_loader))
-                train(small, loader, args.finetune, 0.01, seed + 1)
-                model = None
-            else:
-                scope = "global" if "-global" in method else "layer"
-                norm = "l2" if method.endswith("-l2") else "none"
-                data = calib_batches(train_set, args.calib, seed, 0) if method.startswith("taylor") else None
-                ds.prune.structured_(
-                    model,
-                    {"channels": args.sparsity},
-                    importance=importance(method, seed, args.calib),
-                    data=data,
-                    scope=scope,
-                    normalize=norm,
-                )
+                ds.prune.structured_(model, target, importance=importance(method, seed, args.calib), data=data, **how)
                 small = ds.convert(model)
                 before[method].append(evaluate(small, test_loader))
                 train(small, loader, args.finetune, 0.01, seed + 1)
