@@ -21,10 +21,16 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "Spread",
     "Timings",
+    "add_memory_options",
+    "apply_memory_options",
     "count_flops",
     "interleaved_rounds",
     "keep_freed_memory",
@@ -190,3 +196,27 @@ def keep_freed_memory() -> None:
     for option, value in ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)):
         if libc.mallopt(option, value) != 1:
             raise OSError(f"mallopt({option}, {value}) failed")
+
+
+def add_memory_options(parser) -> None:
+    """``--channels-last`` and ``--malloc glibc|keep``: the layout and allocator options the CNN benchmarks share."""
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="every model and the inputs in torch.channels_last (default: the default NCHW layout)",
+    )
+    parser.add_argument(
+        "--malloc",
+        choices=("glibc", "keep"),
+        default="glibc",
+        help="glibc: glibc's defaults; keep: freed memory stays in the process for reuse, for every model alike",
+    )
+
+
+def apply_memory_options(args) -> torch.memory_format:
+    """Act on `add_memory_options` (call before building any model); returns the memory format to use."""
+    import torch
+
+    if args.malloc == "keep":
+        keep_freed_memory()
+    return torch.channels_last if args.channels_last else torch.contiguous_format

@@ -32,7 +32,7 @@ from collections import defaultdict
 
 import timm
 import torch
-from _timing import keep_freed_memory, markdown_table
+from _timing import add_memory_options, apply_memory_options, markdown_table
 from convert_speed import IMAGE_SIZE, VERIFY_BATCH, build_dynsparse
 from torch import nn
 
@@ -84,14 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32, help="batch size (default: 32)")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (default: 7)")
     p.add_argument("--warmup", type=int, default=2, help="untimed forwards of each model first (default: 2)")
-    p.add_argument("--channels-last", action="store_true", help="both models and the input in torch.channels_last")
-    p.add_argument("--malloc", choices=("glibc", "keep"), default="glibc", help="as in convert_speed.py")
+    add_memory_options(p)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    if args.malloc == "keep":
-        keep_freed_memory()
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    fmt = apply_memory_options(args)
 
     torch.manual_seed(0)
     dense = timm.create_model("resnet50", pretrained=False).eval().to(memory_format=fmt)

@@ -83,7 +83,16 @@ from dataclasses import dataclass, field
 
 import timm
 import torch
-from _timing import Spread, count_flops, interleaved_rounds, keep_freed_memory, markdown_table, paired_ratios, spread
+from _timing import (
+    Spread,
+    add_memory_options,
+    apply_memory_options,
+    count_flops,
+    interleaved_rounds,
+    markdown_table,
+    paired_ratios,
+    spread,
+)
 from torch import Tensor, nn
 
 import dynsparse as ds
@@ -489,17 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="variants besides dense (default: all)"
     )
-    p.add_argument(
-        "--channels-last",
-        action="store_true",
-        help="dense model, variants and inputs in torch.channels_last (default: the default NCHW layout)",
-    )
-    p.add_argument(
-        "--malloc",
-        choices=("glibc", "keep"),
-        default="glibc",
-        help="glibc: glibc's defaults; keep: freed memory stays in the process for reuse (default: glibc)",
-    )
+    add_memory_options(p)
     p.add_argument(
         "--optimize",
         choices=("none", "jit", "fuse"),
@@ -520,9 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--batch, --rounds and --threads must be positive, --warmup non-negative")
 
     torch.set_num_threads(args.threads)
-    if args.malloc == "keep":
-        keep_freed_memory()  # before any model is built: the same allocator for every model
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    memory_format = apply_memory_options(args)  # before any model is built: the same allocator for every model
     layout = "channels_last" if args.channels_last else "NCHW (default layout)"
     torch.set_flush_denormal(True)  # denormals would slow whichever model happens to produce them
     tp_version = importlib.metadata.version("torch-pruning") if tp is not None else "not installed"

@@ -39,7 +39,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import count_flops, interleaved_rounds, markdown_table, speed_cells
+from _timing import (
+    add_memory_options,
+    apply_memory_options,
+    count_flops,
+    interleaved_rounds,
+    markdown_table,
+    speed_cells,
+)
 
 STRATEGIES = ("auto", "group", "loop", "union", "grouped_conv", "masked")
 
@@ -104,24 +111,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=0, help="timed rounds (default: 20 at batch 1, 5 at batch 32)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument(
-        "--malloc",
-        choices=("glibc", "keep"),
-        default="glibc",
-        help="keep: glibc keeps and reuses freed memory (a caching allocator), for dense and dynamic alike",
-    )
-    p.add_argument(
-        "--channels-last",
-        action="store_true",
-        help="dense and dynamic models and the images in torch.channels_last (default: the default NCHW layout)",
-    )
+    add_memory_options(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if args.malloc == "keep":
-        from _timing import keep_freed_memory
-
-        keep_freed_memory()
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    memory_format = apply_memory_options(args)
     print(
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
         f"224x224 fp32, inference_mode, keep {args.keep}, malloc {args.malloc}, "
