@@ -67,8 +67,7 @@ def structured_(
         >>> _ = ds.prune.structured_(m, {"channels": 0.5})
         >>> small = ds.convert(m)
     """
-    from ..importance import keep_masks, make_importance
-    from ..layers.slot import GateSlot
+    from ..importance import keep_masks
     from ..sparsify import fix_gates_
 
     if flops is not None:
@@ -81,27 +80,38 @@ def structured_(
     for dim, s in sparsity.items():
         if not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
             raise ConfigError(f"structured_: sparsity[{dim!r}] must be a fraction in [0, 1), got {s!r}")
-    open_gates_(model, list(sparsity), include=include, exclude=exclude)
-    slots = {fqn: m for fqn, m in model.named_modules() if isinstance(m, GateSlot)}
-    scorer = make_importance(importance)
-    scores = scorer(model, data)
+    scores = _scores(model, list(sparsity), importance, data, include, exclude)
     masks = {}
     for dim, s in sparsity.items():
-        mine = _scores_of(scores, slots, dim, scorer)
         if s > 0:
             masks.update(
                 keep_masks(
-                    mine, s, scope=scope or "layer", normalize=normalize, round_to=round_to, max_sparsity=max_sparsity
+                    scores[dim],
+                    s,
+                    scope=scope or "layer",
+                    normalize=normalize,
+                    round_to=round_to,
+                    max_sparsity=max_sparsity,
                 )
             )
     return fix_gates_(model, masks) if masks else model
 
 
-def _scores_of(scores: Mapping[str, Any], slots: Mapping[str, nn.Module], dim: str, scorer: Any) -> dict[str, Any]:
-    mine = {f: v for f, v in scores.items() if slots[f.rpartition(".")[0]].dimension == dim}
-    if not mine:
-        raise ConfigError(f"structured_: the importance {type(scorer).__name__} gave no scores for {dim!r}")
-    return mine
+def _scores(model, dims: list[str], importance, data, include, exclude) -> dict[str, dict[str, Any]]:
+    """Open gates for ``dims`` where missing, score every unit: ``{dim: {gate_fqn: scores}}``."""
+    from ..importance import make_importance
+    from ..layers.slot import GateSlot
+
+    open_gates_(model, dims, include=include, exclude=exclude)
+    slots = {fqn: m for fqn, m in model.named_modules() if isinstance(m, GateSlot)}
+    scorer = make_importance(importance)
+    scores = scorer(model, data)
+    out = {}
+    for dim in dims:
+        out[dim] = {f: v for f, v in scores.items() if slots[f.rpartition(".")[0]].dimension == dim}
+        if not out[dim]:
+            raise ConfigError(f"structured_: the importance {type(scorer).__name__} gave no scores for {dim!r}")
+    return out
 
 
 def _structured_flops(
@@ -109,8 +119,7 @@ def _structured_flops(
 ) -> nn.Module:
     """``structured_(..., flops=f)``: one score-per-FLOP ranking over the dimensions' gates."""
     from ..flops import CostModel
-    from ..importance import flops_keep_masks, make_importance
-    from ..layers.slot import GateSlot
+    from ..importance import flops_keep_masks
     from ..sparsify import fix_gates_
 
     if isinstance(dims, (Mapping, str)) or not isinstance(dims, Sequence) or not dims:
@@ -127,13 +136,9 @@ def _structured_flops(
         if first is not None:
             x = first[0] if isinstance(first, (tuple, list)) else first
             example_input = x[:1]
-    open_gates_(model, list(dims), include=include, exclude=exclude)
-    slots = {fqn: m for fqn, m in model.named_modules() if isinstance(m, GateSlot)}
-    scorer = make_importance(importance)
-    scores = scorer(model, data)
     mine = {}
-    for dim in dims:
-        mine.update(_scores_of(scores, slots, dim, scorer))
+    for per_dim in _scores(model, list(dims), importance, data, include, exclude).values():
+        mine.update(per_dim)
     cost = CostModel(model, example_input)
     masks = flops_keep_masks(
         mine, cost, float(flops), normalize=normalize, round_to=round_to, max_sparsity=max_sparsity
