@@ -9,7 +9,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dynsparse import kernels
-from dynsparse.errors import DynsparseError
+from dynsparse import set_budget_ as ds_set_budget
+from dynsparse.errors import DynsparseError, GateError
 from dynsparse.layers.neuron_gating import calibrate_neurons_, gate_neurons_, set_strategy_
 
 needs_kernels = pytest.mark.skipif(kernels.load() is None, reason=f"no kernels: {kernels.why_unavailable()}")
@@ -45,16 +46,23 @@ def _gated(host: str, gate: str) -> nn.Sequential:
 
 
 def _spy(monkeypatch, fail: bool = False) -> list:
-    """Count (or forbid) calls of the kernel."""
-    calls, real = [], kernels.neuron_rows
+    """Record (or forbid) calls of the kernels: ``"cats"`` for `cats_rows`, else `neuron_rows`' ``has_g``."""
+    calls, real_rows, real_cats = [], kernels.neuron_rows, kernels.cats_rows
 
-    def spy(*args, **kwargs):
+    def spy_rows(*args, **kwargs):
         if fail:
             raise AssertionError("the kernel ran where it must not")
         calls.append(kwargs.get("has_g"))
-        return real(*args, **kwargs)
+        return real_rows(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "neuron_rows", spy)
+    def spy_cats(*args, **kwargs):
+        if fail:
+            raise AssertionError("the kernel ran where it must not")
+        calls.append("cats")
+        return real_cats(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "neuron_rows", spy_rows)
+    monkeypatch.setattr(kernels, "cats_rows", spy_cats)
     return calls
 
 
@@ -66,9 +74,54 @@ def test_kernel_equals_the_masked_reference(host, gate, monkeypatch):
     calls = _spy(monkeypatch)
     for seed in range(3):
         _fast_vs_masked(m, torch.randn(1, 1, 40, generator=torch.Generator().manual_seed(seed)))
-    assert calls == [gate == "dejavu"] * 3  # one kernel call per token; dejavu computes the gate inside
+    # one kernel call per token: cats thresholds inside cats_rows; dejavu computes the gate inside neuron_rows
+    assert calls == ["cats" if gate == "cats" else True] * 3
     # cats on a plain Mlp reads the transposed fc2 (nothing else is gathered); every other case packs its neurons
     assert (m[0]._packed is None) == (gate == "cats" and host.startswith("mlp"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("host", ["mlp", "swiglu"])
+def test_cats_kernel_follows_the_knob_and_refuses_an_uncalibrated_gate(host, monkeypatch):
+    m = _gated(host, "cats")
+    calls = _spy(monkeypatch)
+    x = torch.randn(1, 1, 40, generator=torch.Generator().manual_seed(5))
+    for keep in (1.0, 0.8, 0.3, 0.01):  # keep 1: every neuron (t = -inf), the host's output
+        ds_set_budget(m, keep)
+        _fast_vs_masked(m, x)
+    assert calls == ["cats"] * 4
+    with torch.inference_mode():
+        ds_set_budget(m, 1.0)
+        dense = nn.Sequential(HOSTS[host]())
+        dense.load_state_dict({k: v for k, v in m.state_dict().items() if ".neurons." not in k})
+        torch.testing.assert_close(m(x), dense.eval()(x), atol=1e-5, rtol=1e-5)
+    fresh = nn.Sequential(HOSTS[host]()).eval()
+    gate_neurons_(fresh, "cats", keep=0.5)
+    with torch.inference_mode(), pytest.raises(GateError, match="gate of '0': the cats threshold is not calibrated"):
+        fresh(x)
+
+
+@needs_kernels
+def test_cats_kernel_against_a_hand_computation():
+    g = torch.Generator().manual_seed(1)
+    wg, wv, w2 = torch.randn(10, 17, generator=g), torch.randn(10, 17, generator=g), torch.randn(6, 10, generator=g)
+    bg, bv, x = torch.randn(10, generator=g), torch.randn(10, generator=g), torch.randn(17, generator=g)
+    act = torch.nn.functional.gelu(wg @ x + bg)
+    t = float(act.abs().median())
+    kept = act.abs() >= t
+    owner = type("Owner", (), {})()
+    with torch.inference_mode():
+        got = kernels.cats_rows(wg, bg, x, t, kernels.pack_neurons(owner, None, wv, w2), has_v=True, b_v=bv, act=2)
+        torch.testing.assert_close(got[0], w2 @ (act * (wv @ x + bv) * kept), atol=1e-5, rtol=1e-5)
+        got = kernels.cats_rows(wg, None, x, t, w2.t().contiguous(), has_v=False, act=0)  # identity, no bias
+        pre = wg @ x
+        torch.testing.assert_close(got[0], w2 @ (pre * (pre.abs() >= t)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(DynsparseError, match="packed must be \\(10, parts\\)"):
+        kernels.cats_rows(wg, bg, x, t, w2, has_v=False)
+    with pytest.raises(DynsparseError, match="C_in = 17 values, got 16"):
+        kernels.cats_rows(wg, bg, x[:16], t, w2.t().contiguous(), has_v=False)
+    with pytest.raises(DynsparseError, match="b_v must have one value per neuron"):
+        kernels.cats_rows(wg, bg, x, t, kernels.pack_neurons(owner, None, wv, w2), has_v=True, b_v=bv[:2])
 
 
 @needs_kernels

@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..errors import DynsparseError
 
-__all__ = ["act_code", "eager_cpu", "load", "neuron_rows", "pack_neurons", "why_unavailable"]
+__all__ = ["act_code", "cats_rows", "eager_cpu", "load", "neuron_rows", "pack_neurons", "why_unavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     f.argtypes = [p, i64, p, i64, i64, p, i64, i32, i32, p, p, p, i32, p]
     f.restype = None
+    f = dll.ds_cats_rows
+    f.argtypes = [p, i64, p, p, i64, i64, ctypes.c_float, i32, p, i64, i32, p, i64, p, p, p]
+    f.restype = i64
     log.debug("dynsparse kernels: loaded %s", lib)
     return dll, ""
 
@@ -218,5 +221,58 @@ def neuron_rows(
     lib.ds_neuron_rows(
         packed.data_ptr(), packed.stride(0), x.data_ptr(), c_in, c_out, idx.data_ptr(), idx.numel(),
         int(has_g), int(has_v), ptr(g_pre), ptr(b_g), ptr(b_v), act, y.data_ptr(),
+    )  # fmt: skip
+    return y
+
+
+def cats_rows(
+    w_g: Tensor,
+    b_g: Tensor | None,
+    x: Tensor,
+    threshold: float,
+    packed: Tensor,
+    *,
+    has_v: bool,
+    b_v: Tensor | None = None,
+    act: int = 0,
+) -> Tensor:
+    """CATS on one token ``x`` (C_in,): keep the neurons with ``|act(w_g[i]·x + b_g[i])| ≥ threshold``, run them.
+
+    ``w_g`` (H, C_in) with unit column stride is read whole (four rows at a time); ``packed`` holds the rows
+    ``[w_v[i] | w_out[:, i]]`` (`pack_neurons` without ``w_g``), or ``w_out``'s transpose when not ``has_v``.
+    Returns (1, C_out). Call only when `load` is not None and `eager_cpu` holds.
+    """
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"dynsparse.kernels.cats_rows: kernels unavailable ({why_unavailable()})")
+    owner = "dynsparse.kernels.cats_rows"
+    for name, t in (("w_g", w_g), ("packed", packed), ("x", x), ("b_g", b_g), ("b_v", b_v)):
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            raise DynsparseError(f"{owner}: {name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    h, c_in = (w_g.shape[0], w_g.shape[1]) if w_g.dim() == 2 else (0, 0)
+    n_in = c_in if has_v else 0
+    if w_g.dim() != 2 or w_g.stride(1) != 1:
+        raise DynsparseError(f"{owner}: w_g must be (H, C_in) with unit column stride, got {tuple(w_g.shape)}")
+    if packed.dim() != 2 or packed.stride(1) != 1 or packed.shape[0] != h or packed.shape[1] <= n_in:
+        raise DynsparseError(
+            f"{owner}: packed must be ({h}, parts) with unit column stride and more than {n_in} columns, got shape "
+            f"{tuple(packed.shape)}, strides {packed.stride()}"
+        )
+    if x.numel() != c_in:
+        raise DynsparseError(f"{owner}: x must have C_in = {c_in} values, got {x.numel()}")
+    for name, t in (("b_g", b_g), ("b_v", b_v)):
+        if t is not None and t.numel() != h:
+            raise DynsparseError(f"{owner}: {name} must have one value per neuron ({h}), got {t.numel()}")
+    c_out = packed.shape[1] - n_in
+    x = x.contiguous()
+    b_g = None if b_g is None else b_g.contiguous()
+    b_v = None if b_v is None else b_v.contiguous()
+    idx = torch.empty(h, dtype=torch.int64)
+    g = torch.empty(h, dtype=torch.float32)
+    y = torch.empty(1, c_out, dtype=torch.float32)
+    lib.ds_cats_rows(
+        w_g.data_ptr(), w_g.stride(0), None if b_g is None else b_g.data_ptr(), x.data_ptr(), c_in, h,
+        float(threshold), act, packed.data_ptr(), packed.stride(0), int(has_v),
+        None if b_v is None else b_v.data_ptr(), c_out, idx.data_ptr(), g.data_ptr(), y.data_ptr(),
     )  # fmt: skip
     return y

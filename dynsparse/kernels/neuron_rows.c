@@ -1,4 +1,5 @@
 /* Single-token MLP over a subset of its hidden neurons, reading each kept neuron's weights in one pass.
+ * (ds_neuron_rows: the kept neurons are given; ds_cats_rows: they are chosen here by a CATS threshold.)
  *
  * Packed layout (built once per module by dynsparse.kernels.pack_neurons): row i of P holds neuron i's data,
  * in this order and only the parts present:
@@ -10,6 +11,7 @@
  * break the stream at every 4 KB.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -100,4 +102,33 @@ void ds_neuron_rows(const float* P, int64_t stride, const float* x, int64_t c_in
   for (; i + NB <= k; i += NB)
     block(P, stride, x, c_in, c_out, idx, i, NB, has_g, has_v, g_pre, b_g, b_v, act_kind, y);
   if (i < k) block(P, stride, x, c_in, c_out, idx, i, (int)(k - i), has_g, has_v, g_pre, b_g, b_v, act_kind, y);
+}
+
+/* CATS on one token: g_i = act(w_g[i] . x + b_g[i]) for every neuron (NB rows at a time), kept where
+ * |g_i| >= t, then y = sum over kept i of g_i (w_v[i] . x + b_v[i]) w_out_i from the packed rows P (parts
+ * [w_v | w_out], or [w_out] without has_v). W_g is (H, c_in) with row stride wg_stride. The kept neurons
+ * (ascending) and their activated gate values go to idx and g (both of length >= H); returns their number. */
+int64_t ds_cats_rows(const float* W_g, int64_t wg_stride, const float* b_g, const float* x, int64_t c_in,
+                     int64_t H, float t, int act_kind, const float* P, int64_t stride, int has_v,
+                     const float* b_v, int64_t c_out, int64_t* idx, float* g, float* y) {
+  int64_t k = 0;
+  const float* rows[NB];
+  float d[NB];
+  for (int64_t i = 0; i < H; i += NB) {
+    const int m = H - i < NB ? (int)(H - i) : NB;
+    for (int u = 0; u < m; ++u) rows[u] = W_g + (i + u) * wg_stride;
+    dots(rows, m, x, c_in, d);
+    for (int u = 0; u < m; ++u) {
+      const float v = act(d[u] + (b_g ? b_g[i + u] : 0.f), act_kind);
+      if (fabsf(v) >= t) {
+        idx[k] = i + u;
+        g[k++] = v;
+      }
+    }
+  }
+  for (int64_t j = 0; j < c_out; ++j) y[j] = 0.f;
+  int64_t i = 0;
+  for (; i + NB <= k; i += NB) block(P, stride, x, c_in, c_out, idx, i, NB, 0, has_v, g, NULL, b_v, 0, y);
+  if (i < k) block(P, stride, x, c_in, c_out, idx, i, (int)(k - i), 0, has_v, g, NULL, b_v, 0, y);
+  return k;
 }

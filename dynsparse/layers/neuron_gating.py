@@ -34,12 +34,11 @@ import torch
 from timm.layers import GluMlp, Mlp, SwiGLU
 from torch import Tensor, nn
 
-from .. import kernels
 from ..errors import ConfigError, UnsupportedModuleError
 from ..gates.neuron_gates import NEURON_GATES, CatsGate, DejaVuGate, NeuronGate, active_labels, fit_predictor_
 from ..modules import adopt, place_like, replace_module_
 from ..sparsify import _patterns, _selected
-from .neuron_kernels import consumer_row, linear_rows, producer_row, transposed
+from .neuron_kernels import consumer_row, kernel_cats, kernel_row, linear_rows, producer_row, transposed
 
 __all__ = [
     "NEURON_GATES",
@@ -119,6 +118,10 @@ class NeuronGated:
         gate = self.neurons
         rows = x.reshape(-1, x.shape[-1])
         n = x.shape[1] if gate.per == "input" and x.dim() == 3 else 1  # rows per decision
+        if isinstance(gate, CatsGate) and self._record is None and not self.training and rows.shape[0] == 1:
+            y = kernel_cats(self, rows)  # one token: the compiled kernel thresholds and runs the kept neurons
+            if y is not None:
+                return self.drop2(y).reshape(*x.shape[:-1], y.shape[-1])
         g = None
         if self._record is not None or isinstance(gate, CatsGate):
             g = self.gate_activation(rows)
@@ -164,7 +167,7 @@ class NeuronGated:
         one = self.strategy == "auto" and rows.shape[0] == 1  # one token: the fastest single-row kernels
         wg, bg, wv, bv = self._producers()
         if one and m is None and idx.numel():
-            y = self._kernel_row(rows, g, idx, wg, bg, wv, bv)
+            y = kernel_row(self, rows, g, idx)
             if y is not None:
                 return self.drop2(y)
         if g is not None:
@@ -185,30 +188,6 @@ class NeuronGated:
             w = w_t.index_select(0, idx)
             y = h @ w if b is None else torch.addmm(b, h, w)
         return self.drop2(y)
-
-    def _kernel_row(self, rows, g, idx, wg, bg, wv, bv) -> Tensor | None:
-        """One token through `dynsparse.kernels.neuron_rows` (None where it does not apply: the caller's path runs).
-
-        Each kept neuron's producer rows and ``fc2`` column are read as one contiguous stream from a packed copy
-        of the weights (`dynsparse.kernels.pack_neurons`); cats on a plain ``Mlp`` gathers only ``fc2``, from the
-        cached transposed copy.
-        """
-        w2, b2 = self.fc2.weight, self.fc2.bias
-        has_g = g is None  # dejavu: the gate activation is computed here; cats brought it
-        code = kernels.act_code(self.act) if has_g else 0
-        if code is None or not kernels.eager_cpu(rows, w2, wg, *(t for t in (bg, wv, bv, b2, g) if t is not None)):
-            return None
-        if kernels.load() is None:  # built on the first call that can use it
-            return None
-        if not has_g and wv is None:  # cats on a plain Mlp: only fc2 is gathered, from its transposed copy
-            packed = transposed(self, w2)
-        else:
-            packed = kernels.pack_neurons(self, wg if has_g else None, wv, w2)
-        y = kernels.neuron_rows(
-            packed, rows[0], idx, c_in=rows.shape[1], has_g=has_g, has_v=wv is not None,
-            g_pre=None if has_g else g[0].index_select(0, idx), b_g=bg, b_v=bv, act=code,
-        )  # fmt: skip
-        return y if b2 is None else y + b2
 
     def extra_repr(self) -> str:
         return f"strategy={self.strategy!r}"

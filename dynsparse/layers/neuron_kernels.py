@@ -1,7 +1,8 @@
 """PyTorch kernels for running an MLP on a subset of its hidden neurons (used by `dynsparse.layers.neuron_gating`).
 
-For one token in eager float32 CPU inference, `dynsparse.kernels.neuron_rows` (a small compiled C kernel,
-built on first use) runs first where it is available; these are the portable path and the fallback.
+For one token in eager float32 CPU inference, the compiled kernels of `dynsparse.kernels` (built on first use)
+run first where they are available (`kernel_row`, `kernel_cats`); the PyTorch functions here are the portable
+path and the fallback.
 
 For a single token the MLP is two matrix-vector products, bound by memory traffic, not arithmetic. What was
 measured on the 2-core EPYC with one thread (``benchmarks/dynamic_neurons.py``, d = 1024):
@@ -22,9 +23,19 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["GATHER_PRODUCER_BELOW", "consumer_row", "linear_rows", "producer_row", "transposed"]
+from .. import kernels
+
+__all__ = [
+    "GATHER_PRODUCER_BELOW",
+    "consumer_row",
+    "kernel_cats",
+    "kernel_row",
+    "linear_rows",
+    "producer_row",
+    "transposed",
+]
 
 #: ``kernel="torch"``, one token: gather producer rows only below this kept fraction (measured crossover).
 GATHER_PRODUCER_BELOW = 0.35
@@ -62,3 +73,52 @@ def transposed(owner: object, w: Tensor) -> Tensor:
             owner._w2t = w.t().contiguous()
         owner._w2t_src = _cache_key((w,))
     return owner._w2t
+
+
+def kernel_row(mlp: nn.Module, rows: Tensor, g: Tensor | None, idx: Tensor) -> Tensor | None:
+    """One token (1, C) of a neuron-gated ``mlp`` over its kept neurons ``idx`` through `dynsparse.kernels.neuron_rows`.
+
+    Each kept neuron's producer rows and ``fc2`` column are read as one contiguous stream from a packed copy of
+    the weights (`dynsparse.kernels.pack_neurons`); with ``g`` (cats: the activated gate values, (1, H), already
+    computed) a plain ``Mlp`` gathers only ``fc2``, from the cached transposed copy. Returns None where the
+    kernel does not apply (the caller's PyTorch path runs); ``fc2``'s bias is added, dropout is not.
+    """
+    wg, bg, wv, bv = mlp._producers()
+    w2, b2 = mlp.fc2.weight, mlp.fc2.bias
+    has_g = g is None  # dejavu: the gate activation is computed here; cats brought it
+    code = kernels.act_code(mlp.act) if has_g else 0
+    if code is None or not kernels.eager_cpu(rows, w2, wg, *(t for t in (bg, wv, bv, b2, g) if t is not None)):
+        return None
+    if kernels.load() is None:  # built on the first call that can use it
+        return None
+    if not has_g and wv is None:  # cats on a plain Mlp: only fc2 is gathered, from its transposed copy
+        packed = transposed(mlp, w2)
+    else:
+        packed = kernels.pack_neurons(mlp, wg if has_g else None, wv, w2)
+    y = kernels.neuron_rows(
+        packed, rows[0], idx, c_in=rows.shape[1], has_g=has_g, has_v=wv is not None,
+        g_pre=None if has_g else g[0].index_select(0, idx), b_g=bg, b_v=bv, act=code,
+    )  # fmt: skip
+    return y if b2 is None else y + b2
+
+
+def kernel_cats(mlp: nn.Module, rows: Tensor) -> Tensor | None:
+    """One token (1, C) of a ``cats``-gated ``mlp`` through `dynsparse.kernels.cats_rows`, which thresholds too.
+
+    The gate projection is read whole, four rows at a time, then only the kept neurons' value rows and ``fc2``
+    columns: no (H,) activation, mask or index tensor is built in PyTorch. Returns None where the kernel does
+    not apply (the caller's PyTorch path runs); ``fc2``'s bias is added, dropout is not.
+    """
+    wg, bg, wv, bv = mlp._producers()
+    w2, b2 = mlp.fc2.weight, mlp.fc2.bias
+    code = kernels.act_code(mlp.act)
+    if mlp.strategy != "auto" or code is None or wg.stride(1) != 1:
+        return None
+    if not kernels.eager_cpu(rows, w2, wg, *(t for t in (bg, wv, bv, b2) if t is not None)):
+        return None
+    if kernels.load() is None:
+        return None
+    t = mlp.neurons.current_threshold()  # refuses an uncalibrated gate, by name
+    packed = transposed(mlp, w2) if wv is None else kernels.pack_neurons(mlp, None, wv, w2)
+    y = kernels.cats_rows(wg, bg, rows[0], t, packed, has_v=wv is not None, b_v=bv, act=code)
+    return y if b2 is None else y + b2
