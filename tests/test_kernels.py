@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from timm.layers import GluMlp, Mlp, SwiGLU
@@ -86,10 +88,14 @@ def test_cats_kernel_follows_the_knob_and_refuses_an_uncalibrated_gate(host, mon
     m = _gated(host, "cats")
     calls = _spy(monkeypatch)
     x = torch.randn(1, 1, 40, generator=torch.Generator().manual_seed(5))
+    outs = []
     for keep in (1.0, 0.8, 0.3, 0.01):  # keep 1: every neuron (t = -inf), the host's output
         ds_set_budget(m, keep)
         _fast_vs_masked(m, x)
-    assert calls == ["cats"] * 4
+        with torch.inference_mode():
+            outs.append(m(x))
+    assert calls == ["cats"] * 8
+    assert all(not torch.equal(a, b) for a, b in itertools.pairwise(outs))  # each knob setting took effect
     with torch.inference_mode():
         ds_set_budget(m, 1.0)
         dense = nn.Sequential(HOSTS[host]())
@@ -107,7 +113,8 @@ def test_cats_kernel_against_a_hand_computation():
     wg, wv, w2 = torch.randn(10, 17, generator=g), torch.randn(10, 17, generator=g), torch.randn(6, 10, generator=g)
     bg, bv, x = torch.randn(10, generator=g), torch.randn(10, generator=g), torch.randn(17, generator=g)
     act = torch.nn.functional.gelu(wg @ x + bg)
-    t = float(act.abs().median())
+    a = act.abs().sort().values
+    t = float(a[4] + a[5]) / 2  # midway between two values: no neuron within rounding of the threshold
     kept = act.abs() >= t
     owner = type("Owner", (), {})()
     with torch.inference_mode():
@@ -122,6 +129,62 @@ def test_cats_kernel_against_a_hand_computation():
         kernels.cats_rows(wg, bg, x[:16], t, w2.t().contiguous(), has_v=False)
     with pytest.raises(DynsparseError, match="b_v must have one value per neuron"):
         kernels.cats_rows(wg, bg, x, t, kernels.pack_neurons(owner, None, wv, w2), has_v=True, b_v=bv[:2])
+    with pytest.raises(DynsparseError, match="threshold is NaN"):
+        kernels.cats_rows(wg, bg, x, float("nan"), w2.t().contiguous(), has_v=False)
+    with pytest.raises(DynsparseError, match="act must be one of"):
+        kernels.cats_rows(wg, bg, x, t, w2.t().contiguous(), has_v=False, act=7)
+
+
+@needs_kernels
+@pytest.mark.parametrize("host", ["mlp", "swiglu"])
+def test_cats_kernel_at_keep_1_keeps_nan_activations_like_the_host(host):
+    m = _gated(host, "cats")
+    ds_set_budget(m, 1.0)
+    x = torch.randn(1, 1, 40)
+    x[0, 0, 3] = float("nan")
+    with torch.inference_mode():
+        assert torch.isnan(m(x)).all()  # every neuron sees the NaN, and none is dropped
+
+
+@needs_kernels
+def test_cats_kernel_on_an_mlp_with_one_output():
+    torch.manual_seed(0)
+    m = nn.Sequential(Mlp(40, 96, out_features=1)).eval()
+    gate_neurons_(m, "cats", keep=0.5)
+    calibrate_neurons_(m, [torch.randn(4, 9, 40)])
+    _fast_vs_masked(m, torch.randn(1, 1, 40))  # the transposed fc2 (96, 1) has row-major strides
+
+
+@needs_kernels
+def test_glu_halves_are_packed_once_not_per_token():
+    m = _gated("glu", "cats")
+    with torch.inference_mode():
+        m(torch.randn(1, 1, 40))
+        first = m[0]._packed
+        m(torch.randn(1, 1, 40))  # _producers() returns fresh views of fc1.weight: the cache still holds
+    assert m[0]._packed is first
+    with torch.no_grad():
+        m[0].fc1.weight.mul_(2.0)  # an in-place change of the parameter reaches the views' version counter
+    _fast_vs_masked(m, torch.randn(1, 1, 40))
+    assert m[0]._packed is not first
+
+
+@needs_kernels
+def test_cats_kernel_stays_out_of_training_dropout_and_other_strategies(monkeypatch):
+    m = _gated("swiglu", "cats")
+    _spy(monkeypatch, fail=True)
+    x = torch.randn(1, 1, 40)
+    m[0].drop1 = nn.Dropout(0.5).train()  # dropout on its own in training mode: the kernels do not drop
+    with torch.inference_mode():
+        m(x)
+    m[0].drop1 = nn.Dropout(0.0)
+    set_strategy_(m, "gather")
+    with torch.inference_mode():
+        m(x)
+    set_strategy_(m, "auto")
+    m.train()
+    with torch.no_grad():
+        m(x)
 
 
 @needs_kernels

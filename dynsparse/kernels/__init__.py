@@ -19,6 +19,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -150,17 +151,25 @@ def pack_neurons(owner: object, w_g: Tensor | None, w_v: Tensor | None, w_out: T
     return owner._packed
 
 
+def _root(t: Tensor) -> Tensor:
+    """The tensor that owns ``t``'s memory: ``t`` itself, or the base of a view (a fresh view per call, such as
+    the halves of a ``GluMlp``'s ``fc1.weight``, still maps to the one parameter)."""
+    return t if t._base is None else t._base
+
+
 def _cache_key(sources: tuple[Tensor, ...]) -> tuple:
-    """The tensors themselves (a live reference: their memory cannot be reused by a new tensor) and versions."""
-    return tuple((t, t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride())) for t in sources)
+    """The owning tensors themselves (a live reference: their memory cannot be reused by a new tensor), their
+    versions (shared by views), and each source's address, shape and strides."""
+    return tuple((_root(t), t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride())) for t in sources)
 
 
 def _cache_valid(key: tuple | None, sources: tuple[Tensor, ...]) -> bool:
-    """True when ``key`` (from `_cache_key`) was made from these very tensors, unchanged since."""
+    """True when ``key`` (from `_cache_key`) was made from these very tensors (or views of the same memory,
+    placed the same way), unchanged since."""
     if key is None or len(key) != len(sources):
         return False
     return all(
-        k[0] is t and k[1:] == (t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+        k[0] is _root(t) and k[1:] == (t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()))
         for k, t in zip(key, sources, strict=True)
     )
 
@@ -238,6 +247,7 @@ def cats_rows(
 ) -> Tensor:
     """CATS on one token ``x`` (C_in,): keep the neurons with ``|act(w_g[i]·x + b_g[i])| ≥ threshold``, run them.
 
+    ``threshold = -inf`` keeps every neuron (NaN activations included, as the PyTorch path at ``keep = 1``).
     ``w_g`` (H, C_in) with unit column stride is read whole (four rows at a time); ``packed`` holds the rows
     ``[w_v[i] | w_out[:, i]]`` (`pack_neurons` without ``w_g``), or ``w_out``'s transpose when not ``has_v``.
     Returns (1, C_out). Call only when `load` is not None and `eager_cpu` holds.
@@ -263,6 +273,10 @@ def cats_rows(
     for name, t in (("b_g", b_g), ("b_v", b_v)):
         if t is not None and t.numel() != h:
             raise DynsparseError(f"{owner}: {name} must have one value per neuron ({h}), got {t.numel()}")
+    if math.isnan(threshold):
+        raise DynsparseError(f"{owner}: threshold is NaN (an uncalibrated gate?)")
+    if act not in _ACT.values():
+        raise DynsparseError(f"{owner}: act must be one of {sorted(_ACT.values())} (see act_code), got {act!r}")
     c_out = packed.shape[1] - n_in
     x = x.contiguous()
     b_g = None if b_g is None else b_g.contiguous()

@@ -105,13 +105,15 @@ void ds_neuron_rows(const float* P, int64_t stride, const float* x, int64_t c_in
 }
 
 /* CATS on one token: g_i = act(w_g[i] . x + b_g[i]) for every neuron (NB rows at a time), kept where
- * |g_i| >= t, then y = sum over kept i of g_i (w_v[i] . x + b_v[i]) w_out_i from the packed rows P (parts
- * [w_v | w_out], or [w_out] without has_v). W_g is (H, c_in) with row stride wg_stride. The kept neurons
- * (ascending) and their activated gate values go to idx and g (both of length >= H); returns their number. */
+ * |g_i| >= t (every neuron when t = -inf), then y = sum over kept i of g_i (w_v[i] . x + b_v[i]) w_out_i from
+ * the packed rows P (parts [w_v | w_out], or [w_out] without has_v). W_g is (H, c_in) with row stride
+ * wg_stride. The kept neurons (ascending) and their activated gate values go to idx and g (both of length >= H);
+ * returns their number. */
 int64_t ds_cats_rows(const float* W_g, int64_t wg_stride, const float* b_g, const float* x, int64_t c_in,
                      int64_t H, float t, int act_kind, const float* P, int64_t stride, int has_v,
                      const float* b_v, int64_t c_out, int64_t* idx, float* g, float* y) {
   int64_t k = 0;
+  const int keep_all = isinf(t) && t < 0;  /* keep = 1: every neuron, NaN activations too */
   const float* rows[NB];
   float d[NB];
   for (int64_t i = 0; i < H; i += NB) {
@@ -120,7 +122,7 @@ int64_t ds_cats_rows(const float* W_g, int64_t wg_stride, const float* b_g, cons
     dots(rows, m, x, c_in, d);
     for (int u = 0; u < m; ++u) {
       const float v = act(d[u] + (b_g ? b_g[i + u] : 0.f), act_kind);
-      if (fabsf(v) >= t) {
+      if (keep_all || fabsf(v) >= t) {
         idx[k] = i + u;
         g[k++] = v;
       }

@@ -62,7 +62,7 @@ def consumer_row(h: Tensor, idx: Tensor, w_t: Tensor, b: Tensor | None) -> Tenso
 
 
 def transposed(owner: object, w: Tensor) -> Tensor:
-    """``w.t().contiguous()``, cached on ``owner`` (attributes ``_w2t`` / ``_w2t_src``) until ``w`` changes.
+    """``w.t()`` as a row-major copy, cached on ``owner`` (attributes ``_w2t`` / ``_w2t_src``) until ``w`` changes.
 
     The cache holds ``w`` itself, so a new weight at a reused address is not mistaken for the old one.
     """
@@ -70,7 +70,9 @@ def transposed(owner: object, w: Tensor) -> Tensor:
 
     if not _cache_valid(getattr(owner, "_w2t_src", None), (w,)):
         with torch.inference_mode(False), torch.no_grad():
-            owner._w2t = w.t().contiguous()
+            # a copy with row-major strides: ``w.t().contiguous()`` of a (1, H) weight is the (H, 1) view with
+            # strides (1, H), which the kernels (unit column stride) refuse
+            owner._w2t = torch.empty(w.shape[1], w.shape[0], dtype=w.dtype, device=w.device).copy_(w.detach().t())
         owner._w2t_src = _cache_key((w,))
     return owner._w2t
 
@@ -87,7 +89,9 @@ def kernel_row(mlp: nn.Module, rows: Tensor, g: Tensor | None, idx: Tensor) -> T
     w2, b2 = mlp.fc2.weight, mlp.fc2.bias
     has_g = g is None  # dejavu: the gate activation is computed here; cats brought it
     code = kernels.act_code(mlp.act) if has_g else 0
-    if code is None or not kernels.eager_cpu(rows, w2, wg, *(t for t in (bg, wv, bv, b2, g) if t is not None)):
+    if code is None or _drops(mlp):
+        return None
+    if not kernels.eager_cpu(rows, w2, wg, *(t for t in (bg, wv, bv, b2, g) if t is not None)):
         return None
     if kernels.load() is None:  # built on the first call that can use it
         return None
@@ -106,13 +110,13 @@ def kernel_cats(mlp: nn.Module, rows: Tensor) -> Tensor | None:
     """One token (1, C) of a ``cats``-gated ``mlp`` through `dynsparse.kernels.cats_rows`, which thresholds too.
 
     The gate projection is read whole, four rows at a time, then only the kept neurons' value rows and ``fc2``
-    columns: no (H,) activation, mask or index tensor is built in PyTorch. Returns None where the kernel does
+    columns; no PyTorch op runs between the two passes. Returns None where the kernel does
     not apply (the caller's PyTorch path runs); ``fc2``'s bias is added, dropout is not.
     """
     wg, bg, wv, bv = mlp._producers()
     w2, b2 = mlp.fc2.weight, mlp.fc2.bias
     code = kernels.act_code(mlp.act)
-    if mlp.strategy != "auto" or code is None or wg.stride(1) != 1:
+    if mlp.strategy != "auto" or code is None or wg.stride(1) != 1 or _drops(mlp):
         return None
     if not kernels.eager_cpu(rows, w2, wg, *(t for t in (bg, wv, bv, b2) if t is not None)):
         return None
@@ -122,3 +126,9 @@ def kernel_cats(mlp: nn.Module, rows: Tensor) -> Tensor | None:
     packed = transposed(mlp, w2) if wv is None else kernels.pack_neurons(mlp, None, wv, w2)
     y = kernels.cats_rows(wg, bg, rows[0], t, packed, has_v=wv is not None, b_v=bv, act=code)
     return y if b2 is None else y + b2
+
+
+def _drops(mlp: nn.Module) -> bool:
+    """True when ``mlp.drop1`` would drop activations (in training mode on its own): the kernels do not."""
+    d = getattr(mlp, "drop1", None)
+    return isinstance(d, nn.Dropout) and d.training and d.p > 0
