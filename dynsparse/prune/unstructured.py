@@ -1,27 +1,28 @@
-"""Unstructured (per-weight) pruning with masks: masked Linear / Conv2d twins, ``unstructured_`` and ``remove_``.
+"""Unstructured (per-weight) pruning with masks: ``unstructured_``, ``apply_masks_``, ``remove_`` and the reports.
 
-A pruned layer is a `MaskedLinear` / `MaskedConv2d`: the host class with the same ``weight`` and ``bias`` and one
-new bool buffer ``weight_mask``, so a pruned model's state dict holds the host keys plus ``*.weight_mask``. The
-forward multiplies the weight by the mask, so a masked weight has no effect on the output and gets a zero
-gradient. ``remove_`` makes the pruning permanent and gives back plain ``nn.Linear`` / ``nn.Conv2d``.
+A pruned layer is a `MaskedLinear` / `MaskedConv2d` (defined in `dynsparse.prune.masked`, re-exported here): the
+host class with the same ``weight`` and ``bias`` and one new bool buffer ``weight_mask``, so a pruned model's state
+dict holds the host keys plus ``*.weight_mask``. The forward multiplies the weight by the mask, so a masked weight
+has no effect on the output and gets a zero gradient. ``remove_`` makes the pruning permanent and gives back plain
+``nn.Linear`` / ``nn.Conv2d``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, DynsparseError, UnsupportedModuleError
-from ..modules import adopt, replace_module_
+from ..modules import replace_module_
 from ..registry import suggest
 from ..sparsify import _patterns, _selected
+from .masked import _MASKED, TWINS, MaskedConv2d, MaskedLinear, _masked_modules, _to_host, _zero_masked_
 
 __all__ = [
     "IMPORTANCES",
@@ -43,136 +44,6 @@ log = logging.getLogger(__name__)
 IMPORTANCES = ("magnitude",)
 #: Where the sparsity is enforced: over all selected weights at once, or in each layer.
 SCOPES = ("global", "layer")
-
-
-class MaskedLinear(nn.Linear):
-    """``nn.Linear`` whose weight is multiplied by a keep mask: ``y = x (W ⊙ M)ᵀ + b``.
-
-    Same constructor, parameters and ``forward`` signature as ``nn.Linear``; adds the buffer ``weight_mask``
-    (bool, shape of ``weight``, all True at construction). Masked weights have zero effect and zero gradient.
-
-    Examples:
-        >>> m = MaskedLinear.from_module(nn.Linear(4, 3))
-        >>> sorted(m.state_dict())
-        ['bias', 'weight', 'weight_mask']
-    """
-
-    host = nn.Linear
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.register_buffer("weight_mask", torch.ones(self.weight.shape, dtype=torch.bool, device=self.weight.device))
-
-    @classmethod
-    def from_module(cls, module: nn.Linear) -> MaskedLinear:
-        """A `MaskedLinear` sharing ``module``'s parameters, hooks and training flag, with an all-True mask."""
-        return _from_host(cls, module)
-
-    def masked_weight(self) -> Tensor:
-        """``weight * weight_mask`` (the weight the forward uses)."""
-        return self.weight * self.weight_mask
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (..., in_features) -> (..., out_features)."""
-        return F.linear(x, self.weight * self.weight_mask, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, sparsity={_mask_sparsity(self.weight_mask):.4f}"
-
-
-class MaskedConv2d(nn.Conv2d):
-    """``nn.Conv2d`` whose weight is multiplied by a keep mask (buffer ``weight_mask``); see `MaskedLinear`."""
-
-    host = nn.Conv2d
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: str | int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            bias=bias,
-            padding_mode=padding_mode,
-            device=device,
-            dtype=dtype,
-        )
-        self.register_buffer("weight_mask", torch.ones(self.weight.shape, dtype=torch.bool, device=self.weight.device))
-
-    @classmethod
-    def from_module(cls, module: nn.Conv2d) -> MaskedConv2d:
-        """A `MaskedConv2d` sharing ``module``'s parameters, hooks and training flag, with an all-True mask."""
-        return _from_host(cls, module)
-
-    def masked_weight(self) -> Tensor:
-        """``weight * weight_mask`` (the weight the forward uses)."""
-        return self.weight * self.weight_mask
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, C_in, H, W) -> (B, C_out, H', W')."""
-        return self._conv_forward(x, self.weight * self.weight_mask, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, sparsity={_mask_sparsity(self.weight_mask):.4f}"
-
-
-#: Host class -> masked twin.
-TWINS: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: MaskedLinear, nn.Conv2d: MaskedConv2d}
-_MASKED = (MaskedLinear, MaskedConv2d)
-
-
-def _mask_sparsity(mask: Tensor) -> float:
-    return 1.0 - int(mask.count_nonzero()) / mask.numel() if mask.numel() else 0.0
-
-
-def _from_host(cls: type, module: nn.Module) -> nn.Module:
-    if type(module) is not cls.host:
-        reason = f"{cls.__name__}.from_module takes exactly {cls.host.__name__}"
-        raise UnsupportedModuleError("", type(module).__name__, "weights", reason, "prune")
-    new = adopt(module, cls)
-    new.register_buffer("weight_mask", torch.ones(module.weight.shape, dtype=torch.bool, device=module.weight.device))
-    return new
-
-
-def _to_host(module: nn.Module) -> nn.Module:
-    """The plain host module sharing ``module``'s parameters and hooks, without ``weight_mask``."""
-    host = type(module).host
-    new = host.__new__(host)
-    new.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else v for k, v in module.__dict__.items()})
-    del new._buffers["weight_mask"]
-    new._non_persistent_buffers_set.discard("weight_mask")
-    return new
-
-
-@torch.no_grad()
-def _zero_masked_(module: nn.Module) -> None:
-    mask = module.weight_mask
-    if mask.dtype == torch.bool:
-        module.weight.masked_fill_(~mask, 0)
-    else:
-        module.weight.mul_(mask)
 
 
 def _check_fraction(value: float, name: str) -> float:
@@ -443,12 +314,6 @@ def apply_masks_(model: nn.Module, keep_masks: Mapping[str, Tensor]) -> nn.Modul
         new[fqn] = new[fqn] & m
     _install_(model, targets, new)
     return model
-
-
-def _masked_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    for fqn, module in model.named_modules():
-        if isinstance(module, _MASKED):
-            yield fqn, module
 
 
 def remove_(model: nn.Module) -> nn.Module:

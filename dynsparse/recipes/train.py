@@ -10,36 +10,40 @@ RNG state) and continues to the same result.
 
 The recipe's ``device`` holds the model, teacher, gates, regularizer states and batches; checkpoints hold CPU
 tensors only, so a run trained on a GPU resumes on a CPU and the other way round.
+
+The trainer's parts live next to it: the optimizers and learning-rate schedule in `dynsparse.recipes.optimizers`,
+the regularizer and distillation terms in `dynsparse.recipes.objective`, the logged numbers and `state_digest` in
+`dynsparse.recipes.metrics`, what a checkpoint holds in `dynsparse.recipes.train_checkpoint`.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from ..gates import FixedGate, Gate, HardConcreteGate
-from ..modules import module_device
+from ..gates import HardConcreteGate
 from ..sparsify import fix_gates_, named_gates, sparsify_
 from .calibrate import calibrate_, harden_thresholds_, replay_
 from .checkpoint import load_checkpoint, save_checkpoint, to_cpu
 from .device import resolve_device
-from .loader import recipe_to_dict
+from .metrics import eval_accuracy, sparsity_record, state_digest
+from .objective import distill_loss, regularizer_loss
+from .optimizers import lr_factor, stage_optimizers
 from .pruning import StagePruning
-from .regularize import _has_svd, build_regularizers, weight_sparsity
-from .schema import OptimizerSpec, Recipe, RegularizerSpec, ScheduleSpec, StageSpec
+from .regularize import _has_svd, build_regularizers
+from .schema import Recipe, RegularizerSpec, StageSpec
+from .train_checkpoint import RunState, checkpoint_state, restore_
 
 __all__ = ["Trainer", "build_model"]
 
@@ -60,40 +64,6 @@ def build_model(recipe: Recipe) -> nn.Module:
     )
 
 
-def _optimizer(spec: OptimizerSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    if spec.name == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    cls = torch.optim.AdamW if spec.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=spec.lr, weight_decay=spec.weight_decay)
-
-
-def lr_factor(spec: ScheduleSpec, step: int, total: int, steps_per_epoch: int) -> float:
-    """Multiplier of the base learning rate at ``step`` of ``total`` (a pure function of the step)."""
-    warm = int(spec.warmup_epochs * steps_per_epoch)
-    if step < warm:
-        return (step + 1) / warm
-    if spec.name == "constant" or total <= warm:
-        return 1.0
-    t = (step - warm) / max(1, total - warm)
-    low = spec.min_lr_ratio
-    if spec.name == "linear":
-        return low + (1 - low) * (1 - t)
-    return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def _is_gate_param(name: str) -> bool:
-    return ".gate." in f".{name}"
-
-
-def state_digest(model: nn.Module) -> str:
-    """sha256 of every parameter and buffer (to check that ranks or runs ended identical)."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 @dataclass
 class _Dist:
     rank: int = 0
@@ -102,14 +72,6 @@ class _Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-
-@dataclass
-class RunState:
-    stage: int = 0
-    epoch: int = 0  # epochs completed in `stage`
-    step: int = 0  # global optimizer steps
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Trainer:
@@ -261,60 +223,15 @@ class Trainer:
                 self._end_stage_structure_(st)
                 if st.calibrate is not None:
                     replay_(self.model, st.calibrate, "end")
-        classes = json.loads(meta["gates"])
-        fix = {
-            f: torch.ones(g.num_units, dtype=torch.bool)
-            for f, g in named_gates(self.model)
-            if classes.get(f) == FixedGate.__name__ and not isinstance(g, FixedGate)
-        }
-        if fix:
-            fix_gates_(self.model, fix)
-        self.model.load_state_dict(ckpt["model"])
-        if self.teacher is not None and ckpt.get("teacher") is not None:
-            self.teacher.load_state_dict(ckpt["teacher"])
-        torch.set_rng_state(ckpt["rng"])
-        if self.device.type == "cuda" and ckpt.get("cuda_rng") is not None:  # absent in a CPU run's checkpoint
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
+        restore_(self.model, self.teacher, ckpt, self.device)
 
     # ----------------------------------------------------------------------------------- training
     def _regularizers(self, st: StageSpec, steps_per_epoch: int) -> list[tuple[RegularizerSpec, Any]]:
         return build_regularizers(self.model, st, steps_per_epoch, self.example.to(self.device))
 
-    def _reg_loss(self, regs, epoch: float, step_in_stage: int, n_train: int) -> tuple[Tensor, dict[str, float]]:
-        total = torch.zeros((), device=self.device)
-        info: dict[str, float] = {}
-        for r, obj in regs:
-            if r.name == "budget":
-                term = obj(step_in_stage)
-                info["lambda1"] = float(obj.lambda1.detach())
-                info["target"] = obj.target_at(step_in_stage)
-            elif r.name == "sparse_vd":
-                from ..regularizers.variational import kl_weight, svd_kl
-
-                w = kl_weight(epoch, start=r.kl_start, end=r.kl_end) if r.kl_end > 0 else 1.0
-                info["kl_weight"] = w
-                term = r.weight * w * svd_kl(self.model) / n_train
-            elif r.name == "bn_l1" or (r.name == "group_lasso" and r.prox):
-                continue  # a subgradient after backward (as the reference code) / a proximal step after the update
-            else:
-                term = obj()
-            total = total + term
-        return total, info
-
     def _evaluate(self, model: nn.Module, loader) -> float:
         """Test accuracy of ``model`` over ``loader``, on the model's device."""
-        from torchmetrics.classification import MulticlassAccuracy
-
-        n_cls = len(self.test_set.classes)
-        metric = MulticlassAccuracy(num_classes=n_cls, average="micro", sync_on_compute=False)  # every rank sees all
-        was = model.training
-        model.eval()
-        device = module_device(model)
-        with torch.no_grad():
-            for x, y in loader:
-                metric.update(model(x.to(device, non_blocking=True)).argmax(-1).cpu(), y)
-        model.train(was)
-        return float(metric.compute())
+        return eval_accuracy(model, loader, len(self.test_set.classes))
 
     def run(self) -> nn.Module:
         """Train every stage; returns the trained (gated) model."""
@@ -356,16 +273,8 @@ class Trainer:
         loader = self._loader(si, train=True)
         steps_per_epoch = len(loader)
         regs = self._regularizers(st, steps_per_epoch)
-        gate_params = [p for n, p in model.named_parameters() if _is_gate_param(n) and p.requires_grad]
-        weights = [p for n, p in model.named_parameters() if not _is_gate_param(n) and p.requires_grad]
-        opts = {"weights": _optimizer(st.optimizer, weights)}
-        if gate_params:
-            opts["gates"] = _optimizer(st.gate_optimizer or st.optimizer, gate_params)
+        opts = stage_optimizers(model, st, regs)
         budget = next((o for r, o in regs if r.name == "budget"), None)
-        if budget is not None:
-            opts["lambdas"] = torch.optim.Adam(
-                budget.parameters(), lr=next(r.lr for r, _ in regs if r.name == "budget"), maximize=True
-            )
         # base learning rates come from the spec, before a resumed optimizer state overwrites the scheduled ones
         base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in opts.items() if k != "lambdas"}
         ckpt = load_checkpoint(ck_path) if resume_opt and ck_path.exists() else None
@@ -408,21 +317,12 @@ class Trainer:
                 out = net(x)
                 loss = F.cross_entropy(out, y)
                 if self.teacher is not None:
-                    T = st.distill.temperature
                     with torch.no_grad():
                         t_out = self.teacher(x)
-                    kd = (
-                        F.kl_div(
-                            F.log_softmax(out / T, -1),
-                            F.log_softmax(t_out / T, -1),
-                            log_target=True,
-                            reduction="batchmean",
-                        )
-                        * T
-                        * T
-                    )
-                    loss = loss + st.distill.weight * kd
-                reg, info = self._reg_loss(regs, epoch + bi / steps_per_epoch, step_in_stage, n_train)
+                    loss = loss + st.distill.weight * distill_loss(out, t_out, st.distill.temperature)
+                reg, info = regularizer_loss(
+                    model, regs, epoch + bi / steps_per_epoch, step_in_stage, n_train, self.device
+                )
                 total = loss + reg
                 for o in opts.values():
                     o.zero_grad(set_to_none=True)
@@ -485,7 +385,7 @@ class Trainer:
             **self._calib_info,
         }
         self._calib_info = {}
-        record.update(self._sparsity(model, budget))
+        record.update(sparsity_record(model, budget, self.recipe, self.example, self.device))
         self.state.history.append(record)
         if self.dist.main:
             with open(self.out / "log.jsonl", "a") as fh:
@@ -495,41 +395,7 @@ class Trainer:
         if self.dist.world > 1:
             torch.distributed.barrier()
 
-    def _sparsity(self, model: nn.Module, budget) -> dict[str, float]:
-        out: dict[str, float] = {}
-        gates = [g for _, g in named_gates(model) if isinstance(g, Gate)]  # static gates (not per-input ones)
-        if gates:
-            from ..flops import CostModel
-
-            cost = budget.cost if budget is not None else CostModel(model, self.example.to(self.device))
-            out["kept_flops"] = cost.fraction()
-            with torch.no_grad():
-                out["expected_kept_flops"] = float(cost.expected_fraction())
-        unstructured = any(
-            st.prune is not None and st.prune.method in ("magnitude", "unstructured") for st in self.recipe.stages
-        )
-        if unstructured or any(r.name == "sparse_vd" for st in self.recipe.stages for r in st.regularizers):
-            out["weight_sparsity"] = weight_sparsity(model)
-        return out
-
     def _save(self, path: Path, opts: dict[str, torch.optim.Optimizer], budget) -> None:
         """Write the checkpoint: CPU tensors only, whatever the run's device (it resumes on any device)."""
-        gates = {f: type(g).__name__ for f, g in named_gates(self.model) if isinstance(g, Gate)}
-        cuda = self.device.type == "cuda"
-        state = {
-            "model": self.model.state_dict(),
-            "teacher": self.teacher.state_dict() if self.teacher is not None else None,
-            "optim": {k: o.state_dict() for k, o in opts.items()},
-            "budget": budget.state_dict() if budget is not None else None,
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
-            "meta": {
-                "stage": self.state.stage,
-                "epoch": self.state.epoch,
-                "step": self.state.step,
-                "history": json.dumps(self.state.history),
-                "gates": json.dumps(gates),
-                "recipe": json.dumps(recipe_to_dict(self.recipe)),
-            },
-        }
+        state = checkpoint_state(self.model, self.teacher, opts, budget, self.state, self.recipe, self.device)
         save_checkpoint(to_cpu(state), path)

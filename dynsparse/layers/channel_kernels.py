@@ -1,0 +1,227 @@
+"""PyTorch runners of a ResNet block's convs on a subset of their channels (used by `dynsparse.layers.channel_gating`).
+
+A stage is ``(conv, norm, [element-wise modules])``; every runner returns the last conv's output (B, C_out, H, W):
+
+* `_masked`: dense convs, the kept channels scaled by their saliency and the others zeroed (training, checking);
+* `_gathered`: one set of kept channels for the whole batch: the kept filters of each producing conv (BatchNorm
+  folded in where that is cheaper) and the matching input slices of its consumer;
+* `_grouped`: per-input kept channels, each input's gathered weights stacked into one grouped conv;
+* `_run_batch`: the eval forward of a batch by a strategy (see `FBSBlockMixin.strategy`), `_auto` the rule of
+  ``"auto"``.
+
+Convs run in the input's memory format (a channels-last input stays channels-last), and small float32 CPU convs go
+straight to oneDNN (`_conv`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+_MKLDNN = torch.backends.mkldnn.is_available()
+
+
+def _conv(h: Tensor, conv: nn.Conv2d, w: Tensor, bias: Tensor | None = None, groups: int = 1) -> Tensor:
+    fast = _MKLDNN and h.dtype == torch.float32 and h.device.type == "cpu" and not torch.is_grad_enabled()
+    if fast and not is_in_torch_dispatch_mode():  # FLOP counters and tracers see the plain conv below
+        # F.conv2d sends a batch-1 3x3 conv with <= 20480 input values to a slow im2col kernel (measured: ~8 ms
+        # for 256 -> 512 channels at 7x7, 3-4x oneDNN's time); gathered convs are often that small.
+        # Both operands in one memory format (the input's), so mkldnn_convolution copies neither: a channels-last
+        # input with an OIHW weight would be run channels-last after a copy of the weight.
+        fmt = _format(h)
+        return torch.ops.aten.mkldnn_convolution(
+            h.contiguous(memory_format=fmt),
+            w.contiguous(memory_format=fmt),
+            bias,
+            list(conv.padding),
+            list(conv.stride),
+            list(conv.dilation),
+            groups,
+        )
+    return F.conv2d(h, w, bias, conv.stride, conv.padding, conv.dilation, groups)
+
+
+def _format(t: Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a 4-D tensor laid out channels-last, else ``torch.contiguous_format``."""
+    cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _take(w: Tensor, dim: int, idx: Tensor) -> Tensor:
+    """``w.index_select(dim, idx)`` (``dim`` 0 or 1) in ``w``'s memory format.
+
+    A channels-last tensor is gathered on the contiguous (N, H·W·C) or (N·H·W, C) view of its storage:
+    ``index_select`` on the 4-D view takes a strided path, 4x slower for rows and 8x for columns (measured: 0.8 vs
+    0.2 ms and 5.4 vs 0.7 ms for 256 of 512 3x3 filters or input channels).
+    """
+    if _format(w) is torch.contiguous_format:
+        return w.index_select(dim, idx)
+    n, c, kh, kw = w.shape
+    v = w.permute(0, 2, 3, 1)  # (N, H, W, C), contiguous
+    if dim == 0:
+        return v.reshape(n, -1).index_select(0, idx).view(-1, kh, kw, c).permute(0, 3, 1, 2)
+    return v.reshape(-1, c).index_select(1, idx).view(n, kh, kw, -1).permute(0, 3, 1, 2)
+
+
+def _bn_fold(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """(C,) scale and shift of an eval BatchNorm: ``BN(y) = y · scale + shift``."""
+    s = torch.rsqrt(norm.running_var + norm.eps)
+    s = s if norm.weight is None else s * norm.weight
+    t = -norm.running_mean * s
+    return s, t if norm.bias is None else t + norm.bias
+
+
+def _scale(h: Tensor, v: Tensor) -> Tensor:
+    v = v[:, :, None, None]
+    return h * v if torch.is_grad_enabled() else h.mul_(v)
+
+
+def _masked(x: Tensor, stages, mults: list[Tensor | None], last: nn.Conv2d) -> Tensor:
+    """Dense convs, kept channels scaled by their saliency and the others zeroed (training and checking)."""
+    h = x
+    for (conv, norm, post), m in zip(stages, mults, strict=True):
+        h = norm(conv(h))
+        for p in post:
+            h = p(h)
+        if m is not None:
+            h = h * m[:, :, None, None]
+    return last(h)
+
+
+def _gathered(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | None], last: nn.Conv2d) -> Tensor:
+    """One set of kept channels for the whole of ``x``: idxs (k,) per stage (None: all), vals (B, k)."""
+    h, prev = x, None
+    for (conv, norm, post), idx, val in zip(stages, idxs, vals, strict=True):
+        if idx is None:
+            h = norm(_conv(h, conv, conv.weight if prev is None else _take(conv.weight, 1, prev)))
+        else:
+            s, t = _bn_fold(norm)
+            w = _take(conv.weight, 0, idx)
+            w = w if prev is None else _take(w, 1, prev)
+            if w.numel() <= h.shape[0] * h.shape[2] * h.shape[3] * w.shape[0] // (conv.stride[0] * conv.stride[1]):
+                # BatchNorm folded into the gathered filters (fewer values than the output): a conv with bias
+                h = _conv(h, conv, w * s.index_select(0, idx)[:, None, None, None], t.index_select(0, idx))
+            else:  # small maps: the norm on the output is the cheaper pass
+                h = _conv(h, conv, w)
+                h = torch.addcmul(t.index_select(0, idx)[:, None, None], h, s.index_select(0, idx)[:, None, None])
+        for p in post:
+            h = p(h)
+        if val is not None:
+            h = _scale(h, val)
+        prev = idx
+    return _conv(h, last, last.weight if prev is None else _take(last.weight, 1, prev))
+
+
+def _grouped(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | None], last: nn.Conv2d) -> Tensor:
+    """Per-input kept channels (idxs (B, k)): each input's gathered weights stacked into one grouped conv.
+
+    Runs in NCHW, where stacking the inputs along the channels is a view (in channels-last it is a transposing copy
+    at every stage); a channels-last ``x`` is reordered once on the way in and once on the way out.
+    """
+    n, h, prev, fmt = x.shape[0], x.contiguous(), None, _format(x)
+    for conv, norm, post, idx, val in [(*s, i, v) for s, i, v in zip(stages, idxs, vals, strict=True)] + [
+        (last, None, [], None, None)
+    ]:
+        w = conv.weight
+        if idx is None and prev is None:
+            h = conv(h) if norm is None else norm(conv(h))
+        else:
+            if idx is not None and prev is not None:
+                w = w[idx[:, :, None], prev[:, None, :]]  # (B, k, k_prev, kh, kw)
+            elif idx is not None:
+                w = w[idx]
+            else:
+                w = w[:, prev].transpose(0, 1)
+            h = _conv(h.reshape(1, -1, *h.shape[2:]), conv, w.reshape(-1, *w.shape[2:]), groups=n)
+            h = h.reshape(n, -1, *h.shape[2:])
+            if norm is not None and idx is None:
+                h = norm(h)
+            elif norm is not None:
+                s, t = _bn_fold(norm)
+                h = torch.addcmul(t[idx][:, :, None, None], h, s[idx][:, :, None, None])
+        for p in post:
+            h = p(h)
+        if val is not None:
+            h = _scale(h, val)
+        prev = idx
+    return h.contiguous(memory_format=fmt)
+
+
+def _run_batch(x: Tensor, stages, decisions, last: nn.Conv2d, strategy: str) -> Tensor:
+    """Eval forward of a batch by ``strategy`` (see `FBSBlockMixin.strategy`); decisions (idx (B, k), val (B, k))."""
+    idxs, vals = [d[0] for d in decisions], [d[1] for d in decisions]
+    n = x.shape[0]
+    conv = stages[0][0]
+    if strategy == "auto" and x.shape[2] * x.shape[3] < 4 * conv.stride[0] * conv.stride[1]:
+        strategy = "masked"  # 1x1 maps: gathering the weights costs more than the dense conv (measured: 20 vs 2 ms)
+    if strategy != "masked" and (n == 1 or strategy in ("auto", "group")):
+        keys = torch.cat([i for i in idxs if i is not None], 1)
+        uniq, inv = torch.unique(keys, dim=0, return_inverse=True) if n > 1 else (keys, None)
+        if len(uniq) == 1:
+            return _gathered(x, stages, [None if i is None else i[0] for i in idxs], vals, last)
+        if strategy == "auto":
+            strategy = _auto(x, stages, idxs, n, len(uniq))
+    if strategy == "grouped_conv":
+        return _grouped(x, stages, idxs, vals, last)
+    if strategy == "masked":
+        mults = [
+            None if i is None else v.new_zeros(n, c.out_channels).scatter(1, i, v)
+            for (c, *_), i, v in zip(stages, idxs, vals, strict=True)
+        ]
+        return _masked(x, stages, mults, last)
+    if strategy == "union":
+        us = [None if i is None else torch.unique(i) for i in idxs]
+        vs = []
+        for (conv, *_), i, v, u in zip(stages, idxs, vals, us, strict=True):
+            if i is not None:
+                full = v.new_zeros(n, conv.out_channels).scatter(1, i, v)
+                v = full.index_select(1, u)
+            vs.append(v)
+        return _gathered(x, stages, us, vs, last)
+    if strategy == "group":
+        out = None
+        for g in range(int(inv.max()) + 1):
+            rows = (inv == g).nonzero().squeeze(1)
+            r0 = int(rows[0])
+            sub_v = [None if v is None else v.index_select(0, rows) for v in vals]
+            y = _take(x, 0, rows)
+            y = _gathered(y, stages, [None if i is None else i[r0] for i in idxs], sub_v, last)
+            if out is None:
+                out = torch.empty((n, *y.shape[1:]), dtype=y.dtype, device=y.device, memory_format=_format(y))
+            out.index_copy_(0, rows, y)
+        return out
+    return torch.cat(  # "loop"
+        [
+            _gathered(
+                x[b : b + 1],
+                stages,
+                [None if i is None else i[b] for i in idxs],
+                [None if v is None else v[b : b + 1] for v in vals],
+                last,
+            )
+            for b in range(n)
+        ]
+    )
+
+
+def _auto(x: Tensor, stages, idxs: list[Tensor | None], n: int, groups: int) -> str:
+    """The strategy ``"auto"`` picks for a batch with more than one distinct decision (see `FBSBlockMixin`).
+
+    Per-input runs re-gather weights for every input (or group); below 8x8 output positions a conv does too
+    little work per weight for that to pay, so small maps run the union of the kept channels, or masked when the
+    union is every channel. Otherwise the union when it is at most 1.25x one input's share, else per group when
+    groups hold two inputs on average, else per input (measurements in docs/dynamic_channels.md).
+    """
+    conv = stages[0][0]
+    positions = x.shape[2] * x.shape[3] / (conv.stride[0] * conv.stride[1])
+    fr = []
+    for (c, *_), i in zip(stages, idxs, strict=True):
+        if i is not None:
+            fr.append((torch.unique(i).numel() / c.out_channels, i.shape[1] / c.out_channels))
+    if positions < 64:
+        return "masked" if all(u == 1.0 for u, _ in fr) else "union"
+    if all(u <= 1.25 * k for u, k in fr):
+        return "union"
+    return "group" if groups <= n // 2 else "loop"

@@ -1,0 +1,69 @@
+"""A recipe stage's optimizers and its learning-rate schedule (used by `dynsparse.recipes.train.Trainer`).
+
+The weights and the gate parameters get one optimizer each (the stage's ``optimizer`` and ``gate_optimizer``), a
+budget regularizer's Lagrange multipliers a maximizing Adam; `lr_factor` scales the base learning rates per step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .schema import OptimizerSpec, RegularizerSpec, ScheduleSpec, StageSpec
+
+__all__ = ["lr_factor", "stage_optimizers"]
+
+
+def _optimizer(spec: OptimizerSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if spec.name == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    cls = torch.optim.AdamW if spec.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def lr_factor(spec: ScheduleSpec, step: int, total: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base learning rate at ``step`` of ``total`` (a pure function of the step)."""
+    warm = int(spec.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    if spec.name == "constant" or total <= warm:
+        return 1.0
+    t = (step - warm) / max(1, total - warm)
+    low = spec.min_lr_ratio
+    if spec.name == "linear":
+        return low + (1 - low) * (1 - t)
+    return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _is_gate_param(name: str) -> bool:
+    return ".gate." in f".{name}"
+
+
+def stage_optimizers(
+    model: nn.Module, st: StageSpec, regs: list[tuple[RegularizerSpec, Any]]
+) -> dict[str, torch.optim.Optimizer]:
+    """The optimizers of a stage, by name.
+
+    ``"weights"``: every trainable parameter outside a ``gate`` child, by ``st.optimizer``; ``"gates"`` (when there
+    are trainable gate parameters): by ``st.gate_optimizer``, else ``st.optimizer``; ``"lambdas"`` (when ``regs``
+    holds a budget): the budget's Lagrange multipliers, by Adam at the budget's ``lr``, maximizing.
+
+    Args:
+        model: The model being trained.
+        st: The stage.
+        regs: The stage's regularizers (`dynsparse.recipes.regularize.build_regularizers`).
+    """
+    gate_params = [p for n, p in model.named_parameters() if _is_gate_param(n) and p.requires_grad]
+    weights = [p for n, p in model.named_parameters() if not _is_gate_param(n) and p.requires_grad]
+    opts = {"weights": _optimizer(st.optimizer, weights)}
+    if gate_params:
+        opts["gates"] = _optimizer(st.gate_optimizer or st.optimizer, gate_params)
+    budget = next((o for r, o in regs if r.name == "budget"), None)
+    if budget is not None:
+        opts["lambdas"] = torch.optim.Adam(
+            budget.parameters(), lr=next(r.lr for r, _ in regs if r.name == "budget"), maximize=True
+        )
+    return opts

@@ -1,0 +1,83 @@
+"""Checkpoints of an image recipe run (`dynsparse.recipes.train.Trainer`): what one holds, and restoring from one.
+
+A checkpoint holds the model (and teacher) state, the optimizer and budget states, the RNG states, and in
+``meta`` the `RunState` (stage, epochs done, global step, log history), the class of every static gate and the
+recipe. The structure is not in it: a resumed run rebuilds it from the recipe, then `restore_` loads the states.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..gates import FixedGate, Gate
+from ..sparsify import fix_gates_, named_gates
+from .loader import recipe_to_dict
+from .schema import Recipe
+
+__all__ = ["RunState", "checkpoint_state", "restore_"]
+
+
+@dataclass
+class RunState:
+    stage: int = 0
+    epoch: int = 0  # epochs completed in `stage`
+    step: int = 0  # global optimizer steps
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def checkpoint_state(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    opts: dict[str, torch.optim.Optimizer],
+    budget: Any,
+    state: RunState,
+    recipe: Recipe,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The checkpoint of a run, tensors where they are (the caller moves them to the CPU before saving)."""
+    gates = {f: type(g).__name__ for f, g in named_gates(model) if isinstance(g, Gate)}
+    cuda = device.type == "cuda"
+    return {
+        "model": model.state_dict(),
+        "teacher": teacher.state_dict() if teacher is not None else None,
+        "optim": {k: o.state_dict() for k, o in opts.items()},
+        "budget": budget.state_dict() if budget is not None else None,
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None,
+        "meta": {
+            "stage": state.stage,
+            "epoch": state.epoch,
+            "step": state.step,
+            "history": json.dumps(state.history),
+            "gates": json.dumps(gates),
+            "recipe": json.dumps(recipe_to_dict(recipe)),
+        },
+    }
+
+
+def restore_(model: nn.Module, teacher: nn.Module | None, ckpt: dict[str, Any], device: torch.device) -> nn.Module:
+    """Load a checkpoint's states into the rebuilt ``model`` (and ``teacher``) in place and return ``model``.
+
+    Gates the checkpoint records as `FixedGate` are fixed first (all open; the loaded state sets their masks); the
+    torch RNG state is restored, and the CUDA one on a GPU ``device`` when the checkpoint has one.
+    """
+    classes = json.loads(ckpt["meta"]["gates"])
+    fix = {
+        f: torch.ones(g.num_units, dtype=torch.bool)
+        for f, g in named_gates(model)
+        if classes.get(f) == FixedGate.__name__ and not isinstance(g, FixedGate)
+    }
+    if fix:
+        fix_gates_(model, fix)
+    model.load_state_dict(ckpt["model"])
+    if teacher is not None and ckpt.get("teacher") is not None:
+        teacher.load_state_dict(ckpt["teacher"])
+    torch.set_rng_state(ckpt["rng"])
+    if device.type == "cuda" and ckpt.get("cuda_rng") is not None:  # absent in a CPU run's checkpoint
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+    return model
