@@ -1,21 +1,19 @@
-"""Unstructured pruning (masked twins, ``unstructured_``, ``remove_``) and the pruning schedules.
+"""Unstructured pruning: ``unstructured_``, ``remove_``, ``reapply_masks_``, ``apply_masks_``.
 
 Invariants: the requested sparsity is reached exactly (global, per layer, and over repeated calls), a pruned weight
-is never revived, masked weights have no effect and no gradient, state dicts keep the host keys. Schedule
-formulas are re-implemented here from Zhu & Gupta 2017 (methods.md 2.11) and SynFlow, independently of the code.
+is never revived, masked weights stay zero through training, state dicts keep the host keys.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 import logging
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _prune_helpers import cnn, count, mlp, n_pruned, n_weights
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -24,107 +22,6 @@ from dynsparse import ConfigError, DynsparseError, UnsupportedModuleError, prune
 from dynsparse.prune import MaskedConv2d, MaskedLinear
 
 torch.set_num_threads(1)
-
-
-def mlp(dtype=torch.float32):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 3)).to(dtype)
-
-
-def cnn(dtype=torch.float32):
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(4, 6, 3, stride=2, padding_mode="reflect", padding=1),
-        nn.Flatten(),
-        nn.Linear(6 * 4 * 4, 5),
-    ).to(dtype)
-
-
-def count(fraction, n):
-    return math.floor(fraction * n + 0.5)
-
-
-def n_pruned(model):
-    return sum(int((~m).sum()) for m in prune.masks(model).values())
-
-
-def n_weights(model):
-    return sum(m.numel() for m in prune.masks(model).values())
-
-
-# ---------------------------------------------------------------- masked twins
-
-
-@pytest.mark.parametrize(
-    ("host", "x"),
-    [
-        (nn.Linear(5, 7), torch.randn(2, 3, 5)),
-        (nn.Linear(5, 7, bias=False), torch.randn(4, 5)),
-        (nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"), torch.randn(2, 3, 6, 6)),
-        (nn.Conv2d(4, 4, 3, groups=2, bias=False), torch.randn(1, 4, 5, 5)),
-    ],
-)
-def test_masked_twin_is_lossless_and_shares_tensors(host, x):
-    host = host.double()
-    x = x.double()
-    cls = MaskedLinear if isinstance(host, nn.Linear) else MaskedConv2d
-    m = cls.from_module(host)
-    assert isinstance(m, type(host)) and type(m) is cls
-    assert m.weight is host.weight and m.bias is host.bias
-    assert m.weight_mask.dtype == torch.bool and bool(m.weight_mask.all())
-    torch.testing.assert_close(m(x), host(x), rtol=0, atol=0)
-    assert set(m.state_dict()) == set(host.state_dict()) | {"weight_mask"}
-    assert "weight_mask" not in host.state_dict()  # the host is not changed
-
-
-@pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_masked_weights_have_no_effect_and_no_gradient(kind):
-    torch.manual_seed(1)
-    if kind == "linear":
-        m, x = MaskedLinear(6, 4).double(), torch.randn(3, 6, dtype=torch.float64)
-    else:
-        m, x = MaskedConv2d(2, 3, 3).double(), torch.randn(2, 2, 5, 5, dtype=torch.float64)
-    mask = torch.rand(m.weight.shape) > 0.5
-    m.weight_mask.copy_(mask)
-    y = m(x)
-    w = m.weight.detach() * mask
-    ref = F.linear(x, w, m.bias) if kind == "linear" else F.conv2d(x, w, m.bias)
-    torch.testing.assert_close(y, ref)
-    with torch.no_grad():  # changing masked raw weights changes nothing
-        m.weight[~mask] = 1e6
-    torch.testing.assert_close(m(x), ref)
-    m(x).square().sum().backward()
-    assert bool((m.weight.grad[~mask] == 0).all())
-    assert bool((m.weight.grad[mask] != 0).any())
-
-
-@pytest.mark.parametrize(("cls", "host"), [(MaskedLinear, nn.Linear), (MaskedConv2d, nn.Conv2d)])
-def test_signature_parity_with_the_host(cls, host):
-    def params(c):
-        return [(p.name, p.default) for p in inspect.signature(c).parameters.values()]
-
-    assert params(cls) == params(host)
-
-
-def test_from_module_keeps_hooks_and_training_flag():
-    host = nn.Linear(3, 2).eval()
-    calls = []
-    host.register_forward_hook(lambda mod, inp, out: calls.append(1))
-    m = MaskedLinear.from_module(host)
-    m(torch.randn(1, 3))
-    assert calls == [1] and not m.training
-
-
-def test_from_module_takes_exact_type_only():
-    class MyLinear(nn.Linear):
-        pass
-
-    with pytest.raises(UnsupportedModuleError, match="MyLinear"):
-        MaskedLinear.from_module(MyLinear(2, 2))
-    with pytest.raises(UnsupportedModuleError):
-        MaskedConv2d.from_module(nn.Linear(2, 2))
 
 
 # ---------------------------------------------------------------- unstructured_: exact sparsity
@@ -406,118 +303,3 @@ def test_apply_masks_ands_with_existing_masks():
         prune.apply_masks_(model, {"0.wieght": nm})
     with pytest.raises(ConfigError, match="shape"):
         prune.apply_masks_(model, {"2.weight": nm})
-
-
-# ---------------------------------------------------------------- schedules
-
-
-def agp_ref(t, si, sf, t0, n_dt):
-    return sf + (si - sf) * (1 - (t - t0) / n_dt) ** 3
-
-
-def test_agp_endpoints_and_formula():
-    assert prune.agp(-5, 0.1, 0.9, 10, 110) == 0.1
-    assert prune.agp(10, 0.1, 0.9, 10, 110) == 0.1
-    assert prune.agp(110, 0.1, 0.9, 10, 110) == 0.9
-    assert prune.agp(10**6, 0.1, 0.9, 10, 110) == 0.9
-    for t in range(10, 110, 10):
-        assert prune.agp(t, 0.1, 0.9, 10, 110, frequency=10) == pytest.approx(agp_ref(t, 0.1, 0.9, 10, 100))
-    assert prune.agp(60, 0.0, 0.8, 10, 110) == pytest.approx(0.8 - 0.8 * 0.5**3)
-
-
-def test_agp_is_piecewise_constant_between_updates():
-    f = functools.partial(prune.agp, initial=0.0, final=0.9, begin=0, end=95, frequency=10)
-    for k in range(9):
-        values = {f(t) for t in range(10 * k, 10 * k + 10)}
-        assert len(values) == 1, k
-    assert f(94) == f(90) < f(95) == 0.9  # the final value at `end`, even off the frequency grid
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    a=st.integers(-50, 300),
-    b=st.integers(-50, 300),
-    initial=st.floats(0.0, 0.5),
-    final=st.floats(0.5, 1.0),
-    begin=st.integers(0, 50),
-    span=st.integers(1, 200),
-    frequency=st.integers(1, 30),
-)
-def test_schedules_are_monotone_and_bounded(a, b, initial, final, begin, span, frequency):
-    lo, hi = min(a, b), max(a, b)
-    end = begin + span
-    for f in (
-        functools.partial(prune.agp, initial=initial, final=final, begin=begin, end=end, frequency=frequency),
-        functools.partial(prune.linear, initial=initial, final=final, begin=begin, end=end),
-    ):
-        assert initial <= f(lo) <= f(hi) <= final
-        assert f(begin) == initial and f(end) == final and f(end + 1) == final
-    expo = functools.partial(prune.exponential, final_density=1 - final if final < 1 else 0.5, n=max(1, span // 10))
-    assert 0.0 <= expo(lo) <= expo(hi) <= 1.0
-    one = functools.partial(prune.one_shot, final=final, at=begin)
-    assert one(lo) <= one(hi)
-
-
-def test_linear_one_shot_and_exponential_endpoints():
-    assert prune.linear(5, 0.2, 0.6, 5, 15) == 0.2
-    assert prune.linear(10, 0.2, 0.6, 5, 15) == pytest.approx(0.4)
-    assert prune.linear(15, 0.2, 0.6, 5, 15) == 0.6
-    assert prune.one_shot(2, 0.7, at=3) == 0.0 and prune.one_shot(3, 0.7, at=3) == 0.7
-    assert prune.one_shot(0, 0.7) == 0.7
-    assert prune.exponential(0, 0.01, 4) == 0.0
-    assert prune.exponential(4, 0.01, 4) == 1 - 0.01
-    assert prune.exponential(99, 0.01, 4) == 1 - 0.01
-    densities = [1 - prune.exponential(k, 0.01, 4) for k in range(5)]
-    for k in range(4):  # each round keeps the same fraction, d_f^(1/n), of what is left
-        assert densities[k + 1] / densities[k] == pytest.approx(0.01**0.25)
-
-
-@pytest.mark.parametrize(
-    ("call", "match"),
-    [
-        (lambda: prune.agp(0, 0.0, 0.9, 10, 10), "end"),
-        (lambda: prune.agp(0, 0.0, 0.9, 0, 10, frequency=0), "frequency"),
-        (lambda: prune.linear(0, -0.1, 0.9, 0, 10), "initial"),
-        (lambda: prune.one_shot(0, 2.0), "final"),
-        (lambda: prune.exponential(0, 0.0, 3), "final_density"),
-        (lambda: prune.exponential(0, 0.5, 0), "n must"),
-    ],
-)
-def test_bad_schedule_arguments_raise(call, match):
-    with pytest.raises(ConfigError, match=match):
-        call()
-
-
-def test_iterative_pruner_follows_agp_exactly():
-    model = mlp()
-    schedule = functools.partial(prune.agp, initial=0.0, final=0.9, begin=2, end=20, frequency=4)
-    pruner = prune.IterativePruner(model, schedule, scope="global")
-    seen, prev = [], None
-    for t in range(25):
-        changed = pruner.step(t)
-        if changed:
-            seen.append(t)
-        masks = prune.masks(model)
-        assert n_pruned(model) == count(schedule(t), n_weights(model))
-        if prev is not None:
-            assert all(not bool((masks[k] & ~prev[k]).any()) for k in masks)
-        prev = masks
-    assert seen == [0, 6, 10, 14, 18, 20]  # at `begin` the ramp is still at `initial`
-    assert pruner.state_dict() == {"target": 0.9}
-
-
-def test_iterative_pruner_calls_an_importance_function():
-    model = mlp()
-    calls = []
-
-    def importance(m):
-        calls.append(1)
-        return {f"{n}.weight": torch.rand(m.get_submodule(n).weight.shape) for n in ("0", "2", "4")}
-
-    pruner = prune.IterativePruner(
-        model, functools.partial(prune.exponential, final_density=0.1, n=3), importance=importance
-    )
-    for k in range(5):
-        pruner.step(k)
-    assert len(calls) == 4  # rounds 0, 1, 2, 3; round 4 repeats round 3's target
-    assert n_pruned(model) == count(0.9, n_weights(model))

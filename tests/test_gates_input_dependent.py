@@ -1,0 +1,72 @@
+"""Tests of the input-dependent gate base, through a small linear top-k gate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _gate_helpers import LinearTopKGate
+
+from dynsparse.errors import GateError
+from dynsparse.gates import Gate, TopKGate
+
+# --------------------------------------------------------------------------------------------------------------
+# Input-dependent gate base
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_input_dependent_gate_forward_and_budget() -> None:
+    torch.manual_seed(0)
+    gate = LinearTopKGate(5, 8, keep=0.5)
+    x = torch.randn(3, 5)
+    out = gate(x)
+    assert out.shape == (3, 8)
+    assert out.sum(-1).tolist() == [4.0, 4.0, 4.0]
+    out.sum().backward()
+    assert gate.score.weight.grad is not None and torch.isfinite(gate.score.weight.grad).all()
+    assert gate.set_budget_(0.25) is gate
+    assert gate.keep == 0.25
+    assert gate(x).sum(-1).tolist() == [2.0, 2.0, 2.0]
+    assert not isinstance(gate, Gate)
+    assert not hasattr(gate, "keep_mask")
+
+
+@pytest.mark.parametrize("keep", [0, 0.0, -0.5, 1.5, float("nan"), "0.5", None])
+def test_input_dependent_set_budget_validation(keep: object) -> None:
+    gate = LinearTopKGate(2, 4, keep=0.5)
+    with pytest.raises(GateError, match="LinearTopKGate"):
+        gate.set_budget_(keep)  # type: ignore[arg-type]
+    assert gate.keep == 0.5, "a failed set_budget_ must not change the budget"
+    with pytest.raises(GateError):
+        LinearTopKGate(2, 4, keep=keep)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("num_units", [0, -1, 2.5, True])
+def test_input_dependent_bad_num_units(num_units: object) -> None:
+    with pytest.raises(GateError):
+        LinearTopKGate(2, num_units)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("n", "keep", "kept"),
+    [(10, 1.0, 10), (10, 0.3, 3), (10, 0.34, 3), (10, 0.36, 4), (10, 0.01, 1), (3, 0.1, 1), (1, 0.5, 1), (7, 0.5, 4)],
+)
+def test_input_dependent_num_kept(n: int, keep: float, kept: int) -> None:
+    assert LinearTopKGate(2, n, keep=keep).num_kept() == kept
+
+
+def test_input_dependent_num_kept_rounds_like_topk_gate() -> None:
+    """The same keep fraction keeps the same number of units in a dynamic and a static top-k gate (half up)."""
+    cases = [(5, 0.5), (10, 0.25), (4, 0.625), (6, 0.75), (10, 0.45), (7, 0.5), (10, 0.3)]
+    mismatches = [
+        (n, keep, LinearTopKGate(2, n, keep=keep).num_kept(), TopKGate(n, keep=keep).k)
+        for n, keep in cases
+        if LinearTopKGate(2, n, keep=keep).num_kept() != TopKGate(n, keep=keep).k
+    ]
+    assert not mismatches, "(num_units, keep, InputDependentGate.num_kept(), TopKGate.k): " + repr(mismatches)
+
+
+def test_input_dependent_penalty_and_repr() -> None:
+    gate = LinearTopKGate(2, 4, keep=0.5)
+    p = gate.penalty()
+    assert p.dim() == 0 and p.item() == 0.0
+    assert "num_units=4" in repr(gate) and "keep=0.5" in repr(gate)
