@@ -125,7 +125,7 @@ def test_cats_kernel_against_a_hand_computation():
         torch.testing.assert_close(got[0], w2 @ (pre * (pre.abs() >= t)), atol=1e-5, rtol=1e-5)
     with pytest.raises(DynsparseError, match="packed must be \\(10, parts\\)"):
         kernels.cats_rows(wg, bg, x, t, w2, has_v=False)
-    with pytest.raises(DynsparseError, match="C_in = 17 values, got 16"):
+    with pytest.raises(DynsparseError, match="c_in = 17 values, got 16"):
         kernels.cats_rows(wg, bg, x[:16], t, w2.t().contiguous(), has_v=False)
     with pytest.raises(DynsparseError, match="b_v must have one value per neuron"):
         kernels.cats_rows(wg, bg, x, t, kernels.pack_neurons(owner, None, wv, w2), has_v=True, b_v=bv[:2])

@@ -193,24 +193,9 @@ def neuron_rows(
     False; without ``has_g``, ``g_pre`` (len(idx),) gives the activated gate values). Call only when `load`
     is not None and `eager_cpu` holds.
     """
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"dynsparse.kernels.neuron_rows: kernels unavailable ({why_unavailable()})")
     owner = "dynsparse.kernels.neuron_rows"
     n_in = c_in * (int(has_g) + int(has_v))
-    for name, t in (("packed", packed), ("x", x), ("g_pre", g_pre), ("b_g", b_g), ("b_v", b_v)):
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
-            raise DynsparseError(f"{owner}: {name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
-    if packed.dim() != 2 or packed.stride(1) != 1 or packed.shape[1] <= n_in:
-        raise DynsparseError(
-            f"{owner}: packed must be (H, parts) with unit column stride and more than {n_in} columns, got shape "
-            f"{tuple(packed.shape)}, strides {packed.stride()}"
-        )
-    if x.numel() != c_in:
-        raise DynsparseError(f"{owner}: x must have c_in = {c_in} values, got {x.numel()}")
-    for name, t in (("b_g", b_g), ("b_v", b_v)):
-        if t is not None and t.numel() != packed.shape[0]:
-            raise DynsparseError(f"{owner}: {name} must have one value per neuron ({packed.shape[0]}), got {t.numel()}")
+    lib = _check(owner, packed, None, x, n_in, c_in, b_g, b_v, g_pre=g_pre)
     if not has_g and (g_pre is None or g_pre.numel() != idx.numel()):
         raise DynsparseError(f"{owner}: without has_g, g_pre must give one value per kept neuron")
     if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < packed.shape[0]:
@@ -252,27 +237,12 @@ def cats_rows(
     ``[w_v[i] | w_out[:, i]]`` (`pack_neurons` without ``w_g``), or ``w_out``'s transpose when not ``has_v``.
     Returns (1, C_out). Call only when `load` is not None and `eager_cpu` holds.
     """
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"dynsparse.kernels.cats_rows: kernels unavailable ({why_unavailable()})")
     owner = "dynsparse.kernels.cats_rows"
-    for name, t in (("w_g", w_g), ("packed", packed), ("x", x), ("b_g", b_g), ("b_v", b_v)):
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
-            raise DynsparseError(f"{owner}: {name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
-    h, c_in = (w_g.shape[0], w_g.shape[1]) if w_g.dim() == 2 else (0, 0)
-    n_in = c_in if has_v else 0
     if w_g.dim() != 2 or w_g.stride(1) != 1:
         raise DynsparseError(f"{owner}: w_g must be (H, C_in) with unit column stride, got {tuple(w_g.shape)}")
-    if packed.dim() != 2 or packed.stride(1) != 1 or packed.shape[0] != h or packed.shape[1] <= n_in:
-        raise DynsparseError(
-            f"{owner}: packed must be ({h}, parts) with unit column stride and more than {n_in} columns, got shape "
-            f"{tuple(packed.shape)}, strides {packed.stride()}"
-        )
-    if x.numel() != c_in:
-        raise DynsparseError(f"{owner}: x must have C_in = {c_in} values, got {x.numel()}")
-    for name, t in (("b_g", b_g), ("b_v", b_v)):
-        if t is not None and t.numel() != h:
-            raise DynsparseError(f"{owner}: {name} must have one value per neuron ({h}), got {t.numel()}")
+    h, c_in = w_g.shape
+    n_in = c_in if has_v else 0
+    lib = _check(owner, packed, h, x, n_in, c_in, b_g, b_v, w_g=w_g)
     if math.isnan(threshold):
         raise DynsparseError(f"{owner}: threshold is NaN (an uncalibrated gate?)")
     if act not in _ACT.values():
@@ -290,3 +260,40 @@ def cats_rows(
         None if b_v is None else b_v.data_ptr(), c_out, idx.data_ptr(), g.data_ptr(), y.data_ptr(),
     )  # fmt: skip
     return y
+
+
+def _check(
+    owner: str,
+    packed: Tensor,
+    h: int | None,
+    x: Tensor,
+    n_in: int,
+    c_in: int,
+    b_g: Tensor | None,
+    b_v: Tensor | None,
+    **more: Tensor | None,
+) -> ctypes.CDLL:
+    """The library, after the checks both entry points share (raising `DynsparseError` naming the argument).
+
+    ``packed`` must be (H, > n_in) with unit column stride (H = ``h`` when given), ``x`` must hold ``c_in``
+    values, the biases one value per neuron, and every tensor (``more`` included) must be float32 on the CPU.
+    """
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"{owner}: kernels unavailable ({why_unavailable()})")
+    for name, t in (("packed", packed), ("x", x), ("b_g", b_g), ("b_v", b_v), *more.items()):
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            raise DynsparseError(f"{owner}: {name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    rows = "H" if h is None else str(h)
+    bad_rows = h is not None and packed.dim() == 2 and packed.shape[0] != h
+    if packed.dim() != 2 or packed.stride(1) != 1 or packed.shape[1] <= n_in or bad_rows:
+        raise DynsparseError(
+            f"{owner}: packed must be ({rows}, parts) with unit column stride and more than {n_in} columns, got "
+            f"shape {tuple(packed.shape)}, strides {packed.stride()}"
+        )
+    if x.numel() != c_in:
+        raise DynsparseError(f"{owner}: x must have c_in = {c_in} values, got {x.numel()}")
+    for name, t in (("b_g", b_g), ("b_v", b_v)):
+        if t is not None and t.numel() != packed.shape[0]:
+            raise DynsparseError(f"{owner}: {name} must have one value per neuron ({packed.shape[0]}), got {t.numel()}")
+    return lib
