@@ -145,22 +145,25 @@ class CatsGate(NeuronGate):
         self.quantiles.copy_(torch.quantile(seen.double(), levels).to(self.quantiles))
         self._update_threshold()
 
-    def current_threshold(self) -> float:
-        """The ``t`` that `forward` applies now (``-inf`` at ``keep = 1``: every neuron); refuses when uncalibrated."""
-        if self.keep >= 1.0:
-            return float("-inf")
+    def _require_calibrated(self) -> None:
         if not self.calibrated:
             raise GateError(
                 f"{self.where()}: the cats threshold is not calibrated; run "
                 "dynsparse.layers.neuron_gating.calibrate_neurons_(model, batches) before inference"
             )
+
+    def current_threshold(self) -> float:
+        """The ``t`` that `forward` applies now (``-inf`` at ``keep = 1``: every neuron); refuses when uncalibrated."""
+        if self.keep >= 1.0:
+            return float("-inf")
+        self._require_calibrated()
         return float(self.threshold)
 
     def forward(self, act: Tensor) -> Tensor:
         """(..., H) bool keep mask of the activations ``act`` (..., H): ``|act| ≥ t``."""
         if self.keep >= 1.0:
             return torch.ones_like(act, dtype=torch.bool)
-        self.current_threshold()  # the calibration check
+        self._require_calibrated()
         return act.abs() >= self.threshold.to(act.dtype)
 
     def __getstate__(self) -> dict:
