@@ -66,14 +66,12 @@ def transposed(owner: object, w: Tensor) -> Tensor:
 
     The cache holds ``w`` itself, so a new weight at a reused address is not mistaken for the old one.
     """
-    from ..kernels import _cache_key, _cache_valid
-
-    if not _cache_valid(getattr(owner, "_w2t_src", None), (w,)):
+    if not kernels._cache_valid(getattr(owner, "_w2t_src", None), (w,)):
         with torch.inference_mode(False), torch.no_grad():
             # a copy with row-major strides: ``w.t().contiguous()`` of a (1, H) weight is the (H, 1) view with
             # strides (1, H), which the kernels (unit column stride) refuse
             owner._w2t = torch.empty(w.shape[1], w.shape[0], dtype=w.dtype, device=w.device).copy_(w.detach().t())
-        owner._w2t_src = _cache_key((w,))
+        owner._w2t_src = kernels._cache_key((w,))
     return owner._w2t
 
 
@@ -89,11 +87,7 @@ def kernel_row(mlp: nn.Module, rows: Tensor, g: Tensor | None, idx: Tensor) -> T
     w2, b2 = mlp.fc2.weight, mlp.fc2.bias
     has_g = g is None  # dejavu: the gate activation is computed here; cats brought it
     code = kernels.act_code(mlp.act) if has_g else 0
-    if code is None or _drops(mlp):
-        return None
-    if not kernels.eager_cpu(rows, w2, wg, *(t for t in (bg, wv, bv, b2, g) if t is not None)):
-        return None
-    if kernels.load() is None:  # built on the first call that can use it
+    if not _runnable(mlp, code, rows, w2, wg, bg, wv, bv, b2, g):
         return None
     if not has_g and wv is None:  # cats on a plain Mlp: only fc2 is gathered, from its transposed copy
         packed = transposed(mlp, w2)
@@ -116,11 +110,7 @@ def kernel_cats(mlp: nn.Module, rows: Tensor) -> Tensor | None:
     wg, bg, wv, bv = mlp._producers()
     w2, b2 = mlp.fc2.weight, mlp.fc2.bias
     code = kernels.act_code(mlp.act)
-    if mlp.strategy != "auto" or code is None or wg.stride(1) != 1 or _drops(mlp):
-        return None
-    if not kernels.eager_cpu(rows, w2, wg, *(t for t in (bg, wv, bv, b2) if t is not None)):
-        return None
-    if kernels.load() is None:
+    if mlp.strategy != "auto" or wg.stride(1) != 1 or not _runnable(mlp, code, rows, w2, wg, bg, wv, bv, b2):
         return None
     t = mlp.neurons.current_threshold()  # refuses an uncalibrated gate, by name
     packed = transposed(mlp, w2) if wv is None else kernels.pack_neurons(mlp, None, wv, w2)
@@ -128,7 +118,11 @@ def kernel_cats(mlp: nn.Module, rows: Tensor) -> Tensor | None:
     return y if b2 is None else y + b2
 
 
-def _drops(mlp: nn.Module) -> bool:
-    """True when ``mlp.drop1`` would drop activations (in training mode on its own): the kernels do not."""
+def _runnable(mlp: nn.Module, code: int | None, *tensors: Tensor | None) -> bool:
+    """True when a compiled kernel may run ``mlp`` on these tensors: a known activation ``code``, no dropout
+    that would drop (``drop1`` in training mode on its own: the kernels do not drop), `kernels.eager_cpu`, and a
+    built library (built here, on the first call that can use it)."""
     d = getattr(mlp, "drop1", None)
-    return isinstance(d, nn.Dropout) and d.training and d.p > 0
+    if code is None or (isinstance(d, nn.Dropout) and d.training and d.p > 0):
+        return False
+    return kernels.eager_cpu(*(t for t in tensors if t is not None)) and kernels.load() is not None
