@@ -297,4 +297,4 @@ def test_the_library_builds_into_the_cache_dir(monkeypatch, tmp_path):
     lib, why = kernels._build.__wrapped__()
     assert lib is not None, why
     built = list((tmp_path / "kernels").iterdir())
-    assert len(built) == 1 and built[0].name.startswith("neuron_rows-") and built[0].suffix == ".so"
+    assert len(built) == 1 and built[0].name.startswith("dynsparse-") and built[0].suffix == ".so"

@@ -5,8 +5,12 @@ token through an MLP with per-token neuron sets (CATS, Deja Vu) needs. `neuron_r
 packed copy of its weights (`pack_neurons`): each kept neuron's producer rows and consumer column lie next to
 each other, so one token reads one contiguous stream per kept neuron and nothing else.
 
-The C source ships in the package (``neuron_rows.c``). It is compiled into ``$DYNSPARSE_CACHE_DIR`` (default
-``~/.cache/dynsparse/kernels``), keyed by a hash of source, compiler and flags; the write is atomic. Where
+`conv_gather` copies a conv weight's kept filters and input channels in one pass, the BatchNorm scale folded in
+on the way (per-input channel gating runs a conv on the channels this input keeps).
+
+The C sources ship in the package (``neuron_rows.c``, ``conv_gather.c``). They are compiled into one library in
+``$DYNSPARSE_CACHE_DIR`` (default ``~/.cache/dynsparse/kernels``), keyed by a hash of sources, compiler and flags;
+the write is atomic. Where
 there is no compiler, no AVX2 + FMA (x86-64), or ``DYNSPARSE_NO_KERNELS=1``, `load` returns None and callers use
 their PyTorch path; `why_unavailable` says why. The kernels run only in eager CPU float32 inference: under
 autograd, a dispatch mode (FLOP counters, ``torch.export``), tracing or ``torch.compile`` the callers take the
@@ -33,11 +37,20 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..errors import DynsparseError
 
-__all__ = ["act_code", "cats_rows", "eager_cpu", "load", "neuron_rows", "pack_neurons", "why_unavailable"]
+__all__ = [
+    "act_code",
+    "cats_rows",
+    "conv_gather",
+    "eager_cpu",
+    "load",
+    "neuron_rows",
+    "pack_neurons",
+    "why_unavailable",
+]
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("neuron_rows.c")
+_SOURCES = tuple(Path(__file__).with_name(n) for n in ("neuron_rows.c", "conv_gather.c"))
 _ACT = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
 
@@ -63,13 +76,13 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     if cc is None:
         return None, "no C compiler found (set CC)"
     flags = _flags()
-    source = _SOURCE.read_bytes()
+    source = b"".join(src.read_bytes() for src in _SOURCES)
     key = hashlib.sha256(source + cc.encode() + " ".join(flags).encode()).hexdigest()[:16]
     try:
         root = Path(os.environ.get("DYNSPARSE_CACHE_DIR") or Path.home() / ".cache" / "dynsparse") / "kernels"
     except RuntimeError as e:  # no home directory
         return None, f"no cache directory ({e}); set DYNSPARSE_CACHE_DIR"
-    lib = root / f"neuron_rows-{key}.so"
+    lib = root / f"dynsparse-{key}.so"
     try:
         if not lib.exists():
             root.mkdir(parents=True, exist_ok=True)
@@ -77,10 +90,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             os.close(fd)
             try:
                 run = subprocess.run(
-                    [cc, *flags, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
+                    [cc, *flags, *map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
                 )
                 if run.returncode != 0:
-                    return None, f"{cc} failed on {_SOURCE.name}: {run.stderr.strip()[:500]}"
+                    return None, f"{cc} failed on {', '.join(src.name for src in _SOURCES)}: {run.stderr.strip()[:500]}"
                 os.chmod(tmp, 0o755)  # mkstemp makes it 0600: others sharing the cache could not load it
                 os.replace(tmp, lib)  # atomic: another process sees the old state or the whole library
             finally:
@@ -96,6 +109,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     f = dll.ds_cats_rows
     f.argtypes = [p, i64, p, p, i64, i64, ctypes.c_float, i32, p, i64, i32, p, i64, p, p, p]
     f.restype = i64
+    f = dll.ds_conv_gather
+    f.argtypes = [p, i64, i64, i64, i32, p, i64, p, i64, p, p]
+    f.restype = i32
     log.debug("dynsparse kernels: loaded %s", lib)
     return dll, ""
 
@@ -297,3 +313,54 @@ def _check(
         if t is not None and t.numel() != packed.shape[0]:
             raise DynsparseError(f"{owner}: {name} must have one value per neuron ({packed.shape[0]}), got {t.numel()}")
     return lib
+
+
+def conv_gather(w: Tensor, rows: Tensor | None, cols: Tensor | None, scale: Tensor | None = None) -> Tensor:
+    """``w[rows][:, cols] * scale`` (per kept filter) in one pass, for a conv weight (O, I, kh, kw) or a matrix (O, I).
+
+    ``rows``: kept filters (any order) or None (all); ``cols``: kept input channels, strictly increasing, or None;
+    ``scale``: one factor per kept filter, or None. The result is laid out like ``w`` (channels-last stays
+    channels-last). Equals the PyTorch indexing exactly (one multiply per value). Call only when `load` is not
+    None and `eager_cpu` holds; ``w`` must be contiguous in either memory format.
+    """
+    owner = "dynsparse.kernels.conv_gather"
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"{owner}: kernels unavailable ({why_unavailable()})")
+    for name, t in (("w", w), ("scale", scale)):
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            raise DynsparseError(f"{owner}: {name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    if w.dim() not in (2, 4):
+        raise DynsparseError(f"{owner}: w must be (O, I) or (O, I, kh, kw), got shape {tuple(w.shape)}")
+    o, i = w.shape[:2]
+    kh, kw = w.shape[2:] if w.dim() == 4 else (1, 1)
+    k = kh * kw
+    if w.is_contiguous():
+        last = k == 1  # (O, I, 1, 1) is stored as (O, I): the packed path
+    elif w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last):
+        last = True
+    else:
+        raise DynsparseError(f"{owner}: w must be contiguous or channels-last contiguous, got strides {w.stride()}")
+    rows = None if rows is None else rows.to(torch.int64).contiguous()
+    cols = None if cols is None else cols.to(torch.int64).contiguous()
+    nr = o if rows is None else rows.numel()
+    nc = i if cols is None else cols.numel()
+    if scale is not None and scale.numel() != nr:
+        raise DynsparseError(f"{owner}: scale must have one value per kept filter ({nr}), got {scale.numel()}")
+    scale = None if scale is None else scale.contiguous()
+    if w.is_contiguous():  # the standard strides (a 1x1 weight's are those of the (O, I) matrix it is stored as)
+        out = torch.empty(nr, nc, *w.shape[2:], dtype=torch.float32)
+    else:
+        out = torch.empty(nr, kh, kw, nc, dtype=torch.float32).permute(0, 3, 1, 2)
+    if out.numel() == 0:  # an empty index tensor may have a null data pointer, which the kernel reads as "all"
+        return out
+
+    def ptr(t: Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    rc = lib.ds_conv_gather(w.data_ptr(), o, k, i, int(last), ptr(rows), nr, ptr(cols), nc, ptr(scale), out.data_ptr())
+    if rc != 0:
+        raise DynsparseError(
+            f"{owner}: filter indices must lie in [0, {o}) and input channels be strictly increasing in [0, {i})"
+        )
+    return out
