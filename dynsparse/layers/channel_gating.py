@@ -71,16 +71,17 @@ class FBSBlockMixin:
         ss = x.mean((2, 3))
         stages = [(getattr(self, c), getattr(self, n), [getattr(self, p) for p in post]) for c, n, post in self._stages]
         gates = [g for _, g in self.gates()]
+        last = (getattr(self, self._last[0]), getattr(self, self._last[1]))
         if self.training or self.strategy == "masked":
             mults = [None if g is None else g(ss) for g in gates]
-            y = _masked(x, stages, mults, getattr(self, self._last[0]))
+            y = _masked(x, stages, mults, last)
         else:
             decisions = [(None, None) if g is None else g.decide(ss) for g in gates]
-            y = _run_batch(x, stages, decisions, getattr(self, self._last[0]), self.strategy)
+            y = _run_batch(x, stages, decisions, last, self.strategy)
         return self._tail(x, y)
 
     def _tail(self, x: Tensor, y: Tensor) -> Tensor:
-        y = getattr(self, self._last[1])(y)
+        """The block's end after the last norm (which the runners apply, folded into the last conv where cheaper)."""
         if self.se is not None:
             y = self.se(y)
         if self.drop_path is not None:

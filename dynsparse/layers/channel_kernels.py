@@ -1,6 +1,7 @@
 """PyTorch runners of a ResNet block's convs on a subset of their channels (used by `dynsparse.layers.channel_gating`).
 
-A stage is ``(conv, norm, [element-wise modules])``; every runner returns the last conv's output (B, C_out, H, W):
+A stage is ``(conv, norm, [element-wise modules])``, ``last`` is ``(conv, norm)``; every runner returns the last
+norm's output (B, C_out, H, W):
 
 * `_masked`: dense convs, the kept channels scaled by their saliency and the others zeroed (training, checking);
 * `_gathered`: one set of kept channels for the whole batch: the kept filters of each producing conv (BatchNorm
@@ -100,7 +101,7 @@ def _scale(h: Tensor, v: Tensor) -> Tensor:
     return h * v if torch.is_grad_enabled() else h.mul_(v)
 
 
-def _masked(x: Tensor, stages, mults: list[Tensor | None], last: nn.Conv2d) -> Tensor:
+def _masked(x: Tensor, stages, mults: list[Tensor | None], last: tuple[nn.Conv2d, nn.Module]) -> Tensor:
     """Dense convs, kept channels scaled by their saliency and the others zeroed (training and checking)."""
     h = x
     for (conv, norm, post), m in zip(stages, mults, strict=True):
@@ -109,11 +110,15 @@ def _masked(x: Tensor, stages, mults: list[Tensor | None], last: nn.Conv2d) -> T
             h = p(h)
         if m is not None:
             h = h * m[:, :, None, None]
-    return last(h)
+    return last[1](last[0](h))
 
 
-def _gathered(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | None], last: nn.Conv2d) -> Tensor:
-    """One set of kept channels for the whole of ``x``: idxs (k,) per stage (None: all), vals (B, k)."""
+def _gathered(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | None], last) -> Tensor:
+    """One set of kept channels for the whole of ``x``: idxs (k,) per stage (None: all), vals (B, k).
+
+    Each gathered conv takes its BatchNorm folded into the gathered filters (a conv with bias) where the weight has
+    fewer values than the output, else the norm runs on the output; the last conv too, when its input is gathered.
+    """
     h, prev = x, None
     for (conv, norm, post), idx, val in zip(stages, idxs, vals, strict=True):
         if idx is None:
@@ -122,7 +127,7 @@ def _gathered(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | 
             s, t = _bn_fold(norm)
             kh, kw = conv.weight.shape[2:]
             n_w = idx.numel() * (conv.weight.shape[1] if prev is None else prev.numel()) * kh * kw  # gathered weight
-            if n_w <= h.shape[0] * h.shape[2] * h.shape[3] * idx.numel() // (conv.stride[0] * conv.stride[1]):
+            if n_w <= _positions(h, conv) * idx.numel():
                 # BatchNorm folded into the gathered filters (fewer values than the output): a conv with bias
                 h = _conv(h, conv, _weight(conv.weight, idx, prev, s.index_select(0, idx)), t.index_select(0, idx))
             else:  # small maps: the norm on the output is the cheaper pass
@@ -133,10 +138,22 @@ def _gathered(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | 
         if val is not None:
             h = _scale(h, val)
         prev = idx
-    return _conv(h, last, last.weight if prev is None else _weight(last.weight, None, prev))
+    conv, norm = last
+    if prev is None:
+        return norm(_conv(h, conv, conv.weight))
+    kh, kw = conv.weight.shape[2:]
+    if prev.numel() * kh * kw <= _positions(h, conv):  # the gathered weight is smaller than the output
+        s, t = _bn_fold(norm)
+        return _conv(h, conv, _weight(conv.weight, None, prev, s), t)
+    return norm(_conv(h, conv, _weight(conv.weight, None, prev)))
 
 
-def _grouped(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | None], last: nn.Conv2d) -> Tensor:
+def _positions(h: Tensor, conv: nn.Conv2d) -> int:
+    """About how many output positions ``conv`` computes on ``h`` (all images)."""
+    return h.shape[0] * h.shape[2] * h.shape[3] // (conv.stride[0] * conv.stride[1])
+
+
+def _grouped(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | None], last) -> Tensor:
     """Per-input kept channels (idxs (B, k)): each input's gathered weights stacked into one grouped conv.
 
     Runs in NCHW, where stacking the inputs along the channels is a view (in channels-last it is a transposing copy
@@ -144,7 +161,7 @@ def _grouped(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | N
     """
     n, h, prev, fmt = x.shape[0], x.contiguous(), None, _format(x)
     for conv, norm, post, idx, val in [(*s, i, v) for s, i, v in zip(stages, idxs, vals, strict=True)] + [
-        (last, None, [], None, None)
+        (*last, [], None, None)
     ]:
         w = conv.weight
         if idx is None and prev is None:
@@ -171,7 +188,7 @@ def _grouped(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | N
     return h.contiguous(memory_format=fmt)
 
 
-def _run_batch(x: Tensor, stages, decisions, last: nn.Conv2d, strategy: str) -> Tensor:
+def _run_batch(x: Tensor, stages, decisions, last: tuple[nn.Conv2d, nn.Module], strategy: str) -> Tensor:
     """Eval forward of a batch by ``strategy`` (see `FBSBlockMixin.strategy`); decisions (idx (B, k), val (B, k))."""
     idxs, vals = [d[0] for d in decisions], [d[1] for d in decisions]
     n = x.shape[0]
