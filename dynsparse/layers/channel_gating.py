@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from timm.layers import DropPath
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import Tensor, nn
 
@@ -77,6 +78,10 @@ class FBSBlockMixin:
             y = _masked(x, stages, mults, last)
         else:
             decisions = [(None, None) if g is None else g.decide(ss) for g in gates]
+            if self.se is None and (self.drop_path is None or type(self.drop_path) in (nn.Identity, DropPath)):
+                # nothing between the last norm and the residual add in eval: the runner adds the shortcut
+                shortcut = self.downsample(x) if self.downsample is not None else x
+                return getattr(self, self._out_act)(_run_batch(x, stages, decisions, last, self.strategy, shortcut))
             y = _run_batch(x, stages, decisions, last, self.strategy)
         return self._tail(x, y)
 

@@ -188,8 +188,14 @@ def _grouped(x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | N
     return h.contiguous(memory_format=fmt)
 
 
-def _run_batch(x: Tensor, stages, decisions, last: tuple[nn.Conv2d, nn.Module], strategy: str) -> Tensor:
-    """Eval forward of a batch by ``strategy`` (see `FBSBlockMixin.strategy`); decisions (idx (B, k), val (B, k))."""
+def _run_batch(
+    x: Tensor, stages, decisions, last: tuple[nn.Conv2d, nn.Module], strategy: str, residual: Tensor | None = None
+) -> Tensor:
+    """Eval forward of a batch by ``strategy`` (see `FBSBlockMixin.strategy`); decisions (idx (B, k), val (B, k)).
+
+    With ``residual`` (the block's shortcut, shaped like the output) the result is the sum: per-input runs then
+    write ``y_b + residual_b`` straight into the batch output, one pass instead of a concatenation and an add.
+    """
     idxs, vals = [d[0] for d in decisions], [d[1] for d in decisions]
     n = x.shape[0]
     conv = stages[0][0]
@@ -199,18 +205,22 @@ def _run_batch(x: Tensor, stages, decisions, last: tuple[nn.Conv2d, nn.Module], 
         keys = torch.cat([i for i in idxs if i is not None], 1)
         uniq, inv = torch.unique(keys, dim=0, return_inverse=True) if n > 1 else (keys, None)
         if len(uniq) == 1:
-            return _gathered(x, stages, [None if i is None else i[0] for i in idxs], vals, last)
-        if strategy == "auto":
+            strategy = "one"
+        elif strategy == "auto":
             strategy = _auto(x, stages, idxs, n, len(uniq))
-    if strategy == "grouped_conv":
-        return _grouped(x, stages, idxs, vals, last)
-    if strategy == "masked":
+    if strategy == "loop":
+        return _loop(x, stages, idxs, vals, last, residual)
+    if strategy == "one":
+        y = _gathered(x, stages, [None if i is None else i[0] for i in idxs], vals, last)
+    elif strategy == "grouped_conv":
+        y = _grouped(x, stages, idxs, vals, last)
+    elif strategy == "masked":
         mults = [
             None if i is None else v.new_zeros(n, c.out_channels).scatter(1, i, v)
             for (c, *_), i, v in zip(stages, idxs, vals, strict=True)
         ]
-        return _masked(x, stages, mults, last)
-    if strategy == "union":
+        y = _masked(x, stages, mults, last)
+    elif strategy == "union":
         us = [None if i is None else torch.unique(i) for i in idxs]
         vs = []
         for (conv, *_), i, v, u in zip(stages, idxs, vals, us, strict=True):
@@ -218,31 +228,38 @@ def _run_batch(x: Tensor, stages, decisions, last: tuple[nn.Conv2d, nn.Module], 
                 full = v.new_zeros(n, conv.out_channels).scatter(1, i, v)
                 v = full.index_select(1, u)
             vs.append(v)
-        return _gathered(x, stages, us, vs, last)
-    if strategy == "group":
-        out = None
+        y = _gathered(x, stages, us, vs, last)
+    else:  # "group"
+        y = None
         for g in range(int(inv.max()) + 1):
             rows = (inv == g).nonzero().squeeze(1)
             r0 = int(rows[0])
             sub_v = [None if v is None else v.index_select(0, rows) for v in vals]
-            y = _take(x, 0, rows)
-            y = _gathered(y, stages, [None if i is None else i[r0] for i in idxs], sub_v, last)
-            if out is None:
-                out = torch.empty((n, *y.shape[1:]), dtype=y.dtype, device=y.device, memory_format=_format(y))
-            out.index_copy_(0, rows, y)
-        return out
-    return torch.cat(  # "loop"
-        [
-            _gathered(
-                x[b : b + 1],
-                stages,
-                [None if i is None else i[b] for i in idxs],
-                [None if v is None else v[b : b + 1] for v in vals],
-                last,
-            )
-            for b in range(n)
-        ]
-    )
+            part = _gathered(_take(x, 0, rows), stages, [None if i is None else i[r0] for i in idxs], sub_v, last)
+            if y is None:
+                y = torch.empty((n, *part.shape[1:]), dtype=part.dtype, device=part.device, memory_format=_format(part))
+            y.index_copy_(0, rows, part)
+    return y if residual is None else y.add_(residual)  # y is always a fresh tensor here
+
+
+def _loop(x: Tensor, stages, idxs, vals, last, residual: Tensor | None) -> Tensor:
+    """One gathered run per input, each written (plus its ``residual`` row) into one preallocated output."""
+    out = None
+    for b in range(x.shape[0]):
+        y = _gathered(
+            x[b : b + 1],
+            stages,
+            [None if i is None else i[b] for i in idxs],
+            [None if v is None else v[b : b + 1] for v in vals],
+            last,
+        )
+        if out is None:
+            out = torch.empty((x.shape[0], *y.shape[1:]), dtype=y.dtype, device=y.device, memory_format=_format(y))
+        if residual is None:
+            out[b : b + 1] = y
+        else:
+            torch.add(y, residual[b : b + 1], out=out[b : b + 1])
+    return out
 
 
 def _auto(x: Tensor, stages, idxs: list[Tensor | None], n: int, groups: int) -> str:
