@@ -3,6 +3,7 @@ and FBS blocks that give the same outputs with and without it."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -22,7 +23,9 @@ SHAPES = [(16, 24, 3), (13, 21, 3), (8, 5, 1), (40, 64, 1), (9, 7, 5), (32, 8, 3
 def _reference(w, rows, cols, scale):
     out = w if rows is None else w[rows]
     out = out if cols is None else out[:, cols]
-    return out if scale is None else out * scale.view(-1, *[1] * (w.dim() - 1))
+    if scale is None:
+        return out
+    return out * (scale if rows is None else scale[rows]).view(-1, *[1] * (w.dim() - 1))
 
 
 @needs_kernels
@@ -34,11 +37,11 @@ def test_equals_pytorch_indexing_exactly(fmt, shape):
     w = torch.randn(o, i, k, k, generator=g).contiguous(memory_format=fmt)
     rows = torch.randperm(o, generator=g)[: max(1, o // 3)]  # any order
     cols = torch.randperm(i, generator=g)[: max(1, i // 2)].sort().values
-    scale = torch.randn(rows.numel(), generator=g)
+    scale = torch.randn(o, generator=g)
     for r, c, with_scale in itertools.product((None, rows), (None, cols), (False, True)):
         if r is None and c is None:
             continue
-        s = (scale if r is not None else torch.randn(o, generator=g)) if with_scale else None
+        s = scale if with_scale else None
         got = kernels.conv_gather(w, r, c, s)
         assert torch.equal(got, _reference(w, r, c, s)), (r is None, c is None, with_scale)
         assert got.is_contiguous(memory_format=fmt)
@@ -77,8 +80,8 @@ def test_bad_arguments_are_refused_by_name():
         kernels.conv_gather(w, None, torch.tensor([1, 1]))
     with pytest.raises(DynsparseError, match=r"\[0, 8\)"):
         kernels.conv_gather(w, torch.tensor([8]), None)
-    with pytest.raises(DynsparseError, match="one value per kept filter"):
-        kernels.conv_gather(w, torch.tensor([1, 2]), None, torch.ones(3))
+    with pytest.raises(DynsparseError, match="one value per filter"):
+        kernels.conv_gather(w, torch.tensor([1, 2]), None, torch.ones(2))
     with pytest.raises(DynsparseError, match="float32"):
         kernels.conv_gather(w.double(), None, torch.tensor([1]))
     with pytest.raises(DynsparseError, match="contiguous"):
@@ -118,3 +121,29 @@ def test_fbs_blocks_give_the_same_outputs_without_the_kernel(monkeypatch, name, 
         plain = torch.cat([m(x[b : b + 1]) for b in range(3)] + [m(x)])
     assert torch.isfinite(plain).all()
     torch.testing.assert_close(fast, plain, rtol=0, atol=0)
+
+
+def test_folded_batchnorm_follows_changed_statistics():
+    """The block caches its folded BatchNorm; a changed running statistic or affine weight is picked up."""
+    torch.manual_seed(0)
+    m = timm.create_model("resnet18", pretrained=False, num_classes=5, zero_init_last=False).eval()
+    ds.sparsify_(m, {"channels": {"gate": "fbs", "keep": 0.5}})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        m(x)
+    assert any("_bn_folds" in mod.__dict__ for mod in m.modules())
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_var.mul_(3.0)
+                mod.weight.add_(0.5)
+    with torch.inference_mode():
+        fast = m(x)
+    for mod in m.modules():
+        if hasattr(mod, "strategy"):
+            mod.strategy = "masked"
+    with torch.inference_mode():
+        masked = m(x)
+    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-5)
+    clone = copy.deepcopy(m)
+    assert not any("_bn_folds" in mod.__dict__ for mod in clone.modules())

@@ -316,12 +316,13 @@ def _check(
 
 
 def conv_gather(w: Tensor, rows: Tensor | None, cols: Tensor | None, scale: Tensor | None = None) -> Tensor:
-    """``w[rows][:, cols] * scale`` (per kept filter) in one pass, for a conv weight (O, I, kh, kw) or a matrix (O, I).
+    """``w[rows][:, cols] * scale[rows]`` (per filter) in one pass, for a conv weight (O, I, kh, kw) or a matrix (O, I).
 
     ``rows``: kept filters (any order) or None (all); ``cols``: kept input channels, strictly increasing, or None;
-    ``scale``: one factor per kept filter, or None. The result is laid out like ``w`` (channels-last stays
-    channels-last). Equals the PyTorch indexing exactly (one multiply per value). Call only when `load` is not
-    None and `eager_cpu` holds; ``w`` must be contiguous in either memory format.
+    ``scale``: one factor per filter of ``w`` (O values; each kept filter gets its own), or None. The result is laid
+    out like ``w`` (channels-last stays channels-last). Equals the PyTorch indexing exactly (one multiply per
+    value). Call only when `load` is not None and `eager_cpu` holds; ``w`` must be contiguous in either memory
+    format.
     """
     owner = "dynsparse.kernels.conv_gather"
     lib = load()
@@ -345,8 +346,8 @@ def conv_gather(w: Tensor, rows: Tensor | None, cols: Tensor | None, scale: Tens
     cols = None if cols is None else cols.to(torch.int64).contiguous()
     nr = o if rows is None else rows.numel()
     nc = i if cols is None else cols.numel()
-    if scale is not None and scale.numel() != nr:
-        raise DynsparseError(f"{owner}: scale must have one value per kept filter ({nr}), got {scale.numel()}")
+    if scale is not None and scale.numel() != o:
+        raise DynsparseError(f"{owner}: scale must have one value per filter of w ({o}), got {scale.numel()}")
     scale = None if scale is None else scale.contiguous()
     if w.is_contiguous():  # the standard strides (a 1x1 weight's are those of the (O, I) matrix it is stored as)
         out = torch.empty(nr, nc, *w.shape[2:], dtype=torch.float32)

@@ -12,7 +12,8 @@
  * along the innermost dimension with the left-pack; "first" (stored (O, I, K): contiguous OIHW, K = kh * kw > 1)
  * copies K contiguous floats per kept column. The output is stored the same way as the input, kept rows and
  * columns only, in the order given. Columns must be strictly increasing (the left-pack keeps source order) and
- * in range; rows may be in any order but must be in range. Returns 0, or -1 (nothing trustworthy written) when
+ * in range; rows may be in any order but must be in range. scale (NULL: none) holds one factor per filter of w
+ * (O values): kept filter r is multiplied by scale[rows[r]]. Returns 0, or -1 (nothing trustworthy written) when
  * an index is out of range or the columns are not strictly increasing.
  */
 #include <stdint.h>
@@ -83,7 +84,7 @@ int ds_conv_gather(const float* w, int64_t O, int64_t K, int64_t I, int last, co
     for (int64_t r = 0; r < nr; ++r) {
       const float* src = w + (rows ? rows[r] : r) * K * I;
       float* dst = out + r * K * I;
-      const float s = scale ? scale[r] : 1.f;
+      const float s = scale ? scale[rows ? rows[r] : r] : 1.f;
       if (!scale) {
         memcpy(dst, src, (size_t)(K * I) * sizeof(float));
       } else {
@@ -99,7 +100,7 @@ int ds_conv_gather(const float* w, int64_t O, int64_t K, int64_t I, int last, co
     float* dst = out;
     for (int64_t r = 0; r < nr; ++r) {
       const float* src = w + (rows ? rows[r] : r) * K * I;
-      const float s = scale ? scale[r] : 1.f;
+      const float s = scale ? scale[rows ? rows[r] : r] : 1.f;
       for (int64_t k = 0; k < K; ++k) dst = pack_row(src + k * I, I, mask, cols, nc, s, dst, end);
     }
     free(mask);
@@ -107,7 +108,7 @@ int ds_conv_gather(const float* w, int64_t O, int64_t K, int64_t I, int last, co
   }
   for (int64_t r = 0; r < nr; ++r) { /* "first": K contiguous floats per kept column */
     const float* src = w + (rows ? rows[r] : r) * K * I;
-    const float s = scale ? scale[r] : 1.f;
+    const float s = scale ? scale[rows ? rows[r] : r] : 1.f;
     float* dst = out + r * nc * K;
     for (int64_t c = 0; c < nc; ++c, dst += K) {
       const float* p = src + cols[c] * K;

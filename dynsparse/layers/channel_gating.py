@@ -81,9 +81,21 @@ class FBSBlockMixin:
             if self.se is None and (self.drop_path is None or type(self.drop_path) in (nn.Identity, DropPath)):
                 # nothing between the last norm and the residual add in eval: the runner adds the shortcut
                 shortcut = self.downsample(x) if self.downsample is not None else x
-                return getattr(self, self._out_act)(_run_batch(x, stages, decisions, last, self.strategy, shortcut))
-            y = _run_batch(x, stages, decisions, last, self.strategy)
+                y = _run_batch(x, stages, decisions, last, self.strategy, shortcut, self._fold_cache())
+                return getattr(self, self._out_act)(y)
+            y = _run_batch(x, stages, decisions, last, self.strategy, cache=self._fold_cache())
         return self._tail(x, y)
+
+    def _fold_cache(self) -> dict:
+        """This block's cache of folded BatchNorm scales and shifts (see `channel_kernels._bn_fold`)."""
+        if "_bn_folds" not in self.__dict__:
+            self.__dict__["_bn_folds"] = {}
+        return self.__dict__["_bn_folds"]
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_bn_folds", None)  # derived tensors: rebuilt on the next eval forward
+        return state
 
     def _tail(self, x: Tensor, y: Tensor) -> Tensor:
         """The block's end after the last norm (which the runners apply, folded into the last conv where cheaper)."""
