@@ -120,7 +120,9 @@ def test_fbs_blocks_give_the_same_outputs_without_the_kernel(monkeypatch, name, 
     with torch.inference_mode():
         plain = torch.cat([m(x[b : b + 1]) for b in range(3)] + [m(x)])
     assert torch.isfinite(plain).all()
-    torch.testing.assert_close(fast, plain, rtol=0, atol=0)
+    # with the kernel every gathered conv takes its BatchNorm folded in (the scale is free during the copy);
+    # without it only where the weight is smaller than the output: the same values up to float rounding
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
 
 
 def test_folded_batchnorm_follows_changed_statistics():

@@ -78,18 +78,21 @@ def _weight(w: Tensor, rows: Tensor | None, cols: Tensor | None, scale: Tensor |
     the gates give them), measured 1.4-2.7x faster than the PyTorch passes below for 64-2048-channel weights;
     else ``index_select`` of rows, then of columns, then the multiply. Both give the same values.
     """
-    if (rows is not None or cols is not None) and kernels.eager_cpu(w) and kernels.load() is not None:
-        fmt = _format(w)
-        if w.is_contiguous(memory_format=fmt):
-            try:
-                return kernels.conv_gather(w, rows, cols, scale)
-            except DynsparseError:  # unsorted or repeated columns: PyTorch handles (or reports) them
-                pass
+    if (rows is not None or cols is not None) and _kernel_gathers(w):
+        try:
+            return kernels.conv_gather(w, rows, cols, scale)
+        except DynsparseError:  # unsorted or repeated columns: PyTorch handles (or reports) them
+            pass
     w = w if rows is None else _take(w, 0, rows)
     w = w if cols is None else _take(w, 1, cols)
     if scale is None:
         return w
     return w * (scale if rows is None else scale.index_select(0, rows))[:, None, None, None]
+
+
+def _kernel_gathers(w: Tensor) -> bool:
+    """True where `_weight` copies ``w``'s kept values with the compiled kernel (a scale then costs nothing)."""
+    return kernels.eager_cpu(w) and kernels.load() is not None and w.is_contiguous(memory_format=_format(w))
 
 
 def _bn_fold(norm: nn.BatchNorm2d, cache: dict | None = None) -> tuple[Tensor, Tensor]:
@@ -136,8 +139,9 @@ def _gathered(
 ) -> Tensor:
     """One set of kept channels for the whole of ``x``: idxs (k,) per stage (None: all), vals (B, k).
 
-    Each gathered conv takes its BatchNorm folded into the gathered filters (a conv with bias) where the weight has
-    fewer values than the output, else the norm runs on the output; the last conv too, when its input is gathered.
+    Each gathered conv takes its BatchNorm folded into the gathered filters (a conv with bias) where the compiled
+    gather runs (the scale is applied during the copy) or the weight has fewer values than the output; else the
+    norm runs on the output. The last conv too, when its input is gathered.
     """
     h, prev = x, None
     for (conv, norm, post), idx, val in zip(stages, idxs, vals, strict=True):
@@ -147,8 +151,8 @@ def _gathered(
             s, t = _bn_fold(norm, cache)
             kh, kw = conv.weight.shape[2:]
             n_w = idx.numel() * (conv.weight.shape[1] if prev is None else prev.numel()) * kh * kw  # gathered weight
-            if n_w <= _positions(h, conv) * idx.numel():
-                # BatchNorm folded into the gathered filters (fewer values than the output): a conv with bias
+            if _kernel_gathers(conv.weight) or n_w <= _positions(h, conv) * idx.numel():
+                # BatchNorm folded into the gathered filters: a conv with bias
                 h = _conv(h, conv, _weight(conv.weight, idx, prev, s), t.index_select(0, idx))
             else:  # small maps: the norm on the output is the cheaper pass
                 h = _conv(h, conv, _weight(conv.weight, idx, prev))
@@ -162,7 +166,7 @@ def _gathered(
     if prev is None:
         return norm(_conv(h, conv, conv.weight))
     kh, kw = conv.weight.shape[2:]
-    if prev.numel() * kh * kw <= _positions(h, conv):  # the gathered weight is smaller than the output
+    if _kernel_gathers(conv.weight) or prev.numel() * kh * kw <= _positions(h, conv):
         s, t = _bn_fold(norm, cache)
         return _conv(h, conv, _weight(conv.weight, None, prev, s), t)
     return norm(_conv(h, conv, _weight(conv.weight, None, prev)))
