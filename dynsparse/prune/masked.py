@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
-from ..modules import adopt
+from ..modules import adopt, successor_state
 
 __all__ = ["MaskedConv2d", "MaskedLinear"]
 
@@ -131,10 +131,11 @@ def _from_host(cls: type, module: nn.Module) -> nn.Module:
 
 
 def _to_host(module: nn.Module) -> nn.Module:
-    """The plain host module sharing ``module``'s parameters and hooks, without ``weight_mask``."""
+    """The plain host module sharing ``module``'s parameters and hooks (the hook dicts themselves, so handles
+    registered before still remove them), without ``weight_mask``."""
     host = type(module).host
     new = host.__new__(host)
-    new.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else v for k, v in module.__dict__.items()})
+    new.__dict__.update(successor_state(module))
     del new._buffers["weight_mask"]
     new._non_persistent_buffers_set.discard("weight_mask")
     return new
