@@ -254,7 +254,8 @@ class BlockSparseLinear(nn.Module):
         ``linear`` is not changed (its tensors are copied).
 
         Args:
-            linear: A ``nn.Linear`` (or subclass; only ``weight`` and ``bias`` are read).
+            linear: A ``nn.Linear`` (or subclass; only ``weight`` and ``bias`` are read, and a `MaskedLinear`'s
+                ``masked_weight()`` instead of its raw ``weight``).
             block: ``b`` or ``(b_out, b_in)``.
             sparsity: Fraction of blocks removed (see `block_mask`); ``None`` keeps the weight as it is (for a
                 weight already block-pruned: all-zero blocks are left out of the BSR tensor).
@@ -266,7 +267,9 @@ class BlockSparseLinear(nn.Module):
             min_speedup: The sparse kernel must be at least this many times faster on every input.
             cache: Timing regime of `calibrate_`, ``"warm"`` or ``"cold"``.
         """
-        w = linear.weight.detach()
+        masked = getattr(linear, "masked_weight", None)
+        with torch.no_grad():
+            w = (masked() if callable(masked) else linear.weight).detach()
         layer = cls(
             linear.in_features,
             linear.out_features,
