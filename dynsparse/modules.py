@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -18,25 +18,48 @@ __all__ = [
     "place_like",
     "replace_module_",
     "submodule_or_none",
+    "successor_state",
 ]
 
 M = TypeVar("M", bound=nn.Module)
 
 
-def adopt(host: nn.Module, cls: type[M]) -> M:
+def adopt(host: nn.Module, cls: type[M], *, share_hooks: bool = True) -> M:
     """Return a new ``cls`` instance that shares ``host``'s children, parameters, buffers and hooks.
 
-    ``cls`` must be a subclass of ``type(host)`` that adds no required state of its own; the host is not
-    changed. This is how a gated layer is made from a host layer without copying its ``forward``.
+    ``cls`` must be a subclass of ``type(host)`` that adds no required state of its own. The new module takes
+    the host's place: its child, parameter and buffer dicts are copies (adding a buffer to it leaves the host
+    as it was), but its hook dicts are the host's own (`successor_state`), so a ``RemovableHandle`` of a hook
+    registered on the host before the swap still removes it. ``share_hooks=False`` copies them too, for a copy
+    that lives next to the host. This is how a gated layer is made from a host layer without copying its
+    ``forward``.
     """
     if not issubclass(cls, type(host)):
         raise DynsparseError(f"{cls.__name__} is not a subclass of {type(host).__name__}")
     new = cls.__new__(cls)
-    state = {}
-    for key, value in host.__dict__.items():
-        state[key] = value.copy() if isinstance(value, (dict, set)) else value
-    new.__dict__.update(state)
+    new.__dict__.update(successor_state(host, share_hooks=share_hooks))
     return new
+
+
+def successor_state(module: nn.Module, *, share_hooks: bool = True) -> dict[str, Any]:
+    """``module.__dict__`` for a module that replaces it: dicts and sets copied, hook dicts shared.
+
+    A ``RemovableHandle`` removes its hook from the dicts it was registered in (weak references to the old
+    module's ``_forward_hooks``, ``_forward_hooks_with_kwargs``, ...), so the successor must hold those very
+    dicts for the handle to keep working. Every other dict (``_modules``, ``_parameters``, ``_buffers``) and set
+    is a shallow copy, so the successor may add or drop entries without changing ``module``.
+    """
+    state = {}
+    for key, value in module.__dict__.items():
+        if isinstance(value, (dict, set)) and not (share_hooks and _is_hook_dict(key)):
+            value = value.copy()
+        state[key] = value
+    return state
+
+
+def _is_hook_dict(key: str) -> bool:
+    """``_forward_hooks``, ``_forward_pre_hooks_with_kwargs``, ``_state_dict_hooks``, ...: torch's hook dicts."""
+    return key.startswith("_") and "_hooks" in key
 
 
 def replace_module_(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:

@@ -182,6 +182,16 @@ def test_activation_importance_mean_and_apoz_by_hand() -> None:
     assert no_hooks(rn)
 
 
+@pytest.mark.parametrize("act", [nn.GELU, nn.SiLU])
+def test_apoz_without_exact_zeros_raises_naming_the_gate(act) -> None:
+    model = gated_mlp(act=act)
+    data = [torch.randn(4, 5, 3, dtype=torch.float64) for _ in range(2)]
+    with pytest.raises(ConfigError, match=rf"gate '0\.norm\.gate'.*{act.__name__}.*ReLU-type"):
+        ActivationImportance("apoz")(model, data)
+    assert no_hooks(model)
+    ActivationImportance("mean")(model, data)  # the mean statistic is fine without zeros
+
+
 def test_layer_importance_is_the_loss_increase_of_a_closed_branch() -> None:
     vit = tiny_vit(dims=("layers",))
     data = image_batches(2)

@@ -199,6 +199,16 @@ def test_state_dict_matches_linear_and_cache_follows_the_weight():
         torch.testing.assert_close(layer(x), other(x))
 
 
+def test_refresh_after_a_change_through_weight_data():
+    _, layer = make("bsr")
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        layer(x)  # builds the BSR cache
+        layer.weight.data.mul_(2)  # the .data version counter: the cache cannot see it
+        assert layer.refresh_() is layer and layer._bsr_cache is None
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
 def test_to_linear_is_plain_and_equal():
     _, layer = make("bsr", dtype=torch.float64)
     plain = layer.to_linear()

@@ -88,3 +88,60 @@ def test_from_module_takes_exact_type_only():
         MaskedLinear.from_module(MyLinear(2, 2))
     with pytest.raises(UnsupportedModuleError):
         MaskedConv2d.from_module(nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------- hook handles survive the swaps
+
+
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "forward_kwargs", "full_backward", "state_dict"])
+def test_handles_registered_before_a_swap_still_remove_their_hooks(kind):
+    from dynsparse import prune
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    calls = []
+
+    def register(m):
+        if kind == "forward":
+            return m.register_forward_hook(lambda *a: calls.append(1))
+        if kind == "forward_pre":
+            return m.register_forward_pre_hook(lambda *a: calls.append(1))
+        if kind == "forward_kwargs":
+            return m.register_forward_hook(lambda *a: calls.append(1), with_kwargs=True)
+        if kind == "full_backward":
+            return m.register_full_backward_hook(lambda *a: calls.append(1))
+        return m._register_state_dict_hook(lambda *a: calls.append(1))
+
+    def run():
+        model(torch.randn(2, 4, requires_grad=True)).sum().backward()
+        model.state_dict()
+
+    for swap in (lambda: prune.unstructured_(model, 0.5), lambda: prune.remove_(model)):
+        handle = register(model[0])
+        swap()
+        run()
+        assert calls, "the hook must still fire on the swapped module"
+        calls.clear()
+        handle.remove()
+        run()
+        assert calls == [], f"{kind}: handle.remove() after the swap left the hook in place"
+
+
+def test_adopt_shares_hook_dicts_and_copies_the_rest():
+    from dynsparse.modules import adopt
+
+    class Twin(nn.Linear):
+        pass
+
+    host = nn.Linear(3, 3)
+    calls = []
+    handle = host.register_forward_hook(lambda *a: calls.append(1))
+    new = adopt(host, Twin)
+    new.register_buffer("extra", torch.zeros(1))
+    assert "extra" not in host._buffers and new.weight is host.weight
+    handle.remove()
+    new(torch.randn(1, 3))
+    assert calls == []
+    copy = adopt(host, Twin, share_hooks=False)
+    copy.register_forward_hook(lambda *a: calls.append(2))
+    host(torch.randn(1, 3))
+    assert calls == []  # a copy's hooks are its own

@@ -26,6 +26,7 @@ Examples:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..registry import Registry
@@ -97,8 +98,11 @@ for _name, _fn in {
 del _name, _fn
 
 
-def make_importance(spec: str | dict[str, Any] | Importance) -> Importance:
+def make_importance(spec: str | dict[str, Any] | Importance | Callable[..., Any]) -> Importance | Callable[..., Any]:
     """Build a structured importance from a name, ``{"name": ..., **kwargs}``, or return an `Importance` as is.
+
+    Any other callable ``importance(model, data=None) -> {gate_fqn: (num_units,) scores}`` is returned as it is
+    too (the `Importance` contract).
 
     Examples:
         >>> make_importance({"name": "magnitude", "p": 2})
@@ -106,7 +110,7 @@ def make_importance(spec: str | dict[str, Any] | Importance) -> Importance:
     """
     from ..errors import ConfigError
 
-    if isinstance(spec, Importance):
+    if isinstance(spec, Importance) or (callable(spec) and not isinstance(spec, type)):
         return spec
     if isinstance(spec, str):
         return IMPORTANCES.get(spec)()
@@ -116,4 +120,7 @@ def make_importance(spec: str | dict[str, Any] | Importance) -> Importance:
             return IMPORTANCES.get(spec["name"])(**kwargs)
         except TypeError as e:
             raise ConfigError(f"importance {spec['name']!r}: {e}") from None
-    raise ConfigError(f"an importance spec is a name or {{'name': ..., **kwargs}}, got {spec!r}")
+    raise ConfigError(
+        f"an importance spec is a name, {{'name': ..., **kwargs}}, an Importance or a callable "
+        f"importance(model, data=None) -> {{gate_fqn: scores}}, got {spec!r}"
+    )

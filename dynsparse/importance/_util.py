@@ -27,6 +27,7 @@ __all__ = [
     "scoring_mode",
     "split_batch",
     "to_model",
+    "used_weight",
     "weight_modules",
 ]
 
@@ -175,3 +176,11 @@ def gate_refs(model: nn.Module, dimensions: Sequence[str]) -> list[SlotRef]:
                 parent, child = slot_owner(model, fqn, "layers")
                 refs.append(SlotRef(f"{fqn}.gate", parent, model.get_submodule(parent), child, m))
     return refs
+
+
+def used_weight(module: nn.Module) -> Tensor:
+    """The weight ``module``'s forward uses, detached: ``masked_weight()`` where it has one (a masked layer, whose
+    raw ``weight`` an optimizer may have moved under the mask), else ``weight``."""
+    masked = getattr(module, "masked_weight", None)
+    with torch.no_grad():
+        return (masked() if callable(masked) else module.weight).detach()

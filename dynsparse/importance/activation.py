@@ -41,7 +41,10 @@ class ActivationImportance(Importance):
       activation of Molchanov 2017's baseline; for activations that can be negative, e.g. GELU, the mean
       absolute value).
     * ``kind="apoz"``: ``1 - APoZ_j``, APoZ being the fraction of exact zeros (Hu et al. 2016). APoZ prunes the
-      *highest* APoZ; returning ``1 - APoZ`` keeps the package rule higher = keep.
+      *highest* APoZ; returning ``1 - APoZ`` keeps the package rule higher = keep. Only a ReLU-type activation
+      before the gate gives exact zeros: a gate none of whose activations was exactly 0 (GELU, SiLU, a head or
+      branch output) raises a `ConfigError` naming it, since every unit would score 1 and pruning would follow
+      the unit order.
 
     Args:
         kind: ``"mean"`` or ``"apoz"``.
@@ -91,11 +94,25 @@ class ActivationImportance(Importance):
         for ref, s, c in zip(refs, sums, counts, strict=True):
             if c == 0:
                 raise ConfigError(f"ActivationImportance: the gate {ref.gate_fqn!r} saw no activation")
+            if self.kind == "apoz" and not bool(s.any()):
+                raise ConfigError(_no_zero_message(ref, c * ref.slot.gate.num_units))
             out[ref.gate_fqn] = s / c if self.kind == "mean" else 1.0 - s / c
         return out
 
     def __repr__(self) -> str:
         return f"ActivationImportance(kind={self.kind!r}, dimensions={self.dimensions})"
+
+
+def _no_zero_message(ref: SlotRef, count: int) -> str:
+    """Why APoZ cannot rank the units of ``ref``'s gate: none of its ``count`` activations was exactly 0."""
+    act = getattr(ref.layer, "act", None)
+    after = f" (its layer's activation is {type(act).__name__})" if isinstance(act, nn.Module) else ""
+    return (
+        f"ActivationImportance(kind='apoz'): none of the {count} activations at the gate {ref.gate_fqn!r} of "
+        f"{ref.layer_fqn or 'the model'!r}{after} was exactly 0, so every unit would score 1 and pruning would follow "
+        "the unit order. APoZ needs a ReLU-type activation before the gate; use kind='mean' (importance="
+        "'activation'), 'magnitude' or 'taylor', or leave this gate out (dimensions=...)"
+    )
 
 
 class LayerImportance(Importance):

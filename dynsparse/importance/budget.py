@@ -20,7 +20,17 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .masks import NORMALIZATIONS, _choice, _first_pruned, _fraction, _normalized, _prune_order, _score_tensors
+from .masks import (
+    NORMALIZATIONS,
+    _choice,
+    _closed_first,
+    _current_masks,
+    _first_pruned,
+    _fraction,
+    _normalized_all,
+    _prune_order,
+    _score_tensors,
+)
 
 if TYPE_CHECKING:
     from ..flops import CostModel
@@ -39,6 +49,7 @@ def flops_keep_masks(
     round_to: int = 1,
     max_sparsity: float | None = None,
     min_keep: int = 1,
+    current: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Keep masks that bring the model to ``keep`` of its FLOPs, closing the lowest score per FLOP first.
 
@@ -46,7 +57,9 @@ def flops_keep_masks(
     at its (normalised) score divided by the FLOPs closing it saves now; the cheapest offer per FLOP is taken,
     and the costs are recomputed. It stops at the first step where the kept fraction is ``<= keep`` (so it
     overshoots by at most one unit's or group's FLOPs), or when no gate may close more (then it logs a warning).
-    Gates of ``cost`` without scores keep their current masks and count with their current cost.
+    Gates of ``cost`` without scores keep their current masks and count with their current cost. With
+    ``current`` (the scored gates' keep masks now), a scored gate's closed units stay closed and count as pruned
+    from the start, as in `keep_masks`.
 
     Args:
         scores: ``{gate_fqn: (num_units,) scores}``, higher = keep; must be >= 0 after ``normalize`` (a score
@@ -59,6 +72,8 @@ def flops_keep_masks(
         round_to: Kept counts are multiples of this (or the whole gate): units close in groups of ``round_to``.
         max_sparsity: Largest fraction of any one gate that may be pruned (None: no limit).
         min_keep: Fewest units kept per multi-unit gate.
+        current: ``{gate_fqn: (num_units,) bool keep mask}`` of the scored gates now (None or a missing key:
+            all open).
 
     Returns:
         ``{gate_fqn: bool keep mask}`` for the scored gates, for `dynsparse.fix_gates_`.
@@ -94,8 +109,10 @@ def flops_keep_masks(
             f"{owner}: the cost model has no gate {missing[0]!r} (it has: {', '.join(list(index)[:8])}"
             f"{', ...' if len(index) > 8 else ''}); build the CostModel on the model these scores are from"
         )
-    norm = {k: _normalized(v, normalize) for k, v in s.items()}
+    cur = _current_masks(owner, s, current)
+    norm = _normalized_all(s, normalize, cur)
     for k, v in norm.items():
+        v = v[cur[k]]
         if bool((v < 0).any()):
             raise ConfigError(
                 f"{owner}: scores for {k!r} are negative (min {float(v.min()):.3g}); a score per FLOP needs "
@@ -112,9 +129,10 @@ def flops_keep_masks(
         if round_to > 1:  # the kept count stays a multiple of round_to (or the whole gate)
             cap = n - _ceil_to(n - cap, round_to, n)
         caps[k] = max(cap, 0)
-    orders = {k: _prune_order(norm[k]) for k in keys}
-    # cumulative score of the first j units in prune order, to value a group in O(1)
-    cums = {k: torch.cat([norm[k].new_zeros(1), norm[k][orders[k]].cumsum(0)]) for k in keys}
+    orders = {k: _prune_order(_closed_first(norm[k], cur[k])) for k in keys}  # closed units first
+    # cumulative score of the first j units in prune order, to value a group in O(1) (closed units count 0)
+    open_norm = {k: torch.where(cur[k], norm[k], torch.zeros_like(norm[k])) for k in keys}
+    cums = {k: torch.cat([norm[k].new_zeros(1), open_norm[k][orders[k]].cumsum(0)]) for k in keys}
 
     num = len(slots)
     terms = cost.terms
@@ -126,9 +144,9 @@ def flops_keep_masks(
     total = float(cost.total) or 1.0
     with torch.no_grad():
         frac = torch.tensor([float(m.gate.keep_mask().float().mean()) for _, m in slots], dtype=torch.float64)
+    pruned = {k: sizes[k] - int(cur[k].sum()) for k in keys}  # the closed units are pruned from the start
     for k in keys:
-        frac[index[k]] = 1.0
-    pruned = dict.fromkeys(keys, 0)
+        frac[index[k]] = 1.0 - pruned[k] / sizes[k]
 
     def kept_and_marginal() -> tuple[float, Tensor]:
         a = torch.where(member, frac.expand_as(member), torch.ones((), dtype=torch.float64))
@@ -145,7 +163,7 @@ def flops_keep_masks(
             done, n = pruned[k], sizes[k]
             if done >= caps[k]:
                 continue
-            size = (n % round_to or round_to) if (round_to > 1 and done == 0) else round_to
+            size = _next_group(n - done, round_to)
             size = min(size, caps[k] - done)
             saving = float(marginal[index[k]]) * size / n
             if saving <= 0:
@@ -160,6 +178,11 @@ def flops_keep_masks(
         frac[index[best_key]] = 1.0 - pruned[best_key] / sizes[best_key]
         kept, marginal = kept_and_marginal()
     return _first_pruned(orders, pruned)
+
+
+def _next_group(kept: int, round_to: int) -> int:
+    """Units to close to go from ``kept`` to the next lower multiple of ``round_to`` (the whole gate: ``n % r``)."""
+    return kept - (kept - 1) // round_to * round_to
 
 
 def _ceil_to(kept: int, round_to: int, n: int) -> int:

@@ -67,14 +67,53 @@ def _score_tensors(owner: str, scores: Mapping[str, Tensor], ndim: int | None) -
     return out
 
 
-def _normalized(s: Tensor, how: str) -> Tensor:
+def _normalized(s: Tensor, how: str, keep: Tensor | None = None) -> Tensor:
+    """``s`` divided by its L2 norm (``"l2"``) or mean absolute value (``"mean"``) over the ``keep`` entries."""
+    ref = s if keep is None or not bool(keep.any()) else s[keep]
     if how == "l2":
-        d = s.norm()
+        d = ref.norm()
     elif how == "mean":
-        d = s.abs().mean()
+        d = ref.abs().mean()
     else:
         return s
     return s / d if bool(d > 0) and bool(torch.isfinite(d)) else s
+
+
+def _normalized_all(s: Mapping[str, Tensor], how: str, current: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Every gate's scores normalised (``how``) over its open units; single-unit gates together, as one group.
+
+    A single-unit gate (a ``layers`` branch gate) divided by its own norm would score ±1 whatever it is worth, so
+    the branch gates are normalised as one set: their order among themselves is kept.
+    """
+    out = {k: _normalized(v, how, current[k]) for k, v in s.items() if v.numel() > 1}
+    singles = [k for k, v in s.items() if v.numel() == 1]
+    if singles:
+        joint = _normalized(torch.cat([s[k] for k in singles]), how, torch.cat([current[k] for k in singles]))
+        out.update((k, joint[i : i + 1]) for i, k in enumerate(singles))
+    return {k: out[k] for k in s}
+
+
+def _current_masks(owner: str, s: Mapping[str, Tensor], current: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    """The keep mask each scored gate has now (all open where ``current`` has none), checked against the scores."""
+    out = {}
+    for k, v in s.items():
+        m = None if current is None else current.get(k)
+        if m is None:
+            out[k] = torch.ones(v.numel(), dtype=torch.bool)
+            continue
+        m = torch.as_tensor(m).detach().cpu()
+        if m.dtype != torch.bool or m.shape != v.shape:
+            raise ConfigError(
+                f"{owner}: current mask for {k!r} must be bool of shape {tuple(v.shape)}, "
+                f"got {m.dtype} {tuple(m.shape)}"
+            )
+        out[k] = m
+    return out
+
+
+def _closed_first(s: Tensor, keep: Tensor) -> Tensor:
+    """``s`` with every closed unit (``keep`` False) at -inf: below every open unit, so it is pruned first."""
+    return torch.where(keep, s, torch.full_like(s, -math.inf))
 
 
 def _prune_order(s: Tensor) -> Tensor:
@@ -94,6 +133,7 @@ def keep_masks(
     round_to: int = 1,
     max_sparsity: float | None = None,
     min_keep: int = 1,
+    current: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Turn per-unit scores into ``{gate_fqn: (num_units,) bool keep mask}`` for `dynsparse.fix_gates_`.
 
@@ -101,14 +141,20 @@ def keep_masks(
 
     * ``scope="global"``: ``floor(sparsity · N + 0.5)`` units (or ``num_pruned``) over all ``N`` units of all
       gates, ranked together after the optional per-gate ``normalize`` (``"l2"``: divide by the gate's L2 norm,
-      Molchanov 2017; ``"mean"``: by its mean absolute score). Exact unless a constraint below blocks it
-      (then as many as allowed are pruned and a warning is logged).
+      Molchanov 2017; ``"mean"``: by its mean absolute score; the single-unit ``layers`` branch gates are
+      normalised together, as one group, since one score divided by its own norm is always 1). Exact unless a
+      constraint below blocks it (then as many as allowed are pruned and a warning is logged).
     * ``scope="layer"``: ``floor(sparsity · n_g + 0.5)`` units (or ``num_pruned``) in each gate.
 
     Constraints per gate, applied in both scopes: at most ``floor(max_sparsity · n_g)`` units pruned; at least
     ``min_keep`` kept (gates of a single unit, i.e. ``layers`` branch gates, are exempt: they may close); and
     with ``round_to > 1`` the kept count is a multiple of ``round_to`` (or the whole gate), rounded to the
     nearest allowed count (halfway: keep more), so totals are then approximate.
+
+    With ``current`` (the gates' keep masks now, e.g. ``gate.keep_mask()``), a unit closed already ranks below
+    every open unit and stays closed (the result is AND-ed with it), even where that exceeds ``max_sparsity`` or
+    breaks ``round_to``; it counts towards the pruned units, and normalisation uses the open units only. So
+    pruning again after fine-tuning (to a higher sparsity) never re-opens a unit.
 
     Args:
         scores: ``{gate_fqn: (num_units,) scores}``, e.g. from an `Importance`; higher = keep.
@@ -119,6 +165,7 @@ def keep_masks(
         round_to: Kept counts are multiples of this (e.g. 8 for SIMD-friendly widths).
         max_sparsity: Largest fraction of any one gate that may be pruned (None: no limit).
         min_keep: Fewest units kept per multi-unit gate.
+        current: ``{gate_fqn: (num_units,) bool keep mask}`` of the gates now (None or a missing key: all open).
 
     Returns:
         ``{gate_fqn: bool tensor}`` on the CPU, one per key of ``scores``.
@@ -143,15 +190,17 @@ def keep_masks(
     if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
         raise ConfigError(f"{owner}: min_keep must be an int >= 0, got {min_keep!r}")
 
+    cur = _current_masks(owner, s, current)
     keys = list(s)
     sizes = {k: s[k].numel() for k in keys}
+    closed = {k: sizes[k] - int(cur[k].sum()) for k in keys}
     caps = {}  # most units of each gate that may be pruned
     for k, n in sizes.items():
         cap = n - (0 if n == 1 else min(min_keep, n))
         if max_sparsity is not None:
             cap = min(cap, math.floor(max_sparsity * n + 1e-9))
         caps[k] = max(cap, 0)
-    orders = {k: _prune_order(s[k]) for k in keys}
+    orders = {k: _prune_order(_closed_first(s[k], cur[k])) for k in keys}  # closed units first
 
     if scope == "layer":
         want = {k: (num_pruned if num_pruned is not None else _count(sparsity, n)) for k, n in sizes.items()}
@@ -161,10 +210,11 @@ def keep_masks(
         total = sum(sizes.values())
         requested = min(num_pruned, total) if num_pruned is not None else _count(sparsity, total)
         # every unit in global prune order: ascending normalised score, ties by gate order then unit order
+        norm = _normalized_all(s, normalize, cur)
         values, gate_of, rank = [], [], []
         for gi, k in enumerate(keys):
             order = orders[k]
-            values.append(_normalized(s[k], normalize)[order])
+            values.append(_closed_first(norm[k], cur[k])[order])
             gate_of.append(torch.full((len(order),), gi, dtype=torch.long))
             rank.append(torch.arange(len(order)))
         values_t, gate_t, rank_t = torch.cat(values), torch.cat(gate_of), torch.cat(rank)
@@ -178,6 +228,7 @@ def keep_masks(
     if round_to > 1:
         for k in keys:
             pruned[k] = sizes[k] - _round_kept(sizes[k] - pruned[k], sizes[k], sizes[k] - caps[k], round_to)
+    pruned = {k: max(p, closed[k]) for k, p in pruned.items()}  # a closed unit stays closed
     done = sum(pruned.values())
     if round_to == 1 and done < requested:
         log.warning(

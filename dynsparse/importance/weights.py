@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ._util import batches, scoring_mode, split_batch, to_model, weight_modules
+from ._util import batches, scoring_mode, split_batch, to_model, used_weight, weight_modules
 
 __all__ = ["MovementTracker", "magnitude", "movement", "random", "wanda"]
 
@@ -24,6 +24,8 @@ Globs = str | Sequence[str] | None
 
 def magnitude(model: nn.Module, p: float = 1, *, include: Globs = None, exclude: Globs = None) -> dict[str, Tensor]:
     """Magnitude scores ``|w|^p``: ``|w|`` for ``p=1``, ``w²`` for ``p=2`` (Han et al. 2015; methods.md 2.1).
+
+    ``w`` is the weight the forward uses (``masked_weight()`` of a masked layer: a pruned weight scores 0).
 
     Args:
         model: Any module.
@@ -42,7 +44,7 @@ def magnitude(model: nn.Module, p: float = 1, *, include: Globs = None, exclude:
         raise ConfigError(f"magnitude: p must be a positive number, got {p!r}")
     out = {}
     for key, m in weight_modules(model, include, exclude).items():
-        w = m.weight.detach().abs()
+        w = used_weight(m).abs()
         out[key] = (w if p == 1 else w.pow(p)).cpu()
     return out
 
@@ -73,7 +75,8 @@ def wanda(
     include: Globs = None,
     exclude: Globs = None,
 ) -> dict[str, Tensor]:
-    """Wanda scores ``S_ij = |W_ij| · ‖X_j‖₂`` (Sun et al. 2023; methods.md 2.23).
+    """Wanda scores ``S_ij = |W_ij| · ‖X_j‖₂`` (Sun et al. 2023; methods.md 2.23), ``W`` the weight the forward
+    uses (``masked_weight()`` of a masked layer).
 
     ``‖X_j‖₂`` is the L2 norm of input feature ``j`` of the layer over every token / position of every
     calibration batch, gathered by forward pre-hooks that are removed afterwards. For a ``Conv2d`` ``j`` is the
@@ -119,7 +122,7 @@ def wanda(
             h.remove()
     out = {}
     for key, m in modules.items():
-        w = m.weight.detach().abs()
+        w = used_weight(m).abs()
         if key not in sq:
             raise ConfigError(f"wanda: {key!r} ({type(m).__name__}) saw no input; exclude it or check the model")
         norm = sq[key].sqrt().to(device=w.device, dtype=w.dtype)

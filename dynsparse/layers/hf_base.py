@@ -89,7 +89,7 @@ def _set_path(root: nn.Module, path: str, new: nn.Module, copy_parents: bool) ->
     for name in heads:
         child = parent._modules[name]
         if copy_parents:
-            child = adopt(child, type(child))
+            child = adopt(child, type(child), share_hooks=False)  # a copy next to the host: its own hooks
             parent._modules[name] = child
         parent = child
     setattr(parent, last, new)

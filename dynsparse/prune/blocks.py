@@ -179,7 +179,10 @@ class BlockSparseLinear(nn.Module):
     """A Linear layer with a block-sparse weight that runs a torch BSR kernel where that is faster on this machine.
 
     Holds the masked dense ``weight`` (out, in) and ``bias`` (same state-dict keys as ``nn.Linear``; frozen:
-    ``requires_grad=False``) and builds the BSR copy on first use (rebuilt when the weight changes).
+    ``requires_grad=False``) and builds the BSR copy on first use (rebuilt when the weight is replaced or changed
+    in place through autograd-visible ops such as ``weight.copy_`` or ``load_state_dict``, which bump
+    ``weight._version``; a change through ``weight.data`` does not, so call `refresh_` after one, e.g. after
+    ``layer.weight.data.mul_(2)``: the layer cannot see it without checking the whole weight on every call).
     ``mode`` is ``"bsr"`` or ``"dense"``: `calibrate_` (run by `from_linear`) times ``F.linear`` against
     ``(W_bsr @ x.T).T`` and picks ``"bsr"`` only if it was at least ``min_speedup`` times faster on every
     example input (warm-cache timings of the layer alone; in a large model at batch 1 the weight comes from
@@ -254,7 +257,8 @@ class BlockSparseLinear(nn.Module):
         ``linear`` is not changed (its tensors are copied).
 
         Args:
-            linear: A ``nn.Linear`` (or subclass; only ``weight`` and ``bias`` are read).
+            linear: A ``nn.Linear`` (or subclass; only ``weight`` and ``bias`` are read, and a `MaskedLinear`'s
+                ``masked_weight()`` instead of its raw ``weight``).
             block: ``b`` or ``(b_out, b_in)``.
             sparsity: Fraction of blocks removed (see `block_mask`); ``None`` keeps the weight as it is (for a
                 weight already block-pruned: all-zero blocks are left out of the BSR tensor).
@@ -266,7 +270,9 @@ class BlockSparseLinear(nn.Module):
             min_speedup: The sparse kernel must be at least this many times faster on every input.
             cache: Timing regime of `calibrate_`, ``"warm"`` or ``"cold"``.
         """
-        w = linear.weight.detach()
+        masked = getattr(linear, "masked_weight", None)
+        with torch.no_grad():
+            w = (masked() if callable(masked) else linear.weight).detach()
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -396,6 +402,15 @@ class BlockSparseLinear(nn.Module):
         finally:
             torch.set_num_threads(threads)
         self.mode = "bsr" if faster else "dense"
+        return self
+
+    def refresh_(self) -> BlockSparseLinear:
+        """Drop the BSR copy of the weight (rebuilt on the next BSR call) and return ``self``.
+
+        Needed only after the weight changed in a way its version counter does not record, i.e. through
+        ``weight.data``.
+        """
+        self._bsr_cache = None
         return self
 
     def sparsity(self) -> float:

@@ -2,6 +2,7 @@
 
 A masked layer is the host class with the same ``weight`` and ``bias`` and one new bool buffer ``weight_mask``; its
 forward multiplies the weight by the mask, so a masked weight has no effect on the output and gets a zero gradient.
+Its state dict holds the masked weight (0 under the mask), whatever an optimizer did to the raw ``weight``.
 Deciding which weights to mask is `dynsparse.prune.unstructured` (which re-exports both classes).
 """
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
-from ..modules import adopt
+from ..modules import adopt, successor_state
 
 __all__ = ["MaskedConv2d", "MaskedLinear"]
 
@@ -23,7 +24,9 @@ class MaskedLinear(nn.Linear):
     """``nn.Linear`` whose weight is multiplied by a keep mask: ``y = x (W ⊙ M)ᵀ + b``.
 
     Same constructor, parameters and ``forward`` signature as ``nn.Linear``; adds the buffer ``weight_mask``
-    (bool, shape of ``weight``, all True at construction). Masked weights have zero effect and zero gradient.
+    (bool, shape of ``weight``, all True at construction). Masked weights have zero effect and zero gradient, and
+    the state dict's ``weight`` is ``masked_weight()`` (an optimizer with momentum or Adam state may still move
+    the raw weight under the mask: ``dynsparse.prune.reapply_masks_on_step`` keeps it at 0).
 
     Examples:
         >>> m = MaskedLinear.from_module(nn.Linear(4, 3))
@@ -56,6 +59,10 @@ class MaskedLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in_features) -> (..., out_features)."""
         return F.linear(x, self.weight * self.weight_mask, self.bias)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        _save_masked(self, destination, prefix, keep_vars)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sparsity={_mask_sparsity(self.weight_mask):.4f}"
@@ -108,6 +115,10 @@ class MaskedConv2d(nn.Conv2d):
         """x: (B, C_in, H, W) -> (B, C_out, H', W')."""
         return self._conv_forward(x, self.weight * self.weight_mask, self.bias)
 
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        _save_masked(self, destination, prefix, keep_vars)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sparsity={_mask_sparsity(self.weight_mask):.4f}"
 
@@ -115,6 +126,12 @@ class MaskedConv2d(nn.Conv2d):
 #: Host class -> masked twin.
 TWINS: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: MaskedLinear, nn.Conv2d: MaskedConv2d}
 _MASKED = (MaskedLinear, MaskedConv2d)
+
+
+def _save_masked(module: nn.Module, destination: dict, prefix: str, keep_vars: bool) -> None:
+    """Put the masked weight in the state dict (the parameter itself with ``keep_vars``, as torch does)."""
+    if not keep_vars:
+        destination[prefix + "weight"] = module.masked_weight().detach()
 
 
 def _mask_sparsity(mask: Tensor) -> float:
@@ -131,10 +148,11 @@ def _from_host(cls: type, module: nn.Module) -> nn.Module:
 
 
 def _to_host(module: nn.Module) -> nn.Module:
-    """The plain host module sharing ``module``'s parameters and hooks, without ``weight_mask``."""
+    """The plain host module sharing ``module``'s parameters and hooks (the hook dicts themselves, so handles
+    registered before still remove them), without ``weight_mask``."""
     host = type(module).host
     new = host.__new__(host)
-    new.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else v for k, v in module.__dict__.items()})
+    new.__dict__.update(successor_state(module))
     del new._buffers["weight_mask"]
     new._non_persistent_buffers_set.discard("weight_mask")
     return new

@@ -13,10 +13,11 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .unstructured import _check_fraction, unstructured_
+from .unstructured import _check_fraction, reapply_masks_on_step, unstructured_
 
 __all__ = ["IterativePruner", "agp", "exponential", "linear", "one_shot"]
 
@@ -114,7 +115,8 @@ class IterativePruner:
     """Prunes a model along a schedule: ``step(t)`` calls `unstructured_` whenever the target sparsity changes.
 
     Masks only grow (see `unstructured_`), so each call reaches the schedule's sparsity exactly as long as the
-    schedule does not decrease.
+    schedule does not decrease. Give the ``optimizer`` to keep the pruned raw weights at 0 between pruning steps
+    too (momentum and Adam's moments move them otherwise; see `reapply_masks_on_step`).
 
     Args:
         model: The model to prune in place.
@@ -125,6 +127,8 @@ class IterativePruner:
         include: fqn globs of the modules to prune.
         exclude: fqn globs of the modules left alone.
         layers: Host classes to prune (exact types).
+        optimizer: The optimizer training ``model``: masked weights are set back to 0 after each of its steps
+            (the hook's handle is ``step_hook``; None: only at pruning steps).
 
     Examples:
         >>> import functools
@@ -146,6 +150,7 @@ class IterativePruner:
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         layers: Sequence[type[nn.Module]] = (nn.Linear, nn.Conv2d),
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         if not callable(schedule):
             raise ConfigError(f"IterativePruner: schedule must be a callable step -> sparsity, got {schedule!r}")
@@ -158,6 +163,8 @@ class IterativePruner:
         self.layers = layers
         #: The sparsity applied last (None before the first `step`).
         self.target: float | None = None
+        #: Handle of the optimizer hook that keeps masked weights at 0 (None without ``optimizer``).
+        self.step_hook = None if optimizer is None else reapply_masks_on_step(optimizer, model)
 
     def step(self, step: int) -> bool:
         """Prune to ``schedule(step)`` if it differs from the last target; return whether it pruned."""

@@ -78,11 +78,18 @@ def sensitivity(
             lowest-magnitude units of each gate alone (the model must be gated, e.g. by ``sparsify_``).
         layers: Names to analyse (weight fqns for ``element``, gate fqns for ``units``); default all.
 
+    With ``group="units"`` every evaluation, the unpruned reference (ratio 0) included, runs the model with each
+    static gate frozen to what it does now in eval mode (`dynsparse.fix_gates_` without masks: its current
+    ``keep_mask()`` and eval multipliers), so a learned gate (hard-concrete, sigmoid, ...) is measured as it is
+    and two evaluations differ only in the units pruned. A ratio is the fraction of all the gate's units closed:
+    units the gate closes already rank lowest and stay closed, so ratios up to the gate's current sparsity
+    give the reference's metric (as `structured_` would leave such a gate).
+
     Returns:
         A `SensitivityResult` (``.table()``, ``.plot(path)``, ``.ratios_for(min_metric)``).
     """
-    from ..importance import MagnitudeImportance, keep_masks
-    from ..sparsify import fix_gates_, named_gates
+    from ..importance import MagnitudeImportance
+    from ..sparsify import named_gates
     from .unstructured import unstructured_
 
     ratios = [float(r) for r in ratios]
@@ -94,6 +101,7 @@ def sensitivity(
     elif group == "units":
         names = [f for f, g in named_gates(model) if g.num_units > 1]
         scores = MagnitudeImportance()(model) if names else {}
+        names = [f for f in names if f in scores]  # static gates of the scored dimensions
     else:
         raise ConfigError(f"sensitivity: group must be 'element' or 'units', got {group!r}")
     if layers is not None:
@@ -106,12 +114,30 @@ def sensitivity(
     for name in names:
         curve = []
         for r in ratios:
-            m = copy.deepcopy(model)
-            if r > 0 and group == "element":
-                unstructured_(m, r, scope="layer", include=name.rpartition(".")[0])
-            elif r > 0:
-                fix_gates_(m, keep_masks({name: scores[name]}, r, scope="layer"))
+            if group == "element":
+                m = copy.deepcopy(model)
+                if r > 0:
+                    unstructured_(m, r, scope="layer", include=name.rpartition(".")[0])
+            else:
+                m = _units_pruned(model, name, scores[name], r)
             with torch.no_grad():
                 curve.append(float(eval_fn(m)))
         result.curves[name] = curve
     return result
+
+
+def _units_pruned(model: nn.Module, name: str, score: torch.Tensor, ratio: float) -> nn.Module:
+    """A copy of ``model``, every static gate frozen as it is now, with ``ratio`` of gate ``name``'s units closed.
+
+    The gate's closed units rank lowest and stay closed; its kept units keep their eval multipliers.
+    """
+    from ..importance import keep_masks
+    from ..sparsify import fix_gates_
+
+    m = fix_gates_(copy.deepcopy(model))
+    if ratio > 0:
+        gate = m.get_submodule(name)
+        keep = keep_masks({name: score}, ratio, scope="layer", current={name: gate.keep_mask().cpu()})[name]
+        with torch.no_grad():
+            gate.mask &= keep.to(gate.mask.device)
+    return m

@@ -36,6 +36,12 @@ def structured_(
     each gate, ``"global"`` across the dimension's gates, optionally normalised), and `dynsparse.fix_gates_`
     records the decision. Call `dynsparse.convert` for the physically smaller model.
 
+    Units the gates close already stay closed: they rank below every open unit and the new keep mask is AND-ed
+    with the gate's current ``keep_mask()``, so pruning again after fine-tuning (``{"neurons": 0.25}``, train,
+    then ``{"neurons": 0.5}``) closes more units and never re-opens one. The fractions are of all the gate's
+    units, closed ones included. A learned gate (hard-concrete, ...) is replaced by a fixed gate holding its
+    current hard decision narrowed further; its kept units get multiplier 1.
+
     With ``flops=f`` the budget is the model's FLOPs instead of unit counts: ``sparsity`` is then a list of
     dimensions, their units are ranked together by score per FLOP (`dynsparse.importance.flops_keep_masks`)
     and closed until the model keeps the fraction ``f`` of its FLOPs, so different importances end at the same
@@ -81,6 +87,7 @@ def structured_(
         if not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
             raise ConfigError(f"structured_: sparsity[{dim!r}] must be a fraction in [0, 1), got {s!r}")
     scores = _scores(model, list(sparsity), importance, data, include, exclude)
+    current = _current(model, scores)
     masks = {}
     for dim, s in sparsity.items():
         if s > 0:
@@ -92,9 +99,23 @@ def structured_(
                     normalize=normalize,
                     round_to=round_to,
                     max_sparsity=max_sparsity,
+                    current=current,
                 )
             )
-    return fix_gates_(model, masks) if masks else model
+    return fix_gates_(model, _narrowed(masks, current)) if masks else model
+
+
+def _current(model: nn.Module, scores: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``{gate_fqn: keep_mask()}`` on the CPU, now, of every gate in ``scores`` (``{dim: {gate_fqn: ...}}``)."""
+    from ..sparsify import named_gates
+
+    fqns = {f for per_dim in scores.values() for f in per_dim}
+    return {f: g.keep_mask().detach().cpu() for f, g in named_gates(model) if f in fqns}
+
+
+def _narrowed(masks: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+    """Each new keep mask AND-ed with the gate's current one: a closed unit stays closed."""
+    return {f: m & current[f] if f in current else m for f, m in masks.items()}
 
 
 def _scores(model, dims: list[str], importance, data, include, exclude) -> dict[str, dict[str, Any]]:
@@ -110,7 +131,8 @@ def _scores(model, dims: list[str], importance, data, include, exclude) -> dict[
     for dim in dims:
         out[dim] = {f: v for f, v in scores.items() if slots[f.rpartition(".")[0]].dimension == dim}
         if not out[dim]:
-            raise ConfigError(f"structured_: the importance {type(scorer).__name__} gave no scores for {dim!r}")
+            name = getattr(scorer, "__name__", type(scorer).__name__)
+            raise ConfigError(f"structured_: the importance {name} gave no scores for {dim!r}")
     return out
 
 
@@ -136,14 +158,16 @@ def _structured_flops(
         if first is not None:
             x = first[0] if isinstance(first, (tuple, list)) else first
             example_input = x[:1]
+    scores = _scores(model, list(dims), importance, data, include, exclude)
+    current = _current(model, scores)
     mine = {}
-    for per_dim in _scores(model, list(dims), importance, data, include, exclude).values():
+    for per_dim in scores.values():
         mine.update(per_dim)
     cost = CostModel(model, example_input)
     masks = flops_keep_masks(
-        mine, cost, float(flops), normalize=normalize, round_to=round_to, max_sparsity=max_sparsity
+        mine, cost, float(flops), normalize=normalize, round_to=round_to, max_sparsity=max_sparsity, current=current
     )
-    return fix_gates_(model, masks)
+    return fix_gates_(model, _narrowed(masks, current))
 
 
 def _peek(data: Iterable[Any]) -> tuple[Any, Iterable[Any]]:

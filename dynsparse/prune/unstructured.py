@@ -3,8 +3,9 @@
 A pruned layer is a `MaskedLinear` / `MaskedConv2d` (defined in `dynsparse.prune.masked`, re-exported here): the
 host class with the same ``weight`` and ``bias`` and one new bool buffer ``weight_mask``, so a pruned model's state
 dict holds the host keys plus ``*.weight_mask``. The forward multiplies the weight by the mask, so a masked weight
-has no effect on the output and gets a zero gradient. ``remove_`` makes the pruning permanent and gives back plain
-``nn.Linear`` / ``nn.Conv2d``.
+has no effect on the output and gets a zero gradient. An optimizer with state (momentum, Adam) still moves the raw
+masked weights: `reapply_masks_on_step` sets them back to 0 after every ``optimizer.step()``. ``remove_`` makes the
+pruning permanent and gives back plain ``nn.Linear`` / ``nn.Conv2d``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ..errors import ConfigError, DynsparseError, UnsupportedModuleError
 from ..modules import replace_module_
@@ -33,6 +35,7 @@ __all__ = [
     "apply_masks_",
     "masks",
     "reapply_masks_",
+    "reapply_masks_on_step",
     "remove_",
     "sparsity",
     "unstructured_",
@@ -347,6 +350,30 @@ def reapply_masks_(model: nn.Module) -> nn.Module:
     for _, module in _masked_modules(model):
         _zero_masked_(module)
     return model
+
+
+def reapply_masks_on_step(optimizer: torch.optim.Optimizer, model: nn.Module) -> RemovableHandle:
+    """Keep ``model``'s masked raw weights at 0 through training: `reapply_masks_` after every ``optimizer.step()``.
+
+    A masked weight gets a zero gradient, but momentum, Adam's moments or decoupled weight decay still move the raw
+    ``weight`` under the mask; the forward ignores it, anything reading ``weight`` (a checkpoint, magnitude
+    scores, ``remove_`` done later by hand) does not. One line in a custom training loop, through PyTorch's
+    ``optimizer.register_step_post_hook``; layers masked later (a schedule) are covered too. Returns the handle:
+    ``handle.remove()`` detaches it.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> handle = reapply_masks_on_step(opt, unstructured_(model, 0.5))
+        >>> handle.remove()
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"reapply_masks_on_step: optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
+
+    def hook(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        reapply_masks_(model)
+
+    return optimizer.register_step_post_hook(hook)
 
 
 def masks(model: nn.Module) -> dict[str, Tensor]:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..gates import HardConcreteGate
+from ..prune.unstructured import reapply_masks_
 from ..sparsify import fix_gates_, named_gates, sparsify_
 from .calibrate import calibrate_, harden_thresholds_, replay_
 from .checkpoint import load_checkpoint, save_checkpoint, to_cpu
@@ -331,6 +332,7 @@ class Trainer:
                     bn_l1.add_subgradient_()
                 for o in opts.values():
                     o.step()
+                reapply_masks_(model)  # momentum / Adam state moves masked raw weights: keep them at 0
                 for r, obj in regs:
                     if r.name == "group_lasso" and r.prox:
                         obj.prox_step_(opts["weights"].param_groups[0]["lr"])
