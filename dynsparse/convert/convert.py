@@ -200,15 +200,7 @@ def convert(
     new = table.finalize_(new, uniform=uniform)
     _check_clean(new)
     if not static:
-        from ..layers.dynamic import DYNAMIC_PARTS
-
-        for key, part in DYNAMIC_PARTS.items():
-            try:
-                spec = part.spec_of(new)
-            except ImportError:  # a part whose module is not part of this build
-                continue
-            if spec is not None:
-                plan.dynamic[key] = spec
+        plan.dynamic.update(dynamic_specs(new))
     new.slice_plan = plan
     if verify_inputs is not None:
         width = None
@@ -217,6 +209,25 @@ def convert(
         diff = verify(model, new, verify_inputs, atol=atol, rtol=rtol, width=width)
         log.info("convert: max-abs difference to the gated model %.3g", diff)
     return new
+
+
+def dynamic_specs(model: nn.Module) -> dict[str, dict]:
+    """The plan's ``dynamic`` field for ``model`` as it is now: each run-time part's spec, current budgets included.
+
+    Read from the model, not from a cached plan, so a budget changed after `convert` (``set_budget_``) is what a
+    save records.
+    """
+    from ..layers.dynamic import DYNAMIC_PARTS
+
+    out = {}
+    for key, part in DYNAMIC_PARTS.items():
+        try:
+            spec = part.spec_of(model)
+        except ImportError:  # a part whose module is not part of this build
+            continue
+        if spec is not None:
+            out[key] = spec
+    return out
 
 
 def _check_clean(model: nn.Module) -> None:
