@@ -269,7 +269,9 @@ def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
                 closed[parent].add(child)
             continue
         n = plan.units.get(fqn)
-        if n is not None:
+        if n is None:  # the field is optional: check the indices against the model's own count
+            _check_range(fqn, dim, keep, _units(block, dim, child))
+        else:
             gated_cls = table.gated_class(dim, block)
             if gated_cls is None:
                 raise UnsupportedModuleError(
@@ -303,6 +305,12 @@ def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
                 except (ConfigError, TypeError) as e:
                     raise ConfigError(f"slice plan 'dynamic.{key}': {e}") from None
     return model
+
+
+def _check_range(fqn: str, dim: str, keep: list[int], n: int | None) -> None:
+    """Raise `ConfigError` naming the plan entry when ``keep`` indexes past the ``n`` units the model has."""
+    if n is not None and keep and keep[-1] >= n:
+        raise ConfigError(f"slice plan entry {fqn!r}.{dim}: index {keep[-1]} out of range, the model has {n} units")
 
 
 def _units(block: nn.Module, dim: str, child: str) -> int | None:
