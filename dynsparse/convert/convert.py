@@ -111,8 +111,9 @@ def convert(
 ) -> nn.Module:
     """Freeze every gate into a new, physically smaller model; the input model is not changed.
 
-    For each gate the kept units are sliced out of its producer and consumer weights; a non-binary eval
-    value is folded into the consumer; a closed ``layers`` gate removes its branch (the block becomes
+    For each gate the kept units (its ``keep_mask()``) are sliced out of its producer and consumer weights; the
+    eval value of a kept unit or branch, when not 1, is folded into the consumer; a ``layers`` gate whose mask
+    removes the branch removes it (the block becomes
     ``nn.Identity``, its shortcut, or keeps a parameter-free ``ZeroBranch``); keep-none of a unit gate keeps
     one unit whose consumer weights are zero, so no tensor has width 0. The result holds the host
     library's own classes (timm ``Attention`` with fewer ``num_heads``, ``Mlp`` with a narrower ``fc1``, ...)
@@ -184,8 +185,11 @@ def convert(
             continue
         parent, child = table.slot_owner(new, fqn, "layers")
         block = new.get_submodule(parent) if parent else new
+        # the mask decides, as in make_plan: a kept branch with value 0 stays (weights scaled by 0), a negative
+        # value is folded like any other, so the converted model and its plan always agree
+        kept = bool(slot.gate.keep_mask().reshape(()))
         v = float(slot.gate.eval_values().detach().reshape(()))
-        if v <= 0:
+        if not kept:
             closed[parent].add(child)
         elif v != 1.0:
             try:

@@ -227,10 +227,16 @@ def save(
         bad = sorted(k for k in set(shapes) | set(mine) if shapes.get(k) != mine.get(k))
         raise ConfigError(
             f"save: arch {spec['name']!r} with kwargs {spec.get('kwargs')} and the plan do not rebuild this "
-            f"model (first mismatch: {bad[0]!r}); pass the arch kwargs the model was created with"
+            f"model (first mismatch: {bad[0]!r}, rebuilt {_shape(shapes, bad[0])}, model {_shape(mine, bad[0])}); "
+            "pass the arch kwargs the model was created with, and the plan that describes it (the model must not "
+            "be changed after convert)"
         )
     meta = {"format": _FORMAT, "kind": "converted", "arch": json.dumps(spec), "plan": plan.to_json()}
     return atomic_save_tensors(model.state_dict(), path, meta)
+
+
+def _shape(shapes: Mapping[str, tuple[int, ...]], key: str) -> str:
+    return str(shapes[key]) if key in shapes else "absent"
 
 
 def _with_current_dynamic(model: nn.Module, plan: SlicePlan) -> SlicePlan:
