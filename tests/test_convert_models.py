@@ -338,3 +338,26 @@ def test_save_mismatch_error_gives_both_shapes(tmp_path):
     small = ds.convert(model)
     with pytest.raises(ds.ConfigError, match=r"fc1\.bias., rebuilt \(192,\), model \(10,\).*changed after convert"):
         ds.save(small, tmp_path / "m.safetensors", plan=ds.SlicePlan())
+
+
+@pytest.mark.parametrize(
+    ("block", "match"),
+    [
+        ("blocks.1.0", r"'blocks\.1\.0' \(InvertedResidual\): conv_pw is a MixedConv2d, not an nn\.Conv2d"),
+        ("blocks.2.0", r"'blocks\.2\.0' \(InvertedResidual\): conv_dw is a MixedConv2d, not an nn\.Conv2d"),
+    ],
+)
+def test_mixnet_split_convs_are_refused_when_gating(block, match):
+    """A MixedConv2d anywhere the slicer would cut is refused by sparsify_, not left to crash convert."""
+    model = timm.create_model("mixnet_s", pretrained=False, num_classes=5).eval()
+    with pytest.raises(ds.UnsupportedModuleError, match=match):
+        ds.sparsify_(model, {"channels": "fixed"}, include=block)
+
+
+def test_mixnet_on_unsupported_skip_does_not_crash_and_converts():
+    torch.manual_seed(0)
+    model = timm.create_model("mixnet_s", pretrained=False, num_classes=5).eval()
+    ds.sparsify_(model, {"channels": "fixed"}, on_unsupported="skip")
+    for fqn, g in ds.named_gates(model):
+        ds.fix_gates_(model, {fqn: torch.arange(g.num_units) % 2 == 0})
+    ds.convert(model, verify_inputs=torch.randn(1, 3, 64, 64))
