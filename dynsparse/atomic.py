@@ -3,23 +3,50 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["atomic_write"]
 
+_TRIES = 100
+
+
+def _new_temp(path: Path) -> str:
+    """Create an empty temporary file next to ``path`` with the mode a plain ``open(path, "w")`` would give it.
+
+    ``tempfile.mkstemp`` creates its file with mode 0600; here the file is created with 0666 and the kernel applies
+    the umask (and a directory's default ACL), as it does for any new file.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(_TRIES):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"{path}: no free temporary file name next to it after {_TRIES} tries")
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``."""
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``.
+
+    The new file gets the permissions a plain ``open(path, "w")`` would give it: those of the file it replaces,
+    or for a new file 0666 less the umask.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_temp(path)
     try:
-        write(tmp)
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask
+        write(tmp)  # may replace the file (safetensors writes a new one with mode 0600)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        if path.exists():  # replacing a file: keep its mode, as writing into it would
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -305,3 +305,59 @@ def test_convert_keeps_memory_format(name, kwargs, dims, channels_last):
     assert off == [], f"convert changed the layout of: {off}"
     assert all(p.storage_offset() == 0 for p in converted.parameters()), "a converted parameter is a view"
     torch.testing.assert_close(converted(x), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, 0.3])
+@pytest.mark.parametrize(
+    ("name", "kwargs", "slot", "branch"),
+    [
+        ("deit_tiny_patch16_224", SMALL_VIT, "blocks.0.drop_path1", "blocks.0.attn"),
+        ("test_resnet", {}, "layer1.0.drop_path", "layer1.0.conv2"),
+    ],
+    ids=["vit", "resnet"],
+)
+def test_branch_kept_by_its_mask_is_kept_whatever_its_value(tmp_path, name, kwargs, slot, branch, value):
+    """The mask decides what a layers gate keeps (as in the plan); its value, even 0 or negative, is folded."""
+    torch.manual_seed(0)
+    model = ds.sparsify_(timm.create_model(name, pretrained=False, **kwargs).eval(), {"layers": "fixed"})
+    gate = model.get_submodule(f"{slot}.gate")
+    with torch.no_grad():
+        gate.values.fill_(value)
+    assert gate.keep_mask().tolist() == [True]
+    x = torch.randn(2, 3, 32, 32)
+    small = ds.convert(model, verify_inputs=x)
+    assert small.slice_plan.entries[slot] == {"layers": [0]}
+    assert type(small.get_submodule(branch)).__name__ != "ZeroBranch"
+    back = ds.load(ds.save(small, tmp_path / "m.safetensors", arch={"name": name, "kwargs": kwargs}))
+    torch.testing.assert_close(back(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_save_mismatch_error_gives_both_shapes(tmp_path):
+    model = ds.sparsify_(timm.create_model("test_vit", pretrained=False).eval(), {"neurons": "fixed"})
+    ds.fix_gates_(model, {"blocks.0.mlp.norm": torch.arange(192) < 10})
+    small = ds.convert(model)
+    with pytest.raises(ds.ConfigError, match=r"fc1\.bias., rebuilt \(192,\), model \(10,\).*changed after convert"):
+        ds.save(small, tmp_path / "m.safetensors", plan=ds.SlicePlan())
+
+
+@pytest.mark.parametrize(
+    ("block", "match"),
+    [
+        ("blocks.1.0", r"'blocks\.1\.0' \(InvertedResidual\): conv_pw is a MixedConv2d, not an nn\.Conv2d"),
+        ("blocks.2.0", r"'blocks\.2\.0' \(InvertedResidual\): conv_dw is a MixedConv2d, not an nn\.Conv2d"),
+    ],
+)
+def test_mixnet_split_convs_are_refused_when_gating(block, match):
+    """A MixedConv2d anywhere the slicer would cut is refused by sparsify_, not left to crash convert."""
+    model = timm.create_model("mixnet_s", pretrained=False, num_classes=5).eval()
+    with pytest.raises(ds.UnsupportedModuleError, match=match):
+        ds.sparsify_(model, {"channels": "fixed"}, include=block)
+
+
+def test_mixnet_on_unsupported_skip_does_not_crash_and_converts():
+    torch.manual_seed(0)
+    model = timm.create_model("mixnet_s", pretrained=False, num_classes=5).eval()
+    ds.sparsify_(model, {"channels": "fixed"}, on_unsupported="skip")
+    for fqn, g in ds.named_gates(model):
+        ds.fix_gates_(model, {fqn: torch.arange(g.num_units) % 2 == 0})
+    ds.convert(model, verify_inputs=torch.randn(1, 3, 64, 64))

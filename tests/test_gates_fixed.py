@@ -29,6 +29,17 @@ def test_fixed_gate_respects_mask_and_values() -> None:
     assert "kept=2" in repr(gate)
 
 
+def test_fixed_gate_copies_mask_and_values() -> None:
+    mask, values = torch.tensor([True, False, True]), torch.tensor([0.5, 1.0, 1.0])
+    gate = FixedGate(3, mask=mask, values=values)
+    mask[0], values[0] = False, 0.25  # the caller reuses its tensors
+    assert gate.keep_mask().tolist() == [True, False, True]
+    assert gate.eval_values().tolist() == [0.5, 0.0, 1.0]
+    with torch.no_grad():
+        gate.mask[2] = False
+    assert mask.tolist() == [False, False, True]
+
+
 def test_fixed_gate_mask_only_and_list_mask() -> None:
     gate = FixedGate(3, mask=[True, False, True])
     assert gate().tolist() == [1.0, 0.0, 1.0]

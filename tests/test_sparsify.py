@@ -89,6 +89,23 @@ def test_fix_gates_masks_and_errors(vit):
         ds.fix_gates_(vit, {"blocks.2.attn.norm.gate": torch.tensor([1, 0])})
 
 
+def test_fix_gates_copies_the_callers_masks():
+    """Two models fixed from one masks dict share no state with each other or with the caller."""
+    masks = {"blocks.0.mlp.norm": torch.arange(192) < 96}
+    a, b = (ds.sparsify_(timm.create_model("test_vit").eval(), {"neurons": "fixed"}) for _ in range(2))
+    ds.fix_gates_(a, masks)
+    ds.fix_gates_(b, masks)
+    ga, gb = a.blocks[0].mlp.norm.gate, b.blocks[0].mlp.norm.gate
+    assert ga.mask is not masks["blocks.0.mlp.norm"]
+    assert ga.mask.data_ptr() != gb.mask.data_ptr() != masks["blocks.0.mlp.norm"].data_ptr()
+    state = a.state_dict()
+    state["blocks.0.mlp.norm.gate.mask"] = torch.ones(192, dtype=torch.bool)
+    a.load_state_dict(state)  # resume model a from another checkpoint
+    assert int(ga.mask.sum()) == 192
+    assert int(gb.mask.sum()) == 96 and int(masks["blocks.0.mlp.norm"].sum()) == 96
+    assert ds.convert(b).blocks[0].mlp.fc1.out_features == 96
+
+
 def test_fix_gates_without_masks_freezes_current_state(vit):
     ds.sparsify_(vit, {"neurons": "hard_concrete"})
     g = vit.blocks[0].mlp.norm.gate

@@ -111,8 +111,9 @@ def convert(
 ) -> nn.Module:
     """Freeze every gate into a new, physically smaller model; the input model is not changed.
 
-    For each gate the kept units are sliced out of its producer and consumer weights; a non-binary eval
-    value is folded into the consumer; a closed ``layers`` gate removes its branch (the block becomes
+    For each gate the kept units (its ``keep_mask()``) are sliced out of its producer and consumer weights; the
+    eval value of a kept unit or branch, when not 1, is folded into the consumer; a ``layers`` gate whose mask
+    removes the branch removes it (the block becomes
     ``nn.Identity``, its shortcut, or keeps a parameter-free ``ZeroBranch``); keep-none of a unit gate keeps
     one unit whose consumer weights are zero, so no tensor has width 0. The result holds the host
     library's own classes (timm ``Attention`` with fewer ``num_heads``, ``Mlp`` with a narrower ``fc1``, ...)
@@ -184,8 +185,11 @@ def convert(
             continue
         parent, child = table.slot_owner(new, fqn, "layers")
         block = new.get_submodule(parent) if parent else new
+        # the mask decides, as in make_plan: a kept branch with value 0 stays (weights scaled by 0), a negative
+        # value is folded like any other, so the converted model and its plan always agree
+        kept = bool(slot.gate.keep_mask().reshape(()))
         v = float(slot.gate.eval_values().detach().reshape(()))
-        if v <= 0:
+        if not kept:
             closed[parent].add(child)
         elif v != 1.0:
             try:
@@ -200,15 +204,7 @@ def convert(
     new = table.finalize_(new, uniform=uniform)
     _check_clean(new)
     if not static:
-        from ..layers.dynamic import DYNAMIC_PARTS
-
-        for key, part in DYNAMIC_PARTS.items():
-            try:
-                spec = part.spec_of(new)
-            except ImportError:  # a part whose module is not part of this build
-                continue
-            if spec is not None:
-                plan.dynamic[key] = spec
+        plan.dynamic.update(dynamic_specs(new))
     new.slice_plan = plan
     if verify_inputs is not None:
         width = None
@@ -217,6 +213,25 @@ def convert(
         diff = verify(model, new, verify_inputs, atol=atol, rtol=rtol, width=width)
         log.info("convert: max-abs difference to the gated model %.3g", diff)
     return new
+
+
+def dynamic_specs(model: nn.Module) -> dict[str, dict]:
+    """The plan's ``dynamic`` field for ``model`` as it is now: each run-time part's spec, current budgets included.
+
+    Read from the model, not from a cached plan, so a budget changed after `convert` (``set_budget_``) is what a
+    save records.
+    """
+    from ..layers.dynamic import DYNAMIC_PARTS
+
+    out = {}
+    for key, part in DYNAMIC_PARTS.items():
+        try:
+            spec = part.spec_of(model)
+        except ImportError:  # a part whose module is not part of this build
+            continue
+        if spec is not None:
+            out[key] = spec
+    return out
 
 
 def _check_clean(model: nn.Module) -> None:
@@ -258,7 +273,9 @@ def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
                 closed[parent].add(child)
             continue
         n = plan.units.get(fqn)
-        if n is not None:
+        if n is None:  # the field is optional: check the indices against the model's own count
+            _check_range(fqn, dim, keep, _units(block, dim, child))
+        else:
             gated_cls = table.gated_class(dim, block)
             if gated_cls is None:
                 raise UnsupportedModuleError(
@@ -292,6 +309,12 @@ def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
                 except (ConfigError, TypeError) as e:
                     raise ConfigError(f"slice plan 'dynamic.{key}': {e}") from None
     return model
+
+
+def _check_range(fqn: str, dim: str, keep: list[int], n: int | None) -> None:
+    """Raise `ConfigError` naming the plan entry when ``keep`` indexes past the ``n`` units the model has."""
+    if n is not None and keep and keep[-1] >= n:
+        raise ConfigError(f"slice plan entry {fqn!r}.{dim}: index {keep[-1]} out of range, the model has {n} units")
 
 
 def _units(block: nn.Module, dim: str, child: str) -> int | None:

@@ -9,6 +9,8 @@ the same directory is fsynced and renamed over the target, so a crash leaves the
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -28,7 +30,7 @@ HISTORY_ATTR = "_dynsparse_history"
 _FORMAT = "dynsparse.model"
 
 
-def _arch_of(model: nn.Module, arch: Mapping[str, Any] | None) -> dict[str, Any]:
+def _arch_of(model: nn.Module | None, arch: Mapping[str, Any] | None) -> dict[str, Any]:
     if arch is not None:
         arch = dict(arch)
         if not isinstance(arch.get("name"), str):
@@ -120,13 +122,35 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, s
     return tensors, meta
 
 
-def _json(meta: Mapping[str, str], key: str, path: Path) -> Any:
+def _json(meta: Mapping[str, str], key: str, path: Path, kind: type = dict) -> Any:
+    """Metadata field ``key`` parsed as JSON, which must be a ``kind`` (``dict``: an object, ``list``: an array)."""
     try:
-        return json.loads(meta[key])
+        value = json.loads(meta[key])
     except KeyError:
         raise DynsparseError(f"{path}: metadata field {key!r} is missing") from None
     except json.JSONDecodeError as e:
         raise DynsparseError(f"{path}: metadata field {key!r} is not valid JSON ({e})") from None
+    if not isinstance(value, kind):
+        what = "object" if kind is dict else "array"
+        raise DynsparseError(f"{path}: metadata field {key!r} must be a JSON {what}, got {type(value).__name__}")
+    return value
+
+
+def _arch_field(meta: Mapping[str, str], path: Path) -> dict[str, Any]:
+    """The ``arch`` metadata field, checked as `save` checks an ``arch`` argument; errors name the file."""
+    try:
+        return _arch_of(None, _json(meta, "arch", path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: metadata field 'arch': {e}") from None
+
+
+def _history_field(meta: Mapping[str, str], path: Path) -> list[dict[str, Any]]:
+    """The ``history`` metadata field: the ``sparsify_`` calls, each an object with a ``spec``."""
+    history = _json(meta, "history", path, kind=list)
+    for i, call in enumerate(history):
+        if not isinstance(call, dict) or not isinstance(call.get("spec"), (dict, str)):
+            raise DynsparseError(f"{path}: metadata field 'history' entry {i} must be an object with a 'spec'")
+    return history
 
 
 def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -144,7 +168,30 @@ def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -
             )
         if t.dtype != own[k].dtype and own[k].is_floating_point() != t.is_floating_point():
             raise DynsparseError(f"{path}: tensor {k!r} has dtype {t.dtype}, the model expects {own[k].dtype}")
+    _match_dtypes_(model, tensors)
     model.load_state_dict(tensors, strict=True)
+
+
+def _match_dtypes_(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Give ``model``'s floating parameters and buffers the dtypes of the saved ``tensors`` (in place).
+
+    The host is built in float32; without this, a bf16, fp16 or fp64 model would be copied into float32 weights.
+    A file with one floating dtype casts the whole model (non-persistent buffers too, as ``model.to`` did before
+    the save); a file with several sets each tensor's own dtype. Tied parameters stay tied.
+    """
+    floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(floats) == 1:
+        model.to(floats.pop())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            t = tensors.get(name)
+            if t is not None and t.is_floating_point() and p.dtype != t.dtype:
+                p.data = p.data.to(t.dtype)
+        for name, b in model.named_buffers():
+            t = tensors.get(name)
+            if t is not None and t.is_floating_point() and b.is_floating_point() and b.dtype != t.dtype:
+                owner, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(owner) if owner else model, leaf, b.to(t.dtype))
 
 
 def save(
@@ -157,7 +204,8 @@ def save(
         path: Target file (``.safetensors``); written atomically.
         arch: ``{"name": timm name, "kwargs": {...}}``; default: the model's ``pretrained_cfg`` architecture,
             which is only right when the model was created without extra kwargs.
-        plan: The slice plan; default ``model.slice_plan``.
+        plan: The slice plan; default ``model.slice_plan``. Its ``dynamic`` field (run-time parts, e.g. token
+            gates) is read from ``model`` at save time, so a budget changed with ``set_budget_`` is saved.
 
     Returns:
         The path written.
@@ -169,6 +217,7 @@ def save(
     plan = plan if plan is not None else getattr(model, "slice_plan", None)
     if plan is None:
         raise ConfigError("save: no slice plan; pass plan= (the converted model carries it as model.slice_plan)")
+    plan = _with_current_dynamic(model, plan)
     spec = _arch_of(model, arch)
     # check now that the spec + plan rebuild this model, rather than writing a file that will not load
     rebuilt = apply_plan_to_spec(spec, plan)
@@ -178,16 +227,30 @@ def save(
         bad = sorted(k for k in set(shapes) | set(mine) if shapes.get(k) != mine.get(k))
         raise ConfigError(
             f"save: arch {spec['name']!r} with kwargs {spec.get('kwargs')} and the plan do not rebuild this "
-            f"model (first mismatch: {bad[0]!r}); pass the arch kwargs the model was created with"
+            f"model (first mismatch: {bad[0]!r}, rebuilt {_shape(shapes, bad[0])}, model {_shape(mine, bad[0])}); "
+            "pass the arch kwargs the model was created with, and the plan that describes it (the model must not "
+            "be changed after convert)"
         )
     meta = {"format": _FORMAT, "kind": "converted", "arch": json.dumps(spec), "plan": plan.to_json()}
     return atomic_save_tensors(model.state_dict(), path, meta)
 
 
-def apply_plan_to_spec(arch: Mapping[str, Any], plan: SlicePlan) -> nn.Module:
+def _shape(shapes: Mapping[str, tuple[int, ...]], key: str) -> str:
+    return str(shapes[key]) if key in shapes else "absent"
+
+
+def _with_current_dynamic(model: nn.Module, plan: SlicePlan) -> SlicePlan:
+    """``plan`` with its ``dynamic`` field read from ``model`` now, so a budget set after convert is what is saved."""
+    from .convert import dynamic_specs
+
+    return dataclasses.replace(plan, dynamic=dynamic_specs(model))
+
+
+def apply_plan_to_spec(arch: Mapping[str, Any], plan: SlicePlan, source: str = "arch") -> nn.Module:
+    """Build the host ``arch`` describes and replay ``plan`` on it (``source`` names the spec in errors)."""
     from .convert import apply_plan
 
-    return apply_plan(build_host(arch), plan)
+    return apply_plan(build_host(arch, source=source), plan)
 
 
 def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -203,9 +266,9 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     tensors, meta = _read(path)
     if meta.get("kind") != "converted":
         raise DynsparseError(f"{path}: holds a {meta.get('kind')!r} model; use load_gated for gated checkpoints")
-    arch = _json(meta, "arch", path)
+    arch = _arch_field(meta, path)
     plan = SlicePlan.from_json(meta.get("plan", ""), source=f"{path}: plan")
-    model = apply_plan_to_spec(arch, plan)
+    model = apply_plan_to_spec(arch, plan, source=f"{path}: arch")
     _load_into(model, tensors, path)
     model.slice_plan = plan
     return model.to(map_location).eval()
@@ -221,7 +284,8 @@ def save_gated(
     """Save a gated (training) model as a checkpoint that `load_gated` rebuilds without pickle.
 
     The checkpoint records the architecture, the ``sparsify_`` calls made on the model, the class of each gate
-    (so fixed gates come back fixed) and the state dict.
+    (so fixed gates come back fixed), the gate settings that live outside the state dict (a `TopKGate`'s ``k``
+    set by ``set_k_``, an input-dependent gate's budget set by ``set_budget_``) and the state dict.
     """
     from ..sparsify import named_gates
 
@@ -237,6 +301,7 @@ def save_gated(
             "arch": json.dumps(spec),
             "history": json.dumps(history),
             "gates": json.dumps(gates),
+            "settings": json.dumps(_gate_settings(model)),
             "extra": json.dumps(dict(extra or {})),
         }
     except TypeError as e:
@@ -253,9 +318,9 @@ def load_gated(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     tensors, meta = _read(path)
     if meta.get("kind") != "gated":
         raise DynsparseError(f"{path}: holds a {meta.get('kind')!r} model, not a gated checkpoint")
-    arch = _json(meta, "arch", path)
+    arch = _arch_field(meta, path)
     model = build_host(arch, source=f"{path}: arch")
-    for call in _json(meta, "history", path):
+    for call in _history_field(meta, path):
         sparsify_(
             model,
             call["spec"],
@@ -275,4 +340,47 @@ def load_gated(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     if to_fix:
         fix_gates_(model, to_fix)
     _load_into(model, tensors, path)
+    if "settings" in meta:  # absent in checkpoints written before it was recorded
+        _restore_settings_(model, _json(meta, "settings", path), path)
     return model, {"arch": arch, "extra": _json(meta, "extra", path)}
+
+
+def _gate_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{gate_fqn: settings}`` of the gate state that is not in the state dict, for `load_gated` to restore.
+
+    A `TopKGate` records ``{"k": k}`` (changed by ``set_k_``), an input-dependent gate ``{"keep": keep}`` (its
+    run-time budget, changed by ``set_budget_``).
+    """
+    from ..gates import InputDependentGate, TopKGate
+    from ..sparsify import named_gates
+
+    out: dict[str, dict[str, Any]] = {}
+    for fqn, g in named_gates(model):
+        if isinstance(g, TopKGate):
+            out[fqn] = {"k": g.k}
+        elif isinstance(g, InputDependentGate):
+            out[fqn] = {"keep": g.keep}
+    return out
+
+
+def _restore_settings_(model: nn.Module, settings: Mapping[str, Any], path: Path) -> None:
+    """Apply what `_gate_settings` recorded to the rebuilt gates (in place); errors name the file and the gate."""
+    from ..gates import InputDependentGate, TopKGate
+    from ..sparsify import named_gates
+
+    gates = dict(named_gates(model))
+    for fqn, entry in settings.items():
+        g = gates.get(fqn)
+        where = f"{path}: metadata field 'settings' entry {fqn!r}"
+        if not isinstance(entry, dict) or set(entry) - {"k", "keep"}:
+            raise DynsparseError(f"{where}: expected an object with 'k' or 'keep', got {entry!r}")
+        if "k" in entry and isinstance(g, TopKGate):
+            restore = functools.partial(g.set_k_, k=entry["k"])
+        elif "keep" in entry and isinstance(g, InputDependentGate):
+            restore = functools.partial(g.set_budget_, entry["keep"])
+        else:
+            raise DynsparseError(f"{where}: the rebuilt model has no gate there that takes it ({type(g).__name__})")
+        try:
+            restore()
+        except DynsparseError as e:  # a bad k or keep (GateError, ConfigError)
+            raise DynsparseError(f"{where}: {e}") from None

@@ -62,9 +62,13 @@ class SlicePlan:
                     raise ConfigError(f"slice plan entry {fqn!r}.{dim}: indices must be ints")
                 if list(idx) != sorted(set(idx)):
                     raise ConfigError(f"slice plan entry {fqn!r}.{dim}: indices must be sorted and unique")
+                if idx and idx[0] < 0:
+                    raise ConfigError(f"slice plan entry {fqn!r}.{dim}: negative index {idx[0]}")
+                if dim == "layers" and list(idx) not in ([], [0]):
+                    raise ConfigError(f"slice plan entry {fqn!r}.layers: must be [0] (kept) or [] (removed)")
                 n = self.units.get(fqn)
-                if n is not None and idx and not (idx[0] >= 0 and idx[-1] < n):
-                    raise ConfigError(f"slice plan entry {fqn!r}.{dim}: index out of range for {n} units")
+                if n is not None and idx and idx[-1] >= n:
+                    raise ConfigError(f"slice plan entry {fqn!r}.{dim}: index {idx[-1]} out of range for {n} units")
 
     def dimension(self, fqn: str) -> str:
         """The dimension of the entry at ``fqn``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -47,7 +48,8 @@ def verify(
 
     Raises:
         DynsparseError: some element differs by more than ``atol + rtol * |reference|`` (the message gives
-            the max-abs difference), or the output structures differ.
+            the max-abs difference), one model gives NaN or inf where the other does not give the same value
+            (the difference is then reported as nan), or the output structures differ.
     """
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     flags = (reference.training, candidate.training)
@@ -70,11 +72,37 @@ def verify(
         ]
     if len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out, strict=True)):
         raise DynsparseError("verify: the two models return outputs of different structure or shape")
-    diff, bad = 0.0, False
-    for a, b in zip(ref, out, strict=True):
-        d = (a.double() - b.double()).abs()
-        diff = max(diff, float(d.max()) if d.numel() else 0.0)
-        bad = bad or bool((d > atol + rtol * a.double().abs()).any())
+    diff, bad = 0.0, []
+    for i, (a, b) in enumerate(zip(ref, out, strict=True)):
+        d, problem = _compare(a.double(), b.double(), atol, rtol)
+        diff = d if math.isnan(d) or d > diff else diff  # NaN wins, as builtin max() would drop it
+        if problem:
+            bad.append(f"output {i}: {problem}")
     if bad:
-        raise DynsparseError(f"verify: outputs differ, max-abs difference {diff:.3g} (atol={atol}, rtol={rtol})")
+        raise DynsparseError(
+            f"verify: outputs differ, max-abs difference {diff:.3g} (atol={atol}, rtol={rtol}); {'; '.join(bad[:3])}"
+        )
     return diff
+
+
+def _compare(a: Tensor, b: Tensor, atol: float, rtol: float) -> tuple[float, str | None]:
+    """Max-abs difference of ``b`` to the reference ``a``, and what is wrong with ``b`` (None when it is close).
+
+    A non-finite value matches only the same value in the other tensor (NaN with NaN, +inf with +inf). Any other
+    non-finite pair is a failure, and the difference is then NaN.
+    """
+    if not a.numel():
+        return 0.0, None
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    mismatch = ~finite & ~((a.isnan() & b.isnan()) | (a == b))
+    if bool(mismatch.any()):
+        return float("nan"), (
+            f"{int(mismatch.sum())} element(s) are NaN or inf in one model but not the same in the other "
+            f"(non-finite elements: reference {int((~torch.isfinite(a)).sum())}, "
+            f"candidate {int((~torch.isfinite(b)).sum())})"
+        )
+    d = (a - b).abs()[finite]
+    diff = float(d.max()) if d.numel() else 0.0
+    if bool((d > atol + rtol * a[finite].abs()).any()):
+        return diff, "values differ beyond the tolerance"
+    return diff, None

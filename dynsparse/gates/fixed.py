@@ -16,8 +16,8 @@ class FixedGate(Gate):
 
     Args:
         num_units: Number of units.
-        mask: (num_units,) bool keep mask (default: all kept). Stored in the state dict as ``mask``.
-        values: Optional (num_units,) float multipliers of the kept units (default 1). Stored as ``values``.
+        mask: (num_units,) bool keep mask (default: all kept). Copied; stored in the state dict as ``mask``.
+        values: Optional (num_units,) float multipliers of the kept units (default 1). Copied; stored as ``values``.
         device: Device of the buffers.
         dtype: Dtype of ``values``.
 
@@ -43,8 +43,9 @@ class FixedGate(Gate):
         values = torch.ones(num_units) if values is None else torch.as_tensor(values)
         if values.shape != (num_units,) or not values.is_floating_point():
             raise GateError(f"FixedGate: values must be a float tensor of shape ({num_units},)")
-        self.register_buffer("mask", mask.to(device=device))
-        self.register_buffer("values", values.to(device=device, dtype=dtype or values.dtype))
+        # copies: the gate owns its state, so gates fixed from one masks dict never share (or change) the caller's
+        self.register_buffer("mask", mask.detach().to(device=device, copy=True))
+        self.register_buffer("values", values.detach().to(device=device, dtype=dtype or values.dtype, copy=True))
 
     def eval_values(self) -> Tensor:
         return self.values * self.mask.to(self.values.dtype)

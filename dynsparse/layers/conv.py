@@ -31,11 +31,32 @@ def _stateless(host: nn.Module, *children: str) -> str | None:
     return None
 
 
-def _grouped(conv: nn.Conv2d, name: str, depthwise_ok: bool = False) -> str | None:
+def _conv(host: nn.Module, name: str, depthwise: bool = False) -> str | None:
+    """Why the conv ``name`` of ``host`` cannot be sliced on single channels, or None when it can.
+
+    The slicers need a plain ``nn.Conv2d`` (timm's ``Conv2dSame`` is one): ungrouped, or for ``depthwise`` one
+    filter per channel. A split conv (timm ``MixedConv2d``, MixNet) or a grouped one is refused.
+    """
+    conv = getattr(host, name)
+    if not isinstance(conv, nn.Conv2d):
+        return f"{name} is a {type(conv).__name__}, not an nn.Conv2d, so its channels cannot be sliced"
     g = conv.groups
-    if g == 1 or (depthwise_ok and g == conv.in_channels == conv.out_channels):
+    if depthwise:
+        if g == conv.in_channels == conv.out_channels:
+            return None
+        return f"{name} is not depthwise (groups={g}, {conv.in_channels} -> {conv.out_channels} channels)"
+    if g == 1:
         return None
     return f"{name} is a grouped conv (groups={g}); removing single channels would break its groups"
+
+
+def _convs(host: nn.Module, *names: str, depthwise: str | None = None) -> str | None:
+    """The first reason (`_conv`) why one of the convs ``names`` cannot be sliced; ``depthwise`` names the dw one."""
+    for name in names:
+        reason = _conv(host, name, depthwise=name == depthwise)
+        if reason is not None:
+            return reason
+    return None
 
 
 def _check_aa(m: nn.Module, what: str) -> None:
@@ -77,7 +98,7 @@ class GatedBasicBlock(GatedLayer, BasicBlock):
 
     @classmethod
     def unsupported_reason(cls, host: nn.Module) -> str | None:
-        return _stateless(host, "act1") or _grouped(host.conv2, "conv2")
+        return _stateless(host, "act1") or _convs(host, "conv1", "conv2")
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
@@ -107,7 +128,7 @@ class GatedBottleneck(GatedLayer, Bottleneck):
 
     @classmethod
     def unsupported_reason(cls, host: nn.Module) -> str | None:
-        return _stateless(host, "act1", "act2") or _grouped(host.conv2, "conv2")
+        return _stateless(host, "act1", "act2") or _convs(host, "conv1", "conv2", "conv3")
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
@@ -151,7 +172,7 @@ class GatedInvertedResidual(GatedLayer, InvertedResidual):
     def unsupported_reason(cls, host: nn.Module) -> str | None:
         if host.conv_s2d is not None:
             return "space-to-depth stems are not supported"
-        return _stateless(host, "aa") or _grouped(host.conv_dw, "conv_dw", depthwise_ok=True)
+        return _stateless(host, "aa") or _convs(host, "conv_pw", "conv_dw", "conv_pwl", depthwise="conv_dw")
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
@@ -187,7 +208,7 @@ class GatedEdgeResidual(GatedLayer, EdgeResidual):
 
     @classmethod
     def unsupported_reason(cls, host: nn.Module) -> str | None:
-        return _stateless(host, "aa") or _grouped(host.conv_exp, "conv_exp")
+        return _stateless(host, "aa") or _convs(host, "conv_exp", "conv_pwl")
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
@@ -238,7 +259,7 @@ class GatedDepthwiseSeparableConv(GatedLayer, DepthwiseSeparableConv):
             return "its depthwise channels are the residual width (the block has a skip connection)"
         if host.conv_s2d is not None:
             return "space-to-depth stems are not supported"
-        return _stateless(host, "aa") or _grouped(host.conv_dw, "conv_dw", depthwise_ok=True)
+        return _stateless(host, "aa") or _convs(host, "conv_dw", "conv_pw", depthwise="conv_dw")
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:

@@ -1,0 +1,62 @@
+"""``verify``: non-finite outputs count as a difference unless both models give the same non-finite value."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import dynsparse as ds
+
+NAN, INF = float("nan"), float("inf")
+
+
+class Const(nn.Module):
+    """Returns a fixed tensor, whatever the input."""
+
+    def __init__(self, values: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("out", torch.tensor(values))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out.clone()
+
+
+@pytest.mark.parametrize(
+    ("ref", "cand"),
+    [
+        ([1.0, 2.0], [NAN, 2.0]),  # the candidate is broken
+        ([NAN, 2.0], [1.0, 2.0]),  # the reference is broken
+        ([NAN, 2.0], [1.0, NAN]),  # NaN in both, in different places
+        ([INF, 2.0], [-INF, 2.0]),
+        ([INF, 2.0], [1.0, 2.0]),
+        ([1.0, 2.0], [1.0, INF]),
+    ],
+)
+def test_nonfinite_mismatch_fails_and_reports_nan(ref, cand):
+    with pytest.raises(ds.DynsparseError, match=r"max-abs difference nan .*NaN or inf"):
+        ds.verify(Const(ref), Const(cand), torch.zeros(1))
+
+
+@pytest.mark.parametrize(("ref", "cand"), [([NAN, 2.0], [NAN, 2.0]), ([INF, -INF, 1.0], [INF, -INF, 1.0 + 1e-7])])
+def test_same_nonfinite_values_pass(ref, cand):
+    diff = ds.verify(Const(ref), Const(cand), torch.zeros(1))
+    assert math.isfinite(diff) and diff < 1e-6
+
+
+def test_nan_weight_in_a_linear_fails():
+    torch.manual_seed(0)
+    ref, bad = nn.Linear(4, 3), nn.Linear(4, 3)
+    with torch.no_grad():
+        bad.load_state_dict(ref.state_dict())
+        bad.weight[0, 0] = NAN
+    with pytest.raises(ds.DynsparseError, match="verify: outputs differ"):
+        ds.verify(ref, bad, torch.randn(2, 4))
+
+
+def test_finite_difference_still_measured():
+    with pytest.raises(ds.DynsparseError, match=r"max-abs difference 0\.5 .*beyond the tolerance"):
+        ds.verify(Const([1.0, 2.0]), Const([1.5, 2.0]), torch.zeros(1))
+    assert ds.verify(Const([1.0, 2.0]), Const([1.0, 2.0]), torch.zeros(1)) == 0.0
