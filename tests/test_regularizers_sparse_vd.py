@@ -241,3 +241,18 @@ def test_sparse_vd_reaches_high_sparsity_with_kl() -> None:
     # the first layer keeps far more weights on the 4 informative inputs than on the 28 others
     per_input = svd_masks(model)["0"].sum(0).double()
     assert per_input[:4].mean() > 3 * per_input[4:].mean(), per_input
+
+
+def test_hook_handles_survive_remove_svd():
+    """A hook registered on a sparse-VD layer can still be removed after `remove_svd_` swapped the layer back."""
+    from dynsparse.regularizers.variational import remove_svd_, sparse_vd_
+
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    sparse_vd_(m)
+    fired = []
+    handle = m[0].register_forward_hook(lambda *a: fired.append(1))
+    remove_svd_(m)
+    assert type(m[0]) is nn.Linear
+    handle.remove()
+    m(torch.randn(1, 4))
+    assert fired == []

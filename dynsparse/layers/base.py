@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
 from ..gates import GateSpec, make_gate
-from ..modules import adopt, first_param
+from ..modules import adopt, first_param, successor_state
 from .slot import GateSlot
 
 __all__ = ["GatedLayer", "Producer", "SlotSpec", "unit_rows", "unit_weights"]
@@ -158,7 +158,7 @@ class GatedLayer:
     def to_host(self) -> nn.Module:
         """A host-class module sharing this layer's parameters with the gate slots removed (gates ignored)."""
         host = self.host_class.__new__(self.host_class)
-        state = {k: (v.copy() if isinstance(v, (dict, set)) else v) for k, v in self.__dict__.items()}
+        state = successor_state(self)  # hook dicts shared: handles registered on this layer keep working
         host.__dict__.update(state)
         for name, slot in list(self.gate_slots()):
             host._modules[name] = slot.inner

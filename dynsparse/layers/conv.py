@@ -44,7 +44,8 @@ def _conv(host: nn.Module, name: str, depthwise: bool = False) -> str | None:
     if depthwise:
         if g == conv.in_channels == conv.out_channels:
             return None
-        return f"{name} is not depthwise (groups={g}, {conv.in_channels} -> {conv.out_channels} channels)"
+        kind = "an ungrouped" if g == 1 else "a grouped"
+        return f"{name} is {kind} conv, not depthwise (groups={g}, {conv.in_channels} -> {conv.out_channels} channels)"
     if g == 1:
         return None
     return f"{name} is a grouped conv (groups={g}); removing single channels would break its groups"

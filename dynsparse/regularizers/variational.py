@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, GateError
 from ..gates import Gate, register_gate
-from ..modules import adopt, replace_module_
+from ..modules import adopt, replace_module_, successor_state
 from ..sparsify import _patterns
 
 __all__ = [
@@ -157,7 +157,7 @@ class _SVDO:
         The weight is not changed here: `remove_svd_` zeroes the pruned weights first.
         """
         host = self.host_class.__new__(self.host_class)
-        state = {k: (v.copy() if isinstance(v, (dict, set)) else v) for k, v in self.__dict__.items()}
+        state = successor_state(self)  # hook dicts shared: handles registered on this layer keep working
         state["_parameters"].pop("log_sigma2", None)
         state.pop("threshold", None)
         host.__dict__.update(state)
