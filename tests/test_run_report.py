@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dynsparse.recipes.run import _test_images
@@ -16,3 +17,14 @@ def test_latency_batch_is_made_of_distinct_test_images():
     # fewer images than the batch: cycled, never a single image repeated
     y = _test_images(data[:1], 6, example)
     assert y.flatten().tolist() == [0, 1, 2, 3, 0, 1]
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"), [({"rounds": 0}, "rounds"), ({"threads": 0}, "threads"), ({"warmup": -1}, "warmup")]
+)
+def test_compare_latency_refuses_bad_counts(kw, match):
+    from dynsparse.bench.latency import compare_latency
+    from dynsparse.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"compare_latency: {match} must be an int"):
+        compare_latency({"m": torch.nn.Identity()}, torch.zeros(1, 2), **kw)
