@@ -37,7 +37,7 @@ from ..sparsify import fix_gates_, named_gates, sparsify_
 from .calibrate import calibrate_, harden_thresholds_, replay_
 from .checkpoint import load_checkpoint, save_checkpoint, to_cpu
 from .device import resolve_device
-from .metrics import eval_accuracy, sparsity_record, state_digest
+from .metrics import eval_accuracy, mean_over_ranks, sparsity_record, state_digest
 from .objective import distill_loss, regularizer_loss
 from .optimizers import lr_factor, stage_optimizers
 from .pruning import StagePruning
@@ -130,7 +130,9 @@ class Trainer:
             self.train_set = torch.utils.data.Subset(self.train_set, idx)
         self.example = self.test_set[0][0][None]
 
-    def _loader(self, stage_idx: int, train: bool):
+    def _loader(self, stage_idx: int, train: bool, sharded: bool = True):
+        """The test loader, or a stage's training loader: this rank's shard, or (``sharded=False``) every batch in
+        the order a one-process run trains on (what pruning scores, identically on every rank)."""
         from ..data import make_loader
 
         d = self.recipe.data
@@ -141,7 +143,7 @@ class Trainer:
                 d.batch_size,
                 shuffle=True,
                 seed=self.recipe.seed + 1009 * stage_idx,
-                distributed=self.dist.world > 1,
+                distributed=self.dist.world > 1 and sharded,
                 drop_last=True,
                 pin_memory=pin,
             )
@@ -179,7 +181,7 @@ class Trainer:
             st.prune,
             epochs=st.epochs,
             steps_per_epoch=len(self._loader(si, train=True)),
-            data=lambda: self._batches(self._loader(si, train=True)),
+            data=lambda: self._batches(self._loader(si, train=True, sharded=False)),  # the same batches on every rank
             example=self.example.to(self.device),
             where=f"stages[{si}].prune",
         )
@@ -344,7 +346,8 @@ class Trainer:
             self.state.epoch = epoch + 1
             if epoch + 1 == st.epochs:
                 self._end_stage_(si, st, budget)
-            self._close_epoch(si, st, test_loader, opts, budget, ck_path, loss_sum / max(n, 1), t0, info)
+            train_loss = mean_over_ranks(loss_sum, n, self.dist.world, self.device)
+            self._close_epoch(si, st, test_loader, opts, budget, ck_path, train_loss, t0, info)
         if st.epochs == 0 and not resume_opt:  # nothing to train: the end actions, one record and a checkpoint
             self._end_stage_(si, st, budget)
             self._close_epoch(si, st, test_loader, opts, budget, ck_path, None, time.perf_counter(), {})
