@@ -111,7 +111,7 @@ def test_image_resume_refuses_a_recipe_that_trains_differently(tmp_path, overrid
         Trainer(parse_recipe(apply_overrides(raw, overrides)), tmp_path, resume=True, progress=False).run()
 
 
-def test_image_resume_accepts_more_epochs_more_stages_and_another_name(tmp_path, monkeypatch):
+def test_image_resume_accepts_more_epochs_more_stages_and_other_names(tmp_path, monkeypatch):
     from dynsparse.recipes.train import Trainer
 
     raw = yaml.safe_load(TINY)
@@ -125,9 +125,10 @@ def test_image_resume_accepts_more_epochs_more_stages_and_another_name(tmp_path,
     with pytest.raises(KeyboardInterrupt):  # stopped after epoch 1 of 3
         Trainer(parse_recipe(raw), tmp_path, progress=False).run()
     monkeypatch.setattr(Trainer, "_save", real)
-    more = {**raw, "name": "renamed", "stages": [{**raw["stages"][0], "epochs": 2}, {"name": "more", "epochs": 1}]}
+    first = {**raw["stages"][0], "name": "warmup", "epochs": 2}  # a stage name is a label only
+    more = {**raw, "name": "renamed", "device": "auto", "stages": [first, {"name": "more", "epochs": 1}]}
     Trainer(parse_recipe(more), tmp_path, resume=True, progress=False).run()
-    assert _log(tmp_path) == [("dense", 1), ("dense", 2), ("more", 1)]
+    assert _log(tmp_path) == [("dense", 1), ("warmup", 2), ("more", 1)]
 
 
 def test_trim_log_keeps_each_step_once(tmp_path):

@@ -22,8 +22,9 @@ from .schema import Recipe, RecipeError
 
 __all__ = ["RESUME_FIELDS", "RunState", "check_resume", "checkpoint_state", "restore_"]
 
-#: Top-level recipe fields the training depends on; the stages up to the checkpoint's are compared too. The device
-#: may change (checkpoints hold CPU tensors), and so may name, output_dir, baseline, convert and evaluate.
+#: Top-level recipe fields the training depends on; the stages up to the checkpoint's are compared too (but their
+#: names). The device may change (checkpoints hold CPU tensors), and so may name, output_dir, baseline, convert and
+#: evaluate.
 RESUME_FIELDS = ("model", "data", "seed")
 
 
@@ -99,9 +100,9 @@ def check_resume(ckpt: dict[str, Any], recipe: Recipe, path: Any) -> None:
     """Refuse to resume ``ckpt`` (read from ``path``) under a ``recipe`` that trains differently.
 
     Compared with the recipe the checkpoint stores: `RESUME_FIELDS` and every field of the stages up to the
-    checkpoint's stage. Allowed: more stages, and another number of epochs of the stage the checkpoint stopped in
-    while it had not finished (more than it has done: its end actions are still to come). A checkpoint without a
-    stored recipe is not checked.
+    checkpoint's stage but their names (labels only: two recipes' dense baselines are one run). Allowed: more
+    stages, and another number of epochs of the stage the checkpoint stopped in while it had not finished (more
+    than it has done: its end actions are still to come). A checkpoint without a stored recipe is not checked.
 
     Raises:
         RecipeError: naming the checkpoint file and every differing field.
@@ -114,7 +115,7 @@ def check_resume(ckpt: dict[str, Any], recipe: Recipe, path: Any) -> None:
     diff = [d for k in RESUME_FIELDS for d in _leaf_diff(have.get(k), want.get(k), k)]
     old, new = have.get("stages", []), want.get("stages", [])
     for i in range(stage + 1):
-        a, b = (dict(s[i]) if i < len(s) else None for s in (old, new))
+        a, b = ({k: v for k, v in s[i].items() if k != "name"} if i < len(s) else None for s in (old, new))
         if i == stage and a is not None and b is not None and done < a["epochs"] and b["epochs"] > done:
             a.pop("epochs"), b.pop("epochs")  # another number of epochs, more than ran, of an unfinished stage
         diff += _leaf_diff(a, b, f"stages[{i}]")
