@@ -71,6 +71,7 @@ def _convert(args: argparse.Namespace) -> int:
     import torch
 
     import dynsparse as ds
+    from dynsparse.atomic import atomic_write
     from dynsparse.flops import default_input as _default_input
 
     model, info = ds.load_gated(args.checkpoint)
@@ -83,7 +84,8 @@ def _convert(args: argparse.Namespace) -> int:
     diff = ds.verify(model, converted, x, atol=args.atol, rtol=args.atol)
     out = Path(args.out)
     path = ds.save(converted, out / "model.safetensors", arch=info["arch"])
-    (out / "plan.json").write_text(json.dumps(converted.slice_plan.to_dict(), indent=1, sort_keys=True) + "\n")
+    plan = json.dumps(converted.slice_plan.to_dict(), indent=1, sort_keys=True) + "\n"
+    atomic_write(out / "plan.json", lambda tmp: Path(tmp).write_text(plan))
     n0 = sum(p.numel() for n, p in model.named_parameters() if ".gate." not in n)
     n1 = sum(p.numel() for p in converted.parameters())
     report = ds.sparsity_report(model, x)

@@ -306,6 +306,8 @@ def _same_result(a: Path, b: Path) -> None:
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
     assert ra["evaluate"] == rb["evaluate"] and ra["flops"] == rb["flops"] and ra["stages"] == rb["stages"]
+    logs = [[json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()] for d in (a, b)]
+    assert logs[0] == logs[1]  # each step logged once: what was logged after the checkpoint was trimmed on resume
 
 
 @needs_text

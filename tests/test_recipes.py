@@ -119,3 +119,79 @@ def test_parse_recipe_from_python_data():
     assert r.stages[0].epochs == 2
     with pytest.raises(RecipeError, match="needs at least one stage"):
         parse_recipe({"name": "x", "model": {"name": "m"}, "data": {"dataset": "d"}, "stages": []})
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("data.train_subset=-300", r"data\.train_subset \(line 5\): must be >= 1, got -300"),
+        ("data.train_subset=0", r"data\.train_subset \(line 5\): must be >= 1, got 0"),
+        ("data.batch_size=0", r"data\.batch_size \(line 6\): must be >= 1"),
+        ("data.eval_batch_size=-1", r"data\.eval_batch_size: must be >= 1"),
+        ("evaluate={rounds: 0}", r"evaluate\.rounds: must be >= 1, got 0"),
+        ("evaluate={threads: 0}", r"evaluate\.threads: must be >= 1, got 0"),
+        ("evaluate={batch_sizes: [1, 0]}", r"evaluate\.batch_sizes\[1\]: must be >= 1"),
+        ("stages[0].distill={temperature: 0}", r"stages\[0\]\.distill\.temperature: must be > 0, got 0"),
+        ("stages[0].distill={weight: -1}", r"stages\[0\]\.distill\.weight: must be >= 0"),
+        ("stages[0].optimizer={lr: -1}", r"stages\[0\]\.optimizer\.lr: must be > 0, got -1"),
+        ("stages[0].optimizer={lr: 0}", r"stages\[0\]\.optimizer\.lr: must be > 0"),
+        ("stages[0].optimizer={weight_decay: -0.1}", r"stages\[0\]\.optimizer\.weight_decay: must be >= 0"),
+        ("stages[1].gate_optimizer={lr: 0}", r"stages\[1\]\.gate_optimizer\.lr: must be > 0"),
+        ("stages[0].schedule={min_lr_ratio: 2}", r"stages\[0\]\.schedule\.min_lr_ratio: must be in \[0, 1\]"),
+        ("stages[1].regularizers[0].lr=0", r"stages\[1\]\.regularizers\[0\]\.lr: must be > 0"),
+        ("stages[0].epochs=-1", r"stages\[0\]\.epochs \(line 9\): must be >= 0"),
+    ],
+)
+def test_out_of_range_values_name_the_field(tmp_path, override, match):
+    """Values that would train on the wrong data, on nothing, to NaN, or crash after training: refused up front."""
+    p = tmp_path / "bad.yaml"
+    p.write_text(GOOD.replace("  dataset: digits\n", "  dataset: digits\n  train_subset: 64\n"))
+    with pytest.raises(RecipeError, match=match) as e:
+        load_recipe(p, [override])
+    assert "bad.yaml" in str(e.value)
+
+
+IGNORED = [
+    ("stages[1].regularizers=[{name: l0, target: 0.3}]", r"regularizers\[0\]\.target.*regularizer 'l0' does not use"),
+    ("stages[1].regularizers=[{name: l0, kind: params}]", r"regularizers\[0\]\.kind.*'l0' does not use"),
+    ("stages[1].regularizers=[{name: budget, target: 0.5, weight: 2}]", r"\.weight.*'budget' does not use"),
+    ("stages[1].regularizers=[{name: bn_l1, prox: true}]", r"\.prox.*'bn_l1' does not use"),
+    (
+        "stages[0].prune={method: unstructured, ratio: 0.5, schedule: agp, at: start}",
+        r"stages\[0\]\.prune\.at: .*schedule 'agp'.* does not use this field",
+    ),
+    ("stages[0].prune={method: unstructured, ratio: 0.5, frequency: 5}", r"prune\.frequency: .*'one_shot'"),
+    ("stages[0].prune={method: unstructured, ratio: 0.5, calibration_batches: 2}", r"calibration_batches: .*"),
+    ("stages[0].prune={method: unstructured, ratio: 0.5, round_to: 8}", r"prune\.round_to: .*does not use"),
+    ("stages[0].prune={method: bn_scale, ratio: 0.5, importance: taylor}", r"prune\.importance: method 'bn_scale'"),
+    ("stages[0].prune={method: bn_scale, ratio: 0.5, include: [a]}", r"prune\.include: method 'bn_scale'"),
+    ("stages[0].prune={method: group_lasso, ratio: 0.5}", r"prune\.ratio: method 'group_lasso' does not use"),
+    ("stages[0].prune={method: structured, dimensions: {heads: 0.5}, ratio: 0.5}", r"prune\.ratio: .*'structured'"),
+    ("stages[0].prune={method: structured, dimensions: {heads: 0.5}, min_keep: 2}", r"prune\.min_keep: .*"),
+]
+
+
+@pytest.mark.parametrize(("override", "match"), IGNORED)
+def test_fields_the_method_ignores_are_refused(tmp_path, override, match):
+    p = tmp_path / "bad.yaml"
+    p.write_text(GOOD)
+    with pytest.raises(RecipeError, match=match) as e:
+        load_recipe(p, [override])
+    assert "bad.yaml" in str(e.value) and "remove it" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "stages[1].regularizers=[{name: sparse_vd, weight: 0.5, kl_start: 1, kl_end: 2}]",
+        "stages[1].regularizers=[{name: group_lasso, weight: 0.1, prox: true}]",
+        "stages[0].prune={method: unstructured, ratio: 0.5, importance: taylor, calibration_batches: 2, at: start}",
+        "stages[0].prune={method: unstructured, ratio: 0.5, schedule: agp, frequency: 5, end_epoch: 1}",
+        "stages[0].prune={method: bn_scale, threshold: 0.01, min_keep: 2, scope: layer, at: start}",
+        "stages[0].prune={method: structured, dimensions: {heads: 0.5}, round_to: 2, calibration_batches: 2}",
+    ],
+)
+def test_fields_the_method_uses_are_accepted(tmp_path, override):
+    p = tmp_path / "ok.yaml"
+    p.write_text(GOOD)
+    load_recipe(p, [override])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dynsparse.recipes.run import _test_images
@@ -16,3 +17,41 @@ def test_latency_batch_is_made_of_distinct_test_images():
     # fewer images than the batch: cycled, never a single image repeated
     y = _test_images(data[:1], 6, example)
     assert y.flatten().tolist() == [0, 1, 2, 3, 0, 1]
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"), [({"rounds": 0}, "rounds"), ({"threads": 0}, "threads"), ({"warmup": -1}, "warmup")]
+)
+def test_compare_latency_refuses_bad_counts(kw, match):
+    from dynsparse.bench.latency import compare_latency
+    from dynsparse.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"compare_latency: {match} must be an int"):
+        compare_latency({"m": torch.nn.Identity()}, torch.zeros(1, 2), **kw)
+
+
+def test_stages_that_share_a_name_are_all_reported():
+    """prune / finetune / prune / finetune: four rows (the last record of each stage), in stage order."""
+    from dynsparse.recipes.run import _stage_summary, format_report
+
+    names = ["dense", "prune", "finetune", "prune", "finetune"]
+    history = [
+        {"stage": n, "stage_index": i, "epoch": e, "step": 10 * i + e, "test_acc": 0.5, "time_s": 1.0}
+        for i, n in enumerate(names)
+        for e in (1, 2)
+    ]
+    rows = _stage_summary(history)
+    assert [(r["stage"], r["stage_index"], r["epoch"]) for r in rows] == [(n, i, 2) for i, n in enumerate(names)]
+    assert all("time_s" not in r for r in rows)
+    table = format_report(
+        {
+            "recipe": "r",
+            "stages": rows,
+            "dense_baseline_test_acc": None,
+            "converted_test_acc": 0.5,
+            "params": {"dense": 1, "converted": 1, "converted_nonzero": 1},
+            "flops": {"dense": 1, "converted": 1},
+            "latency": [],
+        }
+    )
+    assert [line.split()[0] for line in table.splitlines()[3:8]] == names

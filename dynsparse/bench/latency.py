@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
+
 __all__ = ["LatencyResult", "compare_latency"]
 
 
@@ -42,7 +44,12 @@ def compare_latency(
     The order of the models rotates every round; the speed-up of model ``m`` is the median over rounds of
     ``t_reference / t_m`` measured in the same round. ``torch.set_num_threads(threads)`` is set for the
     measurement and restored afterwards.
+
+    Raises:
+        ConfigError: ``rounds`` or ``threads`` is below 1, ``warmup`` below 0, ``models`` is empty, or ``reference``
+            is not one of them.
     """
+    _check_args(models, reference, rounds, warmup, threads)
     names = list(models)
     reference = reference or names[0]
     old = torch.get_num_threads()
@@ -66,3 +73,13 @@ def compare_latency(
     med = {n: statistics.median(v) for n, v in times.items()}
     speed = {n: statistics.median([a / b for a, b in zip(times[reference], times[n], strict=True)]) for n in names}
     return LatencyResult(threads, int(x.shape[0]), rounds, med, speed)
+
+
+def _check_args(models: Mapping[str, nn.Module], reference: str | None, rounds: int, warmup: int, threads: int) -> None:
+    for name, v, low in (("rounds", rounds, 1), ("threads", threads, 1), ("warmup", warmup, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ConfigError(f"compare_latency: {name} must be an int >= {low}, got {v!r}")
+    if not models:
+        raise ConfigError("compare_latency: no models to time")
+    if reference is not None and reference not in models:
+        raise ConfigError(f"compare_latency: reference {reference!r} is not one of the models {list(models)}")

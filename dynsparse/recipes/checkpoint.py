@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from torch import Tensor
 from ..atomic import atomic_write
 from ..errors import DynsparseError
 
-__all__ = ["load_checkpoint", "save_checkpoint", "to_cpu"]
+__all__ = ["load_checkpoint", "save_checkpoint", "to_cpu", "trim_log", "write_log"]
 
 
 def to_cpu(obj: Any) -> Any:
@@ -43,3 +44,24 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise DynsparseError(f"{path}: no checkpoint to resume from") from None
     except Exception as e:  # a damaged file or one with objects that weights_only refuses
         raise DynsparseError(f"{path}: cannot read the checkpoint ({e})") from None
+
+
+def write_log(path: str | os.PathLike, records: list[dict[str, Any]]) -> Path:
+    """Write ``records`` as a JSON-lines log, atomically (a resumed run's log: what its checkpoint recorded)."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def trim_log(path: str | os.PathLike, stage: str, step: int) -> None:
+    """Drop the records of ``stage`` past ``step`` from the JSON-lines log at ``path`` (when there is one).
+
+    A resumed run repeats the steps after its last checkpoint; the records they logged before the kill go, so the
+    log holds each step once.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in records if r.get("stage") != stage or r.get("step", 0) <= step]
+    if len(kept) != len(records):
+        write_log(path, kept)

@@ -18,7 +18,7 @@ from ..sparsify import named_gates
 from .regularize import weight_sparsity
 from .schema import Recipe
 
-__all__ = ["eval_accuracy", "sparsity_record", "state_digest"]
+__all__ = ["eval_accuracy", "mean_over_ranks", "sparsity_record", "state_digest"]
 
 
 def state_digest(model: nn.Module) -> str:
@@ -28,6 +28,27 @@ def state_digest(model: nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def mean_over_ranks(total: float, count: int, world: int, device: torch.device) -> float | None:
+    """``total / count`` summed over the ranks of a distributed run (one all-reduce; every rank must call it).
+
+    ``world == 1`` reduces nothing (plain float arithmetic, so a one-process run logs the same number as before).
+
+    Args:
+        total: This rank's sum (e.g. of the per-sample training loss of an epoch).
+        count: This rank's number of samples.
+        world: Ranks in the run (`torch.distributed`'s process group when > 1).
+        device: Where the reduced tensor lives (the run's device: CUDA for nccl).
+
+    Returns:
+        The mean over all ranks' samples, or ``None`` when no rank saw a sample.
+    """
+    if world > 1:
+        t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        total, count = float(t[0]), round(float(t[1]))
+    return total / count if count else None
 
 
 def eval_accuracy(model: nn.Module, loader, num_classes: int) -> float:

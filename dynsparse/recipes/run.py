@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import atomic_write
 from ..convert import convert, save
 from ..flops import mean_flops
 from .schema import Recipe, StageSpec
@@ -46,18 +47,21 @@ def run_recipe(
     Training and the accuracy evaluations run on ``recipe.device``; conversion, its output check, the saved
     model, FLOPs and latency run on the CPU (the latency claims are CPU claims), after the model moved there.
 
+    Under ``torchrun`` every rank trains the sparse run and then the baseline (a distributed run of its own);
+    rank 0 alone converts, evaluates and writes the report.
+
     Returns the report (on rank 0; ``None`` on other ranks of a distributed run).
     """
     out = Path(out_dir or recipe.output_dir)
     trainer = Trainer(recipe, out, resume=resume, progress=progress)
     model = trainer.run()
-    if trainer.dist.world > 1 and not trainer.dist.main:
-        return None
     baseline = None
-    if recipe.baseline:
+    if recipe.baseline:  # on every rank: its trainer wraps the model in DDP again, whose collectives need them all
         base = Trainer(dense_baseline(recipe), out / "baseline", resume=resume, progress=progress)
         base.run()
         baseline = {"test_acc": base.state.history[-1]["test_acc"], "history": base.state.history}
+    if trainer.dist.world > 1 and not trainer.dist.main:
+        return None
     test_loader = trainer._loader(0, train=False)
     x_verify = torch.stack([trainer.test_set[i][0] for i in range(min(8, len(trainer.test_set)))])
     model.eval()
@@ -130,16 +134,18 @@ def run_recipe(
                     "speedup": res.speedup["converted"],
                 }
             )
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = json.dumps(report, indent=1) + "\n"
+    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(text))
     _plot(trainer.state.history, baseline, out / "report.png", recipe.name)
     print(format_report(report))
     return report
 
 
 def _stage_summary(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
+    """The last record of each stage, in stage order; stages that share a name are kept apart (by index)."""
+    out: dict[Any, dict[str, Any]] = {}
     for r in history:
-        out[r["stage"]] = {k: v for k, v in r.items() if k not in ("time_s",)}
+        out[r.get("stage_index", r["stage"])] = {k: v for k, v in r.items() if k not in ("time_s",)}
     return list(out.values())
 
 
@@ -230,9 +236,10 @@ def _plot(history: list[dict[str, Any]], baseline: dict[str, Any] | None, path: 
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower left", fontsize=8)
     last = None
     for r in history:
-        if r["stage"] != last and last is not None:
+        key = r.get("stage_index", r["stage"])
+        if key != last and last is not None:
             ax.axvline(r["step"] - 0.5, color="grey", lw=0.5)
-        last = r["stage"]
+        last = key
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -309,7 +309,8 @@ def parse_recipe(data: dict[str, Any], lines: dict[str, int] | None = None) -> R
         lines: Optional ``{field path: line}`` from the YAML loader, used in error messages.
 
     Raises:
-        RecipeError: a field is unknown (with close matches), missing, or of the wrong type.
+        RecipeError: a field is unknown (with close matches), missing, of the wrong type, out of range, or not used
+            by the regularizer or pruning method it belongs to (`dynsparse.recipes.validate`).
     """
     recipe = _build(Recipe, data, "", lines or {})
     if not recipe.stages:
@@ -325,18 +326,16 @@ def parse_recipe(data: dict[str, Any], lines: dict[str, int] | None = None) -> R
             raise RecipeError(f"data.root{line}: directory {recipe.data.root!r} does not exist")
     if recipe.model.pretrained is not None:
         _check_pretrained(recipe.model, lines or {})
+    from .validate import check_prune, check_ranges, check_regularizer
+
+    check_ranges(recipe, lines or {})
     kinds: set[str] = set()  # calibratable gates the model has by each stage
     for i, st in enumerate(recipe.stages):
         p = f"stages[{i}]"
-        if st.epochs < 0:
-            raise RecipeError(f"{p}.epochs: must be >= 0, got {st.epochs}")
         for j, r in enumerate(st.regularizers):
-            if r.name == "budget" and r.target is None:
-                raise RecipeError(f"{p}.regularizers[{j}].target: the budget regularizer needs a target kept fraction")
-            if r.name == "budget" and not 0 < r.target <= 1:
-                raise RecipeError(f"{p}.regularizers[{j}].target: must be in (0, 1], got {r.target}")
+            check_regularizer(r, f"{p}.regularizers[{j}]", lines or {})
         if st.prune is not None:
-            _check_prune(st.prune, st.epochs, f"{p}.prune", lines or {})
+            check_prune(st.prune, st.epochs, f"{p}.prune", lines or {})
         if st.sparsify is not None:
             from ..sparsify import _parse_spec
 
@@ -370,53 +369,3 @@ def _check_pretrained(spec: ModelSpec, lines: dict[str, int]) -> None:
             f"model.pretrained{line}: weights {spec.pretrained!r} are for {src.library} model {src.arch!r}, "
             f"not {spec.library} model {spec.name!r}"
         )
-
-
-def _check_prune(spec: PruneSpec, epochs: int, p: str, lines: dict[str, int]) -> None:
-    """Consistency of a `PruneSpec` beyond field types (which fields each method needs)."""
-
-    def fail(name: str, msg: str) -> None:
-        line = f" (line {lines[f'{p}.{name}']})" if f"{p}.{name}" in lines else ""
-        raise RecipeError(f"{p}.{name}{line}: {msg}")
-
-    unstructured = spec.method in ("unstructured", "magnitude")
-    if spec.method == "magnitude" and spec.importance != "magnitude":
-        fail("importance", "method 'magnitude' scores by magnitude; use method 'unstructured' for other scores")
-    if spec.ratio is not None and not 0.0 <= spec.ratio < 1.0:
-        fail("ratio", f"must be a fraction in [0, 1), got {spec.ratio}")
-    if unstructured and spec.ratio is None:
-        fail("ratio", f"method {spec.method!r} needs the sparsity to reach (fraction of weights removed)")
-    if spec.method == "bn_scale" and spec.ratio is None and spec.threshold is None:
-        fail("ratio", "method 'bn_scale' needs a ratio or a threshold")
-    if spec.schedule != "one_shot" and not unstructured:
-        fail("schedule", f"gradual schedules prune weights (method unstructured), not {spec.method!r}")
-    end = spec.end_epoch if spec.end_epoch is not None else 0.75 * epochs
-    if spec.schedule != "one_shot" and not 0 <= spec.begin_epoch < end <= epochs:
-        fail(
-            "end_epoch",
-            f"the schedule must run within the stage: 0 <= begin_epoch {spec.begin_epoch} < end_epoch {end} "
-            f"<= epochs {epochs}",
-        )
-    if spec.frequency < 1:
-        fail("frequency", f"must be >= 1 step, got {spec.frequency}")
-    if spec.calibration_batches < 1:
-        fail("calibration_batches", f"must be >= 1, got {spec.calibration_batches}")
-    if spec.round_to < 1:
-        fail("round_to", f"must be >= 1, got {spec.round_to}")
-    if spec.method == "structured":
-        if not spec.dimensions:
-            fail("dimensions", "method 'structured' needs {dimension: fraction removed}, e.g. {channels: 0.5}")
-        for dim, r in spec.dimensions.items():
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
-                fail(f"dimensions.{dim}", f"must be a fraction in [0, 1), got {r!r}")
-    elif spec.dimensions is not None:
-        fail("dimensions", f"only method 'structured' prunes dimensions, not {spec.method!r}")
-    if unstructured or spec.method == "structured":
-        from ..importance import IMPORTANCES, WEIGHT_IMPORTANCES
-
-        registry = WEIGHT_IMPORTANCES if unstructured else IMPORTANCES
-        name = spec.importance.get("name") if isinstance(spec.importance, dict) else spec.importance
-        if unstructured and not isinstance(spec.importance, str):
-            fail("importance", "a per-weight importance is a name")
-        if name not in registry.names():
-            fail("importance", f"{name!r} is not one of {registry.names()}.{suggest(str(name), registry.names())}")

@@ -38,7 +38,7 @@ from ..atomic import atomic_write
 from ..modules import module_device
 from ..regularizers.budget import TargetSparsity
 from ..sparsify import fix_gates_, named_gates, sparsify_
-from .checkpoint import save_checkpoint, to_cpu
+from .checkpoint import save_checkpoint, to_cpu, trim_log
 from .device import resolve_device
 from .loader import recipe_to_dict
 from .schema import RecipeError
@@ -330,6 +330,7 @@ def run_text_recipe(
     gate_state = {"model": student, "budget": budget, "opt": opt, "opt_lambda": opt_lambda}
     if ck_g is not None:
         start, gate_loss = _restore(ck_g, gate_state, stream, device)
+        trim_log(log_path, "gates", start)  # the steps after the checkpoint run (and log) again
         log.info("resumed the gate stage from %s at step %d%s", g_path, start, " (done)" if ck_g["done"] else "")
 
     def save_gates(step: int, loss: float | None, done: bool) -> None:
@@ -416,6 +417,7 @@ def run_text_recipe(
     if ck_f is not None:
         start_f, ft_loss = _restore(ck_f, ft_state, stream, device)
         log.info("resumed the fine-tune stage from %s at step %d", f_path, start_f)
+    trim_log(log_path, "finetune", start_f)  # a resumed run: what was logged after the last checkpoint
 
     def save_finetune(step: int, loss: float | None, done: bool) -> None:
         state = _stage_state("finetune", step, done, loss, ft_state, stream, device)

@@ -36,15 +36,15 @@ from ..gates import HardConcreteGate
 from ..prune.unstructured import reapply_masks_
 from ..sparsify import fix_gates_, named_gates, sparsify_
 from .calibrate import calibrate_, harden_thresholds_, replay_
-from .checkpoint import load_checkpoint, save_checkpoint, to_cpu
+from .checkpoint import load_checkpoint, save_checkpoint, to_cpu, write_log
 from .device import resolve_device
-from .metrics import eval_accuracy, sparsity_record, state_digest
+from .metrics import eval_accuracy, mean_over_ranks, sparsity_record, state_digest
 from .objective import distill_loss, regularizer_loss
 from .optimizers import lr_factor, stage_optimizers
 from .pruning import StagePruning
 from .regularize import _has_svd, build_regularizers
-from .schema import Recipe, RegularizerSpec, StageSpec
-from .train_checkpoint import RunState, checkpoint_state, restore_
+from .schema import Recipe, RecipeError, RegularizerSpec, StageSpec
+from .train_checkpoint import RunState, check_resume, checkpoint_state, restore_
 
 __all__ = ["Trainer", "build_model"]
 
@@ -131,7 +131,9 @@ class Trainer:
             self.train_set = torch.utils.data.Subset(self.train_set, idx)
         self.example = self.test_set[0][0][None]
 
-    def _loader(self, stage_idx: int, train: bool):
+    def _loader(self, stage_idx: int, train: bool, sharded: bool = True):
+        """The test loader, or a stage's training loader: this rank's shard, or (``sharded=False``) every batch in
+        the order a one-process run trains on (what pruning scores, identically on every rank)."""
         from ..data import make_loader
 
         d = self.recipe.data
@@ -142,11 +144,22 @@ class Trainer:
                 d.batch_size,
                 shuffle=True,
                 seed=self.recipe.seed + 1009 * stage_idx,
-                distributed=self.dist.world > 1,
+                distributed=self.dist.world > 1 and sharded,
                 drop_last=True,
                 pin_memory=pin,
             )
         return make_loader(self.test_set, d.eval_batch_size, shuffle=False, seed=0, pin_memory=pin)
+
+    def _check_steps(self) -> None:
+        """A training stage needs at least one optimizer step per epoch (``drop_last``: a full batch per rank)."""
+        if any(st.epochs > 0 for st in self.recipe.stages) and len(self._loader(0, train=True)) == 0:
+            d, ranks = self.recipe.data, f" per rank ({self.dist.world} ranks)" if self.dist.world > 1 else ""
+            n = len(self.train_set) // self.dist.world
+            raise RecipeError(
+                f"data.batch_size: {d.batch_size} is more than the {n} training images{ranks} (data.train_subset: "
+                f"{d.train_subset}), so an epoch would have no optimizer step; lower data.batch_size or train on more "
+                "images"
+            )
 
     def _batches(self, loader):
         """``(x, y)`` batches of ``loader`` on the run's device."""
@@ -180,7 +193,7 @@ class Trainer:
             st.prune,
             epochs=st.epochs,
             steps_per_epoch=len(self._loader(si, train=True)),
-            data=lambda: self._batches(self._loader(si, train=True)),
+            data=lambda: self._batches(self._loader(si, train=True, sharded=False)),  # the same batches on every rank
             example=self.example.to(self.device),
             where=f"stages[{si}].prune",
         )
@@ -239,12 +252,17 @@ class Trainer:
         torch.manual_seed(self.recipe.seed)
         self._init_dist()
         self._data()
+        self._check_steps()
         self.model = build_model(self.recipe).to(self.device)  # initialised on the CPU: the same weights anywhere
         ck_path = self.out / "checkpoint.pt"
         resumed_stage = None
         if self.resume and ck_path.exists():
-            self._rebuild(load_checkpoint(ck_path))
+            ckpt = load_checkpoint(ck_path)
+            check_resume(ckpt, self.recipe, ck_path)
+            self._rebuild(ckpt)
             resumed_stage = self.state.stage
+            if self.dist.main:  # the log as the checkpoint recorded it: the epochs after it run (and log) again
+                write_log(self.out / "log.jsonl", self.state.history)
             log.info("resumed from %s at stage %d epoch %d", ck_path, self.state.stage, self.state.epoch)
         elif self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -346,7 +364,8 @@ class Trainer:
             self.state.epoch = epoch + 1
             if epoch + 1 == st.epochs:
                 self._end_stage_(si, st, budget)
-            self._close_epoch(si, st, test_loader, opts, budget, ck_path, loss_sum / max(n, 1), t0, info)
+            train_loss = mean_over_ranks(loss_sum, n, self.dist.world, self.device)
+            self._close_epoch(si, st, test_loader, opts, budget, ck_path, train_loss, t0, info)
         if st.epochs == 0 and not resume_opt:  # nothing to train: the end actions, one record and a checkpoint
             self._end_stage_(si, st, budget)
             self._close_epoch(si, st, test_loader, opts, budget, ck_path, None, time.perf_counter(), {})
@@ -372,7 +391,8 @@ class Trainer:
         t0: float,
         info,
     ) -> None:
-        """Evaluate, append the log record and write the checkpoint (rank 0)."""
+        """Evaluate, write the checkpoint, then append the log record (rank 0; the checkpoint first, so a kill between
+        the two never logs an epoch that a resumed run repeats)."""
         model = self.model
         acc = self._evaluate(model, test_loader)
         record = {
@@ -390,10 +410,10 @@ class Trainer:
         record.update(sparsity_record(model, budget, self.recipe, self.example, self.device))
         self.state.history.append(record)
         if self.dist.main:
+            self._save(ck_path, opts, budget)
             with open(self.out / "log.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             log.info("%s epoch %d/%d: loss %s acc %.4f", st.name, self.state.epoch, st.epochs, train_loss, acc)
-            self._save(ck_path, opts, budget)
         if self.dist.world > 1:
             torch.distributed.barrier()
 

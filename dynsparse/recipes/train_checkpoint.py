@@ -3,6 +3,7 @@
 A checkpoint holds the model (and teacher) state, the optimizer and budget states, the RNG states, and in
 ``meta`` the `RunState` (stage, epochs done, global step, log history), the class of every static gate and the
 recipe. The structure is not in it: a resumed run rebuilds it from the recipe, then `restore_` loads the states.
+`check_resume` refuses a checkpoint whose recipe differs from the current one in a field that changes training.
 """
 
 from __future__ import annotations
@@ -17,9 +18,14 @@ from torch import nn
 from ..gates import FixedGate, Gate
 from ..sparsify import fix_gates_, named_gates
 from .loader import recipe_to_dict
-from .schema import Recipe
+from .schema import Recipe, RecipeError
 
-__all__ = ["RunState", "checkpoint_state", "restore_"]
+__all__ = ["RESUME_FIELDS", "RunState", "check_resume", "checkpoint_state", "restore_"]
+
+#: Top-level recipe fields the training depends on; the stages up to the checkpoint's are compared too (but their
+#: names). The device may change (checkpoints hold CPU tensors), and so may name, output_dir, baseline, convert and
+#: evaluate.
+RESUME_FIELDS = ("model", "data", "seed")
 
 
 @dataclass
@@ -81,3 +87,41 @@ def restore_(model: nn.Module, teacher: nn.Module | None, ckpt: dict[str, Any], 
     if device.type == "cuda" and ckpt.get("cuda_rng") is not None:  # absent in a CPU run's checkpoint
         torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
     return model
+
+
+def _leaf_diff(a: Any, b: Any, path: str) -> list[str]:
+    """The field paths at which the plain data ``a`` and ``b`` differ (mappings field by field)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str) for d in _leaf_diff(a.get(k), b.get(k), f"{path}.{k}")]
+    return [] if a == b else [path]
+
+
+def check_resume(ckpt: dict[str, Any], recipe: Recipe, path: Any) -> None:
+    """Refuse to resume ``ckpt`` (read from ``path``) under a ``recipe`` that trains differently.
+
+    Compared with the recipe the checkpoint stores: `RESUME_FIELDS` and every field of the stages up to the
+    checkpoint's stage but their names (labels only: two recipes' dense baselines are one run). Allowed: more
+    stages, and another number of epochs of the stage the checkpoint stopped in while it had not finished (more
+    than it has done: its end actions are still to come). A checkpoint without a stored recipe is not checked.
+
+    Raises:
+        RecipeError: naming the checkpoint file and every differing field.
+    """
+    stored = ckpt["meta"].get("recipe")
+    if stored is None:
+        return
+    have, want = json.loads(stored), json.loads(json.dumps(recipe_to_dict(recipe)))
+    stage, done = int(ckpt["meta"]["stage"]), int(ckpt["meta"]["epoch"])
+    diff = [d for k in RESUME_FIELDS for d in _leaf_diff(have.get(k), want.get(k), k)]
+    old, new = have.get("stages", []), want.get("stages", [])
+    for i in range(stage + 1):
+        a, b = ({k: v for k, v in s[i].items() if k != "name"} if i < len(s) else None for s in (old, new))
+        if i == stage and a is not None and b is not None and done < a["epochs"] and b["epochs"] > done:
+            a.pop("epochs"), b.pop("epochs")  # another number of epochs, more than ran, of an unfinished stage
+        diff += _leaf_diff(a, b, f"stages[{i}]")
+    if diff:
+        raise RecipeError(
+            f"{path}: written by a recipe that differs in {', '.join(diff)}; resume with the same recipe (more epochs "
+            f"of the stage it stopped in, or more stages, may be added), or start afresh without --resume (or in "
+            f"another output directory)"
+        )

@@ -1,0 +1,47 @@
+"""``dynsparse convert``: plan.json is written atomically (a failed write leaves the last good file)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dynsparse as ds
+
+
+def _gated_checkpoint(tmp_path):
+    from dynsparse.convert.io import build_host
+
+    model = build_host({"library": "timm", "name": "test_resnet", "kwargs": {}}, source="test").eval()
+    ds.sparsify_(model, {"channels": {"gate": "fixed"}})
+    masks = {n: torch.arange(g.num_units) >= g.num_units // 2 for n, g in ds.named_gates(model)}
+    ds.fix_gates_(model, masks)  # half of every gate's channels closed
+    return ds.save_gated(model, tmp_path / "ck.safetensors")
+
+
+def test_convert_writes_plan_json_atomically(tmp_path, monkeypatch):
+    import dynsparse.atomic
+    from dynsparse.cli import main
+
+    ck = _gated_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "plan.json").write_text('{"old": true}\n')
+    real = dynsparse.atomic.atomic_write
+
+    def failing(path, write):  # plan.json: the write fails after writing its temporary file
+        def write_then_fail(tmp):
+            write(tmp)
+            raise OSError("disk full")
+
+        return real(path, write_then_fail if str(path).endswith("plan.json") else write)
+
+    monkeypatch.setattr(dynsparse.atomic, "atomic_write", failing)
+    with pytest.raises(OSError, match="disk full"):
+        main(["convert", str(ck), "--out", str(out)])
+    assert json.loads((out / "plan.json").read_text()) == {"old": True}  # the last good file, not a torn one
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "plan.json"]  # no temp file left
+    monkeypatch.setattr(dynsparse.atomic, "atomic_write", real)
+    assert main(["convert", str(ck), "--out", str(out)]) == 0
+    assert "old" not in json.loads((out / "plan.json").read_text())
