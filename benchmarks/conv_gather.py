@@ -48,6 +48,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--formats", nargs="+", default=["channels_last", "contiguous"])
+    p.add_argument("--weights", nargs="+", default=None, help="only these, e.g. 64x64x3x3")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--reps", type=int, default=10, help="calls per timed step")
     args = p.parse_args()
@@ -65,6 +66,8 @@ def main() -> None:
     for fmt_name in args.formats:
         fmt = torch.channels_last if fmt_name == "channels_last" else torch.contiguous_format
         for shape, kind, w, rows, cols, scale in cases(fmt):
+            if args.weights and shape not in args.weights:
+                continue
             with torch.inference_mode():
                 ref = torch_path(w, rows, cols, scale)
                 got = kernels.conv_gather(w, rows, cols, scale)

@@ -70,6 +70,15 @@ static inline float* pack_row(const float* src, int64_t I, const uint8_t* mask, 
   return dst;
 }
 
+static inline void copy_run(float* dst, const float* p, int64_t k, float s) {
+  int64_t j = 0;
+#ifdef __AVX2__
+  const __m256 vs = _mm256_set1_ps(s);
+  for (; j + 8 <= k; j += 8) _mm256_storeu_ps(dst + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), vs));
+#endif
+  for (; j < k; ++j) dst[j] = p[j] * s;
+}
+
 int ds_conv_gather(const float* w, int64_t O, int64_t K, int64_t I, int last, const int64_t* rows, int64_t nr,
                    const int64_t* cols, int64_t nc, const float* scale, float* out) {
   if (rows)
@@ -110,9 +119,10 @@ int ds_conv_gather(const float* w, int64_t O, int64_t K, int64_t I, int last, co
     const float* src = w + (rows ? rows[r] : r) * K * I;
     const float s = scale ? scale[rows ? rows[r] : r] : 1.f;
     float* dst = out + r * nc * K;
-    for (int64_t c = 0; c < nc; ++c, dst += K) {
-      const float* p = src + cols[c] * K;
-      for (int64_t k = 0; k < K; ++k) dst[k] = p[k] * s;
+    if (K == 9) { /* 3x3: a fixed-size run the compiler unrolls (a loop over a variable K was slower than torch) */
+      for (int64_t c = 0; c < nc; ++c, dst += 9) copy_run(dst, src + cols[c] * 9, 9, s);
+    } else {
+      for (int64_t c = 0; c < nc; ++c, dst += K) copy_run(dst, src + cols[c] * K, K, s);
     }
   }
   return 0;
