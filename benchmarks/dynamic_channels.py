@@ -48,7 +48,7 @@ from _timing import (
     speed_cells,
 )
 
-STRATEGIES = ("auto", "group", "loop", "union", "grouped_conv", "masked")
+from dynsparse.layers.channel_gating import STRATEGIES
 
 
 def build(name: str, keep: float, strategy: str, memory_format: torch.memory_format = torch.contiguous_format):

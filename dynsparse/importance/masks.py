@@ -254,12 +254,14 @@ def _round_kept(kept: int, n: int, lowest: int, round_to: int) -> int:
 
 
 def _lowest_mask(flat: Tensor, k: int) -> Tensor:
-    """Bool mask of exactly ``k`` lowest entries of 1-D ``flat`` (ties: lowest index first)."""
+    """Bool mask of exactly ``k`` lowest entries of 1-D ``flat`` (ties: lowest index first), on ``flat``'s device."""
     n = flat.numel()
     if k <= 0:
-        return torch.zeros(n, dtype=torch.bool)
+        return torch.zeros(n, dtype=torch.bool, device=flat.device)
     if k >= n:
-        return torch.ones(n, dtype=torch.bool)
+        return torch.ones(n, dtype=torch.bool, device=flat.device)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
     thr = flat.kthvalue(k).values
     out = flat < thr
     missing = k - int(out.sum())

@@ -11,7 +11,6 @@ pruning permanent and gives back plain ``nn.Linear`` / ``nn.Conv2d``.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -21,6 +20,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import ConfigError, DynsparseError, UnsupportedModuleError
+from ..importance.masks import _count
+from ..importance.masks import _lowest_mask as _lowest
 from ..modules import replace_module_
 from ..registry import suggest
 from ..sparsify import _patterns, _selected
@@ -137,30 +138,8 @@ def _scores(
     return out
 
 
-def _lowest(scores: Tensor, k: int) -> Tensor:
-    """Bool mask of exactly ``k`` entries of a 1-D ``scores`` with the lowest values (ties: lowest index first)."""
-    n = scores.numel()
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=scores.device)
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=scores.device)
-    if scores.dtype not in (torch.float32, torch.float64):
-        scores = scores.float()
-    thr = scores.kthvalue(k).values
-    out = scores < thr
-    missing = k - int(out.sum())
-    if missing > 0:
-        out[(scores == thr).nonzero().squeeze(1)[:missing]] = True
-    return out
-
-
 def _score_dtype(scores: Sequence[Tensor]) -> torch.dtype:
     return torch.float64 if any(s.dtype == torch.float64 for s in scores) else torch.float32
-
-
-def _count(fraction: float, n: int) -> int:
-    """Number of weights to prune out of ``n`` for a sparsity ``fraction``: ``floor(fraction * n + 0.5)``."""
-    return min(n, math.floor(fraction * n + 0.5))
 
 
 def _new_masks(
