@@ -127,6 +127,7 @@ def test_image_resume_accepts_more_epochs_more_stages_and_other_names(tmp_path, 
     monkeypatch.setattr(Trainer, "_save", real)
     first = {**raw["stages"][0], "name": "warmup", "epochs": 2}  # a stage name is a label only
     more = {**raw, "name": "renamed", "device": "auto", "stages": [first, {"name": "more", "epochs": 1}]}
+    more["data"] = {**raw["data"], "eval_batch_size": 7}  # sizes the test loader only
     Trainer(parse_recipe(more), tmp_path, resume=True, progress=False).run()
     assert _log(tmp_path) == [("dense", 1), ("warmup", 2), ("more", 1)]
 

@@ -26,6 +26,9 @@ __all__ = ["RESUME_FIELDS", "RunState", "check_resume", "checkpoint_state", "res
 #: names). The device may change (checkpoints hold CPU tensors), and so may name, output_dir, baseline, convert and
 #: evaluate.
 RESUME_FIELDS = ("model", "data", "seed")
+#: Leaves under `RESUME_FIELDS` that do not change training (lowering the test batch after running out of memory in
+#: evaluation is a normal reason to resume).
+RESUME_FREE = ("data.eval_batch_size",)
 
 
 @dataclass
@@ -112,7 +115,7 @@ def check_resume(ckpt: dict[str, Any], recipe: Recipe, path: Any) -> None:
         return
     have, want = json.loads(stored), json.loads(json.dumps(recipe_to_dict(recipe)))
     stage, done = int(ckpt["meta"]["stage"]), int(ckpt["meta"]["epoch"])
-    diff = [d for k in RESUME_FIELDS for d in _leaf_diff(have.get(k), want.get(k), k)]
+    diff = [d for k in RESUME_FIELDS for d in _leaf_diff(have.get(k), want.get(k), k) if d not in RESUME_FREE]
     old, new = have.get("stages", []), want.get("stages", [])
     for i in range(stage + 1):
         a, b = ({k: v for k, v in s[i].items() if k != "name"} if i < len(s) else None for s in (old, new))
