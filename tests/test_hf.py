@@ -342,3 +342,23 @@ def test_real_minilm_converts_exactly_in_every_dimension(tmp_path):
     loaded = ds.load(ds.save(small, tmp_path / "m.safetensors"))
     with torch.no_grad():
         assert torch.equal(loaded(**batch).last_hidden_state, out)
+
+
+def test_from_module_leaves_the_hosts_hooks_alone():
+    """The gated copy's carriers have their own hook dicts: a hook on one does not fire when the host runs."""
+    from transformers.models.bert.modeling_bert import BertAttention
+
+    from dynsparse.layers.hf_attention import GatedBertAttention
+    from dynsparse.layers.hf_base import GatedLinear
+
+    cfg = transformers.BertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64)
+    host = BertAttention(cfg).eval()
+    gated = GatedBertAttention.from_module(host, gate="fixed").eval()
+    carrier = next(m for m in gated.modules() if isinstance(m, GatedLinear))
+    calls = []
+    carrier.register_forward_hook(lambda m, a, o: calls.append(type(m).__name__))
+    x = torch.randn(1, 5, 32)
+    host(x)
+    assert calls == []
+    gated(x)
+    assert calls == ["GatedLinear"]

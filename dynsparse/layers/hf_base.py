@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from ..convert.surgery import slice_linear_in_, slice_linear_out_, slice_param_
 from ..errors import UnsupportedModuleError
 from ..gates import GateSpec, make_gate
-from ..modules import adopt, first_param
+from ..modules import adopt, first_param, successor_state
 from .base import GatedLayer, Producer
 from .slot import GateSlot
 
@@ -105,14 +105,14 @@ def carry_(root: nn.Module, path: str, side: str, slot: GateSlot, copy_parents: 
     if isinstance(m, _Carrier):
         if m._modules.get(side) is not None:
             raise UnsupportedModuleError(path, type(m).__name__, slot.dimension, f"its {side!r} is already gated")
-        new = adopt(m, type(m))
+        new = adopt(m, type(m), share_hooks=not copy_parents)
     else:
         cls = _CARRIERS.get(type(m))
         if cls is None:
             raise UnsupportedModuleError(
                 path, type(m).__name__, slot.dimension, "a gate sits only on an nn.Linear or a transformers Conv1D"
             )
-        new = adopt(m, cls)
+        new = adopt(m, cls, share_hooks=not copy_parents)  # a copy next to the host keeps its own hooks
     new._modules = dict(new._modules)
     setattr(new, side, slot)
     _set_path(root, path, new, copy_parents)
@@ -123,16 +123,19 @@ def is_carrier(m: nn.Module | None) -> bool:
     return isinstance(m, _Carrier)
 
 
-def uncarry(m: nn.Module, side: str) -> nn.Module:
-    """``m`` without its ``side`` gate: the plain host-class layer (sharing parameters) once it has no gate left."""
+def uncarry(m: nn.Module, side: str, share_hooks: bool = True) -> nn.Module:
+    """``m`` without its ``side`` gate: the plain host-class layer (sharing parameters) once it has no gate left.
+
+    ``share_hooks``: the result takes over ``m``'s hook dicts (it replaces ``m``); False for a copy beside it.
+    """
     if not isinstance(m, _Carrier):
         return m
     modules = {k: v for k, v in m._modules.items() if k != side}
     if any(v is not None for v in modules.values()):
-        new = adopt(m, type(m))
+        new = adopt(m, type(m), share_hooks=share_hooks)
     else:
         new = m.host_class.__new__(m.host_class)
-        new.__dict__.update({k: (v.copy() if isinstance(v, (dict, set)) else v) for k, v in m.__dict__.items()})
+        new.__dict__.update(successor_state(m, share_hooks=share_hooks))
         modules = {}
     new._modules = modules
     return new
@@ -233,7 +236,7 @@ class HFGatedLayer(GatedLayer):
         host.__dict__.update({k: (v.copy() if isinstance(v, (dict, set)) else v) for k, v in self.__dict__.items()})
         for child, _ in list(self.gate_slots()):
             path, _, side = child.rpartition(".")
-            _set_path(host, path, uncarry(host.get_submodule(path), side), copy_parents=True)
+            _set_path(host, path, uncarry(host.get_submodule(path), side, share_hooks=False), copy_parents=True)
         return host
 
 
