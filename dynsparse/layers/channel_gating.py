@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from timm.layers import DropPath
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import Tensor, nn
@@ -39,7 +40,7 @@ from ..gates.base import InputDependentGate
 from ..gates.channel_gates import CHANNEL_GATES
 from ..modules import adopt, first_param, is_stateless, place_like
 from ..sparsify import _patterns, _selected
-from .channel_kernels import _masked, _run_batch
+from .channel_kernels import FoldCache, _masked, _run_batch
 
 __all__ = ["CHANNEL_GATES", "FBSBasicBlock", "FBSBottleneck", "channel_spec", "gate_channels_"]
 
@@ -86,11 +87,14 @@ class FBSBlockMixin:
             y = _run_batch(x, stages, decisions, last, self.strategy, cache=self._fold_cache())
         return self._tail(x, y)
 
-    def _fold_cache(self) -> dict:
-        """This block's cache of folded BatchNorm scales and shifts (see `channel_kernels._bn_fold`)."""
+    def _fold_cache(self) -> FoldCache | None:
+        """This block's folded BatchNorm (see `channel_kernels.FoldCache`), checked against the norms; None under
+        autograd."""
+        if torch.is_grad_enabled():
+            return None
         if "_bn_folds" not in self.__dict__:
-            self.__dict__["_bn_folds"] = {}
-        return self.__dict__["_bn_folds"]
+            self.__dict__["_bn_folds"] = FoldCache()
+        return self.__dict__["_bn_folds"].refresh()
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()

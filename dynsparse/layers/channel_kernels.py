@@ -95,26 +95,58 @@ def _kernel_gathers(w: Tensor) -> bool:
     return kernels.eager_cpu(w) and kernels.load() is not None and w.is_contiguous(memory_format=_format(w))
 
 
-def _bn_fold(norm: nn.BatchNorm2d, cache: dict | None = None) -> tuple[Tensor, Tensor]:
+def _bn_fold(norm: nn.BatchNorm2d, cache: FoldCache | None = None) -> tuple[Tensor, Tensor]:
     """(C,) scale and shift of an eval BatchNorm: ``BN(y) = y · scale + shift``.
 
-    With ``cache`` (a dict owned by the calling block) the pair is kept until a statistic or affine parameter of
-    ``norm`` changes (the check of `kernels._cache_valid`; not under autograd): a batch run input by input would
-    otherwise recompute it for every input and stage.
+    With ``cache`` (a `FoldCache` of the calling block, checked by it once per forward) the pair is computed once
+    per block forward at most, not for every input and stage of a batch run input by input.
     """
-    srcs = tuple(t for t in (norm.running_mean, norm.running_var, norm.weight, norm.bias) if t is not None)
-    if cache is not None and not torch.is_grad_enabled():
-        hit = cache.get(id(norm))
-        if hit is not None and hit[0] == norm.eps and kernels._cache_valid(hit[1], srcs):
-            return hit[2]
-        with torch.inference_mode(False):  # ordinary tensors, usable outside inference mode too
-            val = _bn_fold(norm)
-        cache[id(norm)] = (norm.eps, kernels._cache_key(srcs), val)
-        return val
+    if cache is not None:
+        return cache.get(norm)
     s = torch.rsqrt(norm.running_var + norm.eps)
     s = s if norm.weight is None else s * norm.weight
     t = -norm.running_mean * s
     return s, t if norm.bias is None else t + norm.bias
+
+
+class FoldCache:
+    """Folded BatchNorm scales and shifts of one block, kept while the norms' statistics and parameters are equal
+    to a snapshot taken with them.
+
+    `refresh` compares every source with its snapshot (``torch.equal``: a few microseconds per norm) and drops
+    what changed. Versions would not do: BatchNorm updates its running statistics without bumping them, a change
+    through ``.data`` does not either, and inference tensors have none. Used in inference only (no autograd).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[nn.Module, float, tuple, tuple[Tensor, Tensor]]] = {}
+
+    @staticmethod
+    def _sources(norm: nn.Module) -> tuple[Tensor | None, ...]:
+        return norm.running_mean, norm.running_var, norm.weight, norm.bias
+
+    def refresh(self) -> FoldCache:
+        """Drop every entry whose norm changed since it was folded; returns ``self``."""
+        for key, (norm, eps, snap, _) in list(self._entries.items()):
+            if norm.eps != eps or not all(_same(t, c) for t, c in zip(self._sources(norm), snap, strict=True)):
+                del self._entries[key]
+        return self
+
+    def get(self, norm: nn.Module) -> tuple[Tensor, Tensor]:
+        hit = self._entries.get(id(norm))
+        if hit is not None and hit[0] is norm:
+            return hit[3]
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable outside inference mode
+            snap = tuple(None if t is None else t.detach().clone() for t in self._sources(norm))
+            val = _bn_fold(norm)
+        self._entries[id(norm)] = (norm, norm.eps, snap, val)
+        return val
+
+
+def _same(t: Tensor | None, copy: Tensor | None) -> bool:
+    if t is None or copy is None:
+        return t is copy
+    return t.dtype == copy.dtype and t.device == copy.device and t.shape == copy.shape and torch.equal(t, copy)
 
 
 def _scale(h: Tensor, v: Tensor) -> Tensor:
@@ -135,7 +167,7 @@ def _masked(x: Tensor, stages, mults: list[Tensor | None], last: tuple[nn.Conv2d
 
 
 def _gathered(
-    x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | None], last, cache: dict | None = None
+    x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | None], last, cache: FoldCache | None = None
 ) -> Tensor:
     """One set of kept channels for the whole of ``x``: idxs (k,) per stage (None: all), vals (B, k).
 
@@ -178,7 +210,7 @@ def _positions(h: Tensor, conv: nn.Conv2d) -> int:
 
 
 def _grouped(
-    x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | None], last, cache: dict | None = None
+    x: Tensor, stages, idxs: list[Tensor | None], vals: list[Tensor | None], last, cache: FoldCache | None = None
 ) -> Tensor:
     """Per-input kept channels (idxs (B, k)): each input's gathered weights stacked into one grouped conv.
 
@@ -221,13 +253,13 @@ def _run_batch(
     last: tuple[nn.Conv2d, nn.Module],
     strategy: str,
     residual: Tensor | None = None,
-    cache: dict | None = None,
+    cache: FoldCache | None = None,
 ) -> Tensor:
     """Eval forward of a batch by ``strategy`` (see `FBSBlockMixin.strategy`); decisions (idx (B, k), val (B, k)).
 
     With ``residual`` (the block's shortcut, shaped like the output) the result is the sum: per-input runs then
     write ``y_b + residual_b`` straight into the batch output, one pass instead of a concatenation and an add.
-    ``cache``: the calling block's dict for `_bn_fold`.
+    ``cache``: the calling block's `FoldCache` (None: fold afresh).
     """
     idxs, vals = [d[0] for d in decisions], [d[1] for d in decisions]
     n = x.shape[0]
@@ -276,7 +308,7 @@ def _run_batch(
     return y if residual is None else y.add_(residual)  # y is always a fresh tensor here
 
 
-def _loop(x: Tensor, stages, idxs, vals, last, residual: Tensor | None, cache: dict | None) -> Tensor:
+def _loop(x: Tensor, stages, idxs, vals, last, residual: Tensor | None, cache: FoldCache | None) -> Tensor:
     """One gathered run per input, each written (plus its ``residual`` row) into one preallocated output."""
     out = None
     for b in range(x.shape[0]):
@@ -290,11 +322,11 @@ def _loop(x: Tensor, stages, idxs, vals, last, residual: Tensor | None, cache: d
         )
         if out is None:
             out = torch.empty((x.shape[0], *y.shape[1:]), dtype=y.dtype, device=y.device, memory_format=_format(y))
-        if residual is None:
+        if residual is None or torch.is_grad_enabled():  # out= does not support autograd: add afterwards
             out[b : b + 1] = y
         else:
             torch.add(y, residual[b : b + 1], out=out[b : b + 1])
-    return out
+    return out if residual is None or not torch.is_grad_enabled() else out + residual
 
 
 def _auto(x: Tensor, stages, idxs: list[Tensor | None], n: int, groups: int) -> str:
