@@ -45,6 +45,25 @@ def test_gathered_equals_masked_inference(gate, kw):
     torch.testing.assert_close(fast, slow, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("pool", ["avg", "max", "avgmax"])
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        {"gate": "cls_attention", "blocks": [1, 4], "keep": 0.4},
+        {"gate": "threshold", "blocks": [1, 3], "final_threshold": 4.0},
+    ],
+)
+def test_masked_reference_equals_fast_path_with_mean_and_max_pooling(pool, tokens):
+    """The masked reference hides the dropped tokens from the head's pooling too (not only from attention)."""
+    m = ds.sparsify_(_vit(global_pool=pool), {"tokens": tokens}).double()
+    x = _x()
+    with torch.no_grad():
+        fast = m(x)
+        _mask_inference(m, True)
+        slow = m(x)
+    torch.testing.assert_close(fast, slow, atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("gate", GATES)
 def test_per_input_decisions_equal_one_by_one(gate):
     m = ds.sparsify_(_vit(), {"tokens": {"gate": gate, "blocks": [0, 2], "keep": 0.5}}).double()

@@ -83,7 +83,7 @@ class RoutedPolicyBlock(RoutedBlock, PolicyBlock):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         g = self.router(x, state.policy).unsqueeze(-1)  # (B, 1, 1), pooled over the kept tokens
         y = PolicyBlock.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
-        return x + g * (y - x) if self.training else torch.where(g > 0, y, x)
+        return x + g * (y - x) if self.training else self._finish(torch.where(g > 0, y, x))
 
     def _route_packed(self, x: Tensor) -> Tensor:
         """Packed tokens (1, T, C): run the block on the segments of the inputs the router sends through."""

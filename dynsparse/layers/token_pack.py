@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..gates.tokens import threshold_keep
 
-__all__ = ["Packing", "attention_mode", "packed_attention", "select_tokens", "unpack"]
+__all__ = ["Packing", "attention_mode", "fill_dropped", "packed_attention", "select_tokens", "unpack"]
 
 
 class Packing:
@@ -240,3 +240,16 @@ def unpack(x: Tensor, pk: Packing, num_prefix: int, include_prefix: bool = False
     count = (torch.tensor(pk.lengths, device=x.device) - lo).clamp_min(1).to(x.dtype)
     mean = padded[:, lo:].sum(1) / count[:, None]
     return torch.where(pk.valid[..., None], padded, mean[:, None, :])
+
+
+def fill_dropped(x: Tensor, policy: Tensor, num_prefix: int, include_prefix: bool = False) -> Tensor:
+    """The masked layout ``(B, N, C)`` for the head: dropped tokens replaced by the mean of the pooled kept ones.
+
+    The masked twin of `unpack` (``policy`` (B, N) > 0 marks the kept tokens): mean, max and mean+max pooling
+    then give what the gathered or packed path gives (with the final norm the identity, as for `unpack`).
+    """
+    keep = policy > 0
+    lo = 0 if include_prefix else num_prefix
+    w = keep[:, lo:, None].to(x.dtype)
+    mean = (x[:, lo:] * w).sum(1) / w.sum(1).clamp_min(1)
+    return torch.where(keep[..., None], x, mean[:, None, :])

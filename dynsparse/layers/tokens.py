@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..gates.tokens import TokenGate, threshold_keep
 from ..modules import adopt, place_like
-from .token_pack import Packing, packed_attention, select_tokens, unpack
+from .token_pack import Packing, fill_dropped, packed_attention, select_tokens, unpack
 
 __all__ = [
     "PolicyBlock",
@@ -165,11 +165,20 @@ class _TokenAware(Block):
         return x + self.drop_path1(self.ls1(a)), h, s
 
     def _finish(self, x: Tensor) -> Tensor:
-        """The last block of the model hands a packed batch back as (B, n_max, C) (see `token_pack.unpack`)."""
+        """The last block of the model hands its tokens to the head as the gathered path would.
+
+        A packed batch becomes (B, n_max, C) (see `token_pack.unpack`); on the masked inference path the dropped
+        tokens become the mean of the pooled kept ones (`token_pack.fill_dropped`), so mean / max pooling see
+        only the kept tokens, as on the gathered path.
+        """
         state = self._token_state
-        if getattr(self, "_last", False) and state.packing is not None:
+        if not getattr(self, "_last", False):
+            return x
+        if state.packing is not None:
             x = unpack(x, state.packing, state.num_prefix, state.pool_prefix)
             state.packing = None
+        elif state.policy is not None and not self.training and state.pool != "token":
+            x = fill_dropped(x, state.policy, state.num_prefix, state.pool_prefix)
         return x
 
     def _mlp(self, x: Tensor) -> Tensor:
@@ -230,7 +239,7 @@ class TokenGatedBlock(_TokenAware):
             state.policy = sel.gate.sample(x, sel.num_prefix, state.policy)
         else:
             state.policy = sel.gate.topk_policy(x, h, self.attn, sel.num_prefix, state.policy)
-        return self._mlp(x)
+        return self._finish(self._mlp(x))
 
     def _variable(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
         """A threshold gate: soft masks in training, a packed batch at inference (hard masks if ``mask_inference``)."""
@@ -262,7 +271,7 @@ class TokenGatedBlock(_TokenAware):
         else:  # hard decisions on the masked path: the same as the packed path
             m = threshold_keep(s.masked_fill(prev == 0, float("-inf")), gate.theta()).to(prev.dtype) * prev
         state.policy = torch.cat([state.policy[:, :P], m], dim=1)
-        return self._mlp(x)
+        return self._finish(self._mlp(x))
 
 
 def _token_host(model: nn.Module) -> tuple[nn.Sequential, int, int]:
