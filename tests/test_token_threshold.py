@@ -8,6 +8,7 @@ import torch
 
 import dynsparse as ds
 from dynsparse.gates.tokens import ThresholdTokenGate, received_attention
+from dynsparse.layers.neuron_gating import gate_neurons_
 from dynsparse.layers.token_pack import Packing, packed_attention, select_tokens, unpack
 from dynsparse.layers.tokens import TokenGatedBlock, calibrate_tokens_
 
@@ -241,3 +242,15 @@ def test_runtime_errors():
     m = ds.sparsify_(_vit(global_pool="avg"), {"tokens": {"gate": "threshold", "blocks": [1]}}).train()
     with pytest.raises(ds.ConfigError, match="class-token pooling"):
         m(_x().float())
+
+
+def test_per_input_neuron_gates_are_refused_where_the_batch_is_packed():
+    """A packed batch is one sequence: a per-input neuron gate would pick one neuron set for all its inputs."""
+    neurons = {"gate": "dejavu", "keep": 0.5, "per": "input"}
+    with pytest.raises(ds.ConfigError, match=r"blocks\.1\.mlp has a per-input neuron gate"):
+        ds.sparsify_(_vit(), {"neurons": neurons, "tokens": {"gate": "threshold", "blocks": [1]}})
+    m = ds.sparsify_(_vit(), {"tokens": {"gate": "threshold", "blocks": [2]}})
+    with pytest.raises(ds.ConfigError, match=r"neurons: blocks\.2\.mlp has a per-input neuron gate"):
+        gate_neurons_(m, **neurons)
+    ds.sparsify_(_vit(), {"neurons": {**neurons, "per": "token"}, "tokens": {"gate": "threshold", "blocks": [1]}})
+    ds.sparsify_(_vit(), {"neurons": neurons, "tokens": {"gate": "cls_attention", "blocks": [1]}})
