@@ -254,3 +254,20 @@ def test_per_input_neuron_gates_are_refused_where_the_batch_is_packed():
         gate_neurons_(m, **neurons)
     ds.sparsify_(_vit(), {"neurons": {**neurons, "per": "token"}, "tokens": {"gate": "threshold", "blocks": [1]}})
     ds.sparsify_(_vit(), {"neurons": neurons, "tokens": {"gate": "cls_attention", "blocks": [1]}})
+
+
+def test_an_empty_batch_runs_in_eval_and_training():
+    m = _threshold(_vit())
+    with torch.no_grad():
+        assert m(_x(0)).shape == (0, 7)
+    assert m.train()(_x(0)).shape == (0, 7)
+
+
+def test_export_records_the_masked_path_and_keeps_per_input_decisions():
+    """torch.export cannot hold data-dependent token counts: the exported graph decides per input, as eager does."""
+    m = _threshold(_vit(global_pool="avg")).float()
+    ep = torch.export.export(m, (_x(3).float(),))
+    x = _x(3, seed=2).float()
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), m(x), atol=1e-5, rtol=1e-5)
+    assert any(len(set(n)) > 1 for n in _lengths(m, x))  # the inputs keep different counts

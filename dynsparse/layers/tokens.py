@@ -245,7 +245,12 @@ class TokenGatedBlock(_TokenAware):
         """A threshold gate: soft masks in training, a packed batch at inference (hard masks if ``mask_inference``)."""
         sel: TokenSelect = self.tokens
         gate, P, state = sel.gate, sel.num_prefix, self._token_state
-        masked = self.training or sel.mask_inference
+        if x.shape[0] == 0:  # an empty batch: nothing to score, select or observe
+            if self._first:
+                state.policy = state.packing = None
+            return Block.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+        # a graph capture cannot hold data-dependent token counts: it records the masked path (same decisions)
+        masked = self.training or sel.mask_inference or _capturing()
         if self._first:
             state.policy = x.new_ones(x.shape[:2]) if masked else None
             state.packing = None
@@ -272,6 +277,11 @@ class TokenGatedBlock(_TokenAware):
             m = threshold_keep(s.masked_fill(prev == 0, float("-inf")), gate.theta()).to(prev.dtype) * prev
         state.policy = torch.cat([state.policy[:, :P], m], dim=1)
         return self._finish(self._mlp(x))
+
+
+def _capturing() -> bool:
+    """True while ``torch.export`` or ``torch.jit.trace`` records the forward."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def _token_host(model: nn.Module) -> tuple[nn.Sequential, int, int]:
