@@ -39,6 +39,7 @@ from ..gates.neuron_gates import NEURON_GATES, CatsGate, DejaVuGate, NeuronGate,
 from ..modules import adopt, place_like, replace_module_
 from ..sparsify import _patterns, _selected
 from .neuron_kernels import consumer_row, kernel_cats, kernel_row, linear_rows, producer_row, transposed
+from .token_pack import check_not_packed
 
 __all__ = [
     "NEURON_GATES",
@@ -294,7 +295,7 @@ def gate_neurons_(
             else "no timm Mlp, GluMlp or SwiGLU found (check include / exclude)",
         )
     if gate_kwargs.get("per") == "input":
-        _check_not_packed(model, found)
+        check_not_packed(model, found)
     keeps = dict(keep) if isinstance(keep, Mapping) else {f: keep for f, _ in found}
     unknown = sorted(set(keeps) - {f for f, _ in found})
     if unknown:
@@ -315,20 +316,6 @@ def gate_neurons_(
     for fqn, new in built:
         replace_module_(model, fqn, new)
     return model
-
-
-def _check_not_packed(model: nn.Module, found: list[tuple[str, nn.Module]]) -> None:
-    """Refuse per-input decisions in the blocks where a threshold token gate packs the batch into one sequence."""
-    from .tokens import PACKED_PER_INPUT, TokenGatedBlock
-
-    blocks = getattr(model, "blocks", None)
-    gated = [i for i, b in enumerate(blocks or ()) if isinstance(b, TokenGatedBlock) and b.tokens.gate.variable]
-    if not gated:
-        return
-    packed = {id(m) for b in list(blocks)[gated[0] :] for m in b.modules()}
-    for fqn, host in found:
-        if id(host) in packed:
-            raise ConfigError(PACKED_PER_INPUT.format(fqn=fqn).replace("tokens: ", "neurons: ", 1))
 
 
 def neuron_spec(model: nn.Module) -> dict | None:

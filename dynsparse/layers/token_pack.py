@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..gates.tokens import threshold_keep
 
 __all__ = ["Packing", "attention_mode", "fill_dropped", "packed_attention", "select_tokens", "unpack"]
@@ -253,3 +254,39 @@ def fill_dropped(x: Tensor, policy: Tensor, num_prefix: int, include_prefix: boo
     w = keep[:, lo:, None].to(x.dtype)
     mean = (x[:, lo:] * w).sum(1) / w.sum(1).clamp_min(1)
     return torch.where(keep[..., None], x, mean[:, None, :])
+
+
+#: Per-input neuron gates (``per="input"``) and the packed batches of a threshold token gate do not mix.
+PACKED_PER_INPUT = (
+    "tokens: {fqn} has a per-input neuron gate (per='input'), but after a threshold token gate the inputs of a "
+    "batch travel packed as one sequence, so it would choose one neuron set for the whole batch; use "
+    "per='token' or a top-k token gate (cls_attention, predictor)"
+)
+
+
+def check_packed_mlps(seq: nn.Sequential, first: int) -> None:
+    """No per-input neuron gate where a threshold gate packs the batch: it would see the batch as one input."""
+    for i in range(first, len(seq)):
+        if getattr(getattr(getattr(seq[i], "mlp", None), "neurons", None), "per", None) == "input":
+            raise ConfigError(PACKED_PER_INPUT.format(fqn=f"blocks.{i}.mlp"))
+
+
+def _variable_gate(block: nn.Module) -> bool:
+    """True for a token-gated block whose gate keeps a variable number of tokens (a threshold gate)."""
+    return bool(getattr(getattr(getattr(block, "tokens", None), "gate", None), "variable", False))
+
+
+def check_not_packed(model: nn.Module, found: list[tuple[str, nn.Module]]) -> None:
+    """Refuse per-input decisions in the blocks where a threshold token gate packs the batch into one sequence."""
+    blocks = getattr(model, "blocks", None)
+    gated = [
+        i
+        for i, b in enumerate(blocks or ())
+        if getattr(getattr(getattr(b, "tokens", None), "gate", None), "variable", False)
+    ]
+    if not gated:
+        return
+    packed = {id(m) for b in list(blocks)[gated[0] :] for m in b.modules()}
+    for fqn, host in found:
+        if id(host) in packed:
+            raise ConfigError(PACKED_PER_INPUT.format(fqn=fqn).replace("tokens: ", "neurons: ", 1))

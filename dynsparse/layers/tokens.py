@@ -31,7 +31,14 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..gates.tokens import TokenGate, threshold_keep
 from ..modules import adopt, place_like
-from .token_pack import Packing, fill_dropped, packed_attention, select_tokens, unpack
+from .token_pack import (
+    Packing,
+    check_packed_mlps,
+    fill_dropped,
+    packed_attention,
+    select_tokens,
+    unpack,
+)
 
 __all__ = [
     "PolicyBlock",
@@ -337,7 +344,7 @@ def gate_tokens_(
     if not idx or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(seq) for i in idx):
         raise ConfigError(f"tokens.blocks: block indices in [0, {len(seq)}) expected, got {blocks!r}")
     if variable:
-        _check_packed_mlps(seq, idx[0])
+        check_packed_mlps(seq, idx[0])
     if sorted(set(idx)) != idx:
         raise ConfigError(f"tokens.blocks: indices must be increasing and distinct, got {blocks!r}")
     keeps = list(keep) if isinstance(keep, (list, tuple)) else [keep] * len(idx)
@@ -394,21 +401,6 @@ def _check_variable_head(model: nn.Module, final_threshold: float) -> None:
             f"tokens: the threshold gate with global_pool={pool!r} needs fc_norm (model.norm = Identity), since "
             "inputs keep different token counts and the pooled tokens are normalised after pooling"
         )
-
-
-def _check_packed_mlps(seq: nn.Sequential, first: int) -> None:
-    """No per-input neuron gate where a threshold gate packs the batch: it would see the batch as one input."""
-    for i in range(first, len(seq)):
-        if getattr(getattr(getattr(seq[i], "mlp", None), "neurons", None), "per", None) == "input":
-            raise ConfigError(PACKED_PER_INPUT.format(fqn=f"blocks.{i}.mlp"))
-
-
-#: Per-input neuron gates (``per="input"``) and the packed batches of a threshold token gate do not mix.
-PACKED_PER_INPUT = (
-    "tokens: {fqn} has a per-input neuron gate (per='input'), but after a threshold token gate the inputs of a "
-    "batch travel packed as one sequence, so it would choose one neuron set for the whole batch; use "
-    "per='token' or a top-k token gate (cls_attention, predictor)"
-)
 
 
 def token_spec(model: nn.Module) -> dict | None:
