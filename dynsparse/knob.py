@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, GateError
 from .gates import InputDependentGate
 
 __all__ = ["budget", "get_budget", "set_budget_"]
@@ -57,13 +57,22 @@ def set_budget_(
         unknown = sorted(set(keep) - known)
         if unknown:
             raise ConfigError(f"set_budget_: no input-dependent gate named {unknown[0]!r}; gates: {sorted(known)[:5]}")
-        for f, g in gates:
-            if f in keep:
-                g.set_budget_(keep[f])
+        _apply(gates, keep)
         return model
-    for _, g in gates:
-        g.set_budget_(keep)
+    _apply(gates, {f: keep for f, _ in gates})
     return model
+
+
+def _apply(gates: list[tuple[str, InputDependentGate]], keep: dict[str, float | None]) -> None:
+    """Set ``keep[f]`` on each named gate; all or nothing: a refused value restores the gates already set."""
+    before = [(f, g, g.keep) for f, g in gates if f in keep]
+    for i, (f, g, _) in enumerate(before):
+        try:
+            g.set_budget_(keep[f])
+        except (ConfigError, GateError) as e:
+            for _, done, old in before[:i]:
+                done.set_budget_(old)
+            raise type(e)(f"set_budget_: gate {f!r}: {e}") from e
 
 
 @contextmanager

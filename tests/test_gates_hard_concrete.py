@@ -239,6 +239,13 @@ def test_hard_concrete_constrain_clamps_log_alpha() -> None:
         {"beta": 0.0},
         {"beta": -1.0},
         {"beta": float("nan")},
+        {"eps": 0.5},
+        {"eps": -1e-6},
+        {"eps": float("nan")},
+        {"log_alpha_range": (3.0, -3.0)},
+        {"log_alpha_range": (float("nan"), 1.0)},
+        {"log_alpha_range": (0.0, 0.0)},
+        {"init_std": float("inf")},
     ],
     ids=_kw_id,
 )

@@ -6,8 +6,9 @@ import pytest
 import torch
 from _gate_helpers import LinearTopKGate
 
-from dynsparse.errors import GateError
-from dynsparse.gates import Gate, TopKGate
+from dynsparse.errors import ConfigError, GateError
+from dynsparse.gates import BlockRouter, CatsGate, Gate, TopKGate
+from dynsparse.gates.tokens import PredictorTokenGate
 
 # --------------------------------------------------------------------------------------------------------------
 # Input-dependent gate base
@@ -70,3 +71,38 @@ def test_input_dependent_penalty_and_repr() -> None:
     p = gate.penalty()
     assert p.dim() == 0 and p.item() == 0.0
     assert "num_units=4" in repr(gate) and "keep=0.5" in repr(gate)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# State after load, bad arguments
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_cats_threshold_follows_keep_after_load() -> None:
+    torch.manual_seed(0)
+    saved = CatsGate(8, dim=4, keep=1.0)
+    saved.start_calibration()
+    saved.observe(torch.randn(200, 8))
+    saved.finish_calibration()
+    loaded = CatsGate(8, dim=4, keep=0.5)
+    loaded.load_state_dict(saved.state_dict())
+    assert float(loaded.threshold) == pytest.approx(loaded.threshold_at(0.5)), "threshold must follow this gate's keep"
+    kept = loaded(torch.randn(4000, 8)).float().mean().item()
+    assert abs(kept - 0.5) < 0.05, f"keep=0.5 after load keeps {kept:.3f}"
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: BlockRouter(8, tau=0.0), "tau"),
+        (lambda: BlockRouter(8, tau=float("nan")), "tau"),
+        (lambda: BlockRouter(8, weight=-1.0), "weight"),
+        (lambda: BlockRouter(True), "dim"),
+        (lambda: PredictorTokenGate(8, dim=8, tau=0.0), "tau"),
+        (lambda: PredictorTokenGate(8, dim=8, weight=float("inf")), "weight"),
+        (lambda: CatsGate(4, dim=2, max_samples=0), "max_samples"),
+    ],
+)
+def test_input_dependent_gates_refuse_bad_arguments(build, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        build()

@@ -68,6 +68,8 @@ def test_sigmoid_penalty_is_sum_of_soft() -> None:
         {"threshold": -0.5},
         {"threshold": 1.5},
         {"threshold": float("nan")},
+        {"init_logit": float("nan")},
+        {"init_logit": float("inf")},
     ],
     ids=_kw_id,
 )

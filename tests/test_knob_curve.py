@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 
@@ -36,3 +37,16 @@ def test_flops_are_the_mean_over_images_of_a_routed_model():
     assert abs(curve.points[0].flops_ratio - expected) < 1e-12
     only_first = knob_curve(m, dense, lambda mod: 0.0, x, keeps=[0.5], batch_sizes=[1], rounds=1, flops_images=1)
     assert only_first.points[0].flops_ratio == per_image[0] / count_flops(dense, x[:1])
+
+
+def test_a_refused_budget_changes_no_gate_and_names_the_gate() -> None:
+    model = timm.create_model("test_vit", pretrained=False, img_size=32)
+    m = ds.sparsify_(model, {"tokens": {"gate": "cls_attention", "blocks": [0, 1]}})
+    before = ds.get_budget(m)
+    bad = {"blocks.0.tokens.gate": 0.25, "blocks.1.tokens.gate": 1.5}
+    with pytest.raises(ds.DynsparseError, match=r"blocks\.1\.tokens\.gate.*keep"), ds.budget(m, bad):
+        pass
+    assert ds.get_budget(m) == before, "a refused budget must leave every gate as it was"
+    with pytest.raises(ds.DynsparseError, match=r"blocks\.1\.tokens\.gate"):
+        ds.set_budget_(m, {"blocks.0.tokens.gate": 0.3, "blocks.1.tokens.gate": None})
+    assert ds.get_budget(m) == before

@@ -191,3 +191,23 @@ def test_group_lasso_needs_gated_layers_and_valid_calls() -> None:
     with pytest.raises(ConfigError, match="min_keep"):
         reg.keep_masks(min_keep=-1)
     assert "groups=3" in repr(reg)
+
+
+def test_group_lasso_float16_zero_groups_keep_finite_gradients() -> None:
+    # eps=1e-16 vanishes in float16: sqrt(0) then gave inf * 0 = nan gradients on every zeroed group
+    mlp = GatedMlp.from_module(Mlp(2, 3, 2), gate="fixed").half()
+    reg = GroupLasso(mlp, dimensions="neurons", weight=1.0)
+    reg.prox_step_(lr=1e4)
+    assert (mlp.fc1.weight == 0).all(), "the prox step zeroes every group"
+    reg().backward()
+    assert torch.isfinite(mlp.fc1.weight.grad).all() and torch.isfinite(mlp.fc1.bias.grad).all()
+
+
+def test_group_lasso_float16_large_groups_do_not_overflow() -> None:
+    mlp = GatedMlp.from_module(Mlp(2, 3, 2), gate="fixed").half()
+    with torch.no_grad():
+        mlp.fc1.weight.fill_(300.0)  # ‖w_g‖² = 2·300² + b² > 65504, the float16 maximum
+    reg = GroupLasso(mlp, dimensions="neurons", weight=1.0)
+    assert torch.isfinite(reg()), "the penalty overflowed"
+    norms = reg.group_norms()["norm.gate"]
+    assert torch.isfinite(norms).all() and norms.min() > 400

@@ -256,3 +256,30 @@ def test_hook_handles_survive_remove_svd():
     handle.remove()
     m(torch.randn(1, 4))
     assert fired == []
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_svdo_float16_keeps_gradients_finite(layer: str) -> None:
+    # the 1e-8 under log(θ² + ·) and sqrt(var + ·) vanish in float16: a zero weight or an all-zero input gave nan
+    torch.manual_seed(0)
+    if layer == "linear":
+        m, x = LinearSVDO(4, 3).half().train(), torch.zeros(2, 4, dtype=torch.float16)
+    else:
+        m, x = Conv2dSVDO(2, 3, 3, padding=1).half().train(), torch.zeros(2, 2, 4, 4, dtype=torch.float16)
+    x[1] = 1.0
+    with torch.no_grad():
+        m.weight.view(-1)[0] = 0.0
+    (m(x).sum() + m.kl()).backward()
+    for name, p in m.named_parameters():
+        assert torch.isfinite(p.grad).all(), f"{name}.grad has non-finite values"
+    assert m.log_alpha.dtype == torch.float16
+    assert m.log_alpha.view(-1)[0] == 8.0, "a zero weight has the largest log α"
+
+
+def test_svdo_float16_kl_sum_does_not_overflow() -> None:
+    m = LinearSVDO(300, 100)
+    with torch.no_grad():
+        m.weight.fill_(1.0)  # log α = -8: 30000 weights of KL ≈ 4.6 each, more than the float16 maximum 65504
+    kl = m.half().kl()
+    assert torch.isfinite(kl), f"kl() = {kl}"
+    assert_close(kl.double(), f64(30000 * paper_kl(-8.0)), atol=0, rtol=1e-3, what="float16 kl")

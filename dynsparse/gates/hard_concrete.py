@@ -61,10 +61,17 @@ class HardConcreteGate(Gate):
             raise GateError(f"HardConcreteGate: need gamma < 0 < 1 < zeta and beta > 0, got {gamma}, {zeta}, {beta}")
         if not (math.isfinite(init_std) and init_std >= 0):
             raise GateError(f"HardConcreteGate: init_std must be >= 0, got {init_std}")
+        if not 0.0 <= eps < 0.5:
+            raise GateError(f"HardConcreteGate: eps (the clamp of the uniform noise) must be in [0, 0.5), got {eps}")
+        lo, hi = (float(v) for v in log_alpha_range)
+        if not lo < hi:
+            raise GateError(
+                f"HardConcreteGate: log_alpha_range must be (low, high) with low < high, got {log_alpha_range}"
+            )
         self.init_drop_rate = float(init_drop_rate)
         self.init_std = float(init_std)
         self.beta, self.gamma, self.zeta, self.eps = float(beta), float(gamma), float(zeta), float(eps)
-        self.log_alpha_range = (float(log_alpha_range[0]), float(log_alpha_range[1]))
+        self.log_alpha_range = (lo, hi)
         self.log_alpha = nn.Parameter(torch.empty(num_units, device=device, dtype=dtype))
         self.reset_parameters()
 

@@ -95,7 +95,9 @@ class CatsGate(NeuronGate):
 
     def __init__(self, num_units: int, dim: int, keep: float = 0.5, per: str = "token", max_samples: int = 1 << 22):
         super().__init__(num_units, dim, keep, per)
-        self.max_samples = int(max_samples)
+        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+            raise ConfigError(f"CatsGate: max_samples must be a positive int, got {max_samples!r}")
+        self.max_samples = max_samples
         self.register_buffer("quantiles", torch.full((NUM_LEVELS,), float("nan")))
         self.register_buffer("threshold", torch.tensor(float("nan")))
         self._seen: list[Tensor] | None = None
@@ -116,6 +118,12 @@ class CatsGate(NeuronGate):
 
     def _update_threshold(self) -> None:
         self.threshold.fill_(self.threshold_at(self.keep) if self.calibrated or self.keep >= 1.0 else float("nan"))
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        # ``threshold`` is derived from ``quantiles`` and ``keep``; the loaded one belongs to the saver's ``keep``
+        super()._load_from_state_dict(*args, **kwargs)
+        with torch.no_grad():
+            self._update_threshold()
 
     def set_budget_(self, keep: float) -> CatsGate:
         super().set_budget_(keep)

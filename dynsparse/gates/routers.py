@@ -11,6 +11,8 @@ that should run the block). The bias starts at +3 (p ≈ 0.95: every block runs 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -47,8 +49,10 @@ class BlockRouter(InputDependentGate):
         pool: str = "mean",
     ) -> None:
         super().__init__(1, keep)
-        if not isinstance(dim, int) or dim < 1:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
             raise ConfigError(f"router: dim must be the token width, got {dim!r}")
+        _check_positive("router", "tau", tau)
+        _check_positive("router", "weight", weight, allow_zero=True)
         if not 0.0 <= target <= 1.0:
             raise ConfigError(f"router: target must be a fraction in [0, 1], got {target!r}")
         if pool not in ("token", "mean"):
@@ -108,3 +112,15 @@ class BlockRouter(InputDependentGate):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, keep={self.keep}, target={self.target}, pool={self.pool!r}"
+
+
+def _check_positive(owner: str, name: str, v: float, allow_zero: bool = False) -> None:
+    """Raise a `ConfigError` naming ``name`` unless ``v`` is a finite number > 0 (>= 0 with ``allow_zero``)."""
+    ok = (
+        isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        and (v >= 0 if allow_zero else v > 0)
+    )
+    if not ok:
+        raise ConfigError(f"{owner}: {name} must be a finite number {'>=' if allow_zero else '>'} 0, got {v!r}")

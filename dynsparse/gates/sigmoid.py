@@ -48,6 +48,8 @@ class SigmoidGate(Gate):
             raise GateError(f"SigmoidGate: temperature must be > 0, got {temperature}")
         if not (0.0 < threshold < 1.0):
             raise GateError(f"SigmoidGate: threshold must be in (0, 1), got {threshold}")
+        if not math.isfinite(init_logit):
+            raise GateError(f"SigmoidGate: init_logit must be a finite number, got {init_logit}")
         self.temperature = float(temperature)
         self.threshold = float(threshold)
         self.logits = nn.Parameter(torch.full((num_units,), float(init_logit), device=device, dtype=dtype))

@@ -174,6 +174,12 @@ class PredictorTokenGate(TokenGate):
         super().__init__(num_units, keep, dim)
         if not isinstance(dim, int) or dim < 4:
             raise ConfigError(f"predictor token gate: dim must be the token width (>= 4), got {dim!r}")
+        for name, v, ok, rule in (
+            ("weight", weight, _real(weight) and weight >= 0, ">= 0"),
+            ("tau", tau, _real(tau) and tau > 0, "> 0"),
+        ):
+            if not ok or not math.isfinite(v):
+                raise ConfigError(f"predictor token gate: {name} must be a finite number {rule}, got {v!r}")
         self.weight, self.tau = float(weight), float(tau)
         self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
         self.out_conv = nn.Sequential(

@@ -107,10 +107,14 @@ class GroupLasso:
 
     # ------------------------------------------------------------------------------------------------ core
     def _squared_norms(self, e: _Entry) -> Tensor:
-        """(num_units,) ‖w_g‖₂² of each group, differentiable."""
+        """(num_units,) ‖w_g‖₂² of each group, differentiable; in float32 at least.
+
+        Half precision would overflow (‖w_g‖² > 65504) or lose ``eps`` (so ``sqrt(0)`` gives nan gradients).
+        """
         total = None
         for p in e.producers:
             rows = unit_weights(e.ref.layer, p)
+            rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
             sq = rows.pow(2).sum(1)
             total = sq if total is None else total + sq.to(total.dtype)
         assert total is not None

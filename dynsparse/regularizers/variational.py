@@ -82,8 +82,20 @@ def kl_approx(log_alpha: Tensor) -> Tensor:
 
 
 def svd_log_alpha(weight: Tensor, log_sigma2: Tensor, clip: tuple[float, float] = LOG_ALPHA_CLIP) -> Tensor:
-    """``log α = clamp(log σ² − log(θ² + 1e-8), *clip)`` (additive reparameterisation), elementwise."""
-    return torch.clamp(log_sigma2 - torch.log(weight * weight + 1e-8), *clip)
+    """``log α = clamp(log σ² − log(θ² + 1e-8), *clip)`` (additive reparameterisation), elementwise.
+
+    Computed in float32 at least (the 1e-8 vanishes in float16: a zero weight gave nan gradients), returned in
+    ``weight``'s dtype.
+    """
+    wide = torch.promote_types(weight.dtype, torch.float32)
+    w = weight.to(wide)
+    return torch.clamp(log_sigma2.to(wide) - torch.log(w * w + 1e-8), *clip).to(weight.dtype)
+
+
+def _lrt_noise(mean: Tensor, var: Tensor) -> Tensor:
+    """``mean + sqrt(var + 1e-8)·ε`` (local reparameterisation), the square root in float32 at least."""
+    std = torch.sqrt(var.to(torch.promote_types(var.dtype, torch.float32)) + 1e-8).to(mean.dtype)
+    return mean + std * torch.randn_like(mean)
 
 
 def kl_weight(epoch: float, start: float = 5, end: float = 20) -> float:
@@ -145,8 +157,9 @@ class _SVDO:
             return self.log_alpha <= self.threshold
 
     def kl(self) -> Tensor:
-        """Scalar approximate KL summed over the weights (bias is not variational)."""
-        return kl_approx(self.log_alpha).sum()
+        """Scalar approximate KL summed over the weights (bias is not variational); float32 at least."""
+        la = self.log_alpha
+        return kl_approx(la.to(torch.promote_types(la.dtype, torch.float32))).sum()
 
     def _pruned_weight(self) -> Tensor:
         return self.weight * self.weight_mask().to(self.weight.dtype)
@@ -202,7 +215,7 @@ class LinearSVDO(_SVDO, nn.Linear):
         if self.training:
             mean = F.linear(x, self.weight, self.bias)
             var = F.linear(x * x, torch.exp(self.log_sigma2))
-            return mean + torch.sqrt(var + 1e-8) * torch.randn_like(mean)
+            return _lrt_noise(mean, var)
         return F.linear(x, self._pruned_weight(), self.bias)
 
     def extra_repr(self) -> str:
@@ -230,7 +243,7 @@ class Conv2dSVDO(_SVDO, nn.Conv2d):
         if self.training:
             mean = self._conv_forward(x, self.weight, self.bias)
             var = self._conv_forward(x * x, torch.exp(self.log_sigma2), None)
-            return mean + torch.sqrt(var + 1e-8) * torch.randn_like(mean)
+            return _lrt_noise(mean, var)
         return self._conv_forward(x, self._pruned_weight(), self.bias)
 
     def extra_repr(self) -> str:
