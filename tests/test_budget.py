@@ -125,3 +125,9 @@ def test_enforce_reopen_refills_what_a_costly_closure_overshot(vit):
     assert plain <= 0.75 + 1e-9 and refilled <= 0.75 + 1e-9
     assert refilled > plain + 0.01, (plain, refilled)  # the closure of a branch overshot; reopening refilled
     assert budget.cost.fraction() == pytest.approx(refilled)
+
+
+@pytest.mark.parametrize("steps", [-1, 2.5, True])
+def test_warmup_steps_must_be_a_nonnegative_int(vit, steps):
+    with pytest.raises(ds.ConfigError, match="warmup_steps"):
+        TargetSparsity(vit, target=0.5, warmup_steps=steps, example_input=X)

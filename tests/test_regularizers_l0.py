@@ -59,3 +59,12 @@ def test_expected_l0_errors() -> None:
     reg = ExpectedL0(model)
     ds.fix_gates_(model)
     assert reg().item() == 0.0
+
+
+def test_expected_l0_sums_gates_of_mixed_dtypes() -> None:
+    """A model whose gates differ in dtype (one block cast to half) still gets one penalty, in float32 at least."""
+    model = tiny_vit(gate="hard_concrete")
+    gates = list(dict(ds.named_gates(model)).values())
+    gates[0].half()
+    total = ExpectedL0(model)()
+    assert total.dtype in (torch.float32, torch.float64) and torch.isfinite(total)

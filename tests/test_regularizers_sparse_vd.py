@@ -283,3 +283,11 @@ def test_svdo_float16_kl_sum_does_not_overflow() -> None:
     kl = m.half().kl()
     assert torch.isfinite(kl), f"kl() = {kl}"
     assert_close(kl.double(), f64(30000 * paper_kl(-8.0)), atol=0, rtol=1e-3, what="float16 kl")
+
+
+@pytest.mark.parametrize("kwargs", [{"threshold": True}, {"init_log_sigma2": False}])
+def test_svdo_refuses_booleans_for_numbers(kwargs):
+    from dynsparse.regularizers.variational import LinearSVDO
+
+    with pytest.raises(ConfigError, match=next(iter(kwargs))):
+        LinearSVDO(4, 2, **kwargs)

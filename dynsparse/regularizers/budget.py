@@ -54,6 +54,8 @@ class TargetSparsity(nn.Module):
         super().__init__()
         if not 0.0 < target <= 1.0:
             raise ConfigError(f"TargetSparsity: target (kept fraction) must be in (0, 1], got {target}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ConfigError(f"TargetSparsity: warmup_steps must be an int >= 0, got {warmup_steps!r}")
         self.cost = CostModel(model, example_input, kind=kind)
         if not self.cost.slots:
             raise ConfigError("TargetSparsity: the model has no gates (call dynsparse.sparsify_ first)")

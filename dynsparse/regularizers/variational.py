@@ -125,9 +125,11 @@ class _SVDO:
     threshold: float
 
     def _init_svdo(self, threshold: float, init_log_sigma2: float) -> None:
-        if not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
+        if isinstance(threshold, bool) or not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
             raise ConfigError(f"{type(self).__name__}: threshold must be a finite number, got {threshold!r}")
-        if not (isinstance(init_log_sigma2, (int, float)) and math.isfinite(init_log_sigma2)):
+        if isinstance(init_log_sigma2, bool) or not (
+            isinstance(init_log_sigma2, (int, float)) and math.isfinite(init_log_sigma2)
+        ):
             raise ConfigError(f"{type(self).__name__}: init_log_sigma2 must be finite, got {init_log_sigma2!r}")
         self.threshold = float(threshold)
         self.log_sigma2 = nn.Parameter(torch.full_like(self.weight.detach(), float(init_log_sigma2)))
