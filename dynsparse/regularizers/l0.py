@@ -7,8 +7,6 @@ and scales the sum, so the weight means the same thing on models of any size.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor, nn
 
@@ -65,9 +63,7 @@ class ExpectedL0:
         gates = self._gates()
         if not gates:
             return zero_like_params(self.model)
-        terms = [g.penalty() for g in gates]
-        dtype = torch.promote_types(torch.float32, functools.reduce(torch.promote_types, [t.dtype for t in terms]))
-        total = torch.stack([t.to(dtype) for t in terms]).sum()  # gates of mixed dtypes (e.g. half and float)
+        total = torch.stack([g.penalty() for g in gates]).sum()
         if self.normalize:
             total = total / sum(g.num_units for g in gates)
         return self.weight * total
