@@ -190,7 +190,8 @@ class _RecordingEncoder(torch.nn.Module):
 
 def _tokenizer(sentences, **kwargs):
     n = max(len(s.split()) for s in sentences)
-    return {"input_ids": torch.ones(len(sentences), n, dtype=torch.long), "attention_mask": torch.ones(len(sentences), n)}
+    ids = torch.ones(len(sentences), n, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": torch.ones(len(sentences), n)}
 
 
 def test_sentence_encoder_moves_tokens_to_the_model_device():
