@@ -13,6 +13,8 @@ for budget regularizers.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -33,6 +35,26 @@ def _custom_mapping() -> dict:
     """Formulas ``FlopCounterMode`` lacks: the CPU kernel of fused attention counts like the GPU kernels."""
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     return {op: _sdpa_cpu_flops} if op is not None else {}
+
+
+@contextmanager
+def _mha_fastpath_off() -> Iterator[None]:
+    """Run ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` on their composite path while counting.
+
+    In eval mode without grad they call fused kernels (``aten._native_multi_head_attention``,
+    ``aten._transformer_encoder_layer_fwd``) that ``FlopCounterMode`` has no formula for, so their FLOPs would
+    count as 0. The composite path runs the same math through ``addmm`` and attention ops that it counts.
+    """
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    old = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(old)
 
 
 def count_flops(model: nn.Module, *inputs) -> int:
@@ -77,7 +99,11 @@ def module_flops(model: nn.Module, example: Tensor | tuple) -> dict[str, int]:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
+        with (
+            torch.no_grad(),
+            _mha_fastpath_off(),
+            FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter,
+        ):
             model(*example) if isinstance(example, tuple) else model(example)
     except Exception as e:  # the example input does not fit the model
         raise ConfigError(f"the example input does not run through {type(model).__name__}: {e}") from e
@@ -112,10 +138,17 @@ def _exclusive(totals: dict[str, int]) -> dict[str, int]:
 
 
 def _own_params(model: nn.Module) -> dict[str, int]:
+    """Parameters each module owns directly, by fqn; the gates' own parameters are not part of the cost.
+
+    Gates are recognised by type, not by name: a host layer may well be called ``gate_proj`` (Llama's MLP).
+    """
+    from .gates import Gate, InputDependentGate
+
+    gate_fqns = [f for f, m in model.named_modules() if isinstance(m, (Gate, InputDependentGate))]
     out = {}
     for fqn, m in model.named_modules():
-        n = sum(p.numel() for name, p in m.named_parameters(recurse=False))
-        if n and ".gate" not in f".{fqn}" and not fqn.endswith("gate"):
+        n = sum(p.numel() for p in m.parameters(recurse=False))
+        if n and not any(_covers(g, fqn) for g in gate_fqns if g):
             out[fqn] = n
     return out
 

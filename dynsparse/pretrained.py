@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError, DynsparseError
-from .registry import Registry
+from .registry import Registry, suggest
 
 __all__ = [
     "PRETRAINED",
@@ -287,19 +287,24 @@ class SentenceEncoder(nn.Module):
     def encode(self, sentences: Sequence[str], batch_size: int = 64) -> Tensor:
         """Embed sentences in eval mode, in batches of similar length; returns ``(len(sentences), C)``.
 
-        The module's training flag is restored afterwards.
+        The token ids are moved to the device of the model's parameters, and so is the result. The module's
+        training flag is restored afterwards, also when a batch fails.
         """
         was = self.training
-        self.eval()
+        device = next((p.device for p in self.parameters()), torch.device("cpu"))
         order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
         out: list[Tensor] = []
-        for s in range(0, len(order), batch_size):
-            out.append(self(**self.tokenize([sentences[i] for i in order[s : s + batch_size]])))
-        self.train(was)
+        self.eval()
+        try:
+            for s in range(0, len(order), batch_size):
+                batch = self.tokenize([sentences[i] for i in order[s : s + batch_size]])
+                out.append(self(**{k: v.to(device) for k, v in batch.items()}))
+        finally:
+            self.train(was)
         if not out:
-            return torch.zeros(0, getattr(getattr(self.model, "config", None), "hidden_size", 0))
+            return torch.zeros(0, getattr(getattr(self.model, "config", None), "hidden_size", 0), device=device)
         emb = torch.cat(out)
-        return emb[torch.argsort(torch.tensor(order))]
+        return emb[torch.argsort(torch.tensor(order, device=device))]
 
 
 def _load_sentence_encoder(src: PretrainedSource, max_length: int = 256, **kwargs: Any) -> nn.Module:
@@ -310,7 +315,16 @@ def _load_sentence_encoder(src: PretrainedSource, max_length: int = 256, **kwarg
         import transformers
     except ImportError:
         raise DynsparseError(f"pretrained model {src.name!r} needs transformers: pip install 'dynsparse[hf]'") from None
-    config = transformers.BertConfig.from_pretrained(str(path), local_files_only=True, **kwargs)
+    config, unused = transformers.BertConfig.from_pretrained(
+        str(path), local_files_only=True, return_unused_kwargs=True, **kwargs
+    )
+    if unused:  # BertConfig keeps unknown keys as plain attributes: a typo would change nothing, silently
+        known = ["max_length", *config.to_dict()]
+        key = sorted(unused)[0]
+        raise ConfigError(
+            f"pretrained model {src.name!r}: unknown option {key!r} (neither max_length nor a BertConfig field)."
+            f"{suggest(key, known)}"
+        )
     model = transformers.BertModel(config, add_pooling_layer=False)  # sentence-transformers never runs the pooler
     state = load_file(str(path / "model.safetensors"))
     ignored = {k for k in state if k.startswith("pooler.") or k == "embeddings.position_ids"}

