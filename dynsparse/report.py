@@ -55,7 +55,7 @@ class SparsityReport:
             lines.append(f"{r.dimension:<10} {r.gates:>6} {r.kept:>8} {r.total:>8} {100 * r.keep_ratio:>6.1f}%")
         if self.flops_keep_ratio is not None:
             lines.append(
-                f"FLOPs: {self.kept_flops / 1e6:.2f}M of {self.dense_flops / 1e6:.2f}M kept "
+                f"FLOPs: {_si(self.kept_flops)} of {_si(self.dense_flops)} kept "
                 f"({100 * self.flops_keep_ratio:.1f}%, estimate from the gates' keep masks)"
             )
         return "\n".join(lines)
@@ -99,3 +99,8 @@ def sparsity_report(model: nn.Module, example_input: Tensor | tuple | None = Non
     report.dense_flops = int(cost.total)
     report.kept_flops = cost.fraction() * cost.total
     return report
+
+
+def _si(n: float) -> str:
+    """``n`` in millions with two decimals, or in thousands below a million (a tiny model's FLOPs are not 0.00M)."""
+    return f"{n / 1e6:.2f}M" if abs(n) >= 1e6 or n == 0 else f"{n / 1e3:.2f}k"

@@ -55,3 +55,17 @@ def test_stages_that_share_a_name_are_all_reported():
         }
     )
     assert [line.split()[0] for line in table.splitlines()[3:8]] == names
+
+
+def test_compare_latency_restores_training_flags():
+    from dynsparse.bench.latency import compare_latency
+
+    a, b = torch.nn.Linear(2, 2).train(), torch.nn.Linear(2, 2).eval()
+    compare_latency({"a": a, "b": b}, torch.zeros(1, 2), rounds=1, warmup=0)
+    assert a.training and not b.training
+
+
+def test_sparsity_report_prints_small_flops_in_thousands():
+    from dynsparse.report import _si
+
+    assert _si(59_600_000) == "59.60M" and _si(12_345) == "12.35k"

@@ -43,7 +43,7 @@ def compare_latency(
 
     The order of the models rotates every round; the speed-up of model ``m`` is the median over rounds of
     ``t_reference / t_m`` measured in the same round. ``torch.set_num_threads(threads)`` is set for the
-    measurement and restored afterwards.
+    measurement and restored afterwards, and so is each model's training flag.
 
     Raises:
         ConfigError: ``rounds`` or ``threads`` is below 1, ``warmup`` below 0, ``models`` is empty, or ``reference``
@@ -55,6 +55,7 @@ def compare_latency(
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     times: dict[str, list[float]] = {n: [] for n in names}
+    modes = [(m, m.training) for m in models.values()]
     try:
         for m in models.values():
             m.eval()
@@ -70,6 +71,8 @@ def compare_latency(
                     times[n].append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(old)
+        for m, training in modes:
+            m.train(training)
     med = {n: statistics.median(v) for n, v in times.items()}
     speed = {n: statistics.median([a / b for a, b in zip(times[reference], times[n], strict=True)]) for n in names}
     return LatencyResult(threads, int(x.shape[0]), rounds, med, speed)
