@@ -219,3 +219,20 @@ def test_hard_concrete_non_binary_values_are_folded():
     x = torch.randn(3, 4)
     torch.testing.assert_close(c(x), gated(x))
     assert c.fc1.out_features == int((vals > 0).sum())
+
+
+@pytest.mark.parametrize("host_cls", [BasicBlock, Bottleneck])
+def test_pooling_anti_aliasing_converts_exactly(host_cls):
+    """A stride-2 block with ``aa_layer=nn.AvgPool2d`` (timm ``resnetaa*``): the pooling acts on each channel alone."""
+    torch.manual_seed(0)
+    c = 4 * host_cls.expansion
+    down = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+    host = host_cls(c, 4, stride=2, downsample=down, aa_layer=nn.AvgPool2d).double().eval()
+    _randomize_bn(host, torch.Generator().manual_seed(1))
+    gated = GatedBottleneck.from_module(host) if host_cls is Bottleneck else GatedBasicBlock.from_module(host)
+    keep = torch.tensor([True, False, True, False])
+    gated = ds.fix_gates_(gated.eval(), {child: keep for child, _ in gated.gate_slots()})
+    x = torch.randn(2, c, 6, 6, dtype=torch.float64)
+    converted = ds.convert(gated)
+    assert isinstance(converted.aa, nn.AvgPool2d) and converted.conv1.out_channels == 2
+    torch.testing.assert_close(converted(x), gated(x), rtol=1e-9, atol=1e-9)

@@ -194,3 +194,31 @@ def test_layer_types_of_another_length_are_refused():
     model.config.layer_types = [*ALTERNATING, "full_attention"]  # one item more than the model has layers
     with pytest.raises(UnsupportedModuleError, match="layer_types has 5 items for 4 attention layers"):
         ds.convert(model)
+
+
+def test_gpt2_cross_attention_stays_when_both_gated_branches_close():
+    """A GPT-2 block with cross-attention keeps its (ungated) cross-attention branch when self-attention and MLP close:
+    it is edited in place, not replaced by a `SkipLayer`; full and cached forwards equal the gated model's."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_embd=32, n_head=4, n_layer=2, n_inner=48, n_positions=64, add_cross_attention=True, **DECODER
+    )
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ds.sparsify_(model, {"layers": "fixed"})
+    ds.fix_gates_(model, {f: torch.tensor([not f.startswith("transformer.h.0.")]) for f, _ in ds.named_gates(model)})
+    converted = ds.convert(model)
+    assert not isinstance(converted.transformer.h[0], SkipLayer)
+    assert isinstance(converted.transformer.h[0].attn, ZeroAttention)
+    ids, mask = _padded()
+    enc = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(2))
+
+    def run(m):
+        first = m(ids, attention_mask=mask, encoder_hidden_states=enc, use_cache=True)
+        nxt = first.logits[:, -1:].argmax(-1)
+        mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
+        second = m(nxt, attention_mask=mask2, encoder_hidden_states=enc, cache=first.cache, use_cache=True)
+        return first.logits, second.logits
+
+    with torch.no_grad():
+        for got, want in zip(run(converted), run(model), strict=True):
+            _close(got, want, "gpt2 with cross-attention")

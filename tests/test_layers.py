@@ -7,8 +7,9 @@ import functools
 import pytest
 import timm.layers
 import torch
-from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual, SqueezeExcite
-from timm.models.resnet import Bottleneck
+from timm.layers.norm_act import GroupNormAct
+from timm.models._efficientnet_blocks import DepthwiseSeparableConv, EdgeResidual, InvertedResidual, SqueezeExcite
+from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
 import dynsparse as ds
@@ -27,6 +28,7 @@ from dynsparse.layers import (
 )
 
 SE = functools.partial(SqueezeExcite, rd_ratio=0.25)
+GN = functools.partial(GroupNormAct, num_groups=2)
 
 # (id, gated class, host kwargs, input shape)
 CASES = [
@@ -180,6 +182,31 @@ def test_unsupported_configurations_are_refused(cls, host, match):
         cls.from_module(host(), fqn="x")
     with pytest.raises(UnsupportedModuleError):
         cls(**_kwargs_of(host()))  # building it directly is refused too
+
+
+@pytest.mark.parametrize(
+    ("cls", "host", "match"),
+    [
+        (
+            GatedBasicBlock,
+            lambda: BasicBlock(8, 8, norm_layer=functools.partial(nn.GroupNorm, 2)),
+            "bn1 is a GroupNorm",
+        ),
+        (
+            GatedBottleneck,
+            lambda: Bottleneck(16, 4, norm_layer=functools.partial(nn.GroupNorm, 2)),
+            "bn1 is a GroupNorm",
+        ),
+        (GatedInvertedResidual, lambda: InvertedResidual(8, 8, exp_ratio=2.0, norm_layer=GN), "GroupNormAct"),
+        (GatedEdgeResidual, lambda: EdgeResidual(8, 8, exp_ratio=2.0, norm_layer=GN), "GroupNormAct"),
+        (GatedDepthwiseSeparableConv, lambda: DepthwiseSeparableConv(8, 12, norm_layer=GN), "GroupNormAct"),
+    ],
+)
+def test_norms_that_mix_channels_are_refused(cls, host, match):
+    """A GroupNorm on the gated channels (timm ``resnet50_gn``, ``efficientnet_b0_gn``) normalizes over several
+    channels: slicing it would silently change the kept ones."""
+    with pytest.raises(UnsupportedModuleError, match=rf"'x'.*{match}.*normalizes over several channels"):
+        cls.from_module(host(), fqn="x")
 
 
 def _kwargs_of(m):

@@ -207,7 +207,7 @@ def close_branches(block: nn.Module, closed: set[str]) -> nn.Module | None:
         return None
     norm1, attn, norm2, ffn = _PRE_NORM_PARTS[host]
     layer_idx = _cache_index(block.get_submodule(attn))
-    if attn_closed and ffn_closed:
+    if attn_closed and ffn_closed and getattr(block, "crossattention", None) is None:  # no ungated branch left
         return SkipLayer(layer_idx)
     if attn_closed:
         setattr(block, attn, ZeroAttention(layer_idx))

@@ -29,6 +29,7 @@ from ..layers.conv import (
     GatedDepthwiseSeparableConv,
     GatedEdgeResidual,
     GatedInvertedResidual,
+    norm_reason,
 )
 from ..layers.mlp import GatedGluMlp, GatedMlp, GatedSwiGLU
 from ..layers.residual import Branch
@@ -106,6 +107,9 @@ def output_projection(block: nn.Module) -> tuple[str, str] | None:
             "that block has a skip connection (its output is the sum with its own input), so its output channels "
             "are a residual width that cannot be sliced",
         )
+    reason = norm_reason(block, proj[1])
+    if reason is not None:
+        raise UnsupportedModuleError("", type(block).__name__, "channels", f"its output norm {reason}")
     aa = getattr(block, "aa", None)
     if host is ConvBnAct and aa is not None and not isinstance(aa, nn.Identity):
         raise UnsupportedModuleError(

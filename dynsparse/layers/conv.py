@@ -6,6 +6,7 @@ the producing conv/BN and the consuming conv exactly.
 
 from __future__ import annotations
 
+from timm.layers.norm_act import FrozenBatchNorm2d, FrozenBatchNormAct2d
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, EdgeResidual, InvertedResidual
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import Tensor, nn
@@ -21,6 +22,7 @@ __all__ = [
     "GatedDepthwiseSeparableConv",
     "GatedEdgeResidual",
     "GatedInvertedResidual",
+    "norm_reason",
 ]
 
 
@@ -51,6 +53,22 @@ def _conv(host: nn.Module, name: str, depthwise: bool = False) -> str | None:
     return f"{name} is a grouped conv (groups={g}); removing single channels would break its groups"
 
 
+#: Norms that normalize each channel alone (``slice_bn_`` slices them exactly); a GroupNorm / LayerNorm mixes channels.
+_PER_CHANNEL_NORMS = (nn.Identity, nn.modules.batchnorm._NormBase, FrozenBatchNorm2d, FrozenBatchNormAct2d)
+
+
+def norm_reason(host: nn.Module, *names: str) -> str | None:
+    """Why a norm ``names`` of ``host`` on the gated channels cannot be sliced on single channels, or None."""
+    for name in names:
+        norm = getattr(host, name)
+        if not isinstance(norm, _PER_CHANNEL_NORMS):
+            return (
+                f"{name} is a {type(norm).__name__}, which normalizes over several channels, so removing a channel "
+                "would change the others (only per-channel norms such as BatchNorm can be sliced)"
+            )
+    return None
+
+
 def _convs(host: nn.Module, *names: str, depthwise: str | None = None) -> str | None:
     """The first reason (`_conv`) why one of the convs ``names`` cannot be sliced; ``depthwise`` names the dw one."""
     for name in names:
@@ -60,10 +78,14 @@ def _convs(host: nn.Module, *names: str, depthwise: str | None = None) -> str | 
     return None
 
 
+#: Anti-aliasing modules that act on each channel alone and hold no per-channel state (nothing to slice).
+_CHANNELWISE_AA = (nn.Identity, nn.AvgPool2d, nn.MaxPool2d)
+
+
 def _check_aa(m: nn.Module, what: str) -> None:
     aa = getattr(m, "aa", None)
     inner = getattr(aa, "inner", aa)  # the slot may hold the aa module
-    if inner is not None and not isinstance(inner, nn.Identity) and type(inner).__name__ != "GateSlot":
+    if inner is not None and not isinstance(inner, _CHANNELWISE_AA) and type(inner).__name__ != "GateSlot":
         raise UnsupportedModuleError(
             "", type(m).__name__, "channels", f"anti-aliasing ({type(inner).__name__}) on {what} cannot be sliced yet"
         )
@@ -99,7 +121,7 @@ class GatedBasicBlock(GatedLayer, BasicBlock):
 
     @classmethod
     def unsupported_reason(cls, host: nn.Module) -> str | None:
-        return _stateless(host, "act1") or _convs(host, "conv1", "conv2")
+        return _stateless(host, "act1") or _convs(host, "conv1", "conv2") or norm_reason(host, "bn1")
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
@@ -129,7 +151,11 @@ class GatedBottleneck(GatedLayer, Bottleneck):
 
     @classmethod
     def unsupported_reason(cls, host: nn.Module) -> str | None:
-        return _stateless(host, "act1", "act2") or _convs(host, "conv1", "conv2", "conv3")
+        return (
+            _stateless(host, "act1", "act2")
+            or _convs(host, "conv1", "conv2", "conv3")
+            or norm_reason(host, "bn1", "bn2")
+        )
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
@@ -173,7 +199,8 @@ class GatedInvertedResidual(GatedLayer, InvertedResidual):
     def unsupported_reason(cls, host: nn.Module) -> str | None:
         if host.conv_s2d is not None:
             return "space-to-depth stems are not supported"
-        return _stateless(host, "aa") or _convs(host, "conv_pw", "conv_dw", "conv_pwl", depthwise="conv_dw")
+        reason = _convs(host, "conv_pw", "conv_dw", "conv_pwl", depthwise="conv_dw")
+        return _stateless(host, "aa") or reason or norm_reason(host, "bn1", "bn2")
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
@@ -209,7 +236,7 @@ class GatedEdgeResidual(GatedLayer, EdgeResidual):
 
     @classmethod
     def unsupported_reason(cls, host: nn.Module) -> str | None:
-        return _stateless(host, "aa") or _convs(host, "conv_exp", "conv_pwl")
+        return _stateless(host, "aa") or _convs(host, "conv_exp", "conv_pwl") or norm_reason(host, "bn1")
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
@@ -260,7 +287,11 @@ class GatedDepthwiseSeparableConv(GatedLayer, DepthwiseSeparableConv):
             return "its depthwise channels are the residual width (the block has a skip connection)"
         if host.conv_s2d is not None:
             return "space-to-depth stems are not supported"
-        return _stateless(host, "aa") or _convs(host, "conv_dw", "conv_pw", depthwise="conv_dw")
+        return (
+            _stateless(host, "aa")
+            or _convs(host, "conv_dw", "conv_pw", depthwise="conv_dw")
+            or norm_reason(host, "bn1")
+        )
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
