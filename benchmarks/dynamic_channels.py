@@ -5,6 +5,7 @@ Run from the repository root (one thread; about 10 minutes with the defaults)::
     python benchmarks/dynamic_channels.py
     python benchmarks/dynamic_channels.py --models resnet18 --batches 32 --strategies loop group union grouped_conv
     python benchmarks/dynamic_channels.py --malloc keep --channels-last
+    python benchmarks/dynamic_channels.py --malloc keep --channels-last --no-kernel   # + kernels on vs off
 
 Cases: ``resnet18`` / ``resnet50`` (``pretrained=False``, seed 0, 224x224, fp32, eval mode), every block gated
 with ``{"channels": {"gate": "fbs", "keep": 0.5}}`` (BasicBlock: ``conv1`` outputs; Bottleneck: ``conv1`` and
@@ -45,7 +46,9 @@ from _timing import (
     count_flops,
     interleaved_rounds,
     markdown_table,
+    paired_ratios,
     speed_cells,
+    spread,
 )
 
 from dynsparse.layers.channel_gating import STRATEGIES
@@ -80,6 +83,18 @@ def images(batch: int, size: int = 224) -> torch.Tensor:
     return x * scale + shift
 
 
+def without_kernels(model, x):
+    """``model(x)`` with `dynsparse.kernels.load` answering None (the PyTorch gathers run), then restored."""
+    from dynsparse import kernels
+
+    real = kernels.load
+    kernels.load = lambda: None
+    try:
+        return model(x)
+    finally:
+        kernels.load = real
+
+
 def decision_stats(dyn, x) -> tuple[float, float]:
     """Mean over gates of (distinct decisions in the batch, fraction of channels in the union of kept ones)."""
     from dynsparse.layers.channel_gating import FBSBlockMixin
@@ -111,6 +126,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=0, help="timed rounds (default: 20 at batch 1, 5 at batch 32)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--no-kernel",
+        action="store_true",
+        help="also time the dynamic model with the compiled kernels switched off (a third interleaved variant) and "
+        "print the kernels' speed-up",
+    )
     add_memory_options(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -136,9 +157,13 @@ def main() -> None:
                         ideal_model = build(name, args.keep, "auto", memory_format)[1]
                     ideal = count_flops(dense, x) / count_flops(ideal_model, x)
                     rounds = args.rounds or (20 if b == 1 else 5)
-                    t = interleaved_rounds(
-                        {"dense": lambda m=dense, x=x: m(x), "dyn": lambda m=dyn, x=x: m(x)}, rounds, args.warmup
-                    )
+                    steps = {"dense": lambda m=dense, x=x: m(x), "dyn": lambda m=dyn, x=x: m(x)}
+                    if args.no_kernel:
+                        steps["no kernel"] = lambda m=dyn, x=x: without_kernels(m, x)
+                    t = interleaved_rounds(steps, rounds, args.warmup)
+                    if args.no_kernel:
+                        r = spread(paired_ratios(t.wall["no kernel"], t.wall["dyn"]))
+                        print(f"{name} b{b}: kernels on vs off {r.median:.3f}x ({r.q1:.3f}-{r.q3:.3f})", flush=True)
                 rows.append([name, b, strategy, f"{distinct:.1f} / {union:.0%}", *speed_cells(t, ideal), rounds])
                 print(" | ".join(str(c) for c in rows[-1]), flush=True)
     print()
