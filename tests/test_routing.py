@@ -104,3 +104,14 @@ def test_errors_name_the_problem():
         ds.sparsify_(ds.sparsify_(_vit(), {"depth": {"blocks": [2]}}), {"tokens": {"blocks": [1]}})
     with pytest.raises(ds.ConfigError, match="target must be a fraction"):
         ds.sparsify_(_vit(), {"depth": {"target": 2.0}})
+
+
+def test_trace_and_export_keep_per_input_decisions():
+    m = _routed()
+    x, other = _x(4), torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        traced = torch.jit.trace(m, (x,), check_trace=False)
+        exported = torch.export.export(m, (x,)).module()
+        for y in (x, other):  # a capture must not bake in the example's decisions
+            torch.testing.assert_close(traced(y), m(y))
+            torch.testing.assert_close(exported(y), m(y))

@@ -4,8 +4,10 @@
 inference the block runs only on the inputs the router sends through: at batch 1 a skipped block costs only
 the router; in a batch the inputs that run it are gathered along the batch dimension (``index_select``, no
 weight copies), run as one smaller batch, and written back, so every input gets exactly what it would get
-alone. In training every input runs the block and its update is multiplied by the router's straight-through
-hard decision, so the router learns from the task loss and its `penalty`.
+alone. Under ``torch.export`` / ``torch.jit.trace`` every input runs the block and the decisions select its
+output (a graph cannot hold a data-dependent split). In training every input runs the block and its update is
+multiplied by the router's straight-through hard decision, so the router learns from the task loss and its
+`penalty`.
 
 **With token gates** (`dynsparse.layers.tokens`): a block after the first token gate is a `PolicyBlock`; routed, it
 becomes a `RoutedPolicyBlock`, which routes the inputs in whatever layout the token gates left them:
@@ -35,7 +37,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..gates.routers import ROUTERS, BlockRouter
 from ..modules import adopt, place_like
-from .tokens import PolicyBlock, TokenGatedBlock
+from .tokens import PolicyBlock, TokenGatedBlock, _capturing
 
 __all__ = ["RoutedBlock", "RoutedPolicyBlock", "check_with_tokens", "depth_spec", "route_blocks_"]
 
@@ -56,6 +58,9 @@ class RoutedBlock(Block):
         if self.training:
             y = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
             return x + g.unsqueeze(-1) * (y - x)
+        if _capturing():  # a graph cannot hold a data-dependent split: every input runs, the decisions select
+            y = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+            return torch.where(g.unsqueeze(-1) > 0, y, x)
         run = g[:, 0] > 0
         n = int(run.sum())
         if n == len(run):
