@@ -102,6 +102,8 @@ def test_errors_name_the_problem():
     assert type(m.blocks[1]) is type(_vit().blocks[1])  # refused before any module changed
     with pytest.raises(ds.ConfigError, match="token gates need plain timm Blocks"):
         ds.sparsify_(ds.sparsify_(_vit(), {"depth": {"blocks": [2]}}), {"tokens": {"blocks": [1]}})
+    with pytest.raises(ds.ConfigError, match=r"depth.blocks: each block at most once"):
+        ds.sparsify_(_vit(), {"depth": {"blocks": [1, 1]}})
     with pytest.raises(ds.ConfigError, match="target must be a fraction"):
         ds.sparsify_(_vit(), {"depth": {"target": 2.0}})
 

@@ -138,6 +138,8 @@ def route_blocks_(
         idx = [blocks] if isinstance(blocks, int) else list(blocks)
     if not idx or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(seq) for i in idx):
         raise ConfigError(f"depth.blocks: 'all' or block indices in [0, {len(seq)}) expected, got {blocks!r}")
+    if len(set(idx)) < len(idx):
+        raise ConfigError(f"depth.blocks: each block at most once (a block has one router), got {blocks!r}")
     cls = ROUTERS.get(gate)
     for i in idx:
         if isinstance(seq[i], TokenGatedBlock):
