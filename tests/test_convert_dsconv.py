@@ -8,6 +8,7 @@ import functools
 import pytest
 import timm
 import torch
+from timm.layers import GroupNormAct, freeze_batch_norm_2d
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual, SqueezeExcite
 from timm.models._efficientnet_builder import decode_arch_def
 from timm.models.efficientnet import EfficientNet
@@ -241,6 +242,45 @@ def test_no_producer_is_refused(build, fqn, match):
     ds.fix_gates_(model, {fqn: torch.arange(n) < n // 2})
     with pytest.raises(ds.UnsupportedModuleError, match=match):
         ds.convert(model)
+
+
+def _stem_then_ds(frozen: bool = False) -> EfficientNet:
+    """A one-block EfficientNet: stem conv + ``bn1`` (optionally frozen), then a DS block without skip."""
+    torch.manual_seed(0)
+    model = EfficientNet(decode_arch_def([["ds_r1_k3_s2_c16"]]), num_classes=3).eval()
+    _randomize_bn(model, torch.Generator().manual_seed(1))
+    if frozen:
+        model.bn1 = freeze_batch_norm_2d(model.bn1)
+    return model
+
+
+def _ds_after_stem(stem_norm: nn.Module | None = None, frozen: bool = False) -> EfficientNet:
+    """`_stem_then_ds` with ``bn1`` optionally replaced, gated on ``blocks.0.0`` with every other channel kept."""
+    model = _stem_then_ds(frozen)
+    if stem_norm is not None:
+        model.bn1 = stem_norm.eval()
+    ds.sparsify_(model, {"channels": "fixed"}, include="blocks.0.0")
+    ds.fix_gates_(model, {"blocks.0.0.aa": torch.arange(32) % 2 == 0})
+    return model
+
+
+def test_stem_norm_over_several_channels_is_refused_naming_it():
+    model = _ds_after_stem(GroupNormAct(32, num_groups=4))
+    with pytest.raises(ds.UnsupportedModuleError, match=r"'blocks\.0\.0'.*'bn1'.*GroupNormAct"):
+        ds.make_plan(model)
+    with pytest.raises(ds.UnsupportedModuleError, match=r"'blocks\.0\.0'.*'bn1'"):
+        ds.convert(model)
+
+
+def test_frozen_stem_norm_converts_exactly():
+    model = _ds_after_stem(frozen=True)
+    assert ds.make_plan(model).producers == {"blocks.0.0.aa": ["conv_stem", "bn1"]}
+    x = torch.randn(2, 3, 32, 32)
+    converted = ds.convert(model)
+    assert converted.bn1.weight.shape == (16,)
+    torch.testing.assert_close(converted.forward_features(x), model.forward_features(x), rtol=1e-4, atol=1e-5)
+    replayed = ds.apply_plan(_stem_then_ds(frozen=True), converted.slice_plan)  # the recorded producers are checked
+    assert _shapes(replayed) == _shapes(converted)
 
 
 def test_plan_version_is_2_only_when_it_needs_producers():

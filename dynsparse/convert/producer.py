@@ -40,7 +40,7 @@ _CHANNELWISE = (
 
 
 def _kind(m: nn.Module) -> str | None:
-    """``"conv"`` (ungrouped), ``"depthwise"``, ``"norm"`` (per-channel BatchNorm), or None."""
+    """``"conv"`` (ungrouped), ``"depthwise"``, ``"norm"`` (a per-channel norm, `is_channel_norm`), or None."""
     if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
         if m.groups == 1:
             return "conv"
@@ -49,7 +49,9 @@ def _kind(m: nn.Module) -> str | None:
         return None
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         return "norm"
-    return None
+    from ..layers.conv import is_channel_norm  # timm's frozen BatchNorms too; imports timm, so not at module level
+
+    return "norm" if is_channel_norm(m) else None
 
 
 def _get(model: nn.Module, fqn: str) -> nn.Module:
@@ -107,7 +109,23 @@ def _input_of(model: nn.Module, fqn: str, chain: list[str]) -> list[str]:
             f"no rule says what produces the input of {fqn!r} in {where} ({type(parent).__name__}); known: "
             "nn.Sequential containers and timm EfficientNet / MobileNetV3 models"
         )
+    _check_rule_norms(parent, parent_fqn, rule[1:])
     return [join_fqn(parent_fqn, p) for p in rule] + chain
+
+
+def _check_rule_norms(parent: nn.Module, parent_fqn: str, norms: tuple[str, ...]) -> None:
+    """Refuse unless every norm a host-table rule names (``bn1`` after ``conv_stem``) acts on each channel alone.
+
+    A rule names children by role, whatever their type: a stem built with ``norm_layer=GroupNormAct`` (or one
+    swapped in by hand) would otherwise be sliced channel by channel, which changes every kept channel.
+    """
+    from ..layers.conv import norm_reason
+
+    for name in norms:
+        reason = norm_reason(parent, name)
+        if reason is not None:
+            fqn = join_fqn(parent_fqn, name)
+            raise _Refused(f"its input channels are normalized by {fqn!r}, and {reason}")
 
 
 def input_producers(model: nn.Module, fqn: str, dimension: str = "channels") -> list[str]:
@@ -186,5 +204,9 @@ def slice_producers_(model: nn.Module, fqns: list[str], idx: Tensor) -> None:
             slice_conv_out_(m, idx)
         elif kind == "depthwise":
             slice_depthwise_(m, idx)
-        else:
+        elif kind == "norm":
             slice_bn_(m, idx)
+        else:
+            raise UnsupportedModuleError(
+                fqn, type(m).__name__, "channels", "only convs and per-channel norms are sliced", action="convert"
+            )

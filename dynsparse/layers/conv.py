@@ -22,6 +22,7 @@ __all__ = [
     "GatedDepthwiseSeparableConv",
     "GatedEdgeResidual",
     "GatedInvertedResidual",
+    "is_channel_norm",
     "norm_reason",
 ]
 
@@ -55,6 +56,11 @@ def _conv(host: nn.Module, name: str, depthwise: bool = False) -> str | None:
 
 #: Norms that normalize each channel alone (``slice_bn_`` slices them exactly); a GroupNorm / LayerNorm mixes channels.
 _PER_CHANNEL_NORMS = (nn.Identity, nn.modules.batchnorm._NormBase, FrozenBatchNorm2d, FrozenBatchNormAct2d)
+
+
+def is_channel_norm(m: nn.Module) -> bool:
+    """Whether ``m`` is a norm acting on each channel alone (BatchNorm, frozen BatchNorm): ``slice_bn_`` slices it."""
+    return isinstance(m, _PER_CHANNEL_NORMS) and not isinstance(m, nn.Identity)
 
 
 def norm_reason(host: nn.Module, *names: str) -> str | None:
