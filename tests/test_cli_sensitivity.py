@@ -97,3 +97,24 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert "no checkpoint.pt" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sensitivity", str(_write(tmp_path)), "--group", "rows"])
+
+
+def test_bad_options_fail_before_training(tmp_path, capsys):
+    out = tmp_path / "o"
+    for extra, message in [
+        (["--eval-samples", "0"], "--eval-samples: must be at least 1"),
+        (["--ratios", "0", "1.5"], "--ratios: each ratio must be in [0, 1)"),
+        (["--ratios", "0.5", "0.9", "--max-drop", "1"], "--max-drop needs ratio 0"),
+    ]:
+        assert main(["sensitivity", str(_write(tmp_path)), "--out", str(out), "--no-progress", *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()  # refused before the dense model was trained
+
+
+def test_max_drop_finds_ratio_zero_anywhere_in_the_list(tmp_path):
+    out = tmp_path / "out"
+    argv = ["sensitivity", str(_write(tmp_path)), "--out", str(out), "--ratios", "0.5", "0", "--max-drop", "100"]
+    assert main([*argv, "--eval-samples", "64", "--no-progress"]) == 0
+    rep = json.loads((out / "sensitivity.json").read_text())
+    assert rep["baseline_acc"] == rep["curves"]["fc1.weight"][1]  # the accuracy at ratio 0, the second column
+    assert set(rep["ratios_for"].values()) <= {0.0, 0.5}

@@ -80,6 +80,13 @@ def run_sensitivity(
     from ..prune import sensitivity
     from ..sparsify import named_gates, sparsify_
 
+    ratios = [float(r) for r in ratios]
+    if any(not 0.0 <= r < 1.0 for r in ratios):  # checked before any training, not after it
+        raise ConfigError(f"--ratios: each ratio must be in [0, 1), got {ratios}")
+    if eval_samples is not None and eval_samples < 1:
+        raise ConfigError(f"--eval-samples: must be at least 1, got {eval_samples}")
+    if max_drop is not None and 0.0 not in ratios:
+        raise ConfigError(f"--max-drop needs ratio 0 among the --ratios (the unpruned accuracy), got {ratios}")
     out = Path(out_dir)
     if from_run is not None:
         run_dir = Path(from_run)
@@ -99,7 +106,7 @@ def run_sensitivity(
     loader = make_loader(test, recipe.data.eval_batch_size, shuffle=False, seed=0)
     result = sensitivity(model, lambda m: trainer._evaluate(m, loader), ratios=ratios, group=group, layers=layers)
     out.mkdir(parents=True, exist_ok=True)
-    base = next(iter(result.curves.values()))[0] if result.ratios and result.ratios[0] == 0 else None
+    base = next(iter(result.curves.values()))[result.ratios.index(0.0)] if 0.0 in result.ratios else None
     report: dict[str, Any] = {
         "recipe": recipe.name,
         "model": source,
@@ -110,8 +117,6 @@ def run_sensitivity(
         "baseline_acc": base,
     }
     if max_drop is not None:
-        if base is None:
-            raise ConfigError("--max-drop needs ratio 0 among the ratios (the unpruned accuracy)")
         report["max_drop"] = max_drop
         report["ratios_for"] = result.ratios_for(base - max_drop / 100)
     table = result.table()
