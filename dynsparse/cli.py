@@ -51,7 +51,17 @@ def _eval(args: argparse.Namespace) -> int:
     correct = total = 0
     with torch.no_grad():
         for x, y in make_loader(test, 256, shuffle=False, seed=0):
-            correct += int((model(x).argmax(-1) == y).sum())
+            try:
+                logits = model(x)
+            except (RuntimeError, AssertionError, ValueError) as e:  # images of another size or channel count
+                if total:
+                    raise
+                shape = "x".join(map(str, x.shape[1:]))
+                raise ds.ConfigError(
+                    f"{args.model}: the {args.dataset} test images ({shape}) do not run through the model ({e}); "
+                    "pass --image-size and --channels as in the data field of the recipe that trained it"
+                ) from e
+            correct += int((logits.argmax(-1) == y).sum())
             total += len(y)
     print(f"{args.model}: test accuracy {100 * correct / total:.2f}% on {total} {args.dataset} images")
     return 0

@@ -1,0 +1,31 @@
+"""``dynsparse eval MODEL --dataset NAME``: accuracy of a converted model, clear errors for data that does not fit."""
+
+from __future__ import annotations
+
+import pytest
+
+import dynsparse as ds
+from dynsparse.cli import main
+from dynsparse.models import LeNet300100
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "model.safetensors"
+    model = ds.convert(LeNet300100(img_size=8))
+    ds.save(model, path, arch={"name": "lenet_300_100", "library": "dynsparse", "kwargs": {"img_size": 8}})
+    return path
+
+
+def test_eval_prints_the_accuracy(model_file, capsys):
+    assert main(["eval", str(model_file), "--dataset", "digits"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{model_file}: test accuracy ") and out.endswith("% on 360 digits images\n")
+
+
+@pytest.mark.parametrize("flags", [["--image-size", "16"], ["--channels", "3"]])
+def test_images_that_do_not_fit_the_model_are_one_error_line(model_file, flags, capsys):
+    assert main(["eval", str(model_file), "--dataset", "digits", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dynsparse eval: error: {model_file}: the digits test images (")
+    assert "--image-size and --channels" in err and "Traceback" not in err
