@@ -12,6 +12,17 @@ __all__ = ["main"]
 DEVICE_HELP = "train on auto, cpu, cuda or cuda:N (overrides the recipe's device; the report's latency is CPU)"
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (``--threads 0`` was silently ignored, ``-1`` a traceback)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def _train(args: argparse.Namespace) -> int:
     from dynsparse.recipes.tasks import load_task_recipe, run_task_recipe
 
@@ -148,17 +159,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field")
         p.add_argument("--resume", action="store_true", help="continue from the output dir's checkpoint")
         p.add_argument("--out", default=None, help="output directory (default: the recipe's output_dir)")
-        p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+        p.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         p.add_argument("--device", default=None, help=DEVICE_HELP)
     demo.set_defaults(func=_demo)
     train.set_defaults(func=_train)
     ev = sub.add_parser("eval", help="test accuracy of a converted model on a built-in data set")
     ev.add_argument("model", help="converted model file (model.safetensors)")
-    ev.add_argument("--dataset", required=True)
-    ev.add_argument("--root", default=None)
-    ev.add_argument("--image-size", type=int, default=None)
-    ev.add_argument("--channels", type=int, default=None)
+    ev.add_argument("--dataset", required=True, help="digits, mnist, fashion-mnist or image-folder (its test split)")
+    ev.add_argument("--root", default=None, help="data directory (required for image-folder)")
+    ev.add_argument("--image-size", type=int, default=None, help="resize the images, as the recipe's data.image_size")
+    ev.add_argument("--channels", type=int, default=None, help="3 repeats grey images to RGB (data.channels)")
     ev.set_defaults(func=_eval)
     conv = sub.add_parser("convert", help="convert a gated checkpoint (save_gated) into a smaller static model")
     conv.add_argument("checkpoint", help="gated checkpoint written by dynsparse.save_gated (.safetensors)")
@@ -176,8 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sens.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test images")
     sens.add_argument("--max-drop", type=float, default=None, help="per-layer ratios losing <= this many points")
     sens.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field")
-    sens.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    sens.add_argument("--device", default=None, help=DEVICE_HELP)
+    sens.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads")
+    sens.add_argument(
+        "--device", default=None, help="train and evaluate on auto, cpu, cuda or cuda:N (overrides the recipe's device)"
+    )
     sens.add_argument("--no-progress", action="store_true", help="no progress bars")
     sens.set_defaults(func=_sensitivity)
     args = parser.parse_args(argv)
