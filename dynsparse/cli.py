@@ -205,6 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DynsparseError as e:
         print(f"dynsparse {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an output directory that cannot be made, a path that is a file: one line naming the path
+        if e.filename is None:
+            raise
+        print(f"dynsparse {args.command}: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

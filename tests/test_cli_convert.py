@@ -45,3 +45,12 @@ def test_convert_writes_plan_json_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(dynsparse.atomic, "atomic_write", real)
     assert main(["convert", str(ck), "--out", str(out)]) == 0
     assert "old" not in json.loads((out / "plan.json").read_text())
+
+
+def test_an_out_path_that_is_a_file_is_one_error_line(tmp_path, capsys):
+    from dynsparse.cli import main
+
+    ck = _gated_checkpoint(tmp_path)
+    assert main(["convert", str(ck), "--out", str(ck)]) == 1  # --out names the checkpoint file itself
+    err = capsys.readouterr().err
+    assert err == f"dynsparse convert: error: {ck}: File exists\n"
