@@ -107,6 +107,33 @@ def test_overrides():
         apply_overrides(data, ["nope"])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("stages[a].epochs=1", r"\[a\] is not a list index like \[0\]"),
+        ("stages[0=1", r"\[0 is not a list index"),
+        ("stages[5]=1", r"stages has 1 entries, so no \[5\]"),
+        ("stages[5].epochs=1", r"stages has 1 entries, so no \[5\]"),
+        ("data.batch_size.x=1", r"data.batch_size is a int, not a mapping with 'x'"),
+        ("data[0]=1", r"data is not a list, so it has no \[0\]"),
+        ("=1", "KEY=VALUE"),
+    ],
+)
+def test_bad_override_paths_are_recipe_errors(override, message):
+    data = {"data": {"batch_size": 8}, "stages": [{"name": "a", "epochs": 1}]}
+    with pytest.raises(RecipeError, match=message):
+        apply_overrides(data, [override])
+
+
+def test_overrides_create_missing_mappings():
+    data = {"model": {"name": "lenet_300_100"}, "stages": [{"name": "a", "epochs": 1}]}
+    out = apply_overrides(data, ["model.kwargs.img_size=8", "evaluate.latency=false"])
+    assert out["model"] == {"name": "lenet_300_100", "kwargs": {"img_size": 8}} and out["evaluate"] == {
+        "latency": False
+    }
+    assert "kwargs" not in data["model"]
+
+
 def test_parse_recipe_from_python_data():
     r = parse_recipe(
         {

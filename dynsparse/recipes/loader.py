@@ -30,30 +30,53 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
+def _override_path(item: str, key: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for part in key.split("."):
+        while "[" in part:
+            name, _, rest = part.partition("[")
+            if name:
+                parts.append(name)
+            idx, closed, part = rest.partition("]")
+            if not closed or not idx.strip().isdigit():
+                raise RecipeError(f"--set {item!r}: [{idx}{closed} is not a list index like [0]")
+            parts.append(int(idx))
+        if part:
+            parts.append(part)
+    if not parts:
+        raise RecipeError(f"--set {item!r}: expected KEY=VALUE")
+    return parts
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (``stages[1].epochs=3``); values are parsed as YAML scalars."""
+    """Apply ``key.sub=value`` overrides (``stages[1].epochs=3``); values are parsed as YAML scalars.
+
+    A missing mapping on the path is created (``model.kwargs.img_size=8`` on a recipe without ``kwargs``), so the
+    recipe's schema then names an unknown field; a list index must exist.
+    """
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
-        parts: list[Any] = []
-        for part in key.split("."):
-            while "[" in part:
-                name, _, rest = part.partition("[")
-                if name:
-                    parts.append(name)
-                idx, _, part = rest.partition("]")
-                parts.append(int(idx))
-            if part:
-                parts.append(part)
-        node = data
-        for p in parts[:-1]:
-            try:
+        parts = _override_path(item, key)
+        node: Any = data
+        for i, p in enumerate(parts):
+            where = "".join(f"[{q}]" if isinstance(q, int) else f".{q}" for q in parts[:i]).lstrip(".") or "the recipe"
+            last = i == len(parts) - 1
+            if isinstance(p, int):
+                if not isinstance(node, list):
+                    raise RecipeError(f"--set {item!r}: {where} is not a list, so it has no [{p}]")
+                if p >= len(node):
+                    raise RecipeError(f"--set {item!r}: {where} has {len(node)} entries, so no [{p}]")
+            elif not isinstance(node, dict):
+                raise RecipeError(f"--set {item!r}: {where} is a {type(node).__name__}, not a mapping with {p!r}")
+            elif not last and node.get(p) is None:
+                node[p] = {}
+            if last:
+                node[p] = _parse_value(value)
+            else:
                 node = node[p]
-            except (KeyError, IndexError, TypeError):
-                raise RecipeError(f"--set {item!r}: the recipe has no {p!r} on that path") from None
-        node[parts[-1]] = _parse_value(value)
     return data
 
 
