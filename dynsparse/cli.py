@@ -120,10 +120,17 @@ def _convert(args: argparse.Namespace) -> int:
 def _sensitivity(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dynsparse.recipes import load_recipe
+    from dynsparse.errors import ConfigError
     from dynsparse.recipes.analyse import run_sensitivity
+    from dynsparse.recipes.tasks import load_task_recipe
+    from dynsparse.recipes.text_schema import TextRecipe
 
-    recipe = load_recipe(args.recipe, _overrides(args))
+    recipe = load_task_recipe(args.recipe, _overrides(args))  # ``task: image-classification`` may be written out
+    if isinstance(recipe, TextRecipe):
+        raise ConfigError(
+            f"{args.recipe}: task: {recipe.task}: sensitivity analyses image-classification recipes only "
+            "(prune one layer at a time and evaluate the test accuracy)"
+        )
     torch_threads(args.threads)
     out = Path(args.out or Path(recipe.output_dir) / "sensitivity")
     rep = run_sensitivity(

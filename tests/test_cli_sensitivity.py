@@ -118,3 +118,16 @@ def test_max_drop_finds_ratio_zero_anywhere_in_the_list(tmp_path):
     rep = json.loads((out / "sensitivity.json").read_text())
     assert rep["baseline_acc"] == rep["curves"]["fc1.weight"][1]  # the accuracy at ratio 0, the second column
     assert set(rep["ratios_for"].values()) <= {0.0, 0.5}
+
+
+def test_recipe_task_field(tmp_path, capsys):
+    explicit = RECIPE.replace("name: sens\n", "name: sens\ntask: image-classification\n")
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--ratios", "0", "0.5", "--eval-samples", "32", "--no-progress"]
+    assert main(["sensitivity", str(_write(tmp_path, text=explicit)), *argv]) == 0  # as `dynsparse train` reads it
+    assert (out / "sensitivity.json").is_file()
+    text = tmp_path / "text.yaml"
+    text.write_text("task: sentence-embedding\nname: minilm\n")
+    assert main(["sensitivity", str(text), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "task: sentence-embedding: sensitivity analyses image-classification recipes only" in err
