@@ -54,3 +54,14 @@ def test_an_out_path_that_is_a_file_is_one_error_line(tmp_path, capsys):
     assert main(["convert", str(ck), "--out", str(ck)]) == 1  # --out names the checkpoint file itself
     err = capsys.readouterr().err
     assert err == f"dynsparse convert: error: {ck}: File exists\n"
+
+
+def test_converting_a_converted_model_says_it_is_converted_already(tmp_path, capsys):
+    from dynsparse.cli import main
+
+    ck = _gated_checkpoint(tmp_path)
+    assert main(["convert", str(ck), "--out", str(tmp_path / "c")]) == 0
+    converted = tmp_path / "c" / "model.safetensors"  # what `dynsparse train` writes too
+    assert main(["convert", str(converted), "--out", str(tmp_path / "c2")]) == 2
+    err = capsys.readouterr().err
+    assert f"{converted}: holds a 'converted' model, not a gated checkpoint; it is converted already" in err

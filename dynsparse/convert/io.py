@@ -317,7 +317,11 @@ def load_gated(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     path = Path(path)
     tensors, meta = _read(path)
     if meta.get("kind") != "gated":
-        raise DynsparseError(f"{path}: holds a {meta.get('kind')!r} model, not a gated checkpoint")
+        hint = "; it is converted already: load it with load (`dynsparse eval` evaluates it)"
+        raise DynsparseError(
+            f"{path}: holds a {meta.get('kind')!r} model, not a gated checkpoint"
+            + (hint if meta.get("kind") == "converted" else "")
+        )
     arch = _arch_field(meta, path)
     model = build_host(arch, source=f"{path}: arch")
     for call in _history_field(meta, path):
