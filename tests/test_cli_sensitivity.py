@@ -105,6 +105,7 @@ def test_bad_options_fail_before_training(tmp_path, capsys):
         (["--eval-samples", "0"], "--eval-samples: must be at least 1"),
         (["--ratios", "0", "1.5"], "--ratios: each ratio must be in [0, 1)"),
         (["--ratios", "0.5", "0.9", "--max-drop", "1"], "--max-drop needs ratio 0"),
+        (["--ratios", "0", "0.5", "--max-drop", "-5"], "--max-drop: accuracy points lost, at least 0, got -5.0"),
     ]:
         assert main(["sensitivity", str(_write(tmp_path)), "--out", str(out), "--no-progress", *extra]) == 2
         assert message in capsys.readouterr().err

@@ -85,6 +85,8 @@ def run_sensitivity(
         raise ConfigError(f"--ratios: each ratio must be in [0, 1), got {ratios}")
     if eval_samples is not None and eval_samples < 1:
         raise ConfigError(f"--eval-samples: must be at least 1, got {eval_samples}")
+    if max_drop is not None and not max_drop >= 0:
+        raise ConfigError(f"--max-drop: accuracy points lost, at least 0, got {max_drop}")
     if max_drop is not None and 0.0 not in ratios:
         raise ConfigError(f"--max-drop needs ratio 0 among the --ratios (the unpruned accuracy), got {ratios}")
     out = Path(out_dir)
