@@ -60,3 +60,11 @@ def test_finite_difference_still_measured():
     with pytest.raises(ds.DynsparseError, match=r"max-abs difference 0\.5 .*beyond the tolerance"):
         ds.verify(Const([1.0, 2.0]), Const([1.5, 2.0]), torch.zeros(1))
     assert ds.verify(Const([1.0, 2.0]), Const([1.0, 2.0]), torch.zeros(1)) == 0.0
+
+
+@pytest.mark.parametrize("tol", [NAN, INF, -1.0])
+@pytest.mark.parametrize("name", ["atol", "rtol"])
+def test_tolerances_must_be_finite_and_not_negative(name, tol):
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)  # different weights: a NaN tolerance used to let them pass
+    with pytest.raises(ds.ConfigError, match=f"verify: {name} must be a finite number >= 0"):
+        ds.verify(a, b, torch.randn(1, 2), **{name: tol})

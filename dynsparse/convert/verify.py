@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import DynsparseError
+from ..errors import ConfigError, DynsparseError
 
 __all__ = ["verify"]
 
@@ -47,10 +47,14 @@ def verify(
             is compared on the kept channels ``keep`` (a narrower model returns only those).
 
     Raises:
+        ConfigError: ``atol`` or ``rtol`` is negative, NaN or infinite.
         DynsparseError: some element differs by more than ``atol + rtol * |reference|`` (the message gives
             the max-abs difference), one model gives NaN or inf where the other does not give the same value
             (the difference is then reported as nan), or the output structures differ.
     """
+    for name, tol in (("atol", atol), ("rtol", rtol)):
+        if not (isinstance(tol, int | float) and math.isfinite(tol) and tol >= 0):  # a NaN tolerance passed anything
+            raise ConfigError(f"verify: {name} must be a finite number >= 0, got {tol!r}")
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     flags = (reference.training, candidate.training)
     reference.eval()
