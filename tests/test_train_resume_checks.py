@@ -148,3 +148,12 @@ def test_trim_log_keeps_each_step_once(tmp_path):
     trim_log(p, "finetune", 0)
     assert [r["stage"] for r in map(json.loads, p.read_text().splitlines())] == ["gates", "gates"]
     trim_log(tmp_path / "missing.jsonl", "gates", 0)  # no log yet: nothing to do
+
+
+def test_resume_without_a_checkpoint_says_it_starts_afresh(tmp_path, caplog):
+    from dynsparse.recipes.train import Trainer
+
+    raw = yaml.safe_load(TINY)
+    with caplog.at_level("WARNING", logger="dynsparse.recipes.train"):
+        Trainer(parse_recipe(raw), tmp_path, resume=True, progress=False).run()
+    assert any("no checkpoint" in r.getMessage() and "afresh" in r.getMessage() for r in caplog.records)

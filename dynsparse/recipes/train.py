@@ -265,6 +265,8 @@ class Trainer:
                 write_log(self.out / "log.jsonl", self.state.history)
             log.info("resumed from %s at stage %d epoch %d", ck_path, self.state.stage, self.state.epoch)
         elif self.dist.main:
+            if self.resume:  # asked to resume, but nothing to resume from: say so rather than start afresh silently
+                log.warning("--resume: no checkpoint at %s; starting afresh", ck_path)
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "log.jsonl").write_text("")
         test_loader = self._loader(0, train=False)
