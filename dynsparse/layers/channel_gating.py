@@ -79,12 +79,13 @@ class FBSBlockMixin:
             y = _masked(x, stages, mults, last)
         else:
             decisions = [(None, None) if g is None else g.decide(ss) for g in gates]
+            shortcut = None
             if self.se is None and (self.drop_path is None or type(self.drop_path) in (nn.Identity, DropPath)):
                 # nothing between the last norm and the residual add in eval: the runner adds the shortcut
                 shortcut = self.downsample(x) if self.downsample is not None else x
-                y = _run_batch(x, stages, decisions, last, self.strategy, shortcut, self._fold_cache())
+            y = _run_batch(x, stages, decisions, last, self.strategy, shortcut, self._fold_cache())
+            if shortcut is not None:
                 return getattr(self, self._out_act)(y)
-            y = _run_batch(x, stages, decisions, last, self.strategy, cache=self._fold_cache())
         return self._tail(x, y)
 
     def _fold_cache(self) -> FoldCache | None:

@@ -69,16 +69,19 @@ def _take(w: Tensor, dim: int, idx: Tensor) -> Tensor:
     return v.reshape(-1, c).index_select(1, idx).view(n, kh, kw, -1).permute(0, 3, 1, 2)
 
 
-def _weight(w: Tensor, rows: Tensor | None, cols: Tensor | None, scale: Tensor | None = None) -> Tensor:
+def _weight(
+    w: Tensor, rows: Tensor | None, cols: Tensor | None, scale: Tensor | None = None, kernel: bool | None = None
+) -> Tensor:
     """``w[rows][:, cols]``, each kept filter times its ``scale``, in ``w``'s memory format.
 
     None: all rows / all columns / no scale; ``scale`` has one value per filter of ``w`` (O).
 
     One pass in the compiled `kernels.conv_gather` where it runs (eager float32 CPU inference; columns sorted, as
     the gates give them), measured 1.4-2.7x faster than the PyTorch passes below for 64-2048-channel weights;
-    else ``index_select`` of rows, then of columns, then the multiply. Both give the same values.
+    else ``index_select`` of rows, then of columns, then the multiply. Both give the same values. ``kernel``:
+    `_kernel_gathers` of ``w`` when the caller has it already.
     """
-    if (rows is not None or cols is not None) and _kernel_gathers(w):
+    if (rows is not None or cols is not None) and (_kernel_gathers(w) if kernel is None else kernel):
         try:
             return kernels.conv_gather(w, rows, cols, scale)
         except DynsparseError:  # unsorted or repeated columns: PyTorch handles (or reports) them
@@ -183,11 +186,12 @@ def _gathered(
             s, t = _bn_fold(norm, cache)
             kh, kw = conv.weight.shape[2:]
             n_w = idx.numel() * (conv.weight.shape[1] if prev is None else prev.numel()) * kh * kw  # gathered weight
-            if _kernel_gathers(conv.weight) or n_w <= _positions(h, conv) * idx.numel():
+            fast = _kernel_gathers(conv.weight)
+            if fast or n_w <= _positions(h, conv) * idx.numel():
                 # BatchNorm folded into the gathered filters: a conv with bias
-                h = _conv(h, conv, _weight(conv.weight, idx, prev, s), t.index_select(0, idx))
+                h = _conv(h, conv, _weight(conv.weight, idx, prev, s, fast), t.index_select(0, idx))
             else:  # small maps: the norm on the output is the cheaper pass
-                h = _conv(h, conv, _weight(conv.weight, idx, prev))
+                h = _conv(h, conv, _weight(conv.weight, idx, prev, kernel=fast))
                 h = torch.addcmul(t.index_select(0, idx)[:, None, None], h, s.index_select(0, idx)[:, None, None])
         for p in post:
             h = p(h)
@@ -198,10 +202,11 @@ def _gathered(
     if prev is None:
         return norm(_conv(h, conv, conv.weight))
     kh, kw = conv.weight.shape[2:]
-    if _kernel_gathers(conv.weight) or prev.numel() * kh * kw <= _positions(h, conv):
+    fast = _kernel_gathers(conv.weight)
+    if fast or prev.numel() * kh * kw <= _positions(h, conv):
         s, t = _bn_fold(norm, cache)
-        return _conv(h, conv, _weight(conv.weight, None, prev, s), t)
-    return norm(_conv(h, conv, _weight(conv.weight, None, prev)))
+        return _conv(h, conv, _weight(conv.weight, None, prev, s, fast), t)
+    return norm(_conv(h, conv, _weight(conv.weight, None, prev, kernel=fast)))
 
 
 def _positions(h: Tensor, conv: nn.Conv2d) -> int:
@@ -266,9 +271,11 @@ def _run_batch(
     conv = stages[0][0]
     if strategy == "auto" and x.shape[2] * x.shape[3] < 4 * conv.stride[0] * conv.stride[1]:
         strategy = "masked"  # 1x1 maps: gathering the weights costs more than the dense conv (measured: 20 vs 2 ms)
-    if strategy != "masked" and (n == 1 or strategy in ("auto", "group")):
+    if strategy != "masked" and n == 1:
+        strategy = "one"
+    elif strategy in ("auto", "group"):
         keys = torch.cat([i for i in idxs if i is not None], 1)
-        uniq, inv = torch.unique(keys, dim=0, return_inverse=True) if n > 1 else (keys, None)
+        uniq, inv = torch.unique(keys, dim=0, return_inverse=True)
         if len(uniq) == 1:
             strategy = "one"
         elif strategy == "auto":
