@@ -278,6 +278,17 @@ def cats_rows(
     return y
 
 
+def _library(owner: str, **tensors: Tensor | None) -> ctypes.CDLL:
+    """The library, once every given tensor is float32 on the CPU (`DynsparseError` naming the argument)."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"{owner}: kernels unavailable ({why_unavailable()})")
+    for name, t in tensors.items():
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            raise DynsparseError(f"{owner}: {name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    return lib
+
+
 def _check(
     owner: str,
     packed: Tensor,
@@ -294,12 +305,7 @@ def _check(
     ``packed`` must be (H, > n_in) with unit column stride (H = ``h`` when given), ``x`` must hold ``c_in``
     values, the biases one value per neuron, and every tensor (``more`` included) must be float32 on the CPU.
     """
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"{owner}: kernels unavailable ({why_unavailable()})")
-    for name, t in (("packed", packed), ("x", x), ("b_g", b_g), ("b_v", b_v), *more.items()):
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
-            raise DynsparseError(f"{owner}: {name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    lib = _library(owner, packed=packed, x=x, b_g=b_g, b_v=b_v, **more)
     rows = "H" if h is None else str(h)
     bad_rows = h is not None and packed.dim() == 2 and packed.shape[0] != h
     if packed.dim() != 2 or packed.stride(1) != 1 or packed.shape[1] <= n_in or bad_rows:
@@ -325,18 +331,14 @@ def conv_gather(w: Tensor, rows: Tensor | None, cols: Tensor | None, scale: Tens
     format.
     """
     owner = "dynsparse.kernels.conv_gather"
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"{owner}: kernels unavailable ({why_unavailable()})")
-    for name, t in (("w", w), ("scale", scale)):
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
-            raise DynsparseError(f"{owner}: {name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    lib = _library(owner, w=w, scale=scale)
     if w.dim() not in (2, 4):
         raise DynsparseError(f"{owner}: w must be (O, I) or (O, I, kh, kw), got shape {tuple(w.shape)}")
     o, i = w.shape[:2]
     kh, kw = w.shape[2:] if w.dim() == 4 else (1, 1)
     k = kh * kw
-    if w.is_contiguous():
+    standard = w.is_contiguous()
+    if standard:
         last = k == 1  # (O, I, 1, 1) is stored as (O, I): the packed path
     elif w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last):
         last = True
@@ -349,7 +351,7 @@ def conv_gather(w: Tensor, rows: Tensor | None, cols: Tensor | None, scale: Tens
     if scale is not None and scale.numel() != o:
         raise DynsparseError(f"{owner}: scale must have one value per filter of w ({o}), got {scale.numel()}")
     scale = None if scale is None else scale.contiguous()
-    if w.is_contiguous():  # the standard strides (a 1x1 weight's are those of the (O, I) matrix it is stored as)
+    if standard:  # the standard strides (a 1x1 weight's are those of the (O, I) matrix it is stored as)
         out = torch.empty(nr, nc, *w.shape[2:], dtype=torch.float32)
     else:
         out = torch.empty(nr, kh, kw, nc, dtype=torch.float32).permute(0, 3, 1, 2)

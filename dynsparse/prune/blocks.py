@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, DynsparseError
+from ..importance._util import used_weight
 from ..registry import suggest
 from .unstructured import _check_fraction, _count, _lowest
 
@@ -270,9 +271,7 @@ class BlockSparseLinear(nn.Module):
             min_speedup: The sparse kernel must be at least this many times faster on every input.
             cache: Timing regime of `calibrate_`, ``"warm"`` or ``"cold"``.
         """
-        masked = getattr(linear, "masked_weight", None)
-        with torch.no_grad():
-            w = (masked() if callable(masked) else linear.weight).detach()
+        w = used_weight(linear)
         layer = cls(
             linear.in_features,
             linear.out_features,
