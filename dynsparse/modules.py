@@ -11,6 +11,7 @@ from .errors import DynsparseError
 
 __all__ = [
     "adopt",
+    "capturing",
     "first_param",
     "is_stateless",
     "join_fqn",
@@ -115,3 +116,12 @@ def place_like(new: M, ref: nn.Module) -> M:
     if p is not None:
         new = new.to(device=p.device, dtype=p.dtype)
     return new.train(ref.training)
+
+
+def capturing() -> bool:
+    """True while ``torch.export`` or ``torch.jit.trace`` records a forward.
+
+    Input-dependent modules then take their masked path: a graph cannot hold a data-dependent number of kept
+    units, and tensor values (a calibration check, a weight cache keyed by data pointers) cannot be read.
+    """
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()

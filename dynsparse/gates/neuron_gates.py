@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, GateError
+from ..modules import capturing
 from ..registry import Registry
 from .base import InputDependentGate
 
@@ -117,6 +118,8 @@ class CatsGate(NeuronGate):
         return float(q[lo] + (pos - lo) * (q[lo + 1] - q[lo]))
 
     def _update_threshold(self) -> None:
+        # remembered for export / jit.trace, where the quantiles' values cannot be read
+        self._calibrated_at_update = self.calibrated
         self.threshold.fill_(self.threshold_at(self.keep) if self.calibrated or self.keep >= 1.0 else float("nan"))
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
@@ -154,7 +157,7 @@ class CatsGate(NeuronGate):
         self._update_threshold()
 
     def _require_calibrated(self) -> None:
-        if not self.calibrated:
+        if not (getattr(self, "_calibrated_at_update", False) if capturing() else self.calibrated):
             raise GateError(
                 f"{self.where()}: the cats threshold is not calibrated; run "
                 "dynsparse.layers.neuron_gating.calibrate_neurons_(model, batches) before inference"
@@ -215,7 +218,8 @@ class DejaVuGate(NeuronGate):
         if k >= self.num_units:
             return torch.ones_like(s, dtype=torch.bool)
         idx = s.topk(k, dim=-1, sorted=False).indices
-        return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
+        # a bool source, not the scalar True: torch.jit.trace cannot record scatter_ with a bool scalar
+        return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, torch.ones_like(idx, dtype=torch.bool))
 
     def loss(self, x: Tensor, labels: Tensor) -> Tensor:
         """Deja Vu's weighted BCE of the predictor on rows ``x`` (R, C) with 0/1 ``labels`` (R, H).

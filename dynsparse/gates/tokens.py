@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..modules import capturing
 from ..registry import Registry
 from .base import InputDependentGate, _check_keep
 
@@ -298,6 +299,7 @@ class ThresholdTokenGate(TokenGate):
         self.threshold = nn.Parameter(torch.tensor(float(threshold)))
         self.register_buffer("table", torch.zeros(TABLE_POINTS))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.long))
+        self._has_table = False  # `calibrated` > 0, for export / jit.trace, where buffer values cannot be read
         self._fraction: Tensor | None = None
         #: Scores gathered by `dynsparse.layers.calibrate_tokens_` (a list while it runs, else None).
         self.collect: list[Tensor] | None = None
@@ -317,7 +319,7 @@ class ThresholdTokenGate(TokenGate):
             return self.threshold.detach()
         if self.keep >= 1.0:
             return self.threshold.detach().new_tensor(float("-inf"))
-        if int(self.calibrated) == 0:
+        if not (getattr(self, "_has_table", False) if capturing() else int(self.calibrated) > 0):
             raise ConfigError(
                 f"threshold token gate: keep={self.keep} needs a score table; run "
                 "dynsparse.layers.calibrate_tokens_(model, inputs) (or train the model) first, or use keep=None"
@@ -340,6 +342,11 @@ class ThresholdTokenGate(TokenGate):
         else:
             self.table.lerp_(q, self.momentum)
         self.calibrated += 1
+        self._has_table = True
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._has_table = int(self.calibrated) > 0
 
     def record(self, fraction: Tensor) -> None:
         """Training: the soft fraction of the arriving tokens kept (for `penalty`)."""
@@ -381,7 +388,9 @@ def threshold_keep(s: Tensor, theta: Tensor) -> Tensor:
     The one decision rule of the ``threshold`` gate, shared by its gathered, packed and masked paths.
     """
     keep = s > theta
-    return keep.scatter_(1, s.argmax(1, keepdim=True), True)
+    best = s.argmax(1, keepdim=True)
+    # a bool tensor as the source, not the scalar True: torch.jit.trace cannot record scatter_ with a bool scalar
+    return keep.scatter_(1, best, torch.ones_like(best, dtype=torch.bool))
 
 
 def received_attention(h: Tensor, attn: nn.Module, policy: Tensor | None = None) -> Tensor:

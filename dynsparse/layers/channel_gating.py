@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, GateError, UnsupportedModuleError
 from ..gates.base import InputDependentGate
 from ..gates.channel_gates import CHANNEL_GATES
-from ..modules import adopt, first_param, is_stateless, place_like
+from ..modules import adopt, capturing, first_param, is_stateless, place_like
 from ..sparsify import _patterns, _selected
 from .channel_kernels import FoldCache, _masked, _run_batch
 
@@ -74,7 +74,7 @@ class FBSBlockMixin:
         stages = [(getattr(self, c), getattr(self, n), [getattr(self, p) for p in post]) for c, n, post in self._stages]
         gates = [g for _, g in self.gates()]
         last = (getattr(self, self._last[0]), getattr(self, self._last[1]))
-        if self.training or self.strategy == "masked":
+        if self.training or self.strategy == "masked" or capturing():  # export / jit.trace: no data-dependent widths
             mults = [None if g is None else g(ss) for g in gates]
             y = _masked(x, stages, mults, last)
         else:

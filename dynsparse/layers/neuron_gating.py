@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, UnsupportedModuleError
 from ..gates.neuron_gates import NEURON_GATES, CatsGate, DejaVuGate, NeuronGate, active_labels, fit_predictor_
-from ..modules import adopt, place_like, replace_module_
+from ..modules import adopt, capturing, place_like, replace_module_
 from ..sparsify import _patterns, _selected
 from .neuron_kernels import consumer_row, kernel_cats, kernel_row, linear_rows, producer_row, transposed
 from .token_pack import check_not_packed
@@ -119,7 +119,8 @@ class NeuronGated:
         gate = self.neurons
         rows = x.reshape(-1, x.shape[-1])
         n = x.shape[1] if gate.per == "input" and x.dim() == 3 else 1  # rows per decision
-        if isinstance(gate, CatsGate) and self._record is None and not self.training and rows.shape[0] == 1:
+        capture = capturing()  # export / jit.trace: the masked path (a graph cannot hold a data-dependent width)
+        if isinstance(gate, CatsGate) and self._record is None and not (self.training or capture) and len(rows) == 1:
             y = kernel_cats(self, rows)  # one token: the compiled kernel thresholds and runs the kept neurons
             if y is not None:
                 return self.drop2(y).reshape(*x.shape[:-1], y.shape[-1])
@@ -132,7 +133,7 @@ class NeuronGated:
             y = self.drop2(self.fc2(self.drop1(h)))
         else:
             keep = gate(g) if isinstance(gate, CatsGate) else gate(x)
-            y = self._masked(rows, g, keep, n) if self.training else self._sparse(rows, g, keep, n)
+            y = self._masked(rows, g, keep, n) if self.training or capture else self._sparse(rows, g, keep, n)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _masked(self, rows: Tensor, g: Tensor | None, keep: Tensor, n: int) -> Tensor:

@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..gates.routers import ROUTERS, BlockRouter
-from ..modules import adopt, place_like
-from .tokens import PolicyBlock, TokenGatedBlock, _capturing
+from ..modules import adopt, capturing, place_like
+from .tokens import PolicyBlock, TokenGatedBlock
 
 __all__ = ["RoutedBlock", "RoutedPolicyBlock", "check_with_tokens", "depth_spec", "route_blocks_"]
 
@@ -58,7 +58,7 @@ class RoutedBlock(Block):
         if self.training:
             y = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
             return x + g.unsqueeze(-1) * (y - x)
-        if _capturing():  # a graph cannot hold a data-dependent split: every input runs, the decisions select
+        if capturing():  # a graph cannot hold a data-dependent split: every input runs, the decisions select
             y = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
             return torch.where(g.unsqueeze(-1) > 0, y, x)
         run = g[:, 0] > 0

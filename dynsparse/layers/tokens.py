@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..gates.tokens import TokenGate, threshold_keep
-from ..modules import adopt, place_like
+from ..modules import adopt, capturing, place_like
 from .token_pack import (
     Packing,
     check_packed_mlps,
@@ -257,7 +257,7 @@ class TokenGatedBlock(_TokenAware):
                 state.policy = state.packing = None
             return Block.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
         # a graph capture cannot hold data-dependent token counts: it records the masked path (same decisions)
-        masked = self.training or sel.mask_inference or _capturing()
+        masked = self.training or sel.mask_inference or capturing()
         if self._first:
             state.policy = x.new_ones(x.shape[:2]) if masked else None
             state.packing = None
@@ -284,11 +284,6 @@ class TokenGatedBlock(_TokenAware):
             m = threshold_keep(s.masked_fill(prev == 0, float("-inf")), gate.theta()).to(prev.dtype) * prev
         state.policy = torch.cat([state.policy[:, :P], m], dim=1)
         return self._finish(self._mlp(x))
-
-
-def _capturing() -> bool:
-    """True while ``torch.export`` or ``torch.jit.trace`` records the forward."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def _token_host(model: nn.Module) -> tuple[nn.Sequential, int, int]:
