@@ -19,7 +19,7 @@ from dynsparse.recipes import RecipeError  # noqa: E402
 from dynsparse.recipes import text as text_mod  # noqa: E402
 from dynsparse.recipes.tasks import TASKS, load_task_recipe, recipe_task  # noqa: E402
 from dynsparse.recipes.text_data import BatchStream  # noqa: E402
-from dynsparse.recipes.text_schema import TextRecipe, sparsify_spec  # noqa: E402
+from dynsparse.recipes.text_schema import EncoderSpec, TextRecipe, sparsify_spec  # noqa: E402
 
 torch.set_num_threads(1)
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
@@ -215,6 +215,18 @@ def test_bert_flops_attribution_equals_counted_flops(dims):
     assert budget.cost.total == pytest.approx(dense)
     counted = count_flops(ds.convert(model), *example) / dense
     assert budget.cost.fraction() == pytest.approx(counted, rel=1e-6)
+
+
+def test_half_precision_encoder_dir_loads_in_float32(tmp_path, encoder_dir):
+    # transformers 5 loads a checkpoint in the dtype it was saved in: a float16 BERT used to be trained in float16
+    # on the CPU, and the gate stage ended in NaN ("the converted model differs from the gated one by nan")
+    half = tmp_path / "half"
+    transformers.BertModel.from_pretrained(encoder_dir, add_pooling_layer=False).half().save_pretrained(half)
+    for f in encoder_dir.iterdir():  # the tokenizer files
+        if not (half / f.name).exists():
+            (half / f.name).write_bytes(f.read_bytes())
+    model, _ = text_mod.load_encoder(EncoderSpec(path=str(half)))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 # ------------------------------------------------------------------------------------------------ end to end

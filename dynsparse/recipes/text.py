@@ -62,7 +62,11 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------ building blocks
 def load_encoder(spec: EncoderSpec) -> tuple[nn.Module, Any]:
-    """The dense transformers ``BertModel`` (eval mode) and its tokenizer, from a registered name or a directory.
+    """The dense transformers ``BertModel`` (eval mode, float32) and its tokenizer, from a registered name or a
+    directory.
+
+    A directory's weights load in float32 whatever dtype they were saved in (transformers would keep a half-precision
+    checkpoint in half precision; the recipe trains the weights and gates in float32).
 
     Raises:
         RecipeError: the directory holds no BERT encoder (the FLOPs attribution is BERT's).
@@ -79,7 +83,9 @@ def load_encoder(spec: EncoderSpec) -> tuple[nn.Module, Any]:
         enc = load_pretrained(spec.pretrained)
         model, tok = enc.model, enc.tokenizer
     else:
-        model = transformers.AutoModel.from_pretrained(spec.path, local_files_only=True, add_pooling_layer=False)
+        model = transformers.AutoModel.from_pretrained(
+            spec.path, local_files_only=True, add_pooling_layer=False, dtype=torch.float32
+        )
         tok = transformers.AutoTokenizer.from_pretrained(spec.path, local_files_only=True)
     if not isinstance(model, transformers.BertModel):
         raise RecipeError(f"encoder: {type(model).__name__} is not a BertModel; the recipe compresses BERT encoders")
