@@ -229,6 +229,22 @@ def test_half_precision_encoder_dir_loads_in_float32(tmp_path, encoder_dir):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+@pytest.mark.parametrize("field", ["data.max_length", "evaluate.max_length", "budget.flops_tokens"])
+def test_lengths_beyond_the_position_embeddings_fail_before_training(tmp_path, encoder_dir, monkeypatch, field):
+    # the tiny encoder has 64 positions; evaluate.max_length: 128 used to fail with a size mismatch in
+    # BertEmbeddings when the converted model was checked, after the whole gate stage
+    from dynsparse.recipes.text import run_text_recipe
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the lengths are checked before the data is prepared")
+
+    monkeypatch.setattr(text_mod, "prepare_text_data", no_data)
+    recipe = load_task_recipe(_write(tmp_path, TINY, encoder_dir), [f"{field}=65"])
+    with pytest.raises(RecipeError, match=rf"{field}: 65 tokens, but the encoder has position embeddings for 64"):
+        run_text_recipe(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "gates.pt").exists()
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 def _state(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
