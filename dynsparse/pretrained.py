@@ -131,13 +131,15 @@ def load_pretrained(name: str, **kwargs: Any) -> nn.Module:
         name: ``"efficientnet_lite0"`` or ``"all-minilm-l6-v2"`` (see `PRETRAINED`).
         **kwargs: For timm models, keyword arguments of ``timm.create_model`` (``num_classes`` other than 1000
             leaves a freshly initialized classifier, 0 removes it; ``in_chans`` other than 3 adapts the stem as
-            timm does, e.g. the sum over RGB for 1 channel). For ``all-minilm-l6-v2``: ``max_length`` (256).
+            timm does, e.g. the sum over RGB for 1 channel). For ``all-minilm-l6-v2``: ``max_length`` (256, at
+            most 512), and `BertConfig` fields.
 
     Returns:
         A timm model, or a `SentenceEncoder` around a transformers ``BertModel`` and its tokenizer.
 
     Raises:
-        ConfigError: Unknown name, or ``kwargs`` the model's constructor rejects.
+        ConfigError: Unknown name, ``kwargs`` the model's constructor rejects, or a ``max_length`` beyond the
+            model's position embeddings.
         PretrainedNotFoundError: The package that ships the weights is not installed.
         DynsparseError: The weights do not fit the model built from ``kwargs`` (missing, unexpected or
             mis-shaped keys are listed), or ``transformers`` is missing for a transformers model.
@@ -324,6 +326,11 @@ def _load_sentence_encoder(src: PretrainedSource, max_length: int = 256, **kwarg
         raise ConfigError(
             f"pretrained model {src.name!r}: unknown option {key!r} (neither max_length nor a BertConfig field)."
             f"{suggest(key, known)}"
+        )
+    if not 1 <= max_length <= config.max_position_embeddings:  # longer inputs would fail deep in the embeddings
+        raise ConfigError(
+            f"pretrained model {src.name!r}: max_length must be in [1, {config.max_position_embeddings}] (its "
+            f"max_position_embeddings), got {max_length}"
         )
     model = transformers.BertModel(config, add_pooling_layer=False)  # sentence-transformers never runs the pooler
     state = load_file(str(path / "model.safetensors"))

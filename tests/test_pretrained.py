@@ -172,6 +172,13 @@ def test_minilm_rejects_a_misspelled_option():
         load_pretrained("all-minilm-l6-v2", max_lenght=16)
 
 
+@needs_minilm
+def test_minilm_rejects_a_max_length_beyond_its_position_embeddings():
+    # max_length=1024 used to load, then fail on a long sentence with a size mismatch deep in BertEmbeddings
+    with pytest.raises(ConfigError, match=r"max_length must be in \[1, 512\].*got 1024"):
+        load_pretrained("all-minilm-l6-v2", max_length=1024)
+
+
 class _RecordingEncoder(torch.nn.Module):
     """Stands in for a BertModel on another device: records where its inputs are, fails on request."""
 

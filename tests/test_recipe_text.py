@@ -19,7 +19,7 @@ from dynsparse.recipes import RecipeError  # noqa: E402
 from dynsparse.recipes import text as text_mod  # noqa: E402
 from dynsparse.recipes.tasks import TASKS, load_task_recipe, recipe_task  # noqa: E402
 from dynsparse.recipes.text_data import BatchStream  # noqa: E402
-from dynsparse.recipes.text_schema import TextRecipe, sparsify_spec  # noqa: E402
+from dynsparse.recipes.text_schema import EncoderSpec, TextRecipe, sparsify_spec  # noqa: E402
 
 torch.set_num_threads(1)
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
@@ -215,6 +215,34 @@ def test_bert_flops_attribution_equals_counted_flops(dims):
     assert budget.cost.total == pytest.approx(dense)
     counted = count_flops(ds.convert(model), *example) / dense
     assert budget.cost.fraction() == pytest.approx(counted, rel=1e-6)
+
+
+def test_half_precision_encoder_dir_loads_in_float32(tmp_path, encoder_dir):
+    # transformers 5 loads a checkpoint in the dtype it was saved in: a float16 BERT used to be trained in float16
+    # on the CPU, and the gate stage ended in NaN ("the converted model differs from the gated one by nan")
+    half = tmp_path / "half"
+    transformers.BertModel.from_pretrained(encoder_dir, add_pooling_layer=False).half().save_pretrained(half)
+    for f in encoder_dir.iterdir():  # the tokenizer files
+        if not (half / f.name).exists():
+            (half / f.name).write_bytes(f.read_bytes())
+    model, _ = text_mod.load_encoder(EncoderSpec(path=str(half)))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("field", ["data.max_length", "evaluate.max_length", "budget.flops_tokens"])
+def test_lengths_beyond_the_position_embeddings_fail_before_training(tmp_path, encoder_dir, monkeypatch, field):
+    # the tiny encoder has 64 positions; evaluate.max_length: 128 used to fail with a size mismatch in
+    # BertEmbeddings when the converted model was checked, after the whole gate stage
+    from dynsparse.recipes.text import run_text_recipe
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the lengths are checked before the data is prepared")
+
+    monkeypatch.setattr(text_mod, "prepare_text_data", no_data)
+    recipe = load_task_recipe(_write(tmp_path, TINY, encoder_dir), [f"{field}=65"])
+    with pytest.raises(RecipeError, match=rf"{field}: 65 tokens, but the encoder has position embeddings for 64"):
+        run_text_recipe(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "gates.pt").exists()
 
 
 # ------------------------------------------------------------------------------------------------ end to end

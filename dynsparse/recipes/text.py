@@ -48,6 +48,7 @@ from .text_distill import distillation_loss, expand, hidden_states, no_dropout_,
 from .text_schema import EncoderSpec, TextRecipe, sparsify_spec
 
 __all__ = [
+    "check_lengths",
     "enforce_target_",
     "finetune_steps_",
     "gate_optimizers",
@@ -62,7 +63,11 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------ building blocks
 def load_encoder(spec: EncoderSpec) -> tuple[nn.Module, Any]:
-    """The dense transformers ``BertModel`` (eval mode) and its tokenizer, from a registered name or a directory.
+    """The dense transformers ``BertModel`` (eval mode, float32) and its tokenizer, from a registered name or a
+    directory.
+
+    A directory's weights load in float32 whatever dtype they were saved in (transformers would keep a half-precision
+    checkpoint in half precision; the recipe trains the weights and gates in float32).
 
     Raises:
         RecipeError: the directory holds no BERT encoder (the FLOPs attribution is BERT's).
@@ -79,11 +84,35 @@ def load_encoder(spec: EncoderSpec) -> tuple[nn.Module, Any]:
         enc = load_pretrained(spec.pretrained)
         model, tok = enc.model, enc.tokenizer
     else:
-        model = transformers.AutoModel.from_pretrained(spec.path, local_files_only=True, add_pooling_layer=False)
+        model = transformers.AutoModel.from_pretrained(
+            spec.path, local_files_only=True, add_pooling_layer=False, dtype=torch.float32
+        )
         tok = transformers.AutoTokenizer.from_pretrained(spec.path, local_files_only=True)
     if not isinstance(model, transformers.BertModel):
         raise RecipeError(f"encoder: {type(model).__name__} is not a BertModel; the recipe compresses BERT encoders")
     return model.eval(), tok
+
+
+def check_lengths(recipe: TextRecipe, encoder: nn.Module) -> None:
+    """Refuse token lengths the encoder has no position embeddings for (before any training, not at the evaluation).
+
+    Raises:
+        RecipeError: ``data.max_length``, ``evaluate.max_length`` or ``budget.flops_tokens`` exceeds the encoder's
+            ``max_position_embeddings`` (the message names the field).
+    """
+    limit = getattr(encoder.config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    for key, n in (
+        ("data.max_length", recipe.data.max_length),
+        ("evaluate.max_length", recipe.evaluate.max_length),
+        ("budget.flops_tokens", recipe.budget.flops_tokens),
+    ):
+        if n > limit:
+            raise RecipeError(
+                f"{key}: {n} tokens, but the encoder has position embeddings for {limit} "
+                f"(config.max_position_embeddings); use at most {limit}"
+            )
 
 
 def make_budget(student: nn.Module, target: float, warmup_steps: int, example: tuple[Tensor, Tensor]) -> TargetSparsity:
@@ -289,6 +318,7 @@ def run_text_recipe(
     progress = sys.stderr.isatty() if progress is None else progress
     torch.manual_seed(recipe.seed)
     teacher, tok = load_encoder(recipe.encoder)
+    check_lengths(recipe, teacher)
     for p in teacher.parameters():
         p.requires_grad_(False)
     width = teacher.config.hidden_size
