@@ -229,6 +229,28 @@ def test_idx_datasets_from_root(tmp_path: Path, name: str) -> None:
     assert len(load_dataset(name, "test", root=tmp_path)) == 4
 
 
+def test_idx_datasets_from_torchvision_root_pick_their_own_folder(tmp_path: Path) -> None:
+    # a torchvision root holds several IDX datasets with the same file names; each must read its own folder
+    for i, folder in enumerate(("FashionMNIST", "KMNIST", "MNIST")):
+        (tmp_path / folder / "raw").mkdir(parents=True)
+        for split in ("train", "test"):
+            images_stem, labels_stem = IDX_STEMS[split]
+            write_idx(tmp_path / folder / "raw" / images_stem, torch.full((3, 28, 28), i, dtype=torch.uint8))
+            write_idx(tmp_path / folder / "raw" / labels_stem, torch.full((3,), i, dtype=torch.uint8))
+    assert load_dataset("mnist", "test", root=tmp_path).labels.tolist() == [2, 2, 2]
+    assert load_dataset("fashion-mnist", "train", root=tmp_path).labels.tolist() == [0, 0, 0]
+
+
+def test_idx_pair_comes_from_one_directory(tmp_path: Path) -> None:
+    (tmp_path / "raw").mkdir()
+    _write_fake_idx_dir(tmp_path / "raw")
+    write_idx(tmp_path / "train-labels-idx1-ubyte", torch.zeros(2, dtype=torch.uint8))  # a stray file in root
+    assert load_dataset("mnist", "train", root=tmp_path).labels.tolist() == [0, 1, 2, 3, 4, 5]
+    (tmp_path / "raw" / "train-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataNotFoundError, match="no directory holds both train-images-idx3-ubyte"):
+        load_dataset("mnist", "train", root=tmp_path)
+
+
 def test_idx_dataset_count_mismatch_names_both_files(tmp_path: Path) -> None:
     _write_fake_idx_dir(tmp_path)
     write_idx(tmp_path / "train-labels-idx1-ubyte", torch.zeros(5, dtype=torch.uint8))
