@@ -315,6 +315,36 @@ def test_image_folder_explicit_splits_and_errors(tmp_path: Path) -> None:
         load_dataset("image-folder", root=tmp_path / "absent")
 
 
+def test_image_folder_high_bit_depth_is_rescaled_not_clipped(tmp_path: Path) -> None:
+    from PIL import Image
+
+    ramp = np.arange(0, 65536, 4096, dtype=np.uint16).reshape(4, 4)  # 16-bit PNG: mode I;16
+    for name in ("a", "b"):
+        for split in ("train", "test"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.fromarray(ramp).save(tmp_path / split / name / "x.png")
+    for channels in (1, 3):
+        ds = load_dataset("image-folder", "test", root=tmp_path, channels=channels, normalize=False)
+        expected = torch.from_numpy(ramp / 65535).float().expand(2, channels, 4, 4)
+        torch.testing.assert_close(ds.images, expected, atol=0.5 / 255, rtol=0)
+    Image.fromarray(ramp.astype(np.int32) // 257).save(tmp_path / "train" / "a" / "y.tif")  # mode I, 0..255: exact
+    Image.fromarray(ramp.astype(np.float32) / 65535).save(tmp_path / "train" / "b" / "z.tif")  # mode F in [0, 1]
+    with pytest.raises(DataFormatError, match=r"z\.tif.*'F' mode.*8-bit"):
+        load_dataset("image-folder", "train", root=tmp_path)
+    (tmp_path / "train" / "b" / "z.tif").unlink()
+    ds = load_dataset("image-folder", "train", root=tmp_path, channels=1, normalize=False)
+    torch.testing.assert_close(ds.images[1, 0] * 255, torch.from_numpy(ramp // 257).float())
+
+
+def test_image_folder_decompression_bomb_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    _write_png(tmp_path / "a" / "huge.png", 0, size=(20, 20))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(DataFormatError, match=r"huge\.png.*decompression bomb"):
+        load_dataset("image-folder", "train", root=tmp_path)
+
+
 # ---------------------------------------------------------------- loaders
 
 
