@@ -315,6 +315,16 @@ def test_image_folder_explicit_splits_and_errors(tmp_path: Path) -> None:
         load_dataset("image-folder", root=tmp_path / "absent")
 
 
+def test_image_folder_skips_hidden_files_and_dirs(tmp_path: Path) -> None:
+    for name in ("a", "b", ".cache"):
+        for i in range(5):
+            _write_png(tmp_path / name / f"{i}.png", i)
+            _write_png(tmp_path / name / ".thumbnails" / f"{i}.png", i, size=(3, 3))
+    (tmp_path / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble, not a PNG")
+    ds = load_dataset("image-folder", "train", root=tmp_path)
+    assert ds.classes == ["a", "b"] and len(ds) == 8 and ds.image_shape == (3, 5, 6)
+
+
 def test_image_folder_high_bit_depth_is_rescaled_not_clipped(tmp_path: Path) -> None:
     from PIL import Image
 

@@ -1,6 +1,7 @@
 """``image-folder``: a user directory in torchvision's ``ImageFolder`` layout, decoded once into memory.
 
-Layouts (class names are the sorted sub-directory names, as in torchvision; files are found recursively)::
+Layouts (class names are the sorted sub-directory names, as in torchvision; files are found recursively; hidden
+files and directories are skipped)::
 
     root/train/<class>/<img>   root/test/<class>/<img>   (or root/val/...)   explicit splits
     root/<class>/<img>                                                        one folder, split here
@@ -43,19 +44,21 @@ def find_classes(directory: Path) -> list[str]:
 
 
 def list_images(directory: Path, classes: list[str]) -> list[tuple[Path, int]]:
-    """``(file, class index)`` of every image under ``directory/<class>``, in sorted order."""
+    """``(file, class index)`` of every image under ``directory/<class>``, in sorted order.
+
+    Hidden files and directories (``.thumbnails/``, macOS ``._x.jpg``) are skipped, like hidden class directories.
+    """
     samples = []
     for label, name in enumerate(classes):
         class_dir = directory / name
         if not class_dir.is_dir():
             continue
-        files = sorted(
-            Path(dirpath) / f
-            for dirpath, _, filenames in os.walk(class_dir, followlinks=True)
-            for f in filenames
-            if f.lower().endswith(IMG_EXTENSIONS)
-        )
-        samples.extend((f, label) for f in files)
+        files = []
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            images = [f for f in filenames if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)]
+            files += [Path(dirpath) / f for f in images]
+        samples.extend((f, label) for f in sorted(files))
     return samples
 
 
