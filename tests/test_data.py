@@ -129,6 +129,19 @@ def test_prepare_images_does_not_modify_input() -> None:
     torch.testing.assert_close(y[:, 1], (x[:, 0] - 0.5) / 0.25)
 
 
+def test_prepare_images_under_float64_default_dtype() -> None:
+    rgb = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    expected = prepare_images(rgb, channels=1, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = prepare_images(rgb, channels=1, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
+    finally:
+        torch.set_default_dtype(previous)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected)
+
+
 # ---------------------------------------------------------------- IDX reader
 
 
