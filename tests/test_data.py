@@ -129,6 +129,19 @@ def test_prepare_images_does_not_modify_input() -> None:
     torch.testing.assert_close(y[:, 1], (x[:, 0] - 0.5) / 0.25)
 
 
+def test_prepare_images_under_float64_default_dtype() -> None:
+    rgb = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    expected = prepare_images(rgb, channels=1, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = prepare_images(rgb, channels=1, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
+    finally:
+        torch.set_default_dtype(previous)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected)
+
+
 # ---------------------------------------------------------------- IDX reader
 
 
@@ -229,6 +242,28 @@ def test_idx_datasets_from_root(tmp_path: Path, name: str) -> None:
     assert len(load_dataset(name, "test", root=tmp_path)) == 4
 
 
+def test_idx_datasets_from_torchvision_root_pick_their_own_folder(tmp_path: Path) -> None:
+    # a torchvision root holds several IDX datasets with the same file names; each must read its own folder
+    for i, folder in enumerate(("FashionMNIST", "KMNIST", "MNIST")):
+        (tmp_path / folder / "raw").mkdir(parents=True)
+        for split in ("train", "test"):
+            images_stem, labels_stem = IDX_STEMS[split]
+            write_idx(tmp_path / folder / "raw" / images_stem, torch.full((3, 28, 28), i, dtype=torch.uint8))
+            write_idx(tmp_path / folder / "raw" / labels_stem, torch.full((3,), i, dtype=torch.uint8))
+    assert load_dataset("mnist", "test", root=tmp_path).labels.tolist() == [2, 2, 2]
+    assert load_dataset("fashion-mnist", "train", root=tmp_path).labels.tolist() == [0, 0, 0]
+
+
+def test_idx_pair_comes_from_one_directory(tmp_path: Path) -> None:
+    (tmp_path / "raw").mkdir()
+    _write_fake_idx_dir(tmp_path / "raw")
+    write_idx(tmp_path / "train-labels-idx1-ubyte", torch.zeros(2, dtype=torch.uint8))  # a stray file in root
+    assert load_dataset("mnist", "train", root=tmp_path).labels.tolist() == [0, 1, 2, 3, 4, 5]
+    (tmp_path / "raw" / "train-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataNotFoundError, match="no directory holds both train-images-idx3-ubyte"):
+        load_dataset("mnist", "train", root=tmp_path)
+
+
 def test_idx_dataset_count_mismatch_names_both_files(tmp_path: Path) -> None:
     _write_fake_idx_dir(tmp_path)
     write_idx(tmp_path / "train-labels-idx1-ubyte", torch.zeros(5, dtype=torch.uint8))
@@ -291,6 +326,46 @@ def test_image_folder_explicit_splits_and_errors(tmp_path: Path) -> None:
         load_dataset("image-folder")
     with pytest.raises(DataNotFoundError, match="not a directory"):
         load_dataset("image-folder", root=tmp_path / "absent")
+
+
+def test_image_folder_skips_hidden_files_and_dirs(tmp_path: Path) -> None:
+    for name in ("a", "b", ".cache"):
+        for i in range(5):
+            _write_png(tmp_path / name / f"{i}.png", i)
+            _write_png(tmp_path / name / ".thumbnails" / f"{i}.png", i, size=(3, 3))
+    (tmp_path / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble, not a PNG")
+    ds = load_dataset("image-folder", "train", root=tmp_path)
+    assert ds.classes == ["a", "b"] and len(ds) == 8 and ds.image_shape == (3, 5, 6)
+
+
+def test_image_folder_high_bit_depth_is_rescaled_not_clipped(tmp_path: Path) -> None:
+    from PIL import Image
+
+    ramp = np.arange(0, 65536, 4096, dtype=np.uint16).reshape(4, 4)  # 16-bit PNG: mode I;16
+    for name in ("a", "b"):
+        for split in ("train", "test"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.fromarray(ramp).save(tmp_path / split / name / "x.png")
+    for channels in (1, 3):
+        ds = load_dataset("image-folder", "test", root=tmp_path, channels=channels, normalize=False)
+        expected = torch.from_numpy(ramp / 65535).float().expand(2, channels, 4, 4)
+        torch.testing.assert_close(ds.images, expected, atol=0.5 / 255, rtol=0)
+    Image.fromarray(ramp.astype(np.int32) // 257).save(tmp_path / "train" / "a" / "y.tif")  # mode I, 0..255: exact
+    Image.fromarray(ramp.astype(np.float32) / 65535).save(tmp_path / "train" / "b" / "z.tif")  # mode F in [0, 1]
+    with pytest.raises(DataFormatError, match=r"z\.tif.*'F' mode.*8-bit"):
+        load_dataset("image-folder", "train", root=tmp_path)
+    (tmp_path / "train" / "b" / "z.tif").unlink()
+    ds = load_dataset("image-folder", "train", root=tmp_path, channels=1, normalize=False)
+    torch.testing.assert_close(ds.images[1, 0] * 255, torch.from_numpy(ramp // 257).float())
+
+
+def test_image_folder_decompression_bomb_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    _write_png(tmp_path / "a" / "huge.png", 0, size=(20, 20))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(DataFormatError, match=r"huge\.png.*decompression bomb"):
+        load_dataset("image-folder", "train", root=tmp_path)
 
 
 # ---------------------------------------------------------------- loaders

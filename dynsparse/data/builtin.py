@@ -52,6 +52,8 @@ _FASHION_CLASSES = (
     "Ankle boot",
 )
 _DIGIT_CLASSES = tuple(str(i) for i in range(10))
+#: torchvision's folder of each IDX dataset under its ``root`` (``root/MNIST/raw/...``).
+_TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 
 
 def digits_split_indices(split: str, n: int = 1797) -> np.ndarray:
@@ -99,23 +101,30 @@ def mnist_dir() -> Path | None:
 
 
 def find_idx_files(root: Path, split: str, dataset: str, how_to_get: str) -> tuple[Path, Path]:
-    """Find ``(images, labels)`` IDX files of ``split`` in ``root``, ``root/raw`` or ``root/*/raw`` (torchvision).
+    """Find the ``(images, labels)`` IDX files of ``split`` in one directory, the first of those searched holding both.
+
+    Searched: ``root``, ``root/raw`` and torchvision's ``root/MNIST/raw`` (``root/FashionMNIST/raw``). Only the
+    dataset's own torchvision folder: a torchvision root may also hold ``KMNIST/raw``, ``FashionMNIST/raw``, ...
+    with the same file names.
 
     Raises:
-        DataNotFoundError: A file is missing; the message names the directories searched and ``how_to_get``.
+        DataNotFoundError: No directory holds both files; the message names the directories searched and
+            ``how_to_get``.
     """
-    dirs = [root, root / "raw", *sorted(p for p in root.glob("*/raw") if p.is_dir())] if root.is_dir() else [root]
-    found = []
-    for stem in IDX_STEMS[split]:
-        hits = [d / name for d in dirs for name in (f"{stem}.gz", stem) if (d / name).is_file()]
-        if not hits:
-            where = ", ".join(repr(str(d)) for d in dirs)
-            raise DataNotFoundError(
-                f"dataset {dataset!r}: no {stem}[.gz] in {where}. {how_to_get}. The directory must hold the four "
-                f"IDX files {', '.join(s + '[.gz]' for pair in IDX_STEMS.values() for s in pair)}."
-            )
-        found.append(hits[0])
-    return found[0], found[1]
+    folder = _TORCHVISION_FOLDERS.get(dataset)
+    dirs = [root, root / "raw", *([root / folder / "raw"] if folder else [])] if root.is_dir() else [root]
+    stems = IDX_STEMS[split]
+    for d in dirs:
+        hits = [next((d / n for n in (f"{stem}.gz", stem) if (d / n).is_file()), None) for stem in stems]
+        if hits[0] is not None and hits[1] is not None:
+            return hits[0], hits[1]
+    where = ", ".join(repr(str(d)) for d in dirs)
+    missing = [stem for stem in stems if not any((d / n).is_file() for d in dirs for n in (f"{stem}.gz", stem))]
+    what = f"no {missing[0]}[.gz]" if missing else f"no directory holds both {stems[0]}[.gz] and {stems[1]}[.gz]"
+    raise DataNotFoundError(
+        f"dataset {dataset!r}: {what} in {where}. {how_to_get}. The directory must hold the four "
+        f"IDX files {', '.join(s + '[.gz]' for pair in IDX_STEMS.values() for s in pair)}."
+    )
 
 
 @functools.lru_cache(maxsize=8)

@@ -94,7 +94,7 @@ def prepare_images(
     stats = channel_stats(mean or (0.0,) * in_chans, std or (1.0,) * in_chans, channels)
     x = images.to(torch.float32, copy=True).div_(scale)  # a copy: the in-place ops below never touch `images`
     if channels == 1 and in_chans == 3:
-        x = torch.einsum("nchw,c->nhw", x, torch.tensor(_LUMA)).unsqueeze(1)
+        x = torch.einsum("nchw,c->nhw", x, torch.tensor(_LUMA, dtype=x.dtype)).unsqueeze(1)
     size = _size_pair(image_size)
     if size is not None and tuple(x.shape[-2:]) != size:
         shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]

@@ -1,6 +1,7 @@
 """``image-folder``: a user directory in torchvision's ``ImageFolder`` layout, decoded once into memory.
 
-Layouts (class names are the sorted sub-directory names, as in torchvision; files are found recursively)::
+Layouts (class names are the sorted sub-directory names, as in torchvision; files are found recursively; hidden
+files and directories are skipped)::
 
     root/train/<class>/<img>   root/test/<class>/<img>   (or root/val/...)   explicit splits
     root/<class>/<img>                                                        one folder, split here
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +22,9 @@ import torch
 from ..errors import ConfigError
 from .catalog import DatasetInfo, RawImages, register_dataset
 from .errors import DataFormatError, DataNotFoundError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 __all__ = ["IMG_EXTENSIONS", "find_classes", "list_images", "read_image_folder"]
 
@@ -39,19 +44,21 @@ def find_classes(directory: Path) -> list[str]:
 
 
 def list_images(directory: Path, classes: list[str]) -> list[tuple[Path, int]]:
-    """``(file, class index)`` of every image under ``directory/<class>``, in sorted order."""
+    """``(file, class index)`` of every image under ``directory/<class>``, in sorted order.
+
+    Hidden files and directories (``.thumbnails/``, macOS ``._x.jpg``) are skipped, like hidden class directories.
+    """
     samples = []
     for label, name in enumerate(classes):
         class_dir = directory / name
         if not class_dir.is_dir():
             continue
-        files = sorted(
-            Path(dirpath) / f
-            for dirpath, _, filenames in os.walk(class_dir, followlinks=True)
-            for f in filenames
-            if f.lower().endswith(IMG_EXTENSIONS)
-        )
-        samples.extend((f, label) for f in files)
+        files = []
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            images = [f for f in filenames if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)]
+            files += [Path(dirpath) / f for f in images]
+        samples.extend((f, label) for f in sorted(files))
     return samples
 
 
@@ -70,16 +77,38 @@ def _holdout(samples: list[tuple[Path, int]], split: str) -> list[tuple[Path, in
     return out
 
 
+def _to_8bit(img: PILImage, path: Path) -> PILImage:
+    """``img`` as 8-bit gray if it has more bits per pixel (PIL's ``convert`` would clip those values at 255).
+
+    16-bit images (``I;16*``) are rescaled by 255 / 65535; 32-bit ``I`` and ``F`` images are kept only when every
+    value is an integer in 0..255 (their range is otherwise unknown).
+    """
+    from PIL import Image
+
+    if img.mode.startswith("I;16"):
+        array = np.asarray(img).astype(np.uint32)
+        return Image.fromarray(((array * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if img.mode in ("I", "F"):
+        array = np.asarray(img)
+        if array.size and (array.min() < 0 or array.max() > 255 or not np.array_equal(array, np.round(array))):
+            raise DataFormatError(
+                f"dataset 'image-folder': image {str(path)!r} is {img.mode!r} mode (32-bit) with values in "
+                f"[{array.min()}, {array.max()}], not integers in 0..255; convert it to 8-bit"
+            )
+        return Image.fromarray(array.astype(np.uint8), "L")
+    return img
+
+
 def _load_image(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            img = img.convert(mode)
+            img = _to_8bit(img, path).convert(mode)
             if size is not None and img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             return np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
         raise DataFormatError(f"dataset 'image-folder': cannot read image {str(path)!r} ({exc})") from None
 
 
@@ -92,7 +121,7 @@ def read_image_folder(
         root: The dataset directory (see the module docstring for the layouts).
         split: ``"train"`` or ``"test"``.
         image_size: ``(H, W)`` every image is resized to (PIL bilinear); None requires equal sizes.
-        channels: 1 (PIL ``"L"``) or 3 (``"RGB"``, the default).
+        channels: 1 (PIL ``"L"``) or 3 (``"RGB"``, the default). 16-bit images are rescaled to 8 bits first.
 
     Returns:
         ``images (N, C, H, W)`` uint8, ``labels (N,)`` int64, class names.
