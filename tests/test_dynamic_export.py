@@ -119,3 +119,16 @@ def test_onnx_export_runs_in_onnxruntime(case, tmp_path):
     sess = ort.InferenceSession(str(path))
     (y,) = sess.run(None, {sess.get_inputs()[0].name: other.numpy()})
     torch.testing.assert_close(torch.from_numpy(y), m(other).detach(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_fbs_block_runs_under_torch_compile():
+    """torch.compile traces the gathered convs with fake tensors: they must not call oneDNN directly then."""
+    m = _model("channels/fbs")
+    block = m.layer2[0]
+    h = (
+        torch.randn(3, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+        * torch.tensor([0.5, 1.0, 3.0])[:, None, None, None]
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(block)(h), block(h), rtol=1e-5, atol=1e-5)

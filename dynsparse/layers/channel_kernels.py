@@ -29,7 +29,8 @@ _MKLDNN = torch.backends.mkldnn.is_available()
 
 def _conv(h: Tensor, conv: nn.Conv2d, w: Tensor, bias: Tensor | None = None, groups: int = 1) -> Tensor:
     fast = _MKLDNN and h.dtype == torch.float32 and h.device.type == "cpu" and not torch.is_grad_enabled()
-    if fast and not is_in_torch_dispatch_mode():  # FLOP counters and tracers see the plain conv below
+    # FLOP counters, tracers and torch.compile (no fake-tensor kernel for mkldnn_convolution) see the plain conv
+    if fast and not is_in_torch_dispatch_mode() and not torch.compiler.is_compiling():
         # F.conv2d sends a batch-1 3x3 conv with <= 20480 input values to a slow im2col kernel (measured: ~8 ms
         # for 256 -> 512 channels at 7x7, 3-4x oneDNN's time); gathered convs are often that small.
         # Both operands in one memory format (the input's), so mkldnn_convolution copies neither: a channels-last
