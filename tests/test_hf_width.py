@@ -145,3 +145,70 @@ def test_convert_verifies_a_width_pruned_model_on_the_kept_channels():
         w.add_(0.1 * torch.randn_like(w))
     with pytest.raises(ds.DynsparseError, match="outputs differ"):
         verify(model, conv, (x,), width=(32, conv.slice_plan.keep("width")))
+
+
+def _norm_masks(model):
+    """The zero pattern each width-gated norm outputs in the next forward (recorded by forward hooks)."""
+    from dynsparse.layers.hf_norm import WIDTH_NORMS
+
+    seen, handles = [], []
+    for m in model.modules():
+        if type(m) in WIDTH_NORMS.values():
+            handles.append(
+                m.register_forward_hook(lambda _m, _a, y: seen.append((y.detach() != 0).flatten(0, -2).any(0)))
+            )
+    return seen, handles
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_width_gate_is_sampled_once_per_training_forward(name):
+    """CoFi: one stream mask per step. Sampled in each norm, the layers of one forward saw different masks."""
+    model = _build(name)
+    ds.sparsify_(model, {"width": {"gate": "hard_concrete", "init_drop_rate": 0.4}})
+    model.train()
+    seen, handles = _norm_masks(model)
+    masks = []
+    for step in range(3):
+        seen.clear()
+        _out(model, _inputs(name, step)).sum().backward()
+        assert len(seen) >= 2
+        for m in seen[1:]:
+            assert torch.equal(m, seen[0]), f"step {step}: the norms of one forward saw different width masks"
+        masks.append(seen[0])
+    assert not all(torch.equal(m, masks[0]) for m in masks[1:])  # but a new sample every forward
+    for h in handles:
+        h.remove()
+    model.eval()  # eval: the deterministic gate, no sample kept
+    _out(model, _inputs(name))
+    assert model.width.__dict__["_width_sample"].value is None
+
+
+def test_width_sample_under_activation_checkpointing_and_copies():
+    import copy
+
+    model = _build("llama")
+    ds.sparsify_(model, {"width": {"gate": "hard_concrete", "init_drop_rate": 0.4}})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    torch.manual_seed(5)
+    ref = copy.deepcopy(model)  # a copy of a gated model in training holds no sample (not state)
+    assert ref.width.__dict__["_width_sample"].value is None
+    ref.gradient_checkpointing_disable()
+    torch.manual_seed(1)
+    _out(model, _inputs("llama")).sum().backward()
+    torch.manual_seed(1)
+    _out(ref, _inputs("llama")).sum().backward()
+    # the recomputation in backward reads the forward's sample: the same gradients as without checkpointing
+    for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=n)
+    copy.deepcopy(model)  # a sample with autograd history does not break copies (convert copies the model)
+
+
+def test_convert_removes_the_width_sampling_hook():
+    from dynsparse.integrations.hf_width import sample_width
+
+    model = _build("bert")
+    ds.sparsify_(model, {"width": "hard_concrete"})
+    assert sample_width in model._forward_pre_hooks.values()
+    small = ds.convert(model.eval())
+    assert sample_width not in small._forward_pre_hooks.values()

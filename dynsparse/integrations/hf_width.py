@@ -68,7 +68,7 @@ from ..convert.surgery import slice_conv_out_, slice_param_
 from ..errors import UnsupportedModuleError
 from ..gates import GateSpec, make_gate
 from ..layers.hf_base import slice_in_, slice_out_
-from ..layers.hf_norm import WIDTH_NORMS, gate_norm, ungate_norm
+from ..layers.hf_norm import SAMPLE, WIDTH_NORMS, WidthSample, gate_norm, ungate_norm
 from ..layers.slot import GateSlot
 from ..modules import first_param, join_fqn, submodule_or_none
 
@@ -80,6 +80,7 @@ __all__ = [
     "gate_width_",
     "keep_of",
     "kernels_of",
+    "sample_width",
     "slice_width_",
     "width_of",
 ]
@@ -222,10 +223,20 @@ def gate_width_(model: nn.Module, gate: GateSpec) -> nn.Module:
     ref = first_param(model)
     g = make_gate(gate, width, device=ref.device, dtype=ref.dtype)
     slot = GateSlot(g, dimension="width", dim=-1, unit_size=1, scope=("",)).train(model.training)
+    slot.__dict__[SAMPLE] = WidthSample()
     setattr(model, SLOT, slot)
     for _, child, m in norms:
         setattr(m, child, gate_norm(m.get_submodule(child), slot))
+    model.register_forward_pre_hook(sample_width)
     return model
+
+
+def sample_width(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a width-gated model: in training, one sample of the width gate per forward, which
+    every gated norm reads (CoFi's one stream mask; sampled in each norm, the layers would see different masks)."""
+    slot = model._modules.get(SLOT)
+    if isinstance(slot, GateSlot) and isinstance(slot.__dict__.get(SAMPLE), WidthSample):
+        slot.__dict__[SAMPLE].value = slot.gate() if slot.training else None
 
 
 def slice_width_(model: nn.Module, idx: Tensor, scale: Tensor | None = None) -> nn.Module:
@@ -269,6 +280,8 @@ def slice_width_(model: nn.Module, idx: Tensor, scale: Tensor | None = None) -> 
             m.hidden_size = len(idx)
     if SLOT in model._modules:
         del model._modules[SLOT]
+    for key in [k for k, hook in model._forward_pre_hooks.items() if hook is sample_width]:
+        del model._forward_pre_hooks[key]
     return model
 
 

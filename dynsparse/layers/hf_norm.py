@@ -5,7 +5,9 @@ over the kept channels only, multiply them by the gate values and output zeros e
 reads the stream sees what the physically narrower model will see (every reader of the stream in a pre-norm
 model is a norm; in a post-norm BERT the norm outputs *are* the stream). The gate lives once, in a `GateSlot` at
 the model root; each norm holds a plain reference to that slot (not a child), so the state dict has one copy and
-``fix_gates_`` on the slot reaches every norm.
+``fix_gates_`` on the slot reaches every norm. In training the gate is sampled once per forward of the model
+(CoFi's one mask per step), by a forward pre-hook of the model (`dynsparse.integrations.hf_width`) into the slot's
+`WidthSample`, which every norm reads; a norm called without it (no forward of the model yet) samples itself.
 """
 
 from __future__ import annotations
@@ -20,9 +22,28 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from ..modules import adopt
 from .slot import GateSlot
 
-__all__ = ["WIDTH_NORMS", "WidthLayerNorm", "WidthRMSNorm", "gate_norm", "ungate_norm"]
+__all__ = ["WIDTH_NORMS", "WidthLayerNorm", "WidthRMSNorm", "WidthSample", "gate_norm", "ungate_norm"]
 
 _SLOT = "_width_slot"
+#: Attribute of the width `GateSlot` holding its `WidthSample`.
+SAMPLE = "_width_sample"
+
+
+class WidthSample:
+    """The width gate's values for the current training forward, shared by every gated norm.
+
+    Kept until the next forward of the model (a recomputation under activation checkpointing reads the same
+    sample); copies and pickles start empty: a sample is not state.
+    """
+
+    def __init__(self) -> None:
+        self.value: Tensor | None = None
+
+    def __deepcopy__(self, memo: dict) -> WidthSample:
+        return WidthSample()
+
+    def __getstate__(self) -> dict:
+        return {"value": None}
 
 
 class _WidthNorm:
@@ -34,7 +55,9 @@ class _WidthNorm:
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``(..., C)`` -> ``(..., C)``, zero on the channels the width gate removes."""
         slot: GateSlot = self.__dict__[_SLOT]
-        v = slot.gate().to(x.dtype)
+        shared = slot.__dict__.get(SAMPLE)
+        v = shared.value if shared is not None and slot.training and shared.value is not None else slot.gate()
+        v = v.to(x.dtype)
         idx = (v != 0).nonzero().flatten()
         out = x.new_zeros(x.shape)
         if idx.numel() == 0:
