@@ -67,7 +67,15 @@ def mean_flops(model: nn.Module, images: Tensor) -> float:
 
     Exact for a static model; for one with per-input gates (routers, thresholds, per-input channels or neurons),
     which spends different FLOPs on each input, the mean over ``images``.
+
+    Raises:
+        ConfigError: ``images`` is not a tensor with a batch dimension, or holds no input.
     """
+    if not isinstance(images, Tensor) or images.dim() == 0 or len(images) == 0:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ConfigError(
+            f"mean_flops: images must be a non-empty batch (a tensor of shape (B, ...), B >= 1), got {shape}"
+        )
     return sum(count_flops(model, images[i : i + 1]) for i in range(len(images))) / len(images)
 
 
@@ -216,6 +224,11 @@ class CostModel:
                 key = tuple(sorted({i for i, path in scopes if _covers(path, name)} - unscaled.get(name, set())))
                 terms[key] += cost
         self.total = float(sum(costs.values()))
+        if not self.total:  # a kept fraction of nothing: fraction() would silently say 0 (all removed)
+            what = "FLOPs on example_input (an empty batch?)" if kind == "flops" else "parameters outside its gates"
+            raise ConfigError(
+                f"CostModel: {type(model).__name__} counts 0 {what}; there is no cost to take a fraction of"
+            )
         self.terms = sorted(terms.items())
 
     def _combine(self, fractions: list[Tensor]) -> Tensor:
