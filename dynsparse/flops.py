@@ -176,7 +176,11 @@ def _producers_or_none(model: nn.Module, fqn: str, dimension: str) -> list[str]:
 
 
 class CostModel:
-    """Kept cost of a gated model as a function of its gates.
+    """Kept cost of a gated model as a function of its (static) gates.
+
+    Input-dependent gates (tokens, per-input channels or neurons, routers) are not variables of the cost: the model
+    runs once on ``example_input`` with them deciding, so their choices on that input are part of every module's
+    cost (``total`` included). `dynsparse.sparsity_report` measures them against ``keep = 1``.
 
     Args:
         model: A gated model. Gates may be replaced later (``fix_gates_``): the cost model reads each slot's
