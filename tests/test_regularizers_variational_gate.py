@@ -133,3 +133,18 @@ def test_variational_gate_penalty_does_not_drive_log_alpha_up_without_bound() ->
         history.append(gate.log_alpha.detach().clone())
     assert history[-1].max() < 10.0, f"log α drifted to {history[-1].tolist()}"
     assert (history[-1] - history[299]).abs().max() < 1e-3, "log α must settle once past the clip"
+
+
+def test_bad_ranges_targets_and_epochs_raise_errors_naming_the_argument() -> None:
+    from dynsparse.errors import ConfigError
+    from dynsparse.regularizers.budget import TargetSparsity
+    from dynsparse.regularizers.variational import kl_weight
+
+    for bad in ((1.0, 2.0, 3.0), 8.0, ("a", 1.0)):  # used to raise a bare ValueError / TypeError
+        with pytest.raises(GateError, match="VariationalGate: log_alpha_range must be"):
+            VariationalGate(3, log_alpha_range=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="kl_weight: epoch must be a finite number"):
+        kl_weight(float("nan"))  # gave a NaN KL weight
+    model = tiny_vit(dims=("neurons",), gate="hard_concrete", dtype=torch.float32)
+    with pytest.raises(ConfigError, match=r"TargetSparsity: target .* got '0.5'"):
+        TargetSparsity(model, "0.5", example_input=torch.randn(1, 3, 32, 32))  # type: ignore[arg-type]

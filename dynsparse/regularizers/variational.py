@@ -102,7 +102,13 @@ def kl_weight(epoch: float, start: float = 5, end: float = 20) -> float:
     """KL warm-up: 0 before ``start``, linear to 1 at ``end``, then 1 (reference: 0 below epoch 5, 1 from 20).
 
     ``epoch`` may be fractional (step / steps_per_epoch). ``end <= start`` gives a step at ``start``.
+
+    Raises:
+        ConfigError: ``epoch``, ``start`` or ``end`` is not a finite number (a NaN epoch gave a NaN weight).
     """
+    for name, v in (("epoch", epoch), ("start", start), ("end", end)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"kl_weight: {name} must be a finite number, got {v!r}")
     if epoch < start:
         return 0.0
     if epoch >= end:
@@ -425,6 +431,11 @@ class VariationalGate(Gate):
         for what, v in (("init_log_alpha", init_log_alpha), ("threshold", threshold)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise GateError(f"VariationalGate: {what} must be a finite number, got {v!r}")
+        ok = isinstance(log_alpha_range, (tuple, list)) and len(log_alpha_range) == 2
+        if not ok or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in log_alpha_range):
+            raise GateError(
+                f"VariationalGate: log_alpha_range must be (low, high), two numbers, got {log_alpha_range!r}"
+            )
         lo, hi = (float(v) for v in log_alpha_range)
         if not lo < hi:
             raise GateError(f"VariationalGate: log_alpha_range must be (low, high), low < high, got {log_alpha_range}")
