@@ -67,7 +67,15 @@ def mean_flops(model: nn.Module, images: Tensor) -> float:
 
     Exact for a static model; for one with per-input gates (routers, thresholds, per-input channels or neurons),
     which spends different FLOPs on each input, the mean over ``images``.
+
+    Raises:
+        ConfigError: ``images`` is not a tensor with a batch dimension, or holds no input.
     """
+    if not isinstance(images, Tensor) or images.dim() == 0 or len(images) == 0:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ConfigError(
+            f"mean_flops: images must be a non-empty batch (a tensor of shape (B, ...), B >= 1), got {shape}"
+        )
     return sum(count_flops(model, images[i : i + 1]) for i in range(len(images))) / len(images)
 
 
@@ -168,7 +176,11 @@ def _producers_or_none(model: nn.Module, fqn: str, dimension: str) -> list[str]:
 
 
 class CostModel:
-    """Kept cost of a gated model as a function of its gates.
+    """Kept cost of a gated model as a function of its (static) gates.
+
+    Input-dependent gates (tokens, per-input channels or neurons, routers) are not variables of the cost: the model
+    runs once on ``example_input`` with them deciding, so their choices on that input are part of every module's
+    cost (``total`` included). `dynsparse.sparsity_report` measures them against ``keep = 1``.
 
     Args:
         model: A gated model. Gates may be replaced later (``fix_gates_``): the cost model reads each slot's
@@ -216,6 +228,11 @@ class CostModel:
                 key = tuple(sorted({i for i, path in scopes if _covers(path, name)} - unscaled.get(name, set())))
                 terms[key] += cost
         self.total = float(sum(costs.values()))
+        if not self.total:  # a kept fraction of nothing: fraction() would silently say 0 (all removed)
+            what = "FLOPs on example_input (an empty batch?)" if kind == "flops" else "parameters outside its gates"
+            raise ConfigError(
+                f"CostModel: {type(model).__name__} counts 0 {what}; there is no cost to take a fraction of"
+            )
         self.terms = sorted(terms.items())
 
     def _combine(self, fractions: list[Tensor]) -> Tensor:

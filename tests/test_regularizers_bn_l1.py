@@ -149,3 +149,37 @@ def test_bn_l1_bad_arguments() -> None:
         slim.keep_masks(threshold=0.1, scope="layer")
     with pytest.raises(ConfigError, match="scope"):
         slim.keep_masks(scope="model")  # type: ignore[arg-type]
+
+
+def test_bn_l1_scope_all_counts_every_batchnorm_flavour() -> None:
+    """scope="all" takes every affine BatchNorm: 1d / 3d / SyncBatchNorm / timm's *Act norms, not only 2d."""
+    from timm.layers import BatchNormAct2d, SyncBatchNormAct
+
+    model = nn.ModuleDict(
+        {
+            "bn1d": nn.BatchNorm1d(3),
+            "bn2d": nn.BatchNorm2d(4),
+            "bn3d": nn.BatchNorm3d(5),
+            "sync": nn.SyncBatchNorm(6),
+            "act": BatchNormAct2d(7),
+            "sync_act": SyncBatchNormAct(8),
+            "no_scale": nn.BatchNorm1d(9, affine=False),
+            "other_norm": nn.LayerNorm(10),
+        }
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-1, 1)
+    in_scope = ["bn1d", "bn2d", "bn3d", "sync", "act", "sync_act"]
+    slim = BNScaleL1(model, weight=0.1, scope="all")
+    expected = 0.1 * sum(model[k].weight.abs().sum() for k in in_scope)
+    assert_close(slim(), expected, what="penalty over every BatchNorm flavour")
+    assert "norms=6" in repr(slim)
+    slim.add_subgradient_()
+    for k in in_scope:
+        assert_close(model[k].weight.grad, 0.1 * torch.sign(model[k].weight.detach()), what=f"{k} subgradient")
+    assert model["other_norm"].weight.grad is None
+    only_1d = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    assert BNScaleL1(only_1d, scope="all")().item() > 0  # used to raise "no affine BatchNorm2d"
+    with pytest.raises(ConfigError, match="LazyBatchNorm1d is not initialised"):
+        BNScaleL1(nn.Sequential(nn.LazyBatchNorm1d()), scope="all")

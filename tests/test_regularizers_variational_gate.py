@@ -96,3 +96,55 @@ def test_variational_gate_in_a_model_converts() -> None:
     small = ds.convert(model, verify_inputs=x)
     assert small.blocks[0].mlp.fc1.out_features == model.blocks[0].mlp.fc1.out_features - 50
     assert small.blocks[1].mlp.fc1.out_features == model.blocks[1].mlp.fc1.out_features
+
+
+def test_variational_gate_clips_log_alpha_like_the_reference() -> None:
+    """Noise, penalty and expected_keep read clip(log α, -8, 8) (reference ``DenseVarDropOutARD.clip``)."""
+    la = torch.tensor([-12.0, -8.0, 0.0, 8.0, 12.0, 30.0], dtype=torch.float64)
+    gate = VariationalGate(la.numel(), dtype=torch.float64)
+    with torch.no_grad():
+        gate.log_alpha.copy_(la)
+    clipped = la.clamp(-8.0, 8.0)
+    assert_close(gate.penalty(), f64(sum(paper_kl(v) for v in clipped.tolist())), what="penalty = Σ KL(clip)")
+    assert_close(gate.expected_keep(), 1 / (1 + clipped.exp()), what="expected_keep = 1/(1+clip(α))")
+    gate.train()
+    torch.manual_seed(0)
+    eps = torch.randn(la.numel(), dtype=torch.float64)
+    torch.manual_seed(0)
+    assert_close(gate(), 1 + (0.5 * clipped).exp() * eps, what="z = 1 + sqrt(clip(α))·ε")
+    (gate().sum() + gate.penalty()).backward()
+    outside = (la < -8) | (la > 8)
+    # zero strictly outside only: a gate at the bounds (the default init -8, or after constrain_()) still learns
+    assert (gate.log_alpha.grad[outside] == 0).all() and (gate.log_alpha.grad[~outside] != 0).all()
+    assert gate.eval()().tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0], "eval thresholds log α at 3, as before"
+
+
+def test_variational_gate_penalty_does_not_drive_log_alpha_up_without_bound() -> None:
+    # unclipped, the KL gradient never vanishes and Adam (scale-free) moved log α up ~lr per step: 7.5 -> 13+
+    gate = VariationalGate(2, dtype=torch.float64).train()
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([7.5, 8.0], dtype=torch.float64))
+    opt = torch.optim.Adam(gate.parameters(), lr=0.1)
+    history = []
+    for _ in range(600):
+        opt.zero_grad()
+        gate.penalty().backward()
+        opt.step()
+        history.append(gate.log_alpha.detach().clone())
+    assert history[-1].max() < 10.0, f"log α drifted to {history[-1].tolist()}"
+    assert (history[-1] - history[299]).abs().max() < 1e-3, "log α must settle once past the clip"
+
+
+def test_bad_ranges_targets_and_epochs_raise_errors_naming_the_argument() -> None:
+    from dynsparse.errors import ConfigError
+    from dynsparse.regularizers.budget import TargetSparsity
+    from dynsparse.regularizers.variational import kl_weight
+
+    for bad in ((1.0, 2.0, 3.0), 8.0, ("a", 1.0)):  # used to raise a bare ValueError / TypeError
+        with pytest.raises(GateError, match="VariationalGate: log_alpha_range must be"):
+            VariationalGate(3, log_alpha_range=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="kl_weight: epoch must be a finite number"):
+        kl_weight(float("nan"))  # gave a NaN KL weight
+    model = tiny_vit(dims=("neurons",), gate="hard_concrete", dtype=torch.float32)
+    with pytest.raises(ConfigError, match=r"TargetSparsity: target .* got '0.5'"):
+        TargetSparsity(model, "0.5", example_input=torch.randn(1, 3, 32, 32))  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ __all__ = ["KnobCurve", "KnobPoint", "knob_curve"]
 class KnobPoint:
     """One budget: the metric, the FLOPs relative to dense, and the measured speed-up per batch size."""
 
-    keep: float
+    keep: float | None
     metric: float
     flops_ratio: float
     latency_ms: dict[int, float] = field(default_factory=dict)
@@ -42,7 +43,7 @@ class KnobCurve:
         rows = [["dense", f"{self.dense_metric:.4f}", "100.0%", *[f"{self.dense_ms[b]:.2f}" for b in batches]]]
         for p in self.points:
             cells = [f"{p.latency_ms[b]:.2f} ({p.speedup[b]:.2f}x)" for b in batches]
-            rows.append([f"{p.keep:g}", f"{p.metric:.4f}", f"{100 * p.flops_ratio:.1f}%", *cells])
+            rows.append([_keep_label(p.keep), f"{p.metric:.4f}", f"{100 * p.flops_ratio:.1f}%", *cells])
         lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
@@ -60,7 +61,11 @@ class KnobCurve:
             if b == min(self.dense_ms):
                 for p, xv in zip(self.points, xs, strict=True):
                     ax.annotate(
-                        f"keep {p.keep:g}", (xv, p.metric), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                        f"keep {_keep_label(p.keep)}",
+                        (xv, p.metric),
+                        fontsize=7,
+                        xytext=(3, 3),
+                        textcoords="offset points",
                     )
         ax.axhline(self.dense_metric, color="grey", ls="--", lw=1, label="dense")
         ax.set_xlabel(f"measured speed-up over dense ({self.threads} thread)")
@@ -80,7 +85,7 @@ def knob_curve(
     eval_fn: Callable[[nn.Module], float],
     x: Tensor,
     *,
-    keeps: Sequence[float] = (1.0, 0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2),
+    keeps: Sequence[float | None] = (1.0, 0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2),
     batch_sizes: Sequence[int] = (1, 32),
     rounds: int = 15,
     threads: int = 1,
@@ -97,25 +102,29 @@ def knob_curve(
         eval_fn: ``eval_fn(model) -> float`` (e.g. test accuracy).
         x: Real inputs, at least ``max(batch_sizes)`` of them (the first ``b`` are timed at batch ``b``, so the
             inputs of a batch make their own decisions).
-        keeps: Budgets to try.
+        keeps: Budgets to try (``None``: gates with learned thresholds use them, see `dynsparse.set_budget_`).
         batch_sizes: Batch sizes timed.
         rounds: Interleaved timing rounds.
         threads: ``torch.set_num_threads`` while timing.
         flops_images: FLOPs per image are counted on each of the first ``flops_images`` inputs alone (batch 1)
             and averaged: an input-dependent model (routers, thresholds) spends different FLOPs on each.
+
+    Raises:
+        ConfigError: ``keeps`` or ``batch_sizes`` is empty; a batch size, ``rounds``, ``threads`` or
+            ``flops_images`` is not an int >= 1; a batch size repeats; ``x`` has fewer inputs than the largest
+            batch size; the dense model counts no FLOPs. A budget a gate refuses raises from `set_budget_`.
     """
     from ..flops import mean_flops
     from ..knob import budget
     from .latency import compare_latency
 
-    if not keeps:
-        raise ConfigError("knob_curve: keeps must not be empty")
-    if len(x) < max(batch_sizes):
-        raise ConfigError(f"knob_curve: x has {len(x)} inputs, fewer than the largest batch size {max(batch_sizes)}")
+    _check_args(x, keeps, batch_sizes, rounds, threads, flops_images)
     model.eval()
     dense.eval()
-    x_flops = x[: max(1, min(flops_images, len(x)))]
+    x_flops = x[: min(flops_images, len(x))]
     dense_flops = mean_flops(dense, x_flops)
+    if not dense_flops:
+        raise ConfigError(f"knob_curve: the dense {type(dense).__name__} counts 0 FLOPs on x; no FLOPs ratio to report")
     dense_ms: dict[int, list[float]] = {b: [] for b in batch_sizes}
     points = []
     for keep in keeps:
@@ -134,3 +143,35 @@ def knob_curve(
         dense_metric = float(eval_fn(dense))
     med = {b: sorted(v)[len(v) // 2] for b, v in dense_ms.items()}
     return KnobCurve(points, dense_metric, med, threads, rounds)
+
+
+def _check_args(
+    x: Tensor, keeps: Sequence[float | None], batch_sizes: Sequence[int], rounds: int, threads: int, flops_images: int
+) -> None:
+    """Refuse bad arguments before anything runs (``ConfigError`` naming the argument)."""
+    for name, v in (("rounds", rounds), ("threads", threads), ("flops_images", flops_images)):
+        if not _is_count(v):
+            raise ConfigError(f"knob_curve: {name} must be an int >= 1, got {v!r}")
+    for name, seq in (("keeps", keeps), ("batch_sizes", batch_sizes)):
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence) or not seq:
+            raise ConfigError(f"knob_curve: {name} must be a non-empty sequence, got {seq!r}")
+    bad = [b for b in batch_sizes if not _is_count(b)]
+    if bad:
+        raise ConfigError(f"knob_curve: batch_sizes must be ints >= 1, got {bad[0]!r} in {list(batch_sizes)}")
+    if len(set(batch_sizes)) != len(batch_sizes):
+        raise ConfigError(f"knob_curve: batch_sizes repeats a batch size: {list(batch_sizes)}")
+    if not isinstance(x, Tensor) or x.dim() == 0:
+        raise ConfigError(f"knob_curve: x must be a batch of inputs (a tensor with a batch dimension), got {x!r:.80}")
+    if len(x) < max(batch_sizes):
+        raise ConfigError(f"knob_curve: x has {len(x)} inputs, fewer than the largest batch size {max(batch_sizes)}")
+
+
+def _keep_label(keep: object) -> str:
+    """``0.5`` -> ``"0.5"``; ``None`` (a threshold gate on its learned thresholds) -> ``"learned"``."""
+    if keep is None:
+        return "learned"
+    return f"{keep:g}" if isinstance(keep, numbers.Real) else str(keep)
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1

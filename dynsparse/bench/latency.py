@@ -46,10 +46,15 @@ def compare_latency(
     measurement and restored afterwards, and so is each model's training flag.
 
     Raises:
-        ConfigError: ``rounds`` or ``threads`` is below 1, ``warmup`` below 0, ``models`` is empty, or ``reference``
-            is not one of them.
+        ConfigError: ``rounds`` or ``threads`` is below 1, ``warmup`` below 0, ``models`` is empty, ``reference``
+            is not one of them, or ``x`` is not a non-empty batch.
     """
     _check_args(models, reference, rounds, warmup, threads)
+    if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] == 0:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ConfigError(
+            f"compare_latency: x must be a non-empty batch (a tensor of shape (B, ...), B >= 1), got {got}"
+        )
     names = list(models)
     reference = reference or names[0]
     old = torch.get_num_threads()

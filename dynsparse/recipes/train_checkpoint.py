@@ -1,8 +1,10 @@
 """Checkpoints of an image recipe run (`dynsparse.recipes.train.Trainer`): what one holds, and restoring from one.
 
 A checkpoint holds the model (and teacher) state, the optimizer and budget states, the RNG states, and in
-``meta`` the `RunState` (stage, epochs done, global step, log history), the class of every static gate and the
-recipe. The structure is not in it: a resumed run rebuilds it from the recipe, then `restore_` loads the states.
+``meta`` the `RunState` (stage, epochs done, global step, log history), the class of every static gate, the gate
+settings that live outside the state dict (a `TopKGate`'s ``k``, an input-dependent gate's run-time ``keep``; as
+`dynsparse.convert.save_gated` records them) and the recipe. The structure is not in it: a resumed run rebuilds it
+from the recipe, then `restore_` loads the states and puts the recorded settings back.
 `check_resume` refuses a checkpoint whose recipe differs from the current one in a field that changes training.
 """
 
@@ -15,12 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..gates import FixedGate, Gate
+from ..errors import DynsparseError
+from ..gates import FixedGate, Gate, InputDependentGate, TopKGate
 from ..sparsify import fix_gates_, named_gates
 from .loader import recipe_to_dict
 from .schema import Recipe, RecipeError
 
-__all__ = ["RESUME_FIELDS", "RunState", "check_resume", "checkpoint_state", "restore_"]
+__all__ = ["RESUME_FIELDS", "RunState", "check_resume", "checkpoint_state", "gate_settings", "restore_"]
 
 #: Top-level recipe fields the training depends on; the stages up to the checkpoint's are compared too (but their
 #: names). The device may change (checkpoints hold CPU tensors), and so may name, output_dir, baseline, convert and
@@ -64,6 +67,7 @@ def checkpoint_state(
             "step": state.step,
             "history": json.dumps(state.history),
             "gates": json.dumps(gates),
+            "settings": json.dumps(gate_settings(model)),
             "recipe": json.dumps(recipe_to_dict(recipe)),
         },
     }
@@ -73,7 +77,12 @@ def restore_(model: nn.Module, teacher: nn.Module | None, ckpt: dict[str, Any], 
     """Load a checkpoint's states into the rebuilt ``model`` (and ``teacher``) in place and return ``model``.
 
     Gates the checkpoint records as `FixedGate` are fixed first (all open; the loaded state sets their masks); the
-    torch RNG state is restored, and the CUDA one on a GPU ``device`` when the checkpoint has one.
+    recorded gate settings (`gate_settings`) are applied after the state (a `CatsGate` re-derives its threshold from
+    the loaded quantiles and the restored ``keep``); the torch RNG state is restored, and the CUDA one on a GPU
+    ``device`` when the checkpoint has one.
+
+    Raises:
+        RecipeError: a recorded setting has no gate of the right kind in the rebuilt model, or is refused by it.
     """
     classes = json.loads(ckpt["meta"]["gates"])
     fix = {
@@ -84,12 +93,42 @@ def restore_(model: nn.Module, teacher: nn.Module | None, ckpt: dict[str, Any], 
     if fix:
         fix_gates_(model, fix)
     model.load_state_dict(ckpt["model"])
+    if "settings" in ckpt["meta"]:  # absent in checkpoints written before the settings were recorded
+        _restore_settings_(model, json.loads(ckpt["meta"]["settings"]))
     if teacher is not None and ckpt.get("teacher") is not None:
         teacher.load_state_dict(ckpt["teacher"])
     torch.set_rng_state(ckpt["rng"])
     if device.type == "cuda" and ckpt.get("cuda_rng") is not None:  # absent in a CPU run's checkpoint
         torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
     return model
+
+
+def gate_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{gate_fqn: setting}`` of the gate state outside the state dict: ``{"k": k}`` of a `TopKGate` (``set_k_``),
+    ``{"keep": keep}`` of an input-dependent gate (``set_budget_``; ``None``: a threshold gate's learned thresholds).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for fqn, g in named_gates(model):
+        if isinstance(g, TopKGate):
+            out[fqn] = {"k": g.k}
+        elif isinstance(g, InputDependentGate):
+            out[fqn] = {"keep": g.keep}
+    return out
+
+
+def _restore_settings_(model: nn.Module, settings: dict[str, dict[str, Any]]) -> None:
+    gates = dict(named_gates(model))
+    for fqn, entry in settings.items():
+        g = gates.get(fqn)
+        try:
+            if set(entry) == {"k"} and isinstance(g, TopKGate):
+                g.set_k_(k=entry["k"])
+            elif set(entry) == {"keep"} and isinstance(g, InputDependentGate):
+                g.set_budget_(entry["keep"])
+            else:
+                raise RecipeError(f"the rebuilt model has no gate there that takes it ({type(g).__name__})")
+        except DynsparseError as e:  # a bad k or keep (GateError, ConfigError), or no such gate
+            raise RecipeError(f"checkpoint gate setting {fqn!r} = {entry!r}: {e}") from None
 
 
 def _leaf_diff(a: Any, b: Any, path: str) -> list[str]:

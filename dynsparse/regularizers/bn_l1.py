@@ -17,6 +17,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
 
 from ..errors import ConfigError, UnsupportedModuleError
 from ..gates.functional import topk_mask
@@ -38,8 +39,10 @@ class BNScaleL1:
         model: A model; for ``scope="gated"`` and for ``keep_masks`` it must be gated for ``channels``
             (``dynsparse.sparsify_(model, {"channels": "fixed"})``).
         weight: ``λ`` (>= 0); the reference uses 1e-4 for VGG, 1e-5 for ResNet and DenseNet.
-        scope: ``"gated"`` penalises the BNs whose channels are gate units; ``"all"`` every ``BatchNorm2d``
-            (what the reference does; a BN feeding a residual sum is then shrunk but never pruned).
+        scope: ``"gated"`` penalises the BNs whose channels are gate units; ``"all"`` every BatchNorm with a
+            scale (``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and their subclasses such as timm's ``BatchNormAct2d``;
+            the reference, conv nets only, takes every ``BatchNorm2d``). A BN feeding a residual sum is then
+            shrunk but never pruned.
 
     Raises:
         ConfigError: a bad argument, or no BatchNorm in scope.
@@ -77,11 +80,15 @@ class BNScaleL1:
         if scope == "gated":
             norms = [g.norm for g in self._gated]
         else:
-            norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.weight is not None]
+            # every BatchNorm flavour: 1d / 2d / 3d, SyncBatchNorm (DDP), timm's BatchNormAct2d / SyncBatchNormAct
+            norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.weight is not None]
+            lazy = [type(m).__name__ for m in norms if is_lazy(m.weight)]
+            if lazy:
+                raise ConfigError(f"BNScaleL1(scope='all'): a {lazy[0]} is not initialised yet; run one forward first")
         seen: set[int] = set()
         self._norms: list[_BatchNorm] = [m for m in norms if not (id(m) in seen or seen.add(id(m)))]
         if not self._norms:
-            what = "no gated layer with a BatchNorm on its units" if scope == "gated" else "no affine BatchNorm2d"
+            what = "no gated layer with a BatchNorm on its units" if scope == "gated" else "no affine BatchNorm"
             raise ConfigError(f"BNScaleL1(scope={scope!r}): the model has {what}")
         self._zero = zero_like_params(model)
 

@@ -52,8 +52,8 @@ class TargetSparsity(nn.Module):
         example_input: Tensor | tuple | None = None,
     ) -> None:
         super().__init__()
-        if not 0.0 < target <= 1.0:
-            raise ConfigError(f"TargetSparsity: target (kept fraction) must be in (0, 1], got {target}")
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
+            raise ConfigError(f"TargetSparsity: target (kept fraction) must be in (0, 1], got {target!r}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ConfigError(f"TargetSparsity: warmup_steps must be an int >= 0, got {warmup_steps!r}")
         self.cost = CostModel(model, example_input, kind=kind)

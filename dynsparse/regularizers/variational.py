@@ -102,7 +102,13 @@ def kl_weight(epoch: float, start: float = 5, end: float = 20) -> float:
     """KL warm-up: 0 before ``start``, linear to 1 at ``end``, then 1 (reference: 0 below epoch 5, 1 from 20).
 
     ``epoch`` may be fractional (step / steps_per_epoch). ``end <= start`` gives a step at ``start``.
+
+    Raises:
+        ConfigError: ``epoch``, ``start`` or ``end`` is not a finite number (a NaN epoch gave a NaN weight).
     """
+    for name, v in (("epoch", epoch), ("start", start), ("end", end)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"kl_weight: {name} must be a finite number, got {v!r}")
     if epoch < start:
         return 0.0
     if epoch >= end:
@@ -384,8 +390,10 @@ class VariationalGate(Gate):
     Training draws one ``ε ~ N(0, 1)`` per unit per forward (shared by the batch, like `HardConcreteGate`), so
     the multiplier has mean 1 and variance α; it is *not* confined to [0, 1]. ``log α`` is learnt; the
     penalty is the sparse-VD KL approximation (`kl_approx`) summed over units, which pushes ``log α`` up until
-    the data term resists. Eval is 1 for units with ``log α <= threshold`` and 0 for the others (the
-    dropout rate α/(1+α) of a dropped unit is above 0.95 for the default threshold 3).
+    the data term resists. Noise, penalty and ``expected_keep()`` read ``log α`` clipped to ``log_alpha_range``
+    ([-8, 8]) as the reference code does, so no term drives it past the clip. Eval is 1 for units with
+    ``log α <= threshold`` and 0 for the others (the dropout rate α/(1+α) of a dropped unit is above 0.95 for the
+    default threshold 3).
 
     ``expected_keep()`` is the smooth proxy ``1/(1+α) = sigmoid(−log α)``, the keep probability of the binary
     dropout equivalent to Gaussian noise of variance α (Srivastava et al. 2014; Kingma et al. 2015). It is
@@ -395,8 +403,9 @@ class VariationalGate(Gate):
         num_units: Number of units.
         init_log_alpha: Initial ``log α`` of every unit (-8: nearly noise-free, and open).
         threshold: Units with ``log α > threshold`` are dropped (3).
-        log_alpha_range: Range of ``log α``: the training noise uses ``min(log α, max)`` (numerical safety) and
-            ``constrain_()`` clamps the parameter to it (call after the optimizer step, optional).
+        log_alpha_range: Clip of ``log α`` ([-8, 8], the reference code's): the training noise, the penalty and
+            ``expected_keep()`` use the clipped value (zero gradient outside), and ``constrain_()`` clamps the
+            parameter itself to it (call after the optimizer step, optional).
         device: Device of the parameter.
         dtype: Dtype of the parameter.
 
@@ -422,6 +431,11 @@ class VariationalGate(Gate):
         for what, v in (("init_log_alpha", init_log_alpha), ("threshold", threshold)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise GateError(f"VariationalGate: {what} must be a finite number, got {v!r}")
+        ok = isinstance(log_alpha_range, (tuple, list)) and len(log_alpha_range) == 2
+        if not ok or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in log_alpha_range):
+            raise GateError(
+                f"VariationalGate: log_alpha_range must be (low, high), two numbers, got {log_alpha_range!r}"
+            )
         lo, hi = (float(v) for v in log_alpha_range)
         if not lo < hi:
             raise GateError(f"VariationalGate: log_alpha_range must be (low, high), low < high, got {log_alpha_range}")
@@ -436,9 +450,20 @@ class VariationalGate(Gate):
         with torch.no_grad():
             self.log_alpha.fill_(self.init_log_alpha)
 
+    def clipped_log_alpha(self) -> Tensor:
+        """``clamp(log α, *log_alpha_range)``, differentiable (zero gradient strictly outside the range).
+
+        As in the reference code (``clip`` in ``DenseVarDropOutARD``: one clipped ``log α`` feeds the training
+        noise and the KL), so neither the penalty nor the data term moves ``log α`` beyond the range.
+        """
+        la, (lo, hi) = self.log_alpha, self.log_alpha_range
+        # not la.clamp(lo, hi): its gradient is 0 *at* the bounds too, which would freeze a gate at the default
+        # init_log_alpha (-8) or wherever constrain_() put it; here only values strictly outside get 0
+        return torch.where((la >= lo) & (la <= hi), la, la.detach().clamp(lo, hi))
+
     def forward(self) -> Tensor:
         if self.training:
-            std = torch.exp(0.5 * self.log_alpha.clamp(max=self.log_alpha_range[1]))
+            std = torch.exp(0.5 * self.clipped_log_alpha())
             return 1.0 + std * torch.randn_like(self.log_alpha)
         return self.eval_values()
 
@@ -449,12 +474,20 @@ class VariationalGate(Gate):
         return self.log_alpha.detach() <= self.threshold
 
     def expected_keep(self) -> Tensor:
-        """``sigmoid(−log α) = 1/(1+α)``, the keep probability of the equivalent binary dropout (differentiable)."""
-        return torch.sigmoid(-self.log_alpha)
+        """``sigmoid(−log α) = 1/(1+α)``, the keep probability of the equivalent binary dropout (differentiable).
+
+        Of the clipped ``log α``, like the noise and the penalty: a budget cannot push ``log α`` past the range.
+        """
+        return torch.sigmoid(-self.clipped_log_alpha())
 
     def penalty(self) -> Tensor:
-        """``Σ_units KL(log α)`` with the sparse-VD approximation (`kl_approx`), differentiable."""
-        return kl_approx(self.log_alpha).sum()
+        """``Σ_units KL(clip(log α))`` with the sparse-VD approximation (`kl_approx`), differentiable.
+
+        ``log α`` is clipped to ``log_alpha_range`` first, as in the reference code: beyond the upper end the KL
+        is flat, so it stops pushing ``log α`` up (unclipped, its gradient never vanishes and Adam, which
+        normalises gradients, drives ``log α`` up by about ``lr`` per step without bound).
+        """
+        return kl_approx(self.clipped_log_alpha()).sum()
 
     @torch.no_grad()
     def constrain_(self) -> VariationalGate:
