@@ -110,7 +110,8 @@ def analyse(path: str, *, input_shape: tuple[int, int, int] | None = None, flops
         if not _is_layer(m):
             continue
         n = sum(p.numel() for p in m.parameters())
-        nz = sum(int((p != 0).sum()) for p in m.parameters())
+        w = getattr(m, "weight", None)
+        nz = float((w != 0).float().mean()) if isinstance(w, Tensor) and w.numel() else None
         d = dense_modules.get(fqn)
         dn = sum(p.numel() for p in d.parameters()) if d is not None else None
         layers.append(
@@ -119,7 +120,7 @@ def analyse(path: str, *, input_shape: tuple[int, int, int] | None = None, flops
                 "type": type(m).__name__,
                 "shape": _shape(m),
                 "params": n,
-                "nonzero": nz / n if n else None,
+                "weight_nonzero": nz,
                 "flops": flops.get(fqn) if flops else None,
                 "dense_shape": _shape(d) if d is not None else None,
                 "kept": n / dn if dn else None,
@@ -206,13 +207,13 @@ def format_analysis(a: dict[str, Any], top: int | None = None) -> str:
     lines += [
         "",
         f"{'layer':<{w}}  {'type':<{t}}  {'shape':<{s}}  {'dense shape':<{ds_}}  {'kept':>6}  {'params':>10}  "
-        f"{'nonzero':>7}  {'FLOPs':>8}",
+        f"{'weight nonzero':>14}  {'FLOPs':>8}",
     ]
     for r in rows:
         flops = si(r["flops"]) if r["flops"] is not None else "-"
         lines.append(
             f"{r['name']:<{w}}  {r['type']:<{t}}  {_dims(r['shape']):<{s}}  {_dims(r['dense_shape']):<{ds_}}  "
-            f"{_pct(r['kept']):>6}  {r['params']:>10,}  {_pct(r['nonzero']):>7}  {flops:>8}"
+            f"{_pct(r['kept']):>6}  {r['params']:>10,}  {_pct(r['weight_nonzero']):>14}  {flops:>8}"
         )
     if a["removed_layers"]:
         names = ", ".join(a["removed_layers"][:4]) + (", ..." if len(a["removed_layers"]) > 4 else "")
