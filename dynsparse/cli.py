@@ -58,7 +58,13 @@ def _eval(args: argparse.Namespace) -> int:
     from dynsparse.convert.io import read_info
     from dynsparse.data import load_dataset, make_loader
 
-    dataset, image_size, channels = _eval_data(args, read_info(args.model).get("data") or {})
+    stored = read_info(args.model).get("data") or {}
+    dataset, image_size, channels = _eval_data(args, stored)
+    hint = (
+        f"the file stores input {'x'.join(map(str, stored['input_shape']))}: leave out --image-size / --channels"
+        if stored.get("input_shape")
+        else "pass --image-size and --channels as in the data field of the recipe that trained it"
+    )
     model = ds.load(args.model)
     test = load_dataset(dataset, split="test", root=args.root, image_size=image_size, channels=channels)
     correct = total = 0
@@ -71,8 +77,7 @@ def _eval(args: argparse.Namespace) -> int:
                     raise
                 shape = "x".join(map(str, x.shape[1:]))
                 raise ds.ConfigError(
-                    f"{args.model}: the {dataset} test images ({shape}) do not run through the model ({e}); "
-                    "pass --image-size and --channels as in the data field of the recipe that trained it"
+                    f"{args.model}: the {dataset} test images ({shape}) do not run through the model ({e}); {hint}"
                 ) from e
             correct += int((logits.argmax(-1) == y).sum())
             total += len(y)
