@@ -55,10 +55,18 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     import dynsparse as ds
+    from dynsparse.convert.io import read_info
     from dynsparse.data import load_dataset, make_loader
 
+    stored = read_info(args.model).get("data") or {}
+    dataset, image_size, channels = _eval_data(args, stored)
+    hint = (
+        f"the file stores input {'x'.join(map(str, stored['input_shape']))}: leave out --image-size / --channels"
+        if stored.get("input_shape")
+        else "pass --image-size and --channels as in the data field of the recipe that trained it"
+    )
     model = ds.load(args.model)
-    test = load_dataset(args.dataset, split="test", root=args.root, image_size=args.image_size, channels=args.channels)
+    test = load_dataset(dataset, split="test", root=args.root, image_size=image_size, channels=channels)
     correct = total = 0
     with torch.no_grad():
         for x, y in make_loader(test, 256, shuffle=False, seed=0):
@@ -69,13 +77,40 @@ def _eval(args: argparse.Namespace) -> int:
                     raise
                 shape = "x".join(map(str, x.shape[1:]))
                 raise ds.ConfigError(
-                    f"{args.model}: the {args.dataset} test images ({shape}) do not run through the model ({e}); "
-                    "pass --image-size and --channels as in the data field of the recipe that trained it"
+                    f"{args.model}: the {dataset} test images ({shape}) do not run through the model ({e}); {hint}"
                 ) from e
             correct += int((logits.argmax(-1) == y).sum())
             total += len(y)
-    print(f"{args.model}: test accuracy {100 * correct / total:.2f}% on {total} {args.dataset} images")
+    print(f"{args.model}: test accuracy {100 * correct / total:.2f}% on {total} {dataset} images")
     return 0
+
+
+def _eval_data(args: argparse.Namespace, stored: dict) -> tuple[str, int | list[int] | None, int | None]:
+    """``(dataset, image_size, channels)`` for ``eval``: the flags where given, else what the model file stores.
+
+    A flag that contradicts the stored value wins, with a warning on stderr: the file records what the model was
+    trained on, and evaluating elsewhere (a CNN at another resolution, another data set) is allowed on purpose.
+    """
+    from dynsparse.errors import ConfigError
+
+    dataset = args.dataset or stored.get("dataset")
+    if dataset is None:
+        raise ConfigError(f"{args.model}: no data set stored in the file; pass --dataset")
+    shape = stored.get("input_shape")
+    if stored.get("dataset") and dataset != stored["dataset"]:
+        _warn(args, f"the model was trained on {stored['dataset']}; evaluating on --dataset {dataset}")
+    # the stored input shape, not the recipe's image_size / channels, which may be null (the native size)
+    image_size = args.image_size if args.image_size is not None else (shape[1:] if shape else None)
+    channels = args.channels if args.channels is not None else (shape[0] if shape else None)
+    if shape and args.image_size is not None and [args.image_size] * 2 != list(shape[1:]):
+        _warn(args, f"the model was trained on {shape[1]}x{shape[2]} images; evaluating at --image-size {image_size}")
+    if shape and args.channels is not None and args.channels != shape[0]:
+        _warn(args, f"the model was trained on {shape[0]}-channel images; evaluating with --channels {channels}")
+    return dataset, image_size, channels
+
+
+def _warn(args: argparse.Namespace, text: str) -> None:
+    print(f"dynsparse {args.command}: warning: {args.model}: {text} (stored in the file)", file=sys.stderr)
 
 
 def torch_threads(n: int | None) -> None:
@@ -98,13 +133,19 @@ def _convert(args: argparse.Namespace) -> int:
     model, info = ds.load_gated(args.checkpoint)
     model.eval()
     x = _default_input(model)
+    data = info.get("data")
+    if data and data.get("input_shape"):  # the input the model was trained on, recorded by `dynsparse train`
+        x = torch.zeros(1, *data["input_shape"], dtype=x.dtype if x is not None else torch.float32)
     if x is None:
-        raise ds.ConfigError(f"{args.checkpoint}: the model has no input_size in its pretrained_cfg to verify with")
+        raise ds.ConfigError(
+            f"{args.checkpoint}: no input shape to verify with (none stored in the file, no input_size in the "
+            "model's pretrained_cfg)"
+        )
     x = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x.dtype)
     converted = ds.convert(model)
     diff = ds.verify(model, converted, x, atol=args.atol, rtol=args.atol)
     out = Path(args.out)
-    path = ds.save(converted, out / "model.safetensors", arch=info["arch"])
+    path = ds.save(converted, out / "model.safetensors", arch=info["arch"], data=data)
     plan = json.dumps(converted.slice_plan.to_dict(), indent=1, sort_keys=True) + "\n"
     atomic_write(out / "plan.json", lambda tmp: Path(tmp).write_text(plan))
     n0 = sum(p.numel() for n, p in model.named_parameters() if ".gate." not in n)
@@ -173,10 +214,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.set_defaults(func=_train)
     ev = sub.add_parser("eval", help="test accuracy of a converted model on a built-in data set")
     ev.add_argument("model", help="converted model file (model.safetensors)")
-    ev.add_argument("--dataset", required=True, help="digits, mnist, fashion-mnist or image-folder (its test split)")
+    ev.add_argument(
+        "--dataset",
+        default=None,
+        help="digits, mnist, fashion-mnist or image-folder (its test split); default: the one stored in the file",
+    )
     ev.add_argument("--root", default=None, help="data directory (required for image-folder)")
-    ev.add_argument("--image-size", type=int, default=None, help="resize the images, as the recipe's data.image_size")
-    ev.add_argument("--channels", type=int, default=None, help="3 repeats grey images to RGB (data.channels)")
+    ev.add_argument(
+        "--image-size",
+        type=_positive_int,
+        default=None,
+        help="resize the images, as the recipe's data.image_size (default: the size stored in the file)",
+    )
+    ev.add_argument(
+        "--channels",
+        type=int,
+        choices=[1, 3],
+        default=None,
+        help="3 repeats grey images to RGB, as data.channels (default: the count stored in the file)",
+    )
     ev.set_defaults(func=_eval)
     conv = sub.add_parser("convert", help="convert a gated checkpoint (save_gated) into a smaller static model")
     conv.add_argument("checkpoint", help="gated checkpoint written by dynsparse.save_gated (.safetensors)")
@@ -200,6 +256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sens.add_argument("--no-progress", action="store_true", help="no progress bars")
     sens.set_defaults(func=_sensitivity)
+    from dynsparse.commands import analyse, bench, prune
+
+    bench.add_parser(sub, _positive_int)
+    analyse.add_parser(sub, _positive_int)
+    prune.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.command in ("train", "demo", "sensitivity") else logging.WARNING,

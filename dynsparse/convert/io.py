@@ -24,10 +24,21 @@ from ..atomic import atomic_write
 from ..errors import ConfigError, DynsparseError
 from .plan import SlicePlan
 
-__all__ = ["HISTORY_ATTR", "atomic_save_tensors", "load", "load_gated", "save", "save_gated"]
+__all__ = [
+    "DATA_FIELDS",
+    "HISTORY_ATTR",
+    "atomic_save_tensors",
+    "load",
+    "load_gated",
+    "read_info",
+    "save",
+    "save_gated",
+]
 
 HISTORY_ATTR = "_dynsparse_history"
 _FORMAT = "dynsparse.model"
+#: Fields of the optional ``data`` metadata: what a user needs to feed the model.
+DATA_FIELDS = ("dataset", "image_size", "channels", "input_shape", "mean", "std")
 
 
 def _arch_of(model: nn.Module | None, arch: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -102,24 +113,23 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLik
     return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError
+def _read(path: str | os.PathLike, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (none with ``tensors=False``: the header alone is read) and the metadata of a dynsparse file."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise DynsparseError(f"{path}: no such file")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
+        out = load_file(str(path)) if tensors else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise DynsparseError(f"{path}: not a readable safetensors file ({e})") from None
     if meta.get("format") != _FORMAT:
         raise DynsparseError(f"{path}: not a dynsparse model file (metadata 'format' is {meta.get('format')!r})")
-    return tensors, meta
+    return out, meta
 
 
 def _json(meta: Mapping[str, str], key: str, path: Path, kind: type = dict) -> Any:
@@ -151,6 +161,88 @@ def _history_field(meta: Mapping[str, str], path: Path) -> list[dict[str, Any]]:
         if not isinstance(call, dict) or not isinstance(call.get("spec"), (dict, str)):
             raise DynsparseError(f"{path}: metadata field 'history' entry {i} must be an object with a 'spec'")
     return history
+
+
+def _data_of(data: Mapping[str, Any], where: str = "data") -> dict[str, Any]:
+    """``data`` checked: known fields only, each of the right type; errors name ``where`` and the field.
+
+    ``dataset`` a name; ``image_size`` an int, an ``[H, W]`` pair or null (native size); ``channels`` 1, 3 or null;
+    ``input_shape`` the ``[C, H, W]`` of one input; ``mean`` / ``std`` one number per channel (empty: not
+    normalised).
+    """
+    import difflib
+
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected an object with fields {', '.join(DATA_FIELDS)}, got {data!r}")
+    data = dict(data)
+    for key in data:
+        if key not in DATA_FIELDS:
+            close = difflib.get_close_matches(str(key), DATA_FIELDS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown field {key!r}.{hint} Known fields: {', '.join(DATA_FIELDS)}")
+
+    def ints(v: Any, n: int) -> bool:
+        return isinstance(v, (list, tuple)) and len(v) == n and all(_is_int(i) and i >= 1 for i in v)
+
+    checks = {
+        "dataset": (lambda v: isinstance(v, str) and v != "", "a data set name"),
+        "image_size": (lambda v: v is None or (_is_int(v) and v >= 1) or ints(v, 2), "an int, [H, W] or null"),
+        "channels": (lambda v: v is None or (_is_int(v) and v in (1, 3)), "1, 3 or null"),
+        "input_shape": (lambda v: ints(v, 3), "[C, H, W], three positive ints"),
+        "mean": (lambda v: isinstance(v, (list, tuple)) and all(_is_num(i) for i in v), "a list of numbers"),
+        "std": (lambda v: isinstance(v, (list, tuple)) and all(_is_num(i) and i > 0 for i in v), "positive numbers"),
+    }
+    for key, value in data.items():
+        ok, what = checks[key]
+        if not ok(value):
+            raise ConfigError(f"{where}: field {key!r} must be {what}, got {value!r}")
+        if isinstance(value, tuple):
+            data[key] = list(value)
+    if len(data.get("mean", ())) != len(data.get("std", ())):
+        raise ConfigError(
+            f"{where}: fields 'mean' and 'std' need the same length, got {data.get('mean')} / {data.get('std')}"
+        )
+    c = data.get("input_shape", [None])[0]
+    if c is not None and data.get("mean") and len(data["mean"]) != c:
+        raise ConfigError(f"{where}: field 'mean' needs one value per input channel ({c}), got {data['mean']}")
+    return data
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _data_field(meta: Mapping[str, str], path: Path) -> dict[str, Any] | None:
+    """The optional ``data`` metadata field (None in files written without it); errors name the file."""
+    if "data" not in meta:
+        return None
+    try:
+        return _data_of(_json(meta, "data", path), where=f"{path}: metadata field 'data'")
+    except ConfigError as e:
+        raise DynsparseError(str(e)) from None
+
+
+def read_info(path: str | os.PathLike) -> dict[str, Any]:
+    """What a model file holds, from its header alone (no tensor is read): kind, architecture, data, gates.
+
+    Returns:
+        ``{"kind": "converted" | "gated", "arch": {...}, "data": {...} or None, "gates": {fqn: class} (gated
+        files; ``{}`` otherwise)}``.
+
+    Raises:
+        DynsparseError: not a readable dynsparse file, or a damaged field (the message names the file).
+    """
+    path = Path(path)
+    _, meta = _read(path, tensors=False)
+    kind = meta.get("kind")
+    if kind not in ("converted", "gated"):
+        raise DynsparseError(f"{path}: metadata 'kind' must be 'converted' or 'gated', got {kind!r}")
+    gates = _json(meta, "gates", path) if kind == "gated" else {}
+    return {"kind": kind, "arch": _arch_field(meta, path), "data": _data_field(meta, path), "gates": gates}
 
 
 def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -195,7 +287,12 @@ def _match_dtypes_(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Non
 
 
 def save(
-    model: nn.Module, path: str | os.PathLike, *, arch: Mapping[str, Any] | None = None, plan: SlicePlan | None = None
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    arch: Mapping[str, Any] | None = None,
+    plan: SlicePlan | None = None,
+    data: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save a converted model: architecture spec + slice plan + safetensors weights, in one file.
 
@@ -204,6 +301,9 @@ def save(
         path: Target file (``.safetensors``); written atomically.
         arch: ``{"name": timm name, "kwargs": {...}}``; default: the model's ``pretrained_cfg`` architecture,
             which is only right when the model was created without extra kwargs.
+        data: What the model's input is, for the tools that read the file (``dynsparse eval`` / ``bench`` /
+            ``analyse``): ``{"dataset": "digits", "image_size": 16, "channels": 1, "input_shape": [1, 16, 16],
+            "mean": [0.31], "std": [0.38]}``, any subset of these fields (`DATA_FIELDS`); default: none recorded.
         plan: The slice plan; default ``model.slice_plan``. Its ``dynamic`` field (run-time parts, e.g. token
             gates) is read from ``model`` at save time, so a budget changed with ``set_budget_`` is saved.
 
@@ -219,6 +319,7 @@ def save(
         raise ConfigError("save: no slice plan; pass plan= (the converted model carries it as model.slice_plan)")
     plan = _with_current_dynamic(model, plan)
     spec = _arch_of(model, arch)
+    data = _data_of(data) if data is not None else None
     # check now that the spec + plan rebuild this model, rather than writing a file that will not load
     rebuilt = apply_plan_to_spec(spec, plan)
     shapes = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
@@ -232,6 +333,8 @@ def save(
             "be changed after convert)"
         )
     meta = {"format": _FORMAT, "kind": "converted", "arch": json.dumps(spec), "plan": plan.to_json()}
+    if data is not None:
+        meta["data"] = json.dumps(data)
     return atomic_save_tensors(model.state_dict(), path, meta)
 
 
@@ -280,12 +383,14 @@ def save_gated(
     *,
     arch: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save a gated (training) model as a checkpoint that `load_gated` rebuilds without pickle.
 
     The checkpoint records the architecture, the ``sparsify_`` calls made on the model, the class of each gate
     (so fixed gates come back fixed), the gate settings that live outside the state dict (a `TopKGate`'s ``k``
-    set by ``set_k_``, an input-dependent gate's budget set by ``set_budget_``) and the state dict.
+    set by ``set_k_``, an input-dependent gate's budget set by ``set_budget_``) and the state dict; ``data``
+    describes the input as in `save` (``dynsparse convert`` carries it over to the converted file).
     """
     from ..sparsify import named_gates
 
@@ -293,6 +398,7 @@ def save_gated(
     if not history:
         raise ConfigError("save_gated: the model was not gated with dynsparse.sparsify_ (no sparsify history)")
     spec = _arch_of(model, arch)
+    data = _data_of(data) if data is not None else None
     gates = {fqn: type(g).__name__ for fqn, g in named_gates(model)}
     try:
         meta = {
@@ -306,11 +412,16 @@ def save_gated(
         }
     except TypeError as e:
         raise ConfigError(f"save_gated: the sparsify spec must be JSON data (gate names, not callables): {e}") from None
+    if data is not None:
+        meta["data"] = json.dumps(data)
     return atomic_save_tensors(model.state_dict(), path, meta)
 
 
 def load_gated(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a checkpoint written by `save_gated`; returns ``(model, {"arch": ..., "extra": ...})``."""
+    """Load a checkpoint written by `save_gated`; returns ``(model, {"arch": ..., "extra": ..., "data": ...})``.
+
+    ``data`` is the checkpoint's input description (see `save`), None in files written without one.
+    """
     from ..gates import FixedGate
     from ..sparsify import fix_gates_, named_gates, sparsify_
 
@@ -346,7 +457,7 @@ def load_gated(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     _load_into(model, tensors, path)
     if "settings" in meta:  # absent in checkpoints written before it was recorded
         _restore_settings_(model, _json(meta, "settings", path), path)
-    return model, {"arch": arch, "extra": _json(meta, "extra", path)}
+    return model, {"arch": arch, "extra": _json(meta, "extra", path), "data": _data_field(meta, path)}
 
 
 def _gate_settings(model: nn.Module) -> dict[str, dict[str, Any]]:

@@ -19,7 +19,7 @@ from ..flops import mean_flops
 from .schema import Recipe, StageSpec
 from .train import Trainer, build_model
 
-__all__ = ["FLOPS_IMAGES", "dense_baseline", "run_recipe"]
+__all__ = ["FLOPS_IMAGES", "data_spec", "dense_baseline", "run_recipe"]
 
 #: Test images whose FLOPs (each counted alone) the report averages.
 FLOPS_IMAGES = 32
@@ -33,6 +33,50 @@ def dense_baseline(recipe: Recipe) -> Recipe:
         StageSpec(name=s.name, epochs=s.epochs, optimizer=s.optimizer, schedule=s.schedule) for s in recipe.stages
     )
     return dataclasses.replace(recipe, stages=stages, baseline=False, name=recipe.name + "-dense")
+
+
+def data_spec(recipe: Recipe, test_set: Any) -> dict[str, Any]:
+    """The ``data`` metadata of the run's model files: data set, image size, channels, input shape, normalisation.
+
+    ``image_size`` / ``channels`` are the recipe's (None: the data set's native ones); ``input_shape`` is the
+    ``(C, H, W)`` of one test image as the model saw it, ``mean`` / ``std`` what the data pipeline normalised with
+    (per channel, in ``[0, 1]`` pixel units; empty when it does not normalise).
+    """
+    d = recipe.data
+    return {
+        "dataset": d.dataset,
+        "image_size": d.image_size,
+        "channels": d.channels,
+        "input_shape": [int(s) for s in test_set[0][0].shape],
+        "mean": [float(m) for m in getattr(test_set, "mean", ())],
+        "std": [float(s) for s in getattr(test_set, "std", ())],
+    }
+
+
+def _save_gated(model: nn.Module, path: Path, arch: dict[str, Any], data: dict[str, Any], x: torch.Tensor) -> bool:
+    """``save_gated`` of the trained model, checked by loading it back and comparing outputs on ``x``.
+
+    Returns False (logged, no file left) where the model has no gates, `save_gated` refuses it, or the file does
+    not rebuild the model (a layer kind ``load_gated`` cannot replay): the run goes on without it.
+    """
+    from ..convert.io import HISTORY_ATTR, load_gated, save_gated
+    from ..errors import DynsparseError
+
+    if not getattr(model, HISTORY_ATTR, None):
+        log.info("no gates (the model was not sparsified): no %s written", path.name)
+        return False
+    try:
+        save_gated(model, path, arch=arch, data=data)
+        back = load_gated(path)[0].eval()
+        with torch.no_grad():
+            same = torch.allclose(back(x), model(x), atol=1e-5, rtol=1e-5)
+        if not same:
+            raise DynsparseError("the checkpoint loads back with different outputs")
+    except DynsparseError as e:
+        log.warning("%s not written: %s", path, e)
+        path.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _params(model: nn.Module, nonzero: bool = False) -> int:
@@ -71,6 +115,11 @@ def run_recipe(
 
     if any(hasattr(m, "weight_mask") and not callable(m.weight_mask) for m in model.modules()):
         model = remove_(copy.deepcopy(model))  # unstructured masks become zeros in plain layers
+    arch = {"library": recipe.model.library, "name": recipe.model.name, "kwargs": recipe.model.kwargs}
+    data = data_spec(recipe, trainer.test_set)
+    written = {}
+    if _save_gated(model, out / "gated.safetensors", arch, data, x_verify):  # for `dynsparse convert`
+        written["gated"] = "gated.safetensors"
     if recipe.convert.enabled:  # also without gates: the model file is then the (pruned) dense model
         converted = convert(
             model,
@@ -79,8 +128,7 @@ def run_recipe(
             rtol=recipe.convert.atol,
             static=recipe.convert.static,
         )
-        arch = {"library": recipe.model.library, "name": recipe.model.name, "kwargs": recipe.model.kwargs}
-        save(converted, out / "model.safetensors", arch=arch)
+        written["model"] = save(converted, out / "model.safetensors", arch=arch, data=data).name
     else:
         converted = model
     on_device = copy.deepcopy(converted).to(trainer.device) if trainer.device.type != "cpu" else converted
@@ -112,6 +160,7 @@ def run_recipe(
             "images": FLOPS_IMAGES,
         },
         "latency": [],
+        "files": {**written, "report": "report.json", "plot": "report.png"},
     }
     if recipe.evaluate.latency:
         from ..bench.latency import compare_latency
@@ -179,6 +228,9 @@ def format_report(r: dict[str, Any]) -> str:
             f"{lat['converted_ms']:14.3f}   x{lat['speedup']:.2f} ({lat['threads']} thread, "
             f"median of {lat['rounds']} interleaved rounds)"
         )
+    if r.get("files"):
+        lines.append("")
+        lines.append("wrote " + ", ".join(r["files"].values()))
     return "\n".join(lines)
 
 

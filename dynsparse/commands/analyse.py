@@ -1,0 +1,258 @@
+"""``dynsparse analyse MODEL``: what is in a model file, layer by layer, against its dense architecture."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["add_parser", "analyse", "format_analysis", "run"]
+
+
+def add_parser(sub: Any, positive_int: Any) -> argparse.ArgumentParser:
+    from .modelfile import input_shape_arg
+
+    p = sub.add_parser(
+        "analyse",
+        help="per layer: shape, parameters, non-zeros, FLOPs, and what was kept of the dense architecture",
+        description="Analyse a converted model (model.safetensors) or a gated checkpoint (gated.safetensors): "
+        "Linear, Conv and Norm layers and gates, with the dense architecture of the file's arch for comparison.",
+    )
+    p.add_argument("model", metavar="MODEL", help="a converted model file or a gated checkpoint")
+    p.add_argument(
+        "--input",
+        type=input_shape_arg,
+        default=None,
+        metavar="C,H,W",
+        help="shape of one input for the FLOPs (default: the input_shape stored in the file; none: no FLOPs)",
+    )
+    p.add_argument("--top", type=positive_int, default=None, metavar="N", help="only the N layers with most FLOPs")
+    p.add_argument(
+        "--flops-inputs",
+        type=positive_int,
+        default=16,
+        metavar="N",
+        help="distinct random inputs whose FLOPs are averaged for per-input (dynamic) models (default: 16)",
+    )
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the analysis as JSON")
+    p.set_defaults(func=run)
+    return p
+
+
+def _is_layer(m: nn.Module) -> bool:
+    from torch.nn.modules.batchnorm import _NormBase
+    from torch.nn.modules.conv import _ConvNd
+
+    norms = (_NormBase, nn.LayerNorm, nn.GroupNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+    return isinstance(m, (nn.Linear, _ConvNd, *norms))
+
+
+def _shape(m: nn.Module) -> list[int] | None:
+    w = getattr(m, "weight", None)
+    return list(w.shape) if isinstance(w, Tensor) else None
+
+
+def _layer_flops(model: nn.Module, inputs: Tensor, dynamic: bool) -> dict[str, float]:
+    """Each module's FLOPs on one input (by fqn); the mean over ``inputs`` (each alone) for a dynamic model."""
+    from ..flops import module_flops
+
+    xs = inputs if dynamic else inputs[:1]
+    total: dict[str, float] = {}
+    for i in range(len(xs)):
+        for name, f in module_flops(model, xs[i : i + 1]).items():
+            total[name] = total.get(name, 0.0) + f / len(xs)
+    return total
+
+
+def analyse(path: str, *, input_shape: tuple[int, int, int] | None = None, flops_inputs: int = 16) -> dict[str, Any]:
+    """Load ``path`` (converted or gated, from its metadata) and describe it; returns the JSON-ready analysis."""
+    from ..errors import ConfigError
+    from ..sparsify import named_gates
+    from .modelfile import (
+        build_dense,
+        check_runs,
+        count_params,
+        is_dynamic,
+        load_model_file,
+        model_dtype,
+        random_inputs,
+        resolve_input_shape,
+    )
+
+    f = load_model_file(path)
+    model = f.model
+    try:
+        shape, source = resolve_input_shape([f], input_shape)
+    except ConfigError:  # no stored shape and no --input: everything but the FLOPs
+        shape, source = None, None
+    try:
+        dense = build_dense(f.arch, f.path)
+    except ConfigError as e:  # e.g. a transformers arch without transformers installed
+        dense, dense_error = None, str(e)
+    else:
+        dense_error = None
+    dynamic = is_dynamic(model)
+    flops: dict[str, float] = {}
+    dense_flops: dict[str, float] = {}
+    x = None
+    if shape is not None:
+        x = random_inputs(shape, flops_inputs, seed=1).to(model_dtype(model))
+        check_runs(f, x[:1], source)
+        flops = _layer_flops(model, x, dynamic)
+        if dense is not None:
+            dense_flops = _layer_flops(dense, x[:1].to(model_dtype(dense)), False)
+    dense_modules = dict(dense.named_modules()) if dense is not None else {}
+    layers = []
+    for fqn, m in model.named_modules():
+        if not _is_layer(m):
+            continue
+        n = sum(p.numel() for p in m.parameters())
+        w = getattr(m, "weight", None)
+        nz = float((w != 0).float().mean()) if isinstance(w, Tensor) and w.numel() else None
+        d = dense_modules.get(fqn)
+        dn = sum(p.numel() for p in d.parameters()) if d is not None else None
+        layers.append(
+            {
+                "name": fqn,
+                "type": type(m).__name__,
+                "shape": _shape(m),
+                "params": n,
+                "weight_nonzero": nz,
+                "flops": flops.get(fqn) if flops else None,
+                "dense_shape": _shape(d) if d is not None else None,
+                "kept": n / dn if dn else None,
+            }
+        )
+    mine = {row["name"] for row in layers}
+    removed = [fqn for fqn, d in dense_modules.items() if _is_layer(d) and fqn not in mine]
+    gates = []
+    for fqn, g in named_gates(model):
+        slot = model.get_submodule(fqn.rpartition(".")[0]) if "." in fqn else None
+        row = {"name": fqn, "type": type(g).__name__, "dimension": getattr(slot, "dimension", None)}
+        if hasattr(g, "keep_mask"):
+            row.update(kept=int(g.keep_mask().sum()), total=int(g.num_units))
+        else:  # input-dependent: decided per input, with a run-time budget
+            row.update(kept=None, total=int(g.num_units), keep=float(g.keep))
+        gates.append(row)
+    params, nonzero = count_params(model)
+    totals: dict[str, Any] = {
+        "params": params,
+        "nonzero_params": nonzero,
+        "dense_params": count_params(dense)[0] if dense is not None else None,
+        "flops": flops.get("") if flops else None,
+        "dense_flops": dense_flops.get("") if dense_flops else None,
+        "flops_inputs": (flops_inputs if dynamic else 1) if flops else None,
+    }
+    if f.kind == "gated" and x is not None:
+        from ..report import sparsity_report
+
+        totals["converted_flops_estimate"] = sparsity_report(model, x[:1]).kept_flops
+    return {
+        "path": f.path,
+        "kind": f.kind,
+        "arch": f.arch,
+        "data": f.data,
+        "dynamic": dynamic,
+        "input_shape": list(shape) if shape is not None else None,
+        "input_source": source,
+        "dense_error": dense_error,
+        "layers": layers,
+        "removed_layers": removed,
+        "gates": gates,
+        "totals": totals,
+    }
+
+
+def _pct(v: float | None) -> str:
+    return f"{100 * v:.1f}%" if v is not None else "-"
+
+
+def _dims(shape: list[int] | None) -> str:
+    return "x".join(map(str, shape)) if shape else "-"
+
+
+def format_analysis(a: dict[str, Any], top: int | None = None) -> str:
+    """A plain-text report of an `analyse` result; ``top`` keeps the ``top`` layers with most FLOPs (or params)."""
+    from .modelfile import si
+
+    arch = a["arch"]
+    kwargs = json.dumps(arch["kwargs"]) if arch.get("kwargs") else ""
+    head = f"{a['path']}: {a['kind']} model, {arch.get('library', 'timm')} {arch['name']} {kwargs}"
+    lines = [head.rstrip()]
+    if a["data"]:
+        d = a["data"]
+        lines.append(
+            f"data: {d.get('dataset', '?')}, input {_dims(d.get('input_shape'))}, "
+            f"normalised with mean {d.get('mean') or '-'} std {d.get('std') or '-'}"
+        )
+    if a["input_shape"] is None:
+        lines.append("FLOPs: no input shape stored in the file; pass --input C,H,W")
+    else:
+        per = " (mean over distinct random inputs: the model decides per input)" if a["dynamic"] else ""
+        lines.append(f"FLOPs per input of shape {_dims(a['input_shape'])} ({a['input_source']}){per}")
+    if a["dense_error"]:
+        lines.append(f"no dense comparison: {a['dense_error']}")
+    rows = a["layers"]
+    key = "flops" if a["input_shape"] is not None else "params"
+    if top is not None and top < len(rows):
+        rows = sorted(rows, key=lambda r: r[key] or 0, reverse=True)[:top]
+        lines.append(f"the {top} of {len(a['layers'])} layers with the most {'FLOPs' if key == 'flops' else 'params'}")
+    w = max([len("layer"), *(len(r["name"]) for r in rows)])
+    t = max([len("type"), *(len(r["type"]) for r in rows)])
+    s = max([len("shape"), *(len(_dims(r["shape"])) for r in rows)])
+    ds_ = max([len("dense shape"), *(len(_dims(r["dense_shape"])) for r in rows)])
+    lines += [
+        "",
+        f"{'layer':<{w}}  {'type':<{t}}  {'shape':<{s}}  {'dense shape':<{ds_}}  {'kept':>6}  {'params':>10}  "
+        f"{'weight nonzero':>14}  {'FLOPs':>8}",
+    ]
+    for r in rows:
+        flops = si(r["flops"]) if r["flops"] is not None else "-"
+        lines.append(
+            f"{r['name']:<{w}}  {r['type']:<{t}}  {_dims(r['shape']):<{s}}  {_dims(r['dense_shape']):<{ds_}}  "
+            f"{_pct(r['kept']):>6}  {r['params']:>10,}  {_pct(r['weight_nonzero']):>14}  {flops:>8}"
+        )
+    if a["removed_layers"]:
+        names = ", ".join(a["removed_layers"][:4]) + (", ..." if len(a["removed_layers"]) > 4 else "")
+        lines.append(f"removed (in the dense architecture only): {len(a['removed_layers'])} layers: {names}")
+    if a["gates"]:
+        g = max(len(r["name"]) for r in a["gates"])
+        lines += ["", f"{'gate':<{g}}  {'dimension':<9}  {'class':<22}  kept / total"]
+        for r in a["gates"]:
+            kept = f"{r['kept']} / {r['total']}" if r["kept"] is not None else f"per input, budget {r['keep']:.0%}"
+            lines.append(f"{r['name']:<{g}}  {r['dimension'] or '-':<9}  {r['type']:<22}  {kept}")
+    tot = a["totals"]
+    lines.append("")
+    params = f"parameters: {tot['params']:,}"
+    if tot["dense_params"]:
+        params += f" of {tot['dense_params']:,} dense ({_pct(tot['params'] / tot['dense_params'])})"
+    lines.append(
+        params + f", non-zero {tot['nonzero_params']:,} ({_pct(tot['nonzero_params'] / max(tot['params'], 1))})"
+    )
+    if tot["flops"] is not None:
+        flops = f"FLOPs / input: {si(tot['flops'])}"
+        if tot["dense_flops"]:
+            flops += f" of {si(tot['dense_flops'])} dense ({_pct(tot['flops'] / tot['dense_flops'])})"
+        lines.append(flops)
+    if tot.get("converted_flops_estimate") is not None and tot["dense_flops"]:
+        est = tot["converted_flops_estimate"]
+        lines.append(
+            f"after `dynsparse convert`: {si(est)} FLOPs / input ({_pct(est / tot['dense_flops'])} of dense, "
+            "estimate from the gates' keep masks)"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..atomic import atomic_write
+
+    result = analyse(args.model, input_shape=args.input, flops_inputs=args.flops_inputs)
+    print(format_analysis(result, top=args.top))
+    if args.json:
+        text = json.dumps(result, indent=1) + "\n"
+        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(text))
+        print(f"wrote {args.json}")
+    return 0

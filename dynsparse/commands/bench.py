@@ -1,0 +1,201 @@
+"""``dynsparse bench MODEL [MODEL ...]``: latency of model files side by side, with FLOPs and parameters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser", "bench", "format_bench", "run"]
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {n}")
+    return n
+
+
+def add_parser(sub: Any, positive_int: Any) -> argparse.ArgumentParser:
+    from .modelfile import input_shape_arg
+
+    p = sub.add_parser(
+        "bench",
+        help="CPU latency of model files side by side (interleaved rounds), with FLOPs and parameters",
+        description="Time model files in one process: warm-up, then interleaved rounds (the order rotates each "
+        "round); speed-up is the median over rounds of the reference's time / the model's time in that round. "
+        "Inputs are random normal, a different one per batch row.",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help="model files (converted, or gated checkpoints)")
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[1], help="batch sizes (default: 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (default: 1)")
+    p.add_argument("--rounds", type=positive_int, default=15, help="timed rounds per batch size (default: 15)")
+    p.add_argument("--warmup", type=_nonnegative_int, default=3, help="untimed rounds first (default: 3)")
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="add the dense architecture of the first file's arch (random weights) as the reference",
+    )
+    p.add_argument(
+        "--input",
+        type=input_shape_arg,
+        default=None,
+        metavar="C,H,W",
+        help="shape of one input (default: the input_shape stored in the files by `dynsparse train`)",
+    )
+    p.add_argument(
+        "--flops-inputs",
+        type=positive_int,
+        default=16,
+        metavar="N",
+        help="distinct random inputs whose FLOPs are averaged for per-input (dynamic) models (default: 16)",
+    )
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(func=run)
+    return p
+
+
+def bench(
+    paths: list[str],
+    *,
+    batches: list[int],
+    threads: int = 1,
+    rounds: int = 15,
+    warmup: int = 3,
+    dense: bool = False,
+    input_shape: tuple[int, int, int] | None = None,
+    flops_inputs: int = 16,
+) -> dict[str, Any]:
+    """Load the files, count FLOPs and parameters, time every batch size; returns the JSON-ready result."""
+    from ..bench.latency import compare_latency
+    from .modelfile import (
+        build_dense,
+        check_runs,
+        count_params,
+        flops_per_input,
+        is_dynamic,
+        load_model_file,
+        model_dtype,
+        random_inputs,
+        resolve_input_shape,
+    )
+
+    files = [load_model_file(p) for p in paths]
+    shape, source = resolve_input_shape(files, input_shape)
+    named: dict[str, Any] = {}
+    if dense:
+        named["dense"] = ("dense", build_dense(files[0].arch, files[0].path), "dense")
+    for f in files:
+        name, i = f.path, 2
+        while name in named:  # the same file twice: keep both rows apart
+            name, i = f"{f.path} #{i}", i + 1
+        named[name] = (f.path, f.model, f.kind)
+    x_flops = random_inputs(shape, flops_inputs, seed=1)
+    rows = []
+    for name, (path, model, kind) in named.items():
+        x = x_flops.to(model_dtype(model))
+        check_runs((path, model), x[:1], source)
+        total, nonzero = count_params(model)
+        dyn = is_dynamic(model)
+        rows.append(
+            {
+                "name": name,
+                "path": path,
+                "kind": kind,
+                "dynamic": dyn,
+                "flops": flops_per_input(model, x),
+                "flops_inputs": flops_inputs if dyn else 1,
+                "params": total,
+                "nonzero_params": nonzero,
+            }
+        )
+    ref = rows[0]
+    for r in rows:
+        r["ideal_speedup"] = ref["flops"] / r["flops"] if r["flops"] else None
+    result: dict[str, Any] = {
+        "threads": threads,
+        "rounds": rounds,
+        "warmup": warmup,
+        "input_shape": list(shape),
+        "input_source": source,
+        "reference": ref["name"],
+        "dense_arch": files[0].arch if dense else None,
+        "models": rows,
+        "batches": [],
+    }
+    models = {name: model for name, (_, model, _) in named.items()}
+    for b in batches:
+        x = random_inputs(shape, b, seed=2).to(model_dtype(files[0].model))
+        res = compare_latency(models, x, reference=ref["name"], rounds=rounds, warmup=warmup, threads=threads)
+        per = []
+        for r in rows:
+            speedup = res.speedup[r["name"]]
+            ideal = r["ideal_speedup"]
+            per.append(
+                {
+                    "name": r["name"],
+                    "median_ms": 1e3 * res.median_s[r["name"]],
+                    "speedup": speedup,
+                    "achieved_over_ideal": speedup / ideal if ideal else None,
+                }
+            )
+        result["batches"].append({"batch": b, "rows": per})
+    return result
+
+
+def format_bench(r: dict[str, Any]) -> str:
+    """Plain-text tables of a `bench` result, one per batch size."""
+    from .modelfile import si
+
+    models = {m["name"]: m for m in r["models"]}
+    width = max(len("model"), *(len(n) for n in models))
+    threads = f"{r['threads']} thread{'s' if r['threads'] != 1 else ''}"
+    lines = [
+        f"{threads} (--threads), median of {r['rounds']} interleaved rounds after {r['warmup']} warm-up rounds; "
+        f"input {'x'.join(map(str, r['input_shape']))} ({r['input_source']}), random normal",
+        f"reference: {r['reference']}"
+        + (f" ({r['dense_arch']['name']}, random weights, no plan)" if r["dense_arch"] else ""),
+    ]
+    if any(m["dynamic"] for m in r["models"]):
+        lines.append("per-input models: FLOPs are the mean over distinct random inputs (*), each counted alone")
+    head = (
+        f"{'model':<{width}}  {'median ms':>10}  {'speed-up':>8}  {'FLOPs/input':>11}  {'ideal':>6}  "
+        f"{'achieved/ideal':>14}  {'params':>12}"
+    )
+    for b in r["batches"]:
+        lines += ["", f"batch {b['batch']}", head]
+        for row in b["rows"]:
+            m = models[row["name"]]
+            flops = si(m["flops"]) + ("*" if m["dynamic"] else " ")
+            ideal = f"x{m['ideal_speedup']:.2f}" if m["ideal_speedup"] else "-"
+            ach = f"{100 * row['achieved_over_ideal']:.0f}%" if row["achieved_over_ideal"] is not None else "-"
+            lines.append(
+                f"{row['name']:<{width}}  {row['median_ms']:>10.3f}  {'x' + format(row['speedup'], '.2f'):>8}  "
+                f"{flops:>11}  {ideal:>6}  {ach:>14}  {m['params']:>12,}"
+            )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..atomic import atomic_write
+
+    result = bench(
+        args.models,
+        batches=args.batch,
+        threads=args.threads,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        dense=args.dense,
+        input_shape=args.input,
+        flops_inputs=args.flops_inputs,
+    )
+    print(format_bench(result))
+    if args.json:
+        text = json.dumps(result, indent=1) + "\n"
+        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(text))
+        print(f"wrote {args.json}")
+    return 0

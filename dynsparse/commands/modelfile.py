@@ -1,0 +1,167 @@
+"""What the commands share: load any model file, its input shape, random inputs, FLOPs and parameter counts."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+
+__all__ = [
+    "ModelFile",
+    "count_params",
+    "flops_per_input",
+    "input_shape_arg",
+    "is_dynamic",
+    "load_model_file",
+    "random_inputs",
+    "resolve_input_shape",
+    "shape_text",
+]
+
+
+@dataclass
+class ModelFile:
+    """A loaded model file: the model (eval mode) and what its header says.
+
+    Attributes:
+        path: The file as the user named it.
+        model: ``ds.load`` of a converted file, ``ds.load_gated`` of a gated checkpoint.
+        kind: ``"converted"`` or ``"gated"``.
+        arch: The architecture spec (``{"library", "name", "kwargs"}``).
+        data: The stored input description (``dataset``, ``input_shape``, ...), or None.
+    """
+
+    path: str
+    model: nn.Module
+    kind: str
+    arch: dict[str, Any]
+    data: dict[str, Any] | None = None
+
+
+def load_model_file(path: str | os.PathLike) -> ModelFile:
+    """Load a converted model or a gated checkpoint, whichever the file's metadata says it holds."""
+    from ..convert.io import load, load_gated, read_info
+
+    info = read_info(path)
+    model = load_gated(path)[0].eval() if info["kind"] == "gated" else load(path)
+    return ModelFile(str(path), model, info["kind"], info["arch"], info["data"])
+
+
+def input_shape_arg(text: str) -> tuple[int, int, int]:
+    """An argparse type: ``C,H,W`` (or ``CxHxW``), three positive integers."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 3,32,32), got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers C,H,W (e.g. 3,32,32), got {text!r}")
+    return shape  # type: ignore[return-value]
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def resolve_input_shape(files: Sequence[ModelFile], flag: Sequence[int] | None) -> tuple[tuple[int, ...], str]:
+    """The ``(C, H, W)`` to feed, and where it came from: ``--input``, else the files' stored ``input_shape``.
+
+    Raises:
+        ConfigError: no file stores one and ``--input`` is not given, or two files store different ones.
+    """
+    if flag is not None:
+        return tuple(flag), "--input"
+    found: tuple[tuple[int, ...], str] | None = None
+    for f in files:
+        stored = (f.data or {}).get("input_shape")
+        if stored is None:
+            continue
+        if found is None:
+            found = (tuple(stored), f.path)
+        elif tuple(stored) != found[0]:
+            raise ConfigError(
+                f"{f.path}: stores input shape {shape_text(stored)}, {found[1]} stores {shape_text(found[0])}; "
+                "pass --input C,H,W"
+            )
+    if found is None:
+        raise ConfigError(
+            f"{files[0].path}: no input shape stored in the file (saved without data=..., e.g. by an older "
+            "dynsparse); pass --input C,H,W"
+        )
+    return found[0], f"stored in {found[1]}"
+
+
+def random_inputs(shape: Sequence[int], n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(n, *shape)`` standard-normal inputs, a different one per row (per-input models decide per row)."""
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def is_dynamic(model: nn.Module) -> bool:
+    """Whether the model decides per input (token, channel, neuron or layer gates kept as run-time modules)."""
+    from ..gates import InputDependentGate
+
+    plan = getattr(model, "slice_plan", None)
+    return bool(getattr(plan, "dynamic", None)) or any(isinstance(m, InputDependentGate) for m in model.modules())
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return p.dtype if p is not None else torch.float32
+
+
+def check_runs(f: ModelFile | tuple[str, nn.Module], x: Tensor, source: str) -> None:
+    """Run ``x`` through the model once; a misfit is one error naming the file and where the shape came from."""
+    path, model = (f.path, f.model) if isinstance(f, ModelFile) else f
+    try:
+        with torch.inference_mode():
+            model(x)
+    except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"{path}: an input of shape {shape_text(x.shape[1:])} ({source}) does not run through the model "
+            f"({first}); pass --input C,H,W"
+        ) from None
+
+
+def flops_per_input(model: nn.Module, inputs: Tensor) -> float:
+    """FLOPs of one input: counted once for a static model, the mean over ``inputs`` (each alone) for a dynamic one."""
+    from ..flops import count_flops, mean_flops
+
+    return mean_flops(model, inputs) if is_dynamic(model) else float(count_flops(model, inputs[:1]))
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """``(parameters, non-zero parameters)``, the gates' own parameters left out."""
+    from ..sparsify import named_gates
+
+    gates = [fqn for fqn, _ in named_gates(model)]
+    total = nonzero = 0
+    for name, p in model.named_parameters():
+        if any(name.startswith(g + ".") for g in gates):
+            continue
+        total += p.numel()
+        nonzero += int((p != 0).sum())
+    return total, nonzero
+
+
+def build_dense(arch: dict[str, Any], path: str) -> nn.Module:
+    """The dense host ``arch`` describes, with random weights (seeded), in eval mode."""
+    from ..convert.io import build_host
+
+    torch.manual_seed(0)
+    return build_host(arch, source=f"{path}: arch").eval()
+
+
+def si(n: float) -> str:
+    """A count with a k / M / G suffix."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}"
+    return f"{n:.0f}"

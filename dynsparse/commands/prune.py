@@ -1,0 +1,139 @@
+"""``dynsparse prune MODEL --out DIR``: one-shot, data-free pruning of a model file (magnitude scores)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser", "prune", "run"]
+
+#: Unit dimensions the command prunes, and the data-free structured importances (L1 / L2 norm of a unit's weights).
+DIMENSIONS = ("channels", "neurons", "heads")
+IMPORTANCES = {"l1": {"name": "magnitude", "p": 1}, "l2": {"name": "magnitude", "p": 2}}
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1) (the part removed), got {v}")
+    return v
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    from .modelfile import input_shape_arg
+
+    p = sub.add_parser(
+        "prune",
+        help="one-shot, data-free pruning of a model file: weights (--unstructured) or whole units (--channels ...)",
+        description="Prune a model file without data, by weight magnitude, and write the result to DIR: "
+        "model.safetensors (converted: pruned units are sliced out, pruned weights are zeros) and, for whole "
+        "units, gated.safetensors (the fixed gates, for `dynsparse convert` or fine-tuning). Pruning that needs "
+        "data or training (Taylor, movement, learned gates, fine-tuning) is a recipe stage: `dynsparse train`.",
+    )
+    p.add_argument("model", metavar="MODEL", help="a converted model file or a gated checkpoint")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--unstructured", type=_fraction, default=None, metavar="R", help="fraction of weights zeroed")
+    for dim in DIMENSIONS:
+        p.add_argument(f"--{dim}", type=_fraction, default=None, metavar="R", help=f"fraction of {dim} removed")
+    p.add_argument(
+        "--importance",
+        choices=sorted(IMPORTANCES),
+        default="l1",
+        help="unit score: L1 or L2 norm of its weights (default: l1); weights are scored by |w|",
+    )
+    p.add_argument(
+        "--scope",
+        choices=["global", "layer"],
+        default=None,
+        help="rank across layers or within each (default: global for weights, layer for units)",
+    )
+    p.add_argument(
+        "--input",
+        type=input_shape_arg,
+        default=None,
+        metavar="C,H,W",
+        help="input shape for the output check (default: stored in the file; none: no check)",
+    )
+    p.set_defaults(func=run)
+    return p
+
+
+def prune(
+    path: str,
+    out: str,
+    *,
+    unstructured: float | None = None,
+    dimensions: dict[str, float] | None = None,
+    importance: str = "l1",
+    scope: str | None = None,
+    input_shape: tuple[int, int, int] | None = None,
+) -> dict[str, Any]:
+    """Prune the model in ``path``, write ``out/model.safetensors`` (and ``gated.safetensors``); returns a summary."""
+    from ..atomic import atomic_write
+    from ..convert import convert, save
+    from ..convert.io import save_gated
+    from ..errors import ConfigError
+    from ..prune import remove_, structured_, unstructured_
+    from ..sparsify import named_gates
+    from .modelfile import count_params, is_dynamic, load_model_file, model_dtype, random_inputs, resolve_input_shape
+
+    dimensions = {d: r for d, r in (dimensions or {}).items() if r is not None}
+    if unstructured is None and not dimensions:
+        raise ConfigError("nothing to prune; pass --unstructured R and/or --channels / --neurons / --heads R")
+    f = load_model_file(path)
+    model = f.model
+    before = count_params(model)
+    plan = getattr(model, "slice_plan", None)
+    if dimensions and f.kind == "converted" and plan is not None and (plan.entries or plan.dynamic):
+        raise ConfigError(
+            f"{path}: the model is sliced already (its plan has entries); prune whole units of the gated "
+            "checkpoint it was converted from (a run's gated.safetensors) instead"
+        )
+    try:
+        shape = resolve_input_shape([f], input_shape)[0]
+    except ConfigError:
+        shape = None
+    x = random_inputs(shape, 4, seed=0).to(model_dtype(model)) if shape is not None else None
+    if dimensions:
+        structured_(model, dimensions, importance=IMPORTANCES[importance], scope=scope or "layer")
+    if unstructured is not None:
+        remove_(unstructured_(model, unstructured, scope=scope or "global"))
+    out_dir = Path(out)
+    written = []
+    gated = any(True for _ in named_gates(model))
+    if gated:
+        if f.kind == "gated" or dimensions:
+            save_gated(model, out_dir / "gated.safetensors", arch=f.arch, data=f.data)
+            written.append("gated.safetensors")
+        model = convert(model, verify_inputs=x, static=not is_dynamic(model))
+        plan = model.slice_plan
+        text = json.dumps(plan.to_dict(), indent=1, sort_keys=True) + "\n"
+        atomic_write(out_dir / "plan.json", lambda tmp: Path(tmp).write_text(text))
+        written.append("plan.json")
+    save(model, out_dir / "model.safetensors", arch=f.arch, plan=plan, data=f.data)
+    written.insert(0, "model.safetensors")
+    after = count_params(model)
+    return {"path": path, "out": str(out_dir), "files": written, "params": [before, after], "checked": x is not None}
+
+
+def run(args: argparse.Namespace) -> int:
+    r = prune(
+        args.model,
+        args.out,
+        unstructured=args.unstructured,
+        dimensions={d: getattr(args, d) for d in DIMENSIONS},
+        importance=args.importance,
+        scope=args.scope,
+        input_shape=args.input,
+    )
+    (n0, z0), (n1, z1) = r["params"]
+    print(f"pruned {r['path']} -> {r['out']}: wrote {', '.join(r['files'])}")
+    print(f"parameters: {n0:,} -> {n1:,} ({100 * n1 / max(n0, 1):.1f}%), non-zero {z0:,} -> {z1:,}")
+    if not r["checked"]:
+        print("no input shape stored in the file: the converted model was not checked against the pruned one")
+    return 0

@@ -1,0 +1,81 @@
+"""The optional ``data`` metadata of model files: round trip, old files without it, refused and damaged values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cli_models import ARCH, DATA, gated_model, write_files
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import dynsparse as ds
+from dynsparse.convert.io import read_info
+
+
+def test_data_round_trips_in_converted_and_gated_files(tmp_path):
+    gated, converted = write_files(tmp_path)
+    assert read_info(converted) == {"kind": "converted", "arch": ARCH, "data": DATA, "gates": {}}
+    info = read_info(gated)
+    assert (
+        info["kind"] == "gated"
+        and info["data"] == DATA
+        and set(info["gates"]) == set(f for f, _ in ds.named_gates(gated_model()))
+    )
+    assert ds.load_gated(gated)[1]["data"] == DATA
+
+
+def test_files_without_data_still_load(tmp_path):
+    gated, converted = write_files(tmp_path, data=None)
+    with safe_open(str(converted), framework="pt") as f:
+        assert "data" not in f.metadata()
+    assert read_info(converted)["data"] is None and ds.load_gated(gated)[1]["data"] is None
+    ds.load(converted)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"datset": "digits"}, "unknown field 'datset'. Did you mean 'dataset'?"),
+        ({"input_shape": [1, 8]}, "field 'input_shape' must be \\[C, H, W\\]"),
+        ({"input_shape": [1, 0, 8]}, "field 'input_shape'"),
+        ({"channels": 2}, "field 'channels' must be 1, 3 or null"),
+        ({"image_size": True}, "field 'image_size'"),
+        ({"mean": [0.1], "std": []}, "'mean' and 'std' need the same length"),
+        ({"mean": [0.1], "std": [0.0]}, "field 'std' must be positive numbers"),
+        ({"input_shape": [3, 8, 8], "mean": [0.1], "std": [0.2]}, "one value per input channel \\(3\\)"),
+        ("digits", "expected an object"),
+    ],
+)
+def test_save_refuses_bad_data(tmp_path, data, match):
+    model = ds.convert(gated_model())
+    with pytest.raises(ds.ConfigError, match=match):
+        ds.save(model, tmp_path / "m.safetensors", arch=ARCH, data=data)
+    with pytest.raises(ds.ConfigError, match=match):
+        ds.save_gated(gated_model(), tmp_path / "g.safetensors", arch=ARCH, data=data)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [("{", "metadata field 'data' is not valid JSON"), (json.dumps({"input_shape": "1x8x8"}), "field 'input_shape'")],
+)
+def test_a_damaged_data_field_names_the_file(tmp_path, value, match):
+    _, converted = write_files(tmp_path)
+    with safe_open(str(converted), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={**meta, "data": value})
+    with pytest.raises(ds.DynsparseError, match=f"{bad}: .*{match}"):
+        read_info(bad)
+    ds.load(bad)  # the model itself does not need the field
+
+
+def test_read_info_refuses_other_files(tmp_path):
+    other = tmp_path / "x.safetensors"
+    save_file({}, str(other), metadata={"format": "something else"})
+    with pytest.raises(ds.DynsparseError, match=f"{other}: not a dynsparse model file"):
+        read_info(other)
+    with pytest.raises(ds.DynsparseError, match="no such file"):
+        read_info(tmp_path / "missing.safetensors")
