@@ -10,7 +10,6 @@ the same directory is fsynced and renamed over the target, so a crash leaves the
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ from torch import nn
 
 from ..atomic import atomic_write
 from ..errors import ConfigError, DynsparseError
+from .metadata import DATA_FIELDS, check_data, gate_settings, restore_gate_settings_
 from .plan import SlicePlan
 
 __all__ = [
@@ -37,8 +37,6 @@ __all__ = [
 
 HISTORY_ATTR = "_dynsparse_history"
 _FORMAT = "dynsparse.model"
-#: Fields of the optional ``data`` metadata: what a user needs to feed the model.
-DATA_FIELDS = ("dataset", "image_size", "channels", "input_shape", "mean", "std")
 
 
 def _arch_of(model: nn.Module | None, arch: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -163,65 +161,12 @@ def _history_field(meta: Mapping[str, str], path: Path) -> list[dict[str, Any]]:
     return history
 
 
-def _data_of(data: Mapping[str, Any], where: str = "data") -> dict[str, Any]:
-    """``data`` checked: known fields only, each of the right type; errors name ``where`` and the field.
-
-    ``dataset`` a name; ``image_size`` an int, an ``[H, W]`` pair or null (native size); ``channels`` 1, 3 or null;
-    ``input_shape`` the ``[C, H, W]`` of one input; ``mean`` / ``std`` one number per channel (empty: not
-    normalised).
-    """
-    import difflib
-
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected an object with fields {', '.join(DATA_FIELDS)}, got {data!r}")
-    data = dict(data)
-    for key in data:
-        if key not in DATA_FIELDS:
-            close = difflib.get_close_matches(str(key), DATA_FIELDS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{where}: unknown field {key!r}.{hint} Known fields: {', '.join(DATA_FIELDS)}")
-
-    def ints(v: Any, n: int) -> bool:
-        return isinstance(v, (list, tuple)) and len(v) == n and all(_is_int(i) and i >= 1 for i in v)
-
-    checks = {
-        "dataset": (lambda v: isinstance(v, str) and v != "", "a data set name"),
-        "image_size": (lambda v: v is None or (_is_int(v) and v >= 1) or ints(v, 2), "an int, [H, W] or null"),
-        "channels": (lambda v: v is None or (_is_int(v) and v in (1, 3)), "1, 3 or null"),
-        "input_shape": (lambda v: ints(v, 3), "[C, H, W], three positive ints"),
-        "mean": (lambda v: isinstance(v, (list, tuple)) and all(_is_num(i) for i in v), "a list of numbers"),
-        "std": (lambda v: isinstance(v, (list, tuple)) and all(_is_num(i) and i > 0 for i in v), "positive numbers"),
-    }
-    for key, value in data.items():
-        ok, what = checks[key]
-        if not ok(value):
-            raise ConfigError(f"{where}: field {key!r} must be {what}, got {value!r}")
-        if isinstance(value, tuple):
-            data[key] = list(value)
-    if len(data.get("mean", ())) != len(data.get("std", ())):
-        raise ConfigError(
-            f"{where}: fields 'mean' and 'std' need the same length, got {data.get('mean')} / {data.get('std')}"
-        )
-    c = data.get("input_shape", [None])[0]
-    if c is not None and data.get("mean") and len(data["mean"]) != c:
-        raise ConfigError(f"{where}: field 'mean' needs one value per input channel ({c}), got {data['mean']}")
-    return data
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _data_field(meta: Mapping[str, str], path: Path) -> dict[str, Any] | None:
     """The optional ``data`` metadata field (None in files written without it); errors name the file."""
     if "data" not in meta:
         return None
     try:
-        return _data_of(_json(meta, "data", path), where=f"{path}: metadata field 'data'")
+        return check_data(_json(meta, "data", path), where=f"{path}: metadata field 'data'")
     except ConfigError as e:
         raise DynsparseError(str(e)) from None
 
@@ -319,7 +264,7 @@ def save(
         raise ConfigError("save: no slice plan; pass plan= (the converted model carries it as model.slice_plan)")
     plan = _with_current_dynamic(model, plan)
     spec = _arch_of(model, arch)
-    data = _data_of(data) if data is not None else None
+    data = check_data(data) if data is not None else None
     # check now that the spec + plan rebuild this model, rather than writing a file that will not load
     rebuilt = apply_plan_to_spec(spec, plan)
     shapes = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
@@ -398,7 +343,7 @@ def save_gated(
     if not history:
         raise ConfigError("save_gated: the model was not gated with dynsparse.sparsify_ (no sparsify history)")
     spec = _arch_of(model, arch)
-    data = _data_of(data) if data is not None else None
+    data = check_data(data) if data is not None else None
     gates = {fqn: type(g).__name__ for fqn, g in named_gates(model)}
     try:
         meta = {
@@ -407,7 +352,7 @@ def save_gated(
             "arch": json.dumps(spec),
             "history": json.dumps(history),
             "gates": json.dumps(gates),
-            "settings": json.dumps(_gate_settings(model)),
+            "settings": json.dumps(gate_settings(model)),
             "extra": json.dumps(dict(extra or {})),
         }
     except TypeError as e:
@@ -456,46 +401,5 @@ def load_gated(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
         fix_gates_(model, to_fix)
     _load_into(model, tensors, path)
     if "settings" in meta:  # absent in checkpoints written before it was recorded
-        _restore_settings_(model, _json(meta, "settings", path), path)
+        restore_gate_settings_(model, _json(meta, "settings", path), f"{path}: metadata field 'settings'")
     return model, {"arch": arch, "extra": _json(meta, "extra", path), "data": _data_field(meta, path)}
-
-
-def _gate_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """``{gate_fqn: settings}`` of the gate state that is not in the state dict, for `load_gated` to restore.
-
-    A `TopKGate` records ``{"k": k}`` (changed by ``set_k_``), an input-dependent gate ``{"keep": keep}`` (its
-    run-time budget, changed by ``set_budget_``).
-    """
-    from ..gates import InputDependentGate, TopKGate
-    from ..sparsify import named_gates
-
-    out: dict[str, dict[str, Any]] = {}
-    for fqn, g in named_gates(model):
-        if isinstance(g, TopKGate):
-            out[fqn] = {"k": g.k}
-        elif isinstance(g, InputDependentGate):
-            out[fqn] = {"keep": g.keep}
-    return out
-
-
-def _restore_settings_(model: nn.Module, settings: Mapping[str, Any], path: Path) -> None:
-    """Apply what `_gate_settings` recorded to the rebuilt gates (in place); errors name the file and the gate."""
-    from ..gates import InputDependentGate, TopKGate
-    from ..sparsify import named_gates
-
-    gates = dict(named_gates(model))
-    for fqn, entry in settings.items():
-        g = gates.get(fqn)
-        where = f"{path}: metadata field 'settings' entry {fqn!r}"
-        if not isinstance(entry, dict) or set(entry) - {"k", "keep"}:
-            raise DynsparseError(f"{where}: expected an object with 'k' or 'keep', got {entry!r}")
-        if "k" in entry and isinstance(g, TopKGate):
-            restore = functools.partial(g.set_k_, k=entry["k"])
-        elif "keep" in entry and isinstance(g, InputDependentGate):
-            restore = functools.partial(g.set_budget_, entry["keep"])
-        else:
-            raise DynsparseError(f"{where}: the rebuilt model has no gate there that takes it ({type(g).__name__})")
-        try:
-            restore()
-        except DynsparseError as e:  # a bad k or keep (GateError, ConfigError)
-            raise DynsparseError(f"{where}: {e}") from None

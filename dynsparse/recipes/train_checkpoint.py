@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..convert.metadata import gate_settings, restore_gate_settings_
 from ..errors import DynsparseError
-from ..gates import FixedGate, Gate, InputDependentGate, TopKGate
+from ..gates import FixedGate, Gate
 from ..sparsify import fix_gates_, named_gates
 from .loader import recipe_to_dict
 from .schema import Recipe, RecipeError
@@ -103,32 +104,11 @@ def restore_(model: nn.Module, teacher: nn.Module | None, ckpt: dict[str, Any], 
     return model
 
 
-def gate_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """``{gate_fqn: setting}`` of the gate state outside the state dict: ``{"k": k}`` of a `TopKGate` (``set_k_``),
-    ``{"keep": keep}`` of an input-dependent gate (``set_budget_``; ``None``: a threshold gate's learned thresholds).
-    """
-    out: dict[str, dict[str, Any]] = {}
-    for fqn, g in named_gates(model):
-        if isinstance(g, TopKGate):
-            out[fqn] = {"k": g.k}
-        elif isinstance(g, InputDependentGate):
-            out[fqn] = {"keep": g.keep}
-    return out
-
-
 def _restore_settings_(model: nn.Module, settings: dict[str, dict[str, Any]]) -> None:
-    gates = dict(named_gates(model))
-    for fqn, entry in settings.items():
-        g = gates.get(fqn)
-        try:
-            if set(entry) == {"k"} and isinstance(g, TopKGate):
-                g.set_k_(k=entry["k"])
-            elif set(entry) == {"keep"} and isinstance(g, InputDependentGate):
-                g.set_budget_(entry["keep"])
-            else:
-                raise RecipeError(f"the rebuilt model has no gate there that takes it ({type(g).__name__})")
-        except DynsparseError as e:  # a bad k or keep (GateError, ConfigError), or no such gate
-            raise RecipeError(f"checkpoint gate setting {fqn!r} = {entry!r}: {e}") from None
+    try:
+        restore_gate_settings_(model, settings, "checkpoint gate setting")
+    except DynsparseError as e:  # a malformed entry, no such gate, or a bad k or keep
+        raise RecipeError(str(e)) from None
 
 
 def _leaf_diff(a: Any, b: Any, path: str) -> list[str]:
