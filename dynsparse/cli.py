@@ -128,6 +128,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     import dynsparse as ds
     from dynsparse.atomic import atomic_write
+    from dynsparse.commands.modelfile import count_params, is_dynamic
     from dynsparse.flops import default_input as _default_input
 
     model, info = ds.load_gated(args.checkpoint)
@@ -142,19 +143,21 @@ def _convert(args: argparse.Namespace) -> int:
             "model's pretrained_cfg)"
         )
     x = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x.dtype)
-    converted = ds.convert(model)
+    dynamic = is_dynamic(model)  # input-dependent gates stay run-time skip modules, as a recipe's convert.static: false
+    converted = ds.convert(model, static=not dynamic)
     diff = ds.verify(model, converted, x, atol=args.atol, rtol=args.atol)
     out = Path(args.out)
     path = ds.save(converted, out / "model.safetensors", arch=info["arch"], data=data)
     plan = json.dumps(converted.slice_plan.to_dict(), indent=1, sort_keys=True) + "\n"
     atomic_write(out / "plan.json", lambda tmp: Path(tmp).write_text(plan))
-    n0 = sum(p.numel() for n, p in model.named_parameters() if ".gate." not in n)
-    n1 = sum(p.numel() for p in converted.parameters())
+    n0, n1 = count_params(model)[0], count_params(converted)[0]
     report = ds.sparsity_report(model, x)
     print(f"converted {args.checkpoint} -> {path}")
     print(f"parameters: {n0:,} -> {n1:,} ({100 * n1 / max(n0, 1):.1f}%)")
     print(f"FLOPs kept (estimate from the gates): {100 * report.flops_keep_ratio:.1f}%")
     print(f"max-abs difference to the gated model on a random image: {diff:.3g}")
+    if dynamic:
+        print("input-dependent gates kept as run-time modules: the model decides per input")
     return 0
 
 

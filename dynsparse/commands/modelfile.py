@@ -138,10 +138,16 @@ def flops_per_input(model: nn.Module, inputs: Tensor) -> float:
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """``(parameters, non-zero parameters)``, the gates' own parameters left out."""
+    """``(parameters, non-zero parameters)``, the static gates' own parameters left out.
+
+    A static gate's parameters (hard-concrete ``log_alpha``, ...) only decide what conversion keeps; an
+    input-dependent gate (token predictor, router, per-input channel saliency) runs with the model at inference,
+    converted or not, so its parameters count.
+    """
+    from ..gates import InputDependentGate
     from ..sparsify import named_gates
 
-    gates = [fqn for fqn, _ in named_gates(model)]
+    gates = [fqn for fqn, g in named_gates(model) if not isinstance(g, InputDependentGate)]
     total = nonzero = 0
     for name, p in model.named_parameters():
         if any(name.startswith(g + ".") for g in gates):
