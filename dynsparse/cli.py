@@ -55,6 +55,7 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     import dynsparse as ds
+    from dynsparse.commands.modelfile import load_model_file
     from dynsparse.convert.io import read_info
     from dynsparse.data import load_dataset, make_loader
 
@@ -65,7 +66,7 @@ def _eval(args: argparse.Namespace) -> int:
         if stored.get("input_shape")
         else "pass --image-size and --channels as in the data field of the recipe that trained it"
     )
-    model = ds.load(args.model)
+    model = load_model_file(args.model).model  # a converted model, or a gated checkpoint (its eval outputs)
     test = load_dataset(dataset, split="test", root=args.root, image_size=image_size, channels=channels)
     correct = total = 0
     with torch.no_grad():
@@ -215,8 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--device", default=None, help=DEVICE_HELP)
     demo.set_defaults(func=_demo)
     train.set_defaults(func=_train)
-    ev = sub.add_parser("eval", help="test accuracy of a converted model on a built-in data set")
-    ev.add_argument("model", help="converted model file (model.safetensors)")
+    ev = sub.add_parser("eval", help="test accuracy of a model file on a built-in data set")
+    ev.add_argument("model", help="a converted model (model.safetensors) or a gated checkpoint (gated.safetensors)")
     ev.add_argument(
         "--dataset",
         default=None,
