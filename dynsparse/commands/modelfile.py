@@ -16,6 +16,7 @@ from ..errors import ConfigError
 __all__ = [
     "ModelFile",
     "count_params",
+    "count_weights",
     "flops_per_input",
     "input_shape_arg",
     "is_dynamic",
@@ -154,6 +155,21 @@ def count_params(model: nn.Module) -> tuple[int, int]:
             continue
         total += p.numel()
         nonzero += int((p != 0).sum())
+    return total, nonzero
+
+
+def count_weights(model: nn.Module) -> tuple[int, int]:
+    """``(weights, non-zero weights)`` of the ``nn.Linear`` / ``nn.Conv2d`` layers: what ``--unstructured`` prunes.
+
+    Biases and norms are left out: they are never pruned, and timm starts its biases at 0.
+    """
+    from ..prune.masked import TWINS
+
+    total = nonzero = 0
+    for m in model.modules():
+        if type(m) in TWINS:
+            total += m.weight.numel()
+            nonzero += int((m.weight != 0).sum())
     return total, nonzero
 
 
