@@ -280,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # an output directory that cannot be made, a path that is a file: one line naming the path
         if e.filename is None:
             raise
-        print(f"dynsparse {args.command}: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        # os.replace(tmp, path) of an atomic write names the temporary file first and the user's path second
+        print(f"dynsparse {args.command}: error: {e.filename2 or e.filename}: {e.strerror or e}", file=sys.stderr)
         return 1
 
 

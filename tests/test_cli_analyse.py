@@ -124,3 +124,9 @@ def test_the_sparsity_of_an_unstructured_prune_is_shown(files, tmp_path, scope, 
         assert all(r["weight_nonzero"] == pytest.approx(0.5, abs=0.01) for r in rows)
     else:
         assert len({round(r["weight_nonzero"], 2) for r in rows}) > 1  # global: layers end up differently
+
+
+def test_json_naming_a_directory_is_one_line(files, tmp_path, capsys):
+    _, converted = files
+    assert main(["analyse", str(converted), "--json", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"dynsparse analyse: error: --json {tmp_path}: is a directory")

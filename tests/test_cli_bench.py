@@ -128,3 +128,10 @@ def test_a_run_time_gates_parameters_are_counted(tmp_path):
     dense, m, g = json.loads(out.read_text())["models"]
     n = sum(p.numel() for p in ds.load(conv).parameters())
     assert m["params"] == g["params"] == n and n > dense["params"]
+
+
+def test_json_naming_a_directory_is_refused_before_the_timing(files, tmp_path, capsys):
+    _, converted = files
+    assert main(["bench", str(converted), *FAST, "--json", str(tmp_path)]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith(f"dynsparse bench: error: --json {tmp_path}: is a directory")

@@ -82,3 +82,13 @@ def test_convert_keeps_run_time_gates_and_counts_their_parameters(tmp_path, caps
     assert f"parameters: {n:,} -> {n:,} (100.0%)\n" in out  # the predictor counted on both sides
     assert "input-dependent gates kept as run-time modules" in out
     assert main(["eval", str(tmp_path / "out" / "model.safetensors")]) == 0  # the per-input model runs
+
+
+def test_an_unwritable_output_names_the_users_path_not_a_temporary_file(tmp_path, capsys):
+    from dynsparse.cli import main
+
+    ck = _gated_checkpoint(tmp_path)
+    (tmp_path / "out" / "model.safetensors").mkdir(parents=True)  # the file's name is taken by a directory
+    assert main(["convert", str(ck), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"dynsparse convert: error: {tmp_path / 'out' / 'model.safetensors'}: "), err

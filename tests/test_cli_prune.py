@@ -109,3 +109,11 @@ def test_units_and_weights_together(files, tmp_path):
     assert sum(z for z, _ in w) == round(0.5 * sum(n for _, n in w))
     back = ds.load_gated(out / "gated.safetensors")[0].eval()  # the fixed gates, without the zeros
     assert ds.convert(back).blocks[0].attn.num_heads == small.blocks[0].attn.num_heads == 1
+
+
+def test_a_dimension_the_model_does_not_have_names_the_file_and_flag(files, tmp_path, capsys):
+    gated, _ = files
+    assert main(["prune", str(gated), "--channels", "0.5", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dynsparse prune: error: {gated}: --channels 0.5: cannot gate 'channels'")
+    assert err.count("\n") == 1 and not (tmp_path / "o").exists()

@@ -257,6 +257,9 @@ def format_analysis(a: dict[str, Any], top: int | None = None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_write
+    from .modelfile import check_output_file
+
+    check_output_file(args.json, "--json")
 
     result = analyse(args.model, input_shape=args.input, flops_inputs=args.flops_inputs)
     print(format_analysis(result, top=args.top))

@@ -15,6 +15,7 @@ from ..errors import ConfigError
 
 __all__ = [
     "ModelFile",
+    "check_output_file",
     "count_params",
     "count_weights",
     "flops_per_input",
@@ -136,6 +137,12 @@ def flops_per_input(model: nn.Module, inputs: Tensor) -> float:
     from ..flops import count_flops, mean_flops
 
     return mean_flops(model, inputs) if is_dynamic(model) else float(count_flops(model, inputs[:1]))
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Refuse an output file that names a directory before the work is done (the write would fail after it)."""
+    if path is not None and os.path.isdir(path):
+        raise ConfigError(f"{flag} {path}: is a directory; name a file (e.g. {os.path.join(path, 'out.json')})")
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

@@ -77,7 +77,7 @@ def prune(
     from ..atomic import atomic_write
     from ..convert import convert, save
     from ..convert.io import save_gated
-    from ..errors import ConfigError
+    from ..errors import ConfigError, DynsparseError
     from ..prune import remove_, structured_, unstructured_
     from ..sparsify import named_gates
     from .modelfile import (
@@ -108,7 +108,11 @@ def prune(
         shape = None
     x = random_inputs(shape, 4, seed=0).to(model_dtype(model)) if shape is not None else None
     if dimensions:
-        structured_(model, dimensions, importance=IMPORTANCES[importance], scope=scope or "layer")
+        try:
+            structured_(model, dimensions, importance=IMPORTANCES[importance], scope=scope or "layer")
+        except DynsparseError as e:  # e.g. --heads of a ResNet: name the file and the flags
+            flags = " ".join(f"--{d} {r:g}" for d, r in dimensions.items())
+            raise ConfigError(f"{path}: {flags}: {e}") from None
     out_dir = Path(out)
     written = []
     gated = any(True for _ in named_gates(model))
