@@ -55,6 +55,7 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     import dynsparse as ds
+    from dynsparse.commands.modelfile import load_model_file
     from dynsparse.convert.io import read_info
     from dynsparse.data import load_dataset, make_loader
 
@@ -65,7 +66,7 @@ def _eval(args: argparse.Namespace) -> int:
         if stored.get("input_shape")
         else "pass --image-size and --channels as in the data field of the recipe that trained it"
     )
-    model = ds.load(args.model)
+    model = load_model_file(args.model).model  # a converted model, or a gated checkpoint (its eval outputs)
     test = load_dataset(dataset, split="test", root=args.root, image_size=image_size, channels=channels)
     correct = total = 0
     with torch.no_grad():
@@ -128,6 +129,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     import dynsparse as ds
     from dynsparse.atomic import atomic_write
+    from dynsparse.commands.modelfile import count_params, is_dynamic
     from dynsparse.flops import default_input as _default_input
 
     model, info = ds.load_gated(args.checkpoint)
@@ -142,19 +144,21 @@ def _convert(args: argparse.Namespace) -> int:
             "model's pretrained_cfg)"
         )
     x = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x.dtype)
-    converted = ds.convert(model)
+    dynamic = is_dynamic(model)  # input-dependent gates stay run-time skip modules, as a recipe's convert.static: false
+    converted = ds.convert(model, static=not dynamic)
     diff = ds.verify(model, converted, x, atol=args.atol, rtol=args.atol)
     out = Path(args.out)
     path = ds.save(converted, out / "model.safetensors", arch=info["arch"], data=data)
     plan = json.dumps(converted.slice_plan.to_dict(), indent=1, sort_keys=True) + "\n"
     atomic_write(out / "plan.json", lambda tmp: Path(tmp).write_text(plan))
-    n0 = sum(p.numel() for n, p in model.named_parameters() if ".gate." not in n)
-    n1 = sum(p.numel() for p in converted.parameters())
+    n0, n1 = count_params(model)[0], count_params(converted)[0]
     report = ds.sparsity_report(model, x)
     print(f"converted {args.checkpoint} -> {path}")
     print(f"parameters: {n0:,} -> {n1:,} ({100 * n1 / max(n0, 1):.1f}%)")
     print(f"FLOPs kept (estimate from the gates): {100 * report.flops_keep_ratio:.1f}%")
     print(f"max-abs difference to the gated model on a random image: {diff:.3g}")
+    if dynamic:
+        print("input-dependent gates kept as run-time modules: the model decides per input")
     return 0
 
 
@@ -212,8 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--device", default=None, help=DEVICE_HELP)
     demo.set_defaults(func=_demo)
     train.set_defaults(func=_train)
-    ev = sub.add_parser("eval", help="test accuracy of a converted model on a built-in data set")
-    ev.add_argument("model", help="converted model file (model.safetensors)")
+    ev = sub.add_parser("eval", help="test accuracy of a model file on a built-in data set")
+    ev.add_argument("model", help="a converted model (model.safetensors) or a gated checkpoint (gated.safetensors)")
     ev.add_argument(
         "--dataset",
         default=None,
@@ -276,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # an output directory that cannot be made, a path that is a file: one line naming the path
         if e.filename is None:
             raise
-        print(f"dynsparse {args.command}: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        # os.replace(tmp, path) of an atomic write names the temporary file first and the user's path second
+        print(f"dynsparse {args.command}: error: {e.filename2 or e.filename}: {e.strerror or e}", file=sys.stderr)
         return 1
 
 

@@ -105,3 +105,28 @@ def test_bad_inputs_are_one_line(files, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["analyse", str(converted), "--top", "0"])
     assert "argument --top:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_the_sparsity_of_an_unstructured_prune_is_shown(files, tmp_path, scope, capsys):
+    """The totals state the Linear / Conv2d weights' non-zero fraction (the all-parameter one counts biases, norms)."""
+    _, converted = files
+    out = tmp_path / "pruned"
+    assert main(["prune", str(converted), "--unstructured", "0.5", "--scope", scope, "--out", str(out)]) == 0
+    a = _analyse(out / "model.safetensors", tmp_path)
+    t = a["totals"]
+    assert t["nonzero_weights"] == t["weights"] - round(0.5 * t["weights"])
+    assert t["params"] - t["weights"] > 0  # biases and norms: not pruned, not in the weights' fraction
+    printed = capsys.readouterr().out
+    assert f"Linear / Conv2d weights: {t['weights']:,}, non-zero {t['nonzero_weights']:,} (50.0%)\n" in printed
+    rows = [r for r in a["layers"] if r["type"] in ("Linear", "Conv2d")]
+    if scope == "layer":
+        assert all(r["weight_nonzero"] == pytest.approx(0.5, abs=0.01) for r in rows)
+    else:
+        assert len({round(r["weight_nonzero"], 2) for r in rows}) > 1  # global: layers end up differently
+
+
+def test_json_naming_a_directory_is_one_line(files, tmp_path, capsys):
+    _, converted = files
+    assert main(["analyse", str(converted), "--json", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"dynsparse analyse: error: --json {tmp_path}: is a directory")

@@ -115,3 +115,23 @@ def test_bad_flag_values_are_refused_by_argparse(files, flag, value, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}:" in err and "Traceback" not in err
+
+
+def test_a_run_time_gates_parameters_are_counted(tmp_path):
+    """A token predictor runs with the model at inference: its parameters count (they were left out as "gates")."""
+    torch.manual_seed(0)
+    model = ds.sparsify_(build_host(ARCH).eval(), {"tokens": {"gate": "predictor", "blocks": [1], "keep": 0.5}})
+    gated = ds.save_gated(model, tmp_path / "gated.safetensors", arch=ARCH, data=DATA)
+    conv = ds.save(ds.convert(model, static=False), tmp_path / "tokens.safetensors", arch=ARCH, data=DATA)
+    out = tmp_path / "b.json"
+    assert main(["bench", str(conv), str(gated), "--dense", "--flops-inputs", "2", *FAST, "--json", str(out)]) == 0
+    dense, m, g = json.loads(out.read_text())["models"]
+    n = sum(p.numel() for p in ds.load(conv).parameters())
+    assert m["params"] == g["params"] == n and n > dense["params"]
+
+
+def test_json_naming_a_directory_is_refused_before_the_timing(files, tmp_path, capsys):
+    _, converted = files
+    assert main(["bench", str(converted), *FAST, "--json", str(tmp_path)]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith(f"dynsparse bench: error: --json {tmp_path}: is a directory")

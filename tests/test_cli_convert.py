@@ -65,3 +65,30 @@ def test_converting_a_converted_model_says_it_is_converted_already(tmp_path, cap
     assert main(["convert", str(converted), "--out", str(tmp_path / "c2")]) == 2
     err = capsys.readouterr().err
     assert f"{converted}: holds a 'converted' model, not a gated checkpoint; it is converted already" in err
+
+
+def test_convert_keeps_run_time_gates_and_counts_their_parameters(tmp_path, capsys):
+    from cli_models import ARCH, DATA
+
+    from dynsparse.cli import main
+    from dynsparse.convert.io import build_host
+
+    torch.manual_seed(0)
+    model = ds.sparsify_(build_host(ARCH).eval(), {"tokens": {"gate": "predictor", "blocks": [1], "keep": 0.5}})
+    path = ds.save_gated(model, tmp_path / "gated.safetensors", arch=ARCH, data=DATA)
+    assert main(["convert", str(path), "--out", str(tmp_path / "out")]) == 0
+    n = sum(p.numel() for p in ds.load(tmp_path / "out" / "model.safetensors").parameters())
+    out = capsys.readouterr().out
+    assert f"parameters: {n:,} -> {n:,} (100.0%)\n" in out  # the predictor counted on both sides
+    assert "input-dependent gates kept as run-time modules" in out
+    assert main(["eval", str(tmp_path / "out" / "model.safetensors")]) == 0  # the per-input model runs
+
+
+def test_an_unwritable_output_names_the_users_path_not_a_temporary_file(tmp_path, capsys):
+    from dynsparse.cli import main
+
+    ck = _gated_checkpoint(tmp_path)
+    (tmp_path / "out" / "model.safetensors").mkdir(parents=True)  # the file's name is taken by a directory
+    assert main(["convert", str(ck), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"dynsparse convert: error: {tmp_path / 'out' / 'model.safetensors'}: "), err

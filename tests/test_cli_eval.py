@@ -29,3 +29,14 @@ def test_images_that_do_not_fit_the_model_are_one_error_line(model_file, flags, 
     err = capsys.readouterr().err
     assert err.startswith(f"dynsparse eval: error: {model_file}: the digits test images (")
     assert "--image-size and --channels" in err and "Traceback" not in err
+
+
+def test_eval_of_a_gated_checkpoint_equals_its_converted_model(tmp_path, capsys):
+    """docs/cli.md: every command that reads a model file takes a gated checkpoint too (eval refused it)."""
+    from cli_models import write_files
+
+    gated, converted = write_files(tmp_path)
+    assert main(["eval", str(gated)]) == 0
+    acc_gated = capsys.readouterr().out.split("test accuracy ")[1]
+    assert main(["eval", str(converted)]) == 0
+    assert capsys.readouterr().out.split("test accuracy ")[1] == acc_gated

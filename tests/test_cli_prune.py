@@ -76,3 +76,44 @@ def test_errors_are_one_line(files, tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["prune", str(gated), "--unstructured", value, "--out", str(tmp_path / "o")])
         assert "argument --unstructured:" in capsys.readouterr().err
+
+
+def _weights(model):
+    layers = [m for m in model.modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)]
+    return [(int((m.weight == 0).sum()), m.weight.numel()) for m in layers]
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_unstructured_of_a_gated_file_counts_the_weights_conversion_keeps(files, tmp_path, scope, capsys):
+    """The fraction is of the converted model's weights, not of the gated model's (closed units included)."""
+    gated, _ = files
+    out = tmp_path / "out"
+    assert main(["prune", str(gated), "--unstructured", "0.5", "--scope", scope, "--out", str(out)]) == 0
+    w = _weights(ds.load(out / "model.safetensors"))
+    zero, total = sum(z for z, _ in w), sum(n for _, n in w)
+    if scope == "global":
+        assert zero == round(0.5 * total)
+    else:
+        assert all(z == round(0.5 * n) for z, n in w)
+    printed = capsys.readouterr().out
+    assert "wrote model.safetensors, plan.json\n" in printed  # no gated file: its gates are unchanged
+    assert f"Linear / Conv2d weights: {zero:,} of {total:,} zero ({100 * zero / total:.1f}%)\n" in printed
+
+
+def test_units_and_weights_together(files, tmp_path):
+    gated, _ = files
+    out = tmp_path / "out"
+    assert main(["prune", str(gated), "--heads", "0.5", "--unstructured", "0.5", "--out", str(out)]) == 0
+    small = ds.load(out / "model.safetensors")
+    w = _weights(small)
+    assert sum(z for z, _ in w) == round(0.5 * sum(n for _, n in w))
+    back = ds.load_gated(out / "gated.safetensors")[0].eval()  # the fixed gates, without the zeros
+    assert ds.convert(back).blocks[0].attn.num_heads == small.blocks[0].attn.num_heads == 1
+
+
+def test_a_dimension_the_model_does_not_have_names_the_file_and_flag(files, tmp_path, capsys):
+    gated, _ = files
+    assert main(["prune", str(gated), "--channels", "0.5", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dynsparse prune: error: {gated}: --channels 0.5: cannot gate 'channels'")
+    assert err.count("\n") == 1 and not (tmp_path / "o").exists()

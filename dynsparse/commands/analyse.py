@@ -75,6 +75,7 @@ def analyse(path: str, *, input_shape: tuple[int, int, int] | None = None, flops
         build_dense,
         check_runs,
         count_params,
+        count_weights,
         is_dynamic,
         load_model_file,
         model_dtype,
@@ -138,9 +139,12 @@ def analyse(path: str, *, input_shape: tuple[int, int, int] | None = None, flops
             row.update(kept=None, total=int(g.num_units), keep=float(g.keep))
         gates.append(row)
     params, nonzero = count_params(model)
+    weights, nonzero_weights = count_weights(model)
     totals: dict[str, Any] = {
         "params": params,
         "nonzero_params": nonzero,
+        "weights": weights,
+        "nonzero_weights": nonzero_weights,
         "dense_params": count_params(dense)[0] if dense is not None else None,
         "flops": flops.get("") if flops else None,
         "dense_flops": dense_flops.get("") if dense_flops else None,
@@ -232,6 +236,11 @@ def format_analysis(a: dict[str, Any], top: int | None = None) -> str:
     lines.append(
         params + f", non-zero {tot['nonzero_params']:,} ({_pct(tot['nonzero_params'] / max(tot['params'], 1))})"
     )
+    if tot.get("weights"):
+        lines.append(
+            f"Linear / Conv2d weights: {tot['weights']:,}, non-zero {tot['nonzero_weights']:,} "
+            f"({_pct(tot['nonzero_weights'] / tot['weights'])})"
+        )
     if tot["flops"] is not None:
         flops = f"FLOPs / input: {si(tot['flops'])}"
         if tot["dense_flops"]:
@@ -248,6 +257,9 @@ def format_analysis(a: dict[str, Any], top: int | None = None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_write
+    from .modelfile import check_output_file
+
+    check_output_file(args.json, "--json")
 
     result = analyse(args.model, input_shape=args.input, flops_inputs=args.flops_inputs)
     print(format_analysis(result, top=args.top))

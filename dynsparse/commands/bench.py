@@ -182,6 +182,9 @@ def format_bench(r: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_write
+    from .modelfile import check_output_file
+
+    check_output_file(args.json, "--json")
 
     result = bench(
         args.models,

@@ -77,10 +77,18 @@ def prune(
     from ..atomic import atomic_write
     from ..convert import convert, save
     from ..convert.io import save_gated
-    from ..errors import ConfigError
+    from ..errors import ConfigError, DynsparseError
     from ..prune import remove_, structured_, unstructured_
     from ..sparsify import named_gates
-    from .modelfile import count_params, is_dynamic, load_model_file, model_dtype, random_inputs, resolve_input_shape
+    from .modelfile import (
+        count_params,
+        count_weights,
+        is_dynamic,
+        load_model_file,
+        model_dtype,
+        random_inputs,
+        resolve_input_shape,
+    )
 
     dimensions = {d: r for d, r in (dimensions or {}).items() if r is not None}
     if unstructured is None and not dimensions:
@@ -100,14 +108,16 @@ def prune(
         shape = None
     x = random_inputs(shape, 4, seed=0).to(model_dtype(model)) if shape is not None else None
     if dimensions:
-        structured_(model, dimensions, importance=IMPORTANCES[importance], scope=scope or "layer")
-    if unstructured is not None:
-        remove_(unstructured_(model, unstructured, scope=scope or "global"))
+        try:
+            structured_(model, dimensions, importance=IMPORTANCES[importance], scope=scope or "layer")
+        except DynsparseError as e:  # e.g. --heads of a ResNet: name the file and the flags
+            flags = " ".join(f"--{d} {r:g}" for d, r in dimensions.items())
+            raise ConfigError(f"{path}: {flags}: {e}") from None
     out_dir = Path(out)
     written = []
     gated = any(True for _ in named_gates(model))
     if gated:
-        if f.kind == "gated" or dimensions:
+        if dimensions:  # the fixed gates, for `dynsparse convert` or fine-tuning (no --unstructured zeros)
             save_gated(model, out_dir / "gated.safetensors", arch=f.arch, data=f.data)
             written.append("gated.safetensors")
         model = convert(model, verify_inputs=x, static=not is_dynamic(model))
@@ -115,10 +125,19 @@ def prune(
         text = json.dumps(plan.to_dict(), indent=1, sort_keys=True) + "\n"
         atomic_write(out_dir / "plan.json", lambda tmp: Path(tmp).write_text(text))
         written.append("plan.json")
+    if unstructured is not None:  # after conversion: the fraction is of the weights the saved model keeps
+        remove_(unstructured_(model, unstructured, scope=scope or "global"))
     save(model, out_dir / "model.safetensors", arch=f.arch, plan=plan, data=f.data)
     written.insert(0, "model.safetensors")
     after = count_params(model)
-    return {"path": path, "out": str(out_dir), "files": written, "params": [before, after], "checked": x is not None}
+    return {
+        "path": path,
+        "out": str(out_dir),
+        "files": written,
+        "params": [before, after],
+        "weights": count_weights(model),
+        "checked": x is not None,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
     (n0, z0), (n1, z1) = r["params"]
     print(f"pruned {r['path']} -> {r['out']}: wrote {', '.join(r['files'])}")
     print(f"parameters: {n0:,} -> {n1:,} ({100 * n1 / max(n0, 1):.1f}%), non-zero {z0:,} -> {z1:,}")
+    w, wz = r["weights"]
+    print(f"Linear / Conv2d weights: {w - wz:,} of {w:,} zero ({100 * (w - wz) / max(w, 1):.1f}%)")
     if not r["checked"]:
         print("no input shape stored in the file: the converted model was not checked against the pruned one")
     return 0

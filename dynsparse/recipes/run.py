@@ -80,7 +80,10 @@ def _save_gated(model: nn.Module, path: Path, arch: dict[str, Any], data: dict[s
 
 
 def _params(model: nn.Module, nonzero: bool = False) -> int:
-    return int(sum((p != 0).sum() if nonzero else p.numel() for n, p in model.named_parameters() if ".gate." not in n))
+    """Parameters (or non-zero ones) without the static gates' own; a run-time (input-dependent) gate's count."""
+    from ..commands.modelfile import count_params
+
+    return count_params(model)[1 if nonzero else 0]
 
 
 def run_recipe(
