@@ -7,20 +7,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from dynsparse.commands.args import positive_int
+
 __all__ = ["main"]
 
 DEVICE_HELP = "train on auto, cpu, cuda or cuda:N (overrides the recipe's device; the report's latency is CPU)"
-
-
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1 (``--threads 0`` was silently ignored, ``-1`` a traceback)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -211,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field")
         p.add_argument("--resume", action="store_true", help="continue from the output dir's checkpoint")
         p.add_argument("--out", default=None, help="output directory (default: the recipe's output_dir)")
-        p.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads")
+        p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         p.add_argument("--device", default=None, help=DEVICE_HELP)
     demo.set_defaults(func=_demo)
@@ -226,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ev.add_argument("--root", default=None, help="data directory (required for image-folder)")
     ev.add_argument(
         "--image-size",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="resize the images, as the recipe's data.image_size (default: the size stored in the file)",
     )
@@ -254,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sens.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test images")
     sens.add_argument("--max-drop", type=float, default=None, help="per-layer ratios losing <= this many points")
     sens.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field")
-    sens.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads")
+    sens.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
     sens.add_argument(
         "--device", default=None, help="train and evaluate on auto, cpu, cuda or cuda:N (overrides the recipe's device)"
     )
@@ -262,8 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sens.set_defaults(func=_sensitivity)
     from dynsparse.commands import analyse, bench, prune
 
-    bench.add_parser(sub, _positive_int)
-    analyse.add_parser(sub, _positive_int)
+    bench.add_parser(sub)
+    analyse.add_parser(sub)
     prune.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 __all__ = ["add_parser", "analyse", "format_analysis", "run"]
 
 
-def add_parser(sub: Any, positive_int: Any) -> argparse.ArgumentParser:
-    from .modelfile import input_shape_arg
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    from .args import add_input_options, positive_int
 
     p = sub.add_parser(
         "analyse",
@@ -22,22 +22,12 @@ def add_parser(sub: Any, positive_int: Any) -> argparse.ArgumentParser:
         "Linear, Conv and Norm layers and gates, with the dense architecture of the file's arch for comparison.",
     )
     p.add_argument("model", metavar="MODEL", help="a converted model file or a gated checkpoint")
-    p.add_argument(
-        "--input",
-        type=input_shape_arg,
-        default=None,
-        metavar="C,H,W",
-        help="shape of one input for the FLOPs (default: the input_shape stored in the file; none: no FLOPs)",
+    add_input_options(
+        p,
+        input_help="shape of one input for the FLOPs (default: the input_shape stored in the file; none: no FLOPs)",
+        json_help="also write the analysis as JSON",
     )
     p.add_argument("--top", type=positive_int, default=None, metavar="N", help="only the N layers with most FLOPs")
-    p.add_argument(
-        "--flops-inputs",
-        type=positive_int,
-        default=16,
-        metavar="N",
-        help="distinct random inputs whose FLOPs are averaged for per-input (dynamic) models (default: 16)",
-    )
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the analysis as JSON")
     p.set_defaults(func=run)
     return p
 

@@ -10,18 +10,8 @@ from typing import Any
 __all__ = ["add_parser", "bench", "format_bench", "run"]
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {n}")
-    return n
-
-
-def add_parser(sub: Any, positive_int: Any) -> argparse.ArgumentParser:
-    from .modelfile import input_shape_arg
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    from .args import add_input_options, nonnegative_int, positive_int
 
     p = sub.add_parser(
         "bench",
@@ -34,27 +24,17 @@ def add_parser(sub: Any, positive_int: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=positive_int, nargs="+", default=[1], help="batch sizes (default: 1)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (default: 1)")
     p.add_argument("--rounds", type=positive_int, default=15, help="timed rounds per batch size (default: 15)")
-    p.add_argument("--warmup", type=_nonnegative_int, default=3, help="untimed rounds first (default: 3)")
+    p.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed rounds first (default: 3)")
     p.add_argument(
         "--dense",
         action="store_true",
         help="add the dense architecture of the first file's arch (random weights) as the reference",
     )
-    p.add_argument(
-        "--input",
-        type=input_shape_arg,
-        default=None,
-        metavar="C,H,W",
-        help="shape of one input (default: the input_shape stored in the files by `dynsparse train`)",
+    add_input_options(
+        p,
+        input_help="shape of one input (default: the input_shape stored in the files by `dynsparse train`)",
+        json_help="also write the results as JSON",
     )
-    p.add_argument(
-        "--flops-inputs",
-        type=positive_int,
-        default=16,
-        metavar="N",
-        help="distinct random inputs whose FLOPs are averaged for per-input (dynamic) models (default: 16)",
-    )
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=run)
     return p
 

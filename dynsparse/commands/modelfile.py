@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ __all__ = [
     "count_params",
     "count_weights",
     "flops_per_input",
-    "input_shape_arg",
     "is_dynamic",
     "load_model_file",
     "random_inputs",
@@ -54,18 +52,6 @@ def load_model_file(path: str | os.PathLike) -> ModelFile:
     info = read_info(path)
     model = load_gated(path)[0].eval() if info["kind"] == "gated" else load(path)
     return ModelFile(str(path), model, info["kind"], info["arch"], info["data"])
-
-
-def input_shape_arg(text: str) -> tuple[int, int, int]:
-    """An argparse type: ``C,H,W`` (or ``CxHxW``), three positive integers."""
-    parts = text.replace("x", ",").split(",")
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 3,32,32), got {text!r}") from None
-    if len(shape) != 3 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"expected three positive integers C,H,W (e.g. 3,32,32), got {text!r}")
-    return shape  # type: ignore[return-value]
 
 
 def shape_text(shape: Sequence[int]) -> str:

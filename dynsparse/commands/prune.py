@@ -25,7 +25,7 @@ def _fraction(text: str) -> float:
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    from .modelfile import input_shape_arg
+    from .args import input_shape_arg
 
     p = sub.add_parser(
         "prune",
