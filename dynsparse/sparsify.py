@@ -145,18 +145,16 @@ def plan_sparsify(
         exc = g_exc + _patterns(opts.pop("exclude", None), f"{dim}.exclude")
         opts.setdefault("gate", "hard_concrete")
         _check_gate_options(dim, opts)
-        try:  # build a throw-away gate now, so a bad gate spec fails before any module is changed
-            make_gate(opts, 4096)
-        except (ConfigError, GateError) as e:
-            raise ConfigError(f"sparsify spec field {dim!r}: {e}{_per_input_hint(dim, opts)}") from None
         plan.gate_specs[dim] = opts
         if dim in COUPLED_DIMENSIONS:  # one gate for the whole model, checked before any module changes
+            _check_gate_sizes(dim, opts, {})
             if inc != g_inc or exc != g_exc:
                 raise ConfigError(f"sparsify spec field {dim!r}: one gate covers the whole model (no include/exclude)")
             table.check_width(model)
             plan.targets.append(("", dim))
             continue
         found = 0
+        sizes: dict[int, str] = {}  # units of each gate the plan puts in -> the first module getting one
         for fqn, module in model.named_modules():
             if isinstance(module, (Gate, InputDependentGate, GateSlot)) or not _selected(fqn, inc, exc):
                 continue
@@ -173,6 +171,7 @@ def plan_sparsify(
                     plan.skipped.append(Skipped(fqn, mtype, dim, f"{gated} already hold layer gates"))
                     continue
                 plan.targets.append((fqn, dim))
+                sizes.setdefault(1, fqn)
                 found += 1
                 continue
             if isinstance(module, GatedLayer) and module.dimension == dim:
@@ -185,11 +184,16 @@ def plan_sparsify(
                 reason = gated_cls.unsupported_reason(module)
                 if reason is None:
                     plan.targets.append((fqn, dim))
+                    for slot in gated_cls._slot_specs(module):
+                        sizes.setdefault(slot.num_units, fqn)
                     found += 1
                 else:
                     plan.skipped.append(Skipped(fqn, mtype, dim, reason))
             elif unsupported is not None:
                 plan.skipped.append(Skipped(fqn, mtype, dim, unsupported))
+            elif gated_cls is not None:  # a twin of a gatable host with other gates (per-input neuron gates)
+                reason = f"it is already gated (a {host.__name__} with other gates)"
+                plan.skipped.append(Skipped(fqn, mtype, dim, reason))
             elif (
                 gated_cls is None
                 and not table.covered(dim, module)
@@ -201,6 +205,7 @@ def plan_sparsify(
                 plan.skipped.append(
                     Skipped(fqn, mtype, dim, f"no gated layer is known for {host.__module__}.{host.__name__}")
                 )
+        _check_gate_sizes(dim, opts, sizes)
         if not found and not any(s.dimension == dim for s in plan.skipped):
             raise UnsupportedModuleError(
                 "",
@@ -210,6 +215,18 @@ def plan_sparsify(
                 "(check the model family and the include/exclude patterns)",
             )
     return plan
+
+
+def _check_gate_sizes(dim: str, opts: dict[str, Any], sizes: Mapping[int, str]) -> None:
+    """Build a throw-away gate of each size in ``sizes`` (``{num_units: fqn}``), so a gate spec that some layer
+    cannot take (``topk`` with ``k`` above its units, a ``fixed`` mask of another length) fails before any module
+    is changed. Without sizes, one gate of 4096 units checks the spec alone."""
+    for n, fqn in (sizes or {4096: ""}).items():
+        try:
+            make_gate(opts, n)
+        except (ConfigError, GateError) as e:
+            at = f" (the {n}-unit gate of {fqn!r})" if fqn else ""
+            raise ConfigError(f"sparsify spec field {dim!r}{at}: {e}{_per_input_hint(dim, opts)}") from None
 
 
 def _child(module: nn.Module, path: str) -> nn.Module | None:
