@@ -336,7 +336,7 @@ def sparsify_(
         4
     """
     from .integrations import tables as table
-    from .modules import replace_module_
+    from .modules import all_or_nothing, replace_module_
 
     if on_unsupported not in ("raise", "skip"):
         raise ConfigError(f"on_unsupported must be 'raise' or 'skip', got {on_unsupported!r}")
@@ -352,35 +352,38 @@ def sparsify_(
             len(plan.skipped),
             "\n".join(f"  {s.fqn} ({s.module_type}) for {s.dimension!r}: {s.reason}" for s in plan.skipped),
         )
-    # Class swaps first (neurons / heads / channels), then branch gates, which only replace drop_path children.
-    for fqn, dim in sorted(plan.targets, key=lambda t: (t[1] == "layers", t[1] == "width")):
-        module = model.get_submodule(fqn)
-        gate = plan.gate_specs[dim]
-        if dim == "width":
-            table.gate_width_(model, gate)
-            continue
-        if dim == "layers":
-            table.gate_branches_(module, gate, fqn=fqn)
-            continue
-        cls = table.gated_class(dim, module)
-        try:
-            new = cls.from_module(module, gate=gate, fqn=fqn)
-        except (ConfigError, GateError) as e:
-            raise ConfigError(f"while gating {dim!r} of {fqn!r} ({type(module).__name__}): {e}") from e
-        if fqn:
-            replace_module_(model, fqn, new)
-        else:
-            raise UnsupportedModuleError(fqn, type(module).__name__, dim, "the root module itself cannot be swapped")
-    # input-dependent parts last, inner modules before whole blocks (the order of DYNAMIC_PARTS)
-    from .layers.dynamic import DYNAMIC_PARTS, dynamic_part_of
+    with all_or_nothing(model):  # a part refused half-way (a dynamic part's option) leaves the model as it was
+        # Class swaps first (neurons / heads / channels), then branch gates, which only replace drop_path children.
+        for fqn, dim in sorted(plan.targets, key=lambda t: (t[1] == "layers", t[1] == "width")):
+            module = model.get_submodule(fqn)
+            gate = plan.gate_specs[dim]
+            if dim == "width":
+                table.gate_width_(model, gate)
+                continue
+            if dim == "layers":
+                table.gate_branches_(module, gate, fqn=fqn)
+                continue
+            cls = table.gated_class(dim, module)
+            try:
+                new = cls.from_module(module, gate=gate, fqn=fqn)
+            except (ConfigError, GateError) as e:
+                raise ConfigError(f"while gating {dim!r} of {fqn!r} ({type(module).__name__}): {e}") from e
+            if fqn:
+                replace_module_(model, fqn, new)
+            else:
+                raise UnsupportedModuleError(
+                    fqn, type(module).__name__, dim, "the root module itself cannot be swapped"
+                )
+        # input-dependent parts last, inner modules before whole blocks (the order of DYNAMIC_PARTS)
+        from .layers.dynamic import DYNAMIC_PARTS, dynamic_part_of
 
-    dims = _parse_spec(spec)
-    for key, part in DYNAMIC_PARTS.items():
-        if key in dims and dynamic_part_of(key, dims[key]) is part:
-            opts = dict(dims[key])
-            if part.always:
-                opts.setdefault("gate", part.default_gate)
-            part.apply_(model, **opts)
+        dims = _parse_spec(spec)
+        for key, part in DYNAMIC_PARTS.items():
+            if key in dims and dynamic_part_of(key, dims[key]) is part:
+                opts = dict(dims[key])
+                if part.always:
+                    opts.setdefault("gate", part.default_gate)
+                part.apply_(model, **opts)
     # the calls made, so a gated checkpoint can be rebuilt without pickle (see dynsparse.convert.io)
     model.__dict__.setdefault("_dynsparse_history", []).append(call)
     return model

@@ -98,6 +98,33 @@ def test_a_gate_spec_is_checked_at_the_layers_own_size(vit):
     assert all(g.keep_mask().tolist() == [True, False] for _, g in ds.named_gates(vit))
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"neurons": "hard_concrete", "tokens": {"gate": "cls_attention", "blocks": [99]}},
+        {"heads": "hard_concrete", "layers": "sigmoid", "depth": {"gate": "router", "keep": 2}},
+        {"heads": "hard_concrete", "neurons": {"gate": "cats", "keep": 0}},
+    ],
+)
+def test_a_refused_input_dependent_part_leaves_the_model_as_it_was(vit, spec):
+    keys = list(vit.state_dict())
+    with pytest.raises(ds.DynsparseError):
+        ds.sparsify_(vit, spec)  # the static part was installed, then the input-dependent part refused
+    assert not list(ds.named_gates(vit)) and list(vit.state_dict()) == keys
+    assert type(vit.blocks[0].attn) is timm.layers.Attention and "_dynsparse_history" not in vit.__dict__
+    ds.sparsify_(vit, {"heads": "hard_concrete", "layers": "sigmoid"})  # and it can be gated afterwards
+
+
+def test_a_refused_call_restores_plain_attributes_of_blocks():
+    m = timm.create_model("resnet18", pretrained=False).eval()  # drop_path is a plain None attribute
+    x = torch.randn(1, 3, 32, 32)
+    ref = m(x)
+    with pytest.raises(ds.ConfigError, match="keep"):
+        ds.sparsify_(m, {"layers": "hard_concrete", "channels": {"gate": "fbs", "keep": 2}})
+    assert m.layer1[0].drop_path is None and not list(ds.named_gates(m))
+    torch.testing.assert_close(m(x), ref)
+
+
 def test_static_gates_on_mlps_with_per_input_gates_are_refused_not_skipped(vit):
     ds.sparsify_(vit, {"neurons": {"gate": "cats", "include": "blocks.0.*"}})
     with pytest.raises(ds.UnsupportedModuleError, match=r"'blocks\.0\.mlp' \(NeuronGatedMlp\): it is already gated"):
