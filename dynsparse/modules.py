@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -11,6 +13,7 @@ from .errors import DynsparseError
 
 __all__ = [
     "adopt",
+    "all_or_nothing",
     "capturing",
     "first_param",
     "is_stateless",
@@ -71,6 +74,30 @@ def replace_module_(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
     return model
+
+
+@contextmanager
+def all_or_nothing(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block that edits ``model``'s modules in place; when it raises, put every module back as it was.
+
+    Each module's attributes and the contents of its dicts and sets (children, parameters, buffers, hooks) are
+    restored, so a swap, an installed slot or a registered hook of the failed block is undone. Tensor values and
+    objects outside the modules (a config) are not.
+    """
+    saved = [
+        (m, dict(m.__dict__), {k: v.copy() for k, v in m.__dict__.items() if isinstance(v, (dict, set))})
+        for m in model.modules()
+    ]
+    try:
+        yield model
+    except BaseException:
+        for m, attrs, containers in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for key, content in containers.items():
+                attrs[key].clear()
+                attrs[key].update(content)
+        raise
 
 
 def join_fqn(*parts: str) -> str:

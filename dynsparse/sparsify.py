@@ -145,18 +145,16 @@ def plan_sparsify(
         exc = g_exc + _patterns(opts.pop("exclude", None), f"{dim}.exclude")
         opts.setdefault("gate", "hard_concrete")
         _check_gate_options(dim, opts)
-        try:  # build a throw-away gate now, so a bad gate spec fails before any module is changed
-            make_gate(opts, 4096)
-        except (ConfigError, GateError) as e:
-            raise ConfigError(f"sparsify spec field {dim!r}: {e}{_per_input_hint(dim, opts)}") from None
         plan.gate_specs[dim] = opts
         if dim in COUPLED_DIMENSIONS:  # one gate for the whole model, checked before any module changes
+            _check_gate_sizes(dim, opts, {})
             if inc != g_inc or exc != g_exc:
                 raise ConfigError(f"sparsify spec field {dim!r}: one gate covers the whole model (no include/exclude)")
             table.check_width(model)
             plan.targets.append(("", dim))
             continue
         found = 0
+        sizes: dict[int, str] = {}  # units of each gate the plan puts in -> the first module getting one
         for fqn, module in model.named_modules():
             if isinstance(module, (Gate, InputDependentGate, GateSlot)) or not _selected(fqn, inc, exc):
                 continue
@@ -173,6 +171,7 @@ def plan_sparsify(
                     plan.skipped.append(Skipped(fqn, mtype, dim, f"{gated} already hold layer gates"))
                     continue
                 plan.targets.append((fqn, dim))
+                sizes.setdefault(1, fqn)
                 found += 1
                 continue
             if isinstance(module, GatedLayer) and module.dimension == dim:
@@ -185,11 +184,16 @@ def plan_sparsify(
                 reason = gated_cls.unsupported_reason(module)
                 if reason is None:
                     plan.targets.append((fqn, dim))
+                    for slot in gated_cls._slot_specs(module):
+                        sizes.setdefault(slot.num_units, fqn)
                     found += 1
                 else:
                     plan.skipped.append(Skipped(fqn, mtype, dim, reason))
             elif unsupported is not None:
                 plan.skipped.append(Skipped(fqn, mtype, dim, unsupported))
+            elif gated_cls is not None:  # a twin of a gatable host with other gates (per-input neuron gates)
+                reason = f"it is already gated (a {host.__name__} with other gates)"
+                plan.skipped.append(Skipped(fqn, mtype, dim, reason))
             elif (
                 gated_cls is None
                 and not table.covered(dim, module)
@@ -201,6 +205,7 @@ def plan_sparsify(
                 plan.skipped.append(
                     Skipped(fqn, mtype, dim, f"no gated layer is known for {host.__module__}.{host.__name__}")
                 )
+        _check_gate_sizes(dim, opts, sizes)
         if not found and not any(s.dimension == dim for s in plan.skipped):
             raise UnsupportedModuleError(
                 "",
@@ -210,6 +215,18 @@ def plan_sparsify(
                 "(check the model family and the include/exclude patterns)",
             )
     return plan
+
+
+def _check_gate_sizes(dim: str, opts: dict[str, Any], sizes: Mapping[int, str]) -> None:
+    """Build a throw-away gate of each size in ``sizes`` (``{num_units: fqn}``), so a gate spec that some layer
+    cannot take (``topk`` with ``k`` above its units, a ``fixed`` mask of another length) fails before any module
+    is changed. Without sizes, one gate of 4096 units checks the spec alone."""
+    for n, fqn in (sizes or {4096: ""}).items():
+        try:
+            make_gate(opts, n)
+        except (ConfigError, GateError) as e:
+            at = f" (the {n}-unit gate of {fqn!r})" if fqn else ""
+            raise ConfigError(f"sparsify spec field {dim!r}{at}: {e}{_per_input_hint(dim, opts)}") from None
 
 
 def _child(module: nn.Module, path: str) -> nn.Module | None:
@@ -319,7 +336,7 @@ def sparsify_(
         4
     """
     from .integrations import tables as table
-    from .modules import replace_module_
+    from .modules import all_or_nothing, replace_module_
 
     if on_unsupported not in ("raise", "skip"):
         raise ConfigError(f"on_unsupported must be 'raise' or 'skip', got {on_unsupported!r}")
@@ -335,35 +352,38 @@ def sparsify_(
             len(plan.skipped),
             "\n".join(f"  {s.fqn} ({s.module_type}) for {s.dimension!r}: {s.reason}" for s in plan.skipped),
         )
-    # Class swaps first (neurons / heads / channels), then branch gates, which only replace drop_path children.
-    for fqn, dim in sorted(plan.targets, key=lambda t: (t[1] == "layers", t[1] == "width")):
-        module = model.get_submodule(fqn)
-        gate = plan.gate_specs[dim]
-        if dim == "width":
-            table.gate_width_(model, gate)
-            continue
-        if dim == "layers":
-            table.gate_branches_(module, gate, fqn=fqn)
-            continue
-        cls = table.gated_class(dim, module)
-        try:
-            new = cls.from_module(module, gate=gate, fqn=fqn)
-        except (ConfigError, GateError) as e:
-            raise ConfigError(f"while gating {dim!r} of {fqn!r} ({type(module).__name__}): {e}") from e
-        if fqn:
-            replace_module_(model, fqn, new)
-        else:
-            raise UnsupportedModuleError(fqn, type(module).__name__, dim, "the root module itself cannot be swapped")
-    # input-dependent parts last, inner modules before whole blocks (the order of DYNAMIC_PARTS)
-    from .layers.dynamic import DYNAMIC_PARTS, dynamic_part_of
+    with all_or_nothing(model):  # a part refused half-way (a dynamic part's option) leaves the model as it was
+        # Class swaps first (neurons / heads / channels), then branch gates, which only replace drop_path children.
+        for fqn, dim in sorted(plan.targets, key=lambda t: (t[1] == "layers", t[1] == "width")):
+            module = model.get_submodule(fqn)
+            gate = plan.gate_specs[dim]
+            if dim == "width":
+                table.gate_width_(model, gate)
+                continue
+            if dim == "layers":
+                table.gate_branches_(module, gate, fqn=fqn)
+                continue
+            cls = table.gated_class(dim, module)
+            try:
+                new = cls.from_module(module, gate=gate, fqn=fqn)
+            except (ConfigError, GateError) as e:
+                raise ConfigError(f"while gating {dim!r} of {fqn!r} ({type(module).__name__}): {e}") from e
+            if fqn:
+                replace_module_(model, fqn, new)
+            else:
+                raise UnsupportedModuleError(
+                    fqn, type(module).__name__, dim, "the root module itself cannot be swapped"
+                )
+        # input-dependent parts last, inner modules before whole blocks (the order of DYNAMIC_PARTS)
+        from .layers.dynamic import DYNAMIC_PARTS, dynamic_part_of
 
-    dims = _parse_spec(spec)
-    for key, part in DYNAMIC_PARTS.items():
-        if key in dims and dynamic_part_of(key, dims[key]) is part:
-            opts = dict(dims[key])
-            if part.always:
-                opts.setdefault("gate", part.default_gate)
-            part.apply_(model, **opts)
+        dims = _parse_spec(spec)
+        for key, part in DYNAMIC_PARTS.items():
+            if key in dims and dynamic_part_of(key, dims[key]) is part:
+                opts = dict(dims[key])
+                if part.always:
+                    opts.setdefault("gate", part.default_gate)
+                part.apply_(model, **opts)
     # the calls made, so a gated checkpoint can be rebuilt without pickle (see dynsparse.convert.io)
     model.__dict__.setdefault("_dynsparse_history", []).append(call)
     return model

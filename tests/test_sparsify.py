@@ -83,6 +83,57 @@ def test_gating_twice_is_refused_and_plan_does_not_mutate(vit):
     ds.sparsify_(vit, {"heads": "hard_concrete"})  # another dimension is fine
 
 
+def test_a_gate_spec_a_layer_cannot_take_fails_before_any_module_changes(vit):
+    # test_vit has 2 heads: the neurons part of the call must not be left behind when the heads part is refused
+    with pytest.raises(ds.ConfigError, match=r"'heads' \(the 2-unit gate of 'blocks\.0\.attn'\).*k must be"):
+        ds.sparsify_(vit, {"neurons": "hard_concrete", "heads": {"gate": "topk", "k": 5}})
+    assert not list(ds.named_gates(vit)) and type(vit.blocks[0].mlp) is timm.layers.Mlp
+    with pytest.raises(ds.ConfigError, match=r"'layers' \(the 1-unit gate of 'blocks\.0'\)"):
+        ds.plan_sparsify(vit, {"layers": {"gate": "topk", "k": 2}})
+
+
+def test_a_gate_spec_is_checked_at_the_layers_own_size(vit):
+    # a fixed mask of the heads' length is a valid spec (it was checked against a 4096-unit gate and refused)
+    ds.sparsify_(vit, {"heads": {"gate": "fixed", "mask": [True, False]}})
+    assert all(g.keep_mask().tolist() == [True, False] for _, g in ds.named_gates(vit))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"neurons": "hard_concrete", "tokens": {"gate": "cls_attention", "blocks": [99]}},
+        {"heads": "hard_concrete", "layers": "sigmoid", "depth": {"gate": "router", "keep": 2}},
+        {"heads": "hard_concrete", "neurons": {"gate": "cats", "keep": 0}},
+    ],
+)
+def test_a_refused_input_dependent_part_leaves_the_model_as_it_was(vit, spec):
+    keys = list(vit.state_dict())
+    with pytest.raises(ds.DynsparseError):
+        ds.sparsify_(vit, spec)  # the static part was installed, then the input-dependent part refused
+    assert not list(ds.named_gates(vit)) and list(vit.state_dict()) == keys
+    assert type(vit.blocks[0].attn) is timm.layers.Attention and "_dynsparse_history" not in vit.__dict__
+    ds.sparsify_(vit, {"heads": "hard_concrete", "layers": "sigmoid"})  # and it can be gated afterwards
+
+
+def test_a_refused_call_restores_plain_attributes_of_blocks():
+    m = timm.create_model("resnet18", pretrained=False).eval()  # drop_path is a plain None attribute
+    x = torch.randn(1, 3, 32, 32)
+    ref = m(x)
+    with pytest.raises(ds.ConfigError, match="keep"):
+        ds.sparsify_(m, {"layers": "hard_concrete", "channels": {"gate": "fbs", "keep": 2}})
+    assert m.layer1[0].drop_path is None and not list(ds.named_gates(m))
+    torch.testing.assert_close(m(x), ref)
+
+
+def test_static_gates_on_mlps_with_per_input_gates_are_refused_not_skipped(vit):
+    ds.sparsify_(vit, {"neurons": {"gate": "cats", "include": "blocks.0.*"}})
+    with pytest.raises(ds.UnsupportedModuleError, match=r"'blocks\.0\.mlp' \(NeuronGatedMlp\): it is already gated"):
+        ds.sparsify_(vit, {"neurons": "hard_concrete"})
+    assert not list(ds.named_gates(vit))[1:]  # only the per-input gate of blocks.0
+    ds.sparsify_(vit, {"neurons": "hard_concrete"}, on_unsupported="skip")
+    assert [f for f, _ in ds.named_gates(vit)][:2] == ["blocks.0.mlp.neurons", "blocks.1.mlp.norm.gate"]
+
+
 def test_fix_gates_masks_and_errors(vit):
     ds.sparsify_(vit, {"heads": "hard_concrete", "neurons": "hard_concrete"})
     mask = torch.tensor([True, False])
