@@ -38,8 +38,17 @@ def lr_factor(spec: ScheduleSpec, step: int, total: int, steps_per_epoch: int) -
     return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _is_gate_param(name: str) -> bool:
-    return ".gate." in f".{name}"
+def _gate_param_ids(model: nn.Module) -> set[int]:
+    """Ids of the parameters the gate optimizer trains: those of dynsparse gates installed under a ``gate`` child.
+
+    By identity, not by name alone: a host module may be called ``gate`` itself (timm's gMLP ``mlp_channels.gate``,
+    ``Attention(gated=True)``), and its weights are weights. Routers and Deja Vu predictors (gates not under a
+    ``gate`` child) stay with the weights, as the recipes were tuned.
+    """
+    from ..sparsify import named_gates
+
+    owned = {id(p) for _, g in named_gates(model) for p in g.parameters()}
+    return {id(p) for n, p in model.named_parameters() if id(p) in owned and ".gate." in f".{n}"}
 
 
 def stage_optimizers(
@@ -47,17 +56,19 @@ def stage_optimizers(
 ) -> dict[str, torch.optim.Optimizer]:
     """The optimizers of a stage, by name.
 
-    ``"weights"``: every trainable parameter outside a ``gate`` child, by ``st.optimizer``; ``"gates"`` (when there
-    are trainable gate parameters): by ``st.gate_optimizer``, else ``st.optimizer``; ``"lambdas"`` (when ``regs``
-    holds a budget): the budget's Lagrange multipliers, by Adam at the budget's ``lr``, maximizing.
+    ``"weights"``: every trainable parameter but the gates' (`_gate_param_ids`), by ``st.optimizer``;
+    ``"gates"`` (when there are trainable gate parameters): by ``st.gate_optimizer``, else ``st.optimizer``;
+    ``"lambdas"`` (when ``regs`` holds a budget): the budget's Lagrange multipliers, by Adam at the budget's
+    ``lr``, maximizing.
 
     Args:
         model: The model being trained.
         st: The stage.
         regs: The stage's regularizers (`dynsparse.recipes.regularize.build_regularizers`).
     """
-    gate_params = [p for n, p in model.named_parameters() if _is_gate_param(n) and p.requires_grad]
-    weights = [p for n, p in model.named_parameters() if not _is_gate_param(n) and p.requires_grad]
+    gates = _gate_param_ids(model)
+    gate_params = [p for p in model.parameters() if id(p) in gates and p.requires_grad]
+    weights = [p for p in model.parameters() if id(p) not in gates and p.requires_grad]
     opts = {"weights": _optimizer(st.optimizer, weights)}
     if gate_params:
         opts["gates"] = _optimizer(st.gate_optimizer or st.optimizer, gate_params)
