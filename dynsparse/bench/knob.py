@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +18,19 @@ __all__ = ["KnobCurve", "KnobPoint", "knob_curve"]
 
 @dataclass(frozen=True)
 class KnobPoint:
-    """One budget: the metric, the FLOPs relative to dense, and the measured speed-up per batch size."""
+    """One budget: the metric, the FLOPs relative to dense, and the measured and ideal speed-up per batch size.
+
+    ``flops_ratio`` is the mean over the ``flops_images`` inputs; ``ideal[b]`` is dense FLOPs over the model's FLOPs
+    on exactly the ``b`` inputs timed at batch ``b`` (an input-dependent model spends different FLOPs on each input,
+    so a batch of one is not the average).
+    """
 
     keep: float | None
     metric: float
     flops_ratio: float
     latency_ms: dict[int, float] = field(default_factory=dict)
     speedup: dict[int, float] = field(default_factory=dict)
+    ideal: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -37,12 +44,18 @@ class KnobCurve:
     rounds: int
 
     def table(self) -> str:
-        """A markdown table, one row per budget (and one for the dense model)."""
+        """A markdown table, one row per budget (and one for the dense model).
+
+        ``bB ideal`` is the FLOPs-ideal speed-up of the inputs timed at batch ``B`` (see `KnobPoint`).
+        """
         batches = sorted(self.dense_ms)
         head = ["keep", "metric", "FLOPs vs dense", *[f"b{b} ms (speed-up)" for b in batches]]
+        head += [f"b{b} ideal" for b in batches]
         rows = [["dense", f"{self.dense_metric:.4f}", "100.0%", *[f"{self.dense_ms[b]:.2f}" for b in batches]]]
+        rows[0] += ["1.00x"] * len(batches)
         for p in self.points:
             cells = [f"{p.latency_ms[b]:.2f} ({p.speedup[b]:.2f}x)" for b in batches]
+            cells += [f"{p.ideal[b]:.2f}x" if b in p.ideal else "n/a" for b in batches]
             rows.append([_keep_label(p.keep), f"{p.metric:.4f}", f"{100 * p.flops_ratio:.1f}%", *cells])
         lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -107,22 +120,29 @@ def knob_curve(
         rounds: Interleaved timing rounds.
         threads: ``torch.set_num_threads`` while timing.
         flops_images: FLOPs per image are counted on each of the first ``flops_images`` inputs alone (batch 1)
-            and averaged: an input-dependent model (routers, thresholds) spends different FLOPs on each.
+            and averaged: an input-dependent model (routers, thresholds) spends different FLOPs on each. The
+            FLOPs-ideal speed-up of each batch size is counted on the inputs timed at it (``KnobPoint.ideal``).
 
     Raises:
         ConfigError: ``keeps`` or ``batch_sizes`` is empty; a batch size, ``rounds``, ``threads`` or
             ``flops_images`` is not an int >= 1; a batch size repeats; ``x`` has fewer inputs than the largest
             batch size; the dense model counts no FLOPs. A budget a gate refuses raises from `set_budget_`.
     """
-    from ..flops import mean_flops
+    from ..flops import count_flops
     from ..knob import budget
     from .latency import compare_latency
 
     _check_args(x, keeps, batch_sizes, rounds, threads, flops_images)
     model.eval()
     dense.eval()
-    x_flops = x[: min(flops_images, len(x))]
-    dense_flops = mean_flops(dense, x_flops)
+    n_mean = min(flops_images, len(x))
+    n_count = max(n_mean, max(batch_sizes))  # the inputs averaged and those timed, each counted alone
+
+    def per_input(m: nn.Module) -> list[int]:
+        return [count_flops(m, x[i : i + 1]) for i in range(n_count)]
+
+    dense_each = per_input(dense)
+    dense_flops = sum(dense_each[:n_mean]) / n_mean
     if not dense_flops:
         raise ConfigError(f"knob_curve: the dense {type(dense).__name__} counts 0 FLOPs on x; no FLOPs ratio to report")
     dense_ms: dict[int, list[float]] = {b: [] for b in batch_sizes}
@@ -131,17 +151,19 @@ def knob_curve(
         with budget(model, keep):
             with torch.no_grad():
                 metric = float(eval_fn(model))
-                flops = mean_flops(model, x_flops) / dense_flops
+                each = per_input(model)
+                flops = sum(each[:n_mean]) / n_mean / dense_flops
             lat, spd = {}, {}
+            ideal = {b: sum(dense_each[:b]) / sum(each[:b]) if sum(each[:b]) else float("inf") for b in batch_sizes}
             for b in batch_sizes:
                 xb = x[:b].contiguous()
                 res = compare_latency({"dense": dense, "model": model}, xb, rounds=rounds, threads=threads)
                 lat[b], spd[b] = 1e3 * res.median_s["model"], res.speedup["model"]
                 dense_ms[b].append(1e3 * res.median_s["dense"])
-        points.append(KnobPoint(keep, metric, flops, lat, spd))
+        points.append(KnobPoint(keep, metric, flops, lat, spd, ideal))
     with torch.no_grad():
         dense_metric = float(eval_fn(dense))
-    med = {b: sorted(v)[len(v) // 2] for b, v in dense_ms.items()}
+    med = {b: statistics.median(v) for b, v in dense_ms.items()}  # over the budgets' paired runs
     return KnobCurve(points, dense_metric, med, threads, rounds)
 
 
