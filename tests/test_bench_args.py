@@ -92,3 +92,19 @@ def test_cost_model_refuses_a_model_with_no_cost():
     with pytest.raises(ConfigError, match="CostModel: ReLU counts 0 parameters"):
         CostModel(nn.ReLU(), kind="params")
     assert CostModel(nn.Linear(4, 3), torch.zeros(1, 4)).fraction() == 1.0
+
+
+def test_compare_latency_keeps_the_garbage_collector_out_of_timed_forwards():
+    import gc
+
+    seen: list[bool] = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(gc.isenabled())
+            return x
+
+    assert gc.isenabled()
+    compare_latency({"a": Probe(), "b": Probe()}, torch.zeros(1, 2), rounds=3, warmup=1)
+    assert seen[:2] == [True, True] and seen[2:] == [False] * 6, "warm-up with gc on, timed forwards with gc off"
+    assert gc.isenabled(), "the collector is restored"

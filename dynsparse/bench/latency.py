@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Mapping
@@ -43,7 +44,9 @@ def compare_latency(
 
     The order of the models rotates every round; the speed-up of model ``m`` is the median over rounds of
     ``t_reference / t_m`` measured in the same round. ``torch.set_num_threads(threads)`` is set for the
-    measurement and restored afterwards, and so is each model's training flag.
+    measurement and restored afterwards, and so is each model's training flag. Python's cyclic garbage collector
+    runs once before the timed rounds and is off during them (restored afterwards), so a collection triggered by
+    one model's allocations is never charged to whichever model happens to run next.
 
     Raises:
         ConfigError: ``rounds`` or ``threads`` is below 1, ``warmup`` below 0, ``models`` is empty, ``reference``
@@ -61,6 +64,7 @@ def compare_latency(
     torch.set_num_threads(threads)
     times: dict[str, list[float]] = {n: [] for n in names}
     modes = [(m, m.training) for m in models.values()]
+    gc_was_enabled = gc.isenabled()
     try:
         for m in models.values():
             m.eval()
@@ -68,6 +72,8 @@ def compare_latency(
             for _ in range(warmup):
                 for n in names:
                     models[n](x)
+            gc.collect()
+            gc.disable()
             for r in range(rounds):
                 order = names[r % len(names) :] + names[: r % len(names)]
                 for n in order:
@@ -75,6 +81,8 @@ def compare_latency(
                     models[n](x)
                     times[n].append(time.perf_counter() - t0)
     finally:
+        if gc_was_enabled:
+            gc.enable()
         torch.set_num_threads(old)
         for m, training in modes:
             m.train(training)
