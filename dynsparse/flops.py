@@ -57,44 +57,6 @@ def _mha_fastpath_off() -> Iterator[None]:
         mha.set_fastpath_enabled(old)
 
 
-@contextmanager
-def _single_rows_gathered(model: nn.Module) -> Iterator[None]:
-    """Count a one-row call of a neuron-gated MLP (strategy ``"auto"``) as the gathered matmuls it stands for.
-
-    On one row (a decoded token) ``"auto"`` runs compiled kernels, which compute only the kept neurons. Under
-    ``FlopCounterMode`` (a dispatch mode) they step aside for their PyTorch fallback, which the counter misreads:
-    the producer runs densely and is then sliced (above `GATHER_PRODUCER_BELOW`), and the down projection is an
-    ``embedding_bag`` that it does not count at all. The ``"gather"`` strategy runs the same decisions with plain
-    gathered matmuls, which the counter sees as they are; the strategy is switched for one-row calls only (for
-    more rows ``"auto"`` counts as it runs) and restored afterwards.
-    """
-    import sys
-
-    mod = sys.modules.get("dynsparse.layers.neuron_gating")  # not imported: no neuron-gated module can exist
-    gated = [] if mod is None else [m for m in model.modules() if isinstance(m, mod.NeuronGated)]
-    if not gated:
-        yield
-        return
-    before = {id(m): m.strategy for m in gated}
-
-    def one_row(m: nn.Module, args: tuple) -> None:
-        x = args[0] if args else None
-        if before[id(m)] == "auto" and isinstance(x, Tensor) and x.dim() and x.numel() == x.shape[-1]:
-            m.strategy = "gather"
-
-    def restore(m: nn.Module, args: tuple, out: object) -> None:
-        m.strategy = before[id(m)]
-
-    handles = [h for m in gated for h in (m.register_forward_pre_hook(one_row), m.register_forward_hook(restore))]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        for m in gated:
-            m.strategy = before[id(m)]
-
-
 def count_flops(model: nn.Module, *inputs) -> int:
     """FLOPs of one forward pass (eval mode, 2 per multiply-add; matmuls, convs and attention, not element-wise)."""
     return module_flops(model, inputs if len(inputs) != 1 else inputs[0]).get("", 0)
@@ -148,7 +110,6 @@ def module_flops(model: nn.Module, example: Tensor | tuple) -> dict[str, int]:
         with (
             torch.no_grad(),
             _mha_fastpath_off(),
-            _single_rows_gathered(model),
             FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter,
         ):
             model(*example) if isinstance(example, tuple) else model(example)

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 from timm.layers import GluMlp, Mlp, SwiGLU
 from torch import Tensor, nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..errors import ConfigError, UnsupportedModuleError
 from ..gates.neuron_gates import NEURON_GATES, CatsGate, DejaVuGate, NeuronGate, active_labels, fit_predictor_
@@ -166,7 +167,9 @@ class NeuronGated:
 
     def _run(self, rows: Tensor, g: Tensor | None, idx: Tensor, m: Tensor | None) -> Tensor:
         """The MLP on ``rows`` (n, C) with only neurons ``idx`` (sorted); ``m`` (n, len(idx)) masks inside them."""
-        one = self.strategy == "auto" and rows.shape[0] == 1  # one token: the fastest single-row kernels
+        # one token: the fastest single-row kernels; not under a dispatch mode (a FLOP counter), where they step
+        # aside for PyTorch fallbacks it would misread (a dense producer then sliced, an uncounted embedding_bag)
+        one = self.strategy == "auto" and rows.shape[0] == 1 and not is_in_torch_dispatch_mode()
         wg, bg, wv, bv = self._producers()
         if one and m is None and idx.numel():
             y = kernel_row(self, rows, g, idx)
