@@ -79,3 +79,16 @@ def test_read_info_refuses_other_files(tmp_path):
         read_info(other)
     with pytest.raises(ds.DynsparseError, match="no such file"):
         read_info(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("reader", [read_info, ds.load, ds.load_gated], ids=["read_info", "load", "load_gated"])
+def test_a_directory_is_named_a_directory(tmp_path, reader):
+    """A run's output folder given instead of one of its files says so, and names the model files inside it."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ds.DynsparseError, match=f"^{empty}: is a directory, not a model file$"):
+        reader(empty)
+    gated, converted = write_files(tmp_path)
+    assert gated.parent == converted.parent == tmp_path
+    with pytest.raises(ds.DynsparseError, match=f"{tmp_path}: is a directory.*{converted.name}"):
+        reader(tmp_path)

@@ -117,6 +117,10 @@ def _read(path: str | os.PathLike, tensors: bool = True) -> tuple[dict[str, torc
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.is_dir():
+        inside = [n for n in ("model.safetensors", "gated.safetensors") if (path / n).is_file()]
+        hint = f" (it holds {' and '.join(str(path / n) for n in inside)})" if inside else ""
+        raise DynsparseError(f"{path}: is a directory, not a model file{hint}")
     if not path.is_file():
         raise DynsparseError(f"{path}: no such file")
     try:
