@@ -217,6 +217,20 @@ def test_bert_flops_attribution_equals_counted_flops(dims):
     assert budget.cost.fraction() == pytest.approx(counted, rel=1e-6)
 
 
+def test_encoder_path_starting_with_tilde_is_under_the_home_directory(tmp_path, encoder_dir, monkeypatch):
+    """``encoder.path: ~/enc`` is checked and read as $HOME/enc (transformers would take '~/enc' for a hub id)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "enc").symlink_to(encoder_dir, target_is_directory=True)
+    monkeypatch.setenv("HOME", str(home))
+    r = load_task_recipe(_write(tmp_path, TINY, "~/enc"))
+    assert r.encoder.path == "~/enc"
+    model, tok = text_mod.load_encoder(r.encoder)
+    assert isinstance(model, transformers.BertModel) and tok("ab")["input_ids"]
+    with pytest.raises(RecipeError, match=rf"encoder\.path \(line 3\): directory '~/absent' \({home / 'absent'}\)"):
+        load_task_recipe(_write(tmp_path, TINY, "~/absent"))
+
+
 def test_half_precision_encoder_dir_loads_in_float32(tmp_path, encoder_dir):
     # transformers 5 loads a checkpoint in the dtype it was saved in: a float16 BERT used to be trained in float16
     # on the CPU, and the gate stage ended in NaN ("the converted model differs from the gated one by nan")

@@ -84,10 +84,11 @@ def load_encoder(spec: EncoderSpec) -> tuple[nn.Module, Any]:
         enc = load_pretrained(spec.pretrained)
         model, tok = enc.model, enc.tokenizer
     else:
+        path = os.path.expanduser(spec.path)  # as text_schema checks it
         model = transformers.AutoModel.from_pretrained(
-            spec.path, local_files_only=True, add_pooling_layer=False, dtype=torch.float32
+            path, local_files_only=True, add_pooling_layer=False, dtype=torch.float32
         )
-        tok = transformers.AutoTokenizer.from_pretrained(spec.path, local_files_only=True)
+        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     if not isinstance(model, transformers.BertModel):
         raise RecipeError(f"encoder: {type(model).__name__} is not a BertModel; the recipe compresses BERT encoders")
     return model.eval(), tok
