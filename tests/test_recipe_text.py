@@ -316,6 +316,41 @@ def test_tiny_run_end_to_end(tiny_run, encoder_dir):
     assert [x["stage"] for x in records].count("finetune") >= 1
 
 
+@needs_text
+def test_tiny_run_writes_a_gated_checkpoint_and_text_data_fields(tiny_run, encoder_dir):
+    """As an image run: gated.safetensors (the gate stage's result, rebuilt by load_gated) and the ``data`` field in
+    both model files, here the text fields (distill, max_length, tokenizer), never image ones."""
+    from dynsparse.convert.io import read_info
+
+    recipe, out, report = tiny_run
+    assert report["files"] == {
+        "plan": "plan.json",
+        "gated": "gated.safetensors",
+        "model": "model.safetensors",
+        "report": "report.json",
+    }
+    data = {"distill": ["rotten-tomatoes"], "max_length": 16, "tokenizer": str(encoder_dir)}
+    assert read_info(out / "model.safetensors")["data"] == data
+    info = read_info(out / "gated.safetensors")
+    assert info["kind"] == "gated" and info["data"] == data
+    gated, meta = ds.load_gated(out / "gated.safetensors")
+    assert meta["data"] == data and isinstance(gated, transformers.BertModel)
+    # the gated student at the end of the gate stage, rebuilt by hand from the gate-stage checkpoint
+    r = load_task_recipe(recipe)
+    ref, _ = text_mod.load_encoder(r.encoder)
+    ds.sparsify_(ref, sparsify_spec(r))
+    ref.load_state_dict(torch.load(out / "gates.pt", weights_only=True)["model"])
+    ds.fix_gates_(ref.eval())
+    ids = torch.randint(5, 90, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    with torch.no_grad():
+        a = gated.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert json.loads(ds.make_plan(gated).to_json()) == json.loads((out / "plan.json").read_text())
+
+
 def _killed_then_resumed(
     tmp_path, recipe: Path, monkeypatch, kill_at: int, overrides: list[str], expect: tuple[int, bool]
 ) -> Path:
