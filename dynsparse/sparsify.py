@@ -39,10 +39,13 @@ DYNAMIC_DIMENSIONS = ("tokens", "depth")
 #: model (`dynsparse.integrations.hf_width`).
 COUPLED_DIMENSIONS = ("width",)
 
-# Class names that look like a candidate for a dimension; an unknown class matching one is reported, not ignored.
+# Class names that look like a candidate for a dimension; an unknown class matching one (that owns a Linear / Conv
+# itself) is reported, not ignored. ``heads``: any attention class (timm's ``AttentionRope``, ``Attention2d``,
+# ``AttentionCl``, ``EvaAttention``, CaiT's ``ClassAttn`` / ``TalkingHeadAttn``, Swin's ``WindowAttention``...), but
+# not a block built around one (``...AttentionBlock``, CaiT's ``LayerScaleBlockClassAttn``).
 _LOOKALIKE = {
     "neurons": re.compile(r"(Mlp|MLP|GLU|FeedForward|FFN)$"),
-    "heads": re.compile(r"Attention$"),
+    "heads": re.compile(r"^(?!.*Block).*(Attention|Attn)"),
     "channels": re.compile(r"(BasicBlock|Bottleneck|Residual|SeparableConv|ConvNeXtBlock)$"),
 }
 _SPEC_KEYS = {"gate", "include", "exclude"}

@@ -242,6 +242,27 @@ def test_idx_datasets_from_root(tmp_path: Path, name: str) -> None:
     assert len(load_dataset(name, "test", root=tmp_path)) == 4
 
 
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "image-folder"])
+def test_root_starting_with_tilde_is_under_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """``root="~/data"`` reads ``$HOME/data``, as torchvision does (a recipe's ``data.root``, the CLI's ``--root``)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = tmp_path / "data"
+    data.mkdir()
+    if name == "image-folder":
+        for c, cls in enumerate(["cat", "dog"]):
+            for i in range(3):
+                _write_png(data / cls / f"{i}.png", 40 * c + i)
+    else:
+        _write_fake_idx_dir(data)
+    ref = load_dataset(name, "train", root=data, normalize=False)
+    got = load_dataset(name, "train", root="~/data", normalize=False)
+    assert torch.equal(got.images, ref.images) and torch.equal(got.labels, ref.labels)
+    with pytest.raises(DataNotFoundError, match=str(tmp_path / "absent")):
+        load_dataset(name, "train", root="~/absent")
+
+
 def test_idx_datasets_from_torchvision_root_pick_their_own_folder(tmp_path: Path) -> None:
     # a torchvision root holds several IDX datasets with the same file names; each must read its own folder
     for i, folder in enumerate(("FashionMNIST", "KMNIST", "MNIST")):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from _gate_helpers import LinearTopKGate
 
 from dynsparse.errors import ConfigError, GateError
-from dynsparse.gates import BlockRouter, CatsGate, Gate, TopKGate
+from dynsparse.gates import BlockRouter, CatsGate, Gate, TopKGate, make_gate
 from dynsparse.gates.tokens import PredictorTokenGate
 
 # --------------------------------------------------------------------------------------------------------------
@@ -39,6 +40,39 @@ def test_input_dependent_set_budget_validation(keep: object) -> None:
     assert gate.keep == 0.5, "a failed set_budget_ must not change the budget"
     with pytest.raises(GateError):
         LinearTopKGate(2, 4, keep=keep)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("keep", [np.float32(0.5), np.float16(0.5), np.float64(0.5), 0.5, np.int64(1)])
+def test_keep_accepts_any_real_number(keep: object) -> None:
+    """numpy scalars (``np.float32`` from an array, a YAML loader, a sweep) are fractions like plain floats."""
+    gate = LinearTopKGate(2, 4, keep=keep)  # type: ignore[arg-type]
+    assert gate.keep == float(keep) and type(gate.keep) is float
+    gate.set_budget_(0.25)
+    assert gate.set_budget_(keep).keep == float(keep) and type(gate.keep) is float  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "keep", [np.float32("nan"), np.float32("inf"), np.float32(-0.5), np.float32(1.5), np.float32(0), np.bool_(True)]
+)
+def test_keep_refuses_bad_numpy_scalars(keep: object) -> None:
+    gate = LinearTopKGate(2, 4, keep=0.5)
+    with pytest.raises(GateError, match="keep must be a fraction"):
+        gate.set_budget_(keep)  # type: ignore[arg-type]
+    assert gate.keep == 0.5
+
+
+@pytest.mark.parametrize("num_units", [np.int64(4), np.int32(4), np.uint8(4)])
+def test_num_units_accepts_numpy_ints(num_units: object) -> None:
+    gate = LinearTopKGate(2, num_units)  # type: ignore[arg-type]
+    assert gate.num_units == 4 and type(gate.num_units) is int
+    static = make_gate("hard_concrete", num_units)  # type: ignore[arg-type]
+    assert static.num_units == 4 and type(static.num_units) is int and static.keep_mask().shape == (4,)
+
+
+@pytest.mark.parametrize("num_units", [np.int64(0), np.float32(4.0), np.bool_(True)])
+def test_num_units_refuses_bad_numpy_scalars(num_units: object) -> None:
+    with pytest.raises(GateError, match="num_units"):
+        LinearTopKGate(2, num_units)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("num_units", [0, -1, 2.5, True])

@@ -123,6 +123,64 @@ def test_swin_heads_is_refused_with_fqn_and_skip_lists_them(caplog):
     assert {m.dimension for m in model.modules() if isinstance(m, GateSlot)} == {"neurons"}
 
 
+TINY_ATTN = dict(img_size=32, patch_size=16, depth=2, embed_dim=32, num_heads=2, num_classes=5)
+# (model name, kwargs, {fqn: class} of the attention modules that cannot take head gates)
+ATTENTION_LOOKALIKES = [
+    (
+        "cait_xxs24_224",
+        dict(TINY_ATTN, depth_token_only=1),
+        {
+            "blocks.0.attn": "TalkingHeadAttn",
+            "blocks.1.attn": "TalkingHeadAttn",
+            "blocks_token_only.0.attn": "ClassAttn",
+        },
+    ),
+    ("vit_small_patch16_rope_224", TINY_ATTN, {"blocks.0.attn": "AttentionRope", "blocks.1.attn": "AttentionRope"}),
+    (
+        "eva02_tiny_patch14_224",
+        dict(TINY_ATTN, patch_size=14, img_size=28),
+        {f"blocks.{i}.attn": "EvaAttention" for i in (0, 1)},
+    ),
+    (
+        "test_maxvit",
+        {},
+        {"stages.0.blocks.0.attn_block.attn": "AttentionCl", "stages.0.blocks.0.attn_grid.attn": "AttentionCl"},
+    ),
+    ("test_coatnet", {}, {"stages.2.blocks.0.attn": "Attention2d"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "lookalikes"), ATTENTION_LOOKALIKES, ids=[c[0] for c in ATTENTION_LOOKALIKES]
+)
+def test_attention_classes_without_head_gates_are_reported(name, kwargs, lookalikes, caplog):
+    """Any attention class (not only names ending in 'Attention') that cannot take head gates is named, never a
+    bare 'nothing can be gated'; blocks built around one (CaiT's LayerScaleBlockClassAttn) are not."""
+    model = _make(name, kwargs, dtype=torch.float32)
+    skipped = {s.fqn: s.module_type for s in ds.plan_sparsify(model, {"heads": "sigmoid"}).skipped}
+    assert {f: skipped[f] for f in lookalikes if f in skipped} == lookalikes, skipped
+    assert set(skipped.values()) == set(lookalikes.values()), skipped
+    first = next(iter(skipped))
+    with pytest.raises(ds.UnsupportedModuleError, match=rf"'{first}' \({skipped[first]}\)"):
+        ds.sparsify_(model, {"heads": "sigmoid"})
+    with caplog.at_level("WARNING", logger="dynsparse.sparsify"):
+        ds.sparsify_(model, {"heads": "sigmoid"}, on_unsupported="skip")
+    assert all(f"{f} ({c}) for 'heads'" in caplog.text for f, c in lookalikes.items()), caplog.text
+    assert not list(ds.named_gates(model))
+
+
+def test_attention_lookalike_next_to_plain_attention_is_reported(caplog):
+    """A ViT with an attention-pool head: the blocks' Attention is gated, the AttentionPoolLatent is named."""
+    model = _make("test_vit", dict(global_pool="map"), dtype=torch.float32)
+    with pytest.raises(ds.UnsupportedModuleError, match=r"'attn_pool' \(AttentionPoolLatent\)"):
+        ds.sparsify_(model, {"heads": "sigmoid"})
+    with caplog.at_level("WARNING", logger="dynsparse.sparsify"):
+        ds.sparsify_(model, {"heads": "sigmoid"}, on_unsupported="skip")
+    assert "attn_pool (AttentionPoolLatent) for 'heads'" in caplog.text
+    assert type(model.blocks[0].attn).__name__ == "GatedAttention"
+    assert type(model.attn_pool).__name__ == "AttentionPoolLatent"
+
+
 def test_convnext_channels_points_to_neurons():
     model = _make("test_convnext", {})
     with pytest.raises(ds.UnsupportedModuleError, match="use the 'neurons' dimension"):

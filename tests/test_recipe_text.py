@@ -217,6 +217,20 @@ def test_bert_flops_attribution_equals_counted_flops(dims):
     assert budget.cost.fraction() == pytest.approx(counted, rel=1e-6)
 
 
+def test_encoder_path_starting_with_tilde_is_under_the_home_directory(tmp_path, encoder_dir, monkeypatch):
+    """``encoder.path: ~/enc`` is checked and read as $HOME/enc (transformers would take '~/enc' for a hub id)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "enc").symlink_to(encoder_dir, target_is_directory=True)
+    monkeypatch.setenv("HOME", str(home))
+    r = load_task_recipe(_write(tmp_path, TINY, "~/enc"))
+    assert r.encoder.path == "~/enc"
+    model, tok = text_mod.load_encoder(r.encoder)
+    assert isinstance(model, transformers.BertModel) and tok("ab")["input_ids"]
+    with pytest.raises(RecipeError, match=rf"encoder\.path \(line 3\): directory '~/absent' \({home / 'absent'}\)"):
+        load_task_recipe(_write(tmp_path, TINY, "~/absent"))
+
+
 def test_half_precision_encoder_dir_loads_in_float32(tmp_path, encoder_dir):
     # transformers 5 loads a checkpoint in the dtype it was saved in: a float16 BERT used to be trained in float16
     # on the CPU, and the gate stage ended in NaN ("the converted model differs from the gated one by nan")
@@ -300,6 +314,41 @@ def test_tiny_run_end_to_end(tiny_run, encoder_dir):
     assert count_flops(saved, ids[:1]) == count_flops(small, ids[:1])
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [x["stage"] for x in records].count("finetune") >= 1
+
+
+@needs_text
+def test_tiny_run_writes_a_gated_checkpoint_and_text_data_fields(tiny_run, encoder_dir):
+    """As an image run: gated.safetensors (the gate stage's result, rebuilt by load_gated) and the ``data`` field in
+    both model files, here the text fields (distill, max_length, tokenizer), never image ones."""
+    from dynsparse.convert.io import read_info
+
+    recipe, out, report = tiny_run
+    assert report["files"] == {
+        "plan": "plan.json",
+        "gated": "gated.safetensors",
+        "model": "model.safetensors",
+        "report": "report.json",
+    }
+    data = {"distill": ["rotten-tomatoes"], "max_length": 16, "tokenizer": str(encoder_dir)}
+    assert read_info(out / "model.safetensors")["data"] == data
+    info = read_info(out / "gated.safetensors")
+    assert info["kind"] == "gated" and info["data"] == data
+    gated, meta = ds.load_gated(out / "gated.safetensors")
+    assert meta["data"] == data and isinstance(gated, transformers.BertModel)
+    # the gated student at the end of the gate stage, rebuilt by hand from the gate-stage checkpoint
+    r = load_task_recipe(recipe)
+    ref, _ = text_mod.load_encoder(r.encoder)
+    ds.sparsify_(ref, sparsify_spec(r))
+    ref.load_state_dict(torch.load(out / "gates.pt", weights_only=True)["model"])
+    ds.fix_gates_(ref.eval())
+    ids = torch.randint(5, 90, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    with torch.no_grad():
+        a = gated.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert json.loads(ds.make_plan(gated).to_json()) == json.loads((out / "plan.json").read_text())
 
 
 def _killed_then_resumed(

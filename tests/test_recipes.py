@@ -89,6 +89,19 @@ def test_bad_recipes_name_the_field(tmp_path, old, new, match):
     assert "bad.yaml" in str(e.value)
 
 
+def test_data_root_starting_with_tilde_is_under_the_home_directory(tmp_path, monkeypatch):
+    """``data.root: ~/imgs`` is checked where the data readers read it ($HOME/imgs) and kept as written."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "imgs").mkdir(parents=True)
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD.replace("  dataset: digits", "  dataset: image-folder\n  root: ~/imgs"))
+    assert load_recipe(p).data.root == "~/imgs"
+    p.write_text(GOOD.replace("  dataset: digits", "  dataset: image-folder\n  root: ~/absent"))
+    absent = tmp_path / "home" / "absent"
+    with pytest.raises(RecipeError, match=rf"data\.root \(line 5\): directory '~/absent' \({absent}\) does not exist"):
+        load_recipe(p)
+
+
 def test_not_yaml_and_missing_file(tmp_path):
     p = tmp_path / "x.yaml"
     p.write_text("name: [unclosed")

@@ -21,12 +21,13 @@ from torch import nn
 
 from ..atomic import atomic_write
 from ..errors import ConfigError, DynsparseError
-from .metadata import DATA_FIELDS, check_data, gate_settings, restore_gate_settings_
+from .metadata import DATA_FIELDS, TEXT_DATA_FIELDS, check_data, gate_settings, restore_gate_settings_
 from .plan import SlicePlan
 
 __all__ = [
     "DATA_FIELDS",
     "HISTORY_ATTR",
+    "TEXT_DATA_FIELDS",
     "atomic_save_tensors",
     "load",
     "load_gated",
@@ -117,6 +118,10 @@ def _read(path: str | os.PathLike, tensors: bool = True) -> tuple[dict[str, torc
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.is_dir():
+        inside = [n for n in ("model.safetensors", "gated.safetensors") if (path / n).is_file()]
+        hint = f" (it holds {' and '.join(str(path / n) for n in inside)})" if inside else ""
+        raise DynsparseError(f"{path}: is a directory, not a model file{hint}")
     if not path.is_file():
         raise DynsparseError(f"{path}: no such file")
     try:
@@ -248,7 +253,9 @@ def save(
             which is only right when the model was created without extra kwargs.
         data: What the model's input is, for the tools that read the file (``dynsparse eval`` / ``bench`` /
             ``analyse``): ``{"dataset": "digits", "image_size": 16, "channels": 1, "input_shape": [1, 16, 16],
-            "mean": [0.31], "std": [0.38]}``, any subset of these fields (`DATA_FIELDS`); default: none recorded.
+            "mean": [0.31], "std": [0.38]}``, any subset of these fields (`DATA_FIELDS`); for a text encoder
+            ``{"distill": ["english-sentences"], "max_length": 64, "tokenizer": "all-minilm-l6-v2"}``
+            (`TEXT_DATA_FIELDS`); default: none recorded.
         plan: The slice plan; default ``model.slice_plan``. Its ``dynamic`` field (run-time parts, e.g. token
             gates) is read from ``model`` at save time, so a budget changed with ``set_budget_`` is saved.
 

@@ -11,29 +11,44 @@ from torch import nn
 
 from ..errors import ConfigError, DynsparseError
 
-__all__ = ["DATA_FIELDS", "check_data", "gate_settings", "restore_gate_settings_"]
+__all__ = ["DATA_FIELDS", "TEXT_DATA_FIELDS", "check_data", "gate_settings", "restore_gate_settings_"]
 
-#: Fields of the optional ``data`` metadata: what a user needs to feed the model.
+#: Fields of the optional ``data`` metadata of an image model: what a user needs to feed the model.
 DATA_FIELDS = ("dataset", "image_size", "channels", "input_shape", "mean", "std")
+#: Fields of the ``data`` metadata of a text encoder (a sentence-embedding run): the text sets it was distilled on,
+#: the tokens per sentence it was trained at, and where its tokenizer comes from (model files hold no tokenizer).
+TEXT_DATA_FIELDS = ("distill", "max_length", "tokenizer")
 
 
 def check_data(data: Mapping[str, Any], where: str = "data") -> dict[str, Any]:
     """``data`` checked: known fields only, each of the right type; errors name ``where`` and the field.
 
-    ``dataset`` a name; ``image_size`` an int, an ``[H, W]`` pair or null (native size); ``channels`` 1, 3 or null;
-    ``input_shape`` the ``[C, H, W]`` of one input; ``mean`` / ``std`` one number per channel (empty: not
-    normalised).
+    An image model's fields (`DATA_FIELDS`): ``dataset`` a name; ``image_size`` an int, an ``[H, W]`` pair or null
+    (native size); ``channels`` 1, 3 or null; ``input_shape`` the ``[C, H, W]`` of one input; ``mean`` / ``std``
+    one number per channel (empty: not normalised).
+
+    A text encoder's fields (`TEXT_DATA_FIELDS`): ``distill`` the names of the text sets
+    (`dynsparse.data.text`) it was distilled on; ``max_length`` the tokens per sentence it was trained at;
+    ``tokenizer`` a registered encoder name (`dynsparse.pretrained`) or the directory its tokenizer was read from.
+    One object holds the fields of one kind, never both.
     """
     import difflib
 
+    known = DATA_FIELDS + TEXT_DATA_FIELDS
+    listing = f"{', '.join(DATA_FIELDS)} (images); {', '.join(TEXT_DATA_FIELDS)} (text)"
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected an object with fields {', '.join(DATA_FIELDS)}, got {data!r}")
+        raise ConfigError(f"{where}: expected an object with fields {listing}, got {data!r}")
     data = dict(data)
     for key in data:
-        if key not in DATA_FIELDS:
-            close = difflib.get_close_matches(str(key), DATA_FIELDS, n=1)
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{where}: unknown field {key!r}.{hint} Known fields: {', '.join(DATA_FIELDS)}")
+            raise ConfigError(f"{where}: unknown field {key!r}.{hint} Known fields: {listing}")
+    image, text = [k for k in data if k in DATA_FIELDS], [k for k in data if k in TEXT_DATA_FIELDS]
+    if image and text:
+        raise ConfigError(
+            f"{where}: fields {image} describe images and {text} text; a model's data holds the fields of one kind"
+        )
 
     def ints(v: Any, n: int) -> bool:
         return isinstance(v, (list, tuple)) and len(v) == n and all(_is_int(i) and i >= 1 for i in v)
@@ -45,6 +60,12 @@ def check_data(data: Mapping[str, Any], where: str = "data") -> dict[str, Any]:
         "input_shape": (lambda v: ints(v, 3), "[C, H, W], three positive ints"),
         "mean": (lambda v: isinstance(v, (list, tuple)) and all(_is_num(i) for i in v), "a list of numbers"),
         "std": (lambda v: isinstance(v, (list, tuple)) and all(_is_num(i) and i > 0 for i in v), "positive numbers"),
+        "distill": (
+            lambda v: isinstance(v, (list, tuple)) and v and all(isinstance(i, str) and i for i in v),
+            "a non-empty list of text set names",
+        ),
+        "max_length": (lambda v: _is_int(v) and v >= 1, "a positive int (tokens per sentence)"),
+        "tokenizer": (lambda v: isinstance(v, str) and v != "", "an encoder name or a directory"),
     }
     for key, value in data.items():
         ok, what = checks[key]

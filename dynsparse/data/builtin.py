@@ -169,13 +169,13 @@ def _read_mnist(split: str, root: str | os.PathLike | None, image_size, channels
                 f"{_mnist_how_to_get()} with the four IDX files."
             )
     else:
-        base = Path(root)
+        base = Path(root).expanduser()  # '~/data', as torchvision reads it
     images, labels = _read_idx_pair(*find_idx_files(base, split, "mnist", _mnist_how_to_get()), 10)
     return RawImages(images, labels, _DIGIT_CLASSES, 255.0, MNIST.mean, MNIST.std)
 
 
 def _read_fashion_mnist(split: str, root: str | os.PathLike | None, image_size, channels) -> RawImages:
-    base = FASHION_MNIST_DIR if root is None else Path(root)
+    base = FASHION_MNIST_DIR if root is None else Path(root).expanduser()
     how = (
         "Install it with `apt-get install dataset-fashion-mnist` (files in /usr/share/datasets/fashion-mnist), "
         "or pass root=DIR"

@@ -118,7 +118,7 @@ def read_image_folder(
     """Decode every image of ``split`` under ``root`` into one uint8 tensor.
 
     Args:
-        root: The dataset directory (see the module docstring for the layouts).
+        root: The dataset directory (see the module docstring for the layouts); a leading ``~`` is expanded.
         split: ``"train"`` or ``"test"``.
         image_size: ``(H, W)`` every image is resized to (PIL bilinear); None requires equal sizes.
         channels: 1 (PIL ``"L"``) or 3 (``"RGB"``, the default). 16-bit images are rescaled to 8 bits first.
@@ -130,7 +130,7 @@ def read_image_folder(
         DataNotFoundError: ``root`` or its classes/images are missing.
         DataFormatError: An unreadable image, or sizes differ while ``image_size`` is None; names the file.
     """
-    root = Path(root)
+    root = Path(root).expanduser()  # '~/data', as torchvision reads it
     if not root.is_dir():
         raise DataNotFoundError(f"dataset 'image-folder': root {str(root)!r} is not a directory")
     split_dirs = [root / d for d in _SPLIT_DIRS[split] if (root / d).is_dir()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import ClassVar
 
 import torch
@@ -36,9 +37,7 @@ class Gate(nn.Module):
 
     def __init__(self, num_units: int) -> None:
         super().__init__()
-        if not isinstance(num_units, int) or isinstance(num_units, bool) or num_units <= 0:
-            raise GateError(f"{type(self).__name__}: num_units must be a positive int, got {num_units!r}")
-        self.num_units = num_units
+        self.num_units = _check_num_units(type(self).__name__, num_units)
 
     def forward(self) -> Tensor:
         """(num_units,) multiplier for this forward pass."""
@@ -98,9 +97,7 @@ class InputDependentGate(nn.Module):
 
     def __init__(self, num_units: int, keep: float = 1.0) -> None:
         super().__init__()
-        if not isinstance(num_units, int) or isinstance(num_units, bool) or num_units <= 0:
-            raise GateError(f"{type(self).__name__}: num_units must be a positive int, got {num_units!r}")
-        self.num_units = num_units
+        self.num_units = _check_num_units(type(self).__name__, num_units)
         self.keep = _check_keep(type(self).__name__, keep)
 
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -124,7 +121,18 @@ class InputDependentGate(nn.Module):
         return f"num_units={self.num_units}, keep={self.keep}"
 
 
+def _check_num_units(owner: str, num_units: int) -> int:
+    """``num_units`` as a plain int: any integral number (``int``, ``numpy.int64``...) > 0, never a bool."""
+    if isinstance(num_units, bool) or not isinstance(num_units, numbers.Integral) or num_units <= 0:
+        raise GateError(f"{owner}: num_units must be a positive int, got {num_units!r}")
+    return int(num_units)
+
+
 def _check_keep(owner: str, keep: float) -> float:
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < float(keep) <= 1.0:
+    """``keep`` as a plain float: any real number (``float``, ``numpy.float32``...) in (0, 1], never a bool.
+
+    NaN and infinities fail the range check.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0.0 < float(keep) <= 1.0:
         raise GateError(f"{owner}: keep must be a fraction in (0, 1], got {keep!r}")
     return float(keep)

@@ -321,9 +321,11 @@ def parse_recipe(data: dict[str, Any], lines: dict[str, int] | None = None) -> R
     if recipe.data.root is not None:
         import os
 
-        if not os.path.isdir(recipe.data.root):
+        full = os.path.expanduser(recipe.data.root)  # as the data readers expand it
+        if not os.path.isdir(full):
             line = f" (line {lines['data.root']})" if lines and "data.root" in lines else ""
-            raise RecipeError(f"data.root{line}: directory {recipe.data.root!r} does not exist")
+            shown = repr(recipe.data.root) + (f" ({full})" if full != recipe.data.root else "")
+            raise RecipeError(f"data.root{line}: directory {shown} does not exist")
     if recipe.model.pretrained is not None:
         _check_pretrained(recipe.model, lines or {})
     from .validate import check_prune, check_ranges, check_regularizer

@@ -56,6 +56,7 @@ __all__ = [
     "load_encoder",
     "make_budget",
     "run_text_recipe",
+    "text_data_spec",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,11 @@ def load_encoder(spec: EncoderSpec) -> tuple[nn.Module, Any]:
         enc = load_pretrained(spec.pretrained)
         model, tok = enc.model, enc.tokenizer
     else:
+        path = os.path.expanduser(spec.path)  # as text_schema checks it
         model = transformers.AutoModel.from_pretrained(
-            spec.path, local_files_only=True, add_pooling_layer=False, dtype=torch.float32
+            path, local_files_only=True, add_pooling_layer=False, dtype=torch.float32
         )
-        tok = transformers.AutoTokenizer.from_pretrained(spec.path, local_files_only=True)
+        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     if not isinstance(model, transformers.BertModel):
         raise RecipeError(f"encoder: {type(model).__name__} is not a BertModel; the recipe compresses BERT encoders")
     return model.eval(), tok
@@ -252,6 +254,43 @@ def finetune_steps_(
         if on_step is not None:
             on_step(step + 1, loss.detach())
     return None if loss is None else loss.item()
+
+
+def text_data_spec(recipe: TextRecipe) -> dict[str, Any]:
+    """The ``data`` metadata of a sentence-embedding run's model files (`dynsparse.convert.io.TEXT_DATA_FIELDS`).
+
+    ``distill``: the text sets the encoder was distilled on; ``max_length``: the tokens per sentence it was trained
+    at; ``tokenizer``: where its tokenizer comes from, the registered encoder name or the directory as the recipe
+    gives it (the model files hold no tokenizer).
+    """
+    return {
+        "distill": list(recipe.data.distill),
+        "max_length": recipe.data.max_length,
+        "tokenizer": recipe.encoder.pretrained or recipe.encoder.path,
+    }
+
+
+def _save_gated(student: nn.Module, path: Path, data: dict[str, Any], ids: Tensor, mask: Tensor) -> bool:
+    """``save_gated`` of the gated student, checked by loading it back and comparing hidden states on ``ids``.
+
+    Returns False (logged, no file left) where `save_gated` refuses the model or the file does not rebuild it: the
+    run goes on without the file, as an image run does.
+    """
+    from ..convert.io import load_gated, save_gated
+    from ..errors import DynsparseError
+
+    try:
+        save_gated(student, path, data=data)
+        back = load_gated(path)[0].eval()
+        with torch.no_grad():
+            diff = float((hidden_states(back, ids, mask) - hidden_states(student, ids, mask)).abs().max())
+        if not diff <= 1e-5:
+            raise DynsparseError(f"the checkpoint loads back with different hidden states (max-abs {diff:.2e})")
+    except DynsparseError as e:
+        log.warning("%s not written: %s", path, e)
+        path.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _progress(total: int, start: int, desc: str, enabled: bool):
@@ -432,6 +471,12 @@ def run_text_recipe(
         from ..errors import DynsparseError
 
         raise DynsparseError(f"the converted model differs from the gated one by {diff:.2e} (max-abs, >= 1e-3)")
+    data_meta = text_data_spec(recipe)
+    written = {"plan": "plan.json"}
+    # the gate stage's result with its gates frozen, for `dynsparse analyse` and `ds.load_gated` (converting it gives
+    # the converted model before the fine-tune stage)
+    if _save_gated(student, out / "gated.safetensors", data_meta, vids, vmask):
+        written["gated"] = "gated.safetensors"
 
     # ---- fine-tune stage
     small.to(device)
@@ -481,7 +526,7 @@ def run_text_recipe(
             bar.close()
         save_finetune(recipe.finetune_steps, ft_loss, done=True)
     small.eval().cpu()
-    save(small, out / "model.safetensors")
+    written["model"] = save(small, out / "model.safetensors", data=data_meta).name
     t_train = time.time() - t0
 
     # ---- evaluation (embeddings on the training device; FLOPs and latency on the CPU)
@@ -506,6 +551,7 @@ def run_text_recipe(
         "latency": ev["latency"],
         "train_seconds": t_train,
         "recipe_fields": recipe_to_dict(recipe),
+        "files": {**written, "report": "report.json"},
     }
     atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
     print(format_text_report(report))

@@ -262,8 +262,10 @@ def _check_encoder(spec: EncoderSpec, lines: dict[str, int]) -> None:
     elif spec.path is not None:
         import os
 
-        if not os.path.isdir(spec.path):
-            _fail(lines, "encoder.path", f"directory {spec.path!r} does not exist")
+        full = os.path.expanduser(spec.path)  # as the encoder is read
+        if not os.path.isdir(full):
+            shown = repr(spec.path) + (f" ({full})" if full != spec.path else "")
+            _fail(lines, "encoder.path", f"directory {shown} does not exist")
 
 
 def _check_sparsify(spec: dict[str, Any], lines: dict[str, int]) -> None:
