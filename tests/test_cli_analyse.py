@@ -130,3 +130,22 @@ def test_json_naming_a_directory_is_one_line(files, tmp_path, capsys):
     _, converted = files
     assert main(["analyse", str(converted), "--json", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"dynsparse analyse: error: --json {tmp_path}: is a directory")
+
+
+def test_a_text_encoder_file_shows_its_text_data(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers", reason="the Hugging Face extra")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=61, hidden_size=32, num_attention_heads=4, intermediate_size=48, num_hidden_layers=2
+    )
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    ds.sparsify_(model, {"heads": "hard_concrete"})
+    path = ds.save(
+        ds.convert(model.eval()),
+        tmp_path / "m.safetensors",
+        data={"distill": ["english-sentences"], "max_length": 64, "tokenizer": "all-minilm-l6-v2"},
+    )
+    assert main(["analyse", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "data: text, distilled on english-sentences, tokenizer all-minilm-l6-v2, up to 64 tokens" in out
+    assert "not counted for a text encoder" in out and "pass --input" not in out

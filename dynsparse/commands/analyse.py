@@ -176,13 +176,21 @@ def format_analysis(a: dict[str, Any], top: int | None = None) -> str:
     kwargs = json.dumps(arch["kwargs"]) if arch.get("kwargs") else ""
     head = f"{a['path']}: {a['kind']} model, {arch.get('library', 'timm')} {arch['name']} {kwargs}"
     lines = [head.rstrip()]
-    if a["data"]:
-        d = a["data"]
+    d = a["data"] or {}
+    if "distill" in d or "tokenizer" in d:  # a text encoder (convert.metadata.TEXT_DATA_FIELDS)
+        lines.append(
+            f"data: text, distilled on {', '.join(d.get('distill') or ['?'])}, tokenizer {d.get('tokenizer', '?')}, "
+            f"up to {d.get('max_length', '?')} tokens"
+        )
+    elif d:
         lines.append(
             f"data: {d.get('dataset', '?')}, input {_dims(d.get('input_shape'))}, "
             f"normalised with mean {d.get('mean') or '-'} std {d.get('std') or '-'}"
         )
-    if a["input_shape"] is None:
+    text = "distill" in d or "tokenizer" in d
+    if a["input_shape"] is None and text:
+        lines.append("FLOPs: not counted for a text encoder here (token inputs); the run's report.json has them")
+    elif a["input_shape"] is None:
         lines.append("FLOPs: no input shape stored in the file; pass --input C,H,W")
     else:
         per = " (mean over distinct random inputs: the model decides per input)" if a["dynamic"] else ""
