@@ -315,18 +315,38 @@ def _write_png(path: Path, value: int, size: tuple[int, int] = (6, 5), mode: str
 
 def test_image_folder_single_folder_holdout(tmp_path: Path) -> None:
     for c, name in enumerate(["cat", "dog"]):
-        for i in range(5):
+        for i in range(10):
             _write_png(tmp_path / name / f"{i}.png", 40 * c + i)
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
     train = load_dataset("image-folder", "train", root=tmp_path, normalize=False)
     test = load_dataset("image-folder", "test", root=tmp_path, normalize=False)
-    assert (len(train), len(test)) == (8, 2) and train.classes == ["cat", "dog"]
-    assert train.image_shape == (3, 5, 6) and test.labels.tolist() == [0, 1]
+    # test files: sha1("<class>/<file>") % 5 == 0, i.e. cat/{0,4}.png and dog/{1,2,4,7}.png
+    assert (len(train), len(test)) == (14, 6) and train.classes == ["cat", "dog"]
+    assert train.image_shape == (3, 5, 6) and test.labels.tolist() == [0, 0, 1, 1, 1, 1]
     image, label = train[0]
     assert label == 0 and float(image[2].abs().max()) == 0.0  # RGB kept: (v, 255 - v, 0) / 255
     torch.testing.assert_close(image[1], 1 - image[0])
     gray = load_dataset("image-folder", "test", root=tmp_path, image_size=4, channels=1)
     assert gray.image_shape == (1, 4, 4) and gray.mean == (0.5,)
+
+
+def test_image_folder_holdout_is_stable_when_the_folder_grows(tmp_path: Path) -> None:
+    """Adding files never moves a file between the splits (with a shuffled split, a trained-on file could move to
+    test and a checkpoint be evaluated on its own training data)."""
+    from dynsparse.data.folder import _holdout, find_classes, list_images
+
+    def splits() -> dict[str, set[Path]]:
+        samples = list_images(tmp_path, find_classes(tmp_path))
+        return {s: {p for p, _ in _holdout(samples, s, tmp_path)} for s in ("train", "test")}
+
+    for i in range(20):
+        _write_png(tmp_path / "a" / f"{i}.png", i)
+    before = splits()
+    for i in range(20, 60):
+        _write_png(tmp_path / ("a" if i % 2 else "b") / f"{i}.png", i)
+    after = splits()
+    assert before["train"] <= after["train"] and before["test"] <= after["test"]
+    assert not after["train"] & after["test"] and 0.1 < len(after["test"]) / 60 < 0.3
 
 
 def test_image_folder_explicit_splits_and_errors(tmp_path: Path) -> None:
@@ -356,7 +376,8 @@ def test_image_folder_skips_hidden_files_and_dirs(tmp_path: Path) -> None:
             _write_png(tmp_path / name / ".thumbnails" / f"{i}.png", i, size=(3, 3))
     (tmp_path / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble, not a PNG")
     ds = load_dataset("image-folder", "train", root=tmp_path)
-    assert ds.classes == ["a", "b"] and len(ds) == 8 and ds.image_shape == (3, 5, 6)
+    test = load_dataset("image-folder", "test", root=tmp_path)
+    assert ds.classes == ["a", "b"] and len(ds) + len(test) == 10 and ds.image_shape == (3, 5, 6)
 
 
 def test_image_folder_high_bit_depth_is_rescaled_not_clipped(tmp_path: Path) -> None:
