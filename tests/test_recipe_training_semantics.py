@@ -1,0 +1,32 @@
+"""What a recipe training step computes: the regularizer schedules, the distillation term, the learning rate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dynsparse.recipes.objective import regularizer_loss
+from dynsparse.recipes.schema import RegularizerSpec
+
+
+@pytest.mark.parametrize(
+    ("kl_start", "kl_end", "want"),
+    [
+        (0.0, 0.0, [1.0, 1.0, 1.0, 1.0]),  # no warm-up
+        (0.0, 2.0, [0.0, 0.75, 1.0, 1.0]),
+        (2.0, 0.0, [0.0, 0.0, 1.0, 1.0]),  # only kl_start: a step there (it was 1 from epoch 0)
+        (1.0, 3.0, [0.0, 0.25, 0.5, 1.0]),
+    ],
+)
+def test_sparse_vd_kl_weight_follows_kl_start_and_kl_end(kl_start, kl_end, want):
+    from dynsparse.regularizers.variational import sparse_vd_, svd_kl
+
+    model = sparse_vd_(nn.Sequential(nn.Linear(4, 4)))
+    spec = RegularizerSpec("sparse_vd", weight=0.5, kl_start=kl_start, kl_end=kl_end)
+    got = []
+    for epoch in (0.0, 1.5, 2.0, 3.0):
+        total, info = regularizer_loss(model, [(spec, None)], epoch, 0, 100, torch.device("cpu"))
+        got.append(info["kl_weight"])
+        torch.testing.assert_close(total, 0.5 * info["kl_weight"] * svd_kl(model) / 100)
+    assert got == want
