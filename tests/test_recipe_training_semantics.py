@@ -30,3 +30,17 @@ def test_sparse_vd_kl_weight_follows_kl_start_and_kl_end(kl_start, kl_end, want)
         got.append(info["kl_weight"])
         torch.testing.assert_close(total, 0.5 * info["kl_weight"] * svd_kl(model) / 100)
     assert got == want
+
+
+def _stages(*stages: dict) -> dict:
+    return {"name": "t", "model": {"name": "test_vit"}, "data": {"dataset": "digits"}, "stages": list(stages)}
+
+
+def test_prune_vd_needs_sparse_vd_layers_by_its_stage():
+    from dynsparse.recipes import RecipeError, parse_recipe
+
+    vd = {"name": "vd", "epochs": 1, "regularizers": [{"name": "sparse_vd"}]}
+    parse_recipe(_stages(vd, {"name": "end", "epochs": 0, "prune_vd": True}))  # layers of an earlier stage
+    parse_recipe(_stages({**vd, "prune_vd": True}))
+    with pytest.raises(RecipeError, match=r"stages\[1\]\.prune_vd: needs sparse-VD layers"):
+        parse_recipe(_stages({**vd, "prune_vd": True}, {"name": "again", "epochs": 1, "prune_vd": True}))
