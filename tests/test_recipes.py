@@ -180,6 +180,9 @@ def test_parse_recipe_from_python_data():
         ("stages[0].schedule={min_lr_ratio: 2}", r"stages\[0\]\.schedule\.min_lr_ratio: must be in \[0, 1\]"),
         ("stages[1].regularizers[0].lr=0", r"stages\[1\]\.regularizers\[0\]\.lr: must be > 0"),
         ("stages[0].epochs=-1", r"stages\[0\]\.epochs \(line 9\): must be >= 0"),
+        # end actions with nothing to act on (the trainer skipped them silently)
+        ("stages[0].enforce_budget=true", r"stages\[0\]\.enforce_budget: needs a budget regularizer in this stage"),
+        ("stages[1].prune_vd=true", r"stages\[1\]\.prune_vd: needs sparse-VD layers"),
     ],
 )
 def test_out_of_range_values_name_the_field(tmp_path, override, match):
@@ -224,6 +227,7 @@ def test_fields_the_method_ignores_are_refused(tmp_path, override, match):
     "override",
     [
         "stages[1].regularizers=[{name: sparse_vd, weight: 0.5, kl_start: 1, kl_end: 2}]",
+        "stages[1].enforce_budget=true",
         "stages[1].regularizers=[{name: group_lasso, weight: 0.1, prox: true}]",
         "stages[0].prune={method: unstructured, ratio: 0.5, importance: taylor, calibration_batches: 2, at: start}",
         "stages[0].prune={method: unstructured, ratio: 0.5, schedule: agp, frequency: 5, end_epoch: 1}",

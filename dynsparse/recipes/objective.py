@@ -51,7 +51,8 @@ def regularizer_loss(
         elif r.name == "sparse_vd":
             from ..regularizers.variational import kl_weight, svd_kl
 
-            w = kl_weight(epoch, start=r.kl_start, end=r.kl_end) if r.kl_end > 0 else 1.0
+            # 0 before kl_start, then linear to 1 at kl_end (a step at kl_start when kl_end <= kl_start)
+            w = kl_weight(epoch, start=r.kl_start, end=r.kl_end)
             info["kl_weight"] = w
             term = r.weight * w * svd_kl(model) / n_train
         elif r.name == "bn_l1" or (r.name == "group_lasso" and r.prox):

@@ -49,7 +49,8 @@ def _at_least(lines: dict[str, int], values: dict[str, Any], low: float, strict:
 
 
 def check_ranges(recipe: Recipe, lines: dict[str, int]) -> None:
-    """Value ranges of the data, evaluation, optimizer, schedule, distillation and regularizer fields."""
+    """Value ranges of the data, evaluation, optimizer, schedule, distillation and regularizer fields, and the stage
+    end actions that need a regularizer (``enforce_budget`` a budget in its stage, ``prune_vd`` sparse-VD layers)."""
     d, ev = recipe.data, recipe.evaluate
     positive = {
         "data.batch_size": d.batch_size,
@@ -63,9 +64,17 @@ def check_ranges(recipe: Recipe, lines: dict[str, int]) -> None:
     }
     _at_least(lines, positive, 1)
     _at_least(lines, {"convert.atol": recipe.convert.atol}, 0)
+    svd = False  # sparse-VD layers in the model by this stage (a stage's sparse_vd installs them, prune_vd removes)
     for i, st in enumerate(recipe.stages):
         p = f"stages[{i}]"
         _at_least(lines, {f"{p}.epochs": st.epochs}, 0)
+        names = {r.name for r in st.regularizers}
+        if st.enforce_budget and "budget" not in names:  # the trainer had nothing to enforce and skipped it
+            fail(lines, f"{p}.enforce_budget", "needs a budget regularizer in this stage (its target is enforced)")
+        svd = svd or "sparse_vd" in names
+        if st.prune_vd and not svd:
+            fail(lines, f"{p}.prune_vd", "needs sparse-VD layers: a sparse_vd regularizer in this or an earlier stage")
+        svd = svd and not st.prune_vd
         for name, opt in (("optimizer", st.optimizer), ("gate_optimizer", st.gate_optimizer)):
             if opt is not None:
                 _at_least(lines, {f"{p}.{name}.lr": opt.lr}, 0, strict=True)
