@@ -47,3 +47,19 @@ def test_gate_optimizer_takes_the_gates_under_gate_children():
     expected = {id(p) for n, p in model.named_parameters() if ".gate." in f".{n}"}
     assert groups["gates"] == expected and len(expected) == 24
     assert not groups["gates"] & groups["weights"]
+
+
+def test_without_a_gate_optimizer_static_gates_get_no_weight_decay():
+    """AdamW's decay would pull log α towards 0 (keep probability about 0.83) whatever the data say."""
+    model = timm.create_model("test_vit", pretrained=False)
+    ds.sparsify_(model, {"heads": "hard_concrete", "tokens": {"gate": "predictor", "blocks": [1], "keep": 0.5}})
+    st = StageSpec("s", 1, optimizer=OptimizerSpec(name="adamw", lr=1e-3, weight_decay=0.05))
+    opt = stage_optimizers(model, st, [])["gates"]
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for fqn, gate in ds.named_gates(model):
+        if ".gate." not in f".{fqn}.":
+            continue
+        want = 0.05 if isinstance(gate, ds.InputDependentGate) else 0.0
+        assert {decay[id(p)] for p in gate.parameters()} == {want}, fqn
+    with_spec = StageSpec("s", 1, optimizer=st.optimizer, gate_optimizer=OptimizerSpec(weight_decay=0.01))
+    assert {g["weight_decay"] for g in stage_optimizers(model, with_spec, [])["gates"].param_groups} == {0.01}

@@ -17,7 +17,7 @@ from .schema import OptimizerSpec, RegularizerSpec, ScheduleSpec, StageSpec
 __all__ = ["lr_factor", "stage_optimizers"]
 
 
-def _optimizer(spec: OptimizerSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def _optimizer(spec: OptimizerSpec, params: list[nn.Parameter] | list[dict[str, Any]]) -> torch.optim.Optimizer:
     if spec.name == "sgd":
         return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     cls = torch.optim.AdamW if spec.name == "adamw" else torch.optim.Adam
@@ -51,13 +51,34 @@ def _gate_param_ids(model: nn.Module) -> set[int]:
     return {id(p) for n, p in model.named_parameters() if id(p) in owned and ".gate." in f".{n}"}
 
 
+def _gate_optimizer(model: nn.Module, st: StageSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """``st.gate_optimizer`` over ``params``; without one, the stage's optimizer with no weight decay on static gates.
+
+    A static gate's parameters (hard-concrete ``log α``, sigmoid scores) are not weights: decay would pull them
+    towards 0, a fixed keep probability (about 0.83 for hard-concrete), whatever the data say; CoFi and Louizos et
+    al. use none. Input-dependent gates (FBS saliency, token predictors) are small networks and keep the decay.
+    """
+    if st.gate_optimizer is not None:
+        return _optimizer(st.gate_optimizer, params)
+    from ..gates import InputDependentGate
+    from ..sparsify import named_gates
+
+    static = {id(p) for _, g in named_gates(model) if not isinstance(g, InputDependentGate) for p in g.parameters()}
+    groups = [
+        {"params": [p for p in params if id(p) in static], "weight_decay": 0.0},
+        {"params": [p for p in params if id(p) not in static]},
+    ]
+    return _optimizer(st.optimizer, [g for g in groups if g["params"]])
+
+
 def stage_optimizers(
     model: nn.Module, st: StageSpec, regs: list[tuple[RegularizerSpec, Any]]
 ) -> dict[str, torch.optim.Optimizer]:
     """The optimizers of a stage, by name.
 
     ``"weights"``: every trainable parameter but the gates' (`_gate_param_ids`), by ``st.optimizer``;
-    ``"gates"`` (when there are trainable gate parameters): by ``st.gate_optimizer``, else ``st.optimizer``;
+    ``"gates"`` (when there are trainable gate parameters): by ``st.gate_optimizer``, else ``st.optimizer``
+    without weight decay on static gates (`_gate_optimizer`);
     ``"lambdas"`` (when ``regs`` holds a budget): the budget's Lagrange multipliers, by Adam at the budget's
     ``lr``, maximizing.
 
@@ -71,7 +92,7 @@ def stage_optimizers(
     weights = [p for p in model.parameters() if id(p) not in gates and p.requires_grad]
     opts = {"weights": _optimizer(st.optimizer, weights)}
     if gate_params:
-        opts["gates"] = _optimizer(st.gate_optimizer or st.optimizer, gate_params)
+        opts["gates"] = _gate_optimizer(model, st, gate_params)
     budget = next((o for r, o in regs if r.name == "budget"), None)
     if budget is not None:
         opts["lambdas"] = torch.optim.Adam(

@@ -159,10 +159,11 @@ class StageSpec:
     ``sparsify`` is a ``dynsparse.sparsify_`` spec applied at the start of the stage; ``fix_gates`` freezes
     every gate at the start (static gates to their current keep masks; learned ``threshold`` token gates to
     hard masks at a fixed ``θ``, LTP's second stage); ``enforce_budget`` closes the least likely units at
-    the end so a ``budget`` target is met exactly; ``prune_vd`` zeroes sparse-VD weights with log α > 3 at
-    the end. ``calibrate`` runs the data pass that ``cats`` / ``dejavu`` neuron gates and ``threshold`` token
-    gates need (``{batches: 16, at: start, **options}``, see `dynsparse.recipes.calibrate`). A stage with
-    ``epochs: 0`` trains nothing: it applies its start and end actions and is evaluated and checkpointed once.
+    the end until the kept cost is at most the ``budget`` target (it can land below it); ``prune_vd`` zeroes
+    sparse-VD weights with log α > 3 at the end. ``calibrate`` runs the data pass that ``cats`` / ``dejavu``
+    neuron gates and ``threshold`` token gates need (``{batches: 16, at: start, **options}``, see
+    `dynsparse.recipes.calibrate`). A stage with ``epochs: 0`` trains nothing: it applies its start and end
+    actions and is evaluated and checkpointed once.
     """
 
     name: str
