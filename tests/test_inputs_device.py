@@ -1,4 +1,4 @@
-"""Inputs a function runs through the model itself (calibration batches) go to the model's device.
+"""Inputs a function runs through the model itself (calibration batches, FLOPs examples) go to the model's device.
 
 A DataLoader yields CPU tensors; a model trained on a GPU would get them as they are and fail with a cross-device
 error. The ``meta`` device stands in for the GPU: a meta model refuses CPU inputs the way a CUDA model does.
@@ -11,6 +11,7 @@ import timm
 import torch
 
 import dynsparse as ds
+from dynsparse.flops import CostModel, module_flops
 
 torch.set_num_threads(1)
 
@@ -66,3 +67,17 @@ def test_calibration_on_cpu_batches_equals_on_device_batches():
     ds.calibrate_neurons_(b.double(), [x.clone() for x in xs])
     for (fa, ga), (_, gb) in zip(ds.named_gates(a), ds.named_gates(b), strict=True):
         assert torch.equal(ga.quantiles, gb.quantiles), fa
+
+
+def test_flops_example_input_moves_to_the_model():
+    model = _vit({"neurons": "fixed", "heads": "fixed"})
+    x = torch.randn(1, 3, 32, 32)
+    on_cpu = module_flops(model, x)
+    assert module_flops(model.to("meta"), x) == on_cpu  # counted on meta, the example given on the CPU
+    assert module_flops(model, (x,)) == on_cpu
+
+
+def test_cost_model_takes_a_cpu_example_for_a_device_model():
+    model = _vit({"neurons": "hard_concrete"}).to("meta")
+    cost = CostModel(model, torch.randn(1, 3, 32, 32))
+    assert cost.total > 0
