@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
+from .modules import module_device
 
 __all__ = ["CostModel", "count_flops", "default_input", "mean_flops", "module_flops"]
 
@@ -101,9 +102,17 @@ def default_input(model: nn.Module) -> Tensor | None:
 
 
 def module_flops(model: nn.Module, example: Tensor | tuple) -> dict[str, int]:
-    """Total FLOPs of each module (by fqn relative to ``model``, ``""`` = root) for one forward pass in eval mode."""
+    """Total FLOPs of each module (by fqn relative to ``model``, ``""`` = root) for one forward pass in eval mode.
+
+    Tensors of ``example`` are moved to the model's device first (a CPU example counts the same on a GPU model).
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
+    device = module_device(model)
+    if isinstance(example, tuple):
+        example = tuple(a.to(device) if isinstance(a, Tensor) else a for a in example)
+    elif isinstance(example, Tensor):
+        example = example.to(device)
     was_training = model.training
     model.eval()
     try:

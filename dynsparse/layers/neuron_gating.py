@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..errors import ConfigError, UnsupportedModuleError
 from ..gates.neuron_gates import NEURON_GATES, CatsGate, DejaVuGate, NeuronGate, active_labels, fit_predictor_
-from ..modules import adopt, capturing, place_like, replace_module_
+from ..modules import adopt, capturing, module_device, place_like, replace_module_
 from ..sparsify import _patterns, _selected
 from .neuron_kernels import consumer_row, kernel_cats, kernel_row, linear_rows, producer_row, transposed
 from .token_pack import check_not_packed
@@ -368,7 +368,7 @@ def _dense_pass(model: nn.Module, batches: Iterable, record, max_batches: int | 
     mlps = [m for m in model.modules() if isinstance(m, NeuronGated)]
     if not mlps:
         raise ConfigError(f"{type(model).__name__} has no per-input neuron gate")
-    was = model.training
+    was, device = model.training, module_device(model)
     n = 0
     try:
         model.eval()
@@ -378,7 +378,7 @@ def _dense_pass(model: nn.Module, batches: Iterable, record, max_batches: int | 
             for batch in batches:
                 if max_batches is not None and n >= max_batches:
                     break
-                model(_first(batch))
+                model(_first(batch).to(device))  # a DataLoader's CPU batch for a model on the GPU
                 n += 1
     finally:
         for m in mlps:
@@ -394,7 +394,7 @@ def calibrate_neurons_(model: nn.Module, batches: Iterable, *, max_batches: int 
 
     Args:
         model: A model with ``cats`` neuron gates.
-        batches: Input tensors, or ``(inputs, labels)`` pairs (a DataLoader).
+        batches: Input tensors, or ``(inputs, labels)`` pairs (a DataLoader; moved to the model's device).
         max_batches: Use at most this many batches.
     """
     gates = [m.neurons for m in model.modules() if isinstance(m, NeuronGated) and isinstance(m.neurons, CatsGate)]
@@ -443,7 +443,7 @@ def train_predictors_(
 
     Args:
         model: A model with ``dejavu`` neuron gates. Only the predictors change.
-        batches: Input tensors, or ``(inputs, labels)`` pairs.
+        batches: Input tensors, or ``(inputs, labels)`` pairs (moved to the model's device).
         label: ``"topk"`` (the ``label_keep · H`` largest ``|h|`` per row) or ``"positive"`` (``h ≠ 0``, for
             ReLU MLPs; per input: nonzero on some token).
         label_keep: Fraction labelled active for ``"topk"`` (default: each gate's ``keep``).

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..gates.tokens import TokenGate, threshold_keep
-from ..modules import adopt, capturing, place_like
+from ..modules import adopt, capturing, module_device, place_like
 from .token_pack import (
     Packing,
     check_packed_mlps,
@@ -427,7 +427,7 @@ def token_spec(model: nn.Module) -> dict | None:
 
 
 @torch.no_grad()
-def calibrate_tokens_(model: nn.Module, inputs: Tensor | Iterable[Tensor]) -> nn.Module:
+def calibrate_tokens_(model: nn.Module, inputs: Tensor | Iterable[Tensor | tuple]) -> nn.Module:
     """Record the score table of every ``threshold`` gate on ``inputs`` (in place), for ``keep=`` budgets.
 
     The gates are calibrated in order, one pass over ``inputs`` each: gate ``j``'s table holds the exact score
@@ -438,7 +438,8 @@ def calibrate_tokens_(model: nn.Module, inputs: Tensor | Iterable[Tensor]) -> nn
 
     Args:
         model: A model with ``threshold`` token gates.
-        inputs: One batch or an iterable of batches (images, as the model takes them).
+        inputs: One batch or an iterable of batches (images, as the model takes them, or ``(inputs, labels)``
+            pairs of a DataLoader); moved to the model's device.
 
     Returns:
         ``model``.
@@ -456,7 +457,7 @@ def calibrate_tokens_(model: nn.Module, inputs: Tensor | Iterable[Tensor]) -> nn
     batches = [inputs] if isinstance(inputs, Tensor) else list(inputs)
     if not batches:
         raise ConfigError("calibrate_tokens_: no inputs")
-    budgets, training = [g.keep for g in gates], model.training
+    budgets, training, device = [g.keep for g in gates], model.training, module_device(model)
     model.eval()
     try:
         for j, g in enumerate(gates):
@@ -464,7 +465,8 @@ def calibrate_tokens_(model: nn.Module, inputs: Tensor | Iterable[Tensor]) -> nn
                 later.keep = 1.0  # gate j's scores do not depend on its own decisions or the later ones
             g.collect = []
             for x in batches:
-                model(x)
+                x = x[0] if isinstance(x, (tuple, list)) else x  # an (inputs, labels) pair of a DataLoader
+                model(x.to(device))  # a CPU batch for a model on the GPU; moved per pass, not all held there
             g.observe(torch.cat(g.collect), exact=True)
             g.collect = None
             g.set_budget_(budgets[j])
