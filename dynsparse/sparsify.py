@@ -335,8 +335,8 @@ def sparsify_(
         >>> import timm, dynsparse as ds
         >>> m = timm.create_model("test_vit")
         >>> _ = ds.sparsify_(m, {"neurons": {"gate": "hard_concrete"}, "heads": "sigmoid"})
-        >>> len(list(ds.named_gates(m)))
-        4
+        >>> len(list(ds.named_gates(m)))  # one heads and one neurons gate per block
+        12
     """
     from .integrations import tables as table
     from .modules import all_or_nothing, replace_module_

@@ -140,3 +140,20 @@ def test_cats_threshold_follows_keep_after_load() -> None:
 def test_input_dependent_gates_refuse_bad_arguments(build, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         build()
+
+
+def test_numpy_scalars_for_k_keep_and_gate_options():
+    """Values computed with numpy (np.int64 counts, np.float32 fractions) are numbers, not errors."""
+    import timm
+
+    import dynsparse as ds
+
+    g = TopKGate(8, k=np.int64(3))
+    assert g.k == 3 and type(g.k) is int
+    assert g.set_k_(keep=np.float32(0.5)).k == 4
+    with pytest.raises(GateError, match="k must be an int"):
+        TopKGate(8, k=np.bool_(True))
+    spec = {"gate": "threshold", "blocks": [1], "temperature": np.float32(0.5), "momentum": np.float64(0.1)}
+    ds.sparsify_(timm.create_model("test_vit"), {"tokens": spec})
+    router = {"gate": "router", "blocks": [1], "keep": np.float32(0.5), "target": np.float32(0.5)}
+    ds.sparsify_(timm.create_model("test_vit"), {"depth": router})

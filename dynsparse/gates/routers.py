@@ -12,7 +12,9 @@ that should run the block). The bias starts at +3 (p ≈ 0.95: every block runs 
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -117,8 +119,8 @@ class BlockRouter(InputDependentGate):
 def _check_positive(owner: str, name: str, v: float, allow_zero: bool = False) -> None:
     """Raise a `ConfigError` naming ``name`` unless ``v`` is a finite number > 0 (>= 0 with ``allow_zero``)."""
     ok = (
-        isinstance(v, (int, float))
-        and not isinstance(v, bool)
+        isinstance(v, numbers.Real)  # numpy scalars too
+        and not isinstance(v, (bool, np.bool_))
         and math.isfinite(v)
         and (v >= 0 if allow_zero else v > 0)
     )

@@ -24,8 +24,10 @@ without retraining.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -379,7 +381,8 @@ class ThresholdTokenGate(TokenGate):
 
 
 def _real(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """Any real number (numpy scalars too), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 
 
 def threshold_keep(s: Tensor, theta: Tensor) -> Tensor:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -30,7 +32,7 @@ class TopKGate(Gate):
     Examples:
         >>> g = TopKGate(4, k=2)
         >>> with torch.no_grad():
-        ...     g.scores.copy_(torch.tensor([0.1, 0.9, 0.5, 0.2]))
+        ...     _ = g.scores.copy_(torch.tensor([0.1, 0.9, 0.5, 0.2]))
         >>> g.keep_mask()
         tensor([False,  True,  True, False])
     """
@@ -52,12 +54,14 @@ class TopKGate(Gate):
         if k is not None and keep is not None:
             raise GateError("TopKGate: give either k or keep, not both")
         if k is not None:
-            if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= n:
+            # any integer, numpy's included (a k computed with numpy is an np.int64)
+            if not isinstance(k, numbers.Integral) or isinstance(k, (bool, np.bool_)) or not 0 <= k <= n:
                 raise GateError(f"TopKGate: k must be an int in [0, {n}], got {k!r}")
-            return k
+            return int(k)
         keep = 1.0 if keep is None else keep
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 <= keep <= 1.0:
+        if isinstance(keep, (bool, np.bool_)) or not isinstance(keep, numbers.Real) or not 0.0 <= keep <= 1.0:
             raise GateError(f"TopKGate: keep must be in [0, 1], got {keep!r}")
+        keep = float(keep)
         return 0 if keep == 0 else min(n, max(1, math.floor(keep * n + 0.5)))
 
     def set_k_(self, k: int | None = None, keep: float | None = None) -> TopKGate:

@@ -38,9 +38,13 @@ class TargetSparsity(nn.Module):
         example_input: Input of one forward pass for the FLOPs count (default: the timm input size).
 
     Example:
-        >>> budget = TargetSparsity(model, target=0.4, warmup_steps=1000, example_input=x)
+        >>> import timm, dynsparse as ds
+        >>> model = ds.sparsify_(timm.create_model("test_vit"), {"heads": "hard_concrete", "neurons": "hard_concrete"})
+        >>> budget = TargetSparsity(model, target=0.4, warmup_steps=1000)
         >>> opt_lambda = torch.optim.Adam(budget.parameters(), lr=0.01, maximize=True)
-        >>> loss = task_loss + budget(step)   # then backward; step both optimizers
+        >>> term = budget(step=0)  # add to the task loss, backward, then step both optimizers
+        >>> term.shape, round(budget.target_at(0), 2), round(budget.target_at(1000), 2)
+        (torch.Size([]), 1.0, 0.4)
     """
 
     def __init__(
