@@ -168,7 +168,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
             "(prune one layer at a time and evaluate the test accuracy)"
         )
     torch_threads(args.threads)
-    out = Path(args.out or Path(recipe.output_dir) / "sensitivity")
+    out = Path(args.out or Path(recipe.output_dir).expanduser() / "sensitivity")
     rep = run_sensitivity(
         recipe,
         out,

@@ -239,3 +239,16 @@ def test_fields_the_method_uses_are_accepted(tmp_path, override):
     p = tmp_path / "ok.yaml"
     p.write_text(GOOD)
     load_recipe(p, [override])
+
+
+def test_output_dir_starting_with_tilde_is_under_the_home_directory(tmp_path, monkeypatch):
+    """``output_dir: ~/runs/x`` writes under $HOME, not into a directory named '~' in the working directory."""
+    from dynsparse.recipes.train import Trainer
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD.replace("name: t\n", "name: t\noutput_dir: ~/runs/x\n", 1))
+    recipe = load_recipe(p)
+    assert recipe.output_dir == "~/runs/x"
+    assert Trainer(recipe, progress=False).out == tmp_path / "home" / "runs" / "x"

@@ -99,7 +99,7 @@ def run_recipe(
 
     Returns the report (on rank 0; ``None`` on other ranks of a distributed run).
     """
-    out = Path(out_dir or recipe.output_dir)
+    out = Path(out_dir or recipe.output_dir).expanduser()  # a leading ~ in the recipe is the home directory
     trainer = Trainer(recipe, out, resume=resume, progress=progress)
     model = trainer.run()
     baseline = None

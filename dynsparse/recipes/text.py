@@ -351,7 +351,7 @@ def run_text_recipe(
     from .text_eval import evaluate_text, format_text_report, structure
 
     t0 = time.time()
-    out = Path(out_dir or recipe.output_dir)
+    out = Path(out_dir or recipe.output_dir).expanduser()  # a leading ~ in the recipe is the home directory
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(recipe.device)
     progress = sys.stderr.isatty() if progress is None else progress

@@ -94,7 +94,7 @@ class Trainer:
         progress: bool | None = None,
     ) -> None:
         self.recipe = recipe
-        self.out = Path(out_dir or recipe.output_dir)
+        self.out = Path(out_dir or recipe.output_dir).expanduser()  # a leading ~ is the home directory
         self.resume = resume
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.dist = _Dist()
