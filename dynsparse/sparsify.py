@@ -317,8 +317,9 @@ def sparsify_(
         model: A timm model (ViT/DeiT, ResNet, ConvNeXt, EfficientNet, MobileNetV3, Swin, ...) or a Hugging Face
             transformers model (BERT, RoBERTa, ViT, GPT-2, Llama, Qwen2, Mistral; see ``docs/huggingface.md``).
         spec: ``{dimension: {"gate": name, **gate_kwargs}}`` with dimensions ``neurons``, ``heads``,
-            ``channels``, ``layers`` (and ``width`` for Hugging Face models: one gate over the residual stream);
-            a dimension may also carry ``include`` / ``exclude`` fqn globs.
+            ``channels``, ``layers``, the input-dependent ``tokens`` and ``depth`` of timm ViTs (see
+            ``docs/dynamic.md``), and ``width`` for Hugging Face models (one gate over the residual stream); a
+            dimension may also carry ``include`` / ``exclude`` fqn globs.
         include: fqn glob patterns limiting where gates go (all dimensions).
         exclude: fqn glob patterns where no gates go (all dimensions).
         on_unsupported: ``"raise"`` (default) raises on the first module that looks gatable but is not;
@@ -330,6 +331,9 @@ def sparsify_(
     Raises:
         ConfigError: a bad spec (unknown dimension or gate, bad gate arguments).
         UnsupportedModuleError: a module cannot be gated (names its fqn and type), or nothing can.
+
+    A refused call leaves ``model`` as it was: specs and gate sizes are checked before any module changes, and
+    a call refused after it started (an input-dependent part's option) puts every module back before raising.
 
     Examples:
         >>> import timm, dynsparse as ds
