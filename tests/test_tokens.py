@@ -189,6 +189,8 @@ def test_errors_name_the_problem():
         ds.sparsify_(_vit(), {"tokens": {"gate": "cls_attention", "blocks": [7]}})
     with pytest.raises(ds.ConfigError, match="fuse=True needs a gate with attention-like scores"):
         ds.sparsify_(_vit(), {"tokens": {"gate": "predictor", "blocks": [1], "fuse": True}})
+    with pytest.raises(ds.ConfigError, match="fuse must be true or false, got 3"):
+        ds.sparsify_(_vit(), {"tokens": {"gate": "cls_attention", "blocks": [1], "fuse": 3}})
     with pytest.raises(ds.ConfigError, match="class-token pooling"):
         ds.sparsify_(_vit(global_pool="avg"), {"tokens": {"gate": "predictor", "blocks": [1]}})
     with pytest.raises(ds.ConfigError, match="has no `blocks`"):

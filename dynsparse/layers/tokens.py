@@ -84,6 +84,8 @@ class TokenSelect(nn.Module):
 
     def __init__(self, gate: TokenGate, num_prefix: int, fuse: bool = False) -> None:
         super().__init__()
+        if not isinstance(fuse, bool):
+            raise ConfigError(f"tokens: fuse must be true or false, got {fuse!r}")
         if fuse and not gate.fusable:
             raise ConfigError(f"tokens: fuse=True needs a gate with attention-like scores, not {type(gate).__name__}")
         self.gate = gate
