@@ -19,7 +19,8 @@ def _vit():
     return timm.create_model("vit_small_patch16_224", pretrained=False, **KW).eval()
 
 
-def test_flops_are_the_mean_over_images_of_a_routed_model():
+def _routed() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, list[int]]:
+    """A routed ViT whose routers disagree across inputs, its dense twin, 6 images and each image's FLOPs."""
     m = ds.sparsify_(_vit(), {"depth": {"gate": "router", "blocks": "all", "keep": 0.5}})
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # routers that disagree across inputs
@@ -27,10 +28,14 @@ def test_flops_are_the_mean_over_images_of_a_routed_model():
             if isinstance(b, RoutedBlock):
                 b.router.proj.weight.copy_(torch.randn(b.router.proj.weight.shape, generator=g) * 2)
                 b.router.proj.bias.zero_()
-    dense = _vit()
     x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         per_image = [count_flops(m, x[i : i + 1]) for i in range(6)]
+    return m, _vit(), x, per_image
+
+
+def test_flops_are_the_mean_over_images_of_a_routed_model():
+    m, dense, x, per_image = _routed()
     assert len(set(per_image)) > 1, "the routers should run different blocks for different images"
     curve = knob_curve(m, dense, lambda mod: 0.0, x, keeps=[0.5], batch_sizes=[1], rounds=1, flops_images=6)
     expected = sum(per_image) / 6 / count_flops(dense, x[:1])
@@ -55,17 +60,7 @@ def test_a_refused_budget_changes_no_gate_and_names_the_gate() -> None:
 def test_the_ideal_of_each_batch_size_is_counted_on_the_inputs_timed_at_it():
     # batch 1 times x[0] alone: its ideal is x[0]'s, not the mean over flops_images (a router spends different FLOPs
     # on each input, so one image is not the average)
-    m = ds.sparsify_(_vit(), {"depth": {"gate": "router", "blocks": "all", "keep": 0.5}})
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for b in m.blocks:
-            if isinstance(b, RoutedBlock):
-                b.router.proj.weight.copy_(torch.randn(b.router.proj.weight.shape, generator=g) * 2)
-                b.router.proj.bias.zero_()
-    dense = _vit()
-    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        per_image = [count_flops(m, x[i : i + 1]) for i in range(6)]
+    m, dense, x, per_image = _routed()
     d = count_flops(dense, x[:1])
     assert per_image[0] != sum(per_image) / 6
     curve = knob_curve(m, dense, lambda mod: 0.0, x, keeps=[0.5], batch_sizes=[1, 3], rounds=1, flops_images=6)
