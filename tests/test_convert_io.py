@@ -175,3 +175,21 @@ def test_metadata_is_plain_json(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         settings = json.loads(f.metadata()["settings"])
     assert settings == {f"blocks.{i}.mlp.norm.gate": {"k": 128} for i in range(2)}
+
+
+# ---- a converted model pruned and converted again ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("second", ["neurons", "heads"])
+def test_save_of_a_model_converted_twice_is_refused_with_the_reason(tmp_path, second):
+    # the second convert's plan is relative to the first conversion: the file would not load. save said
+    # "slice plan entry 'blocks.0.mlp.norm': plan has 96 units, the model has 192" (or a shape mismatch) only
+    model = _vit()
+    ds.prune.structured_(model, {"neurons": 0.5})
+    once = ds.convert(model)
+    ds.save(once, tmp_path / "once.safetensors", arch=ARCH)
+    ds.prune.structured_(once, {second: 0.5})
+    twice = ds.convert(once, verify_inputs=_x())  # in memory it is right
+    with pytest.raises(ds.ConfigError, match=r"do not rebuild this model .*converted again.*prune the gated model"):
+        ds.save(twice, tmp_path / "twice.safetensors", arch=ARCH)
+    assert not (tmp_path / "twice.safetensors").exists()

@@ -299,3 +299,49 @@ def test_nm_and_block_masks_work_with_apply_masks():
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     prune.apply_masks_(model, {"0.weight": nm_mask(model[0].weight), "2.weight": block_mask(model[2].weight, 8, 0.5)})
     assert prune.sparsity(model).layers == {"0.weight": 0.5, "2.weight": 0.5}
+
+
+def test_nm_mask_ties_prune_the_lower_index_on_every_size():
+    # topk's choice among equal values is unspecified (it kept the middle of a 16-group): the stable rule is
+    # the one unstructured_ / unstructured_masks use, the lower index pruned first
+    for n, m in [(2, 4), (3, 16), (8, 32)]:
+        mask = nm_mask(torch.ones(2, 2 * m), n, m)
+        expected = torch.tensor([False] * (m - n) + [True] * n).repeat(2, 2)
+        assert torch.equal(mask, expected), (n, m, mask.int().tolist())
+    w = torch.tensor([[1.0, 1.0, 1.0, 0.5, 0.0, 0.0, 2.0, 0.0]])
+    assert nm_mask(w).tolist() == [[False, True, True, False, False, False, True, True]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(nm=st.integers(1, 16).flatmap(lambda m: st.tuples(st.integers(0, m), st.just(m))), seed=st.integers(0, 2**16))
+def test_nm_mask_agrees_with_row_masks_of_each_group(nm, seed):
+    from dynsparse.importance import unstructured_masks
+
+    n, m = nm
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randint(-2, 3, (3, 2 * m), generator=gen).float()  # many ties
+    groups = {"w": w.abs().reshape(-1, m)}
+    ref = unstructured_masks(groups, (m - n) / m, scope="row")["w"].reshape(w.shape)
+    assert torch.equal(nm_mask(w, n, m), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_dtype_change_sets_the_mode_back_to_dense(dtype):
+    _, layer = make("bsr")
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        layer(x)  # builds the BSR cache
+    layer.measured = {(1, 32): 2.0}
+    moved = layer.to(dtype)  # the BSR kernel has no float16 / bfloat16 CPU implementation: it raised here
+    assert moved is layer and layer.mode == "dense" and layer.measured == {} and layer._bsr_cache is None
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x.to(dtype)), F.linear(x.to(dtype), layer.weight, layer.bias))
+    if dtype == torch.float64:  # it may be forced back where the kernel exists
+        assert layer.force_("bsr").mode == "bsr"
+
+
+def test_a_move_to_the_same_dtype_and_device_keeps_the_mode():
+    _, layer = make("bsr")
+    layer.measured = {(1, 32): 2.0}
+    layer.to(torch.float32).float().cpu()
+    assert layer.mode == "bsr" and layer.measured == {(1, 32): 2.0}

@@ -273,17 +273,22 @@ def save(
     spec = _arch_of(model, arch)
     data = check_data(data) if data is not None else None
     # check now that the spec + plan rebuild this model, rather than writing a file that will not load
-    rebuilt = apply_plan_to_spec(spec, plan)
+    what = f"save: arch {spec['name']!r} with kwargs {spec.get('kwargs')} and the plan do not rebuild this model"
+    hint = (
+        "pass the arch kwargs the model was created with, and the plan that describes it (the model must not "
+        "be changed after convert; a converted model pruned and converted again carries only the second plan, "
+        "relative to the first conversion: prune the gated model again instead and convert it once)"
+    )
+    try:
+        rebuilt = apply_plan_to_spec(spec, plan)
+    except ConfigError as e:
+        raise ConfigError(f"{what} ({e}); {hint}") from None
     shapes = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if shapes != mine:
         bad = sorted(k for k in set(shapes) | set(mine) if shapes.get(k) != mine.get(k))
-        raise ConfigError(
-            f"save: arch {spec['name']!r} with kwargs {spec.get('kwargs')} and the plan do not rebuild this "
-            f"model (first mismatch: {bad[0]!r}, rebuilt {_shape(shapes, bad[0])}, model {_shape(mine, bad[0])}); "
-            "pass the arch kwargs the model was created with, and the plan that describes it (the model must not "
-            "be changed after convert)"
-        )
+        first = f"first mismatch: {bad[0]!r}, rebuilt {_shape(shapes, bad[0])}, model {_shape(mine, bad[0])}"
+        raise ConfigError(f"{what} ({first}); {hint}")
     meta = {"format": _FORMAT, "kind": "converted", "arch": json.dumps(spec), "plan": plan.to_json()}
     if data is not None:
         meta["data"] = json.dumps(data)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, DynsparseError
+from ..modules import first_param
 
 __all__ = ["verify"]
 
@@ -34,7 +36,9 @@ def verify(
 ) -> float:
     """Max-abs difference of ``candidate``'s outputs to ``reference``'s, both in eval mode, on ``inputs``.
 
-    Training flags are restored afterwards.
+    Training flags are restored afterwards. The inputs go to each model's device (its first floating parameter
+    or buffer; a model without one gets them as they are), and each output is compared on the device of the
+    reference's, so a GPU model can be checked on CPU inputs, or against a CPU reference.
 
     Args:
         reference: The reference model (e.g. the gated model).
@@ -61,7 +65,8 @@ def verify(
     candidate.eval()
     try:
         with torch.no_grad():
-            ref, out = _flatten(reference(*args)), _flatten(candidate(*args))
+            ref = _flatten(reference(*_to_model(reference, args)))
+            out = _flatten(candidate(*_to_model(candidate, args)))
     finally:
         reference.train(flags[0])
         candidate.train(flags[1])
@@ -78,7 +83,7 @@ def verify(
         raise DynsparseError("verify: the two models return outputs of different structure or shape")
     diff, bad = 0.0, []
     for i, (a, b) in enumerate(zip(ref, out, strict=True)):
-        d, problem = _compare(a.double(), b.double(), atol, rtol)
+        d, problem = _compare(a.double(), b.double().to(a.device), atol, rtol)
         diff = d if math.isnan(d) or d > diff else diff  # NaN wins, as builtin max() would drop it
         if problem:
             bad.append(f"output {i}: {problem}")
@@ -87,6 +92,20 @@ def verify(
             f"verify: outputs differ, max-abs difference {diff:.3g} (atol={atol}, rtol={rtol}); {'; '.join(bad[:3])}"
         )
     return diff
+
+
+def _to_model(model: nn.Module, x: Any) -> Any:
+    """``x`` (a tensor, or tuples / lists / dicts of them) on ``model``'s device; as it is for a model without one."""
+    p = first_param(model)
+    if p is None:
+        return x
+    if isinstance(x, Tensor):
+        return x.to(p.device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_model(model, v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_model(model, v) for k, v in x.items()}
+    return x
 
 
 def _compare(a: Tensor, b: Tensor, atol: float, rtol: float) -> tuple[float, str | None]:

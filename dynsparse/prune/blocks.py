@@ -88,7 +88,8 @@ def nm_mask(weight: Tensor, n: int = 2, m: int = 4) -> Tensor:
     """N:M keep mask: in every group of ``m`` consecutive weights along the input dimension, the ``n`` largest |w|.
 
     For a conv weight (out, in, kh, kw) the groups run along the flattened ``in · kh · kw`` of each output row.
-    Every group keeps exactly ``n`` entries (ties go by position).
+    Every group keeps exactly ``n`` entries; ties go by position, the lower index pruned first (as
+    ``unstructured_`` and ``importance.unstructured_masks`` break them), the same on every device.
 
     Args:
         weight: (out, in) or (out, in, ...); the flattened input size must be divisible by ``m``.
@@ -114,8 +115,10 @@ def nm_mask(weight: Tensor, n: int = 2, m: int = 4) -> Tensor:
     w = weight.detach().abs().reshape(-1, m)
     if w.dtype not in (torch.float32, torch.float64):
         w = w.float()
-    keep = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
-    keep.scatter_(1, w.topk(n, dim=1, sorted=False).indices, True)
+    # a stable sort, not topk (whose choice among equal values is unspecified and differs between kernels)
+    pruned = torch.sort(w, dim=1, stable=True).indices[:, : m - n]
+    keep = torch.ones(w.shape, dtype=torch.bool, device=w.device)
+    keep.scatter_(1, pruned, False)
     return keep.reshape(weight.shape)
 
 
@@ -191,7 +194,8 @@ class BlockSparseLinear(nn.Module):
     ``F.linear(x, weight, bias)`` up to float rounding. Where autograd needs a graph through the layer (grad
     mode and an input or parameter that requires grad), the dense path runs, since the BSR kernel has no
     backward on CPU. Kernels without a BSR implementation (e.g. bfloat16 on CPU) fall back to dense at
-    calibration.
+    calibration. A change of dtype or device (``.to(...)``, ``.half()``, ``.cuda()``) sets ``mode`` back to
+    ``"dense"`` and clears ``measured``: call `calibrate_` (or `force_`) again on the new dtype / device.
 
     Args:
         in_features: Input size, divisible by the block.
@@ -401,6 +405,22 @@ class BlockSparseLinear(nn.Module):
         finally:
             torch.set_num_threads(threads)
         self.mode = "bsr" if faster else "dense"
+        return self
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> BlockSparseLinear:
+        # `.to(...)`, `.half()`, `.cuda()`, ...: a mode measured (or forced) for one dtype and device says nothing
+        # about another, where the BSR kernel may be slower or missing (half / bfloat16 on CPU): back to dense
+        before = (self.weight.dtype, self.weight.device)
+        super()._apply(fn, recurse)
+        if (self.weight.dtype, self.weight.device) != before:
+            if self.mode == "bsr":
+                log.info(
+                    "BlockSparseLinear: moved from %s on %s to %s on %s; mode back to 'dense' (run calibrate_ again)",
+                    *before,
+                    self.weight.dtype,
+                    self.weight.device,
+                )
+            self.mode, self.measured, self._bsr_cache = "dense", {}, None
         return self
 
     def refresh_(self) -> BlockSparseLinear:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import glob
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..importance.masks import _count
 
 __all__ = ["SensitivityResult", "sensitivity"]
 
@@ -78,6 +80,10 @@ def sensitivity(
             lowest-magnitude units of each gate alone (the model must be gated, e.g. by ``sparsify_``).
         layers: Names to analyse (weight fqns for ``element``, gate fqns for ``units``); default all.
 
+    With ``group="element"`` a layer pruned already (a `MaskedLinear` / `MaskedConv2d`) is analysed too, as
+    `unstructured_` prunes it: a ratio is the fraction of all its weights, the pruned ones included, so ratios up
+    to its current sparsity give the reference's metric.
+
     With ``group="units"`` every evaluation, the unpruned reference (ratio 0) included, runs the model with each
     static gate frozen to what it does now in eval mode (`dynsparse.fix_gates_` without masks: its current
     ``keep_mask()`` and eval multipliers), so a learned gate (hard-concrete, sigmoid, ...) is measured as it is
@@ -90,14 +96,15 @@ def sensitivity(
     """
     from ..importance import MagnitudeImportance
     from ..sparsify import named_gates
-    from .unstructured import unstructured_
+    from .unstructured import _MASKED, unstructured_
 
     ratios = [float(r) for r in ratios]
     if any(not 0.0 <= r < 1.0 for r in ratios):
         raise ConfigError(f"sensitivity: ratios must be in [0, 1), got {ratios}")
     result = SensitivityResult(ratios=ratios, group=group)
-    if group == "element":
-        names = [f"{n}.weight" for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    if group == "element":  # masked twins too: a pruned layer is analysed from the sparsity it has
+        prunable = (nn.Linear, nn.Conv2d, *_MASKED)
+        names = [f"{n}.weight" for n, m in model.named_modules() if type(m) in prunable]
     elif group == "units":
         names = [f for f, g in named_gates(model) if g.num_units > 1]
         scores = MagnitudeImportance()(model) if names else {}
@@ -116,14 +123,21 @@ def sensitivity(
         for r in ratios:
             if group == "element":
                 m = copy.deepcopy(model)
-                if r > 0:
-                    unstructured_(m, r, scope="layer", include=name.rpartition(".")[0])
+                fqn = name.rpartition(".")[0]
+                if _count(r, m.get_submodule(fqn).weight.numel()) > _pruned(m.get_submodule(fqn)):
+                    unstructured_(m, r, scope="layer", include=glob.escape(fqn))
             else:
                 m = _units_pruned(model, name, scores[name], r)
             with torch.no_grad():
                 curve.append(float(eval_fn(m)))
         result.curves[name] = curve
     return result
+
+
+def _pruned(module: nn.Module) -> int:
+    """Weights of ``module`` masked already (0 for a plain layer)."""
+    mask = getattr(module, "weight_mask", None)
+    return 0 if mask is None else mask.numel() - int(mask.count_nonzero())
 
 
 def _units_pruned(model: nn.Module, name: str, score: torch.Tensor, ratio: float) -> nn.Module:
