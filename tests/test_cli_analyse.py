@@ -149,3 +149,16 @@ def test_a_text_encoder_file_shows_its_text_data(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "data: text, distilled on english-sentences, tokenizer all-minilm-l6-v2, up to 64 tokens" in out
     assert "not counted for a text encoder" in out and "pass --input" not in out
+
+
+def test_a_threshold_token_gate_on_its_learned_thresholds(tmp_path, capsys):
+    # a threshold token gate's default budget is keep=None (its learned θ): analyse raised TypeError on float(None)
+    from dynsparse.convert.io import build_host
+
+    model = build_host(ARCH).eval()
+    ds.sparsify_(model, {"tokens": {"gate": "threshold", "blocks": [1]}})
+    path = ds.save_gated(model, tmp_path / "gated.safetensors", arch=ARCH, data={"input_shape": [1, 8, 8]})
+    a = _analyse(path, tmp_path, "--flops-inputs", "2")
+    (row,) = [g for g in a["gates"] if g["type"] == "ThresholdTokenGate"]
+    assert (row["kept"], row["keep"]) == (None, None)
+    assert "per input, learned thresholds" in capsys.readouterr().out

@@ -125,8 +125,8 @@ def analyse(path: str, *, input_shape: tuple[int, int, int] | None = None, flops
         row = {"name": fqn, "type": type(g).__name__, "dimension": getattr(slot, "dimension", None)}
         if hasattr(g, "keep_mask"):
             row.update(kept=int(g.keep_mask().sum()), total=int(g.num_units))
-        else:  # input-dependent: decided per input, with a run-time budget
-            row.update(kept=None, total=int(g.num_units), keep=float(g.keep))
+        else:  # input-dependent: decided per input, with a run-time budget (None: learned thresholds)
+            row.update(kept=None, total=int(g.num_units), keep=None if g.keep is None else float(g.keep))
         gates.append(row)
     params, nonzero = count_params(model)
     weights, nonzero_weights = count_weights(model)
@@ -162,6 +162,11 @@ def analyse(path: str, *, input_shape: tuple[int, int, int] | None = None, flops
 
 def _pct(v: float | None) -> str:
     return f"{100 * v:.1f}%" if v is not None else "-"
+
+
+def _budget(keep: float | None) -> str:
+    """An input-dependent gate's run-time budget; None: a threshold gate on its learned thresholds."""
+    return "learned thresholds" if keep is None else f"budget {keep:.0%}"
 
 
 def _dims(shape: list[int] | None) -> str:
@@ -224,7 +229,7 @@ def format_analysis(a: dict[str, Any], top: int | None = None) -> str:
         g = max(len(r["name"]) for r in a["gates"])
         lines += ["", f"{'gate':<{g}}  {'dimension':<9}  {'class':<22}  kept / total"]
         for r in a["gates"]:
-            kept = f"{r['kept']} / {r['total']}" if r["kept"] is not None else f"per input, budget {r['keep']:.0%}"
+            kept = f"{r['kept']} / {r['total']}" if r["kept"] is not None else f"per input, {_budget(r['keep'])}"
             lines.append(f"{r['name']:<{g}}  {r['dimension'] or '-':<9}  {r['type']:<22}  {kept}")
     tot = a["totals"]
     lines.append("")
