@@ -113,9 +113,11 @@ def test_variational_gate_clips_log_alpha_like_the_reference() -> None:
     torch.manual_seed(0)
     assert_close(gate(), 1 + (0.5 * clipped).exp() * eps, what="z = 1 + sqrt(clip(α))·ε")
     (gate().sum() + gate.penalty()).backward()
-    outside = (la < -8) | (la > 8)
-    # zero strictly outside only: a gate at the bounds (the default init -8, or after constrain_()) still learns
-    assert (gate.log_alpha.grad[outside] == 0).all() and (gate.log_alpha.grad[~outside] != 0).all()
+    g = gate.log_alpha.grad
+    # inside (bounds included: the default init -8, or after constrain_()) every gradient; outside, only those
+    # that lead back in (a descent step moves log α by -grad)
+    assert (g[(la >= -8) & (la <= 8)] != 0).all()
+    assert (g[la < -8] <= 0).all() and (g[la > 8] >= 0).all()
     assert gate.eval()().tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0], "eval thresholds log α at 3, as before"
 
 
@@ -148,3 +150,21 @@ def test_bad_ranges_targets_and_epochs_raise_errors_naming_the_argument() -> Non
     model = tiny_vit(dims=("neurons",), gate="hard_concrete", dtype=torch.float32)
     with pytest.raises(ConfigError, match=r"TargetSparsity: target .* got '0.5'"):
         TargetSparsity(model, "0.5", example_input=torch.randn(1, 3, 32, 32))  # type: ignore[arg-type]
+
+
+def test_a_log_alpha_pushed_below_the_clip_is_not_frozen_there() -> None:
+    # the data term alone (KL warm-up) pushed units from the default init -8 to just below it; with clamp's zero
+    # gradient outside the range, the KL could never pull them back: open for good, never pruned
+    gate = VariationalGate(3, dtype=torch.float64).train()
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([-8.05, -8.0, 8.05], dtype=torch.float64))
+    gate.penalty().backward()
+    g = gate.log_alpha.grad
+    assert g[0] < 0 and g[1] < 0, f"the KL must pull log α up at and below the lower clip, got {g.tolist()}"
+    assert g[2] == 0, "above the upper clip the KL (which pushes up) must not act"
+    opt = torch.optim.Adam(gate.parameters(), lr=0.01)
+    for _ in range(20):
+        opt.zero_grad()
+        gate.penalty().backward()
+        opt.step()
+    assert gate.log_alpha[0] > -8.0, f"log α stayed at {gate.log_alpha[0].item():.3f}, below the clip"

@@ -19,6 +19,7 @@ __all__ = [
     "hard_concrete_eval",
     "hard_concrete_prob_nonzero",
     "hard_concrete_sample",
+    "inward_clamp",
     "straight_through",
     "topk_mask",
 ]
@@ -66,6 +67,38 @@ def hard_concrete_prob_nonzero(
     Its sum over units is the closed-form expected L0 norm (eq. 12).
     """
     return torch.sigmoid(log_alpha - beta * math.log(-gamma / zeta))
+
+
+class _InwardClamp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, lo: float, hi: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.bounds = (lo, hi)
+        return x.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        lo, hi = ctx.bounds
+        # a descent step moves x by -grad: outside the range, keep only the gradients that move it back inside
+        outward = ((x < lo) & (grad > 0)) | ((x > hi) & (grad < 0))
+        return grad.masked_fill(outward, 0), None, None
+
+
+def inward_clamp(x: Tensor, lo: float, hi: float) -> Tensor:
+    """``x.clamp(lo, hi)`` whose gradient never pushes ``x`` further outside ``[lo, hi]``.
+
+    Inside the range (bounds included) the gradient is the identity's; outside, it passes only where a descent step
+    (``x -= lr · grad``) moves ``x`` back towards the range, and is 0 where it would move ``x`` further out. Unlike
+    ``clamp`` (0 outside whatever the direction), a value that drifted past a bound is never frozen there.
+
+    Examples:
+        >>> x = torch.tensor([-12.0, 0.0, 12.0], requires_grad=True)
+        >>> (inward_clamp(x, -8.0, 8.0) * torch.tensor([-1.0, 1.0, -1.0])).sum().backward()
+        >>> x.grad  # -1 at -12 moves it up (back in); -1 at 12 would move it further up
+        tensor([-1.,  1.,  0.])
+    """
+    return _InwardClamp.apply(x, lo, hi)
 
 
 def straight_through(hard: Tensor, soft: Tensor) -> Tensor:

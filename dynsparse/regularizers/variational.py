@@ -404,8 +404,8 @@ class VariationalGate(Gate):
         init_log_alpha: Initial ``log α`` of every unit (-8: nearly noise-free, and open).
         threshold: Units with ``log α > threshold`` are dropped (3).
         log_alpha_range: Clip of ``log α`` ([-8, 8], the reference code's): the training noise, the penalty and
-            ``expected_keep()`` use the clipped value (zero gradient outside), and ``constrain_()`` clamps the
-            parameter itself to it (call after the optimizer step, optional).
+            ``expected_keep()`` use the clipped value (outside it, only the gradients that lead back in), and
+            ``constrain_()`` clamps the parameter itself to it (call after the optimizer step, optional).
         device: Device of the parameter.
         dtype: Dtype of the parameter.
 
@@ -451,15 +451,17 @@ class VariationalGate(Gate):
             self.log_alpha.fill_(self.init_log_alpha)
 
     def clipped_log_alpha(self) -> Tensor:
-        """``clamp(log α, *log_alpha_range)``, differentiable (zero gradient strictly outside the range).
+        """``clamp(log α, *log_alpha_range)``, differentiable: no gradient moves ``log α`` further out of the range.
 
         As in the reference code (``clip`` in ``DenseVarDropOutARD``: one clipped ``log α`` feeds the training
-        noise and the KL), so neither the penalty nor the data term moves ``log α`` beyond the range.
+        noise and the KL), so neither the penalty nor the data term moves ``log α`` beyond the range. A ``log α``
+        outside it (an optimizer step past a bound) still gets the gradients that bring it back
+        (`dynsparse.gates.functional.inward_clamp`): with ``clamp``'s zero gradient outside, a unit the data term
+        pushed just below the default ``init_log_alpha`` (-8) stayed there for good, never pruned by the KL.
         """
-        la, (lo, hi) = self.log_alpha, self.log_alpha_range
-        # not la.clamp(lo, hi): its gradient is 0 *at* the bounds too, which would freeze a gate at the default
-        # init_log_alpha (-8) or wherever constrain_() put it; here only values strictly outside get 0
-        return torch.where((la >= lo) & (la <= hi), la, la.detach().clamp(lo, hi))
+        from ..gates.functional import inward_clamp
+
+        return inward_clamp(self.log_alpha, *self.log_alpha_range)
 
     def forward(self) -> Tensor:
         if self.training:
