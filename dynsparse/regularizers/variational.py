@@ -454,10 +454,9 @@ class VariationalGate(Gate):
         """``clamp(log α, *log_alpha_range)``, differentiable: no gradient moves ``log α`` further out of the range.
 
         As in the reference code (``clip`` in ``DenseVarDropOutARD``: one clipped ``log α`` feeds the training
-        noise and the KL), so neither the penalty nor the data term moves ``log α`` beyond the range. A ``log α``
-        outside it (an optimizer step past a bound) still gets the gradients that bring it back
-        (`dynsparse.gates.functional.inward_clamp`): with ``clamp``'s zero gradient outside, a unit the data term
-        pushed just below the default ``init_log_alpha`` (-8) stayed there for good, never pruned by the KL.
+        noise and the KL), so no term moves ``log α`` beyond the range; one outside it (a step past a bound) still
+        gets the gradients that bring it back (`dynsparse.gates.functional.inward_clamp`; with ``clamp``'s zero
+        gradient, a unit pushed just below the default init -8 stayed there, never pruned by the KL).
         """
         from ..gates.functional import inward_clamp
 
