@@ -150,10 +150,9 @@ def plan_sparsify(
         _check_gate_options(dim, opts)
         plan.gate_specs[dim] = opts
         if dim in COUPLED_DIMENSIONS:  # one gate for the whole model, checked before any module changes
-            _check_gate_sizes(dim, opts, {})
             if inc != g_inc or exc != g_exc:
                 raise ConfigError(f"sparsify spec field {dim!r}: one gate covers the whole model (no include/exclude)")
-            table.check_width(model)
+            _check_gate_sizes(dim, opts, {table.check_width(model): "width"})  # a fixed mask of the stream's width
             plan.targets.append(("", dim))
             continue
         found = 0

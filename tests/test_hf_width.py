@@ -212,3 +212,18 @@ def test_convert_removes_the_width_sampling_hook():
     assert sample_width in model._forward_pre_hooks.values()
     small = ds.convert(model.eval())
     assert sample_width not in small._forward_pre_hooks.values()
+
+
+def test_width_gate_spec_is_checked_at_the_stream_width():
+    # the throw-away spec check built a 4096-unit gate: a fixed mask of the stream's own width was refused
+    bert = _build("bert")
+    width = bert.config.hidden_size
+    mask = [True] * (width - 4) + [False] * 4
+    ds.sparsify_(bert, {"width": {"gate": "fixed", "mask": mask}})
+    assert bert.width.gate.keep_mask().tolist() == mask
+    other = _build("bert")
+    with pytest.raises(ConfigError, match=rf"'width' \(the {width}-unit gate of 'width'\).*mask"):
+        ds.sparsify_(other, {"width": {"gate": "fixed", "mask": [True] * (width + 1)}})
+    with pytest.raises(ConfigError, match=rf"'width' \(the {width}-unit gate of 'width'\).*k must be"):
+        ds.sparsify_(other, {"width": {"gate": "topk", "k": width + 1}})
+    assert not list(ds.named_gates(other))

@@ -238,12 +238,14 @@ def unscaled(model: nn.Module, dim: str) -> list[str]:
     return hw.kernels_of(model) if hw is not None else []
 
 
-def check_width(model: nn.Module) -> None:
-    """Raise unless ``model`` can take a ``width`` gate (a Hugging Face model the width table covers)."""
+def check_width(model: nn.Module) -> int:
+    """The residual-stream width of ``model`` (the units of its ``width`` gate); raise unless ``model`` can take a
+    ``width`` gate (a Hugging Face model the width table covers)."""
     from ..errors import UnsupportedModuleError
 
     hw = _width_table()
-    if hw is None or hw.width_of(model) is None:
+    width = None if hw is None else hw.width_of(model)
+    if width is None:
         raise UnsupportedModuleError(
             "",
             type(model).__name__,
@@ -252,6 +254,7 @@ def check_width(model: nn.Module) -> None:
             "Llama, Qwen2 and Mistral)",
         )
     hw.check_covered(model)
+    return width
 
 
 def gate_width_(model: nn.Module, gate: GateSpec) -> nn.Module:
