@@ -120,8 +120,9 @@ def _convert(args: argparse.Namespace) -> int:
 
     import dynsparse as ds
     from dynsparse.atomic import atomic_write
-    from dynsparse.commands.modelfile import count_params, is_dynamic
+    from dynsparse.commands.modelfile import is_dynamic
     from dynsparse.flops import default_input as _default_input
+    from dynsparse.report import count_params
 
     model, info = ds.load_gated(args.checkpoint)
     model.eval()

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .flops import CostModel, default_input
 from .gates import Gate, InputDependentGate
 
-__all__ = ["DimensionRow", "InputDependentRow", "SparsityReport", "sparsity_report"]
+__all__ = ["DimensionRow", "InputDependentRow", "SparsityReport", "count_params", "count_weights", "sparsity_report"]
 
 
 @dataclass(frozen=True)
@@ -178,3 +178,37 @@ def _dimension(gate: InputDependentGate) -> str:
 def _si(n: float) -> str:
     """``n`` in millions with two decimals, or in thousands below a million (a tiny model's FLOPs are not 0.00M)."""
     return f"{n / 1e6:.2f}M" if abs(n) >= 1e6 or n == 0 else f"{n / 1e3:.2f}k"
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """``(parameters, non-zero parameters)``, the static gates' own parameters left out.
+
+    A static gate's parameters (hard-concrete ``log_alpha``, ...) only decide what conversion keeps; an
+    input-dependent gate (token predictor, router, per-input channel saliency) runs with the model at inference,
+    converted or not, so its parameters count.
+    """
+    from .sparsify import named_gates
+
+    gates = [fqn for fqn, g in named_gates(model) if not isinstance(g, InputDependentGate)]
+    total = nonzero = 0
+    for name, p in model.named_parameters():
+        if any(name.startswith(g + ".") for g in gates):
+            continue
+        total += p.numel()
+        nonzero += int((p != 0).sum())
+    return total, nonzero
+
+
+def count_weights(model: nn.Module) -> tuple[int, int]:
+    """``(weights, non-zero weights)`` of the ``nn.Linear`` / ``nn.Conv2d`` layers: what ``--unstructured`` prunes.
+
+    Biases and norms are left out: they are never pruned, and timm starts its biases at 0.
+    """
+    from .prune.masked import TWINS
+
+    total = nonzero = 0
+    for m in model.modules():
+        if type(m) in TWINS:
+            total += m.weight.numel()
+            nonzero += int((m.weight != 0).sum())
+    return total, nonzero

@@ -115,8 +115,12 @@ def test_eval_of_a_file_without_data_needs_dataset(tmp_path, capsys):
 
 
 def test_a_run_without_gates_writes_no_gated_file(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="dynsparse.recipes.run"):
+    stale = tmp_path / "run" / "gated.safetensors"  # left by an earlier, gated run in the same directory
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an earlier run's file")
+    with caplog.at_level(logging.INFO, logger="dynsparse.recipes.gated_file"):
         run = _train(tmp_path, DENSE)
+    assert run == stale.parent
     assert not (run / "gated.safetensors").exists() and (run / "model.safetensors").exists()
     assert "no gates (the model was not sparsified): no gated.safetensors written" in caplog.text
     assert "gated" not in json.loads((run / "report.json").read_text())["files"]
@@ -131,7 +135,23 @@ def test_a_refused_gated_file_is_a_warning_not_a_failed_run(tmp_path, monkeypatc
         raise ds.ConfigError("save_gated: the sparsify spec must be JSON data")
 
     monkeypatch.setattr(io, "save_gated", refuse)
-    with caplog.at_level(logging.WARNING, logger="dynsparse.recipes.run"):
+    with caplog.at_level(logging.WARNING, logger="dynsparse.recipes.gated_file"):
         run = _train(tmp_path, GATED)
-    assert "gated.safetensors not written: save_gated: the sparsify spec must be JSON data" in caplog.text
+    assert "gated.safetensors not written: ConfigError: save_gated: the sparsify spec must be JSON data" in caplog.text
     assert not (run / "gated.safetensors").exists() and (run / "model.safetensors").exists()
+
+
+def test_any_error_of_the_gated_file_leaves_the_finished_run_intact(tmp_path, monkeypatch, caplog):
+    """The gated file is an extra of a finished run: an unexpected error (not a DynsparseError) is logged."""
+    import importlib
+
+    io = importlib.import_module("dynsparse.convert.io")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a layer kind load_gated cannot replay")
+
+    monkeypatch.setattr(io, "load_gated", broken)
+    with caplog.at_level(logging.WARNING, logger="dynsparse.recipes.gated_file"):
+        run = _train(tmp_path, GATED)
+    assert "not written: RuntimeError: a layer kind load_gated cannot replay" in caplog.text
+    assert not (run / "gated.safetensors").exists() and (run / "report.json").exists()

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..report import count_params, count_weights
 
 __all__ = [
     "ModelFile",
@@ -129,41 +130,6 @@ def check_output_file(path: str | None, flag: str) -> None:
     """Refuse an output file that names a directory before the work is done (the write would fail after it)."""
     if path is not None and os.path.isdir(path):
         raise ConfigError(f"{flag} {path}: is a directory; name a file (e.g. {os.path.join(path, 'out.json')})")
-
-
-def count_params(model: nn.Module) -> tuple[int, int]:
-    """``(parameters, non-zero parameters)``, the static gates' own parameters left out.
-
-    A static gate's parameters (hard-concrete ``log_alpha``, ...) only decide what conversion keeps; an
-    input-dependent gate (token predictor, router, per-input channel saliency) runs with the model at inference,
-    converted or not, so its parameters count.
-    """
-    from ..gates import InputDependentGate
-    from ..sparsify import named_gates
-
-    gates = [fqn for fqn, g in named_gates(model) if not isinstance(g, InputDependentGate)]
-    total = nonzero = 0
-    for name, p in model.named_parameters():
-        if any(name.startswith(g + ".") for g in gates):
-            continue
-        total += p.numel()
-        nonzero += int((p != 0).sum())
-    return total, nonzero
-
-
-def count_weights(model: nn.Module) -> tuple[int, int]:
-    """``(weights, non-zero weights)`` of the ``nn.Linear`` / ``nn.Conv2d`` layers: what ``--unstructured`` prunes.
-
-    Biases and norms are left out: they are never pruned, and timm starts its biases at 0.
-    """
-    from ..prune.masked import TWINS
-
-    total = nonzero = 0
-    for m in model.modules():
-        if type(m) in TWINS:
-            total += m.weight.numel()
-            nonzero += int((m.weight != 0).sum())
-    return total, nonzero
 
 
 def build_dense(arch: dict[str, Any], path: str) -> nn.Module:

@@ -16,6 +16,7 @@ from torch import nn
 from ..atomic import atomic_write
 from ..convert import convert, save
 from ..flops import mean_flops
+from .gated_file import save_gated_checked
 from .schema import Recipe, StageSpec
 from .train import Trainer, build_model
 
@@ -53,35 +54,9 @@ def data_spec(recipe: Recipe, test_set: Any) -> dict[str, Any]:
     }
 
 
-def _save_gated(model: nn.Module, path: Path, arch: dict[str, Any], data: dict[str, Any], x: torch.Tensor) -> bool:
-    """``save_gated`` of the trained model, checked by loading it back and comparing outputs on ``x``.
-
-    Returns False (logged, no file left) where the model has no gates, `save_gated` refuses it, or the file does
-    not rebuild the model (a layer kind ``load_gated`` cannot replay): the run goes on without it.
-    """
-    from ..convert.io import HISTORY_ATTR, load_gated, save_gated
-    from ..errors import DynsparseError
-
-    if not getattr(model, HISTORY_ATTR, None):
-        log.info("no gates (the model was not sparsified): no %s written", path.name)
-        return False
-    try:
-        save_gated(model, path, arch=arch, data=data)
-        back = load_gated(path)[0].eval()
-        with torch.no_grad():
-            same = torch.allclose(back(x), model(x), atol=1e-5, rtol=1e-5)
-        if not same:
-            raise DynsparseError("the checkpoint loads back with different outputs")
-    except DynsparseError as e:
-        log.warning("%s not written: %s", path, e)
-        path.unlink(missing_ok=True)
-        return False
-    return True
-
-
 def _params(model: nn.Module, nonzero: bool = False) -> int:
     """Parameters (or non-zero ones) without the static gates' own; a run-time (input-dependent) gate's count."""
-    from ..commands.modelfile import count_params
+    from ..report import count_params
 
     return count_params(model)[1 if nonzero else 0]
 
@@ -121,7 +96,11 @@ def run_recipe(
     arch = {"library": recipe.model.library, "name": recipe.model.name, "kwargs": recipe.model.kwargs}
     data = data_spec(recipe, trainer.test_set)
     written = {}
-    if _save_gated(model, out / "gated.safetensors", arch, data, x_verify):  # for `dynsparse convert`
+
+    def difference(loaded: nn.Module) -> float:
+        return float((loaded(x_verify) - model(x_verify)).abs().max())
+
+    if save_gated_checked(model, out / "gated.safetensors", difference, arch=arch, data=data):  # `dynsparse convert`
         written["gated"] = "gated.safetensors"
     if recipe.convert.enabled:  # also without gates: the model file is then the (pruned) dense model
         converted = convert(

@@ -40,12 +40,13 @@ from ..regularizers.budget import TargetSparsity
 from ..sparsify import fix_gates_, named_gates, sparsify_
 from .checkpoint import save_checkpoint, to_cpu, trim_log
 from .device import resolve_device
+from .gated_file import save_gated_checked
 from .loader import recipe_to_dict
-from .schema import RecipeError
 from .text_checkpoint import FINETUNE_FIELDS, GATE_FIELDS, fingerprint, load_stage, rng_state, set_rng_state
 from .text_data import BatchStream, collate, prepare_text_data
 from .text_distill import distillation_loss, expand, hidden_states, no_dropout_, width_keep
-from .text_schema import EncoderSpec, TextRecipe, sparsify_spec
+from .text_encoder import check_lengths, load_encoder, text_data_spec
+from .text_schema import TextRecipe, sparsify_spec
 
 __all__ = [
     "check_lengths",
@@ -63,60 +64,6 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
-def load_encoder(spec: EncoderSpec) -> tuple[nn.Module, Any]:
-    """The dense transformers ``BertModel`` (eval mode, float32) and its tokenizer, from a registered name or a
-    directory.
-
-    A directory's weights load in float32 whatever dtype they were saved in (transformers would keep a half-precision
-    checkpoint in half precision; the recipe trains the weights and gates in float32).
-
-    Raises:
-        RecipeError: the directory holds no BERT encoder (the FLOPs attribution is BERT's).
-    """
-    try:
-        import transformers
-    except ImportError:
-        raise RecipeError(
-            "encoder: a sentence-embedding recipe needs transformers: pip install 'dynsparse[hf]'"
-        ) from None
-    if spec.pretrained is not None:
-        from ..pretrained import load_pretrained
-
-        enc = load_pretrained(spec.pretrained)
-        model, tok = enc.model, enc.tokenizer
-    else:
-        path = os.path.expanduser(spec.path)  # as text_schema checks it
-        model = transformers.AutoModel.from_pretrained(
-            path, local_files_only=True, add_pooling_layer=False, dtype=torch.float32
-        )
-        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if not isinstance(model, transformers.BertModel):
-        raise RecipeError(f"encoder: {type(model).__name__} is not a BertModel; the recipe compresses BERT encoders")
-    return model.eval(), tok
-
-
-def check_lengths(recipe: TextRecipe, encoder: nn.Module) -> None:
-    """Refuse token lengths the encoder has no position embeddings for (before any training, not at the evaluation).
-
-    Raises:
-        RecipeError: ``data.max_length``, ``evaluate.max_length`` or ``budget.flops_tokens`` exceeds the encoder's
-            ``max_position_embeddings`` (the message names the field).
-    """
-    limit = getattr(encoder.config, "max_position_embeddings", None)
-    if not isinstance(limit, int):
-        return
-    for key, n in (
-        ("data.max_length", recipe.data.max_length),
-        ("evaluate.max_length", recipe.evaluate.max_length),
-        ("budget.flops_tokens", recipe.budget.flops_tokens),
-    ):
-        if n > limit:
-            raise RecipeError(
-                f"{key}: {n} tokens, but the encoder has position embeddings for {limit} "
-                f"(config.max_position_embeddings); use at most {limit}"
-            )
-
-
 def make_budget(student: nn.Module, target: float, warmup_steps: int, example: tuple[Tensor, Tensor]) -> TargetSparsity:
     """`TargetSparsity` on the kept FLOPs of a gated BERT (on the CPU).
 
@@ -254,43 +201,6 @@ def finetune_steps_(
         if on_step is not None:
             on_step(step + 1, loss.detach())
     return None if loss is None else loss.item()
-
-
-def text_data_spec(recipe: TextRecipe) -> dict[str, Any]:
-    """The ``data`` metadata of a sentence-embedding run's model files (`dynsparse.convert.io.TEXT_DATA_FIELDS`).
-
-    ``distill``: the text sets the encoder was distilled on; ``max_length``: the tokens per sentence it was trained
-    at; ``tokenizer``: where its tokenizer comes from, the registered encoder name or the directory as the recipe
-    gives it (the model files hold no tokenizer).
-    """
-    return {
-        "distill": list(recipe.data.distill),
-        "max_length": recipe.data.max_length,
-        "tokenizer": recipe.encoder.pretrained or recipe.encoder.path,
-    }
-
-
-def _save_gated(student: nn.Module, path: Path, data: dict[str, Any], ids: Tensor, mask: Tensor) -> bool:
-    """``save_gated`` of the gated student, checked by loading it back and comparing hidden states on ``ids``.
-
-    Returns False (logged, no file left) where `save_gated` refuses the model or the file does not rebuild it: the
-    run goes on without the file, as an image run does.
-    """
-    from ..convert.io import load_gated, save_gated
-    from ..errors import DynsparseError
-
-    try:
-        save_gated(student, path, data=data)
-        back = load_gated(path)[0].eval()
-        with torch.no_grad():
-            diff = float((hidden_states(back, ids, mask) - hidden_states(student, ids, mask)).abs().max())
-        if not diff <= 1e-5:
-            raise DynsparseError(f"the checkpoint loads back with different hidden states (max-abs {diff:.2e})")
-    except DynsparseError as e:
-        log.warning("%s not written: %s", path, e)
-        path.unlink(missing_ok=True)
-        return False
-    return True
 
 
 def _progress(total: int, start: int, desc: str, enabled: bool):
@@ -473,9 +383,13 @@ def run_text_recipe(
         raise DynsparseError(f"the converted model differs from the gated one by {diff:.2e} (max-abs, >= 1e-3)")
     data_meta = text_data_spec(recipe)
     written = {"plan": "plan.json"}
+
     # the gate stage's result with its gates frozen, for `dynsparse analyse` and `ds.load_gated` (converting it gives
     # the converted model before the fine-tune stage)
-    if _save_gated(student, out / "gated.safetensors", data_meta, vids, vmask):
+    def difference(loaded: nn.Module) -> float:
+        return float((hidden_states(loaded, vids, vmask) - hidden_states(student, vids, vmask)).abs().max())
+
+    if save_gated_checked(student, out / "gated.safetensors", difference, data=data_meta):
         written["gated"] = "gated.safetensors"
 
     # ---- fine-tune stage
