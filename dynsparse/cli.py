@@ -85,6 +85,11 @@ def _eval_data(args: argparse.Namespace, stored: dict) -> tuple[str, int | list[
     """
     from dynsparse.errors import ConfigError
 
+    if "distill" in stored or "tokenizer" in stored:  # a text encoder (convert.metadata.TEXT_DATA_FIELDS)
+        raise ConfigError(
+            f"{args.model}: a text encoder (tokenizer {stored.get('tokenizer', '?')}): `dynsparse eval` tests image "
+            "classifiers; the sentence-embedding run's report.json has its held-out cosine and probe accuracy"
+        )
     dataset = args.dataset or stored.get("dataset")
     if dataset is None:
         raise ConfigError(f"{args.model}: no data set stored in the file; pass --dataset")

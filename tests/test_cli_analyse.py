@@ -162,3 +162,24 @@ def test_a_threshold_token_gate_on_its_learned_thresholds(tmp_path, capsys):
     (row,) = [g for g in a["gates"] if g["type"] == "ThresholdTokenGate"]
     assert (row["kept"], row["keep"]) == (None, None)
     assert "per input, learned thresholds" in capsys.readouterr().out
+
+
+def test_the_converted_estimate_of_a_per_input_model_is_the_mean_over_the_same_inputs(tmp_path):
+    """A gated file with block routers: `after convert` equals `analyse` of its converted file (it was input 0's)."""
+    from cli_models import DATA
+
+    from dynsparse.convert.io import build_host
+
+    torch.manual_seed(0)
+    model = build_host(ARCH).eval()
+    ds.sparsify_(model, {"depth": {"gate": "router", "blocks": "all", "keep": 0.5}})
+    with torch.no_grad():  # routers that disagree across inputs (untrained ones run every block)
+        for b in model.blocks:
+            b.router.proj.weight.normal_(0, 2.0)
+            b.router.proj.bias.zero_()
+    gated = ds.save_gated(model, tmp_path / "gated.safetensors", arch=ARCH, data=DATA)
+    converted = ds.save(ds.convert(model, static=False), tmp_path / "model.safetensors", arch=ARCH, data=DATA)
+    g, c = _analyse(gated, tmp_path)["totals"], _analyse(converted, tmp_path)["totals"]
+    assert g["flops_inputs"] == c["flops_inputs"] == 16
+    assert g["converted_flops_estimate"] == pytest.approx(c["flops"], rel=1e-6)
+    assert g["converted_flops_estimate"] == pytest.approx(g["flops"], rel=1e-6)

@@ -40,3 +40,22 @@ def test_eval_of_a_gated_checkpoint_equals_its_converted_model(tmp_path, capsys)
     acc_gated = capsys.readouterr().out.split("test accuracy ")[1]
     assert main(["eval", str(converted)]) == 0
     assert capsys.readouterr().out.split("test accuracy ")[1] == acc_gated
+
+
+@pytest.mark.parametrize("flags", [[], ["--dataset", "digits"]])
+def test_a_text_encoder_file_is_refused_in_one_line(tmp_path, flags, capsys):
+    """A sentence-embedding run's model file stores text data: eval said 'pass --dataset', which cannot work."""
+    transformers = pytest.importorskip("transformers", reason="the Hugging Face extra")
+    config = transformers.BertConfig(
+        vocab_size=61, hidden_size=32, num_attention_heads=4, intermediate_size=48, num_hidden_layers=2
+    )
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    path = ds.save(
+        ds.convert(model),
+        tmp_path / "m.safetensors",
+        data={"distill": ["english-sentences"], "max_length": 64, "tokenizer": "all-minilm-l6-v2"},
+    )
+    assert main(["eval", str(path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dynsparse eval: error: {path}: a text encoder (tokenizer all-minilm-l6-v2)")
+    assert "pass --dataset" not in err and "report.json" in err and "Traceback" not in err

@@ -143,7 +143,11 @@ def analyse(path: str, *, input_shape: tuple[int, int, int] | None = None, flops
     if f.kind == "gated" and x is not None:
         from ..report import sparsity_report
 
-        totals["converted_flops_estimate"] = sparsity_report(model, x[:1]).kept_flops
+        # the same inputs as the FLOPs above: one for a static model, the mean over all of them for a model that
+        # decides per input (x[:1] alone disagreed with `analyse` of the converted file)
+        xs = x if dynamic else x[:1]
+        kept = [sparsity_report(model, xs[i : i + 1]).kept_flops for i in range(len(xs))]
+        totals["converted_flops_estimate"] = None if None in kept else sum(kept) / len(kept)
     return {
         "path": f.path,
         "kind": f.kind,
@@ -251,9 +255,12 @@ def format_analysis(a: dict[str, Any], top: int | None = None) -> str:
         lines.append(flops)
     if tot.get("converted_flops_estimate") is not None and tot["dense_flops"]:
         est = tot["converted_flops_estimate"]
+        how = "the gates' keep masks"
+        if a["dynamic"]:
+            how += ", input-dependent gates deciding on the same inputs"
         lines.append(
             f"after `dynsparse convert`: {si(est)} FLOPs / input ({_pct(est / tot['dense_flops'])} of dense, "
-            "estimate from the gates' keep masks)"
+            f"estimate from {how})"
         )
     return "\n".join(lines)
 
