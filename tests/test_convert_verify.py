@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _device_helpers import input_devices
 from torch import nn
 
 import dynsparse as ds
@@ -70,31 +71,11 @@ def test_tolerances_must_be_finite_and_not_negative(name, tol):
         ds.verify(a, b, torch.randn(1, 2), **{name: tol})
 
 
-class _Seen(Exception):
-    """Raised by a forward pre-hook once it has recorded the devices of the model's inputs."""
-
-
-def _devices_seen(model, run):
-    seen = []
-
-    def hook(module, args):
-        seen.append([a.device.type for a in args])
-        raise _Seen
-
-    handle = model.register_forward_pre_hook(hook)
-    try:
-        with pytest.raises(_Seen):
-            run()
-    finally:
-        handle.remove()
-    return seen[0]
-
-
 def test_inputs_go_to_each_models_device():
     # the meta device stands in for a GPU: a meta model refuses CPU inputs the way a CUDA model does
     torch.manual_seed(0)
     reference = nn.Linear(4, 3)
     candidate = nn.Linear(4, 3).to("meta")
     x = torch.randn(2, 4)  # on the CPU, as a DataLoader yields it
-    assert _devices_seen(candidate, lambda: ds.verify(reference, candidate, x)) == ["meta"]
-    assert _devices_seen(candidate, lambda: ds.verify(candidate, reference, (x,))) == ["meta"]
+    assert input_devices(candidate, lambda: ds.verify(reference, candidate, x)) == ["meta"]
+    assert input_devices(candidate, lambda: ds.verify(candidate, reference, (x,))) == ["meta"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from _device_helpers import input_devices
 
 import dynsparse as ds
 from dynsparse.flops import CostModel, module_flops
@@ -16,31 +17,10 @@ from dynsparse.flops import CostModel, module_flops
 torch.set_num_threads(1)
 
 
-class _Seen(Exception):
-    """Raised by a forward pre-hook once it has recorded the device of the model's input."""
-
-
 def _vit(spec=None):
     torch.manual_seed(0)
     m = timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=5).eval()
     return ds.sparsify_(m, spec) if spec else m
-
-
-def _input_device(model, run) -> torch.device:
-    """The device of the first input ``run()`` feeds ``model`` (the forward stops there)."""
-    seen = []
-
-    def hook(module, args):
-        seen.append(args[0].device)
-        raise _Seen
-
-    handle = model.register_forward_pre_hook(hook)
-    try:
-        with pytest.raises(_Seen):
-            run()
-    finally:
-        handle.remove()
-    return seen[0]
 
 
 @pytest.mark.parametrize(
@@ -56,7 +36,7 @@ def test_calibration_moves_batches_to_the_model(spec, calibrate):
     model = _vit(spec).to("meta")
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
     for batches in ([x], [(x, y)]):  # as a DataLoader yields them: on the CPU
-        assert _input_device(model, lambda b=batches: calibrate(model, b)).type == "meta"
+        assert input_devices(model, lambda b=batches: calibrate(model, b))[0] == "meta"
 
 
 def test_calibration_on_cpu_batches_equals_on_device_batches():
