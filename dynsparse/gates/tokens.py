@@ -160,14 +160,18 @@ class PredictorTokenGate(TokenGate):
 
     ``z = GELU(Linear(LN(x)))``; the first half of ``z`` is per token, the second half is averaged over the
     kept tokens; an MLP ``C -> C/2 -> C/4 -> 2`` gives log-probabilities of (keep, drop). The score is the
-    keep log-probability. Its `penalty` is the ratio loss of the last training forward:
-    ``weight · (mean kept fraction − target)²`` with the cumulative ``target`` set by the block.
+    keep log-probability. Its `penalty` is this location's share of the ratio loss of the last training forward,
+    DynamicViT's ``λ_ratio/S · mean_b (ρ_b − target)²``: ``ρ_b`` is the fraction of the original patch tokens input
+    ``b`` keeps, ``target`` the cumulative keep target set by the block, ``S`` (``locations``) the number of predictor
+    locations of the model, so the model's summed penalty is ``λ_ratio · (1/S) Σ_s mean_b (ρ_b^(s) − target^(s))²``
+    (Rao et al. 2021, Eq. 11 and the reference ``losses.py``).
 
     Args:
         num_units: See `TokenGate`.
         keep: See `TokenGate`.
         dim: Token width C (required).
-        weight: Weight of the ratio loss (DynamicViT: 2.0, divided over the locations by the model's sum).
+        weight: ``λ_ratio``, the weight of the model's whole ratio loss (DynamicViT: 2.0); each of the ``S``
+            locations contributes ``weight / S`` times its term (`dynsparse.layers.gate_tokens_` sets ``locations``).
         tau: Gumbel-softmax temperature in training.
     """
 
@@ -195,6 +199,8 @@ class PredictorTokenGate(TokenGate):
         )
         #: Cumulative keep target of this location (set by the block from the keeps before it).
         self.target = keep
+        #: Predictor locations of the model (S of the ratio loss; set by `dynsparse.layers.gate_tokens_`).
+        self.locations = 1
         self._ratio: Tensor | None = None
 
     def log_probs(self, t: Tensor, policy: Tensor | None) -> Tensor:
@@ -227,7 +233,9 @@ class PredictorTokenGate(TokenGate):
     def penalty(self) -> Tensor:
         if self._ratio is None or not self.training:
             return self.out_conv[-2].bias.new_zeros(())
-        return self.weight * ((self._ratio.mean() - self.target) ** 2)
+        # per input, then the batch mean (not the square of the batch mean: that lets some inputs keep every token
+        # and others none); averaged over the locations like the reference code's ``pred_loss / len(pruning_loc)``
+        return self.weight / getattr(self, "locations", 1) * ((self._ratio - self.target) ** 2).mean()
 
 
 #: Points of the calibration table: the thresholds that keep 0, 1/100, ..., 1 of the arriving tokens.

@@ -376,6 +376,8 @@ def gate_tokens_(
             raise ConfigError("tokens: the cls_attention gate needs a class token; this model has no prefix token")
         sel = place_like(TokenSelect(g, prefix, fuse), seq[i])
         seq[i] = TokenGatedBlock.from_module(seq[i], sel, state, first=j == 0)
+        if hasattr(g, "locations"):  # the ratio loss is averaged over the predictor locations (DynamicViT)
+            g.locations = len(idx)
         n = g.kept(n) + (1 if fuse else 0)
     for i in range(idx[0] + 1, len(seq)):  # blocks after the first gate mask attention on the masked path
         if not isinstance(seq[i], TokenGatedBlock):
