@@ -6,6 +6,7 @@ the producing conv/BN and the consuming conv exactly.
 
 from __future__ import annotations
 
+from timm.layers.blur_pool import BlurPool2d
 from timm.layers.norm_act import FrozenBatchNorm2d, FrozenBatchNormAct2d
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, EdgeResidual, InvertedResidual
 from timm.models.resnet import BasicBlock, Bottleneck
@@ -88,13 +89,24 @@ def _convs(host: nn.Module, *names: str, depthwise: str | None = None) -> str | 
 _CHANNELWISE_AA = (nn.Identity, nn.AvgPool2d, nn.MaxPool2d)
 
 
-def _check_aa(m: nn.Module, what: str) -> None:
+def _slice_aa_(m: nn.Module, idx: Tensor, what: str) -> None:
+    """Slice the anti-aliasing module ``m.aa`` on the kept channels ``idx``, or refuse by name.
+
+    A ``BlurPool2d`` blurs each channel alone with a fixed filter; one built for a channel count holds a
+    ``(channels, 1, k, k)`` buffer and convolves with ``groups=channels``, so both are sliced with the producer.
+    """
     aa = getattr(m, "aa", None)
     inner = getattr(aa, "inner", aa)  # the slot may hold the aa module
-    if inner is not None and not isinstance(inner, _CHANNELWISE_AA) and type(inner).__name__ != "GateSlot":
-        raise UnsupportedModuleError(
-            "", type(m).__name__, "channels", f"anti-aliasing ({type(inner).__name__}) on {what} cannot be sliced yet"
-        )
+    if inner is None or isinstance(inner, _CHANNELWISE_AA) or type(inner).__name__ == "GateSlot":
+        return
+    if isinstance(inner, BlurPool2d):
+        if inner.channels is not None:
+            inner.filt = inner.filt[idx].contiguous()
+            inner.channels = int(idx.numel())
+        return
+    raise UnsupportedModuleError(
+        "", type(m).__name__, "channels", f"anti-aliasing ({type(inner).__name__}) on {what} cannot be sliced yet"
+    )
 
 
 def _slice_se_(se: nn.Module, idx: Tensor, scale: Tensor | None, owner: nn.Module) -> None:
@@ -143,7 +155,7 @@ class GatedBasicBlock(GatedLayer, BasicBlock):
 
     @classmethod
     def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
-        _check_aa(module, "conv1's output")
+        _slice_aa_(module, idx, "conv1's output")
         slice_conv_out_(module.conv1, idx)
         slice_bn_(module.bn1, idx)
         slice_conv_in_(module.conv2, idx, scale)
@@ -185,7 +197,7 @@ class GatedBottleneck(GatedLayer, Bottleneck):
             slice_bn_(module.bn1, idx)
             slice_conv_in_(module.conv2, idx, scale)
         else:
-            _check_aa(module, "conv2's output")
+            _slice_aa_(module, idx, "conv2's output")
             slice_conv_out_(module.conv2, idx)
             slice_bn_(module.bn2, idx)
             slice_conv_in_(module.conv3, idx, scale)
@@ -230,6 +242,7 @@ class GatedInvertedResidual(GatedLayer, InvertedResidual):
         slice_bn_(module.bn1, idx)
         slice_depthwise_(module.conv_dw, idx)
         slice_bn_(module.bn2, idx)
+        _slice_aa_(module, idx, "conv_dw's output")
         _slice_se_(module.se, idx, scale, module)
         slice_conv_in_(module.conv_pwl, idx, scale)
 
@@ -260,6 +273,7 @@ class GatedEdgeResidual(GatedLayer, EdgeResidual):
     def slice_(cls, module: nn.Module, child: str, idx: Tensor, scale: Tensor | None = None) -> None:
         slice_conv_out_(module.conv_exp, idx)
         slice_bn_(module.bn1, idx)
+        _slice_aa_(module, idx, "conv_exp's output")
         _slice_se_(module.se, idx, scale, module)
         slice_conv_in_(module.conv_pwl, idx, scale)
 
@@ -316,5 +330,6 @@ class GatedDepthwiseSeparableConv(GatedLayer, DepthwiseSeparableConv):
         """Slice the block's own part (``conv_dw``, ``bn1``, SE, ``conv_pw`` input); the caller slices the producer."""
         slice_depthwise_(module.conv_dw, idx)
         slice_bn_(module.bn1, idx)
+        _slice_aa_(module, idx, "conv_dw's output")
         _slice_se_(module.se, idx, scale, module)
         slice_conv_in_(module.conv_pw, idx, scale)
