@@ -52,3 +52,15 @@ def test_blurpool_block_converts_exactly(kind: str) -> None:
     with torch.no_grad():
         diff = (model(x) - small(x)).abs().max().item()
     assert diff < 1e-5, f"max-abs difference {diff:.2e}"
+
+
+def test_convert_refuses_a_model_that_fails_on_verify_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slicer that leaves a shape mismatch gives a DynsparseError from ``convert``, not a raw RuntimeError."""
+    import dynsparse.layers.conv as conv
+
+    monkeypatch.setattr(conv, "_slice_aa_", lambda *a, **k: None)  # the behaviour before the BlurPool2d fix
+    model = nn.Sequential(_BLOCKS["inverted_residual"]()).eval()
+    ds.sparsify_(model, {"channels": "fixed"})
+    ds.fix_gates_(model, {"0.aa": torch.arange(32) < 20})
+    with pytest.raises(ds.DynsparseError, match="fails on verify_inputs"):
+        ds.convert(model, verify_inputs=torch.randn(1, 8, 16, 16))

@@ -210,7 +210,15 @@ def convert(
         width = None
         if "width" in plan.entries and plan.units.get("width") is not None:
             width = (int(plan.units["width"]), plan.keep("width"))
-        diff = verify(model, new, verify_inputs, atol=atol, rtol=rtol, width=width)
+        try:
+            diff = verify(model, new, verify_inputs, atol=atol, rtol=rtol, width=width)
+        except DynsparseError:
+            raise
+        except Exception as e:  # a shape mismatch left by a slicer: refuse instead of a raw traceback
+            raise DynsparseError(
+                f"convert: the gated or the converted model fails on verify_inputs ({type(e).__name__}: {e}); "
+                "if the gated model runs on them, the conversion is wrong: please report it"
+            ) from e
         log.info("convert: max-abs difference to the gated model %.3g", diff)
     return new
 
