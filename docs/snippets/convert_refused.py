@@ -1,16 +1,10 @@
 import timm
 import torch
-from timm.layers import BlurPool2d
 
 import dynsparse as ds
 
 torch.manual_seed(0)
 cases = [  # (model, sparsify spec, gates to fix: slot fqn -> keep mask)
-    (  # anti-aliasing (BlurPool2d, a per-channel filter) sits between the gated channels and conv2
-        timm.create_model("test_resnet", pretrained=False, aa_layer=BlurPool2d),
-        {"channels": "fixed"},
-        {"layer2.0.act1": torch.arange(48) < 24},
-    ),
     (  # a branch value of 0.5 before squeeze-excite: SE(0.5 * x) is not 0.5 * SE(x)
         timm.create_model("test_resnet", pretrained=False, block_args={"attn_layer": "se"}),
         {"layers": {"gate": "hard_concrete", "include": "layer1.0"}},
