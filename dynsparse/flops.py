@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .modules import module_device
+from .modules import inputs_to_device_of
 
 __all__ = ["CostModel", "count_flops", "default_input", "mean_flops", "module_flops"]
 
@@ -108,11 +108,7 @@ def module_flops(model: nn.Module, example: Tensor | tuple) -> dict[str, int]:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    device = module_device(model)
-    if isinstance(example, tuple):
-        example = tuple(a.to(device) if isinstance(a, Tensor) else a for a in example)
-    elif isinstance(example, Tensor):
-        example = example.to(device)
+    example = inputs_to_device_of(model, example)  # FLOPs do not depend on the device; the model's ops need it
     was_training = model.training
     model.eval()
     try:

@@ -16,6 +16,7 @@ __all__ = [
     "all_or_nothing",
     "capturing",
     "first_param",
+    "inputs_to_device_of",
     "is_stateless",
     "join_fqn",
     "module_device",
@@ -128,6 +129,21 @@ def module_device(module: nn.Module) -> torch.device:
     """The device of ``module``'s first floating parameter or buffer (the CPU when it has none)."""
     p = first_param(module)
     return p.device if p is not None else torch.device("cpu")
+
+
+def inputs_to_device_of(model: nn.Module, x: Any) -> Any:
+    """``x`` (a tensor, or tuples / lists / dicts of them) on ``model``'s device (`module_device`): a DataLoader's CPU
+    batch for a model on the GPU. As it is for a model without a floating parameter or buffer."""
+    p = first_param(model)
+    if p is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.to(p.device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(inputs_to_device_of(model, v) for v in x)
+    if isinstance(x, dict):
+        return {k: inputs_to_device_of(model, v) for k, v in x.items()}
+    return x
 
 
 def is_stateless(module: nn.Module | None) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -266,15 +265,11 @@ def format_analysis(a: dict[str, Any], top: int | None = None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..atomic import atomic_write
-    from .modelfile import check_output_file
+    from .modelfile import check_output_file, write_json
 
     check_output_file(args.json, "--json")
 
     result = analyse(args.model, input_shape=args.input, flops_inputs=args.flops_inputs)
     print(format_analysis(result, top=args.top))
-    if args.json:
-        text = json.dumps(result, indent=1) + "\n"
-        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(text))
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return 0

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-__all__ = ["add_input_options", "input_shape_arg", "int_at_least", "nonnegative_int", "positive_int"]
+__all__ = [
+    "add_input_options",
+    "fraction_removed",
+    "input_shape_arg",
+    "int_at_least",
+    "nonnegative_int",
+    "positive_int",
+]
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -27,6 +34,17 @@ def int_at_least(low: int) -> Callable[[str], int]:
 #: ``--threads 0`` was silently ignored, ``-1`` a traceback, before every count went through this type.
 positive_int = int_at_least(1)
 nonnegative_int = int_at_least(0)
+
+
+def fraction_removed(text: str) -> float:
+    """An argparse type: the fraction of weights or units removed, in [0, 1)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1) (the part removed), got {v}")
+    return v
 
 
 def input_shape_arg(text: str) -> tuple[int, int, int]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 __all__ = ["add_parser", "bench", "format_bench", "run"]
@@ -161,8 +159,7 @@ def format_bench(r: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..atomic import atomic_write
-    from .modelfile import check_output_file
+    from .modelfile import check_output_file, write_json
 
     check_output_file(args.json, "--json")
 
@@ -177,8 +174,5 @@ def run(args: argparse.Namespace) -> int:
         flops_inputs=args.flops_inputs,
     )
     print(format_bench(result))
-    if args.json:
-        text = json.dumps(result, indent=1) + "\n"
-        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(text))
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return 0

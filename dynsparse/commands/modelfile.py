@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +26,7 @@ __all__ = [
     "random_inputs",
     "resolve_input_shape",
     "shape_text",
+    "write_json",
 ]
 
 
@@ -130,6 +133,17 @@ def check_output_file(path: str | None, flag: str) -> None:
     """Refuse an output file that names a directory before the work is done (the write would fail after it)."""
     if path is not None and os.path.isdir(path):
         raise ConfigError(f"{flag} {path}: is a directory; name a file (e.g. {os.path.join(path, 'out.json')})")
+
+
+def write_json(path: str | None, result: dict[str, Any]) -> None:
+    """Write a command's ``result`` to ``path`` (``--json``; nothing when None), atomically, and say so."""
+    if path is None:
+        return
+    from ..atomic import atomic_write
+
+    text = json.dumps(result, indent=1) + "\n"
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+    print(f"wrote {path}")
 
 
 def build_dense(arch: dict[str, Any], path: str) -> nn.Module:

@@ -14,18 +14,8 @@ DIMENSIONS = ("channels", "neurons", "heads")
 IMPORTANCES = {"l1": {"name": "magnitude", "p": 1}, "l2": {"name": "magnitude", "p": 2}}
 
 
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1) (the part removed), got {v}")
-    return v
-
-
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    from .args import input_shape_arg
+    from .args import fraction_removed, input_shape_arg
 
     p = sub.add_parser(
         "prune",
@@ -37,9 +27,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("model", metavar="MODEL", help="a converted model file or a gated checkpoint")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--unstructured", type=_fraction, default=None, metavar="R", help="fraction of weights zeroed")
+    frac = {"type": fraction_removed, "default": None, "metavar": "R"}
+    p.add_argument("--unstructured", **frac, help="fraction of weights zeroed")
     for dim in DIMENSIONS:
-        p.add_argument(f"--{dim}", type=_fraction, default=None, metavar="R", help=f"fraction of {dim} removed")
+        p.add_argument(f"--{dim}", **frac, help=f"fraction of {dim} removed")
     p.add_argument(
         "--importance",
         choices=sorted(IMPORTANCES),

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, DynsparseError
-from ..modules import first_param
+from ..modules import inputs_to_device_of
 
 __all__ = ["verify"]
 
@@ -65,8 +64,8 @@ def verify(
     candidate.eval()
     try:
         with torch.no_grad():
-            ref = _flatten(reference(*_to_model(reference, args)))
-            out = _flatten(candidate(*_to_model(candidate, args)))
+            ref = _flatten(reference(*inputs_to_device_of(reference, args)))
+            out = _flatten(candidate(*inputs_to_device_of(candidate, args)))
     finally:
         reference.train(flags[0])
         candidate.train(flags[1])
@@ -92,20 +91,6 @@ def verify(
             f"verify: outputs differ, max-abs difference {diff:.3g} (atol={atol}, rtol={rtol}); {'; '.join(bad[:3])}"
         )
     return diff
-
-
-def _to_model(model: nn.Module, x: Any) -> Any:
-    """``x`` (a tensor, or tuples / lists / dicts of them) on ``model``'s device; as it is for a model without one."""
-    p = first_param(model)
-    if p is None:
-        return x
-    if isinstance(x, Tensor):
-        return x.to(p.device)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_model(model, v) for v in x)
-    if isinstance(x, dict):
-        return {k: _to_model(model, v) for k, v in x.items()}
-    return x
 
 
 def _compare(a: Tensor, b: Tensor, atol: float, rtol: float) -> tuple[float, str | None]:
