@@ -189,10 +189,10 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     """
     from .sparsify import named_gates
 
-    gates = [fqn for fqn, g in named_gates(model) if not isinstance(g, InputDependentGate)]
+    static = {id(p) for _, g in named_gates(model) if not isinstance(g, InputDependentGate) for p in g.parameters()}
     total = nonzero = 0
-    for name, p in model.named_parameters():
-        if any(name.startswith(g + ".") for g in gates):
+    for p in model.parameters():
+        if id(p) in static:
             continue
         total += p.numel()
         nonzero += int((p != 0).sum())
