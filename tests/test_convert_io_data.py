@@ -111,7 +111,7 @@ TEXT_DATA = {"distill": ["english-sentences", "rotten-tomatoes"], "max_length": 
 def test_a_gated_hf_bert_round_trips_with_text_data(tmp_path):
     """A gated BERT (heads, neurons, layers, width; frozen gates) is written by save_gated with the text data
     fields and rebuilt by load_gated with the same outputs; its converted model keeps the field too."""
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="the Hugging Face extra: pip install 'dynsparse[hf]'")
     from dynsparse.recipes.text_schema import DEFAULT_SPARSIFY
 
     torch.manual_seed(0)
