@@ -64,6 +64,17 @@ def test_fold_cache_follows_changes_through_data():
     assert _against_masked(m, x) < 1e-5
 
 
+def test_fold_cache_follows_eps_and_one_changed_norm():
+    m, x = _model(), torch.randn(2, 3, 64, 64)
+    assert _against_masked(m, x) < 1e-5
+    norms = [bn for bn in m.modules() if isinstance(bn, torch.nn.BatchNorm2d)]
+    norms[-1].eps = 0.5  # the last norm of the last block only
+    assert _against_masked(m, x) < 1e-5
+    with torch.no_grad():
+        norms[-2].running_var[0] = 9.0  # one value of one norm
+    assert _against_masked(m, x) < 1e-5
+
+
 def test_inference_tensors_run():
     """A model moved inside inference mode holds inference tensors (no version counters)."""
     m, x = _model(), torch.randn(2, 3, 64, 64)
