@@ -21,6 +21,7 @@ from .gates import (
     register_gate,
 )
 from .gates.channel_gates import CHANNEL_GATES, FBSGate
+from .gates.head_gates import HEAD_GATES, DejaVuHeadGate
 from .gates.neuron_gates import NEURON_GATES, CatsGate, DejaVuGate, NeuronGate
 from .gates.routers import ROUTERS, BlockRouter
 from .gates.tokens import TOKEN_GATES, ThresholdTokenGate, TokenGate
@@ -36,6 +37,7 @@ _LAZY = {
     "calibrate_tokens_": ".layers.tokens",
     "calibrate_neurons_": ".layers.neuron_gating",
     "train_predictors_": ".layers.neuron_gating",
+    "train_head_predictors_": ".layers.head_gating",
     "load_pretrained": ".pretrained",
 }
 
@@ -43,6 +45,7 @@ __all__ = [
     "CHANNEL_GATES",
     "DIMENSIONS",
     "GATES",
+    "HEAD_GATES",
     "NEURON_GATES",
     "ROUTERS",
     "TOKEN_GATES",
@@ -50,6 +53,7 @@ __all__ = [
     "CatsGate",
     "ConfigError",
     "DejaVuGate",
+    "DejaVuHeadGate",
     "DynsparseError",
     "FBSGate",
     "FixedGate",
@@ -92,6 +96,7 @@ __all__ = [
     "set_budget_",
     "sparsify_",
     "sparsity_report",
+    "train_head_predictors_",
     "train_predictors_",
     "uniform_gates_",
     "verify",

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 #: The static dimensions ``sparsify_`` knows.
 DIMENSIONS = ("neurons", "heads", "channels", "layers")
 #: Input-dependent dimensions, decided per input at run time: ``tokens`` (`dynsparse.layers.tokens`) and
-#: ``depth`` (per-input block skipping, `dynsparse.layers.routing`). ``channels`` and ``neurons`` are dynamic too
-#: when their gate is a per-input one (see `dynsparse.layers.dynamic`).
+#: ``depth`` (per-input block skipping, `dynsparse.layers.routing`). ``channels``, ``neurons`` and ``heads`` are
+#: dynamic too when their gate is a per-input one (see `dynsparse.layers.dynamic`).
 DYNAMIC_DIMENSIONS = ("tokens", "depth")
 #: Dimensions coupled across the whole model: ``width``, one mask over the residual stream of a Hugging Face
 #: model (`dynsparse.integrations.hf_width`).

@@ -13,6 +13,7 @@ from .base import Gate, InputDependentGate
 from .channel_gates import CHANNEL_GATES, FBSGate
 from .fixed import FixedGate
 from .hard_concrete import HardConcreteGate
+from .head_gates import HEAD_GATES, DejaVuHeadGate
 from .neuron_gates import NEURON_GATES, CatsGate, DejaVuGate, NeuronGate
 from .routers import ROUTERS, BlockRouter
 from .sigmoid import SigmoidGate
@@ -30,6 +31,7 @@ from .topk import TopKGate
 __all__ = [
     "CHANNEL_GATES",
     "GATES",
+    "HEAD_GATES",
     "NEURON_GATES",
     "ROUTERS",
     "TOKEN_GATES",
@@ -37,6 +39,7 @@ __all__ = [
     "CatsGate",
     "ClsAttentionTokenGate",
     "DejaVuGate",
+    "DejaVuHeadGate",
     "FBSGate",
     "FixedGate",
     "Gate",

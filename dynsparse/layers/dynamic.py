@@ -1,8 +1,8 @@
 """The table of input-dependent ("dynamic") parts that ``sparsify_``, ``convert`` and ``apply_plan`` know.
 
 A dynamic part is a way of skipping work per input at run time: ``tokens`` (`dynsparse.layers.tokens`),
-``depth`` (`dynsparse.layers.routing`), and per-input ``channels`` / ``neurons`` (a static dimension becomes
-dynamic when its spec names a gate of the part's registry, e.g. ``{"channels": {"gate": "fbs"}}``).
+``depth`` (`dynsparse.layers.routing`), and per-input ``channels`` / ``neurons`` / ``heads`` (a static dimension
+becomes dynamic when its spec names a gate of the part's registry, e.g. ``{"channels": {"gate": "fbs"}}``).
 
 Each part is data: the module holding its functions, by name, so nothing is imported before it is used:
 
@@ -66,7 +66,8 @@ class DynamicPart:
 
 
 #: key -> part, in the order parts are installed (inner modules first, then whole blocks; token gates before
-#: routers, which route the blocks after a token gate in the token gates' layout).
+#: routers, which route the blocks after a token gate in the token gates' layout; per-input heads after token
+#: gates, which they refuse).
 DYNAMIC_PARTS: dict[str, DynamicPart] = {
     "neurons": DynamicPart(
         "neurons",
@@ -90,6 +91,16 @@ DYNAMIC_PARTS: dict[str, DynamicPart] = {
     ),
     "tokens": DynamicPart(
         "tokens", ".tokens", "gate_tokens_", "token_spec", "..gates.tokens:TOKEN_GATES", "cls_attention", "token gate"
+    ),
+    "heads": DynamicPart(
+        "heads",
+        ".head_gating",
+        "gate_heads_",
+        "head_spec",
+        "..gates.head_gates:HEAD_GATES",
+        None,
+        "per-input head gate",
+        always=False,
     ),
     "depth": DynamicPart(
         "depth", ".routing", "route_blocks_", "depth_spec", "..gates.routers:ROUTERS", "router", "block router"
