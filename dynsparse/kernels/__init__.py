@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..errors import DynsparseError
@@ -157,7 +158,11 @@ def eager_cpu(*tensors: Tensor) -> bool:
 def pack_neurons(owner: object, w_g: Tensor | None, w_v: Tensor | None, w_out: Tensor) -> Tensor:
     """Rows ``[w_g[i] | w_v[i] | w_out[:, i]]`` per neuron (H, parts), cached on ``owner`` until a weight changes.
 
-    ``w_g`` / ``w_v``: (H, C_in) producer weights or None; ``w_out``: the (C_out, H) consumer weight.
+    ``w_g`` / ``w_v``: (H, C_in) producer weights or None; ``w_out``: the (C_out, H) consumer weight. A change is
+    seen when a weight is replaced (a new Parameter, ``w.data = ...``, ``.to(...)``) or changed in place through
+    ops that bump its version (``copy_`` / ``mul_`` under ``no_grad``, ``load_state_dict``); an in-place change
+    through ``w.data`` (``w.data.mul_(2)``) is not (``.data`` has its own version counter): clear the cache with
+    ``owner._packed_src = None`` after one.
     """
     parts = [w for w in (w_g, w_v) if w is not None]
     if not _cache_valid(getattr(owner, "_packed_src", None), (*parts, w_out)):
@@ -174,9 +179,13 @@ def _root(t: Tensor) -> Tensor:
 
 
 def _cache_key(sources: tuple[Tensor, ...]) -> tuple:
-    """The owning tensors themselves (a live reference: their memory cannot be reused by a new tensor), their
-    versions (shared by views), and each source's address, shape and strides."""
-    return tuple((_root(t), t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride())) for t in sources)
+    """The owning tensors themselves, a weak reference to each one's storage (``w.data = ...`` swaps the storage of
+    the same tensor, and the freed address may come back: the storage itself must match), their versions (shared
+    by views), and each source's address, shape and strides."""
+    return tuple(
+        (_root(t), StorageWeakRef(t.untyped_storage()), t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+        for t in sources
+    )
 
 
 def _cache_valid(key: tuple | None, sources: tuple[Tensor, ...]) -> bool:
@@ -185,9 +194,17 @@ def _cache_valid(key: tuple | None, sources: tuple[Tensor, ...]) -> bool:
     if key is None or len(key) != len(sources):
         return False
     return all(
-        k[0] is _root(t) and k[1:] == (t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+        k[0] is _root(t)
+        and _same_storage(k[1], t)
+        and k[2:] == (t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()))
         for k, t in zip(key, sources, strict=True)
     )
+
+
+def _same_storage(ref: StorageWeakRef, t: Tensor) -> bool:
+    """True when ``t`` still lives in the storage ``ref`` points to (a live weak reference keeps the storage's
+    identity from being reused by a new one)."""
+    return not ref.expired() and ref.cdata == t.untyped_storage()._cdata
 
 
 def neuron_rows(
@@ -212,6 +229,8 @@ def neuron_rows(
     owner = "dynsparse.kernels.neuron_rows"
     n_in = c_in * (int(has_g) + int(has_v))
     lib = _check(owner, packed, None, x, n_in, c_in, b_g, b_v, g_pre=g_pre)
+    _check_indices(owner, idx=idx)
+    _check_act(owner, act)
     if not has_g and (g_pre is None or g_pre.numel() != idx.numel()):
         raise DynsparseError(f"{owner}: without has_g, g_pre must give one value per kept neuron")
     if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < packed.shape[0]:
@@ -261,8 +280,7 @@ def cats_rows(
     lib = _check(owner, packed, h, x, n_in, c_in, b_g, b_v, w_g=w_g)
     if math.isnan(threshold):
         raise DynsparseError(f"{owner}: threshold is NaN (an uncalibrated gate?)")
-    if act not in _ACT.values():
-        raise DynsparseError(f"{owner}: act must be one of {sorted(_ACT.values())} (see act_code), got {act!r}")
+    _check_act(owner, act)
     c_out = packed.shape[1] - n_in
     x = x.contiguous()
     b_g = None if b_g is None else b_g.contiguous()
@@ -287,6 +305,21 @@ def _library(owner: str, **tensors: Tensor | None) -> ctypes.CDLL:
         if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
             raise DynsparseError(f"{owner}: {name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
     return lib
+
+
+def _check_act(owner: str, act: int) -> None:
+    if act not in _ACT.values():
+        raise DynsparseError(f"{owner}: act must be one of {sorted(_ACT.values())} (see act_code), got {act!r}")
+
+
+def _check_indices(owner: str, **indices: Tensor | None) -> None:
+    """Index tensors must be int32 / int64 on the CPU, as ``index_select`` takes them (a bool keep mask or float
+    values would otherwise be converted to indices silently, another device's pointer read as host memory)."""
+    for name, t in indices.items():
+        if t is not None and (t.dtype not in (torch.int32, torch.int64) or t.device.type != "cpu"):
+            raise DynsparseError(
+                f"{owner}: {name} must be an integer CPU tensor (int32 / int64), got {t.dtype} on {t.device}"
+            )
 
 
 def _check(
@@ -332,6 +365,7 @@ def conv_gather(w: Tensor, rows: Tensor | None, cols: Tensor | None, scale: Tens
     """
     owner = "dynsparse.kernels.conv_gather"
     lib = _library(owner, w=w, scale=scale)
+    _check_indices(owner, rows=rows, cols=cols)
     if w.dim() not in (2, 4):
         raise DynsparseError(f"{owner}: w must be (O, I) or (O, I, kh, kw), got shape {tuple(w.shape)}")
     o, i = w.shape[:2]

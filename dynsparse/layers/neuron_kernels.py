@@ -64,8 +64,12 @@ def consumer_row(h: Tensor, idx: Tensor, w_t: Tensor, b: Tensor | None) -> Tenso
 def transposed(owner: object, w: Tensor) -> Tensor:
     """``w.t()`` as a row-major copy, cached on ``owner`` (attributes ``_w2t`` / ``_w2t_src``) until ``w`` changes.
 
-    The cache holds ``w`` itself, so a new weight at a reused address is not mistaken for the old one.
+    The cache holds ``w`` itself, so a new weight at a reused address is not mistaken for the old one. Where
+    autograd records (grad mode and ``w`` requires grad) it returns the view ``w.t()`` instead: a cached copy is
+    detached, and ``w`` would get no gradient. See `kernels.pack_neurons` for which changes of ``w`` are seen.
     """
+    if torch.is_grad_enabled() and w.requires_grad:
+        return w.t()
     if not kernels._cache_valid(getattr(owner, "_w2t_src", None), (w,)):
         with torch.inference_mode(False), torch.no_grad():
             # a copy with row-major strides: ``w.t().contiguous()`` of a (1, H) weight is the (H, 1) view with
