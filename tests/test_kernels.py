@@ -209,6 +209,23 @@ def test_a_weight_replaced_through_data_at_a_reused_address_is_not_mistaken_for_
         _fast_vs_masked(m, torch.randn(1, 1, 40))
 
 
+@pytest.mark.parametrize("gate", ["cats", "dejavu"])
+def test_a_model_built_under_inference_mode_runs_and_sees_in_place_changes(gate):
+    """Parameters created under ``inference_mode`` are inference tensors: no version counter, so no weight cache
+    can be trusted; every strategy must still run and follow an in-place change made under inference mode."""
+    with torch.inference_mode():
+        m = _gated("swiglu", gate)
+        for step in range(2):
+            for shape in ((1, 1, 40), (2, 3, 40)):
+                x = torch.randn(*shape, generator=torch.Generator().manual_seed(step))
+                set_strategy_(m, "mask")
+                ref = m(x)
+                for strategy in ("auto", "gather", "union"):
+                    set_strategy_(m, strategy)
+                    torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+            m[0].fc2.weight.mul_(2.0)  # unseen by any version counter
+
+
 @needs_kernels
 def test_indices_that_are_not_integer_cpu_tensors_and_unknown_activations_are_refused():
     g = torch.Generator().manual_seed(0)

@@ -162,7 +162,8 @@ def pack_neurons(owner: object, w_g: Tensor | None, w_v: Tensor | None, w_out: T
     seen when a weight is replaced (a new Parameter, ``w.data = ...``, ``.to(...)``) or changed in place through
     ops that bump its version (``copy_`` / ``mul_`` under ``no_grad``, ``load_state_dict``); an in-place change
     through ``w.data`` (``w.data.mul_(2)``) is not (``.data`` has its own version counter): clear the cache with
-    ``owner._packed_src = None`` after one.
+    ``owner._packed_src = None`` after one. Inference tensors (weights made under ``inference_mode``) have no
+    version counter: their pack is rebuilt on every call.
     """
     parts = [w for w in (w_g, w_v) if w is not None]
     if not _cache_valid(getattr(owner, "_packed_src", None), (*parts, w_out)):
@@ -181,7 +182,10 @@ def _root(t: Tensor) -> Tensor:
 def _cache_key(sources: tuple[Tensor, ...]) -> tuple:
     """The owning tensors themselves, a weak reference to each one's storage (``w.data = ...`` swaps the storage of
     the same tensor, and the freed address may come back: the storage itself must match), their versions (shared
-    by views), and each source's address, shape and strides."""
+    by views), and each source's address, shape and strides. None (nothing may be cached) where a source is an
+    inference tensor (made under ``inference_mode``): it has no version counter, an in-place change is not seen."""
+    if any(t.is_inference() for t in sources):
+        return None
     return tuple(
         (_root(t), StorageWeakRef(t.untyped_storage()), t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()))
         for t in sources
@@ -191,7 +195,7 @@ def _cache_key(sources: tuple[Tensor, ...]) -> tuple:
 def _cache_valid(key: tuple | None, sources: tuple[Tensor, ...]) -> bool:
     """True when ``key`` (from `_cache_key`) was made from these very tensors (or views of the same memory,
     placed the same way), unchanged since."""
-    if key is None or len(key) != len(sources):
+    if key is None or len(key) != len(sources) or any(t.is_inference() for t in sources):
         return False
     return all(
         k[0] is _root(t)
