@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 
 import pytest
 import torch
@@ -353,3 +354,14 @@ def test_the_library_builds_into_the_cache_dir(monkeypatch, tmp_path):
     assert lib is not None, why
     built = list((tmp_path / "kernels").iterdir())
     assert len(built) == 1 and built[0].name.startswith("dynsparse-") and built[0].suffix == ".so"
+
+
+def test_a_compiler_command_with_a_launcher_or_arguments_builds(monkeypatch, tmp_path):
+    """``CC="ccache gcc"`` (or ``"gcc -pthread"``) is a command, not a path: all of its words run."""
+    cc = kernels._compiler()
+    if cc is None or shutil.which("env") is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("DYNSPARSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", f"env {shutil.which('cc') or shutil.which('gcc') or shutil.which('clang')}")
+    lib, why = kernels._build.__wrapped__()
+    assert lib is not None, why

@@ -25,6 +25,7 @@ import hashlib
 import logging
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sysconfig
@@ -55,10 +56,12 @@ _SOURCES = tuple(Path(__file__).with_name(n) for n in ("neuron_rows.c", "conv_ga
 _ACT = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
 
-def _compiler() -> str | None:
+def _compiler() -> list[str] | None:
+    """The C compiler command, every word of it (``CC="ccache gcc"``, sysconfig's ``"gcc -pthread"``), or None."""
     for cc in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
-        if cc and shutil.which(cc.split()[0]):
-            return cc.split()[0]
+        words = shlex.split(cc) if cc else []
+        if words and shutil.which(words[0]):
+            return words
     return None
 
 
@@ -78,7 +81,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, "no C compiler found (set CC)"
     flags = _flags()
     source = b"".join(src.read_bytes() for src in _SOURCES)
-    key = hashlib.sha256(source + cc.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join(cc).encode() + " ".join(flags).encode()).hexdigest()[:16]
     try:
         root = Path(os.environ.get("DYNSPARSE_CACHE_DIR") or Path.home() / ".cache" / "dynsparse") / "kernels"
     except RuntimeError as e:  # no home directory
@@ -91,10 +94,11 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             os.close(fd)
             try:
                 run = subprocess.run(
-                    [cc, *flags, *map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
+                    [*cc, *flags, *map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
                 )
                 if run.returncode != 0:
-                    return None, f"{cc} failed on {', '.join(src.name for src in _SOURCES)}: {run.stderr.strip()[:500]}"
+                    names = ", ".join(src.name for src in _SOURCES)
+                    return None, f"{cc[0]} failed on {names}: {run.stderr.strip()[:500]}"
                 os.chmod(tmp, 0o755)  # mkstemp makes it 0600: others sharing the cache could not load it
                 os.replace(tmp, lib)  # atomic: another process sees the old state or the whole library
             finally:
