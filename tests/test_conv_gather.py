@@ -90,6 +90,19 @@ def test_bad_arguments_are_refused_by_name():
         kernels.conv_gather(torch.randn(4, 4, 4), None, torch.tensor([1]))
 
 
+@needs_kernels
+def test_indices_that_are_not_integer_cpu_tensors_are_refused():
+    w = torch.randn(8, 16, 3, 3)
+    for bad in (torch.tensor([False, True]), torch.ones(8, dtype=torch.bool), torch.tensor([0.0, 1.0])):
+        with pytest.raises(DynsparseError, match="rows must be an integer CPU tensor"):
+            kernels.conv_gather(w, bad, None)
+        with pytest.raises(DynsparseError, match="cols must be an integer CPU tensor"):
+            kernels.conv_gather(w, None, bad)
+    with pytest.raises(DynsparseError, match=r"rows must be an integer CPU tensor .*, got torch.int64 on meta"):
+        kernels.conv_gather(w, torch.tensor([0, 1], device="meta"), None)
+    assert torch.equal(kernels.conv_gather(w, torch.tensor([2, 0], dtype=torch.int32), None), w[[2, 0]])
+
+
 def test_weight_helper_falls_back_to_pytorch_for_unsorted_columns():
     w = torch.randn(8, 16, 3, 3)
     cols = torch.tensor([5, 2, 9])

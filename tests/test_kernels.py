@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 
 import pytest
 import torch
@@ -136,7 +137,7 @@ def test_cats_kernel_against_a_hand_computation():
 
 
 @needs_kernels
-@pytest.mark.parametrize("host", ["mlp", "swiglu"])
+@pytest.mark.parametrize("host", ["mlp", "mlp_relu", "swiglu"])
 def test_cats_kernel_at_keep_1_keeps_nan_activations_like_the_host(host):
     m = _gated(host, "cats")
     ds_set_budget(m, 1.0)
@@ -196,6 +197,61 @@ def test_a_new_weight_at_a_reused_address_is_not_mistaken_for_the_old_one():
             mlp.fc1_g.weight = nn.Parameter(torch.randn(96, 40, generator=torch.Generator().manual_seed(i)))
             mlp.fc2.weight = nn.Parameter(torch.randn(40, 96, generator=torch.Generator().manual_seed(100 + i)))
         _fast_vs_masked(m, torch.randn(1, 1, 40))
+
+
+@needs_kernels
+def test_a_weight_replaced_through_data_at_a_reused_address_is_not_mistaken_for_the_old_one():
+    m = _gated("swiglu", "dejavu")
+    w = m[0].fc2.weight
+    for i in range(10):  # ``w.data = ...`` keeps the Parameter (and its version) and may get the freed address back
+        _fast_vs_masked(m, torch.randn(1, 1, 40))
+        w.data = torch.randn(40, 96, generator=torch.Generator().manual_seed(2 * i))
+        w.data = torch.randn(40, 96, generator=torch.Generator().manual_seed(2 * i + 1))
+        _fast_vs_masked(m, torch.randn(1, 1, 40))
+
+
+@pytest.mark.parametrize("gate", ["cats", "dejavu"])
+def test_a_model_built_under_inference_mode_runs_and_sees_in_place_changes(gate):
+    """Parameters created under ``inference_mode`` are inference tensors: no version counter, so no weight cache
+    can be trusted; every strategy must still run and follow an in-place change made under inference mode."""
+    with torch.inference_mode():
+        m = _gated("swiglu", gate)
+        for step in range(2):
+            for shape in ((1, 1, 40), (2, 3, 40)):
+                x = torch.randn(*shape, generator=torch.Generator().manual_seed(step))
+                set_strategy_(m, "mask")
+                ref = m(x)
+                for strategy in ("auto", "gather", "union"):
+                    set_strategy_(m, strategy)
+                    torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+            m[0].fc2.weight.mul_(2.0)  # unseen by any version counter
+
+
+@needs_kernels
+def test_indices_that_are_not_integer_cpu_tensors_and_unknown_activations_are_refused():
+    g = torch.Generator().manual_seed(0)
+    wg, w2, x = torch.randn(7, 33, generator=g), torch.randn(5, 7, generator=g), torch.randn(33, generator=g)
+    packed = kernels.pack_neurons(type("Owner", (), {})(), wg, None, w2)
+    mask = torch.tensor([True, False, True, False, False, False, True])  # a keep mask is not a list of indices
+    with torch.inference_mode():
+        for idx in (mask, torch.tensor([0.0, 2.0]), torch.tensor([0, 2], device="meta")):
+            with pytest.raises(DynsparseError, match="neuron_rows: idx must be an integer CPU tensor"):
+                kernels.neuron_rows(packed, x, idx, c_in=33, has_g=True, has_v=False)
+        with pytest.raises(DynsparseError, match="neuron_rows: act must be one of"):
+            kernels.neuron_rows(packed, x, torch.tensor([0, 2]), c_in=33, has_g=True, has_v=False, act=7)
+        got = kernels.neuron_rows(packed, x, torch.tensor([0, 2], dtype=torch.int32), c_in=33, has_g=True, has_v=False)
+        torch.testing.assert_close(got[0], w2[:, [0, 2]] @ (wg[[0, 2]] @ x), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_relu_keeps_nan_like_pytorch():
+    g = torch.Generator().manual_seed(0)
+    wg, w2, x = torch.randn(7, 33, generator=g), torch.randn(5, 7, generator=g), torch.randn(33, generator=g)
+    x[0] = float("nan")
+    packed = kernels.pack_neurons(type("Owner", (), {})(), wg, None, w2)
+    with torch.inference_mode():
+        got = kernels.neuron_rows(packed, x, torch.tensor([0, 2]), c_in=33, has_g=True, has_v=False, act=1)
+    assert torch.isnan(got).all()  # torch.relu(nan) is nan, not 0
 
 
 @needs_kernels
@@ -298,3 +354,14 @@ def test_the_library_builds_into_the_cache_dir(monkeypatch, tmp_path):
     assert lib is not None, why
     built = list((tmp_path / "kernels").iterdir())
     assert len(built) == 1 and built[0].name.startswith("dynsparse-") and built[0].suffix == ".so"
+
+
+def test_a_compiler_command_with_a_launcher_or_arguments_builds(monkeypatch, tmp_path):
+    """``CC="ccache gcc"`` (or ``"gcc -pthread"``) is a command, not a path: all of its words run."""
+    cc = kernels._compiler()
+    if cc is None or shutil.which("env") is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("DYNSPARSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", f"env {shutil.which('cc') or shutil.which('gcc') or shutil.which('clang')}")
+    lib, why = kernels._build.__wrapped__()
+    assert lib is not None, why

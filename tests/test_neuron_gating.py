@@ -162,6 +162,24 @@ def test_training_mode_runs_the_masked_path_with_gradients():
     assert m[0].fc1_g.weight.grad is not None and torch.isfinite(m[0].fc1_g.weight.grad).all()
 
 
+@pytest.mark.parametrize("host", ["mlp", "swiglu"])
+@pytest.mark.parametrize("shape", [(1, 1, 12), (2, 9, 12)])
+def test_eval_mode_gathered_paths_give_fc2_its_gradient(host, shape):
+    """In eval mode with autograd on (importance scores, input attributions) the gathered paths run: ``fc2``'s
+    weight must get the gradient of the masked reference, not None (a cached detached transpose)."""
+    m = _gated(host, "dejavu")
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for strategy in ("mask", "gather", "auto"):
+        set_strategy_(m, strategy)
+        m.zero_grad()
+        m(x).sum().backward()
+        grads[strategy] = m[0].fc2.weight.grad
+    assert grads["gather"] is not None and grads["auto"] is not None
+    torch.testing.assert_close(grads["gather"], grads["mask"])
+    torch.testing.assert_close(grads["auto"], grads["mask"])
+
+
 def _vit():
     torch.manual_seed(0)
     return timm.create_model(ARCH["name"], pretrained=False, **ARCH["kwargs"]).eval()

@@ -25,6 +25,7 @@ import hashlib
 import logging
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sysconfig
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..errors import DynsparseError
@@ -54,10 +56,12 @@ _SOURCES = tuple(Path(__file__).with_name(n) for n in ("neuron_rows.c", "conv_ga
 _ACT = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
 
-def _compiler() -> str | None:
+def _compiler() -> list[str] | None:
+    """The C compiler command, every word of it (``CC="ccache gcc"``, sysconfig's ``"gcc -pthread"``), or None."""
     for cc in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
-        if cc and shutil.which(cc.split()[0]):
-            return cc.split()[0]
+        words = shlex.split(cc) if cc else []
+        if words and shutil.which(words[0]):
+            return words
     return None
 
 
@@ -77,7 +81,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, "no C compiler found (set CC)"
     flags = _flags()
     source = b"".join(src.read_bytes() for src in _SOURCES)
-    key = hashlib.sha256(source + cc.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join(cc).encode() + " ".join(flags).encode()).hexdigest()[:16]
     try:
         root = Path(os.environ.get("DYNSPARSE_CACHE_DIR") or Path.home() / ".cache" / "dynsparse") / "kernels"
     except RuntimeError as e:  # no home directory
@@ -90,10 +94,11 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             os.close(fd)
             try:
                 run = subprocess.run(
-                    [cc, *flags, *map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
+                    [*cc, *flags, *map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
                 )
                 if run.returncode != 0:
-                    return None, f"{cc} failed on {', '.join(src.name for src in _SOURCES)}: {run.stderr.strip()[:500]}"
+                    names = ", ".join(src.name for src in _SOURCES)
+                    return None, f"{cc[0]} failed on {names}: {run.stderr.strip()[:500]}"
                 os.chmod(tmp, 0o755)  # mkstemp makes it 0600: others sharing the cache could not load it
                 os.replace(tmp, lib)  # atomic: another process sees the old state or the whole library
             finally:
@@ -157,7 +162,12 @@ def eager_cpu(*tensors: Tensor) -> bool:
 def pack_neurons(owner: object, w_g: Tensor | None, w_v: Tensor | None, w_out: Tensor) -> Tensor:
     """Rows ``[w_g[i] | w_v[i] | w_out[:, i]]`` per neuron (H, parts), cached on ``owner`` until a weight changes.
 
-    ``w_g`` / ``w_v``: (H, C_in) producer weights or None; ``w_out``: the (C_out, H) consumer weight.
+    ``w_g`` / ``w_v``: (H, C_in) producer weights or None; ``w_out``: the (C_out, H) consumer weight. A change is
+    seen when a weight is replaced (a new Parameter, ``w.data = ...``, ``.to(...)``) or changed in place through
+    ops that bump its version (``copy_`` / ``mul_`` under ``no_grad``, ``load_state_dict``); an in-place change
+    through ``w.data`` (``w.data.mul_(2)``) is not (``.data`` has its own version counter): clear the cache with
+    ``owner._packed_src = None`` after one. Inference tensors (weights made under ``inference_mode``) have no
+    version counter: their pack is rebuilt on every call.
     """
     parts = [w for w in (w_g, w_v) if w is not None]
     if not _cache_valid(getattr(owner, "_packed_src", None), (*parts, w_out)):
@@ -174,20 +184,35 @@ def _root(t: Tensor) -> Tensor:
 
 
 def _cache_key(sources: tuple[Tensor, ...]) -> tuple:
-    """The owning tensors themselves (a live reference: their memory cannot be reused by a new tensor), their
-    versions (shared by views), and each source's address, shape and strides."""
-    return tuple((_root(t), t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride())) for t in sources)
+    """The owning tensors themselves, a weak reference to each one's storage (``w.data = ...`` swaps the storage of
+    the same tensor, and the freed address may come back: the storage itself must match), their versions (shared
+    by views), and each source's address, shape and strides. None (nothing may be cached) where a source is an
+    inference tensor (made under ``inference_mode``): it has no version counter, an in-place change is not seen."""
+    if any(t.is_inference() for t in sources):
+        return None
+    return tuple(
+        (_root(t), StorageWeakRef(t.untyped_storage()), t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+        for t in sources
+    )
 
 
 def _cache_valid(key: tuple | None, sources: tuple[Tensor, ...]) -> bool:
     """True when ``key`` (from `_cache_key`) was made from these very tensors (or views of the same memory,
     placed the same way), unchanged since."""
-    if key is None or len(key) != len(sources):
+    if key is None or len(key) != len(sources) or any(t.is_inference() for t in sources):
         return False
     return all(
-        k[0] is _root(t) and k[1:] == (t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+        k[0] is _root(t)
+        and _same_storage(k[1], t)
+        and k[2:] == (t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()))
         for k, t in zip(key, sources, strict=True)
     )
+
+
+def _same_storage(ref: StorageWeakRef, t: Tensor) -> bool:
+    """True when ``t`` still lives in the storage ``ref`` points to (a live weak reference keeps the storage's
+    identity from being reused by a new one)."""
+    return not ref.expired() and ref.cdata == t.untyped_storage()._cdata
 
 
 def neuron_rows(
@@ -212,6 +237,8 @@ def neuron_rows(
     owner = "dynsparse.kernels.neuron_rows"
     n_in = c_in * (int(has_g) + int(has_v))
     lib = _check(owner, packed, None, x, n_in, c_in, b_g, b_v, g_pre=g_pre)
+    _check_indices(owner, idx=idx)
+    _check_act(owner, act)
     if not has_g and (g_pre is None or g_pre.numel() != idx.numel()):
         raise DynsparseError(f"{owner}: without has_g, g_pre must give one value per kept neuron")
     if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < packed.shape[0]:
@@ -261,8 +288,7 @@ def cats_rows(
     lib = _check(owner, packed, h, x, n_in, c_in, b_g, b_v, w_g=w_g)
     if math.isnan(threshold):
         raise DynsparseError(f"{owner}: threshold is NaN (an uncalibrated gate?)")
-    if act not in _ACT.values():
-        raise DynsparseError(f"{owner}: act must be one of {sorted(_ACT.values())} (see act_code), got {act!r}")
+    _check_act(owner, act)
     c_out = packed.shape[1] - n_in
     x = x.contiguous()
     b_g = None if b_g is None else b_g.contiguous()
@@ -287,6 +313,21 @@ def _library(owner: str, **tensors: Tensor | None) -> ctypes.CDLL:
         if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
             raise DynsparseError(f"{owner}: {name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
     return lib
+
+
+def _check_act(owner: str, act: int) -> None:
+    if act not in _ACT.values():
+        raise DynsparseError(f"{owner}: act must be one of {sorted(_ACT.values())} (see act_code), got {act!r}")
+
+
+def _check_indices(owner: str, **indices: Tensor | None) -> None:
+    """Index tensors must be int32 / int64 on the CPU, as ``index_select`` takes them (a bool keep mask or float
+    values would otherwise be converted to indices silently, another device's pointer read as host memory)."""
+    for name, t in indices.items():
+        if t is not None and (t.dtype not in (torch.int32, torch.int64) or t.device.type != "cpu"):
+            raise DynsparseError(
+                f"{owner}: {name} must be an integer CPU tensor (int32 / int64), got {t.dtype} on {t.device}"
+            )
 
 
 def _check(
@@ -332,6 +373,7 @@ def conv_gather(w: Tensor, rows: Tensor | None, cols: Tensor | None, scale: Tens
     """
     owner = "dynsparse.kernels.conv_gather"
     lib = _library(owner, w=w, scale=scale)
+    _check_indices(owner, rows=rows, cols=cols)
     if w.dim() not in (2, 4):
         raise DynsparseError(f"{owner}: w must be (O, I) or (O, I, kh, kw), got shape {tuple(w.shape)}")
     o, i = w.shape[:2]

@@ -21,7 +21,7 @@ enum { ACT_IDENTITY = 0, ACT_RELU = 1, ACT_GELU = 2, ACT_GELU_TANH = 3, ACT_SILU
 
 static float act(float v, int kind) {
   switch (kind) {
-    case ACT_RELU: return v > 0.f ? v : 0.f;
+    case ACT_RELU: return v < 0.f ? 0.f : v; /* NaN stays NaN, as torch.relu */
     case ACT_GELU: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
     case ACT_GELU_TANH: return 0.5f * v * (1.f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
     case ACT_SILU: return v / (1.f + expf(-v));

@@ -64,8 +64,13 @@ def consumer_row(h: Tensor, idx: Tensor, w_t: Tensor, b: Tensor | None) -> Tenso
 def transposed(owner: object, w: Tensor) -> Tensor:
     """``w.t()`` as a row-major copy, cached on ``owner`` (attributes ``_w2t`` / ``_w2t_src``) until ``w`` changes.
 
-    The cache holds ``w`` itself, so a new weight at a reused address is not mistaken for the old one.
+    The cache holds ``w`` itself, so a new weight at a reused address is not mistaken for the old one. Where
+    autograd records (grad mode and ``w`` requires grad) it returns a fresh differentiable copy instead: a cached
+    copy is detached, and ``w`` would get no gradient. Nothing is cached for an inference tensor (no version
+    counter). See `kernels.pack_neurons` for which changes of ``w`` are seen.
     """
+    if torch.is_grad_enabled() and w.requires_grad:
+        return w.t().contiguous()  # a copy: embedding_bag on the strided view is ~50x slower
     if not kernels._cache_valid(getattr(owner, "_w2t_src", None), (w,)):
         with torch.inference_mode(False), torch.no_grad():
             # a copy with row-major strides: ``w.t().contiguous()`` of a (1, H) weight is the (H, 1) view with
@@ -120,9 +125,13 @@ def kernel_cats(mlp: nn.Module, rows: Tensor) -> Tensor | None:
 
 def _runnable(mlp: nn.Module, code: int | None, *tensors: Tensor | None) -> bool:
     """True when a compiled kernel may run ``mlp`` on these tensors: a known activation ``code``, no dropout
-    that would drop (``drop1`` in training mode on its own: the kernels do not drop), `kernels.eager_cpu`, and a
-    built library (built here, on the first call that can use it)."""
+    that would drop (``drop1`` in training mode on its own: the kernels do not drop), weights that are not
+    inference tensors (their pack could not be cached), `kernels.eager_cpu`, and a built library (built here, on
+    the first call that can use it)."""
     d = getattr(mlp, "drop1", None)
     if code is None or (isinstance(d, nn.Dropout) and d.training and d.p > 0):
+        return False
+    wg, _, wv, _ = mlp._producers()
+    if any(w is not None and w.is_inference() for w in (wg, wv, mlp.fc2.weight)):
         return False
     return kernels.eager_cpu(*(t for t in tensors if t is not None)) and kernels.load() is not None
