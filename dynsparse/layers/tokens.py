@@ -29,7 +29,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..gates.tokens import TokenGate, threshold_keep
+from ..gates.tokens import TokenGate, mean_over_heads, threshold_keep
 from ..modules import adopt, capturing, module_device, place_like
 from .token_pack import (
     Packing,
@@ -146,7 +146,7 @@ def masked_attention(
     out = attn.proj_drop(attn.proj(out))
     if not scores:
         return out
-    return out, (a * policy.reshape(B, 1, N, 1).to(a.dtype)).sum(-2).mean(1)
+    return out, mean_over_heads((a * policy.reshape(B, 1, N, 1).to(a.dtype)).sum(-2), attn)
 
 
 class _TokenAware(Block):
