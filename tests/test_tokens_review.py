@@ -51,3 +51,22 @@ def test_threshold_training_when_no_token_arrives_above_half():
     m.train()
     m(_x(2).float()).sum().backward()
     assert int(m.blocks[3].tokens.gate.calibrated) == 0 and int(m.blocks[1].tokens.gate.calibrated) == 1
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"gate": "predictor", "keep": [0.5, 1.5]},  # the second block's keep is refused
+        {"gate": "cls_attention", "keep": [0.5, 0.0]},
+    ],
+)
+def test_a_refused_spec_leaves_the_model_unchanged(kw):
+    """`gate_tokens_` is all or nothing: a gate refused at a later block leaves no token gate behind, so the
+    corrected call succeeds."""
+    from dynsparse.layers.tokens import gate_tokens_
+
+    m = _vit()
+    with pytest.raises(ds.DynsparseError, match="keep"):
+        gate_tokens_(m, blocks=[1, 3], **kw)
+    assert all(type(b) is timm.models.vision_transformer.Block for b in m.blocks)
+    gate_tokens_(m, blocks=[1, 3], gate=kw["gate"], keep=0.5)

@@ -357,8 +357,8 @@ def gate_tokens_(
         raise ConfigError(f"tokens: token gates need plain timm Blocks from the first gate on; found {odd[0]}{hint}")
     pool = getattr(model, "global_pool", "token")
     state = TokenState(prefix, bool(getattr(model, "pool_include_prefix", False)), pool)
-    n, target = patches, 1.0
-    for j, (i, k) in enumerate(zip(idx, keeps, strict=True)):
+    n, target, sels = patches, 1.0, []
+    for i, k in zip(idx, keeps, strict=True):
         opts = {**spec, **gate_kwargs, "keep": 0.7 if k is None and not variable else k}
         if variable:
             opts.setdefault("threshold", final_threshold * i / len(seq))
@@ -374,11 +374,12 @@ def gate_tokens_(
             )
         if prefix < 1 and isinstance(gate, str) and gate == "cls_attention":
             raise ConfigError("tokens: the cls_attention gate needs a class token; this model has no prefix token")
-        sel = place_like(TokenSelect(g, prefix, fuse), seq[i])
-        seq[i] = TokenGatedBlock.from_module(seq[i], sel, state, first=j == 0)
         if hasattr(g, "locations"):  # the ratio loss is averaged over the predictor locations (DynamicViT)
             g.locations = len(idx)
+        sels.append(place_like(TokenSelect(g, prefix, fuse), seq[i]))
         n = g.kept(n) + (1 if fuse else 0)
+    for j, (i, sel) in enumerate(zip(idx, sels, strict=True)):  # every gate built: now change the model
+        seq[i] = TokenGatedBlock.from_module(seq[i], sel, state, first=j == 0)
     for i in range(idx[0] + 1, len(seq)):  # blocks after the first gate mask attention on the masked path
         if not isinstance(seq[i], TokenGatedBlock):
             seq[i] = PolicyBlock.from_module(seq[i], state)
