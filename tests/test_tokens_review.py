@@ -70,3 +70,15 @@ def test_a_refused_spec_leaves_the_model_unchanged(kw):
         gate_tokens_(m, blocks=[1, 3], **kw)
     assert all(type(b) is timm.models.vision_transformer.Block for b in m.blocks)
     gate_tokens_(m, blocks=[1, 3], gate=kw["gate"], keep=0.5)
+
+
+def test_keep_given_in_the_gate_dict_is_used():
+    """``gate={"gate": ..., "keep": k}`` keeps ``k`` (it was silently replaced by the default 0.7)."""
+    from dynsparse.layers.tokens import gate_tokens_
+
+    m = gate_tokens_(_vit(), gate={"gate": "predictor", "keep": 0.5, "tau": 0.5}, blocks=[1])
+    assert ds.get_budget(m) == {"blocks.1.tokens.gate": 0.5} and m.blocks[1].tokens.gate.tau == 0.5
+    m = gate_tokens_(_vit(), gate={"gate": "cls_attention", "keep": 0.5}, blocks=[1], keep=0.25)
+    assert ds.get_budget(m) == {"blocks.1.tokens.gate": 0.25}  # the argument wins
+    with pytest.raises(ds.ConfigError, match="needs a class token"):  # refused when built, not at the first forward
+        gate_tokens_(_vit(class_token=False, global_pool="avg"), gate={"gate": "cls_attention"}, blocks=[1])
