@@ -128,7 +128,8 @@ class ClsAttentionTokenGate(TokenGate):
 
 
 def cls_attention(h: Tensor, attn: nn.Module, num_prefix: int, policy: Tensor | None = None) -> Tensor:
-    """Mean over heads of softmax(q_cls·kᵀ·scale) restricted to the non-prefix tokens: (B, N - num_prefix).
+    """Mean over heads (the kept ones, see `mean_over_heads`) of softmax(q_cls·kᵀ·scale) restricted to the non-prefix
+    tokens: (B, N - num_prefix).
 
     With a (B, N) ``policy``, dropped tokens take no part in the softmax (and score 0), as in masked attention.
     """
@@ -151,7 +152,20 @@ def cls_attention(h: Tensor, attn: nn.Module, num_prefix: int, policy: Tensor | 
         logits = (q * attn.scale @ k.transpose(-2, -1)).squeeze(2)
     if policy is not None:
         logits = logits.masked_fill(policy[:, None, :] == 0, float("-inf"))
-    return logits.softmax(-1)[..., num_prefix:].mean(1)
+    return mean_over_heads(logits.softmax(-1)[..., num_prefix:], attn)
+
+
+def mean_over_heads(a: Tensor, attn: nn.Module) -> Tensor:
+    """``(B, H, n) -> (B, n)``: the mean over the heads of ``attn`` that a ``heads`` gate keeps (all without one).
+
+    A closed head still computes attention probabilities, but conversion removes it: leaving it out of the
+    token scores gives the gated model and its converted twin the same token decisions.
+    """
+    slot = getattr(attn, "norm", None)
+    if getattr(slot, "dimension", None) != "heads" or getattr(slot, "gate", None) is None:
+        return a.mean(1)
+    w = slot.gate.keep_mask().to(device=a.device, dtype=a.dtype)
+    return torch.einsum("bhn,h->bn", a, w) / w.sum().clamp_min(1)
 
 
 @TOKEN_GATES.register("predictor")
@@ -345,6 +359,8 @@ class ThresholdTokenGate(TokenGate):
     @torch.no_grad()
     def observe(self, s: Tensor, exact: bool = False) -> None:
         """Add scores (any shape, of arriving non-prefix tokens) to the table: a running average, or ``exact``."""
+        if s.numel() == 0:  # no token arrived (a training batch whose soft policy keeps none above 0.5)
+            return
         probs = torch.linspace(1.0, 0.0, TABLE_POINTS, dtype=torch.float64, device=s.device)
         q = torch.quantile(s.detach().flatten()[: 1 << 24].double(), probs).to(self.table.dtype)
         if exact or int(self.calibrated) == 0:
@@ -406,7 +422,7 @@ def threshold_keep(s: Tensor, theta: Tensor) -> Tensor:
 
 def received_attention(h: Tensor, attn: nn.Module, policy: Tensor | None = None) -> Tensor:
     """``(B, N)``: attention each token receives in ``attn`` on input ``h`` (B, N, C), summed over the queries, mean
-    over heads (LTP's score times N: the scores of the ``n`` alive tokens average to 1).
+    over the kept heads (`mean_over_heads`; LTP's score times N: the scores of the ``n`` alive tokens average to 1).
 
     With a (B, N) keep ``policy``, dropped keys take no part in the softmax and queries are weighted by it.
     Recomputes q and k (``O(N·C² + N²·C)``); the token-gated block gets the same scores from its own attention.
@@ -422,7 +438,7 @@ def received_attention(h: Tensor, attn: nn.Module, policy: Tensor | None = None)
     a = logits.softmax(-1)
     if policy is not None:
         a = a * policy[:, None, :, None].to(a.dtype)
-    return a.sum(-2).mean(1)
+    return mean_over_heads(a.sum(-2), attn)
 
 
 def make_token_gate(spec: str | dict[str, Any], num_units: int, dim: int) -> TokenGate:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..gates.tokens import threshold_keep
+from ..gates.tokens import mean_over_heads, threshold_keep
 
 __all__ = ["Packing", "attention_mode", "fill_dropped", "packed_attention", "select_tokens", "unpack"]
 
@@ -156,7 +156,7 @@ def _attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | No
     o = a @ v
     if valid is not None:
         a = a * valid[:, None, :, None].to(a.dtype)  # padded queries receive nothing
-    s = a.sum(-2).mean(1)
+    s = mean_over_heads(a.sum(-2), attn)
     return o, s if valid is None else s.masked_fill(~valid, float("-inf"))
 
 

@@ -29,7 +29,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..gates.tokens import TokenGate, threshold_keep
+from ..gates.tokens import TokenGate, mean_over_heads, threshold_keep
 from ..modules import adopt, capturing, module_device, place_like
 from .token_pack import (
     Packing,
@@ -120,7 +120,7 @@ def masked_attention(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """timm ``Attention`` forward with DynamicViT's policy: token i attends to j only if j is kept (or j = i).
 
-    ``softmax_with_policy``: ``exp(A_ij − max_i) · G_ij / (Σ_k exp(A_ik − max_i) · G_ik + eps)`` with
+    ``softmax_with_policy``: ``(exp(A_ij − max_i) · G_ij + eps/N) / (Σ_k exp(A_ik − max_i) · G_ik + eps)`` with
     ``G_ij = policy_j`` for ``j ≠ i`` and 1 on the diagonal, computed in at least float32. Uses the module's own
     children (qkv, q/k norms, head gate in ``norm``, proj), so gated heads are respected. ``policy`` may be soft
     (a threshold gate's training masks). With ``scores``, also returns the (B, N) attention each token receives,
@@ -146,7 +146,7 @@ def masked_attention(
     out = attn.proj_drop(attn.proj(out))
     if not scores:
         return out
-    return out, (a * policy.reshape(B, 1, N, 1).to(a.dtype)).sum(-2).mean(1)
+    return out, mean_over_heads((a * policy.reshape(B, 1, N, 1).to(a.dtype)).sum(-2), attn)
 
 
 class _TokenAware(Block):
@@ -317,7 +317,8 @@ def gate_tokens_(
 
     Args:
         model: A timm ``VisionTransformer`` (ViT, DeiT, with register / distillation tokens).
-        gate: A name of `dynsparse.gates.TOKEN_GATES` (``cls_attention``, ``predictor``, ``threshold``).
+        gate: A name of `dynsparse.gates.TOKEN_GATES` (``cls_attention``, ``predictor``, ``threshold``), or a dict
+            ``{"gate": name, **gate arguments}``.
         blocks: Indices of the blocks that select tokens (after their attention).
         keep: Fraction of the arriving non-prefix tokens kept at each of them (one value or one per block).
             None: 0.7 for the top-k gates, the learned threshold for ``threshold``.
@@ -357,9 +358,11 @@ def gate_tokens_(
         raise ConfigError(f"tokens: token gates need plain timm Blocks from the first gate on; found {odd[0]}{hint}")
     pool = getattr(model, "global_pool", "token")
     state = TokenState(prefix, bool(getattr(model, "pool_include_prefix", False)), pool)
-    n, target = patches, 1.0
-    for j, (i, k) in enumerate(zip(idx, keeps, strict=True)):
-        opts = {**spec, **gate_kwargs, "keep": 0.7 if k is None and not variable else k}
+    n, target, sels = patches, 1.0, []
+    for i, k in zip(idx, keeps, strict=True):
+        if k is None:  # a keep in the gate dict, else the default
+            k = spec.get("keep", None if variable else 0.7)
+        opts = {**spec, **gate_kwargs, "keep": k}
         if variable:
             opts.setdefault("threshold", final_threshold * i / len(seq))
         g = make_token_gate(opts, max(n, 1), seq[i].norm1.normalized_shape[0])
@@ -372,13 +375,14 @@ def gate_tokens_(
                 f"tokens: a trained token gate needs class-token pooling (global_pool='token'), the model pools "
                 f"with {model.global_pool!r}"
             )
-        if prefix < 1 and isinstance(gate, str) and gate == "cls_attention":
+        if prefix < 1 and spec.get("gate", "cls_attention") == "cls_attention":
             raise ConfigError("tokens: the cls_attention gate needs a class token; this model has no prefix token")
-        sel = place_like(TokenSelect(g, prefix, fuse), seq[i])
-        seq[i] = TokenGatedBlock.from_module(seq[i], sel, state, first=j == 0)
         if hasattr(g, "locations"):  # the ratio loss is averaged over the predictor locations (DynamicViT)
             g.locations = len(idx)
+        sels.append(place_like(TokenSelect(g, prefix, fuse), seq[i]))
         n = g.kept(n) + (1 if fuse else 0)
+    for j, (i, sel) in enumerate(zip(idx, sels, strict=True)):  # every gate built: now change the model
+        seq[i] = TokenGatedBlock.from_module(seq[i], sel, state, first=j == 0)
     for i in range(idx[0] + 1, len(seq)):  # blocks after the first gate mask attention on the masked path
         if not isinstance(seq[i], TokenGatedBlock):
             seq[i] = PolicyBlock.from_module(seq[i], state)
