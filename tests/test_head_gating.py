@@ -245,6 +245,10 @@ def test_unsupported_layers_and_token_gates_are_refused_by_name():
         gate_heads_(m, "dejavu", modules=["0"])
     with pytest.raises(UnsupportedModuleError, match="token gates"):
         ds.sparsify_(_vit(), {"tokens": {"gate": "cls_attention", "blocks": [1]}, "heads": {"gate": "dejavu"}})
+    m = ds.sparsify_(_vit(), {"heads": {"gate": "dejavu"}})
+    with pytest.raises(ConfigError, match=r"per-input head gates.*blocks.0.attn"):
+        ds.sparsify_(m, {"tokens": {"gate": "cls_attention", "blocks": [1]}})
+    assert not any(type(b).__name__ == "TokenGatedBlock" for b in m.blocks)
 
 
 def test_sparsify_routes_heads_and_static_head_gates_still_work():

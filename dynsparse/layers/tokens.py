@@ -350,6 +350,11 @@ def gate_tokens_(
         raise ConfigError(f"tokens.keep: {len(keeps)} values for {len(idx)} blocks")
     if any(isinstance(b, TokenGatedBlock) for b in seq):
         raise ConfigError("tokens: the model already has token gates")
+    from .head_gating import HeadGatedAttention
+
+    heads = [f"blocks.{i}.attn" for i, b in enumerate(seq) if isinstance(getattr(b, "attn", None), HeadGatedAttention)]
+    if heads:
+        raise ConfigError(f"tokens: token gates cannot be combined with per-input head gates yet (found {heads[0]})")
     odd = [f"blocks.{i} ({type(b).__name__})" for i, b in enumerate(seq) if i >= idx[0] and type(b) is not Block]
     if odd:
         hint = ""
