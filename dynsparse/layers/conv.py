@@ -109,12 +109,24 @@ def _slice_aa_(m: nn.Module, idx: Tensor, what: str) -> None:
     )
 
 
+#: (reduce, expand) children of the squeeze-excite modules the converter slices (timm ``SqueezeExcite``, ``SEModule``).
+_SE_CHILDREN = (("conv_reduce", "conv_expand"), ("fc1", "fc2"))
+
+
+def _se_reason(host: nn.Module) -> str | None:
+    """Why the squeeze-excite module ``host.se`` on the gated channels cannot be sliced, or None when it can."""
+    se = host.se
+    if se is None or isinstance(se, nn.Identity) or any(hasattr(se, r) and hasattr(se, e) for r, e in _SE_CHILDREN):
+        return None
+    name = type(se).__name__
+    return f"its squeeze-excite module {name} is not known to the converter, so its channels cannot be sliced"
+
+
 def _slice_se_(se: nn.Module, idx: Tensor, scale: Tensor | None, owner: nn.Module) -> None:
     """Slice a squeeze-excite module on the gated channels; ``scale`` also folds into its reduction input."""
     if isinstance(se, nn.Identity) or se is None:
         return
-    names = [("conv_reduce", "conv_expand"), ("fc1", "fc2")]
-    for reduce, expand in names:
+    for reduce, expand in _SE_CHILDREN:
         if hasattr(se, reduce) and hasattr(se, expand):
             slice_conv_in_(getattr(se, reduce), idx, scale)
             slice_conv_out_(getattr(se, expand), idx)
@@ -218,7 +230,7 @@ class GatedInvertedResidual(GatedLayer, InvertedResidual):
         if host.conv_s2d is not None:
             return "space-to-depth stems are not supported"
         reason = _convs(host, "conv_pw", "conv_dw", "conv_pwl", depthwise="conv_dw")
-        return _stateless(host, "aa") or reason or norm_reason(host, "bn1", "bn2")
+        return _stateless(host, "aa") or reason or norm_reason(host, "bn1", "bn2") or _se_reason(host)
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
@@ -255,7 +267,12 @@ class GatedEdgeResidual(GatedLayer, EdgeResidual):
 
     @classmethod
     def unsupported_reason(cls, host: nn.Module) -> str | None:
-        return _stateless(host, "aa") or _convs(host, "conv_exp", "conv_pwl") or norm_reason(host, "bn1")
+        return (
+            _stateless(host, "aa")
+            or _convs(host, "conv_exp", "conv_pwl")
+            or norm_reason(host, "bn1")
+            or _se_reason(host)
+        )
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
@@ -311,6 +328,7 @@ class GatedDepthwiseSeparableConv(GatedLayer, DepthwiseSeparableConv):
             _stateless(host, "aa")
             or _convs(host, "conv_dw", "conv_pw", depthwise="conv_dw")
             or norm_reason(host, "bn1")
+            or _se_reason(host)
         )
 
     @classmethod
