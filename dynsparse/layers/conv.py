@@ -155,7 +155,7 @@ class GatedBasicBlock(GatedLayer, BasicBlock):
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
-        return [SlotSpec("act1", host.conv1.out_channels, dim=1, scope=("conv1", "bn1", "conv2"))]
+        return [SlotSpec("act1", host.conv1.out_channels, dim=1, scope=("conv1", "bn1", "aa", "conv2"))]
 
     @classmethod
     def producers(cls, module: nn.Module, child: str) -> list[Producer]:
@@ -191,7 +191,7 @@ class GatedBottleneck(GatedLayer, Bottleneck):
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
         return [
             SlotSpec("act1", host.conv1.out_channels, dim=1, scope=("conv1", "bn1", "conv2")),
-            SlotSpec("act2", host.conv2.out_channels, dim=1, scope=("conv2", "bn2", "conv3")),
+            SlotSpec("act2", host.conv2.out_channels, dim=1, scope=("conv2", "bn2", "aa", "conv3")),
         ]
 
     @classmethod
@@ -236,7 +236,10 @@ class GatedInvertedResidual(GatedLayer, InvertedResidual):
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
         return [
             SlotSpec(
-                "aa", host.conv_dw.out_channels, dim=1, scope=("conv_pw", "bn1", "conv_dw", "bn2", "se", "conv_pwl")
+                "aa",
+                host.conv_dw.out_channels,
+                dim=1,
+                scope=("conv_pw", "bn1", "conv_dw", "bn2", "aa", "se", "conv_pwl"),
             )
         ]
 
@@ -276,7 +279,7 @@ class GatedEdgeResidual(GatedLayer, EdgeResidual):
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
-        return [SlotSpec("aa", host.conv_exp.out_channels, dim=1, scope=("conv_exp", "bn1", "se", "conv_pwl"))]
+        return [SlotSpec("aa", host.conv_exp.out_channels, dim=1, scope=("conv_exp", "bn1", "aa", "se", "conv_pwl"))]
 
     @classmethod
     def producers(cls, module: nn.Module, child: str) -> list[Producer]:
@@ -333,7 +336,7 @@ class GatedDepthwiseSeparableConv(GatedLayer, DepthwiseSeparableConv):
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
-        return [SlotSpec("aa", host.conv_dw.out_channels, dim=1, scope=("conv_dw", "bn1", "se", "conv_pw"))]
+        return [SlotSpec("aa", host.conv_dw.out_channels, dim=1, scope=("conv_dw", "bn1", "aa", "se", "conv_pw"))]
 
     @classmethod
     def producers(cls, module: nn.Module, child: str) -> list[Producer]:
