@@ -54,6 +54,21 @@ def test_blurpool_block_converts_exactly(kind: str) -> None:
     assert diff < 1e-5, f"max-abs difference {diff:.2e}"
 
 
+@pytest.mark.parametrize("kind", sorted(_BLOCKS))
+def test_cost_model_counts_the_sliced_blur_filter(kind: str) -> None:
+    """The blur filter is sliced with the gated channels, so the gate's FLOPs scope covers it (``aa``)."""
+    torch.manual_seed(0)
+    stem = [nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()] if kind == "dsconv" else []
+    model = nn.Sequential(*stem, _BLOCKS[kind]()).eval()
+    dense = ds.flops.count_flops(model, torch.zeros(1, 8, 16, 16))
+    ds.sparsify_(model, {"channels": "fixed"})
+    ds.fix_gates_(model, {fqn: torch.arange(g.num_units) % 4 == 0 for fqn, g in ds.named_gates(model)})
+    x = torch.zeros(1, 8, 16, 16)
+    predicted = ds.flops.CostModel(model, x).fraction()
+    real = ds.flops.count_flops(ds.convert(model), x) / dense
+    assert predicted == pytest.approx(real, rel=1e-6), f"cost model {predicted:.4f}, converted {real:.4f}"
+
+
 def test_convert_refuses_a_model_that_fails_on_verify_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
     """A slicer that leaves a shape mismatch gives a DynsparseError from ``convert``, not a raw RuntimeError."""
     import dynsparse.layers.conv as conv

@@ -9,7 +9,7 @@ import timm.layers
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from timm.models._efficientnet_blocks import EdgeResidual, InvertedResidual, SqueezeExcite
+from timm.models._efficientnet_blocks import DepthwiseSeparableConv, EdgeResidual, InvertedResidual, SqueezeExcite
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
@@ -236,3 +236,18 @@ def test_pooling_anti_aliasing_converts_exactly(host_cls):
     converted = ds.convert(gated)
     assert isinstance(converted.aa, nn.AvgPool2d) and converted.conv1.out_channels == 2
     torch.testing.assert_close(converted(x), gated(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        lambda se: InvertedResidual(8, 8, exp_ratio=3.0, se_layer=se),
+        lambda se: EdgeResidual(8, 8, exp_ratio=2.0, se_layer=se),
+        lambda se: DepthwiseSeparableConv(8, 8, se_layer=se, noskip=True),
+    ],
+)
+@pytest.mark.parametrize("se", [timm.layers.EcaModule, timm.layers.EffectiveSEModule])
+def test_unknown_squeeze_excite_is_refused_when_gating_not_at_convert(host, se):
+    """An SE the converter cannot slice is refused up front, not after training, when ``convert`` meets it."""
+    with pytest.raises(ds.UnsupportedModuleError, match=f"squeeze-excite module {se.__name__} is not known"):
+        ds.sparsify_(nn.Sequential(host(se)), {"channels": "fixed"})

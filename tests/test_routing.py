@@ -117,3 +117,26 @@ def test_trace_and_export_keep_per_input_decisions():
         for y in (x, other):  # a capture must not bake in the example's decisions
             torch.testing.assert_close(traced(y), m(y))
             torch.testing.assert_close(exported(y), m(y))
+
+
+@pytest.mark.parametrize("depth_first", [False, True])
+def test_layer_gates_on_routed_blocks_convert_and_reload(tmp_path, depth_first):
+    """``layers`` gates and routers on the same blocks, in either order: a closed branch of a routed block converts."""
+    spec = {"depth": {"blocks": [1, 2]}}
+    if depth_first:
+        m = ds.sparsify_(ds.sparsify_(_vit(), spec), {"layers": "fixed"})
+    else:
+        m = ds.sparsify_(_vit(), {"layers": "fixed", **spec})
+    gates = dict(ds.named_gates(m))
+    assert {"blocks.1.drop_path1.gate", "blocks.2.drop_path2.gate"} <= set(gates)  # routed blocks get layer gates
+    closed = torch.tensor([False])
+    ds.fix_gates_(m, {"blocks.1.drop_path1": closed, "blocks.2.drop_path1": closed, "blocks.2.drop_path2": closed})
+    x = _x(3)
+    small = ds.convert(m, static=False, verify_inputs=x)
+    assert isinstance(small.blocks[1], RoutedBlock) and isinstance(small.blocks[2], torch.nn.Identity)
+    assert small.slice_plan.dynamic["depth"]["blocks"] == [1]
+    ds.save(small, tmp_path / "r.safetensors", arch=ARCH)
+    back = ds.load(tmp_path / "r.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), m.eval()(x))
+        torch.testing.assert_close(back(x), small(x))

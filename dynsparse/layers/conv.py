@@ -109,12 +109,24 @@ def _slice_aa_(m: nn.Module, idx: Tensor, what: str) -> None:
     )
 
 
+#: (reduce, expand) children of the squeeze-excite modules the converter slices (timm ``SqueezeExcite``, ``SEModule``).
+_SE_CHILDREN = (("conv_reduce", "conv_expand"), ("fc1", "fc2"))
+
+
+def _se_reason(host: nn.Module) -> str | None:
+    """Why the squeeze-excite module ``host.se`` on the gated channels cannot be sliced, or None when it can."""
+    se = host.se
+    if se is None or isinstance(se, nn.Identity) or any(hasattr(se, r) and hasattr(se, e) for r, e in _SE_CHILDREN):
+        return None
+    name = type(se).__name__
+    return f"its squeeze-excite module {name} is not known to the converter, so its channels cannot be sliced"
+
+
 def _slice_se_(se: nn.Module, idx: Tensor, scale: Tensor | None, owner: nn.Module) -> None:
     """Slice a squeeze-excite module on the gated channels; ``scale`` also folds into its reduction input."""
     if isinstance(se, nn.Identity) or se is None:
         return
-    names = [("conv_reduce", "conv_expand"), ("fc1", "fc2")]
-    for reduce, expand in names:
+    for reduce, expand in _SE_CHILDREN:
         if hasattr(se, reduce) and hasattr(se, expand):
             slice_conv_in_(getattr(se, reduce), idx, scale)
             slice_conv_out_(getattr(se, expand), idx)
@@ -143,7 +155,7 @@ class GatedBasicBlock(GatedLayer, BasicBlock):
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
-        return [SlotSpec("act1", host.conv1.out_channels, dim=1, scope=("conv1", "bn1", "conv2"))]
+        return [SlotSpec("act1", host.conv1.out_channels, dim=1, scope=("conv1", "bn1", "aa", "conv2"))]
 
     @classmethod
     def producers(cls, module: nn.Module, child: str) -> list[Producer]:
@@ -179,7 +191,7 @@ class GatedBottleneck(GatedLayer, Bottleneck):
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
         return [
             SlotSpec("act1", host.conv1.out_channels, dim=1, scope=("conv1", "bn1", "conv2")),
-            SlotSpec("act2", host.conv2.out_channels, dim=1, scope=("conv2", "bn2", "conv3")),
+            SlotSpec("act2", host.conv2.out_channels, dim=1, scope=("conv2", "bn2", "aa", "conv3")),
         ]
 
     @classmethod
@@ -218,13 +230,16 @@ class GatedInvertedResidual(GatedLayer, InvertedResidual):
         if host.conv_s2d is not None:
             return "space-to-depth stems are not supported"
         reason = _convs(host, "conv_pw", "conv_dw", "conv_pwl", depthwise="conv_dw")
-        return _stateless(host, "aa") or reason or norm_reason(host, "bn1", "bn2")
+        return _stateless(host, "aa") or reason or norm_reason(host, "bn1", "bn2") or _se_reason(host)
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
         return [
             SlotSpec(
-                "aa", host.conv_dw.out_channels, dim=1, scope=("conv_pw", "bn1", "conv_dw", "bn2", "se", "conv_pwl")
+                "aa",
+                host.conv_dw.out_channels,
+                dim=1,
+                scope=("conv_pw", "bn1", "conv_dw", "bn2", "aa", "se", "conv_pwl"),
             )
         ]
 
@@ -255,11 +270,16 @@ class GatedEdgeResidual(GatedLayer, EdgeResidual):
 
     @classmethod
     def unsupported_reason(cls, host: nn.Module) -> str | None:
-        return _stateless(host, "aa") or _convs(host, "conv_exp", "conv_pwl") or norm_reason(host, "bn1")
+        return (
+            _stateless(host, "aa")
+            or _convs(host, "conv_exp", "conv_pwl")
+            or norm_reason(host, "bn1")
+            or _se_reason(host)
+        )
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
-        return [SlotSpec("aa", host.conv_exp.out_channels, dim=1, scope=("conv_exp", "bn1", "se", "conv_pwl"))]
+        return [SlotSpec("aa", host.conv_exp.out_channels, dim=1, scope=("conv_exp", "bn1", "aa", "se", "conv_pwl"))]
 
     @classmethod
     def producers(cls, module: nn.Module, child: str) -> list[Producer]:
@@ -311,11 +331,12 @@ class GatedDepthwiseSeparableConv(GatedLayer, DepthwiseSeparableConv):
             _stateless(host, "aa")
             or _convs(host, "conv_dw", "conv_pw", depthwise="conv_dw")
             or norm_reason(host, "bn1")
+            or _se_reason(host)
         )
 
     @classmethod
     def _slot_specs(cls, host: nn.Module) -> list[SlotSpec]:
-        return [SlotSpec("aa", host.conv_dw.out_channels, dim=1, scope=("conv_dw", "bn1", "se", "conv_pw"))]
+        return [SlotSpec("aa", host.conv_dw.out_channels, dim=1, scope=("conv_dw", "bn1", "aa", "se", "conv_pw"))]
 
     @classmethod
     def producers(cls, module: nn.Module, child: str) -> list[Producer]:

@@ -28,7 +28,7 @@ is an error.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from timm.models.vision_transformer import Block
@@ -44,6 +44,10 @@ __all__ = ["RoutedBlock", "RoutedPolicyBlock", "check_with_tokens", "depth_spec"
 
 class RoutedBlock(Block):
     """A timm ``Block`` that runs only for the inputs its router sends through (see the module doc)."""
+
+    #: The class the integration tables know it as (`dynsparse.integrations.tables.host_type`): a routed block keeps
+    #: the ``Block``'s children and forward, so its residual branches are gated and closed (``layers``) as a Block's.
+    host_class: ClassVar[type[nn.Module]] = Block
 
     @classmethod
     def from_module(cls, block: Block, router: BlockRouter) -> RoutedBlock:
@@ -79,6 +83,8 @@ class RoutedPolicyBlock(RoutedBlock, PolicyBlock):
 
     Routes gathered, packed and masked tokens (see the module doc); on gathered tokens it is `RoutedBlock`.
     """
+
+    host_class: ClassVar[type[nn.Module]] = PolicyBlock  # the tables treat it as the token-aware block it routes
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         state = self._token_state
@@ -151,12 +157,21 @@ def route_blocks_(
             )
     for i in idx:
         try:
-            router = cls(seq[i].norm1.normalized_shape[0], keep=keep, **router_kwargs)
+            router = cls(_width(seq[i], i), keep=keep, **router_kwargs)
         except TypeError as e:
             raise ConfigError(f"depth router {gate!r}: {e}") from None
         routed = RoutedPolicyBlock if isinstance(seq[i], PolicyBlock) else RoutedBlock
         seq[i] = routed.from_module(seq[i], place_like(router, seq[i]))
     return model
+
+
+def _width(block: nn.Module, i: int) -> int:
+    """The token width of ``blocks.i``, read from its norms (a converted block with a closed branch lacks one)."""
+    for name in ("norm1", "norm2"):
+        shape = getattr(getattr(block, name, None), "normalized_shape", None)
+        if shape:
+            return int(shape[0])
+    raise ConfigError(f"depth: blocks.{i} ({type(block).__name__}) has no norm1 / norm2 to read its token width from")
 
 
 def _selects_tokens(i: int) -> ConfigError:
