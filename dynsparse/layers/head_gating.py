@@ -43,6 +43,7 @@ __all__ = [
     "HEAD_GATES",
     "HeadGatedAttention",
     "gate_heads_",
+    "head_norms",
     "head_spec",
     "set_head_strategy_",
     "train_head_predictors_",
@@ -325,6 +326,7 @@ def train_head_predictors_(
     model: nn.Module,
     batches: Iterable,
     *,
+    label: str = "norm",
     label_keep: float | None = None,
     epochs: int = 20,
     lr: float = 1e-3,
@@ -340,13 +342,16 @@ def train_head_predictors_(
 
     One dense pass over ``batches`` records, per gated layer and input, the mean token of the layer's input and
     the mean over tokens of each head's output norm; the labels are the top ``label_keep · H`` heads by that norm
-    (`dynsparse.gates.head_gates.head_labels`). Each predictor is then fit like Deja Vu's
-    (`dynsparse.gates.neuron_gates.fit_predictor_`: weighted BCE, AdamW, a held-out split, early stopping on the
-    held-out recall; the best epoch is kept).
+    (`dynsparse.gates.head_gates.head_labels`). ``label="contribution"`` ranks the heads by the norm of what they
+    add to the residual stream instead (each head's output through its columns of ``proj``). Each predictor is then
+    fit like Deja Vu's (`dynsparse.gates.neuron_gates.fit_predictor_`: weighted BCE, AdamW, a held-out split, early
+    stopping on the held-out recall; the best epoch is kept).
 
     Args:
         model: A model with per-input head gates. Only the predictors change.
         batches: Input tensors, or ``(inputs, labels)`` pairs (moved to the model's device).
+        label: ``"norm"`` (Deja Vu: each head's attention output ``‖softmax(q kᵀ / √d) v‖``) or
+            ``"contribution"`` (``‖W_proj[:, head] · o_head‖``).
         label_keep: Fraction of heads labelled active (default: each gate's ``keep``).
         epochs: Most epochs per predictor.
         lr: AdamW learning rate.
@@ -365,6 +370,8 @@ def train_head_predictors_(
     named = {m: f for f, m in model.named_modules() if isinstance(m, HeadGatedAttention)}
     if not named:
         raise ConfigError(f"train_head_predictors_: {type(model).__name__} has no per-input head gate")
+    if label not in ("norm", "contribution"):
+        raise ConfigError(f"train_head_predictors_: label must be 'norm' or 'contribution', got {label!r}")
     if label_keep is not None and not (isinstance(label_keep, (int, float)) and 0 < label_keep <= 1):
         raise ConfigError(f"train_head_predictors_: label_keep must be a fraction in (0, 1], got {label_keep!r}")
     data: dict[nn.Module, list[list[Tensor]]] = {m: [[], []] for m in named}
@@ -372,7 +379,7 @@ def train_head_predictors_(
     def record(attn: HeadGatedAttention, x: Tensor, o: Tensor) -> None:
         if sum(len(t) for t in data[attn][0]) >= max_rows:
             return
-        norms = o.norm(dim=-1).mean(-1)  # (B, H): each head's output norm, mean over tokens
+        norms = head_norms(attn, o, label)
         keep = attn.heads.keep if label_keep is None else label_keep
         data[attn][0].append(x.mean(1).detach().cpu())
         data[attn][1].append(head_labels(norms, keep).cpu())
@@ -394,6 +401,15 @@ def train_head_predictors_(
         )
         log.info("dejavu head predictor of %s: held-out recall %.3f", named[attn], out[named[attn]])
     return out
+
+
+def head_norms(attn: HeadGatedAttention, o: Tensor, label: str = "norm") -> Tensor:
+    """(B, H): each head's output norm (``label="norm"``) or the norm of its ``proj`` contribution
+    (``"contribution"``), mean over tokens, from the heads' outputs ``o`` (B, H, N, d)."""
+    if label == "norm":
+        return o.norm(dim=-1).mean(-1)
+    w = attn.proj.weight.reshape(attn.proj.out_features, attn.num_heads, attn.head_dim).to(o.dtype)
+    return torch.einsum("bhnd,chd->bhnc", o, w).norm(dim=-1).mean(-1)
 
 
 def _dense_pass(model: nn.Module, layers: list[HeadGatedAttention], batches: Iterable, record, max_batches) -> int:

@@ -1,0 +1,166 @@
+"""Per-input attention heads (Deja Vu's head predictor) on CPU: measured speed-up against the FLOPs-ideal one, and
+accuracy against a static head cut of the same size.
+
+Run from the repository root, one thread::
+
+    python benchmarks/dynamic_heads.py --part speed      # vit_small_patch16_224, keep 0.5 in all 12 layers, ~3 min
+    python benchmarks/dynamic_heads.py --part accuracy --checkpoint runs/fashion_vit_hc40/baseline/checkpoint.pt
+
+Speed: ``vit_small_patch16_224`` (``pretrained=False``, seed 0, 224x224, fp32, ``torch.inference_mode()``), every
+attention layer given ``{"heads": {"gate": "dejavu", "keep": 0.5}}`` (3 of 6 heads per image). The predictors are
+drawn at random (normal, std 1), so the images of a batch choose different head sets (the cost of a trained
+predictor is the same); the script prints how many distinct sets a batch makes in the first layer. Dense and
+dynamic run interleaved after warm-up; the speed-up is the median of the per-round paired ratios (quartiles in
+brackets), by wall clock and by process CPU time. The FLOPs-ideal speed-up is the ratio of
+``torch.utils.flop_counter`` counts of one forward pass of each (predictors included; dynsparse adds the fused
+attention's formula, which the counter lacks).
+
+Accuracy: the small ViT of ``recipes/fashion_vit_hc40.yaml`` (embed 96, depth 6, 4 heads, 16 patch tokens of 7x7)
+trained densely, no fine-tuning. ``dejavu``: predictors trained by `train_head_predictors_` on 4,000 training
+images outside the model's training subset (host frozen); ``static``: the same number of heads in every layer for
+every image, the heads with the largest mean output norm on the same 4,000 images (what a one-shot static cut by
+Deja Vu's own criterion keeps). Accuracy on the 10,000 test images at each ``keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import count_flops, interleaved_rounds, markdown_table, speed_cells
+
+HEADER = [
+    "case",
+    "batch",
+    "distinct head sets (layer 0)",
+    "dense ms",
+    "dynamic ms",
+    "speed-up, wall (IQR)",
+    "CPU time",
+    "FLOPs-ideal",
+    "achieved / ideal",
+    "rounds",
+]
+
+
+def speed(args) -> list:
+    import timm
+
+    import dynsparse as ds
+
+    torch.manual_seed(0)
+    dense = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+    dyn = ds.sparsify_(copy.deepcopy(dense), {"heads": {"gate": "dejavu", "keep": args.keep}})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in dyn.named_parameters():
+            if ".heads.predictor." in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    rows = []
+    for b in args.batches:
+        x = torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(b))
+        with torch.inference_mode():
+            ideal = count_flops(dense, x) / count_flops(dyn, x)
+            tokens = dyn.norm_pre(dyn._pos_embed(dyn.patch_embed(x)))
+            sets = len(torch.unique(dyn.blocks[0].attn.heads(dyn.blocks[0].norm1(tokens)), dim=0))
+            rounds = args.rounds or (20 if b == 1 else 5)
+            t = interleaved_rounds({"dense": lambda x=x: dense(x), "dyn": lambda x=x: dyn(x)}, rounds, 2)
+        row = [f"vit_small/heads keep {args.keep}", b, sets, *speed_cells(t, ideal), rounds]
+        print(" | ".join(str(c) for c in row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def accuracy(args) -> None:
+    import timm
+    from _common import accuracy as acc
+
+    import dynsparse as ds
+    from dynsparse.data import load_dataset, make_loader
+    from dynsparse.layers.head_gating import (
+        HeadGatedAttention,
+        head_norms,
+        set_head_strategy_,
+        train_head_predictors_,
+    )
+    from dynsparse.recipes.checkpoint import load_checkpoint
+
+    t0 = time.perf_counter()
+    train = load_dataset("fashion-mnist", split="train", channels=1)
+    test_loader = make_loader(load_dataset("fashion-mnist", split="test", channels=1), 1000, shuffle=False)
+    kw = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=4)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw)
+    model.load_state_dict(load_checkpoint(args.checkpoint)["model"])
+    model.eval()
+    print(f"# dense ViT from {args.checkpoint}")
+    held = torch.utils.data.Subset(train, range(60000 - args.calib, 60000))  # images outside the training subset
+    calib = [x for x, _ in make_loader(held, 500, shuffle=False)]
+    dense_acc = acc(model, test_loader)
+    dejavu = ds.sparsify_(copy.deepcopy(model), {"heads": {"gate": "dejavu", "keep": 0.5}})
+    recall = train_head_predictors_(dejavu, calib, label=args.label)
+    print(f"# held-out recall at keep 0.5 (chance 0.5): {', '.join(f'{v:.3f}' for v in recall.values())}")
+    # the static cut: each layer's heads ranked by their mean output norm over the calibration images
+    norms: dict[str, torch.Tensor] = {}
+
+    def record(attn, x, o):
+        name = attn.heads.owner
+        norms[name] = norms.get(name, 0) + head_norms(attn, o, args.label).sum(0)
+
+    layers = [m for m in dejavu.modules() if isinstance(m, HeadGatedAttention)]
+    for m in layers:
+        m._record = record
+    with torch.no_grad():
+        for x in calib:
+            dejavu(x)
+    for m in layers:
+        m._record = None
+    set_head_strategy_(dejavu, "mask")  # same outputs as the gathered path (tested), faster for accuracy runs
+    rows = []
+    for keep in args.keeps:
+        with ds.budget(dejavu, keep):
+            dyn_acc = acc(dejavu, test_loader)
+            k = dejavu.blocks[0].attn.heads.num_kept()  # the same count for the static cut
+        static = copy.deepcopy(model)
+        with torch.no_grad():
+            for i, blk in enumerate(static.blocks):
+                drop = norms[f"blocks.{i}.attn"].argsort(descending=True)[k:]
+                cols = torch.zeros(blk.attn.attn_dim, dtype=torch.bool)
+                for h in drop.tolist():
+                    cols[h * blk.attn.head_dim : (h + 1) * blk.attn.head_dim] = True
+                blk.attn.proj.weight[:, cols] = 0  # the head's output never reaches the residual stream
+        rows.append([keep, k, f"{dense_acc:.2%}", f"{dyn_acc:.2%}", f"{acc(static, test_loader):.2%}"])
+    header = ["keep", "heads per layer", "dense", "dejavu, per image (predictors only)", "static, top heads by norm"]
+    print(markdown_table(header, rows, "rrrrr"))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=["speed", "accuracy"], nargs="+", default=["speed"])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--rounds", type=int, default=0)
+    p.add_argument("--checkpoint", default="runs/fashion_vit_hc40/baseline/checkpoint.pt")
+    p.add_argument("--label", choices=["norm", "contribution"], default="norm", help="head labels and static ranking")
+    p.add_argument("--calib", type=int, default=4000, help="predictor-training images")
+    p.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, fp32")
+    t0 = time.perf_counter()
+    if "speed" in args.part:
+        rows = speed(args)
+        print("\n" + markdown_table(HEADER, rows, "lrrrrrrrrr") + f"\n\ntotal {time.perf_counter() - t0:.0f} s")
+    if "accuracy" in args.part:
+        accuracy(args)
+
+
+if __name__ == "__main__":
+    main()
