@@ -252,3 +252,20 @@ def test_output_dir_starting_with_tilde_is_under_the_home_directory(tmp_path, mo
     recipe = load_recipe(p)
     assert recipe.output_dir == "~/runs/x"
     assert Trainer(recipe, progress=False).out == tmp_path / "home" / "runs" / "x"
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("stages[0].optimizer={lr: .nan}", r"stages\[0\]\.optimizer\.lr"),
+        ("stages[1].regularizers[0].lr=.inf", r"stages\[1\]\.regularizers\[0\]\.lr"),
+        ("convert={atol: .nan}", r"convert\.atol"),
+    ],
+)
+def test_non_finite_numbers_name_the_field(tmp_path, override, field):
+    """NaN passes every range check (all comparisons are false) and would train to NaN: refused as a type error."""
+    p = tmp_path / "bad.yaml"
+    p.write_text(GOOD)
+    with pytest.raises(RecipeError, match=field + r".*expected a finite number") as e:
+        load_recipe(p, [override])
+    assert "bad.yaml" in str(e.value)

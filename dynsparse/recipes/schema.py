@@ -8,6 +8,7 @@ here works on plain dicts, so recipes can also be built in Python.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -264,6 +265,8 @@ def _convert(value: Any, tp: Any, path: str, lines: dict[str, int]) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every range check (its comparisons are all false)
+            raise RecipeError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
