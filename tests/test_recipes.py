@@ -269,3 +269,14 @@ def test_non_finite_numbers_name_the_field(tmp_path, override, field):
     with pytest.raises(RecipeError, match=field + r".*expected a finite number") as e:
         load_recipe(p, [override])
     assert "bad.yaml" in str(e.value)
+
+
+def test_a_field_given_twice_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys: a second ``stages:`` silently dropped the first list of stages."""
+    p = tmp_path / "twice.yaml"
+    p.write_text(GOOD + "stages:\n  - {name: other, epochs: 1}\n")
+    with pytest.raises(RecipeError, match=r"twice\.yaml: stages \(line 14\): given twice \(first on line 6\)"):
+        load_recipe(p)
+    p.write_text(GOOD.replace("    epochs: 1\n", "    epochs: 1\n    epochs: 5\n", 1))
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.epochs \(line 9\): given twice \(first on line 8\)"):
+        load_recipe(p)
