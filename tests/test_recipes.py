@@ -280,3 +280,14 @@ def test_a_field_given_twice_is_refused(tmp_path):
     p.write_text(GOOD.replace("    epochs: 1\n", "    epochs: 1\n    epochs: 5\n", 1))
     with pytest.raises(RecipeError, match=r"stages\[0\]\.epochs \(line 9\): given twice \(first on line 8\)"):
         load_recipe(p)
+
+
+def test_load_recipe_takes_an_image_recipe_with_its_task_written_out(tmp_path):
+    """``task: image-classification`` is the default written out (the CLI takes it): `load_recipe` takes it too, and
+    sends a recipe of another task to `load_task_recipe`."""
+    p = tmp_path / "task.yaml"
+    p.write_text("task: image-classification\n" + GOOD)
+    assert load_recipe(p).name == "t"
+    p.write_text("task: sentence-embedding\n" + GOOD)
+    with pytest.raises(RecipeError, match=r"task\.yaml: task \(line 1\): .*load_task_recipe"):
+        load_recipe(p)

@@ -119,10 +119,18 @@ def read_recipe_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load and validate a YAML recipe; errors name the file, the field and its line."""
+    """Load and validate a YAML image recipe (``task`` left out or ``image-classification``); errors name the file,
+    the field and its line. `dynsparse.recipes.tasks.load_task_recipe` loads a recipe of any task."""
     data, lines = read_recipe_yaml(path)
     if overrides:
         data = apply_overrides(data, overrides)
+    task = data.pop("task", "image-classification")
+    if task != "image-classification":
+        line = f" (line {lines['task']})" if "task" in lines else ""
+        raise RecipeError(
+            f"{Path(path)}: task{line}: load_recipe reads image-classification recipes, not {task!r}; load this one "
+            "with dynsparse.recipes.tasks.load_task_recipe"
+        )
     try:
         return parse_recipe(data, lines)
     except RecipeError as e:
