@@ -291,3 +291,13 @@ def test_load_recipe_takes_an_image_recipe_with_its_task_written_out(tmp_path):
     p.write_text("task: sentence-embedding\n" + GOOD)
     with pytest.raises(RecipeError, match=r"task\.yaml: task \(line 1\): .*load_task_recipe"):
         load_recipe(p)
+
+
+def test_a_number_yaml_reads_as_text_gets_a_hint(tmp_path):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string: the error says how to write it."""
+    p = tmp_path / "lr.yaml"
+    p.write_text(GOOD.replace("    epochs: 1\n", "    epochs: 1\n    optimizer: {lr: 1e-3}\n", 1))
+    with pytest.raises(
+        RecipeError, match=r"stages\[0\]\.optimizer\.lr \(line 9\): expected a number, got '1e-3'.*1\.0e-0?3"
+    ):
+        load_recipe(p)
