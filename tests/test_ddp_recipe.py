@@ -54,3 +54,34 @@ def test_torchrun_baseline_and_pruning(tmp_path):
         digests = [json.loads((d / f"rank{r}.json").read_text())["digest"] for r in (0, 1)]
         assert digests[0] == digests[1], d  # pruning scored the same batches on both ranks: the same masks
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
+
+
+BN_RECIPE = """\
+name: ddp-bn
+seed: 3
+model:
+  name: resnet10t
+  kwargs: {in_chans: 1, num_classes: 10}
+data: {dataset: digits, batch_size: 16, train_subset: 128}
+stages:
+  - {name: train, epochs: 1, optimizer: {name: sgd, lr: 0.05}}
+evaluate: {latency: false}
+convert: {enabled: false}
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo over TCP on localhost")
+def test_torchrun_batchnorm_statistics_end_identical_on_every_rank(tmp_path):
+    """Each rank updates its BatchNorm running statistics from its own shard (DDP only broadcasts rank 0's at the
+    start of a forward): the trainer gives every rank rank 0's buffers after each epoch."""
+    recipe = tmp_path / "bn.yaml"
+    recipe.write_text(BN_RECIPE)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    cmd += ["--master_port", str(_free_port()), "-m", "dynsparse.cli", "train", str(recipe), "--out", str(out)]
+    res = subprocess.run(
+        [*cmd, "--threads", "1", "--no-progress"], env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    digests = [json.loads((out / f"rank{r}.json").read_text())["digest"] for r in (0, 1)]
+    assert digests[0] == digests[1]

@@ -252,3 +252,52 @@ def test_output_dir_starting_with_tilde_is_under_the_home_directory(tmp_path, mo
     recipe = load_recipe(p)
     assert recipe.output_dir == "~/runs/x"
     assert Trainer(recipe, progress=False).out == tmp_path / "home" / "runs" / "x"
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("stages[0].optimizer={lr: .nan}", r"stages\[0\]\.optimizer\.lr"),
+        ("stages[1].regularizers[0].lr=.inf", r"stages\[1\]\.regularizers\[0\]\.lr"),
+        ("convert={atol: .nan}", r"convert\.atol"),
+    ],
+)
+def test_non_finite_numbers_name_the_field(tmp_path, override, field):
+    """NaN passes every range check (all comparisons are false) and would train to NaN: refused as a type error."""
+    p = tmp_path / "bad.yaml"
+    p.write_text(GOOD)
+    with pytest.raises(RecipeError, match=field + r".*expected a finite number") as e:
+        load_recipe(p, [override])
+    assert "bad.yaml" in str(e.value)
+
+
+def test_a_field_given_twice_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys: a second ``stages:`` silently dropped the first list of stages."""
+    p = tmp_path / "twice.yaml"
+    p.write_text(GOOD + "stages:\n  - {name: other, epochs: 1}\n")
+    with pytest.raises(RecipeError, match=r"twice\.yaml: stages \(line 14\): given twice \(first on line 6\)"):
+        load_recipe(p)
+    p.write_text(GOOD.replace("    epochs: 1\n", "    epochs: 1\n    epochs: 5\n", 1))
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.epochs \(line 9\): given twice \(first on line 8\)"):
+        load_recipe(p)
+
+
+def test_load_recipe_takes_an_image_recipe_with_its_task_written_out(tmp_path):
+    """``task: image-classification`` is the default written out (the CLI takes it): `load_recipe` takes it too, and
+    sends a recipe of another task to `load_task_recipe`."""
+    p = tmp_path / "task.yaml"
+    p.write_text("task: image-classification\n" + GOOD)
+    assert load_recipe(p).name == "t"
+    p.write_text("task: sentence-embedding\n" + GOOD)
+    with pytest.raises(RecipeError, match=r"task\.yaml: task \(line 1\): .*load_task_recipe"):
+        load_recipe(p)
+
+
+def test_a_number_yaml_reads_as_text_gets_a_hint(tmp_path):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string: the error says how to write it."""
+    p = tmp_path / "lr.yaml"
+    p.write_text(GOOD.replace("    epochs: 1\n", "    epochs: 1\n    optimizer: {lr: 1e-3}\n", 1))
+    with pytest.raises(
+        RecipeError, match=r"stages\[0\]\.optimizer\.lr \(line 9\): expected a number, got '1e-3'.*1\.0e-0?3"
+    ):
+        load_recipe(p)

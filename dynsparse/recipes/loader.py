@@ -14,10 +14,21 @@ __all__ = ["apply_overrides", "load_recipe", "recipe_to_dict"]
 
 
 def _lines(node: yaml.Node, path: str, out: dict[str, int]) -> None:
+    """Record the line of every field path under ``node`` in ``out``.
+
+    Raises:
+        RecipeError: A mapping gives a field twice (YAML would silently keep the last value).
+    """
     out[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
         for k, v in node.value:
             key = f"{path}.{k.value}" if path else str(k.value)
+            line = k.start_mark.line + 1
+            if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                if k.value in seen:
+                    raise RecipeError(f"{key} (line {line}): given twice (first on line {seen[k.value]}); remove one")
+                seen[k.value] = line
             out[key] = k.start_mark.line + 1
             _lines(v, key, out)
             out[key] = k.start_mark.line + 1
@@ -98,17 +109,28 @@ def read_recipe_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
     lines: dict[str, int] = {}
     if node is not None:
-        _lines(node, "", lines)
+        try:
+            _lines(node, "", lines)
+        except RecipeError as e:
+            raise RecipeError(f"{path}: {e}") from None
     if data is not None and not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of fields, got {type(data).__name__}")
     return data or {}, lines
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load and validate a YAML recipe; errors name the file, the field and its line."""
+    """Load and validate a YAML image recipe (``task`` left out or ``image-classification``); errors name the file,
+    the field and its line. `dynsparse.recipes.tasks.load_task_recipe` loads a recipe of any task."""
     data, lines = read_recipe_yaml(path)
     if overrides:
         data = apply_overrides(data, overrides)
+    task = data.pop("task", "image-classification")
+    if task != "image-classification":
+        line = f" (line {lines['task']})" if "task" in lines else ""
+        raise RecipeError(
+            f"{Path(path)}: task{line}: load_recipe reads image-classification recipes, not {task!r}; load this one "
+            "with dynsparse.recipes.tasks.load_task_recipe"
+        )
     try:
         return parse_recipe(data, lines)
     except RecipeError as e:

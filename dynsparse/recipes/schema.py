@@ -8,6 +8,7 @@ here works on plain dicts, so recipes can also be built in Python.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -222,6 +223,17 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
+def _text_number_hint(value: Any) -> str:
+    """A hint for text that reads as a number: YAML 1.1 (PyYAML) takes ``1e-3`` without a dot for a string."""
+    try:
+        number = float(value) if isinstance(value, str) and "e" in value.lower() else None
+    except ValueError:
+        return ""
+    if number is None or not math.isfinite(number):
+        return ""
+    return f" (YAML reads {value} as text: write it with a dot and a signed exponent, e.g. {number:.1e})"
+
+
 def _convert(value: Any, tp: Any, path: str, lines: dict[str, int]) -> Any:
     where = f"{path}" + (f" (line {lines[path]})" if path in lines else "")
     origin = typing.get_origin(tp)
@@ -263,7 +275,9 @@ def _convert(value: Any, tp: Any, path: str, lines: dict[str, int]) -> Any:
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{where}: expected a number, got {value!r}")
+            raise RecipeError(f"{where}: expected a number, got {value!r}{_text_number_hint(value)}")
+        if not math.isfinite(value):  # NaN passes every range check (its comparisons are all false)
+            raise RecipeError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -363,6 +363,7 @@ class Trainer:
                 loss_sum += float(loss.detach()) * len(y)
                 n += len(y)
                 self.state.step += 1
+            self._sync_buffers()
             self.state.epoch = epoch + 1
             if epoch + 1 == st.epochs:
                 self._end_stage_(si, st, budget)
@@ -371,6 +372,20 @@ class Trainer:
         if st.epochs == 0 and not resume_opt:  # nothing to train: the end actions, one record and a checkpoint
             self._end_stage_(si, st, budget)
             self._close_epoch(si, st, test_loader, opts, budget, ck_path, None, time.perf_counter(), {})
+
+    def _sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (what its checkpoint holds) after an epoch of a distributed run.
+
+        DDP broadcasts rank 0's buffers at the start of each forward, then every rank updates its own from its shard
+        (BatchNorm running statistics): after the last step they differ, and so would the evaluation, the end-of-stage
+        pruning and calibration, the next stage's teacher and the final model of each rank.
+        """
+        if self.dist.world > 1:
+            for b in self.model.buffers():
+                t = b if b.is_contiguous() else b.contiguous()
+                torch.distributed.broadcast(t, src=0)
+                if t is not b:
+                    b.copy_(t)
 
     def _end_stage_(self, si: int, st: StageSpec, budget) -> None:
         """The stage's end actions, in order: enforce the budget, end-of-stage pruning, structure, calibration."""
