@@ -42,14 +42,13 @@ from ..layers.hf_base import OUT, carry_, in_features, scale_out_
 from ..layers.residual import Branch
 from ..layers.slot import GateSlot
 from ..modules import first_param
-from .hf_cache import SkipLayer, ZeroAttention, assign_cache_slots_
+from .hf_cache import ZeroAttention, assign_cache_slots_
 
 __all__ = [
     "BRANCHES",
     "COVERED",
     "GATED_LAYERS",
     "UNSUPPORTED",
-    "SkipLayer",
     "ZeroAttention",
     "branches_of",
     "close_branches",
@@ -205,12 +204,11 @@ def close_branches(block: nn.Module, closed: set[str]) -> nn.Module | None:
             block.intermediate = ZeroBranch()
             block.output.dense = ZeroBranch()
         return None
+    # a block with both branches removed is edited too, not replaced: transformers records ``output_hidden_states``
+    # from its layer class, so a replacement module would drop the layer's entry and shift every later index
     norm1, attn, norm2, ffn = _PRE_NORM_PARTS[host]
-    layer_idx = _cache_index(block.get_submodule(attn))
-    if attn_closed and ffn_closed and getattr(block, "crossattention", None) is None:  # no ungated branch left
-        return SkipLayer(layer_idx)
     if attn_closed:
-        setattr(block, attn, ZeroAttention(layer_idx))
+        setattr(block, attn, ZeroAttention(_cache_index(block.get_submodule(attn))))
         setattr(block, norm1, nn.Identity())
     if ffn_closed:
         setattr(block, ffn, ZeroBranch())
@@ -278,7 +276,7 @@ def finalize_(model: nn.Module, uniform: bool = False) -> nn.Module:
         model.__dict__[_HOST_CONFIG] = config.to_json_string(use_diff=False)
     assign_cache_slots_(model, _CACHED_ATTENTION, config)
     problems: list[str] = []
-    if any(isinstance(m, (ZeroAttention, ZeroBranch, SkipLayer)) for m in model.modules()):
+    if any(isinstance(m, (ZeroAttention, ZeroBranch)) for m in model.modules()):
         problems.append("some residual branches were removed (a stock config has no field for that)")
     for dim, hosts in GATED_LAYERS.items():
         found = [f for m in model.modules() if type(m) in hosts and (f := _fields(m, dim, config)) is not None]
