@@ -384,3 +384,23 @@ def test_removed_layers_keep_one_hidden_state_per_layer(name):
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         _close(a, b, f"{name} hidden state {i}")
     _close(next(h for h in picked if h is not None), want[2], f"{name} selected hidden state 2")
+
+
+def test_counts_the_config_class_rejects_are_not_written(tmp_path):
+    """Equal counts in every layer that the config class itself rejects (Llama: 64 channels over 5 heads) are not
+    written into the converted model's config: ``uniform=True`` refuses them, a plain conversion keeps the config
+    valid (it still loads with ``from_dict`` and ``save_pretrained`` runs)."""
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=8, intermediate_size=48)
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, **sizes, **DECODER)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ds.sparsify_(model, {"heads": "fixed", "neurons": "fixed"})
+    ds.fix_gates_(model, {f: torch.arange(g.num_units) < 5 for f, g in ds.named_gates(model)})
+    with pytest.raises(ConfigError, match="not a multiple"):
+        ds.convert(model, uniform=True)
+    converted = ds.convert(model)
+    assert converted.config.num_attention_heads == 8
+    type(cfg).from_dict(converted.config.to_dict())
+    converted.save_pretrained(tmp_path)
+    x = _inputs("llama")
+    _close(_out(converted, x), _out(model, x), "llama")

@@ -258,8 +258,8 @@ def finalize_(model: nn.Module, uniform: bool = False) -> nn.Module:
     Gives the attention layers left after removed branches valid KV-cache entries
     (`dynsparse.integrations.hf_cache.assign_cache_slots_`, which may edit ``config.layer_types``), and writes
     into ``model.config`` every count that is the same in all layers (heads, key/value heads, head size, MLP
-    width), so that ``save_pretrained`` / ``from_pretrained`` rebuild it. The dense host's config is kept for
-    `dynsparse.save`.
+    width), so that ``save_pretrained`` / ``from_pretrained`` rebuild it; counts the config class rejects (its
+    ``validate``) are not written. The dense host's config is kept for `dynsparse.save`.
 
     Args:
         model: The converted model.
@@ -275,6 +275,7 @@ def finalize_(model: nn.Module, uniform: bool = False) -> nn.Module:
     if _HOST_CONFIG not in model.__dict__:
         model.__dict__[_HOST_CONFIG] = config.to_json_string(use_diff=False)
     assign_cache_slots_(model, _CACHED_ATTENTION, config)
+    before = dict(config.__dict__)  # the counts written below are undone if the config class rejects them
     problems: list[str] = []
     if any(isinstance(m, (ZeroAttention, ZeroBranch)) for m in model.modules()):
         problems.append("some residual branches were removed (a stock config has no field for that)")
@@ -293,11 +294,14 @@ def finalize_(model: nn.Module, uniform: bool = False) -> nn.Module:
                 setattr(config, key, value)
     problems += _width_fields_(model, config)
     validate = getattr(config, "validate", None)
-    if not problems and validate is not None:
+    if validate is not None and (not problems or config.__dict__ != before):
         try:
             validate()
         except Exception as e:  # the config class's own checks (e.g. hidden_size % num_attention_heads)
             problems.append(f"its config rejects the counts ({e})")
+            for key in set(config.__dict__) - set(before):
+                del config.__dict__[key]
+            config.__dict__.update(before)
     if problems and uniform:
         raise ConfigError(
             f"convert(uniform=True): the config of {type(model).__name__} cannot describe the converted model: "
