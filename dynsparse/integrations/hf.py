@@ -192,7 +192,7 @@ def _cache_index(attention: nn.Module) -> int | None:
 
 
 def close_branches(block: nn.Module, closed: set[str]) -> nn.Module | None:
-    """Remove the closed branches (slot paths) of ``block``: a new module for the block, or None (edited in place)."""
+    """Remove the closed branches (slot paths) of ``block`` in place; returns None (the block keeps its class)."""
     host = host_type(block)
     slots = [b.slot for b in BRANCHES[host](block)]
     attn_closed, ffn_closed = slots[0] in closed, slots[1] in closed
