@@ -95,9 +95,9 @@ def _gated(name, dims=DIMS, seed=0, p_layer=0.3):
 
 def _foreign(model):
     """Modules that are neither transformers / torch classes nor dynsparse's parameter-free stand-ins."""
-    from dynsparse.integrations.hf import SkipLayer, ZeroAttention
+    from dynsparse.integrations.hf import ZeroAttention
 
-    ok = (ds.ZeroBranch, ZeroAttention, SkipLayer)
+    ok = (ds.ZeroBranch, ZeroAttention)
     return [
         f"{fqn}: {type(m).__name__}"
         for fqn, m in model.named_modules()
@@ -223,8 +223,8 @@ def test_closed_branches_are_removed(name):
     _close(_out(converted, x), _out(model, x), name)
     names = {type(m).__name__ for m in converted.modules()}
     assert "ZeroAttention" in names
-    if name != "bert":  # post-norm BERT keeps the LayerNorms of a removed layer
-        assert "SkipLayer" in names
+    if name != "bert":  # post-norm BERT keeps the LayerNorms of a removed layer; a pre-norm one loses its norms
+        assert "Identity" in names
     n_host = sum(p.numel() for p in _build(name).parameters())
     assert sum(p.numel() for p in converted.parameters()) < n_host
     if name in DECODERS:  # the one remaining attention layer (layer 2) takes KV-cache entry 0
@@ -362,3 +362,45 @@ def test_from_module_leaves_the_hosts_hooks_alone():
     assert calls == []
     gated(x)
     assert calls == ["GatedLinear"]
+
+
+@pytest.mark.parametrize("name", ["bert", "vit", "gpt2", "llama"])
+def test_removed_layers_keep_one_hidden_state_per_layer(name):
+    """``output_hidden_states`` has one entry per layer after conversion, also for a layer whose two branches were
+    removed (transformers records the outputs of its layer class: a replacement module would drop its entry and
+    shift every later index)."""
+    model = _build(name)
+    ds.sparsify_(model, {"layers": "fixed"})
+    slots = [f for f, _ in ds.named_gates(model)]
+    masks = {f: torch.tensor([i not in (0, 2, 3)]) for i, f in enumerate(slots)}  # layer 0: attention; layer 1: both
+    ds.fix_gates_(model, masks)
+    converted = ds.convert(model)
+    x = _inputs(name)
+    with torch.no_grad():
+        want = model(**x, output_hidden_states=True).hidden_states
+        got = converted(**x, output_hidden_states=True).hidden_states
+        picked = converted(**x, output_hidden_states=[2]).hidden_states
+    assert len(got) == len(want) == model.config.num_hidden_layers + 1
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        _close(a, b, f"{name} hidden state {i}")
+    _close(next(h for h in picked if h is not None), want[2], f"{name} selected hidden state 2")
+
+
+def test_counts_the_config_class_rejects_are_not_written(tmp_path):
+    """Equal counts in every layer that the config class itself rejects (Llama: 64 channels over 5 heads) are not
+    written into the converted model's config: ``uniform=True`` refuses them, a plain conversion keeps the config
+    valid (it still loads with ``from_dict`` and ``save_pretrained`` runs)."""
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=8, intermediate_size=48)
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, **sizes, **DECODER)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ds.sparsify_(model, {"heads": "fixed", "neurons": "fixed"})
+    ds.fix_gates_(model, {f: torch.arange(g.num_units) < 5 for f, g in ds.named_gates(model)})
+    with pytest.raises(ConfigError, match="not a multiple"):
+        ds.convert(model, uniform=True)
+    converted = ds.convert(model)
+    assert converted.config.num_attention_heads == 8
+    type(cfg).from_dict(converted.config.to_dict())
+    converted.save_pretrained(tmp_path)
+    x = _inputs("llama")
+    _close(_out(converted, x), _out(model, x), "llama")

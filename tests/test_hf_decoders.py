@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers", reason="the Hugging Face extr
 
 import dynsparse as ds  # noqa: E402
 from dynsparse.errors import UnsupportedModuleError  # noqa: E402
-from dynsparse.integrations.hf import _CACHED_ATTENTION, SkipLayer, ZeroAttention  # noqa: E402
+from dynsparse.integrations.hf import _CACHED_ATTENTION, ZeroAttention  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -146,8 +146,9 @@ def test_every_layer_removed_still_counts_tokens(tmp_path):
     model = _gated("gpt2", closed_attention=range(4))
     ds.fix_gates_(model, {f: torch.tensor([False]) for f, g in ds.named_gates(model)})
     converted = ds.convert(model)
-    assert [type(b).__name__ for b in converted.transformer.h] == ["SkipLayer"] * 4
-    assert converted.transformer.h[0].counts_tokens
+    assert [type(b.attn).__name__ for b in converted.transformer.h] == ["ZeroAttention"] * 4
+    assert [type(b).__name__ for b in converted.transformer.h] == ["GPT2Block"] * 4, "blocks keep their class"
+    assert converted.transformer.h[0].attn.counts_tokens
     _check(model, converted, tmp_path, "gpt2 without layers")
 
 
@@ -174,7 +175,8 @@ def test_removed_whole_layers_in_a_mixed_model(tmp_path):
     model = _gated("qwen2-layer-types", closed_attention={0, 3}, dims=("heads", "neurons", "layers"))
     ds.fix_gates_(model, {"model.layers.0.mlp.down_proj.gate_out.gate": torch.tensor([False])})
     converted = ds.convert(model)
-    assert isinstance(converted.model.layers[0], SkipLayer)
+    assert isinstance(converted.model.layers[0].self_attn, ZeroAttention)
+    assert isinstance(converted.model.layers[0].mlp, ds.ZeroBranch)
     assert [m.layer_idx for m in converted.modules() if isinstance(m, _CACHED_ATTENTION)] == [0, 2]
     assert converted.config.layer_types == ["full_attention", *ALTERNATING[1:3], "full_attention"]
     _check(model, converted, tmp_path, "qwen2 without layer 0")
@@ -198,7 +200,7 @@ def test_layer_types_of_another_length_are_refused():
 
 def test_gpt2_cross_attention_stays_when_both_gated_branches_close():
     """A GPT-2 block with cross-attention keeps its (ungated) cross-attention branch when self-attention and MLP close:
-    it is edited in place, not replaced by a `SkipLayer`; full and cached forwards equal the gated model's."""
+    it is edited in place (as every block is); full and cached forwards equal the gated model's."""
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
         n_embd=32, n_head=4, n_layer=2, n_inner=48, n_positions=64, add_cross_attention=True, **DECODER
@@ -207,8 +209,8 @@ def test_gpt2_cross_attention_stays_when_both_gated_branches_close():
     ds.sparsify_(model, {"layers": "fixed"})
     ds.fix_gates_(model, {f: torch.tensor([not f.startswith("transformer.h.0.")]) for f, _ in ds.named_gates(model)})
     converted = ds.convert(model)
-    assert not isinstance(converted.transformer.h[0], SkipLayer)
     assert isinstance(converted.transformer.h[0].attn, ZeroAttention)
+    assert converted.transformer.h[0].crossattention is not None
     ids, mask = _padded()
     enc = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(2))
 

@@ -227,3 +227,23 @@ def test_width_gate_spec_is_checked_at_the_stream_width():
     with pytest.raises(ConfigError, match=rf"'width' \(the {width}-unit gate of 'width'\).*k must be"):
         ds.sparsify_(other, {"width": {"gate": "topk", "k": width + 1}})
     assert not list(ds.named_gates(other))
+
+
+def test_width_refuses_an_unknown_module_whatever_its_name():
+    """Only dynsparse's own gates are exempt from the coverage check: a user's module called ``gate`` (a router, a
+    gating head) that reads the stream is refused like any other unknown module, not skipped by its name."""
+
+    class Routed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = _build("llama").model
+            self.gate = torch.nn.Linear(32, 4)  # reads the residual stream
+
+    model = Routed()
+    with pytest.raises(UnsupportedModuleError, match=r"'gate' \(Linear\)"):
+        ds.sparsify_(model, {"width": "fixed"})
+    assert not list(ds.named_gates(model))
+    gated = _build("llama")  # the model's own gates are still exempt when a second dimension is added later
+    ds.sparsify_(gated, {"heads": "fixed"})
+    ds.sparsify_(gated, {"width": "fixed"})
+    assert gated.width.gate.num_units == 32

@@ -42,14 +42,13 @@ from ..layers.hf_base import OUT, carry_, in_features, scale_out_
 from ..layers.residual import Branch
 from ..layers.slot import GateSlot
 from ..modules import first_param
-from .hf_cache import SkipLayer, ZeroAttention, assign_cache_slots_
+from .hf_cache import ZeroAttention, assign_cache_slots_
 
 __all__ = [
     "BRANCHES",
     "COVERED",
     "GATED_LAYERS",
     "UNSUPPORTED",
-    "SkipLayer",
     "ZeroAttention",
     "branches_of",
     "close_branches",
@@ -193,7 +192,7 @@ def _cache_index(attention: nn.Module) -> int | None:
 
 
 def close_branches(block: nn.Module, closed: set[str]) -> nn.Module | None:
-    """Remove the closed branches (slot paths) of ``block``: a new module for the block, or None (edited in place)."""
+    """Remove the closed branches (slot paths) of ``block`` in place; returns None (the block keeps its class)."""
     host = host_type(block)
     slots = [b.slot for b in BRANCHES[host](block)]
     attn_closed, ffn_closed = slots[0] in closed, slots[1] in closed
@@ -205,12 +204,11 @@ def close_branches(block: nn.Module, closed: set[str]) -> nn.Module | None:
             block.intermediate = ZeroBranch()
             block.output.dense = ZeroBranch()
         return None
+    # a block with both branches removed is edited too, not replaced: transformers records ``output_hidden_states``
+    # from its layer class, so a replacement module would drop the layer's entry and shift every later index
     norm1, attn, norm2, ffn = _PRE_NORM_PARTS[host]
-    layer_idx = _cache_index(block.get_submodule(attn))
-    if attn_closed and ffn_closed and getattr(block, "crossattention", None) is None:  # no ungated branch left
-        return SkipLayer(layer_idx)
     if attn_closed:
-        setattr(block, attn, ZeroAttention(layer_idx))
+        setattr(block, attn, ZeroAttention(_cache_index(block.get_submodule(attn))))
         setattr(block, norm1, nn.Identity())
     if ffn_closed:
         setattr(block, ffn, ZeroBranch())
@@ -260,8 +258,8 @@ def finalize_(model: nn.Module, uniform: bool = False) -> nn.Module:
     Gives the attention layers left after removed branches valid KV-cache entries
     (`dynsparse.integrations.hf_cache.assign_cache_slots_`, which may edit ``config.layer_types``), and writes
     into ``model.config`` every count that is the same in all layers (heads, key/value heads, head size, MLP
-    width), so that ``save_pretrained`` / ``from_pretrained`` rebuild it. The dense host's config is kept for
-    `dynsparse.save`.
+    width), so that ``save_pretrained`` / ``from_pretrained`` rebuild it; counts the config class rejects (its
+    ``validate``) are not written. The dense host's config is kept for `dynsparse.save`.
 
     Args:
         model: The converted model.
@@ -277,8 +275,9 @@ def finalize_(model: nn.Module, uniform: bool = False) -> nn.Module:
     if _HOST_CONFIG not in model.__dict__:
         model.__dict__[_HOST_CONFIG] = config.to_json_string(use_diff=False)
     assign_cache_slots_(model, _CACHED_ATTENTION, config)
+    before = dict(config.__dict__)  # the counts written below are undone if the config class rejects them
     problems: list[str] = []
-    if any(isinstance(m, (ZeroAttention, ZeroBranch, SkipLayer)) for m in model.modules()):
+    if any(isinstance(m, (ZeroAttention, ZeroBranch)) for m in model.modules()):
         problems.append("some residual branches were removed (a stock config has no field for that)")
     for dim, hosts in GATED_LAYERS.items():
         found = [f for m in model.modules() if type(m) in hosts and (f := _fields(m, dim, config)) is not None]
@@ -295,11 +294,14 @@ def finalize_(model: nn.Module, uniform: bool = False) -> nn.Module:
                 setattr(config, key, value)
     problems += _width_fields_(model, config)
     validate = getattr(config, "validate", None)
-    if not problems and validate is not None:
+    if validate is not None and (not problems or config.__dict__ != before):
         try:
             validate()
         except Exception as e:  # the config class's own checks (e.g. hidden_size % num_attention_heads)
             problems.append(f"its config rejects the counts ({e})")
+            for key in set(config.__dict__) - set(before):
+                del config.__dict__[key]
+            config.__dict__.update(before)
     if problems and uniform:
         raise ConfigError(
             f"convert(uniform=True): the config of {type(model).__name__} cannot describe the converted model: "

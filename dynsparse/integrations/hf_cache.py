@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache
 
 from ..errors import UnsupportedModuleError
 
-__all__ = ["SkipLayer", "ZeroAttention", "assign_cache_slots_"]
+__all__ = ["ZeroAttention", "assign_cache_slots_"]
 
 
 def _count_tokens(layer_idx: int, hidden_states: Tensor, inputs: tuple[Any, ...]) -> None:
@@ -42,7 +42,7 @@ def _count_tokens(layer_idx: int, hidden_states: Tensor, inputs: tuple[Any, ...]
 
 
 class _RemovedPart(nn.Module):
-    """What `ZeroAttention` and `SkipLayer` share: their cache entry and the token count for a cache with no layer."""
+    """A removed part's KV-cache entry, and the token count for a cache with no attention layer left."""
 
     def __init__(self, layer_idx: int | None = None) -> None:
         super().__init__()
@@ -74,24 +74,12 @@ class ZeroAttention(_RemovedPart):
         return hidden_states.new_zeros(hidden_states.shape), None
 
 
-class SkipLayer(_RemovedPart):
-    """A removed transformer layer (both branches closed): returns its first input and ignores the rest.
-
-    Args / attributes: as `ZeroAttention` (``layer_idx`` is the cache entry of the layer's attention).
-    """
-
-    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        """``hidden_states: (B, T, C)`` -> ``hidden_states``; a cache among the inputs is only counted."""
-        self._count(hidden_states, args, kwargs)
-        return hidden_states
-
-
 def assign_cache_slots_(model: nn.Module, attention: tuple[type[nn.Module], ...], config: Any) -> nn.Module:
     """Give the attention layers left after removed branches valid KV-cache entries (in place; see the module doc).
 
     Args:
         model: A converted model. Its self-attention modules (instances of ``attention`` with an integer
-            ``layer_idx``, not ``is_cross_attention``) and its `ZeroAttention` / `SkipLayer` modules with a
+            ``layer_idx``, not ``is_cross_attention``) and its `ZeroAttention` modules with a
             ``layer_idx`` are taken, in module order, as the attention branches of layers 0, 1, ...
         attention: The self-attention classes that read and write a KV cache by ``layer_idx``.
         config: The model's config; its ``layer_types`` (if any) is edited for the removed layers.
@@ -102,7 +90,7 @@ def assign_cache_slots_(model: nn.Module, attention: tuple[type[nn.Module], ...]
     Example:
         >>> assign_cache_slots_(converted, (LlamaAttention,), converted.config)  # doctest: +SKIP
     """
-    removed_types = (ZeroAttention, SkipLayer)
+    removed_types = (ZeroAttention,)
 
     def is_layer(m: nn.Module) -> bool:
         self_attention = isinstance(m, attention) and not getattr(m, "is_cross_attention", False)

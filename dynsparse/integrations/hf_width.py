@@ -66,7 +66,7 @@ from transformers.models.vit.modeling_vit import (
 
 from ..convert.surgery import slice_conv_out_, slice_param_
 from ..errors import UnsupportedModuleError
-from ..gates import GateSpec, make_gate
+from ..gates import Gate, GateSpec, make_gate
 from ..layers.hf_base import slice_in_, slice_out_
 from ..layers.hf_norm import SAMPLE, WIDTH_NORMS, WidthSample, gate_norm, ungate_norm
 from ..layers.slot import GateSlot
@@ -173,9 +173,10 @@ def check_covered(model: nn.Module, roles: list[tuple[str, str, str, nn.Module]]
     """Raise `UnsupportedModuleError` for the first module with parameters that `ROLES` does not cover."""
     roles = _roles(model) if roles is None else roles
     covered = {join_fqn(fqn, child) for fqn, _, child, _ in roles}
+    covered |= {fqn for fqn, m in model.named_modules() if isinstance(m, (Gate, GateSlot))}  # dynsparse's own gates
     for fqn, m in model.named_modules():
         own = [n for n, _ in m.named_parameters(recurse=False)]
-        if not own or ".gate" in f".{fqn}":
+        if not own:
             continue
         names = {join_fqn(fqn, n) for n in own}
         if any(fqn == c or fqn.startswith(c + ".") for c in covered) or names <= covered:
