@@ -31,6 +31,7 @@ THRESHOLD_HARD = "  - {name: hard, epochs: 1, fix_gates: true, calibrate: {batch
 CASES = {
     "cats": ("{neurons: {gate: cats, keep: 0.5}}", "{batches: 3, at: both}", ""),
     "dejavu": ("{neurons: {gate: dejavu, keep: 0.5, rank: 8}}", "{batches: 3, epochs: 3, lr: 0.01}", ""),
+    "dejavu_heads": ("{heads: {gate: dejavu, keep: 0.5, rank: 8}}", "{batches: 3, epochs: 3, lr: 0.01}", ""),
     "threshold": (
         "{tokens: {gate: threshold, blocks: [1], target: 0.5, weight: 1.0}}",
         "{batches: 3, at: start, keep: 0.5, init_threshold: true}",
@@ -52,7 +53,14 @@ def _recipe(kind: str):
 
 def _calibration(model) -> dict[str, torch.Tensor]:
     """The state-dict entries a calibration writes (cats quantiles / thresholds, predictors, token tables / θ)."""
-    keys = ("neurons.quantiles", "neurons.threshold", "neurons.predictor", "tokens.gate.table", "tokens.gate.threshold")
+    keys = (
+        "neurons.quantiles",
+        "neurons.threshold",
+        "neurons.predictor",
+        "attn.heads.predictor",
+        "tokens.gate.table",
+        "tokens.gate.threshold",
+    )
     return {k: v.detach().clone() for k, v in model.state_dict().items() if any(s in k for s in keys)}
 
 
@@ -99,6 +107,8 @@ def test_bad_calibrate_names_field_and_line(tmp_path, old, new, match):
         ("dejavu", "{lr: fast}", r"calibrate\.lr.*expected a number"),
         ("dejavu", "{label: top}", r"calibrate\.label.*not one of"),
         ("dejavu", "{keep: 0.5}", r"unknown field 'stages\[1\]\.calibrate\.keep'"),
+        ("dejavu_heads", "{label: topk}", r"calibrate\.label.*not one of \['norm', 'contribution'\]"),
+        ("dejavu_heads", "{epochs: 1.5}", r"calibrate\.epochs.*expected an integer"),
         ("threshold", "{keep: 1.5}", r"calibrate\.keep.*fraction in \(0, 1\]"),
         ("threshold", "{init_threshold: true}", r"calibrate\.init_threshold.*needs keep"),
         ("threshold", "{keep: 0.5, init_threshold: true}", r"calibrate\.init_threshold.*at: start"),
@@ -129,12 +139,32 @@ def test_calibrate_needs_the_gate_of_an_earlier_or_the_same_stage():
 
 
 def test_predictor_options_follow_train_predictors():
+    from dynsparse.layers.head_gating import train_head_predictors_
     from dynsparse.layers.neuron_gating import train_predictors_
-    from dynsparse.recipes.calibrate import PREDICTOR_OPTIONS
+    from dynsparse.recipes.calibrate import HEAD_PREDICTOR_OPTIONS, PREDICTOR_OPTIONS
 
-    sig = inspect.signature(train_predictors_)
-    kw = [n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY and n != "max_batches"]
-    assert list(PREDICTOR_OPTIONS) == kw
+    for fit, options in ((train_predictors_, PREDICTOR_OPTIONS), (train_head_predictors_, HEAD_PREDICTOR_OPTIONS)):
+        sig = inspect.signature(fit)
+        kw = [n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY and n != "max_batches"]
+        assert list(options) == kw, fit.__name__
+
+
+def test_neuron_and_head_predictors_calibrate_together():
+    from dynsparse.recipes import parse_recipe
+    from dynsparse.recipes.calibrate import model_kinds
+    from dynsparse.recipes.schema import RecipeError
+
+    spec = "{neurons: {gate: dejavu, keep: 0.5}, heads: {gate: dejavu, keep: 0.5}}"
+    text = TINY.replace("SPEC", spec).replace("CAL", "{batches: 2, epochs: 2}").replace("NEXT\n", "")
+    assert parse_recipe(yaml.safe_load(text)).stages[1].calibrate == {"batches": 2, "epochs": 2}
+    with pytest.raises(RecipeError, match=r"calibrate\.label.*neuron and head predictors"):
+        parse_recipe(yaml.safe_load(text.replace("{batches: 2, epochs: 2}", "{batches: 2, label: topk}")))
+    import timm
+
+    import dynsparse as ds
+
+    m = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=2, embed_dim=32, depth=1, num_heads=2)
+    assert model_kinds(ds.sparsify_(m, {"heads": {"gate": "dejavu"}})) == ["dejavu_heads"]
 
 
 # ---------------------------------------------------------------------------------------- run, resume, save
@@ -182,7 +212,9 @@ def test_calibrated_run_resumes_exactly_and_converts(kind, tmp_path, monkeypatch
         assert g.keep == 0.5 and not g.threshold.requires_grad and g.temperature == 1e-3
     budgets = ds.get_budget(straight)
     records = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
-    key = {"cats": "cats_threshold", "dejavu": "dejavu_recall", "threshold": "token_threshold"}[kind]
+    key = {"cats": "cats_threshold", "dejavu": "dejavu_recall", "dejavu_heads": "head_recall"}.get(
+        kind, "token_threshold"
+    )
     assert key in records[1]  # the first record of the calibrated stage carries its numbers
     # crashed right after the dense stage (the calibration runs again on resume) and inside the calibrated stage
     for after in (1, 2):

@@ -1,6 +1,6 @@
 """A stage's ``calibrate:`` field: the data pass that some input-dependent gates need before they work.
 
-Three gates need one (see `CALIBRATIONS`):
+Four gates need one (see `CALIBRATIONS`):
 
 * ``cats`` MLP neurons (`dynsparse.layers.neuron_gating.calibrate_neurons_`): activation quantiles -> the
   threshold that keeps a fraction ``keep``. Default ``at: start``: the stage then trains with the calibrated
@@ -8,6 +8,8 @@ Three gates need one (see `CALIBRATIONS`):
 * ``dejavu`` MLP neurons (`dynsparse.layers.neuron_gating.train_predictors_`): low-rank predictors trained on
   the dense activations (weighted BCE, host frozen). Default ``at: start``: the stage fine-tunes the network
   under the predictors' choices.
+* ``dejavu`` attention heads (``dejavu_heads``, `dynsparse.layers.head_gating.train_head_predictors_`): the
+  head predictors, trained on each input's top heads by output norm (host frozen). Default ``at: start``.
 * ``threshold`` tokens (`dynsparse.layers.tokens.calibrate_tokens_`): the exact score table behind the ``keep``
   knob. Default ``at: end``: the table of the trained weights. ``keep: k`` calibrates for that budget and leaves
   the gates at it (the converted model then keeps about ``k`` of the tokens); ``init_threshold: true`` (at the
@@ -68,16 +70,22 @@ PREDICTOR_OPTIONS = (
     "seed",
 )
 
+#: The options of `dynsparse.layers.head_gating.train_head_predictors_` a recipe may set (the same names; a test
+#: keeps this list equal to the signature). With neuron and head predictors in one model, both take them.
+HEAD_PREDICTOR_OPTIONS = PREDICTOR_OPTIONS
+
 #: Calibratable gates: name -> `Calibration`.
 CALIBRATIONS: dict[str, Calibration] = {
     "cats": Calibration("neurons", "cats", "start", (), "calibrate_neurons_"),
     "dejavu": Calibration("neurons", "dejavu", "start", PREDICTOR_OPTIONS, "train_predictors_"),
+    "dejavu_heads": Calibration("heads", "dejavu", "start", HEAD_PREDICTOR_OPTIONS, "train_head_predictors_"),
     "threshold": Calibration("tokens", "threshold", "end", ("keep", "init_threshold"), "calibrate_tokens_"),
 }
 
 
 def calibration_kinds(sparsify: Mapping[str, Any] | None) -> set[str]:
-    """Names of `CALIBRATIONS` that a ``ds.sparsify_`` spec installs (from its ``neurons`` / ``tokens`` gates)."""
+    """Names of `CALIBRATIONS` that a ``ds.sparsify_`` spec installs (from its ``neurons`` / ``heads`` / ``tokens``
+    gates)."""
     from ..sparsify import _parse_spec
 
     if not sparsify:
@@ -116,10 +124,10 @@ def check_calibrate(spec: Mapping[str, Any], kinds: set[str], where: str, lines:
     if not kinds:
         fail(
             None,
-            "nothing to calibrate: by this stage the model has no cats or dejavu neuron gate and no threshold "
-            "token gate (add one with sparsify, e.g. {neurons: {gate: cats, keep: 0.5}})",
+            "nothing to calibrate: by this stage the model has no cats or dejavu neuron gate, no dejavu head gate "
+            "and no threshold token gate (add one with sparsify, e.g. {neurons: {gate: cats, keep: 0.5}})",
         )
-    known = list(COMMON) + [o for k in sorted(kinds) for o in CALIBRATIONS[k].options]
+    known = list(dict.fromkeys([*COMMON, *(o for k in sorted(kinds) for o in CALIBRATIONS[k].options)]))
     for key in spec:
         if key not in known:
             path = f"{where}.{key}"
@@ -143,16 +151,23 @@ def check_calibrate(spec: Mapping[str, Any], kinds: set[str], where: str, lines:
             fail("init_threshold", "needs keep: the budget whose calibrated threshold starts the learned one")
         if spec["init_threshold"] and (at or CALIBRATIONS["threshold"].at) == "end":
             fail("init_threshold", "acts at the start of the stage; set at: start (or both)")
-    if "dejavu" in kinds:
-        from ..layers.neuron_gating import train_predictors_
+    labels = {"dejavu": ("topk", "positive"), "dejavu_heads": ("norm", "contribution")}
+    predictors = [k for k in ("dejavu", "dejavu_heads") if k in kinds]
+    if len(predictors) == 2 and "label" in spec:
+        fail("label", "the model has neuron and head predictors, whose labels differ: leave label out (the defaults)")
+    for kind in predictors:
+        if kind == "dejavu":
+            from ..layers.neuron_gating import train_predictors_ as fit
+        else:
+            from ..layers.head_gating import train_head_predictors_ as fit
 
-        defaults = {n: p.default for n, p in inspect.signature(train_predictors_).parameters.items()}
-        for key in CALIBRATIONS["dejavu"].options:
+        defaults = {n: p.default for n, p in inspect.signature(fit).parameters.items()}
+        for key in CALIBRATIONS[kind].options:
             if key not in spec:
                 continue
             v, d = spec[key], defaults[key]
-            if key == "label" and v not in ("topk", "positive"):
-                fail(key, f"{v!r} is not one of ['topk', 'positive']")
+            if key == "label" and v not in labels[kind]:
+                fail(key, f"{v!r} is not one of {list(labels[kind])}")
             elif key == "label_keep" and v is not None and not (_number(v) and 0 < v <= 1):
                 fail(key, f"a fraction in (0, 1] (or null: each gate's keep), got {v!r}")
             elif isinstance(d, int) and not isinstance(d, bool) and (isinstance(v, bool) or not isinstance(v, int)):
@@ -162,13 +177,23 @@ def check_calibrate(spec: Mapping[str, Any], kinds: set[str], where: str, lines:
 
 
 def model_kinds(model: nn.Module) -> list[str]:
-    """Names of `CALIBRATIONS` whose gates ``model`` holds, in a fixed order (neurons first, then tokens)."""
+    """Names of `CALIBRATIONS` whose gates ``model`` holds, in a fixed order (neurons, heads, then tokens)."""
+    from ..gates.head_gates import DejaVuHeadGate
     from ..gates.neuron_gates import CatsGate, DejaVuGate
     from ..gates.tokens import ThresholdTokenGate
 
     present = {type(m) for m in model.modules()}
-    found = [("cats", CatsGate), ("dejavu", DejaVuGate), ("threshold", ThresholdTokenGate)]
-    return [name for name, cls in found if any(issubclass(t, cls) for t in present)]
+    found = [
+        ("cats", CatsGate),
+        ("dejavu", DejaVuGate),
+        ("dejavu_heads", DejaVuHeadGate),
+        ("threshold", ThresholdTokenGate),
+    ]
+    return [
+        name
+        for name, cls in found
+        if any(issubclass(t, cls) and (name != "dejavu" or not issubclass(t, DejaVuHeadGate)) for t in present)
+    ]
 
 
 def _threshold_gates(model: nn.Module) -> list[nn.Module]:
@@ -195,9 +220,11 @@ def calibrate_(
         seed: Default seed of ``dejavu`` predictor training (the split and the row order).
 
     Returns:
-        Numbers to log: ``dejavu_recall`` (mean held-out recall of the predictors), ``cats_threshold`` (mean
-        threshold), ``token_threshold`` (mean threshold of the token gates at their final budget).
+        Numbers to log: ``dejavu_recall`` (mean held-out recall of the predictors), ``head_recall`` (the same of
+        the head predictors), ``cats_threshold`` (mean threshold), ``token_threshold`` (mean threshold of the token
+        gates at their final budget).
     """
+    from ..layers.head_gating import train_head_predictors_
     from ..layers.neuron_gating import calibrate_neurons_, train_predictors_
     from ..layers.tokens import calibrate_tokens_
 
@@ -217,6 +244,11 @@ def calibrate_(
             opts.setdefault("seed", seed)
             recall = train_predictors_(model, batches(), max_batches=n, **opts)
             info["dejavu_recall"] = sum(recall.values()) / len(recall)
+        elif kind == "dejavu_heads":
+            opts = {k: spec[k] for k in CALIBRATIONS["dejavu_heads"].options if k in spec}
+            opts.setdefault("seed", seed)
+            recall = train_head_predictors_(model, batches(), max_batches=n, **opts)
+            info["head_recall"] = sum(recall.values()) / len(recall)
         else:
             gates = _threshold_gates(model)
             keep = spec.get("keep")
