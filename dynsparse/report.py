@@ -140,7 +140,7 @@ def sparsity_report(model: nn.Module, example_input: Tensor | tuple | None = Non
     for fqn, g in model.named_modules():
         if isinstance(g, InputDependentGate):
             report.per_input_gate[fqn] = g.keep
-            row = dyn[_dimension(g)]
+            row = dyn[input_dimension(g)]
             row[0] += 1
             row[1] += g.num_units
             row[2].add(g.keep)
@@ -164,14 +164,21 @@ def sparsity_report(model: nn.Module, example_input: Tensor | tuple | None = Non
     return report
 
 
-def _dimension(gate: InputDependentGate) -> str:
+def input_dimension(gate: InputDependentGate) -> str:
     """The dimension an input-dependent gate decides over (its class name when none of the known ones)."""
     from .gates.channel_gates import FBSGate
+    from .gates.head_gates import DejaVuHeadGate
     from .gates.neuron_gates import NeuronGate
     from .gates.routers import BlockRouter
     from .gates.tokens import TokenGate
 
-    kinds = ((TokenGate, "tokens"), (FBSGate, "channels"), (NeuronGate, "neurons"), (BlockRouter, "layers"))
+    kinds = (
+        (TokenGate, "tokens"),
+        (FBSGate, "channels"),
+        (DejaVuHeadGate, "heads"),  # before NeuronGate: a head predictor is a Deja Vu neuron predictor's subclass
+        (NeuronGate, "neurons"),
+        (BlockRouter, "layers"),
+    )
     return next((d for cls, d in kinds if isinstance(gate, cls)), type(gate).__name__)
 
 

@@ -258,3 +258,14 @@ def test_sparsify_routes_heads_and_static_head_gates_still_work():
     assert ds.get_budget(m)["blocks.2.attn.heads"] == 0.25
     static = ds.sparsify_(_vit(), {"heads": {"gate": "hard_concrete"}})
     assert not any(isinstance(x, HeadGatedAttention) for x in static.modules())
+
+
+def test_report_and_analyse_name_the_heads_dimension(tmp_path):
+    from dynsparse.commands.analyse import analyse
+
+    m = ds.sparsify_(_vit(), {"heads": {"gate": "dejavu", "keep": 0.5}})
+    rep = ds.sparsity_report(m, torch.randn(1, 3, 32, 32))
+    assert [r.dimension for r in rep.input_dependent] == ["heads"] and rep.input_dependent[0].gates == 3
+    ds.save(ds.convert(m, static=False), tmp_path / "h.safetensors", arch=ARCH)
+    rows = analyse(str(tmp_path / "h.safetensors"))["gates"]
+    assert {r["dimension"] for r in rows} == {"heads"} and rows[0]["keep"] == 0.5

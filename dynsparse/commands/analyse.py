@@ -59,6 +59,8 @@ def _layer_flops(model: nn.Module, inputs: Tensor, dynamic: bool) -> dict[str, f
 def analyse(path: str, *, input_shape: tuple[int, int, int] | None = None, flops_inputs: int = 16) -> dict[str, Any]:
     """Load ``path`` (converted or gated, from its metadata) and describe it; returns the JSON-ready analysis."""
     from ..errors import ConfigError
+    from ..gates import InputDependentGate
+    from ..report import input_dimension
     from ..sparsify import named_gates
     from .modelfile import (
         build_dense,
@@ -121,7 +123,10 @@ def analyse(path: str, *, input_shape: tuple[int, int, int] | None = None, flops
     gates = []
     for fqn, g in named_gates(model):
         slot = model.get_submodule(fqn.rpartition(".")[0]) if "." in fqn else None
-        row = {"name": fqn, "type": type(g).__name__, "dimension": getattr(slot, "dimension", None)}
+        dim = getattr(slot, "dimension", None)
+        if dim is None and isinstance(g, InputDependentGate):
+            dim = input_dimension(g)
+        row = {"name": fqn, "type": type(g).__name__, "dimension": dim}
         if hasattr(g, "keep_mask"):
             row.update(kept=int(g.keep_mask().sum()), total=int(g.num_units))
         else:  # input-dependent: decided per input, with a run-time budget (None: learned thresholds)
