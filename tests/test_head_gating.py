@@ -258,3 +258,12 @@ def test_sparsify_routes_heads_and_static_head_gates_still_work():
     assert ds.get_budget(m)["blocks.2.attn.heads"] == 0.25
     static = ds.sparsify_(_vit(), {"heads": {"gate": "hard_concrete"}})
     assert not any(isinstance(x, HeadGatedAttention) for x in static.modules())
+
+
+def test_listed_modules_honour_include_and_exclude():
+    """``modules`` and fqn globs together (``sparsify_``'s top-level globs join a part's own): both must select."""
+    spec = {"heads": {"gate": "dejavu", "modules": ["blocks.0.attn", "blocks.1.attn"]}}
+    m = ds.sparsify_(_vit(), spec, exclude="blocks.1*")
+    assert [type(b.attn).__name__ for b in m.blocks][:2] == ["HeadGatedAttention", "Attention"]
+    with pytest.raises(UnsupportedModuleError, match="check include / exclude"):
+        gate_heads_(_vit(), "dejavu", modules=["blocks.1.attn"], include="blocks.0.*")
