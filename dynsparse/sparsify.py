@@ -121,7 +121,7 @@ def plan_sparsify(
     Args:
         model: The model.
         spec: ``{dimension: {"gate": name, "include": globs, "exclude": globs, **gate_kwargs}}``.
-        include: fqn glob patterns; only matching modules get gates (all dimensions).
+        include: fqn glob patterns; only matching modules get gates (all dimensions; see `sparsify_` for ``tokens``).
         exclude: fqn glob patterns; matching modules get no gates (all dimensions).
 
     Returns:
@@ -143,6 +143,7 @@ def plan_sparsify(
         part = dynamic_part_of(dim, opts)
         if part is not None:
             part.check(opts)
+            _dynamic_options(dim, part, opts, g_inc, g_exc)  # its globs are checked before any module changes
             continue
         inc = g_inc + _patterns(opts.pop("include", None), f"{dim}.include")
         exc = g_exc + _patterns(opts.pop("exclude", None), f"{dim}.exclude")
@@ -163,8 +164,8 @@ def plan_sparsify(
             mtype = type(module).__name__
             if dim == "layers":
                 branches = table.branches_of(module)
-                if branches is None:
-                    reason = table.unknown_block_reason(module)
+                if branches is None:  # a block class may say why it takes no layer gates (a token-selecting block)
+                    reason = table.unknown_block_reason(module) or getattr(type(module), "unsupported_layers", None)
                     if reason is not None:
                         plan.skipped.append(Skipped(fqn, mtype, dim, reason))
                     continue
@@ -318,9 +319,11 @@ def sparsify_(
         spec: ``{dimension: {"gate": name, **gate_kwargs}}`` with dimensions ``neurons``, ``heads``,
             ``channels``, ``layers``, the input-dependent ``tokens`` and ``depth`` of timm ViTs (see
             ``docs/dynamic.md``), and ``width`` for Hugging Face models (one gate over the residual stream); a
-            dimension may also carry ``include`` / ``exclude`` fqn globs.
-        include: fqn glob patterns limiting where gates go (all dimensions).
-        exclude: fqn glob patterns where no gates go (all dimensions).
+            dimension may also carry ``include`` / ``exclude`` fqn globs, joined to the top-level ones (not
+            ``tokens``, placed by ``blocks`` indices, nor ``width``). ``depth`` globs match block fqns (``blocks.3``).
+        include: fqn glob patterns limiting where gates go (all dimensions; every block of ``tokens.blocks``, as
+            ``blocks.i``, must match).
+        exclude: fqn glob patterns where no gates go (all dimensions; no block of ``tokens.blocks`` may match).
         on_unsupported: ``"raise"`` (default) raises on the first module that looks gatable but is not;
             ``"skip"`` leaves such modules as they are and logs them (see `plan_sparsify`).
 
@@ -384,15 +387,50 @@ def sparsify_(
         from .layers.dynamic import DYNAMIC_PARTS, dynamic_part_of
 
         dims = _parse_spec(spec)
+        g_inc, g_exc = _patterns(include, "include"), _patterns(exclude, "exclude")
         for key, part in DYNAMIC_PARTS.items():
             if key in dims and dynamic_part_of(key, dims[key]) is part:
-                opts = dict(dims[key])
-                if part.always:
-                    opts.setdefault("gate", part.default_gate)
-                part.apply_(model, **opts)
+                part.apply_(model, **_dynamic_options(key, part, dims[key], g_inc, g_exc))
     # the calls made, so a gated checkpoint can be rebuilt without pickle (see dynsparse.convert.io)
     model.__dict__.setdefault("_dynsparse_history", []).append(call)
     return model
+
+
+def _dynamic_options(
+    dim: str, part: Any, opts: Mapping[str, Any], include: list[str], exclude: list[str]
+) -> dict[str, Any]:
+    """The ``apply`` arguments of the input-dependent ``part`` for its spec entry ``opts`` (a `DynamicPart`).
+
+    A part that takes fqn globs gets the top-level ``include`` / ``exclude`` joined to its own, as a static
+    dimension does. A part placed by block indices (``tokens``) takes no globs of its own, and the top-level ones
+    must select every block it names (fqn ``blocks.i``).
+
+    Raises:
+        ConfigError: globs of such a part, or a block of it that the top-level globs leave out (names it).
+    """
+    opts = dict(opts)
+    if part.always:
+        opts.setdefault("gate", part.default_gate)
+    if part.globs:
+        inc = include + _patterns(opts.pop("include", None), f"{dim}.include")
+        exc = exclude + _patterns(opts.pop("exclude", None), f"{dim}.exclude")
+        opts.update({k: v for k, v in (("include", inc), ("exclude", exc)) if v})
+        return opts
+    for key in ("include", "exclude"):
+        if key in opts:
+            raise ConfigError(
+                f"sparsify spec field '{dim}.{key}': {part.what}s are placed by block indices ('{dim}.blocks'), "
+                "not by fqn globs"
+            )
+    blocks = opts.get("blocks", part.default("blocks"))
+    idx = [blocks] if isinstance(blocks, int) else blocks if isinstance(blocks, (list, tuple)) else []
+    left = [f"blocks.{i}" for i in idx if isinstance(i, int) and not _selected(f"blocks.{i}", include, exclude)]
+    if left:
+        raise ConfigError(
+            f"sparsify spec field {dim!r}: {left[0]} ('{dim}.blocks') is left out by the top-level include / exclude; "
+            f"{part.what}s are placed by block indices: name only blocks the globs select in '{dim}.blocks'"
+        )
+    return opts
 
 
 def _plain(spec: Mapping[str, Any]) -> Any:

@@ -269,3 +269,12 @@ def test_report_and_analyse_name_the_heads_dimension(tmp_path):
     ds.save(ds.convert(m, static=False), tmp_path / "h.safetensors", arch=ARCH)
     rows = analyse(str(tmp_path / "h.safetensors"))["gates"]
     assert {r["dimension"] for r in rows} == {"heads"} and rows[0]["keep"] == 0.5
+
+
+def test_listed_modules_honour_include_and_exclude():
+    """``modules`` and fqn globs together (``sparsify_``'s top-level globs join a part's own): both must select."""
+    spec = {"heads": {"gate": "dejavu", "modules": ["blocks.0.attn", "blocks.1.attn"]}}
+    m = ds.sparsify_(_vit(), spec, exclude="blocks.1*")
+    assert [type(b.attn).__name__ for b in m.blocks][:2] == ["HeadGatedAttention", "Attention"]
+    with pytest.raises(UnsupportedModuleError, match="check include / exclude"):
+        gate_heads_(_vit(), "dejavu", modules=["blocks.1.attn"], include="blocks.0.*")

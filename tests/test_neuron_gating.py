@@ -257,3 +257,13 @@ def test_unsupported_mlps_are_refused_with_their_name():
         gate_neurons_(m, "cats", modules=["nope"])
     with pytest.raises(ConfigError, match=r"neurons\.keep.*'2'"):
         gate_neurons_(nn.Sequential(Mlp(8, 16)), "cats", keep={"2": 0.5})
+
+
+def test_listed_modules_honour_include_and_exclude():
+    """``modules`` and fqn globs together (``sparsify_``'s top-level globs join a part's own): both must select."""
+    m = ds.sparsify_(
+        _vit(), {"neurons": {"gate": "cats", "modules": ["blocks.0.mlp", "blocks.1.mlp"]}}, exclude="blocks.1*"
+    )
+    assert [type(b.mlp).__name__ for b in m.blocks][:2] == ["NeuronGatedMlp", "Mlp"]
+    with pytest.raises(UnsupportedModuleError, match="check include / exclude"):
+        gate_neurons_(_vit(), "cats", modules=["blocks.1.mlp"], include="blocks.0.*")

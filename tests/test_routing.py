@@ -7,7 +7,7 @@ import timm
 import torch
 
 import dynsparse as ds
-from dynsparse.layers.routing import RoutedBlock
+from dynsparse.layers.routing import RoutedBlock, depth_spec
 
 ARCH = {
     "name": "vit_small_patch16_224",
@@ -140,3 +140,25 @@ def test_layer_gates_on_routed_blocks_convert_and_reload(tmp_path, depth_first):
     with torch.no_grad():
         torch.testing.assert_close(small(x), m.eval()(x))
         torch.testing.assert_close(back(x), small(x))
+
+
+def test_include_exclude_choose_the_routed_blocks():
+    """``depth`` takes ``include`` / ``exclude`` globs over the block fqns (``blocks.i``), with or without indices."""
+    m = ds.sparsify_(_vit(), {"depth": {"exclude": ["blocks.0", "blocks.3"]}})
+    assert [isinstance(b, RoutedBlock) for b in m.blocks] == [False, True, True, False]
+    m = ds.sparsify_(_vit(), {"depth": {"blocks": [0, 1, 2]}}, include="blocks.[12]*")
+    assert [isinstance(b, RoutedBlock) for b in m.blocks] == [False, True, True, False]
+    assert depth_spec(m)["blocks"] == [1, 2]
+    with pytest.raises(ds.ConfigError, match=r"depth: the blocks / include / exclude options leave no block"):
+        ds.sparsify_(_vit(), {"depth": {"include": "blocks.9"}})
+    with pytest.raises(ds.ConfigError, match=r"depth\.include must be a glob pattern"):
+        ds.sparsify_(_vit(), {"depth": {"include": 3}})
+
+
+def test_all_blocks_of_a_converted_model_leave_removed_blocks_out():
+    """``blocks='all'`` on a converted model: a block removed by closed layer gates (nn.Identity) is not routed."""
+    m = ds.sparsify_(_vit(), {"layers": "fixed"})
+    ds.fix_gates_(m, {"blocks.2.drop_path1": torch.tensor([False]), "blocks.2.drop_path2": torch.tensor([False])})
+    small = ds.sparsify_(ds.convert(m), {"depth": {}})
+    assert [isinstance(b, RoutedBlock) for b in small.blocks] == [True, True, False, True]
+    assert isinstance(small.blocks[2], torch.nn.Identity)

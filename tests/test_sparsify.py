@@ -281,3 +281,53 @@ def test_unknown_gate_of_a_dimension_with_per_input_gates_lists_and_suggests_the
         ds.sparsify_(timm.create_model("test_vit"), {"neurons": {"gate": "cat"}})
     with pytest.raises(ds.ConfigError, match=r"Per-input channels gates: .*fbs"):
         ds.sparsify_(timm.create_model("resnet10t"), {"channels": {"gate": "fb"}})
+
+
+def _kinds(m):
+    return [type(b).__name__ for b in m.blocks]
+
+
+def test_top_level_include_exclude_reach_the_input_dependent_parts(vit):
+    """The top-level globs apply to every dimension, input-dependent ones included (joined to a part's own)."""
+    from dynsparse.layers.routing import RoutedBlock
+
+    ds.sparsify_(vit, {"depth": {}, "neurons": {"gate": "cats"}, "heads": {"gate": "dejavu"}}, include="blocks.[01]*")
+    assert [isinstance(b, RoutedBlock) for b in vit.blocks] == [True, True] + [False] * 4
+    assert [type(b.mlp).__name__ for b in vit.blocks][:3] == ["NeuronGatedMlp", "NeuronGatedMlp", "Mlp"]
+    assert [type(b.attn).__name__ for b in vit.blocks][:3] == ["HeadGatedAttention", "HeadGatedAttention", "Attention"]
+    m = ds.sparsify_(timm.create_model("test_vit"), {"depth": {"include": "blocks.4"}}, include="blocks.0")
+    assert [isinstance(b, RoutedBlock) for b in m.blocks] == [True, False, False, False, True, False]
+    m = ds.sparsify_(timm.create_model("test_vit"), {"neurons": {"gate": "cats"}}, exclude="blocks.[1-5].*")
+    assert [type(b.mlp).__name__ for b in m.blocks][:2] == ["NeuronGatedMlp", "Mlp"]
+
+
+def test_top_level_globs_with_tokens_check_the_token_blocks_by_name(vit):
+    """Token gates are placed by ``tokens.blocks``: the top-level globs must select each of them, else refused."""
+    m = ds.sparsify_(vit, {"tokens": {"blocks": [1, 3]}, "depth": {}}, exclude="blocks.5")
+    assert _kinds(m) == [
+        "RoutedBlock",
+        "TokenGatedBlock",
+        "RoutedPolicyBlock",
+        "TokenGatedBlock",
+        "RoutedPolicyBlock",
+        "PolicyBlock",
+    ]
+    fresh = timm.create_model("test_vit")
+    with pytest.raises(ds.ConfigError, match=r"'tokens'.*blocks\.3 .*left out by the top-level include / exclude"):
+        ds.sparsify_(fresh, {"heads": "sigmoid", "tokens": {"blocks": [1, 3]}}, include="blocks.[0-2]*")
+    assert not list(ds.named_gates(fresh))  # refused before any module changed
+
+
+@pytest.mark.parametrize("key", ["include", "exclude"])
+def test_per_dimension_globs_of_depth_work_and_of_tokens_are_refused_by_name(vit, key):
+    from dynsparse.layers.routing import RoutedBlock
+
+    ds.sparsify_(vit, {"depth": {key: "blocks.[23]"}})
+    routed = [isinstance(b, RoutedBlock) for b in vit.blocks]
+    assert routed == [(i in (2, 3)) == (key == "include") for i in range(6)]
+    fresh = timm.create_model("test_vit")
+    with pytest.raises(ds.ConfigError, match=rf"'tokens\.{key}': token gates are placed by block indices"):
+        ds.sparsify_(fresh, {"heads": "sigmoid", "tokens": {"blocks": [1], key: "blocks.1"}})
+    assert not list(ds.named_gates(fresh))
+    with pytest.raises(ds.ConfigError, match=rf"tokens\.{key}: token gates are placed by block indices"):
+        ds.layers.gate_tokens_(fresh, blocks=[1], **{key: "blocks.1"})

@@ -235,3 +235,76 @@ def test_refusals_name_both_parts():
         ds.sparsify_(routed, {"tokens": {"blocks": [1]}})
     with pytest.raises(ds.ConfigError, match="at most one router"):
         ds.sparsify_(_both("cls_attention"), {"depth": {"blocks": [2]}})
+
+
+def _layered(gate, together, routed):
+    """Token gates at blocks 1 and 3, optionally routers on the other blocks, fixed ``layers`` gates on the blocks
+    that do not select tokens: put on before the token gates (one spec) or after them."""
+    layers = {"gate": "fixed", "exclude": ["blocks.1", "blocks.3"]}
+    tokens = {"gate": gate, "blocks": [1, 3]}
+    tokens.update({"threshold": 1.0} if gate == "threshold" else {"keep": 0.5})
+    spec = {"tokens": tokens, **({"depth": {"keep": 0.5}} if routed else {})}
+    if together:
+        m = ds.sparsify_(_vit(), {"layers": layers, **spec})
+    else:
+        m = ds.sparsify_(ds.sparsify_(_vit(), spec), {"layers": layers})
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for b in m.blocks:
+            if isinstance(b, RoutedBlock):
+                b.router.proj.weight.copy_(torch.randn(b.router.proj.weight.shape, generator=g))
+                b.router.proj.bias.fill_(1.0)
+    return m
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize(("together", "routed"), [(True, True), (False, True), (True, False)])
+def test_closed_layer_gates_after_token_gates_convert_exactly_and_reload(gate, together, routed, tmp_path):
+    """A closed branch of a block after a token gate (attention, MLP, or both) is removed and a branch value folded
+    at convert: the converted model equals the gated one on the fast path and on the masked path, and reloads."""
+    m = _layered(gate, together, routed)
+    assert "blocks.2.drop_path1.gate" in dict(ds.named_gates(m))  # a (routed) block after a token gate
+    closed = torch.tensor([False])
+    shut = ["blocks.2.drop_path1", "blocks.4.drop_path1", "blocks.4.drop_path2", "blocks.5.drop_path1"]
+    ds.fix_gates_(m, dict.fromkeys(shut, closed))
+    m.blocks[2].drop_path2.gate.values.fill_(0.5)  # folded into the MLP's fc2
+    x = _x(4).float()
+    small = ds.convert(m, static=False, verify_inputs=x)
+    assert isinstance(small.blocks[4], torch.nn.Identity)
+    assert isinstance(small.blocks[2], RoutedPolicyBlock if routed else PolicyBlock)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), m(x))
+        _masked(m, True)
+        _masked(small, True)
+        torch.testing.assert_close(small(x), m(x))
+        _masked(m, False)
+        _masked(small, False)
+    ds.save(small, tmp_path / "m.safetensors", arch=ARCH)
+    back = ds.load(tmp_path / "m.safetensors")
+    assert [type(b) for b in back.blocks] == [type(b) for b in small.blocks]
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), m(x))
+
+
+def test_layer_gates_on_a_block_that_selects_tokens_are_refused_by_name():
+    """Its attention scores the tokens, so its branches cannot be removed: refused in either order, not skipped."""
+    m = ds.sparsify_(_vit(), {"tokens": {"blocks": [1, 3]}})
+    with pytest.raises(ds.UnsupportedModuleError, match=r"'blocks\.1' \(TokenGatedBlock\).*selects tokens"):
+        ds.sparsify_(m, {"layers": "fixed"})
+    ds.sparsify_(m, {"layers": "fixed"}, on_unsupported="skip")
+    gated = {f.split(".")[1] for f, _ in ds.named_gates(m) if "drop_path" in f}
+    assert gated == {"0", "2", "4", "5"}
+    fresh = _vit()
+    with pytest.raises(
+        ds.ConfigError, match=r"tokens\.blocks: blocks\.1 holds 'layers' gates.*selects tokens takes none"
+    ):
+        ds.sparsify_(fresh, {"layers": "fixed", "tokens": {"blocks": [1]}})
+    assert not list(ds.named_gates(fresh))
+
+
+def test_a_last_block_left_without_branches_is_refused_at_convert():
+    """The last block hands the kept tokens to the head: closing both its branches cannot be converted."""
+    m = ds.sparsify_(_vit(), {"layers": {"gate": "fixed", "include": "blocks.5"}, "tokens": {"blocks": [1]}})
+    ds.fix_gates_(m, {"blocks.5.drop_path1": torch.tensor([False]), "blocks.5.drop_path2": torch.tensor([False])})
+    with pytest.raises(ds.ConfigError, match=r"tokens: blocks\.5, the last block"):
+        ds.convert(m, static=False)

@@ -16,6 +16,7 @@ Each part is data: the module holding its functions, by name, so nothing is impo
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,10 @@ class DynamicPart:
     #: True when the part owns the dimension whatever the gate (``tokens``, ``depth``); False when only a gate
     #: of its registry makes the (otherwise static) dimension dynamic (``channels``, ``neurons``).
     always: bool = True
+    #: True when ``apply`` takes ``include`` / ``exclude`` fqn globs; False for a part placed by block indices
+    #: alone (``tokens``: a token gate changes the tokens of every later block), whose ``blocks`` the top-level
+    #: globs of ``sparsify_`` must select instead.
+    globs: bool = True
 
     def _module(self):
         return importlib.import_module(self.module, package=__package__)
@@ -50,6 +55,10 @@ class DynamicPart:
 
     def apply_(self, model, **spec):
         return getattr(self._module(), self.apply)(model, **spec)
+
+    def default(self, option: str) -> Any:
+        """The default of ``apply``'s argument ``option``."""
+        return inspect.signature(getattr(self._module(), self.apply)).parameters[option].default
 
     def spec_of(self, model) -> dict | None:
         return getattr(self._module(), self.spec)(model)
@@ -90,7 +99,14 @@ DYNAMIC_PARTS: dict[str, DynamicPart] = {
         always=False,
     ),
     "tokens": DynamicPart(
-        "tokens", ".tokens", "gate_tokens_", "token_spec", "..gates.tokens:TOKEN_GATES", "cls_attention", "token gate"
+        "tokens",
+        ".tokens",
+        "gate_tokens_",
+        "token_spec",
+        "..gates.tokens:TOKEN_GATES",
+        "cls_attention",
+        "token gate",
+        globs=False,
     ),
     "heads": DynamicPart(
         "heads",

@@ -206,7 +206,7 @@ def _targets(
         if bad:
             f, m = bad[0]
             raise UnsupportedModuleError(f, type(m).__name__, "heads", "not a timm Attention")
-        return found
+        return [(f, m) for f, m in found if _selected(f, inc, exc)]
     return [(f, m) for f, m in named.items() if type(m) is Attention and f and _selected(f, inc, exc)]
 
 
@@ -238,7 +238,8 @@ def gate_heads_(
         model: A model holding timm ``Attention`` modules (exact type: ViT, DeiT, ...).
         gate: A name of `HEAD_GATES` (``"dejavu"``).
         keep: Fraction of heads kept per input, in (0, 1], or ``{attention_fqn: keep}``.
-        modules: Exact fqns of the attention layers to gate (default: every one matching ``include`` / ``exclude``).
+        modules: Exact fqns of the attention layers to gate (default: every one); ``include`` / ``exclude``
+            filter them.
         include: fqn glob patterns; only matching layers are gated.
         exclude: fqn glob patterns; matching layers are not gated.
         strategy: How eval batches run (``"auto"``, ``"group"``, ``"mask"``; see the module doc).

@@ -249,7 +249,7 @@ def _targets(
         if bad:
             f, m = bad[0]
             raise UnsupportedModuleError(f, type(m).__name__, "neurons", "not a timm Mlp, GluMlp or SwiGLU")
-        return found
+        return [(f, m) for f, m in found if _selected(f, inc, exc)]
     return [(f, m) for f, m in named.items() if type(m) in TWINS and f and _selected(f, inc, exc)]
 
 
@@ -269,7 +269,7 @@ def gate_neurons_(
         model: A model holding timm ``Mlp`` / ``GluMlp`` / ``SwiGLU`` modules (exact types, Linear layers).
         gate: A name of `NEURON_GATES`: ``"cats"`` or ``"dejavu"``.
         keep: Fraction of neurons kept, in (0, 1], or ``{mlp_fqn: keep}``.
-        modules: Exact fqns of the MLPs to gate (default: every MLP matching ``include`` / ``exclude``).
+        modules: Exact fqns of the MLPs to gate (default: every MLP); ``include`` / ``exclude`` filter them.
         include: fqn glob patterns; only matching MLPs are gated.
         exclude: fqn glob patterns; matching MLPs are not gated.
         **gate_kwargs: Gate options: ``per`` (``"token"`` / ``"input"``), ``rank`` (``dejavu``), ``max_samples``

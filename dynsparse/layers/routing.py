@@ -28,6 +28,7 @@ is an error.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..gates.routers import ROUTERS, BlockRouter
 from ..modules import adopt, capturing, place_like
+from ..sparsify import _patterns, _selected
 from .tokens import PolicyBlock, TokenGatedBlock
 
 __all__ = ["RoutedBlock", "RoutedPolicyBlock", "check_with_tokens", "depth_spec", "route_blocks_"]
@@ -84,7 +86,7 @@ class RoutedPolicyBlock(RoutedBlock, PolicyBlock):
     Routes gathered, packed and masked tokens (see the module doc); on gathered tokens it is `RoutedBlock`.
     """
 
-    host_class: ClassVar[type[nn.Module]] = PolicyBlock  # the tables treat it as the token-aware block it routes
+    host_class: ClassVar[type[nn.Module]] = Block  # as PolicyBlock's: its branches are gated and removed as a Block's
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         state = self._token_state
@@ -118,7 +120,13 @@ class RoutedPolicyBlock(RoutedBlock, PolicyBlock):
 
 
 def route_blocks_(
-    model: nn.Module, gate: str = "router", blocks: list[int] | str = "all", keep: float = 0.5, **router_kwargs: Any
+    model: nn.Module,
+    gate: str = "router",
+    blocks: list[int] | str = "all",
+    keep: float = 0.5,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    **router_kwargs: Any,
 ) -> nn.Module:
     """Give blocks of a timm ViT a per-input router (in place); returns ``model``.
 
@@ -128,24 +136,30 @@ def route_blocks_(
     Args:
         model: A timm ``VisionTransformer``, possibly with token gates.
         gate: A name of `dynsparse.gates.ROUTERS` (``router``).
-        blocks: Block indices, or ``"all"`` (every block that does not select tokens).
+        blocks: Block indices, or ``"all"`` (every block that does not select tokens and was not removed).
         keep: Run-time knob of every router (inputs with ``p ≥ 1 − keep`` run the block).
+        include: fqn globs over the blocks (``blocks.3``); only matching blocks of ``blocks`` get a router.
+        exclude: fqn globs over the blocks; matching blocks get no router.
         **router_kwargs: ``target``, ``weight``, ``tau``, ``pool`` of `BlockRouter`.
 
     Raises:
-        ConfigError: a bad index, a block that selects tokens, a block that has a router already.
+        ConfigError: a bad index, a block that selects tokens, a block that has a router already, or no block left.
     """
+    inc, exc = _patterns(include, "depth.include"), _patterns(exclude, "depth.exclude")
     seq = getattr(model, "blocks", None)
     if not isinstance(seq, nn.Sequential) or not len(seq):
         raise ConfigError(f"depth: {type(model).__name__} has no `blocks` sequence of timm ViT blocks")
-    if blocks == "all":
-        idx = [i for i, b in enumerate(seq) if not isinstance(b, TokenGatedBlock)]
+    if blocks == "all":  # a block that a conversion removed (nn.Identity) has nothing to skip
+        idx = [i for i, b in enumerate(seq) if not isinstance(b, (TokenGatedBlock, nn.Identity))]
     else:
         idx = [blocks] if isinstance(blocks, int) else list(blocks)
     if not idx or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(seq) for i in idx):
         raise ConfigError(f"depth.blocks: 'all' or block indices in [0, {len(seq)}) expected, got {blocks!r}")
     if len(set(idx)) < len(idx):
         raise ConfigError(f"depth.blocks: each block at most once (a block has one router), got {blocks!r}")
+    idx = [i for i in idx if _selected(f"blocks.{i}", inc, exc)]
+    if not idx:
+        raise ConfigError(f"depth: the blocks / include / exclude options leave no block to route (blocks={blocks!r})")
     cls = ROUTERS.get(gate)
     for i in idx:
         if isinstance(seq[i], TokenGatedBlock):

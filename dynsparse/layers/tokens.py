@@ -22,15 +22,17 @@ State dicts keep the host's keys; a learned gate adds ``blocks.i.tokens.gate.*``
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from ..convert.zero import ZeroBranch
 from ..errors import ConfigError
 from ..gates.tokens import TokenGate, mean_over_heads, threshold_keep
 from ..modules import adopt, capturing, module_device, place_like
+from .slot import GateSlot
 from .token_pack import (
     Packing,
     check_packed_mlps,
@@ -157,10 +159,16 @@ class _TokenAware(Block):
     def _attend(
         self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, scores: bool = False
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(x + attention branch, norm1(x), received-attention scores or None)``."""
+        """``(x + attention branch, norm1(x), received-attention scores or None)``.
+
+        A converted block whose attention branch was removed (a closed ``layers`` gate: ``attn`` is a `ZeroBranch`)
+        adds nothing, on every path (a block that selects tokens keeps its attention: see `TokenGatedBlock`).
+        """
         h = self.norm1(x)
         state = self._token_state
         s = None
+        if isinstance(self.attn, ZeroBranch) and not scores:
+            return x, h, None
         if (state.policy is not None or state.packing is not None) and (attn_mask is not None or is_causal):
             raise ConfigError("token gates: an attention mask cannot be combined with masked or packed tokens")
         if state.policy is not None:
@@ -197,6 +205,11 @@ class _TokenAware(Block):
 class PolicyBlock(_TokenAware):
     """A timm ``Block`` after a trainable token gate: while training, its attention skips dropped tokens."""
 
+    #: The class the integration tables know it as (`dynsparse.integrations.tables.host_type`): it keeps the
+    #: ``Block``'s children, so its residual branches are gated, folded and removed (``layers``) as a Block's; a
+    #: removed attention branch adds nothing on the masked and packed paths too (`_TokenAware._attend`).
+    host_class: ClassVar[type[nn.Module]] = Block
+
     @classmethod
     def from_module(cls, block: Block, state: TokenState) -> PolicyBlock:
         """A `PolicyBlock` sharing ``block``'s children and parameters."""
@@ -214,6 +227,13 @@ class PolicyBlock(_TokenAware):
 
 class TokenGatedBlock(_TokenAware):
     """A timm ``Block`` that keeps, per input, the best tokens after its attention (see the module doc)."""
+
+    #: Why ``sparsify_`` gives it no ``layers`` gates (`dynsparse.sparsify.plan_sparsify` reads it): the tables do
+    #: not know it, so it is refused by name rather than skipped.
+    unsupported_layers: ClassVar[str] = (
+        "it selects tokens, scored by its attention, so its residual branches cannot be removed (no 'layers' "
+        "gates); exclude it from 'layers'"
+    )
 
     @classmethod
     def from_module(cls, block: Block, select: TokenSelect, state: TokenState, first: bool) -> TokenGatedBlock:
@@ -288,6 +308,11 @@ class TokenGatedBlock(_TokenAware):
         return self._finish(self._mlp(x))
 
 
+def _removed(block: nn.Module) -> bool:
+    """True for a block a conversion removed (both branches closed: ``nn.Identity``)."""
+    return type(block) is nn.Identity
+
+
 def _token_host(model: nn.Module) -> tuple[nn.Sequential, int, int]:
     """``(blocks, num_prefix_tokens, num_patches)`` of a timm VisionTransformer-like model, or a clear error."""
     blocks = getattr(model, "blocks", None)
@@ -296,7 +321,9 @@ def _token_host(model: nn.Module) -> tuple[nn.Sequential, int, int]:
             f"tokens: {type(model).__name__} has no `blocks` sequence of timm ViT blocks "
             "(token gates support timm VisionTransformer / DeiT models)"
         )
-    bad = [f"blocks.{i} ({type(b).__name__})" for i, b in enumerate(blocks) if not isinstance(b, Block)]
+    bad = [
+        f"blocks.{i} ({type(b).__name__})" for i, b in enumerate(blocks) if not isinstance(b, Block) and not _removed(b)
+    ]
     if bad:
         raise ConfigError(f"tokens: only timm `Block`s can drop tokens; found {', '.join(bad[:3])}")
     prefix = int(getattr(model, "num_prefix_tokens", 0))
@@ -333,6 +360,9 @@ def gate_tokens_(
     """
     from ..gates.tokens import TOKEN_GATES, make_token_gate
 
+    for key in ("include", "exclude"):
+        if key in gate_kwargs:
+            raise ConfigError(f"tokens.{key}: token gates are placed by block indices (blocks=...), not by fqn globs")
     seq, prefix, patches = _token_host(model)
     spec = {"gate": gate} if isinstance(gate, str) else dict(gate)
     variable = TOKEN_GATES.get(spec.get("gate", "cls_attention")).variable
@@ -345,6 +375,14 @@ def gate_tokens_(
         check_packed_mlps(seq, idx[0])
     if sorted(set(idx)) != idx:
         raise ConfigError(f"tokens.blocks: indices must be increasing and distinct, got {blocks!r}")
+    for i in idx:
+        slots = [n for n, c in seq[i].named_children() if isinstance(c, GateSlot) and c.dimension == "layers"]
+        if slots:
+            raise ConfigError(
+                f"tokens.blocks: blocks.{i} holds 'layers' gates ({', '.join(slots)}), but a block that selects "
+                "tokens takes none (its attention scores the tokens, so its branches cannot be removed): exclude "
+                f'it from \'layers\' ("exclude": "blocks.{i}") or select tokens at another block'
+            )
     keeps = list(keep) if isinstance(keep, (list, tuple)) else [keep] * len(idx)
     if len(keeps) != len(idx):
         raise ConfigError(f"tokens.keep: {len(keeps)} values for {len(idx)} blocks")
@@ -355,7 +393,11 @@ def gate_tokens_(
     heads = [f"blocks.{i}.attn" for i, b in enumerate(seq) if isinstance(getattr(b, "attn", None), HeadGatedAttention)]
     if heads:
         raise ConfigError(f"tokens: token gates cannot be combined with per-input head gates yet (found {heads[0]})")
-    odd = [f"blocks.{i} ({type(b).__name__})" for i, b in enumerate(seq) if i >= idx[0] and type(b) is not Block]
+    odd = [
+        f"blocks.{i} ({type(b).__name__})"
+        for i, b in enumerate(seq)
+        if i >= idx[0] and type(b) is not Block and not (_removed(b) and i not in idx and i < len(seq) - 1)
+    ]
     if odd:
         hint = ""
         if any(hasattr(b, "router") for b in seq):
@@ -389,7 +431,7 @@ def gate_tokens_(
     for j, (i, sel) in enumerate(zip(idx, sels, strict=True)):  # every gate built: now change the model
         seq[i] = TokenGatedBlock.from_module(seq[i], sel, state, first=j == 0)
     for i in range(idx[0] + 1, len(seq)):  # blocks after the first gate mask attention on the masked path
-        if not isinstance(seq[i], TokenGatedBlock):
+        if not isinstance(seq[i], TokenGatedBlock) and not _removed(seq[i]):
             seq[i] = PolicyBlock.from_module(seq[i], state)
     seq[-1]._last = True  # hands a packed batch back to the head
     return model
@@ -419,6 +461,11 @@ def token_spec(model: nn.Module) -> dict | None:
     found = [(i, b.tokens) for i, b in enumerate(blocks or ()) if isinstance(b, TokenGatedBlock)]
     if not found:
         return None
+    if _removed(blocks[-1]):
+        raise ConfigError(
+            f"tokens: blocks.{len(blocks) - 1}, the last block, lost both its branches (closed 'layers' gates) and "
+            "with them the hand-off of the kept tokens to the head; keep one of its branches open"
+        )
     names = {TOKEN_GATES.get(n): n for n in TOKEN_GATES.names()}
     first = found[0][1]
     kinds = {type(sel.gate) for _, sel in found}
