@@ -131,3 +131,28 @@ def test_enforce_reopen_refills_what_a_costly_closure_overshot(vit):
 def test_warmup_steps_must_be_a_nonnegative_int(vit, steps):
     with pytest.raises(ds.ConfigError, match="warmup_steps"):
         TargetSparsity(vit, target=0.5, warmup_steps=steps, example_input=X)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "variational",  # dropped where log α > threshold: lowering log α (as for hard-concrete) opened units
+        {"gate": "sigmoid", "temperature": 10.0, "threshold": 0.1},  # logit -20 left sigmoid(-2) > 0.1: still open
+        {"gate": "hard_concrete", "gamma": -0.9, "zeta": 1.1},  # closed only below logit(0.45): -20 is enough
+    ],
+    ids=["variational", "sigmoid_t10", "hard_concrete_wide"],
+)
+def test_enforce_closes_units_of_every_gate_with_a_learned_parameter(spec):
+    torch.manual_seed(0)
+    m = timm.create_model(
+        "vit_tiny_patch16_224", img_size=8, patch_size=2, in_chans=1, depth=2, embed_dim=32, num_heads=2, num_classes=4
+    )
+    ds.sparsify_(m, {"neurons": spec})
+    budget = TargetSparsity(m, target=0.6, example_input=X)
+    reached = budget.enforce_()
+    assert reached <= 0.6 + 1e-9, reached
+    assert budget.cost.fraction() == pytest.approx(reached)
+    gates = [g for _, g in ds.named_gates(m)]
+    assert all(1 <= int(g.keep_mask().sum()) < g.num_units for g in gates)
+    m.eval()
+    assert all(torch.equal(g() > 0, g.keep_mask()) for g in gates)

@@ -79,3 +79,14 @@ def test_fixed_gate_values_dtype() -> None:
 def test_fixed_gate_bad_mask_or_values_raise(kwargs: dict) -> None:
     with pytest.raises(GateError, match="FixedGate"):
         FixedGate(3, **kwargs)
+
+
+@pytest.mark.parametrize("given", ["mask", "values", "both"])
+def test_fixed_gate_buffers_share_the_given_tensors_device(given: str) -> None:
+    """With no ``device``, both buffers follow the tensors given (``meta`` stands in for a GPU): a mask on the GPU
+    with the default values left on the CPU made every forward fail with a device mismatch."""
+    mask = torch.tensor([True, False, True], device="meta") if given in ("mask", "both") else None
+    values = torch.tensor([0.5, 1.0, 2.0], device="meta") if given in ("values", "both") else None
+    gate = FixedGate(3, mask=mask, values=values)
+    assert gate.mask.device.type == gate.values.device.type == "meta"
+    assert gate().shape == (3,) and gate().device.type == "meta"

@@ -159,6 +159,23 @@ def test_hard_concrete_nonzero_rate_matches_expected_l0() -> None:
         assert ((observed - p).abs() <= 5 * se).all(), f"observed {observed}, expected {p}, 5 SE {5 * se}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_hard_concrete_half_precision_rates_match_expected_l0(dtype: torch.dtype) -> None:
+    """With a half-precision ``log_alpha`` the draws still follow the distribution whose L0 the penalty computes: the
+    uniform noise drawn in bfloat16 (256 values per octave) cut the logistic tails, so at log_alpha = +-3 about 25 %
+    too many gates were closed / too few fully open."""
+    draws = 200_000
+    levels = torch.tensor([-3.0, 3.0], dtype=torch.float64)
+    z = F.hard_concrete_sample(levels.to(dtype).repeat(draws, 1), generator=torch.Generator().manual_seed(5))
+    assert z.dtype == dtype
+    for what, observed, p in [
+        ("P(z != 0)", (z != 0).double().mean(0), F.hard_concrete_prob_nonzero(levels)),
+        ("P(z == 1)", (z == 1).double().mean(0), ref_hc_prob_one(levels, PAPER_BETA, PAPER_GAMMA, PAPER_ZETA)),
+    ]:
+        se = torch.sqrt(p * (1 - p) / draws)
+        assert ((observed - p).abs() <= 5 * se).all(), f"{what}: observed {observed}, expected {p}, 5 SE {5 * se}"
+
+
 def test_hard_concrete_gate_open_count_matches_penalty() -> None:
     """The mean number of open gates of HardConcreteGate in training equals penalty() (the expected L0)."""
     gate = HardConcreteGate(7, dtype=torch.float64).train()

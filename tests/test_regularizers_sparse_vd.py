@@ -291,3 +291,16 @@ def test_svdo_refuses_booleans_for_numbers(kwargs):
 
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
         LinearSVDO(4, 2, **kwargs)
+
+
+def test_remove_svd_refuses_a_root_layer_before_changing_it() -> None:
+    """The error on a root sparse-VD layer came after its pruned weights had been zeroed: the caller's layer changed
+    (its training output too) although the call failed."""
+    layer = LinearSVDO(3, 2, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.fill_(0.5)
+        layer.log_sigma2[0] = 20.0  # log α = 8 > 3: pruned
+    before = layer.weight.detach().clone()
+    with pytest.raises(ConfigError, match="to_host"):
+        remove_svd_(layer)
+    assert torch.equal(layer.weight, before)

@@ -18,7 +18,7 @@ class FixedGate(Gate):
         num_units: Number of units.
         mask: (num_units,) bool keep mask (default: all kept). Copied; stored in the state dict as ``mask``.
         values: Optional (num_units,) float multipliers of the kept units (default 1). Copied; stored as ``values``.
-        device: Device of the buffers.
+        device: Device of the buffers (default: that of ``mask``, else of ``values``, else the CPU).
         dtype: Dtype of ``values``.
 
     Examples:
@@ -35,6 +35,8 @@ class FixedGate(Gate):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(num_units)
+        if device is None:  # one device for both buffers: that of the tensors given (a GPU mask, CPU default values)
+            device = next((t.device for t in (mask, values) if isinstance(t, Tensor)), None)
         mask = torch.ones(num_units, dtype=torch.bool) if mask is None else torch.as_tensor(mask)
         if mask.shape != (num_units,) or mask.dtype != torch.bool:
             raise GateError(

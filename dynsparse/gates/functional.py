@@ -47,11 +47,14 @@ def hard_concrete_sample(
         log_alpha: (N,) location parameters.
 
     Returns:
-        (N,) samples in [0, 1], differentiable w.r.t. ``log_alpha``.
+        (N,) samples in [0, 1] of ``log_alpha``'s dtype, differentiable w.r.t. ``log_alpha``. The noise and the
+        sigmoid are computed in float32 at least: a bfloat16 ``u`` (256 values per octave) cuts the logistic tails,
+        so the draws no longer followed the distribution of `hard_concrete_prob_nonzero`.
     """
-    u = torch.empty_like(log_alpha).uniform_(eps, 1.0 - eps, generator=generator)
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / beta)
-    return torch.clamp(s * (zeta - gamma) + gamma, 0.0, 1.0)
+    wide = torch.promote_types(log_alpha.dtype, torch.float32)
+    u = torch.empty(log_alpha.shape, dtype=wide, device=log_alpha.device).uniform_(eps, 1.0 - eps, generator=generator)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha.to(wide)) / beta)
+    return torch.clamp(s * (zeta - gamma) + gamma, 0.0, 1.0).to(log_alpha.dtype)
 
 
 def hard_concrete_eval(log_alpha: Tensor, gamma: float = GAMMA, zeta: float = ZETA) -> Tensor:

@@ -9,6 +9,7 @@ likely units at the end so the deterministic kept fraction is at most the target
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -16,6 +17,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..flops import CostModel
+from ..gates import SigmoidGate
+from .variational import VariationalGate
 
 __all__ = ["TargetSparsity", "linear_target"]
 
@@ -83,8 +86,8 @@ class TargetSparsity(nn.Module):
     def enforce_(self, max_iter: int = 100_000, reopen: bool = False) -> float:
         """Close the units least likely to be kept until the deterministic kept fraction is ≤ ``target``.
 
-        Works on gates with a ``log_alpha`` (hard-concrete) or ``logits`` (sigmoid) parameter by lowering the
-        parameter of the closed unit; returns the kept fraction reached.
+        Works on gates with a ``log_alpha`` (hard-concrete, variational) or ``logits`` (sigmoid) parameter by setting
+        the closed unit's entry to a value that closes it (see `_closer`); returns the kept fraction reached.
 
         Args:
             max_iter: Most units closed.
@@ -96,36 +99,54 @@ class TargetSparsity(nn.Module):
         candidates = []
         for _, slot in self.cost.slots:
             g = slot.gate
-            p = getattr(g, "log_alpha", None)
-            if p is None:
-                p = getattr(g, "logits", None)
-            if p is None:
+            closer = _closer(g)
+            if closer is None:
                 continue
             keep = g.expected_keep()
             for j in range(g.num_units):
-                candidates.append((float(keep[j]), p, j, g))
+                candidates.append((float(keep[j]), *closer, j, g))
         candidates.sort(key=lambda c: c[0])
         closed, shut = 0, []
-        for _, p, j, g in candidates:
+        for _, p, shut_value, j, g in candidates:
             if frac <= self.target + 1e-9 or closed >= max_iter:
                 break
             if not bool(g.keep_mask()[j]):
                 continue
             if int(g.keep_mask().sum()) <= 1 and g.num_units > 1:
                 continue  # keep at least one unit per gate; a whole branch is closed by its layer gate
-            shut.append((p, j, float(p[j])))
-            p[j] = -20.0
+            old = float(p[j])
+            p[j] = shut_value
+            if bool(g.keep_mask()[j]):  # a gate this value does not close (another parameterisation): leave it
+                p[j] = old
+                continue
+            shut.append((p, shut_value, j, old))
             closed += 1
             frac = self.cost.fraction()
         if reopen:  # ``shut`` is in order of increasing keep probability: the most likely come back first
-            for p, j, old in reversed(shut):
+            for p, shut_value, j, old in reversed(shut):
                 p[j] = old
                 now = self.cost.fraction()
                 if now > self.target + 1e-9:
-                    p[j] = -20.0
+                    p[j] = shut_value
                 else:
                     frac = now
         return frac
 
     def extra_repr(self) -> str:
         return f"target={self.target}, kind={self.kind!r}, warmup_steps={self.warmup_steps}"
+
+
+def _closer(gate: nn.Module) -> tuple[Tensor, float] | None:
+    """The parameter whose entry ``j`` decides whether unit ``j`` of ``gate`` is kept, and a value that closes it.
+
+    Hard-concrete (``log_alpha``) and sigmoid (``logits``) gates close for a low enough value; a variational gate
+    drops a unit for ``log α`` above its threshold. ``None`` for a gate with neither parameter.
+    """
+    if isinstance(gate, VariationalGate):  # dropped where log α > threshold; in the clip range when it allows
+        return gate.log_alpha, max(gate.threshold + 1.0, gate.log_alpha_range[1])
+    if isinstance(gate, SigmoidGate):  # closed where sigmoid(logit / T) <= threshold
+        return gate.logits, gate.temperature * (math.log(gate.threshold / (1.0 - gate.threshold)) - 20.0)
+    p = getattr(gate, "log_alpha", None)
+    if p is None:
+        p = getattr(gate, "logits", None)
+    return None if p is None else (p, -20.0)

@@ -367,14 +367,16 @@ def remove_svd_(model: nn.Module) -> nn.Module:
     Returns:
         ``model``, with plain ``nn.Linear`` / ``nn.Conv2d`` layers.
     """
-    for fqn, m in _svdo_modules(model):
+    layers = _svdo_modules(model)
+    if any(not fqn for fqn, _ in layers):  # before any change: a failed call leaves the model as it was
+        raise ConfigError(
+            "remove_svd_: the root module is a sparse-VD layer; zero its pruned weights "
+            "(weight.mul_(weight_mask())) and call its to_host() instead"
+        )
+    for fqn, m in layers:
         with torch.no_grad():
             m.weight.mul_(m.weight_mask().to(m.weight.dtype))
-        host = m.to_host()
-        if fqn:
-            replace_module_(model, fqn, host)
-        else:
-            raise ConfigError("remove_svd_: the root module is a sparse-VD layer; call its to_host() instead")
+        replace_module_(model, fqn, m.to_host())
     return model
 
 
