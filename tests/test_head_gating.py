@@ -278,3 +278,51 @@ def test_listed_modules_honour_include_and_exclude():
     assert [type(b.attn).__name__ for b in m.blocks][:2] == ["HeadGatedAttention", "Attention"]
     with pytest.raises(UnsupportedModuleError, match="check include / exclude"):
         gate_heads_(_vit(), "dejavu", modules=["blocks.1.attn"], include="blocks.0.*")
+
+
+def _host_without_dropped_heads(a: HeadGatedAttention, heads: torch.Tensor) -> Attention:
+    """A plain timm ``Attention`` holding only the heads ``heads`` of ``a`` (its weights sliced)."""
+    d, width = a.head_dim, a.attn_dim
+    host = Attention(
+        a.qkv.in_features,
+        num_heads=len(heads),
+        attn_head_dim=d,
+        dim_out=a.proj.out_features,
+        qkv_bias=a.qkv.bias is not None,
+        proj_bias=a.proj.bias is not None,
+    ).to(a.qkv.weight.dtype)
+    host.fused_attn = a.fused_attn
+    el = (heads[:, None] * d + torch.arange(d)).flatten()
+    rows = torch.cat([el, el + width, el + 2 * width])
+    with torch.no_grad():
+        host.qkv.weight.copy_(a.qkv.weight[rows])
+        host.proj.weight.copy_(a.proj.weight[:, el])
+        if a.proj.bias is not None:
+            host.proj.bias.copy_(a.proj.bias)
+    return host.eval()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("mask", ["H,N,N", "1,H,N,N", "B,H,N,N", "N,N", "causal"])
+def test_gathered_equals_the_host_without_the_dropped_heads(fused, mask):
+    """Per input: a plain timm ``Attention`` with only the kept heads, the mask cut to them (a (H, N, N) mask too)."""
+    m = _layer(attn_head_dim=5, dim_out=7, proj_bias=False)
+    a = m[0]
+    a.fused_attn = fused
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 9, 24, dtype=torch.float64, generator=g)
+    shape = {"H,N,N": (4, 9, 9), "1,H,N,N": (1, 4, 9, 9), "B,H,N,N": (3, 4, 9, 9), "N,N": (9, 9)}.get(mask)
+    kw = {"is_causal": True} if shape is None else {"attn_mask": torch.randn(shape, dtype=torch.float64, generator=g)}
+    y = _run(m, x, "auto", **kw)
+    with torch.no_grad():
+        keep = a.heads(x)
+        for i in range(3):
+            heads = keep[i].nonzero().squeeze(1)
+            one = dict(kw)
+            if shape is not None:
+                am = kw["attn_mask"]
+                if am.dim() >= 3:
+                    am = am.index_select(am.dim() - 3, heads)
+                one["attn_mask"] = am[i : i + 1] if am.dim() == 4 and am.shape[0] == 3 else am
+            want = _host_without_dropped_heads(a, heads)(x[i : i + 1], **one)
+            torch.testing.assert_close(y[i : i + 1], want, atol=1e-12, rtol=1e-10)

@@ -179,8 +179,8 @@ class HeadGatedAttention(Attention):
 
 
 def _mask_heads(mask: Tensor | None, heads: Tensor, num_heads: int) -> Tensor | None:
-    """An attention mask with a head dimension (…, H, N, N) cut to ``heads``; broadcast masks as they are."""
-    if mask is None or mask.dim() < 4 or mask.shape[-3] != num_heads or num_heads == 1:
+    """An attention mask with a head dimension ((B,) H, N, N) cut to ``heads``; broadcast masks as they are."""
+    if mask is None or mask.dim() < 3 or mask.shape[-3] != num_heads or num_heads == 1:
         return mask
     return mask.index_select(mask.dim() - 3, heads)
 
