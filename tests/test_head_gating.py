@@ -326,3 +326,25 @@ def test_gathered_equals_the_host_without_the_dropped_heads(fused, mask):
                 one["attn_mask"] = am[i : i + 1] if am.dim() == 4 and am.shape[0] == 3 else am
             want = _host_without_dropped_heads(a, heads)(x[i : i + 1], **one)
             torch.testing.assert_close(y[i : i + 1], want, atol=1e-12, rtol=1e-10)
+
+
+def test_contribution_labels_go_through_timms_output_gate():
+    """``label="contribution"`` measures what a head adds through ``proj``, after timm's ``gated=True`` gate."""
+    from dynsparse.layers.head_gating import head_norms
+
+    torch.manual_seed(0)
+    attn = Attention(16, num_heads=4, gated=True, qkv_bias=True).eval()
+    with torch.no_grad():
+        attn.gate.bias[:4] = -50.0  # head 0's output never reaches proj
+    m = gate_heads_(nn.Sequential(attn), "dejavu")
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        _, o = m[0]._masked(x, None, False, None)
+        norms = head_norms(m[0], o, "contribution", x=x)
+        for h in range(4):  # the truth: the layer with head h alone, minus proj's bias
+            keep = torch.zeros(2, 4, dtype=torch.bool)
+            keep[:, h] = True
+            alone = m[0]._masked(x, None, False, keep)[0] - attn.proj.bias
+            torch.testing.assert_close(norms[:, h], alone.norm(dim=-1).mean(-1))
+    with pytest.raises(ConfigError, match=r"'0'.*output gate.*x"):
+        head_norms(m[0], o, "contribution")

@@ -352,7 +352,7 @@ def train_head_predictors_(
         model: A model with per-input head gates. Only the predictors change.
         batches: Input tensors, or ``(inputs, labels)`` pairs (moved to the model's device).
         label: ``"norm"`` (Deja Vu: each head's attention output ``‖softmax(q kᵀ / √d) v‖``) or
-            ``"contribution"`` (``‖W_proj[:, head] · o_head‖``).
+            ``"contribution"`` (``‖W_proj[:, head] · o_head‖``, after timm's output gate where the layer has one).
         label_keep: Fraction of heads labelled active (default: each gate's ``keep``).
         epochs: Most epochs per predictor.
         lr: AdamW learning rate.
@@ -380,7 +380,7 @@ def train_head_predictors_(
     def record(attn: HeadGatedAttention, x: Tensor, o: Tensor) -> None:
         if sum(len(t) for t in data[attn][0]) >= max_rows:
             return
-        norms = head_norms(attn, o, label)
+        norms = head_norms(attn, o, label, x)
         keep = attn.heads.keep if label_keep is None else label_keep
         data[attn][0].append(x.mean(1).detach().cpu())
         data[attn][1].append(head_labels(norms, keep).cpu())
@@ -404,11 +404,23 @@ def train_head_predictors_(
     return out
 
 
-def head_norms(attn: HeadGatedAttention, o: Tensor, label: str = "norm") -> Tensor:
+def head_norms(attn: HeadGatedAttention, o: Tensor, label: str = "norm", x: Tensor | None = None) -> Tensor:
     """(B, H): each head's output norm (``label="norm"``) or the norm of its ``proj`` contribution
-    (``"contribution"``), mean over tokens, from the heads' outputs ``o`` (B, H, N, d)."""
+    (``"contribution"``), mean over tokens, from the heads' outputs ``o`` (B, H, N, d).
+
+    A layer with timm's output gate (``gated=True``) scales the heads' outputs before ``proj``: the contribution
+    then needs the layer's input ``x`` (B, N, C) to compute that gate.
+    """
     if label == "norm":
         return o.norm(dim=-1).mean(-1)
+    if attn.gate is not None:
+        if x is None:
+            raise ConfigError(
+                f"head_norms: {attn.heads.owner!r} has timm's output gate; pass the layer's input x for "
+                "label='contribution'"
+            )
+        B, H, N, d = o.shape
+        o = o * attn.gate(x).sigmoid().reshape(B, N, H, d).transpose(1, 2).to(o.dtype)
     w = attn.proj.weight.reshape(attn.proj.out_features, attn.num_heads, attn.head_dim).to(o.dtype)
     return torch.einsum("bhnd,chd->bhnc", o, w).norm(dim=-1).mean(-1)
 
