@@ -348,3 +348,24 @@ def test_contribution_labels_go_through_timms_output_gate():
             torch.testing.assert_close(norms[:, h], alone.norm(dim=-1).mean(-1))
     with pytest.raises(ConfigError, match=r"'0'.*output gate.*x"):
         head_norms(m[0], o, "contribution")
+
+
+def test_predictor_training_restores_each_modules_mode_and_reads_only_max_batches():
+    m = ds.sparsify_(_vit(), {"heads": {"gate": "dejavu"}}, exclude="blocks.1*")  # one layer not gated
+    m.train()
+    m.blocks[0].norm1.eval()  # a frozen part of a model in training
+    m.blocks[2].attn.heads.eval()
+    modes = {f: x.training for f, x in m.named_modules()}
+    read = []
+
+    def batches():
+        for i in range(5):
+            read.append(i)
+            yield torch.randn(2, 3, 32, 32)
+
+    train_head_predictors_(m, batches(), epochs=1, max_batches=2)
+    assert {f: x.training for f, x in m.named_modules()} == modes
+    assert read == [0, 1]  # a shared iterator loses no batch
+    for bad in ({"max_rows": 0}, {"batch_size": 0}, {"epochs": 0}, {"holdout": 1.0}):
+        with pytest.raises(ConfigError, match=f"train_head_predictors_: {next(iter(bad))}"):
+            train_head_predictors_(m, [torch.randn(2, 3, 32, 32)], **bad)

@@ -21,6 +21,7 @@ inside a token gate's own paths, per-input heads are refused.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -375,6 +376,11 @@ def train_head_predictors_(
         raise ConfigError(f"train_head_predictors_: label must be 'norm' or 'contribution', got {label!r}")
     if label_keep is not None and not (isinstance(label_keep, (int, float)) and 0 < label_keep <= 1):
         raise ConfigError(f"train_head_predictors_: label_keep must be a fraction in (0, 1], got {label_keep!r}")
+    for name, v in (("epochs", epochs), ("batch_size", batch_size), ("max_rows", max_rows)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"train_head_predictors_: {name} must be a positive int, got {v!r}")
+    if not (isinstance(holdout, (int, float)) and 0 <= holdout < 1):
+        raise ConfigError(f"train_head_predictors_: holdout must be a fraction in [0, 1), got {holdout!r}")
     data: dict[nn.Module, list[list[Tensor]]] = {m: [[], []] for m in named}
 
     def record(attn: HeadGatedAttention, x: Tensor, o: Tensor) -> None:
@@ -426,22 +432,23 @@ def head_norms(attn: HeadGatedAttention, o: Tensor, label: str = "norm", x: Tens
 
 
 def _dense_pass(model: nn.Module, layers: list[HeadGatedAttention], batches: Iterable, record, max_batches) -> int:
-    was, device = model.training, module_device(model)
+    """Run ``model`` in eval mode on at most ``max_batches`` of ``batches`` (no more are read), ``layers`` dense
+    and calling ``record``; every module's own train / eval flag is restored after."""
+    modes, device = [(m, m.training) for m in model.modules()], module_device(model)
     n = 0
     try:
         model.eval()
         for m in layers:
             m._record = record
         with torch.no_grad():
-            for batch in batches:
-                if max_batches is not None and n >= max_batches:
-                    break
+            for batch in batches if max_batches is None else itertools.islice(batches, max_batches):
                 model((batch[0] if isinstance(batch, (list, tuple)) else batch).to(device))
                 n += 1
     finally:
         for m in layers:
             m._record = None
-        model.train(was)
+        for m, was in modes:
+            m.training = was
     if not n:
         raise ConfigError("train_head_predictors_: no batch was given")
     return n
