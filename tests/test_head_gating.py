@@ -369,3 +369,17 @@ def test_predictor_training_restores_each_modules_mode_and_reads_only_max_batche
     for bad in ({"max_rows": 0}, {"batch_size": 0}, {"epochs": 0}, {"holdout": 1.0}):
         with pytest.raises(ConfigError, match=f"train_head_predictors_: {next(iter(bad))}"):
             train_head_predictors_(m, [torch.randn(2, 3, 32, 32)], **bad)
+
+
+def test_weight_cache_is_rebuilt_after_training_with_a_fused_optimizer():
+    """A fused optimizer step changes ``proj.weight`` without bumping its version: eval must not use the old copy."""
+    m = _layer(dtype=torch.float32)
+    x = torch.randn(3, 9, 24)
+    _run(m, x, "auto")  # caches proj's transposed weight
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1, fused=True)
+    for _ in range(2):
+        m.train()
+        m(x).sum().backward()
+        opt.step()
+        m.eval()
+        torch.testing.assert_close(_run(m, x, "auto"), _run(m, x, "mask"), atol=1e-5, rtol=1e-5)

@@ -102,6 +102,12 @@ class HeadGatedAttention(Attention):
         state.update(_w2t=None, _w2t_src=None, _record=None)
         return state
 
+    def train(self, mode: bool = True) -> HeadGatedAttention:
+        """As `nn.Module.train`; also drops the transposed ``proj`` weight, which a fused optimizer's step (it
+        does not bump the weight's version) would otherwise leave stale for the next eval pass."""
+        self._w2t = self._w2t_src = None
+        return super().train(mode)
+
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if self._record is not None:  # a dense pass recording each head's output (predictor training)
             y, o = self._masked(x, attn_mask, is_causal, None)
