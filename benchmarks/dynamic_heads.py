@@ -118,7 +118,7 @@ def accuracy(args) -> None:
 
     def record(attn, x, o):
         name = attn.heads.owner
-        norms[name] = norms.get(name, 0) + head_norms(attn, o, args.label).sum(0)
+        norms[name] = norms.get(name, 0) + head_norms(attn, o, args.label, x).sum(0)
 
     layers = [m for m in dejavu.modules() if isinstance(m, HeadGatedAttention)]
     for m in layers:

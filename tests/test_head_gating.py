@@ -278,3 +278,108 @@ def test_listed_modules_honour_include_and_exclude():
     assert [type(b.attn).__name__ for b in m.blocks][:2] == ["HeadGatedAttention", "Attention"]
     with pytest.raises(UnsupportedModuleError, match="check include / exclude"):
         gate_heads_(_vit(), "dejavu", modules=["blocks.1.attn"], include="blocks.0.*")
+
+
+def _host_without_dropped_heads(a: HeadGatedAttention, heads: torch.Tensor) -> Attention:
+    """A plain timm ``Attention`` holding only the heads ``heads`` of ``a`` (its weights sliced)."""
+    d, width = a.head_dim, a.attn_dim
+    host = Attention(
+        a.qkv.in_features,
+        num_heads=len(heads),
+        attn_head_dim=d,
+        dim_out=a.proj.out_features,
+        qkv_bias=a.qkv.bias is not None,
+        proj_bias=a.proj.bias is not None,
+    ).to(a.qkv.weight.dtype)
+    host.fused_attn = a.fused_attn
+    el = (heads[:, None] * d + torch.arange(d)).flatten()
+    rows = torch.cat([el, el + width, el + 2 * width])
+    with torch.no_grad():
+        host.qkv.weight.copy_(a.qkv.weight[rows])
+        host.proj.weight.copy_(a.proj.weight[:, el])
+        if a.proj.bias is not None:
+            host.proj.bias.copy_(a.proj.bias)
+    return host.eval()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("mask", ["H,N,N", "1,H,N,N", "B,H,N,N", "N,N", "causal"])
+def test_gathered_equals_the_host_without_the_dropped_heads(fused, mask):
+    """Per input: a plain timm ``Attention`` with only the kept heads, the mask cut to them (a (H, N, N) mask too)."""
+    m = _layer(attn_head_dim=5, dim_out=7, proj_bias=False)
+    a = m[0]
+    a.fused_attn = fused
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 9, 24, dtype=torch.float64, generator=g)
+    shape = {"H,N,N": (4, 9, 9), "1,H,N,N": (1, 4, 9, 9), "B,H,N,N": (3, 4, 9, 9), "N,N": (9, 9)}.get(mask)
+    kw = {"is_causal": True} if shape is None else {"attn_mask": torch.randn(shape, dtype=torch.float64, generator=g)}
+    y = _run(m, x, "auto", **kw)
+    with torch.no_grad():
+        keep = a.heads(x)
+        for i in range(3):
+            heads = keep[i].nonzero().squeeze(1)
+            one = dict(kw)
+            if shape is not None:
+                am = kw["attn_mask"]
+                if am.dim() >= 3:
+                    am = am.index_select(am.dim() - 3, heads)
+                one["attn_mask"] = am[i : i + 1] if am.dim() == 4 and am.shape[0] == 3 else am
+            want = _host_without_dropped_heads(a, heads)(x[i : i + 1], **one)
+            torch.testing.assert_close(y[i : i + 1], want, atol=1e-12, rtol=1e-10)
+
+
+def test_contribution_labels_go_through_timms_output_gate():
+    """``label="contribution"`` measures what a head adds through ``proj``, after timm's ``gated=True`` gate."""
+    from dynsparse.layers.head_gating import head_norms
+
+    torch.manual_seed(0)
+    attn = Attention(16, num_heads=4, gated=True, qkv_bias=True).eval()
+    with torch.no_grad():
+        attn.gate.bias[:4] = -50.0  # head 0's output never reaches proj
+    m = gate_heads_(nn.Sequential(attn), "dejavu")
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        _, o = m[0]._masked(x, None, False, None)
+        norms = head_norms(m[0], o, "contribution", x=x)
+        for h in range(4):  # the truth: the layer with head h alone, minus proj's bias
+            keep = torch.zeros(2, 4, dtype=torch.bool)
+            keep[:, h] = True
+            alone = m[0]._masked(x, None, False, keep)[0] - attn.proj.bias
+            torch.testing.assert_close(norms[:, h], alone.norm(dim=-1).mean(-1))
+    with pytest.raises(ConfigError, match=r"'0'.*output gate.*x"):
+        head_norms(m[0], o, "contribution")
+
+
+def test_predictor_training_restores_each_modules_mode_and_reads_only_max_batches():
+    m = ds.sparsify_(_vit(), {"heads": {"gate": "dejavu"}}, exclude="blocks.1*")  # one layer not gated
+    m.train()
+    m.blocks[0].norm1.eval()  # a frozen part of a model in training
+    m.blocks[2].attn.heads.eval()
+    modes = {f: x.training for f, x in m.named_modules()}
+    read = []
+
+    def batches():
+        for i in range(5):
+            read.append(i)
+            yield torch.randn(2, 3, 32, 32)
+
+    train_head_predictors_(m, batches(), epochs=1, max_batches=2)
+    assert {f: x.training for f, x in m.named_modules()} == modes
+    assert read == [0, 1]  # a shared iterator loses no batch
+    for bad in ({"max_rows": 0}, {"batch_size": 0}, {"epochs": 0}, {"holdout": 1.0}):
+        with pytest.raises(ConfigError, match=f"train_head_predictors_: {next(iter(bad))}"):
+            train_head_predictors_(m, [torch.randn(2, 3, 32, 32)], **bad)
+
+
+def test_weight_cache_is_rebuilt_after_training_with_a_fused_optimizer():
+    """A fused optimizer step changes ``proj.weight`` without bumping its version: eval must not use the old copy."""
+    m = _layer(dtype=torch.float32)
+    x = torch.randn(3, 9, 24)
+    _run(m, x, "auto")  # caches proj's transposed weight
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1, fused=True)
+    for _ in range(2):
+        m.train()
+        m(x).sum().backward()
+        opt.step()
+        m.eval()
+        torch.testing.assert_close(_run(m, x, "auto"), _run(m, x, "mask"), atol=1e-5, rtol=1e-5)

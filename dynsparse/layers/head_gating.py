@@ -21,6 +21,7 @@ inside a token gate's own paths, per-input heads are refused.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -101,6 +102,12 @@ class HeadGatedAttention(Attention):
         state.update(_w2t=None, _w2t_src=None, _record=None)
         return state
 
+    def train(self, mode: bool = True) -> HeadGatedAttention:
+        """As `nn.Module.train`; also drops the transposed ``proj`` weight, which a fused optimizer's step (it
+        does not bump the weight's version) would otherwise leave stale for the next eval pass."""
+        self._w2t = self._w2t_src = None
+        return super().train(mode)
+
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if self._record is not None:  # a dense pass recording each head's output (predictor training)
             y, o = self._masked(x, attn_mask, is_causal, None)
@@ -179,8 +186,8 @@ class HeadGatedAttention(Attention):
 
 
 def _mask_heads(mask: Tensor | None, heads: Tensor, num_heads: int) -> Tensor | None:
-    """An attention mask with a head dimension (…, H, N, N) cut to ``heads``; broadcast masks as they are."""
-    if mask is None or mask.dim() < 4 or mask.shape[-3] != num_heads or num_heads == 1:
+    """An attention mask with a head dimension ((B,) H, N, N) cut to ``heads``; broadcast masks as they are."""
+    if mask is None or mask.dim() < 3 or mask.shape[-3] != num_heads or num_heads == 1:
         return mask
     return mask.index_select(mask.dim() - 3, heads)
 
@@ -352,7 +359,7 @@ def train_head_predictors_(
         model: A model with per-input head gates. Only the predictors change.
         batches: Input tensors, or ``(inputs, labels)`` pairs (moved to the model's device).
         label: ``"norm"`` (Deja Vu: each head's attention output ``‖softmax(q kᵀ / √d) v‖``) or
-            ``"contribution"`` (``‖W_proj[:, head] · o_head‖``).
+            ``"contribution"`` (``‖W_proj[:, head] · o_head‖``, after timm's output gate where the layer has one).
         label_keep: Fraction of heads labelled active (default: each gate's ``keep``).
         epochs: Most epochs per predictor.
         lr: AdamW learning rate.
@@ -375,12 +382,17 @@ def train_head_predictors_(
         raise ConfigError(f"train_head_predictors_: label must be 'norm' or 'contribution', got {label!r}")
     if label_keep is not None and not (isinstance(label_keep, (int, float)) and 0 < label_keep <= 1):
         raise ConfigError(f"train_head_predictors_: label_keep must be a fraction in (0, 1], got {label_keep!r}")
+    for name, v in (("epochs", epochs), ("batch_size", batch_size), ("max_rows", max_rows)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"train_head_predictors_: {name} must be a positive int, got {v!r}")
+    if not (isinstance(holdout, (int, float)) and 0 <= holdout < 1):
+        raise ConfigError(f"train_head_predictors_: holdout must be a fraction in [0, 1), got {holdout!r}")
     data: dict[nn.Module, list[list[Tensor]]] = {m: [[], []] for m in named}
 
     def record(attn: HeadGatedAttention, x: Tensor, o: Tensor) -> None:
         if sum(len(t) for t in data[attn][0]) >= max_rows:
             return
-        norms = head_norms(attn, o, label)
+        norms = head_norms(attn, o, label, x)
         keep = attn.heads.keep if label_keep is None else label_keep
         data[attn][0].append(x.mean(1).detach().cpu())
         data[attn][1].append(head_labels(norms, keep).cpu())
@@ -404,32 +416,45 @@ def train_head_predictors_(
     return out
 
 
-def head_norms(attn: HeadGatedAttention, o: Tensor, label: str = "norm") -> Tensor:
+def head_norms(attn: HeadGatedAttention, o: Tensor, label: str = "norm", x: Tensor | None = None) -> Tensor:
     """(B, H): each head's output norm (``label="norm"``) or the norm of its ``proj`` contribution
-    (``"contribution"``), mean over tokens, from the heads' outputs ``o`` (B, H, N, d)."""
+    (``"contribution"``), mean over tokens, from the heads' outputs ``o`` (B, H, N, d).
+
+    A layer with timm's output gate (``gated=True``) scales the heads' outputs before ``proj``: the contribution
+    then needs the layer's input ``x`` (B, N, C) to compute that gate.
+    """
     if label == "norm":
         return o.norm(dim=-1).mean(-1)
+    if attn.gate is not None:
+        if x is None:
+            raise ConfigError(
+                f"head_norms: {attn.heads.owner!r} has timm's output gate; pass the layer's input x for "
+                "label='contribution'"
+            )
+        B, H, N, d = o.shape
+        o = o * attn.gate(x).sigmoid().reshape(B, N, H, d).transpose(1, 2).to(o.dtype)
     w = attn.proj.weight.reshape(attn.proj.out_features, attn.num_heads, attn.head_dim).to(o.dtype)
     return torch.einsum("bhnd,chd->bhnc", o, w).norm(dim=-1).mean(-1)
 
 
 def _dense_pass(model: nn.Module, layers: list[HeadGatedAttention], batches: Iterable, record, max_batches) -> int:
-    was, device = model.training, module_device(model)
+    """Run ``model`` in eval mode on at most ``max_batches`` of ``batches`` (no more are read), ``layers`` dense
+    and calling ``record``; every module's own train / eval flag is restored after."""
+    modes, device = [(m, m.training) for m in model.modules()], module_device(model)
     n = 0
     try:
         model.eval()
         for m in layers:
             m._record = record
         with torch.no_grad():
-            for batch in batches:
-                if max_batches is not None and n >= max_batches:
-                    break
+            for batch in batches if max_batches is None else itertools.islice(batches, max_batches):
                 model((batch[0] if isinstance(batch, (list, tuple)) else batch).to(device))
                 n += 1
     finally:
         for m in layers:
             m._record = None
-        model.train(was)
+        for m, was in modes:
+            m.training = was
     if not n:
         raise ConfigError("train_head_predictors_: no batch was given")
     return n

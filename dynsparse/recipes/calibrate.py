@@ -174,6 +174,10 @@ def check_calibrate(spec: Mapping[str, Any], kinds: set[str], where: str, lines:
                 fail(key, f"expected an integer, got {v!r}")
             elif isinstance(d, float) and not _number(v):
                 fail(key, f"expected a number, got {v!r}")
+            elif key in ("epochs", "batch_size", "max_rows") and v < 1:
+                fail(key, f"an integer >= 1, got {v!r}")
+            elif key == "holdout" and not 0 <= v < 1:
+                fail(key, f"a fraction in [0, 1), got {v!r}")
 
 
 def model_kinds(model: nn.Module) -> list[str]:
