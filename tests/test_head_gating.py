@@ -383,3 +383,30 @@ def test_weight_cache_is_rebuilt_after_training_with_a_fused_optimizer():
         opt.step()
         m.eval()
         torch.testing.assert_close(_run(m, x, "auto"), _run(m, x, "mask"), atol=1e-5, rtol=1e-5)
+
+
+def test_predictor_passes_run_the_other_per_input_gates_dense(monkeypatch):
+    """Neuron and head predictors in one model: each one's labels come from the dense model, not one thinned out
+    by the other's untrained gates; the budgets are back afterwards."""
+    from dynsparse.layers.neuron_gating import NeuronGated, train_predictors_
+
+    m = _randomise(ds.sparsify_(_vit(), {"heads": {"gate": "dejavu", "keep": 0.5}, "neurons": {"gate": "dejavu"}}))
+    ds.set_budget_(m, {"blocks.0.mlp.neurons": 0.25})
+    before = ds.get_budget(m)
+    dropped, grouped, sparse = [], HeadGatedAttention._grouped, NeuronGated._sparse
+
+    def heads(self, x, mask, causal, keep):
+        dropped.append(int((~keep).sum()))
+        return grouped(self, x, mask, causal, keep)
+
+    def neurons(self, rows, g, keep, n):
+        dropped.append(int((~keep).sum()))
+        return sparse(self, rows, g, keep, n)
+
+    monkeypatch.setattr(HeadGatedAttention, "_grouped", heads)
+    monkeypatch.setattr(NeuronGated, "_sparse", neurons)
+    x = torch.randn(4, 3, 32, 32)
+    r1 = train_predictors_(m, [x], epochs=1)
+    r2 = train_head_predictors_(m, [x], epochs=1)
+    assert len(r1) == len(r2) == 3 and sum(dropped) == 0  # no head and no neuron left out in either pass
+    assert ds.get_budget(m) == before

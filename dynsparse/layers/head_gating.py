@@ -389,13 +389,14 @@ def train_head_predictors_(
         raise ConfigError(f"train_head_predictors_: holdout must be a fraction in [0, 1), got {holdout!r}")
     data: dict[nn.Module, list[list[Tensor]]] = {m: [[], []] for m in named}
 
+    keeps = {attn: attn.heads.keep if label_keep is None else label_keep for attn in named}  # before the dense pass
+
     def record(attn: HeadGatedAttention, x: Tensor, o: Tensor) -> None:
         if sum(len(t) for t in data[attn][0]) >= max_rows:
             return
         norms = head_norms(attn, o, label, x)
-        keep = attn.heads.keep if label_keep is None else label_keep
         data[attn][0].append(x.mean(1).detach().cpu())
-        data[attn][1].append(head_labels(norms, keep).cpu())
+        data[attn][1].append(head_labels(norms, keeps[attn]).cpu())
 
     _dense_pass(model, list(named), batches, record, max_batches)
     out = {}
@@ -439,14 +440,21 @@ def head_norms(attn: HeadGatedAttention, o: Tensor, label: str = "norm", x: Tens
 
 def _dense_pass(model: nn.Module, layers: list[HeadGatedAttention], batches: Iterable, record, max_batches) -> int:
     """Run ``model`` in eval mode on at most ``max_batches`` of ``batches`` (no more are read), ``layers`` dense
-    and calling ``record``; every module's own train / eval flag is restored after."""
+    and calling ``record``, every head and neuron gate at keep 1 (labels from layers that no other, maybe still
+    untrained, predictor thins out; token gates, routers and channel gates keep their budgets: they decide what the
+    layers see); every module's own train / eval flag is restored after."""
+    from ..gates.neuron_gates import NeuronGate
+    from ..knob import budget
+
+    within_layers = (NeuronGate, DejaVuHeadGate)
+
     modes, device = [(m, m.training) for m in model.modules()], module_device(model)
     n = 0
     try:
         model.eval()
         for m in layers:
             m._record = record
-        with torch.no_grad():
+        with torch.no_grad(), budget(model, 1.0, kind=within_layers):
             for batch in batches if max_batches is None else itertools.islice(batches, max_batches):
                 model((batch[0] if isinstance(batch, (list, tuple)) else batch).to(device))
                 n += 1

@@ -26,6 +26,7 @@ All strategies give the same output for the same decisions (tested); in training
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -365,25 +366,33 @@ def _first(batch: Any) -> Tensor:
 
 
 def _dense_pass(model: nn.Module, batches: Iterable, record, max_batches: int | None) -> int:
+    """Run ``model`` in eval mode on at most ``max_batches`` of ``batches`` (no more are read), every MLP dense and
+    calling ``record``, every neuron and head gate at keep 1 (labels and quantiles come from layers that no other,
+    maybe still untrained, predictor thins out; token gates, routers and channel gates keep their budgets: they
+    decide what the layers see); each module's train / eval flag is restored."""
+    from ..gates.head_gates import DejaVuHeadGate
+    from ..knob import budget
+
+    within_layers = (NeuronGate, DejaVuHeadGate)
+
     mlps = [m for m in model.modules() if isinstance(m, NeuronGated)]
     if not mlps:
         raise ConfigError(f"{type(model).__name__} has no per-input neuron gate")
-    was, device = model.training, module_device(model)
+    modes, device = [(m, m.training) for m in model.modules()], module_device(model)
     n = 0
     try:
         model.eval()
         for m in mlps:
             m._record = record
-        with torch.no_grad():
-            for batch in batches:
-                if max_batches is not None and n >= max_batches:
-                    break
+        with torch.no_grad(), budget(model, 1.0, kind=within_layers):
+            for batch in batches if max_batches is None else itertools.islice(batches, max_batches):
                 model(_first(batch).to(device))  # a DataLoader's CPU batch for a model on the GPU
                 n += 1
     finally:
         for m in mlps:
             m._record = None
-        model.train(was)
+        for m, was in modes:
+            m.training = was
     if not n:
         raise ConfigError("no batch was given")
     return n
@@ -468,6 +477,8 @@ def train_predictors_(
         raise ConfigError(f"train_predictors_: {type(model).__name__} has no dejavu neuron gate")
     data: dict[nn.Module, list[list[Tensor]]] = {m: [[], []] for m in named}
 
+    keeps = {mlp: mlp.neurons.keep if label_keep is None else label_keep for mlp in named}  # before the dense pass
+
     def record(mlp, x, rows, g, h):
         if mlp not in data or sum(len(t) for t in data[mlp][0]) >= max_rows:
             return
@@ -475,7 +486,7 @@ def train_predictors_(
         if gate.per == "input" and x.dim() == 3:
             rows, a = x.mean(1), a.reshape(*x.shape[:2], -1).mean(1)
         data[mlp][0].append(rows.detach().cpu())
-        data[mlp][1].append(active_labels(a, label, gate.keep if label_keep is None else label_keep).cpu())
+        data[mlp][1].append(active_labels(a, label, keeps[mlp]).cpu())
 
     _dense_pass(model, batches, record, max_batches)
     out = {}
