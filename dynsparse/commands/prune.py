@@ -12,10 +12,12 @@ __all__ = ["add_parser", "prune", "run"]
 #: Unit dimensions the command prunes, and the data-free structured importances (L1 / L2 norm of a unit's weights).
 DIMENSIONS = ("channels", "neurons", "heads")
 IMPORTANCES = {"l1": {"name": "magnitude", "p": 1}, "l2": {"name": "magnitude", "p": 2}}
+#: The files the command may write in its output directory.
+OUTPUTS = ("model.safetensors", "gated.safetensors", "plan.json")
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    from .args import fraction_removed, input_shape_arg
+    from .args import fraction_removed, input_shape_arg, path_arg
 
     p = sub.add_parser(
         "prune",
@@ -25,8 +27,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "units, gated.safetensors (the fixed gates, for `dynsparse convert` or fine-tuning). Pruning that needs "
         "data or training (Taylor, movement, learned gates, fine-tuning) is a recipe stage: `dynsparse train`.",
     )
-    p.add_argument("model", metavar="MODEL", help="a converted model file or a gated checkpoint")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("model", type=path_arg, metavar="MODEL", help="a converted model file or a gated checkpoint")
+    p.add_argument("--out", type=path_arg, required=True, help="output directory")
     frac = {"type": fraction_removed, "default": None, "metavar": "R"}
     p.add_argument("--unstructured", **frac, help="fraction of weights zeroed")
     for dim in DIMENSIONS:
@@ -72,6 +74,7 @@ def prune(
     from ..prune import remove_, structured_, unstructured_
     from ..sparsify import named_gates
     from .modelfile import (
+        check_not_input,
         count_params,
         count_weights,
         is_dynamic,
@@ -84,6 +87,7 @@ def prune(
     dimensions = {d: r for d, r in (dimensions or {}).items() if r is not None}
     if unstructured is None and not dimensions:
         raise ConfigError("nothing to prune; pass --unstructured R and/or --channels / --neurons / --heads R")
+    check_not_input("--out", out, [Path(out) / name for name in OUTPUTS], [path])
     f = load_model_file(path)
     model = f.model
     before = count_params(model)
