@@ -92,3 +92,17 @@ def test_a_leading_tilde_is_the_home_directory(files, tmp_path, monkeypatch, cap
     assert (tmp_path / "converted" / "plan.json").is_file()
     assert (tmp_path / "a.json").is_file() and (tmp_path / "b.json").is_file()
     assert not (tmp_path / "~").exists()
+
+
+def test_bench_of_a_text_encoder_says_so_instead_of_asking_for_an_image_shape(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers", reason="the Hugging Face extra")
+    config = transformers.BertConfig(
+        vocab_size=61, hidden_size=32, num_attention_heads=4, intermediate_size=48, num_hidden_layers=2
+    )
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    data = {"distill": ["english-sentences"], "max_length": 64, "tokenizer": "all-minilm-l6-v2"}
+    path = ds.save(ds.convert(model), tmp_path / "m.safetensors", data=data)
+    assert main(["bench", str(path), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dynsparse bench: error: {path}: a text encoder (tokenizer all-minilm-l6-v2)")
+    assert "pass --input" not in err and "report.json" in err

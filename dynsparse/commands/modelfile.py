@@ -68,7 +68,8 @@ def resolve_input_shape(files: Sequence[ModelFile], flag: Sequence[int] | None) 
     """The ``(C, H, W)`` to feed, and where it came from: ``--input``, else the files' stored ``input_shape``.
 
     Raises:
-        ConfigError: no file stores one and ``--input`` is not given, or two files store different ones.
+        ConfigError: no file stores one and ``--input`` is not given (a text encoder stores none: its inputs are
+            tokens), or two files store different ones.
     """
     if flag is not None:
         return tuple(flag), "--input"
@@ -84,6 +85,12 @@ def resolve_input_shape(files: Sequence[ModelFile], flag: Sequence[int] | None) 
                 f"{f.path}: stores input shape {shape_text(stored)}, {found[1]} stores {shape_text(found[0])}; "
                 "pass --input C,H,W"
             )
+    text = next((f for f in files if {"distill", "tokenizer"} & set(f.data or {})), None)
+    if found is None and text is not None:  # convert.metadata.TEXT_DATA_FIELDS: token inputs, not C,H,W
+        raise ConfigError(
+            f"{text.path}: a text encoder (tokenizer {text.data.get('tokenizer', '?')}): the command feeds images "
+            "(C,H,W); the sentence-embedding run's report.json has its FLOPs and latency"
+        )
     if found is None:
         raise ConfigError(
             f"{files[0].path}: no input shape stored in the file (saved without data=..., e.g. by an older "
