@@ -106,3 +106,14 @@ def test_bench_of_a_text_encoder_says_so_instead_of_asking_for_an_image_shape(tm
     err = capsys.readouterr().err
     assert err.startswith(f"dynsparse bench: error: {path}: a text encoder (tokenizer all-minilm-l6-v2)")
     assert "pass --input" not in err and "report.json" in err
+
+
+def test_pruning_units_of_a_converted_per_input_model_names_its_run_time_gates(tmp_path, capsys):
+    from dynsparse.convert.io import build_host
+
+    model = ds.sparsify_(build_host(ARCH).eval(), {"tokens": {"gate": "cls_attention", "blocks": [1], "keep": 0.5}})
+    path = ds.save(ds.convert(model, static=False), tmp_path / "tokens.safetensors", arch=ARCH, data=DATA)
+    assert main(["prune", str(path), "--out", str(tmp_path / "p"), "--neurons", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dynsparse prune: error: {path}: the model is converted with run-time gates (tokens")
+    assert "sliced already" not in err

@@ -93,9 +93,14 @@ def prune(
     before = count_params(model)
     plan = getattr(model, "slice_plan", None)
     if dimensions and f.kind == "converted" and plan is not None and (plan.entries or plan.dynamic):
+        what = (
+            "is sliced already (its plan has entries)"
+            if plan.entries
+            else f"is converted with run-time gates ({', '.join(plan.dynamic)}: its plan's dynamic part)"
+        )
         raise ConfigError(
-            f"{path}: the model is sliced already (its plan has entries); prune whole units of the gated "
-            "checkpoint it was converted from (a run's gated.safetensors) instead"
+            f"{path}: the model {what}; prune whole units of the gated checkpoint it was converted from (a run's "
+            "gated.safetensors) instead"
         )
     try:
         shape = resolve_input_shape([f], input_shape)[0]
