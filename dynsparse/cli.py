@@ -244,7 +244,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "checkpoint", type=path_arg, help="gated checkpoint written by dynsparse.save_gated (.safetensors)"
     )
     conv.add_argument("--out", type=path_arg, required=True, help="output directory (model.safetensors + plan.json)")
-    conv.add_argument("--atol", type=float, default=1e-4, help="tolerance of the built-in output check")
+    conv.add_argument(
+        "--atol",
+        type=float,
+        default=1e-4,
+        help="absolute and relative tolerance of the built-in output check (default: 1e-4)",
+    )
     conv.set_defaults(func=_convert)
     sens = sub.add_parser("sensitivity", help="prune one layer at a time at increasing ratios; table and plot")
     sens.add_argument("recipe", help="path to a recipe YAML file")

@@ -117,3 +117,10 @@ def test_pruning_units_of_a_converted_per_input_model_names_its_run_time_gates(t
     err = capsys.readouterr().err
     assert err.startswith(f"dynsparse prune: error: {path}: the model is converted with run-time gates (tokens")
     assert "sliced already" not in err
+
+
+def test_prune_help_names_the_output_directory_as_its_description_does(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--out DIR" in out and "write the result to DIR" in out and "plan.json" in out

@@ -24,11 +24,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="one-shot, data-free pruning of a model file: weights (--unstructured) or whole units (--channels ...)",
         description="Prune a model file without data, by weight magnitude, and write the result to DIR: "
         "model.safetensors (converted: pruned units are sliced out, pruned weights are zeros) and, for whole "
-        "units, gated.safetensors (the fixed gates, for `dynsparse convert` or fine-tuning). Pruning that needs "
-        "data or training (Taylor, movement, learned gates, fine-tuning) is a recipe stage: `dynsparse train`.",
+        "units, gated.safetensors (the fixed gates, for `dynsparse convert` or fine-tuning) and plan.json. Pruning "
+        "that needs data or training (Taylor, movement, learned gates, fine-tuning) is a recipe stage: "
+        "`dynsparse train`.",
     )
     p.add_argument("model", type=path_arg, metavar="MODEL", help="a converted model file or a gated checkpoint")
-    p.add_argument("--out", type=path_arg, required=True, help="output directory")
+    p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="output directory")
     frac = {"type": fraction_removed, "default": None, "metavar": "R"}
     p.add_argument("--unstructured", **frac, help="fraction of weights zeroed")
     for dim in DIMENSIONS:
