@@ -124,3 +124,12 @@ def test_prune_help_names_the_output_directory_as_its_description_does(capsys):
         main(["prune", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--out DIR" in out and "write the result to DIR" in out and "plan.json" in out
+
+
+def test_the_dtype_cast_keeps_the_models_training_flag():
+    from dynsparse.bench.latency import compare_latency
+    from dynsparse.commands.modelfile import with_input_dtype
+
+    model = torch.nn.Linear(3, 2).to(torch.bfloat16).eval()
+    compare_latency({"m": with_input_dtype(model, torch.float32)}, torch.randn(2, 3), rounds=1, warmup=0)
+    assert not model.training

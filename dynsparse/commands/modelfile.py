@@ -134,7 +134,7 @@ def with_input_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     ``bench`` times models of several dtypes (a bfloat16 file against a float32 one) on one input of ``dtype``.
     """
     own = model_dtype(model)
-    return model if own == dtype else _CastInput(model, own)
+    return model if own == dtype else _CastInput(model, own).train(model.training)  # restoring keeps its mode
 
 
 def check_runs(f: ModelFile | tuple[str, nn.Module], x: Tensor, source: str) -> None:
