@@ -133,3 +133,12 @@ def test_the_dtype_cast_keeps_the_models_training_flag():
     model = torch.nn.Linear(3, 2).to(torch.bfloat16).eval()
     compare_latency({"m": with_input_dtype(model, torch.float32)}, torch.randn(2, 3), rounds=1, warmup=0)
     assert not model.training
+
+
+def test_set_budget_names_an_unknown_key_whatever_the_key_types():
+    from dynsparse.convert.io import build_host
+
+    model = ds.sparsify_(build_host(ARCH).eval(), {"tokens": {"gate": "cls_attention", "blocks": [1], "keep": 0.5}})
+    with pytest.raises(ds.ConfigError, match="no input-dependent gate named"):
+        ds.set_budget_(model, {3: 0.5, "blocks.0.tokens.gate": 0.5})
+    assert ds.get_budget(model) == {"blocks.1.tokens.gate": 0.5}
