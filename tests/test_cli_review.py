@@ -142,3 +142,11 @@ def test_set_budget_names_an_unknown_key_whatever_the_key_types():
     with pytest.raises(ds.ConfigError, match="no input-dependent gate named"):
         ds.set_budget_(model, {3: 0.5, "blocks.0.tokens.gate": 0.5})
     assert ds.get_budget(model) == {"blocks.1.tokens.gate": 0.5}
+
+
+def test_compare_latency_takes_the_integer_types_knob_curve_takes():
+    np = pytest.importorskip("numpy")
+    from dynsparse.bench.latency import compare_latency
+
+    res = compare_latency({"m": torch.nn.Linear(3, 2)}, torch.randn(2, 3), rounds=np.int64(2), warmup=np.int64(0))
+    assert res.rounds == 2 and type(res.rounds) is int
