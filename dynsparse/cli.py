@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from dynsparse.commands.args import positive_int
+from dynsparse.commands.args import path_arg, positive_int
 
 __all__ = ["main"]
 
@@ -46,7 +46,7 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     import dynsparse as ds
-    from dynsparse.commands.modelfile import load_model_file
+    from dynsparse.commands.modelfile import load_model_file, model_dtype
     from dynsparse.convert.io import read_info
     from dynsparse.data import load_dataset, make_loader
 
@@ -58,12 +58,13 @@ def _eval(args: argparse.Namespace) -> int:
         else "pass --image-size and --channels as in the data field of the recipe that trained it"
     )
     model = load_model_file(args.model).model  # a converted model, or a gated checkpoint (its eval outputs)
+    dtype = model_dtype(model)  # the images are float32; a bfloat16 file takes them cast
     test = load_dataset(dataset, split="test", root=args.root, image_size=image_size, channels=channels)
     correct = total = 0
     with torch.no_grad():
         for x, y in make_loader(test, 256, shuffle=False, seed=0):
             try:
-                logits = model(x)
+                logits = model(x.to(dtype))
             except (RuntimeError, AssertionError, ValueError) as e:  # images of another size or channel count
                 if total:
                     raise
@@ -125,10 +126,12 @@ def _convert(args: argparse.Namespace) -> int:
 
     import dynsparse as ds
     from dynsparse.atomic import atomic_write
-    from dynsparse.commands.modelfile import is_dynamic
+    from dynsparse.commands.modelfile import check_not_input, is_dynamic
     from dynsparse.flops import default_input as _default_input
     from dynsparse.report import count_params
 
+    out = Path(args.out)
+    check_not_input("--out", args.out, [out / "model.safetensors", out / "plan.json"], [args.checkpoint])
     model, info = ds.load_gated(args.checkpoint)
     model.eval()
     x = _default_input(model)
@@ -144,7 +147,6 @@ def _convert(args: argparse.Namespace) -> int:
     dynamic = is_dynamic(model)  # input-dependent gates stay run-time skip modules, as a recipe's convert.static: false
     converted = ds.convert(model, static=not dynamic)
     diff = ds.verify(model, converted, x, atol=args.atol, rtol=args.atol)
-    out = Path(args.out)
     path = ds.save(converted, out / "model.safetensors", arch=info["arch"], data=data)
     plan = json.dumps(converted.slice_plan.to_dict(), indent=1, sort_keys=True) + "\n"
     atomic_write(out / "plan.json", lambda tmp: Path(tmp).write_text(plan))
@@ -214,7 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
     train.set_defaults(func=_train)
     ev = sub.add_parser("eval", help="test accuracy of a model file on a built-in data set")
-    ev.add_argument("model", help="a converted model (model.safetensors) or a gated checkpoint (gated.safetensors)")
+    ev.add_argument(
+        "model", type=path_arg, help="a converted model (model.safetensors) or a gated checkpoint (gated.safetensors)"
+    )
     ev.add_argument(
         "--dataset",
         default=None,
@@ -236,13 +240,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ev.set_defaults(func=_eval)
     conv = sub.add_parser("convert", help="convert a gated checkpoint (save_gated) into a smaller static model")
-    conv.add_argument("checkpoint", help="gated checkpoint written by dynsparse.save_gated (.safetensors)")
-    conv.add_argument("--out", required=True, help="output directory (model.safetensors + plan.json)")
-    conv.add_argument("--atol", type=float, default=1e-4, help="tolerance of the built-in output check")
+    conv.add_argument(
+        "checkpoint", type=path_arg, help="gated checkpoint written by dynsparse.save_gated (.safetensors)"
+    )
+    conv.add_argument("--out", type=path_arg, required=True, help="output directory (model.safetensors + plan.json)")
+    conv.add_argument(
+        "--atol",
+        type=float,
+        default=1e-4,
+        help="absolute and relative tolerance of the built-in output check (default: 1e-4)",
+    )
     conv.set_defaults(func=_convert)
     sens = sub.add_parser("sensitivity", help="prune one layer at a time at increasing ratios; table and plot")
     sens.add_argument("recipe", help="path to a recipe YAML file")
-    sens.add_argument("--out", default=None, help="output directory (default: OUTPUT_DIR/sensitivity)")
+    sens.add_argument("--out", type=path_arg, default=None, help="output directory (default: OUTPUT_DIR/sensitivity)")
     sens.add_argument("--from-run", default=None, help="analyse the final model of this finished run's output dir")
     sens.add_argument("--group", choices=["element", "units"], default="element", help="weights or gated units")
     sens.add_argument("--dimensions", default="channels,heads,neurons", help="dimensions gated for --group units")

@@ -54,7 +54,7 @@ def set_budget_(
     gates = _gates(model, kind)
     if isinstance(keep, dict):
         known = {f for f, _ in gates}
-        unknown = sorted(set(keep) - known)
+        unknown = sorted(set(keep) - known, key=str)  # by text: an int key beside str keys raised TypeError
         if unknown:
             raise ConfigError(f"set_budget_: no input-dependent gate named {unknown[0]!r}; gates: {sorted(known)[:5]}")
         _apply(gates, keep)

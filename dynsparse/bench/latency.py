@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import numbers
 import statistics
 import time
 from collections.abc import Mapping
@@ -58,6 +59,7 @@ def compare_latency(
         raise ConfigError(
             f"compare_latency: x must be a non-empty batch (a tensor of shape (B, ...), B >= 1), got {got}"
         )
+    rounds, warmup, threads = int(rounds), int(warmup), int(threads)  # a numpy int is one too
     names = list(models)
     reference = reference or names[0]
     old = torch.get_num_threads()
@@ -93,7 +95,7 @@ def compare_latency(
 
 def _check_args(models: Mapping[str, nn.Module], reference: str | None, rounds: int, warmup: int, threads: int) -> None:
     for name, v, low in (("rounds", rounds, 1), ("threads", threads, 1), ("warmup", warmup, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:  # as knob_curve checks them
             raise ConfigError(f"compare_latency: {name} must be an int >= {low}, got {v!r}")
     if not models:
         raise ConfigError("compare_latency: no models to time")

@@ -12,7 +12,7 @@ __all__ = ["add_parser", "analyse", "format_analysis", "run"]
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    from .args import add_input_options, positive_int
+    from .args import add_input_options, path_arg, positive_int
 
     p = sub.add_parser(
         "analyse",
@@ -20,7 +20,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         description="Analyse a converted model (model.safetensors) or a gated checkpoint (gated.safetensors): "
         "Linear, Conv and Norm layers and gates, with the dense architecture of the file's arch for comparison.",
     )
-    p.add_argument("model", metavar="MODEL", help="a converted model file or a gated checkpoint")
+    p.add_argument("model", type=path_arg, metavar="MODEL", help="a converted model file or a gated checkpoint")
     add_input_options(
         p,
         input_help="shape of one input for the FLOPs (default: the input_shape stored in the file; none: no FLOPs)",
@@ -272,7 +272,7 @@ def format_analysis(a: dict[str, Any], top: int | None = None) -> str:
 def run(args: argparse.Namespace) -> int:
     from .modelfile import check_output_file, write_json
 
-    check_output_file(args.json, "--json")
+    check_output_file(args.json, "--json", inputs=[args.model])
 
     result = analyse(args.model, input_shape=args.input, flops_inputs=args.flops_inputs)
     print(format_analysis(result, top=args.top))

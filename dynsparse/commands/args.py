@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "input_shape_arg",
     "int_at_least",
     "nonnegative_int",
+    "path_arg",
     "positive_int",
 ]
 
@@ -59,6 +61,15 @@ def input_shape_arg(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def path_arg(text: str) -> str:
+    """An argparse type: a file or directory, a leading ``~`` read as the home directory.
+
+    The shell leaves ``--out=~/x`` (and a quoted ``"~/x"``) as it is; the recipe's ``output_dir`` and
+    ``dynsparse train --out`` read ``~`` as the home directory, and so do the file commands.
+    """
+    return os.path.expanduser(text)
+
+
 def add_input_options(p: argparse.ArgumentParser, input_help: str, json_help: str) -> None:
     """``--input C,H,W``, ``--flops-inputs N`` and ``--json PATH``, as `bench` and `analyse` take them."""
     p.add_argument("--input", type=input_shape_arg, default=None, metavar="C,H,W", help=input_help)
@@ -69,4 +80,4 @@ def add_input_options(p: argparse.ArgumentParser, input_help: str, json_help: st
         metavar="N",
         help="distinct random inputs whose FLOPs are averaged for per-input (dynamic) models (default: 16)",
     )
-    p.add_argument("--json", default=None, metavar="PATH", help=json_help)
+    p.add_argument("--json", type=path_arg, default=None, metavar="PATH", help=json_help)

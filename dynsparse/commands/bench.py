@@ -9,7 +9,7 @@ __all__ = ["add_parser", "bench", "format_bench", "run"]
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    from .args import add_input_options, nonnegative_int, positive_int
+    from .args import add_input_options, nonnegative_int, path_arg, positive_int
 
     p = sub.add_parser(
         "bench",
@@ -18,7 +18,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "round); speed-up is the median over rounds of the reference's time / the model's time in that round. "
         "Inputs are random normal, a different one per batch row.",
     )
-    p.add_argument("models", nargs="+", metavar="MODEL", help="model files (converted, or gated checkpoints)")
+    p.add_argument(
+        "models", type=path_arg, nargs="+", metavar="MODEL", help="model files (converted, or gated checkpoints)"
+    )
     p.add_argument("--batch", type=positive_int, nargs="+", default=[1], help="batch sizes (default: 1)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (default: 1)")
     p.add_argument("--rounds", type=positive_int, default=15, help="timed rounds per batch size (default: 15)")
@@ -60,6 +62,7 @@ def bench(
         model_dtype,
         random_inputs,
         resolve_input_shape,
+        with_input_dtype,
     )
 
     files = [load_model_file(p) for p in paths]
@@ -105,9 +108,11 @@ def bench(
         "models": rows,
         "batches": [],
     }
-    models = {name: model for name, (_, model, _) in named.items()}
+    # one input, in the reference's dtype; a model of another dtype (a bfloat16 file) gets it cast, in its time
+    dtype = model_dtype(named[ref["name"]][1])
+    models = {name: with_input_dtype(model, dtype) for name, (_, model, _) in named.items()}
     for b in batches:
-        x = random_inputs(shape, b, seed=2).to(model_dtype(files[0].model))
+        x = random_inputs(shape, b, seed=2).to(dtype)
         res = compare_latency(models, x, reference=ref["name"], rounds=rounds, warmup=warmup, threads=threads)
         per = []
         for r in rows:
@@ -161,7 +166,7 @@ def format_bench(r: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from .modelfile import check_output_file, write_json
 
-    check_output_file(args.json, "--json")
+    check_output_file(args.json, "--json", inputs=args.models)
 
     result = bench(
         args.models,

@@ -17,6 +17,7 @@ from ..report import count_params, count_weights
 
 __all__ = [
     "ModelFile",
+    "check_not_input",
     "check_output_file",
     "count_params",
     "count_weights",
@@ -26,6 +27,7 @@ __all__ = [
     "random_inputs",
     "resolve_input_shape",
     "shape_text",
+    "with_input_dtype",
     "write_json",
 ]
 
@@ -66,7 +68,8 @@ def resolve_input_shape(files: Sequence[ModelFile], flag: Sequence[int] | None) 
     """The ``(C, H, W)`` to feed, and where it came from: ``--input``, else the files' stored ``input_shape``.
 
     Raises:
-        ConfigError: no file stores one and ``--input`` is not given, or two files store different ones.
+        ConfigError: no file stores one and ``--input`` is not given (a text encoder stores none: its inputs are
+            tokens), or two files store different ones.
     """
     if flag is not None:
         return tuple(flag), "--input"
@@ -82,6 +85,12 @@ def resolve_input_shape(files: Sequence[ModelFile], flag: Sequence[int] | None) 
                 f"{f.path}: stores input shape {shape_text(stored)}, {found[1]} stores {shape_text(found[0])}; "
                 "pass --input C,H,W"
             )
+    text = next((f for f in files if {"distill", "tokenizer"} & set(f.data or {})), None)
+    if found is None and text is not None:  # convert.metadata.TEXT_DATA_FIELDS: token inputs, not C,H,W
+        raise ConfigError(
+            f"{text.path}: a text encoder (tokenizer {text.data.get('tokenizer', '?')}): the command feeds images "
+            "(C,H,W); the sentence-embedding run's report.json has its FLOPs and latency"
+        )
     if found is None:
         raise ConfigError(
             f"{files[0].path}: no input shape stored in the file (saved without data=..., e.g. by an older "
@@ -108,6 +117,26 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return p.dtype if p is not None else torch.float32
 
 
+class _CastInput(nn.Module):
+    """``model`` run on its input cast to ``dtype``."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x.to(self.dtype))
+
+
+def with_input_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` itself when its dtype is ``dtype``; else ``model`` behind a cast of its input to the model's dtype.
+
+    ``bench`` times models of several dtypes (a bfloat16 file against a float32 one) on one input of ``dtype``.
+    """
+    own = model_dtype(model)
+    return model if own == dtype else _CastInput(model, own).train(model.training)  # restoring keeps its mode
+
+
 def check_runs(f: ModelFile | tuple[str, nn.Module], x: Tensor, source: str) -> None:
     """Run ``x`` through the model once; a misfit is one error naming the file and where the shape came from."""
     path, model = (f.path, f.model) if isinstance(f, ModelFile) else f
@@ -129,10 +158,30 @@ def flops_per_input(model: nn.Module, inputs: Tensor) -> float:
     return mean_flops(model, inputs) if is_dynamic(model) else float(count_flops(model, inputs[:1]))
 
 
-def check_output_file(path: str | None, flag: str) -> None:
-    """Refuse an output file that names a directory before the work is done (the write would fail after it)."""
+def check_output_file(path: str | None, flag: str, inputs: Sequence[str | os.PathLike] = ()) -> None:
+    """Refuse, before the work is done, an output file that names a directory (the write would fail after it) or
+    one of the ``inputs`` (the write would replace a model file read)."""
     if path is not None and os.path.isdir(path):
         raise ConfigError(f"{flag} {path}: is a directory; name a file (e.g. {os.path.join(path, 'out.json')})")
+    if path is not None:
+        check_not_input(flag, path, [path], inputs)
+
+
+def check_not_input(
+    flag: str, value: str | os.PathLike, outputs: Sequence[str | os.PathLike], inputs: Sequence[str | os.PathLike]
+) -> None:
+    """Refuse, before any work, output files that are input files: the write would replace the model read.
+
+    Args:
+        flag: The option that names the outputs (``--json``, ``--out``), and ``value`` its value, for the error.
+        outputs: The files the command writes.
+        inputs: The model files it reads.
+    """
+    for out in outputs:
+        for src in inputs:
+            if os.path.exists(out) and os.path.exists(src) and os.path.samefile(out, src):
+                what = "is" if Path(out) == Path(value) else "would replace"
+                raise ConfigError(f"{flag} {value}: {what} the input file {src}; write the output elsewhere")
 
 
 def write_json(path: str | None, result: dict[str, Any]) -> None:

@@ -12,21 +12,24 @@ __all__ = ["add_parser", "prune", "run"]
 #: Unit dimensions the command prunes, and the data-free structured importances (L1 / L2 norm of a unit's weights).
 DIMENSIONS = ("channels", "neurons", "heads")
 IMPORTANCES = {"l1": {"name": "magnitude", "p": 1}, "l2": {"name": "magnitude", "p": 2}}
+#: The files the command may write in its output directory.
+OUTPUTS = ("model.safetensors", "gated.safetensors", "plan.json")
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    from .args import fraction_removed, input_shape_arg
+    from .args import fraction_removed, input_shape_arg, path_arg
 
     p = sub.add_parser(
         "prune",
         help="one-shot, data-free pruning of a model file: weights (--unstructured) or whole units (--channels ...)",
         description="Prune a model file without data, by weight magnitude, and write the result to DIR: "
         "model.safetensors (converted: pruned units are sliced out, pruned weights are zeros) and, for whole "
-        "units, gated.safetensors (the fixed gates, for `dynsparse convert` or fine-tuning). Pruning that needs "
-        "data or training (Taylor, movement, learned gates, fine-tuning) is a recipe stage: `dynsparse train`.",
+        "units, gated.safetensors (the fixed gates, for `dynsparse convert` or fine-tuning) and plan.json. Pruning "
+        "that needs data or training (Taylor, movement, learned gates, fine-tuning) is a recipe stage: "
+        "`dynsparse train`.",
     )
-    p.add_argument("model", metavar="MODEL", help="a converted model file or a gated checkpoint")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("model", type=path_arg, metavar="MODEL", help="a converted model file or a gated checkpoint")
+    p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="output directory")
     frac = {"type": fraction_removed, "default": None, "metavar": "R"}
     p.add_argument("--unstructured", **frac, help="fraction of weights zeroed")
     for dim in DIMENSIONS:
@@ -72,6 +75,7 @@ def prune(
     from ..prune import remove_, structured_, unstructured_
     from ..sparsify import named_gates
     from .modelfile import (
+        check_not_input,
         count_params,
         count_weights,
         is_dynamic,
@@ -84,14 +88,20 @@ def prune(
     dimensions = {d: r for d, r in (dimensions or {}).items() if r is not None}
     if unstructured is None and not dimensions:
         raise ConfigError("nothing to prune; pass --unstructured R and/or --channels / --neurons / --heads R")
+    check_not_input("--out", out, [Path(out) / name for name in OUTPUTS], [path])
     f = load_model_file(path)
     model = f.model
     before = count_params(model)
     plan = getattr(model, "slice_plan", None)
     if dimensions and f.kind == "converted" and plan is not None and (plan.entries or plan.dynamic):
+        what = (
+            "is sliced already (its plan has entries)"
+            if plan.entries
+            else f"is converted with run-time gates ({', '.join(plan.dynamic)}: its plan's dynamic part)"
+        )
         raise ConfigError(
-            f"{path}: the model is sliced already (its plan has entries); prune whole units of the gated "
-            "checkpoint it was converted from (a run's gated.safetensors) instead"
+            f"{path}: the model {what}; prune whole units of the gated checkpoint it was converted from (a run's "
+            "gated.safetensors) instead"
         )
     try:
         shape = resolve_input_shape([f], input_shape)[0]
