@@ -201,7 +201,10 @@ def _sensitivity(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dynsparse`` command."""
-    parser = argparse.ArgumentParser(prog="dynsparse", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="dynsparse",
+        description="Train, sparsify, convert, benchmark and analyse models (COMMAND --help: its options).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the built-in default recipe end to end (digits, small ViT)")
     train = sub.add_parser("train", help="run a recipe (YAML) end to end")
