@@ -303,3 +303,21 @@ def test_apply_masks_ands_with_existing_masks():
         prune.apply_masks_(model, {"0.wieght": nm})
     with pytest.raises(ConfigError, match="shape"):
         prune.apply_masks_(model, {"2.weight": nm})
+
+
+def test_the_layers_of_gates_are_never_pruned():
+    """Per-input predictors (Deja Vu neurons and heads) decide for each input; pruning them would change decisions."""
+    import timm
+
+    import dynsparse as ds
+
+    m = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=6)
+    ds.sparsify_(m, {"neurons": {"gate": "dejavu"}, "heads": {"gate": "dejavu"}})
+    before = {k: v.clone() for k, v in m.state_dict().items() if ".predictor." in k}
+    prune.unstructured_(m, sparsity=0.5)
+    assert not any(isinstance(x, MaskedLinear) for n, x in m.named_modules() if ".predictor" in n)
+    for k, v in before.items():
+        assert torch.equal(m.state_dict()[k], v), k
+    masked = [x for x in m.modules() if isinstance(x, (MaskedLinear, MaskedConv2d))]
+    total = sum(x.weight_mask.numel() for x in masked)
+    assert masked and sum(int((x.weight_mask == 0).sum()) for x in masked) == round(0.5 * total)

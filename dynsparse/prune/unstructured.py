@@ -76,9 +76,15 @@ def _targets(
     layers: tuple[type[nn.Module], ...],
 ) -> list[tuple[str, list[str], nn.Module]]:
     """``(fqn, all_fqns, module)`` of every selected prunable module, each module once (shared ones too)."""
+    from ..gates import Gate, InputDependentGate
+
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
+    # a gate's own layers (a predictor, router or saliency network) decide, they are not the model: never pruned
+    in_gates = {id(m) for g in model.modules() if isinstance(g, (Gate, InputDependentGate)) for m in g.modules()}
     found: dict[int, tuple[str, list[str], nn.Module]] = {}
     for fqn, module in model.named_modules(remove_duplicate=False):
+        if id(module) in in_gates:
+            continue
         kind = type(module).host if isinstance(module, _MASKED) else type(module)
         if kind not in layers or type(module) not in (kind, TWINS[kind]):
             continue
@@ -210,7 +216,8 @@ def unstructured_(
             for every selected layer; keys for other parameters are ignored.
         scope: ``"global"`` ranks all selected weights together (layers end up with different sparsities);
             ``"layer"`` prunes each layer to ``sparsity``.
-        include: fqn glob patterns of the modules to prune (default: all of the right types).
+        include: fqn glob patterns of the modules to prune (default: all of the right types, except the layers of
+            gates: per-input predictors, routers and saliency networks are never pruned).
         exclude: fqn glob patterns of modules left alone (e.g. ``"head"``).
         layers: Host classes to prune, matched by exact type (subclasses such as
             ``NonDynamicallyQuantizableLinear`` are left alone); each needs a masked twin.
