@@ -21,6 +21,7 @@ inside a token gate's own paths, per-input heads are refused.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -440,13 +441,15 @@ def head_norms(attn: HeadGatedAttention, o: Tensor, label: str = "norm", x: Tens
 
 def _dense_pass(model: nn.Module, layers: list[HeadGatedAttention], batches: Iterable, record, max_batches) -> int:
     """Run ``model`` in eval mode on at most ``max_batches`` of ``batches`` (no more are read), ``layers`` dense
-    and calling ``record``, every head and neuron gate at keep 1 (labels from layers that no other, maybe still
-    untrained, predictor thins out; token gates, routers and channel gates keep their budgets: they decide what the
+    and calling ``record``, per-input neuron gates at keep 1 (labels from layers that no maybe still untrained
+    neuron predictor thins out; token gates, routers and channel gates keep their budgets: they decide what the
     layers see); every module's own train / eval flag is restored after."""
     from ..gates.neuron_gates import NeuronGate
     from ..knob import budget
 
-    within_layers = (NeuronGate, DejaVuHeadGate)
+    # the recorded layers run dense anyway; the other kind runs at keep 1 (setting no budget where there is none)
+    has_others = any(isinstance(m, NeuronGate) for m in model.modules())
+    others = budget(model, 1.0, kind=NeuronGate) if has_others else None
 
     modes, device = [(m, m.training) for m in model.modules()], module_device(model)
     n = 0
@@ -454,7 +457,7 @@ def _dense_pass(model: nn.Module, layers: list[HeadGatedAttention], batches: Ite
         model.eval()
         for m in layers:
             m._record = record
-        with torch.no_grad(), budget(model, 1.0, kind=within_layers):
+        with torch.no_grad(), others or contextlib.nullcontext():
             for batch in batches if max_batches is None else itertools.islice(batches, max_batches):
                 model((batch[0] if isinstance(batch, (list, tuple)) else batch).to(device))
                 n += 1

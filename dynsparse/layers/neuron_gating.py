@@ -26,6 +26,7 @@ All strategies give the same output for the same decisions (tested); in training
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -367,13 +368,15 @@ def _first(batch: Any) -> Tensor:
 
 def _dense_pass(model: nn.Module, batches: Iterable, record, max_batches: int | None) -> int:
     """Run ``model`` in eval mode on at most ``max_batches`` of ``batches`` (no more are read), every MLP dense and
-    calling ``record``, every neuron and head gate at keep 1 (labels and quantiles come from layers that no other,
-    maybe still untrained, predictor thins out; token gates, routers and channel gates keep their budgets: they
-    decide what the layers see); each module's train / eval flag is restored."""
+    calling ``record``, per-input head gates at keep 1 (labels and quantiles come from layers that no maybe still
+    untrained head predictor thins out; token gates, routers and channel gates keep their budgets: they decide what
+    the layers see); each module's train / eval flag is restored."""
     from ..gates.head_gates import DejaVuHeadGate
     from ..knob import budget
 
-    within_layers = (NeuronGate, DejaVuHeadGate)
+    # the recorded layers run dense anyway; the other kind runs at keep 1 (setting no budget where there is none)
+    has_others = any(isinstance(m, DejaVuHeadGate) for m in model.modules())
+    others = budget(model, 1.0, kind=DejaVuHeadGate) if has_others else None
 
     mlps = [m for m in model.modules() if isinstance(m, NeuronGated)]
     if not mlps:
@@ -384,7 +387,7 @@ def _dense_pass(model: nn.Module, batches: Iterable, record, max_batches: int | 
         model.eval()
         for m in mlps:
             m._record = record
-        with torch.no_grad(), budget(model, 1.0, kind=within_layers):
+        with torch.no_grad(), others or contextlib.nullcontext():
             for batch in batches if max_batches is None else itertools.islice(batches, max_batches):
                 model(_first(batch).to(device))  # a DataLoader's CPU batch for a model on the GPU
                 n += 1
