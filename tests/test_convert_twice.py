@@ -230,3 +230,13 @@ def test_gated_checkpoint_of_a_second_round_loads_and_converts(tmp_path):
     with torch.no_grad():
         assert torch.equal(back.eval()(_x()), first(_x()))
     _round_trip(ds.convert(back, verify_inputs=_x(), atol=1e-5), VIT, tmp_path)
+
+
+def test_depthwise_separable_producers_pruned_twice(tmp_path):
+    """A gate on a layer's input channels slices its producers in both rounds; the composed plan replays them."""
+    arch = {"name": "lcnet_050", "kwargs": {"num_classes": 5}}
+    small = _host(arch)
+    for sparsity in (0.25, 0.5):
+        small = _round(small, {"channels": sparsity})
+    assert small.slice_plan.producers["blocks.1.0.aa"] == ["blocks.0.0.conv_pw", "blocks.0.0.bn2"]
+    _round_trip(small, arch, tmp_path)
