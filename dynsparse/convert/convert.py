@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, DynsparseError, UnsupportedModuleError
 from ..gates import InputDependentGate
-from .plan import SlicePlan
+from .io import HISTORY_ATTR
+from .plan import SlicePlan, compose
 from .producer import check_producers, slice_producers_, slot_producers
 from .verify import verify
 
@@ -152,6 +153,9 @@ def convert(
 
         model = uniform_gates_(copy.deepcopy(model))
     plan = make_plan(model)
+    prior = getattr(model, "slice_plan", None)  # a converted (or loaded) model gated again: its earlier plan
+    if prior is not None:
+        _compose(prior, plan)  # refuse before the work
     new = copy.deepcopy(model).eval()
     from ..integrations import tables as table
     from ..layers.base import GatedLayer
@@ -205,7 +209,8 @@ def convert(
     _check_clean(new)
     if not static:
         plan.dynamic.update(dynamic_specs(new))
-    new.slice_plan = plan
+    new.slice_plan = plan if prior is None else _compose(prior, plan)
+    new.__dict__.pop(HISTORY_ATTR, None)  # the sparsify_ calls made the gates this model no longer has
     if verify_inputs is not None:
         width = None
         if "width" in plan.entries and plan.units.get("width") is not None:
@@ -221,6 +226,18 @@ def convert(
             ) from e
         log.info("convert: max-abs difference to the gated model %.3g", diff)
     return new
+
+
+def _compose(prior: SlicePlan, plan: SlicePlan) -> SlicePlan:
+    """``plan`` (of a model converted before, gated again) made relative to the original host; `compose` errors
+    name the convert call."""
+    try:
+        return compose(prior, plan)
+    except ConfigError as e:
+        raise ConfigError(
+            f"convert: the model was converted before (it carries a slice plan), and the new plan cannot be made "
+            f"relative to the original host (its result could not be saved): {e}"
+        ) from None
 
 
 def dynamic_specs(model: nn.Module) -> dict[str, dict]:

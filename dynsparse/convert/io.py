@@ -276,8 +276,7 @@ def save(
     what = f"save: arch {spec['name']!r} with kwargs {spec.get('kwargs')} and the plan do not rebuild this model"
     hint = (
         "pass the arch kwargs the model was created with, and the plan that describes it (the model must not "
-        "be changed after convert; a converted model pruned and converted again carries only the second plan, "
-        "relative to the first conversion: prune the gated model again instead and convert it once)"
+        "be changed after convert; to prune a converted model again, gate it and convert it again)"
     )
     try:
         rebuilt = apply_plan_to_spec(spec, plan)
@@ -347,7 +346,8 @@ def save_gated(
     The checkpoint records the architecture, the ``sparsify_`` calls made on the model, the class of each gate
     (so fixed gates come back fixed), the gate settings that live outside the state dict (a `TopKGate`'s ``k``
     set by ``set_k_``, an input-dependent gate's budget set by ``set_budget_``) and the state dict; ``data``
-    describes the input as in `save` (``dynsparse convert`` carries it over to the converted file).
+    describes the input as in `save` (``dynsparse convert`` carries it over to the converted file). A converted
+    model gated again (a round of iterative pruning) also records its ``slice_plan``, replayed before the calls.
     """
     from ..sparsify import named_gates
 
@@ -367,6 +367,9 @@ def save_gated(
             "settings": json.dumps(gate_settings(model)),
             "extra": json.dumps(dict(extra or {})),
         }
+        plan = getattr(model, "slice_plan", None)
+        if plan is not None:  # a converted model gated again: its gates are on the sliced host
+            meta["plan"] = plan.to_json()
     except TypeError as e:
         raise ConfigError(f"save_gated: the sparsify spec must be JSON data (gate names, not callables): {e}") from None
     if data is not None:
@@ -392,6 +395,12 @@ def load_gated(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
         )
     arch = _arch_field(meta, path)
     model = build_host(arch, source=f"{path}: arch")
+    plan = SlicePlan.from_json(meta["plan"], source=f"{path}: plan") if "plan" in meta else None
+    if plan is not None:  # a converted model gated again
+        from .convert import apply_plan
+
+        model = apply_plan(model, plan)
+        model.slice_plan = plan
     for call in _history_field(meta, path):
         sparsify_(
             model,

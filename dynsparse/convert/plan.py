@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "SlicePlan"]
+__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "SlicePlan", "compose"]
 
 PLAN_FORMAT = "dynsparse.slice_plan"
 #: The newest plan version this dynsparse writes and reads. Version 2 adds ``producers``; a plan without them is
@@ -132,3 +132,61 @@ class SlicePlan:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{source}: not valid JSON ({e})") from None
         return cls.from_dict(data, source)
+
+
+def compose(first: SlicePlan, second: SlicePlan) -> SlicePlan:
+    """The plan of converting twice, relative to the original host: ``first`` converted it, ``second`` the result.
+
+    An fqn in both keeps ``[first.keep[i] for i in second.keep]`` of the host's ``first.units`` (a keep-none
+    ``first`` entry left one zeroed unit, so it stays keep-none; a removed branch stays removed); an fqn in one
+    plan comes in as it is (the first conversion leaves the unit counts it did not gate as they were). ``dynamic``
+    is ``second``'s (the run-time parts of the result); ``producers`` are the union.
+
+    Raises:
+        ConfigError: the plans do not compose (names the fqn and the field): an fqn with two dimensions, a
+            ``second`` unit count other than what ``first`` kept, or two producer lists for one fqn.
+
+    Examples:
+        >>> first = SlicePlan({"mlp.norm": {"neurons": [1, 3, 4]}}, {"mlp.norm": 6})
+        >>> second = SlicePlan({"mlp.norm": {"neurons": [0, 2]}}, {"mlp.norm": 3})
+        >>> compose(first, second).entries
+        {'mlp.norm': {'neurons': [1, 4]}}
+    """
+    entries = {fqn: {d: list(i) for d, i in dims.items()} for fqn, dims in first.entries.items()}
+    units, producers = dict(first.units), {k: list(v) for k, v in first.producers.items()}
+    for fqn in second.entries:
+        dim, keep = second.dimension(fqn), second.keep(fqn)
+        if fqn not in first.entries:
+            entries[fqn] = {dim: list(keep)}
+            if fqn in second.units:
+                units[fqn] = second.units[fqn]
+        else:
+            entries[fqn] = {dim: _compose_keep(first, fqn, dim, second.units.get(fqn), keep)}
+        if fqn in second.producers:
+            if producers.get(fqn, second.producers[fqn]) != second.producers[fqn]:
+                raise ConfigError(
+                    f"slice plan entry {fqn!r}: the two conversions slice different producers "
+                    f"({producers[fqn]} and {second.producers[fqn]}); the plans do not compose"
+                )
+            producers[fqn] = list(second.producers[fqn])
+    return SlicePlan(entries, units, dict(second.dynamic), producers)
+
+
+def _compose_keep(first: SlicePlan, fqn: str, dim: str, n: int | None, keep: list[int]) -> list[int]:
+    """The keep indices of the host for ``fqn`` after ``first``, then ``keep`` of the ``n`` units ``first`` left."""
+    if first.dimension(fqn) != dim:
+        raise ConfigError(
+            f"slice plan entry {fqn!r}: the first conversion sliced {first.dimension(fqn)!r}, the second {dim!r}; "
+            "the plans do not compose"
+        )
+    kept = first.keep(fqn)
+    if not kept:  # keep-none (one zeroed unit left) or a removed branch: nothing of the host comes back
+        return []
+    left = len(kept)
+    if (n is not None and n != left) or (keep and keep[-1] >= left):
+        raise ConfigError(
+            f"slice plan entry {fqn!r}.{dim}: the first conversion kept {left} units, the second plan "
+            f"{'has ' + str(n) + ' units' if n is not None else 'indexes unit ' + str(keep[-1])}; "
+            "the plans do not compose"
+        )
+    return [kept[i] for i in keep]
