@@ -276,7 +276,11 @@ class SentenceEncoder(nn.Module):
         """Padded ``input_ids``, ``attention_mask`` (and ``token_type_ids``), each ``(B, N)``."""
         return dict(
             self.tokenizer(
-                list(sentences), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                _sentence_list(sentences),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
             )
         )
 
@@ -292,6 +296,7 @@ class SentenceEncoder(nn.Module):
         The token ids are moved to the device of the model's parameters, and so is the result. The module's
         training flag is restored afterwards, also when a batch fails.
         """
+        sentences = _sentence_list(sentences)
         was = self.training
         device = next((p.device for p in self.parameters()), torch.device("cpu"))
         order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
@@ -307,6 +312,15 @@ class SentenceEncoder(nn.Module):
             return torch.zeros(0, getattr(getattr(self.model, "config", None), "hidden_size", 0), device=device)
         emb = torch.cat(out)
         return emb[torch.argsort(torch.tensor(order, device=device))]
+
+
+def _sentence_list(sentences: Sequence[str]) -> list[str]:
+    """``sentences`` as a list; a single ``str`` (a sequence of characters) is refused, not split into characters."""
+    if isinstance(sentences, str):
+        raise ConfigError(
+            f"SentenceEncoder: expected a list of sentences, got one string; pass [{sentences[:40]!r}] for one sentence"
+        )
+    return list(sentences)
 
 
 def _load_sentence_encoder(src: PretrainedSource, max_length: int = 256, **kwargs: Any) -> nn.Module:

@@ -216,3 +216,13 @@ def test_sentence_encoder_restores_training_flag_on_error():
     with pytest.raises(RuntimeError, match="boom"):
         enc.encode(["a"])
     assert enc.training
+
+
+def test_sentence_encoder_refuses_a_single_string():
+    from dynsparse.pretrained import SentenceEncoder
+
+    # a str is a Sequence[str]: it was embedded character by character, one row per character
+    enc = SentenceEncoder(_RecordingEncoder("cpu"), _tokenizer)
+    for call in (enc.encode, enc.tokenize):
+        with pytest.raises(ConfigError, match=r"list of sentences.*\['a cat'\]"):
+            call("a cat")
