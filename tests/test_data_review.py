@@ -73,3 +73,18 @@ def test_replace_module_refuses_a_missing_child() -> None:
     assert len(model[1]) == 1 and not hasattr(model[1], "relu")
     replace_module_(model, "1.0", nn.Identity())
     assert isinstance(model[1][0], nn.Identity)
+
+
+def test_image_folder_symlink_loop_reads_each_image_once(tmp_path: Path) -> None:
+    # os.walk(followlinks=True) followed a link to '.' about 40 levels deep: each image ~40 times, in both splits
+    for cls in ("a", "b"):
+        for i in range(5):
+            _png(tmp_path / cls / f"{i}.png", 10 * i)
+    (tmp_path / "a" / "self").symlink_to(".")
+    (tmp_path / "b" / "sub").mkdir()
+    _png(tmp_path / "b" / "sub" / "s.png", 7)
+    (tmp_path / "b" / "sub" / "up").symlink_to("..")
+    train = load_dataset("image-folder", "train", root=tmp_path)
+    test = load_dataset("image-folder", "test", root=tmp_path)
+    assert len(train) + len(test) == 11
+    assert torch.bincount(torch.cat([train.labels, test.labels])).tolist() == [5, 6]

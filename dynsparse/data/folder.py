@@ -49,6 +49,7 @@ def list_images(directory: Path, classes: list[str]) -> list[tuple[Path, int]]:
     """``(file, class index)`` of every image under ``directory/<class>``, in sorted order.
 
     Hidden files and directories (``.thumbnails/``, macOS ``._x.jpg``) are skipped, like hidden class directories.
+    Symbolic links are followed, each directory once per class: a link back to a parent does not loop.
     """
     samples = []
     for label, name in enumerate(classes):
@@ -56,7 +57,13 @@ def list_images(directory: Path, classes: list[str]) -> list[tuple[Path, int]]:
         if not class_dir.is_dir():
             continue
         files = []
+        seen: set[str] = set()
         for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen:  # reached again through a link (a loop would repeat its images ~40 times)
+                dirnames[:] = []
+                continue
+            seen.add(real)
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             images = [f for f in filenames if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)]
             files += [Path(dirpath) / f for f in images]
