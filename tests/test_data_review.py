@@ -88,3 +88,12 @@ def test_image_folder_symlink_loop_reads_each_image_once(tmp_path: Path) -> None
     test = load_dataset("image-folder", "test", root=tmp_path)
     assert len(train) + len(test) == 11
     assert torch.bincount(torch.cat([train.labels, test.labels])).tolist() == [5, 6]
+
+
+@pytest.mark.parametrize("kwargs", [{"channels": 1}, {"channels": 1, "mean": (0.5,) * 3, "std": (0.2,) * 3}])
+def test_prepare_images_keeps_the_device_of_the_images(kwargs: dict) -> None:
+    # the luma weights and the mean/std were CPU tensors: a CUDA batch failed (meta stands in for the GPU here)
+    from dynsparse.data import prepare_images
+
+    out = prepare_images(torch.zeros(2, 3, 4, 4, dtype=torch.uint8, device="meta"), **kwargs)
+    assert out.device.type == "meta" and tuple(out.shape) == (2, 1, 4, 4)
