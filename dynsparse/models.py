@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from .errors import ConfigError
 from .registry import Registry
 
 __all__ = ["MODELS", "LeNet5", "LeNet300100", "create_model"]
@@ -38,13 +39,24 @@ class LeNet300100(nn.Module):
 
 @MODELS.register("lenet5")
 class LeNet5(nn.Module):
-    """LeNet-5 (Caffe variant: 20 and 50 5×5 filters, 500 hidden units), the sparse-VD paper's conv net."""
+    """LeNet-5 (Caffe variant: 20 and 50 5×5 filters, 500 hidden units), the sparse-VD paper's conv net.
+
+    Args:
+        num_classes: Output classes.
+        in_chans: Input channels.
+        img_size: Input height = width, at least 16 (`ConfigError` otherwise).
+    """
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: int = 28) -> None:
+        side = ((img_size - 4) // 2 - 4) // 2
+        if side < 1:  # the second conv or pool would find no pixels: a forward error, or an input-blind fc1
+            raise ConfigError(
+                f"built-in model 'lenet5': img_size must be at least 16 (two 5x5 convs, each followed by a 2x2 "
+                f"pool), got {img_size}; resize the images (data.image_size) or use 'lenet_300_100'"
+            )
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, 20, 5)
         self.conv2 = nn.Conv2d(20, 50, 5)
-        side = ((img_size - 4) // 2 - 4) // 2
         self.fc1 = nn.Linear(50 * side * side, 500)
         self.fc2 = nn.Linear(500, num_classes)
         self.act = nn.ReLU()

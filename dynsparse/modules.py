@@ -68,11 +68,20 @@ def _is_hook_dict(key: str) -> bool:
 
 
 def replace_module_(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at ``fqn`` inside ``model`` (in place) and return ``model``."""
+    """Put ``new`` at ``fqn`` inside ``model`` (in place) and return ``model``.
+
+    Raises:
+        DynsparseError: ``fqn`` is empty (the root) or names no existing child module (a new attribute would be
+            added that nothing calls, leaving the model as it was).
+    """
     if fqn == "":
         raise DynsparseError("cannot replace the root module in place; gate its children instead")
     parent_name, _, child = fqn.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    if child not in parent._modules:
+        raise DynsparseError(
+            f"cannot replace {fqn!r}: {type(parent).__name__} {parent_name or '<root>'!r} has no child {child!r}"
+        )
     setattr(parent, child, new)
     return model
 
@@ -139,6 +148,8 @@ def inputs_to_device_of(model: nn.Module, x: Any) -> Any:
         return x
     if isinstance(x, torch.Tensor):
         return x.to(p.device)
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple takes its fields as arguments
+        return type(x)(*(inputs_to_device_of(model, v) for v in x))
     if isinstance(x, (list, tuple)):
         return type(x)(inputs_to_device_of(model, v) for v in x)
     if isinstance(x, dict):

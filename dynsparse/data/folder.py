@@ -1,7 +1,7 @@
 """``image-folder``: a user directory in torchvision's ``ImageFolder`` layout, decoded once into memory.
 
 Layouts (class names are the sorted sub-directory names, as in torchvision; files are found recursively; hidden
-files and directories are skipped)::
+files and directories are skipped; a class without images is an error, as in torchvision)::
 
     root/train/<class>/<img>   root/test/<class>/<img>   (or root/val/...)   explicit splits
     root/<class>/<img>                                                        one folder, split here
@@ -49,6 +49,7 @@ def list_images(directory: Path, classes: list[str]) -> list[tuple[Path, int]]:
     """``(file, class index)`` of every image under ``directory/<class>``, in sorted order.
 
     Hidden files and directories (``.thumbnails/``, macOS ``._x.jpg``) are skipped, like hidden class directories.
+    Symbolic links are followed, each directory once per class: a link back to a parent does not loop.
     """
     samples = []
     for label, name in enumerate(classes):
@@ -56,12 +57,30 @@ def list_images(directory: Path, classes: list[str]) -> list[tuple[Path, int]]:
         if not class_dir.is_dir():
             continue
         files = []
+        seen: set[str] = set()
         for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen:  # reached again through a link (a loop would repeat its images ~40 times)
+                dirnames[:] = []
+                continue
+            seen.add(real)
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             images = [f for f in filenames if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)]
             files += [Path(dirpath) / f for f in images]
         samples.extend((f, label) for f in sorted(files))
     return samples
+
+
+def _refuse_empty_classes(directory: Path, classes: list[str], samples: list[tuple[Path, int]]) -> None:
+    """Raise when a class directory holds no image: the model would get an output for a class it never sees."""
+    found = {label for _, label in samples}
+    empty = [name for label, name in enumerate(classes) if label not in found]
+    if empty:
+        raise DataNotFoundError(
+            f"dataset 'image-folder': classes {empty} have no images ({', '.join(IMG_EXTENSIONS)}) in "
+            f"{[str(directory / name) for name in empty]}; add images or remove the folders (torchvision's "
+            "ImageFolder refuses empty classes too)"
+        )
 
 
 def _holdout(samples: list[tuple[Path, int]], split: str, root: Path) -> list[tuple[Path, int]]:
@@ -125,7 +144,8 @@ def read_image_folder(
         ``images (N, C, H, W)`` uint8, ``labels (N,)`` int64, class names.
 
     Raises:
-        DataNotFoundError: ``root`` or its classes/images are missing.
+        DataNotFoundError: ``root`` or its classes/images are missing, or a class (of the train split, with
+            explicit splits) has no image.
         DataFormatError: An unreadable image, or sizes differ while ``image_size`` is None; names the file.
     """
     root = Path(root).expanduser()  # '~/data', as torchvision reads it
@@ -145,11 +165,15 @@ def read_image_folder(
                 f"dataset 'image-folder': {str(split_dirs[0])!r} has classes {unknown} missing from "
                 f"{str(root / 'train')!r}"
             )
-        samples = list_images(split_dirs[0], classes)
+        train_samples = list_images(root / "train", classes)
+        _refuse_empty_classes(root / "train", classes, train_samples)
+        samples = train_samples if split == "train" else list_images(split_dirs[0], classes)
         where = split_dirs[0]
     else:
         classes = find_classes(root)
-        samples = _holdout(list_images(root, classes), split, root)
+        all_samples = list_images(root, classes)
+        _refuse_empty_classes(root, classes, all_samples)
+        samples = _holdout(all_samples, split, root)
         where = root
     if not samples:
         raise DataNotFoundError(
