@@ -108,15 +108,16 @@ def test_bench_of_a_text_encoder_says_so_instead_of_asking_for_an_image_shape(tm
     assert "pass --input" not in err and "report.json" in err
 
 
-def test_pruning_units_of_a_converted_per_input_model_names_its_run_time_gates(tmp_path, capsys):
+def test_units_of_a_converted_per_input_model_are_pruned_and_its_run_time_gates_kept(tmp_path):
     from dynsparse.convert.io import build_host
+    from dynsparse.layers.tokens import TokenGatedBlock
 
     model = ds.sparsify_(build_host(ARCH).eval(), {"tokens": {"gate": "cls_attention", "blocks": [1], "keep": 0.5}})
     path = ds.save(ds.convert(model, static=False), tmp_path / "tokens.safetensors", arch=ARCH, data=DATA)
-    assert main(["prune", str(path), "--out", str(tmp_path / "p"), "--neurons", "0.5"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"dynsparse prune: error: {path}: the model is converted with run-time gates (tokens")
-    assert "sliced already" not in err
+    assert main(["prune", str(path), "--out", str(tmp_path / "p"), "--neurons", "0.5"]) == 0
+    small = ds.load(tmp_path / "p" / "model.safetensors")
+    assert isinstance(small.blocks[1], TokenGatedBlock) and small.slice_plan.dynamic["tokens"]["keep"] == [0.5]
+    assert small.blocks[0].mlp.fc1.out_features < model.blocks[0].mlp.fc1.out_features
 
 
 def test_prune_help_names_the_output_directory_as_its_description_does(capsys):

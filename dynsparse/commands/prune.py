@@ -92,17 +92,7 @@ def prune(
     f = load_model_file(path)
     model = f.model
     before = count_params(model)
-    plan = getattr(model, "slice_plan", None)
-    if dimensions and f.kind == "converted" and plan is not None and (plan.entries or plan.dynamic):
-        what = (
-            "is sliced already (its plan has entries)"
-            if plan.entries
-            else f"is converted with run-time gates ({', '.join(plan.dynamic)}: its plan's dynamic part)"
-        )
-        raise ConfigError(
-            f"{path}: the model {what}; prune whole units of the gated checkpoint it was converted from (a run's "
-            "gated.safetensors) instead"
-        )
+    plan = getattr(model, "slice_plan", None)  # a converted file's; a converted file pruned again composes it
     try:
         shape = resolve_input_shape([f], input_shape)[0]
     except ConfigError:
