@@ -3,7 +3,8 @@ accuracy against a static head cut of the same size.
 
 Run from the repository root, one thread::
 
-    python benchmarks/dynamic_heads.py --part speed      # vit_small_patch16_224, keep 0.5 in all 12 layers, ~3 min
+    python benchmarks/dynamic_heads.py --part speed      # vit_small_patch16_224, keep 0.5 in all 12 layers, ~1 min
+    python benchmarks/dynamic_heads.py --part layers     # one attention layer of each size at batch 1, ~1 min
     python benchmarks/dynamic_heads.py --part accuracy --checkpoint runs/fashion_vit_hc40/baseline/checkpoint.pt
     python benchmarks/dynamic_heads.py --part accuracy --finetune 2   # + fine-tuning with the predicted heads
 
@@ -15,6 +16,10 @@ dynamic run interleaved after warm-up; the speed-up is the median of the per-rou
 brackets), by wall clock and by process CPU time. The FLOPs-ideal speed-up is the ratio of
 ``torch.utils.flop_counter`` counts of one forward pass of each (predictors included; dynsparse adds the fused
 attention's formula, which the counter lacks).
+
+Layers: one timm ``Attention`` (qkv bias) of each size at batch 1, keep 0.5, dense vs gathered (``auto``) vs masked
+(``mask``: every head computed, the dropped ones zeroed), 20 calls per round, 15 interleaved rounds: where the
+predictor and the gathers cost more than half the heads save.
 
 Accuracy: the small ViT of ``recipes/fashion_vit_hc40.yaml`` (embed 96, depth 6, 4 heads, 16 patch tokens of 7x7)
 trained densely, no fine-tuning. ``dejavu``: predictors trained by `train_head_predictors_` on 4,000 training
@@ -79,6 +84,34 @@ def speed(args) -> list:
             t = interleaved_rounds({"dense": lambda x=x: dense(x), "dyn": lambda x=x: dyn(x)}, rounds, 2)
         row = [f"vit_small/heads keep {args.keep}", b, sets, *speed_cells(t, ideal), rounds]
         print(" | ".join(str(c) for c in row), flush=True)
+        rows.append(row)
+    return rows
+
+
+LAYERS = [(96, 4, 50), (96, 4, 197), (192, 3, 197), (192, 6, 197), (384, 6, 50), (384, 6, 197), (768, 12, 197)]
+
+
+def layers(args) -> list:
+    """One timm ``Attention`` (qkv bias) per size, keep 0.5, batch 1: dense, gathered (``auto``) and masked."""
+    from timm.layers import Attention
+
+    from dynsparse.layers.head_gating import gate_heads_, set_head_strategy_
+
+    rows = []
+    for c, h, n in LAYERS:
+        torch.manual_seed(0)
+        host = torch.nn.Sequential(Attention(c, num_heads=h, qkv_bias=True)).eval()
+        gathered = gate_heads_(copy.deepcopy(host), "dejavu", keep=args.keep)
+        masked = set_head_strategy_(copy.deepcopy(gathered), "mask")
+        x = torch.randn(1, n, c)
+        with torch.inference_mode():
+            ideal = count_flops(host, x) / count_flops(gathered, x)
+            models = {"dense": host, "dyn": gathered, "mask": masked}
+            t = interleaved_rounds({k: (lambda m=m, x=x: [m(x) for _ in range(20)]) for k, m in models.items()}, 15, 2)
+        cells = speed_cells(t, ideal, reps=20, digits=3)
+        mask = speed_cells(t, ideal, variant="mask", reps=20, digits=3)
+        row = [f"C {c}, {h} heads, {n} tokens", *cells[:3], mask[2], cells[4], cells[5]]
+        print(" | ".join(str(v) for v in row), flush=True)
         rows.append(row)
     return rows
 
@@ -181,7 +214,7 @@ def accuracy(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["speed", "accuracy"], nargs="+", default=["speed"])
+    p.add_argument("--part", choices=["speed", "layers", "accuracy"], nargs="+", default=["speed"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--rounds", type=int, default=0)
@@ -198,6 +231,10 @@ def main() -> None:
     if "speed" in args.part:
         rows = speed(args)
         print("\n" + markdown_table(HEADER, rows, "lrrrrrrrrr") + f"\n\ntotal {time.perf_counter() - t0:.0f} s")
+    if "layers" in args.part:
+        rows = layers(args)
+        header = ["layer (batch 1)", "dense ms", "gathered ms", "speed-up, gathered (IQR)", "speed-up, masked"]
+        print("\n" + markdown_table([*header, "FLOPs-ideal", "achieved / ideal"], rows, "lrrrrrr"))
     if "accuracy" in args.part:
         accuracy(args)
 

@@ -38,7 +38,6 @@ from ..gates.head_gates import HEAD_GATES, DejaVuHeadGate, head_labels
 from ..gates.neuron_gates import fit_predictor_
 from ..modules import adopt, capturing, module_device, place_like, replace_module_
 from ..sparsify import _patterns, _selected
-from .attention import head_elements
 from .neuron_kernels import transposed
 
 __all__ = [
@@ -114,12 +113,15 @@ class HeadGatedAttention(Attention):
             y, o = self._masked(x, attn_mask, is_causal, None)
             self._record(self, x, o)
             return y
-        keep = self.heads(x)  # (B, H) bool
         if self.training or capturing() or self.strategy == "mask":
-            return self._masked(x, attn_mask, is_causal, keep)[0]
-        if bool(keep.all()):
+            return self._masked(x, attn_mask, is_causal, self.heads(x))[0]
+        gate = self.heads
+        k = gate.num_kept()
+        if k >= self.num_heads:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        return self._grouped(x, attn_mask, is_causal, keep)
+        # the gate's own top-k (the heads its (B, H) mask keeps), as sorted indices (B, k)
+        idx = gate.scores(gate.pool(x)).reshape(-1, self.num_heads).topk(k, dim=-1, sorted=False).indices
+        return self._grouped(x, attn_mask, is_causal, idx.sort(dim=-1).values)
 
     # -- the attention of the heads ``heads`` only --------------------------------------------------------------
     def _core(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
@@ -148,9 +150,9 @@ class HeadGatedAttention(Attention):
     def _gathered(self, x: Tensor, heads: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
         """The layer on ``x`` (b, N, C) with the heads ``heads`` (sorted indices) only."""
         B, N, _ = x.shape
-        h, d, width = heads.numel(), self.head_dim, self.attn_dim
-        elems = head_elements(heads, d)
-        rows = torch.cat([elems, elems + width, elems + 2 * width])
+        h, d = heads.numel(), self.head_dim
+        table = self._rows_table(x.device)  # (3, H, d): the qkv rows of each head's query, key and value
+        elems, rows = table[0].index_select(0, heads).flatten(), table.index_select(1, heads).flatten()
         b = self.qkv.bias
         qkv = F.linear(x, self.qkv.weight.index_select(0, rows), None if b is None else b.index_select(0, rows))
         q, k, v = qkv.reshape(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
@@ -165,18 +167,28 @@ class HeadGatedAttention(Attention):
         y = (o @ w) if pb is None else torch.addmm(pb, o.reshape(-1, h * d), w).reshape(B, N, -1)
         return self.proj_drop(y)
 
-    def _grouped(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, keep: Tensor) -> Tensor:
-        """One gathered run per group of inputs with the same heads, written into one output."""
+    def _rows_table(self, device: torch.device) -> Tensor:
+        """(3, H, d) row indices of ``qkv``: ``[part, head, j] = part · attn_dim + head · d + j`` (cached; row
+        ``[0]`` is also each head's channels of the attention output)."""
+        t = self.__dict__.get("_rows")
+        if t is None or t.device != device or t.shape[1:] != (self.num_heads, self.head_dim):
+            t = torch.arange(3 * self.attn_dim, device=device).view(3, self.num_heads, self.head_dim)
+            self.__dict__["_rows"] = t
+        return t
+
+    def _grouped(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, idx: Tensor) -> Tensor:
+        """One gathered run per group of inputs with the same heads (``idx`` (B, k): sorted head indices per input),
+        written into one output."""
         if x.shape[0] == 1:
-            return self._gathered(x, keep[0].nonzero().squeeze(1), attn_mask, is_causal)
-        uniq, inv = torch.unique(keep, dim=0, return_inverse=True)
+            return self._gathered(x, idx[0], attn_mask, is_causal)
+        uniq, inv = torch.unique(idx, dim=0, return_inverse=True)
         if len(uniq) == 1:
-            return self._gathered(x, uniq[0].nonzero().squeeze(1), attn_mask, is_causal)
+            return self._gathered(x, uniq[0], attn_mask, is_causal)
         out = None
         for g in range(len(uniq)):
             rows = (inv == g).nonzero().squeeze(1)
             mask = _mask_rows(attn_mask, rows, x.shape[0])
-            part = self._gathered(x.index_select(0, rows), uniq[g].nonzero().squeeze(1), mask, is_causal)
+            part = self._gathered(x.index_select(0, rows), uniq[g], mask, is_causal)
             if out is None:
                 out = part.new_empty((x.shape[0], *part.shape[1:]))
             out.index_copy_(0, rows, part)
