@@ -275,3 +275,26 @@ def test_movement_and_tracker() -> None:
     m[0].weight.grad = None
     with pytest.raises(ConfigError, match="backward"):
         movement(m)
+
+
+def test_gradient_scores_under_no_grad_equal_the_scores_with_grad() -> None:
+    """A pruning script under ``torch.no_grad()`` (or a caller's ``@torch.no_grad``) scored nothing: every gradient
+    score raised "element 0 of tensors does not require grad"; TaylorImportance already enabled grad itself."""
+    m, data = linear_data()
+    x, t = data[0]
+    calls = {
+        "gradient": lambda: gradient(m, half_sq, data),
+        "taylor": lambda: taylor(m, half_sq, data),
+        "obd": lambda: obd(m, half_sq, data),
+        "snip": lambda: snip(m, half_sq, (x, t)),
+        "grasp": lambda: grasp(m, half_sq, (x, t), temperature=2.0),
+        "synflow": lambda: synflow(m, (2,)),
+    }
+    for name, call in calls.items():
+        expected = call()
+        with torch.no_grad():
+            got = call()
+        assert_close(got["0.weight"], expected["0.weight"], what=f"{name} under no_grad")
+    with torch.no_grad():
+        gradient(m, half_sq, data)
+        assert not torch.is_grad_enabled()  # the caller's mode is back after the call
