@@ -1,10 +1,10 @@
 """Per-weight scores from gradients: gradient, Taylor / OBD, SNIP, GraSP, SynFlow.
 
 Every function returns ``{param_fqn: scores}`` (the weight's shape, detached, on the CPU) for the ``weight`` of
-every ``nn.Linear`` / ``nn.Conv2d`` selected by module fqn globs, and **higher = more important = kept**, like
-every score of `dynsparse.importance`. Gradients are taken with ``torch.autograd.grad`` (grad mode is enabled
-for it, so a caller under ``torch.no_grad()`` gets the same scores): no ``.grad`` of the model is touched.
-The model's training flags and buffers (BatchNorm statistics) are restored afterwards.
+every ``nn.Linear`` / ``nn.Conv2d`` selected by module fqn globs (not the layers of gates), and **higher = more
+important = kept**, like every score of `dynsparse.importance`. Gradients are taken with ``torch.autograd.grad``
+(grad mode is enabled for it, so a caller under ``torch.no_grad()`` gets the same scores): no ``.grad`` of the
+model is touched. The model's training flags and buffers (BatchNorm statistics) are restored afterwards.
 
 A batch is an input tensor or an ``(inputs, targets, ...)`` tuple; ``loss_fn(output, targets)`` (or
 ``loss_fn(output)`` for a batch without targets) returns a scalar, e.g. ``torch.nn.functional.cross_entropy``.
