@@ -139,3 +139,14 @@ def test_keep_masks_rejects_bad_arguments() -> None:
         keep_masks(s, 0.5, round_to=0)
     with pytest.raises(ConfigError, match="sparsity"):
         keep_masks(s, 1.5)
+
+
+def test_keep_masks_closed_units_over_the_cap_count_towards_the_pruned() -> None:
+    """Units closed already beyond ``max_sparsity`` stay closed and count as pruned: the other gates were cut as if
+    they did not count (24 units pruned for the 22 asked)."""
+    s = {"a": torch.arange(10.0), "b": torch.arange(100.0) + 100}
+    current = {"a": torch.tensor([False] * 5 + [True] * 5)}  # 5 closed, max_sparsity 0.3 allows 3
+    m = keep_masks(s, 0.2, max_sparsity=0.3, current=current)
+    pruned = {k: int((~v).sum()) for k, v in m.items()}
+    assert pruned == {"a": 5, "b": 17}, pruned  # 22 = floor(0.2 * 110 + 0.5)
+    assert not bool(m["a"][:5].any())

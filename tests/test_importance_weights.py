@@ -275,3 +275,48 @@ def test_movement_and_tracker() -> None:
     m[0].weight.grad = None
     with pytest.raises(ConfigError, match="backward"):
         movement(m)
+
+
+def test_gradient_scores_under_no_grad_equal_the_scores_with_grad() -> None:
+    """A pruning script under ``torch.no_grad()`` (or a caller's ``@torch.no_grad``) scored nothing: every gradient
+    score raised "element 0 of tensors does not require grad"; TaylorImportance already enabled grad itself."""
+    m, data = linear_data()
+    x, t = data[0]
+    calls = {
+        "gradient": lambda: gradient(m, half_sq, data),
+        "taylor": lambda: taylor(m, half_sq, data),
+        "obd": lambda: obd(m, half_sq, data),
+        "snip": lambda: snip(m, half_sq, (x, t)),
+        "grasp": lambda: grasp(m, half_sq, (x, t), temperature=2.0),
+        "synflow": lambda: synflow(m, (2,)),
+    }
+    for name, call in calls.items():
+        expected = call()
+        with torch.no_grad():
+            got = call()
+        assert_close(got["0.weight"], expected["0.weight"], what=f"{name} under no_grad")
+    with torch.no_grad():
+        gradient(m, half_sq, data)
+        assert not torch.is_grad_enabled()  # the caller's mode is back after the call
+
+
+def test_the_layers_of_gates_are_not_scored() -> None:
+    """Scores -> unstructured_masks -> apply_masks_ on a model with Deja Vu predictors raised 'names no prunable
+    weight' at the predictor (unstructured_ never prunes the layers of gates), and the predictor's weights took
+    part in the global ranking of SNIP / GraSP / SynFlow."""
+    import timm
+
+    import dynsparse as ds
+    from dynsparse import prune
+
+    torch.manual_seed(0)
+    m = timm.create_model(
+        "vit_small_patch16_224", img_size=16, patch_size=8, embed_dim=24, depth=1, num_heads=2, num_classes=3
+    )
+    ds.sparsify_(m, {"neurons": {"gate": "dejavu"}})
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
+    for scores in (magnitude(m), snip(m, F.cross_entropy, (x, y)), synflow(m, (3, 16, 16))):
+        assert "blocks.0.mlp.fc1.weight" in scores
+        assert not any(".predictor." in k for k in scores), list(scores)
+    prune.apply_masks_(m, unstructured_masks(magnitude(m), 0.5))
+    assert prune.sparsity(m).overall == pytest.approx(0.5, abs=1e-3)

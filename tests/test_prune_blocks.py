@@ -94,19 +94,36 @@ def test_nm_mask_keeps_exactly_n_largest_per_group(nm, rows, groups, conv, seed)
     gen = torch.Generator().manual_seed(seed)
     shape = (rows, groups * m, 1, 1) if conv else (rows, groups * m)
     w = torch.randn(shape, generator=gen)
-    if conv and m % 2 == 0:  # a real (out, in, kh, kw) layout: the groups run along in · kh · kw
-        shape = (rows, groups * m // 2, 1, 2)
-        w = w.reshape(shape)
+    if conv:  # a real (out, in, kh, kw) layout: the groups run along in, for each kernel position
+        w = torch.randn((rows, groups * m, 2, 3), generator=gen)
     mask = nm_mask(w, n, m)
     assert mask.shape == w.shape and mask.dtype == torch.bool
-    g = mask.reshape(-1, m)
+    g = mask.movedim(1, -1).reshape(-1, m)
     assert bool((g.sum(1) == n).all())
-    assert bool(((w * mask) != 0).reshape(-1, m).sum(1).eq(n).all())  # random weights: exactly n non-zeros
-    a = w.abs().reshape(-1, m)
+    assert bool(((w * mask) != 0).movedim(1, -1).reshape(-1, m).sum(1).eq(n).all())  # exactly n non-zeros
+    a = w.abs().movedim(1, -1).reshape(-1, m)
     if 0 < n < m:
         kept_min = torch.where(g, a, torch.inf).min(1).values
         dropped_max = torch.where(g, -torch.inf, a).max(1).values
         assert bool((kept_min >= dropped_max).all())
+
+
+def test_nm_mask_of_a_conv_groups_input_channels_as_nvidia_asp():
+    """2:4 of a conv weight (out, in, kh, kw) runs along ``in`` for each kernel position (ASP permutes to
+    (kh, kw, out, in)); the groups ran along the flattened ``in · kh · kw``, mixing kernel positions of one input
+    channel, a pattern no sparse tensor-core kernel reads."""
+    w = torch.zeros(1, 4, 1, 2)
+    w[0, :, 0, 0] = torch.tensor([4.0, 1.0, 3.0, 2.0])  # kernel position (0, 0): channels 0 and 2 are the largest
+    w[0, :, 0, 1] = torch.tensor([1.0, 4.0, 2.0, 3.0])  # kernel position (0, 1): channels 1 and 3
+    mask = nm_mask(w)
+    assert mask[0, :, 0, 0].tolist() == [True, False, True, False]
+    assert mask[0, :, 0, 1].tolist() == [False, True, False, True]
+    for i in range(3):  # a 3×3 conv: every (out, kh, kw) keeps exactly 2 of each 4 consecutive input channels
+        w3 = torch.randn(2, 8, 3, 3, generator=torch.Generator().manual_seed(i))
+        per_position = nm_mask(w3).permute(0, 2, 3, 1).reshape(-1, 4)
+        assert bool((per_position.sum(1) == 2).all())
+    with pytest.raises(ConfigError, match="input size 3"):
+        nm_mask(torch.ones(4, 3, 2, 2))  # 12 weights per row, but 3 input channels: no 2:4 layout
 
 
 def test_nm_mask_2_4_example():

@@ -67,3 +67,17 @@ def test_glob_characters_in_a_module_name_prune_that_layer_only():
         model, lambda m: pruned.append(ds.prune.sparsity(m).layers) or 0.0, ratios=[0.5], layers=["a[0].weight"]
     )
     assert pruned == [{"a[0].weight": 0.5}]
+
+
+def test_the_layers_of_gates_are_left_out():
+    """A model with per-input gates (Deja Vu predictors) raised 'no module ... matches' at the predictor's Linear:
+    `unstructured_` never prunes the layers of gates, so the analysis must not list them."""
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_small_patch16_224", img_size=16, patch_size=8, embed_dim=24, depth=1, num_heads=2)
+    ds.sparsify_(m, {"neurons": {"gate": "dejavu"}}).eval()
+    x = torch.randn(2, 3, 16, 16)
+    res = ds.prune.sensitivity(m, lambda mm: float(mm(x).abs().mean()), ratios=[0.0, 0.5])
+    assert res.curves and not any(".predictor." in name for name in res.curves)
+    assert "blocks.0.mlp.fc1.weight" in res.curves

@@ -87,3 +87,10 @@ def test_sensitivity_of_gates():
     res = ds.prune.sensitivity(v, lambda mm: float(mm(X).abs().mean()), ratios=[0.0, 0.5], group="units")
     assert len(res.curves) == 6 and all(isinstance(g, ds.FixedGate) for _, g in ds.named_gates(v))
     assert all(int(g.keep_mask().sum()) == 2 for _, g in ds.named_gates(v))  # the model's own gates untouched
+
+
+def test_an_importance_with_keys_that_name_no_gate_raises_naming_the_key():
+    """A custom importance returning ``{"blocks.0.mlp.norm": ...}`` (no ``.gate``) raised a bare KeyError."""
+    m = timm.create_model("test_vit", num_classes=3)
+    with pytest.raises(ds.ConfigError, match=r"'blocks\.0\.mlp\.norm'.*names no gate"):
+        ds.prune.structured_(m, {"neurons": 0.5}, importance=lambda model, data=None: {"blocks.0.mlp.norm": 1.0})

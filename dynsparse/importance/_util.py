@@ -132,14 +132,21 @@ def weight_modules(
 ) -> dict[str, nn.Module]:
     """``{param_fqn: module}`` for the weight of every ``layers`` module (``isinstance``) selected by module fqn globs.
 
-    A module (or weight) reached under two names is scored once, under its first name.
+    A module (or weight) reached under two names is scored once, under its first name. The layers of gates (a
+    per-input predictor, router or saliency network) are left out, as `dynsparse.prune.unstructured_` never
+    prunes them.
     """
+    from ..gates import Gate, InputDependentGate
+
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
+    in_gates = {id(m) for g in model.modules() if isinstance(g, (Gate, InputDependentGate)) for m in g.modules()}
     out: dict[str, nn.Module] = {}
     seen: set[int] = set()
     for fqn, m in model.named_modules():
         w = getattr(m, "weight", None)
         if not isinstance(m, layers) or not isinstance(w, Tensor) or not _selected(fqn, inc, exc) or id(w) in seen:
+            continue
+        if id(m) in in_gates:
             continue
         seen.add(id(w))
         out[f"{fqn}.weight" if fqn else "weight"] = m

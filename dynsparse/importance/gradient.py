@@ -1,8 +1,9 @@
 """Per-weight scores from gradients: gradient, Taylor / OBD, SNIP, GraSP, SynFlow.
 
 Every function returns ``{param_fqn: scores}`` (the weight's shape, detached, on the CPU) for the ``weight`` of
-every ``nn.Linear`` / ``nn.Conv2d`` selected by module fqn globs, and **higher = more important = kept**, like
-every score of `dynsparse.importance`. Gradients are taken with ``torch.autograd.grad``: no ``.grad`` of the
+every ``nn.Linear`` / ``nn.Conv2d`` selected by module fqn globs (not the layers of gates), and **higher = more
+important = kept**, like every score of `dynsparse.importance`. Gradients are taken with ``torch.autograd.grad``
+(grad mode is enabled for it, so a caller under ``torch.no_grad()`` gets the same scores): no ``.grad`` of the
 model is touched. The model's training flags and buffers (BatchNorm statistics) are restored afterwards.
 
 A batch is an input tensor or an ``(inputs, targets, ...)`` tuple; ``loss_fn(output, targets)`` (or
@@ -47,7 +48,7 @@ def _batch_gradients(
     total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
     squares = [torch.zeros_like(p, dtype=torch.float64) for p in params] if with_squares else []
     n = 0
-    with scoring_mode(model, train), requiring_grad(params):
+    with scoring_mode(model, train), requiring_grad(params), torch.enable_grad():
         for batch in batches(data, max_batches, owner):
             gs = _grads(batch_loss(model, loss_fn, batch), params)
             for i, g in enumerate(gs):
@@ -173,7 +174,7 @@ def snip(
     """
     modules = weight_modules(model, include, exclude)
     keys, params = list(modules), [m.weight for m in modules.values()]
-    with scoring_mode(model, train), requiring_grad(params):
+    with scoring_mode(model, train), requiring_grad(params), torch.enable_grad():
         gs = _grads(batch_loss(model, loss_fn, batch), params)
     raw = [(p.detach() * g.detach()).abs().double() for p, g in zip(params, gs, strict=True)]
     total = sum(float(r.sum()) for r in raw)
@@ -215,7 +216,7 @@ def grasp(
         raise ConfigError(f"grasp: temperature must be a positive number, got {temperature!r}")
     modules = weight_modules(model, include, exclude)
     keys, params = list(modules), [m.weight for m in modules.values()]
-    with scoring_mode(model, train), requiring_grad(params), double_backward_ok():
+    with scoring_mode(model, train), requiring_grad(params), double_backward_ok(), torch.enable_grad():
         loss = batch_loss(model, loss_fn, batch, temperature=float(temperature))
         gs = _grads(loss, params, create_graph=True)
         z = sum((g.detach() * g).sum() for g in gs)
@@ -291,7 +292,7 @@ def synflow(
         with torch.no_grad():
             for key, p, w in zip(keys, params, originals, strict=True):
                 p.copy_(w * masks[key].to(device))
-        with requiring_grad(params):
+        with requiring_grad(params), torch.enable_grad():
             gs = _grads(work(ones).sum(), params)
         scores = {key: (p.detach() * g).abs().cpu() for key, p, g in zip(keys, params, gs, strict=True)}
         if sparsity > 0:

@@ -220,7 +220,9 @@ def keep_masks(
         values_t, gate_t, rank_t = torch.cat(values), torch.cat(gate_of), torch.cat(rank)
         glob = torch.sort(values_t, stable=True).indices
         cap_t = torch.tensor([caps[k] for k in keys], dtype=torch.long)
-        allowed = glob[rank_t[glob] < cap_t[gate_t[glob]]]  # a unit may go only while its gate is under its cap
+        closed_t = torch.tensor([closed[k] for k in keys], dtype=torch.long)
+        # a unit may go only while its gate is under its cap; a closed unit (first in its order) always counts
+        allowed = glob[(rank_t[glob] < cap_t[gate_t[glob]]) | (rank_t[glob] < closed_t[gate_t[glob]])]
         chosen = gate_t[allowed[:requested]]
         counts = torch.bincount(chosen, minlength=len(keys))
         pruned = {k: int(counts[gi]) for gi, k in enumerate(keys)}

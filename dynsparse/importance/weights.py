@@ -1,9 +1,10 @@
 """Per-weight scores that need no loss: magnitude, random, Wanda, movement.
 
 Every function returns ``{param_fqn: scores}`` with one score per weight (the weight's shape, detached, on the
-CPU) for the ``weight`` of every ``nn.Linear`` / ``nn.Conv2d`` (subclasses included) whose module fqn matches
-``include`` and not ``exclude``. Higher = more important = kept, in the whole package; the dicts feed
-`unstructured_masks` or ``dynsparse.prune.unstructured_(model, s, importance=scores)``.
+CPU) for the ``weight`` of every ``nn.Linear`` / ``nn.Conv2d`` (subclasses included; not the layers of gates,
+which are never pruned) whose module fqn matches ``include`` and not ``exclude``. Higher = more important = kept,
+in the whole package; the dicts feed `unstructured_masks` or
+``dynsparse.prune.unstructured_(model, s, importance=scores)``.
 """
 
 from __future__ import annotations

@@ -87,12 +87,14 @@ def block_mask(
 def nm_mask(weight: Tensor, n: int = 2, m: int = 4) -> Tensor:
     """N:M keep mask: in every group of ``m`` consecutive weights along the input dimension, the ``n`` largest |w|.
 
-    For a conv weight (out, in, kh, kw) the groups run along the flattened ``in · kh · kw`` of each output row.
+    For a conv weight (out, in, kh, kw) the groups run along the input channels, for each output channel and
+    kernel position (NVIDIA ASP's layout, the ``(out, kh, kw, in)`` order the 2:4 sparse tensor-core kernels
+    read; groups along the flattened ``in · kh · kw`` would mix kernel positions, which no kernel can use).
     Every group keeps exactly ``n`` entries; ties go by position, the lower index pruned first (as
     ``unstructured_`` and ``importance.unstructured_masks`` break them), the same on every device.
 
     Args:
-        weight: (out, in) or (out, in, ...); the flattened input size must be divisible by ``m``.
+        weight: (out, in) or (out, in, ...); ``in`` must be divisible by ``m``.
         n: Weights kept per group, 0 <= n <= m.
         m: Group size.
 
@@ -109,17 +111,18 @@ def nm_mask(weight: Tensor, n: int = 2, m: int = 4) -> Tensor:
         raise ConfigError(f"nm_mask: n must be an integer in [0, m={m}], got {n!r}")
     if weight.dim() < 2:
         raise ConfigError(f"nm_mask needs a weight of 2 or more dims (out, in, ...), got shape {tuple(weight.shape)}")
-    cols = math.prod(weight.shape[1:])
+    cols = weight.shape[1]
     if cols % m:
         raise ConfigError(f"nm_mask: input size {cols} of weight {tuple(weight.shape)} is not divisible by m={m}")
-    w = weight.detach().abs().reshape(-1, m)
+    inner = weight.detach().movedim(1, -1)  # (out, ..., in): the groups run along the input channels
+    w = inner.abs().reshape(-1, m)
     if w.dtype not in (torch.float32, torch.float64):
         w = w.float()
     # a stable sort, not topk (whose choice among equal values is unspecified and differs between kernels)
     pruned = torch.sort(w, dim=1, stable=True).indices[:, : m - n]
     keep = torch.ones(w.shape, dtype=torch.bool, device=w.device)
     keep.scatter_(1, pruned, False)
-    return keep.reshape(weight.shape)
+    return keep.reshape(inner.shape).movedim(-1, 1).contiguous()
 
 
 #: Bytes written between two cold-cache samples, to push a layer's weight out of the CPU caches.

@@ -76,8 +76,9 @@ def sensitivity(
         model: The model (not changed: every evaluation runs on a deep copy).
         eval_fn: ``eval_fn(model) -> float`` (e.g. test accuracy).
         ratios: Fractions pruned.
-        group: ``"element"``: magnitude-prune the weight of each Linear/Conv layer alone; ``"units"``: close the
-            lowest-magnitude units of each gate alone (the model must be gated, e.g. by ``sparsify_``).
+        group: ``"element"``: magnitude-prune the weight of each Linear/Conv layer alone (not the layers of gates,
+            which `unstructured_` never prunes); ``"units"``: close the lowest-magnitude units of each gate alone
+            (the model must be gated, e.g. by ``sparsify_``).
         layers: Names to analyse (weight fqns for ``element``, gate fqns for ``units``); default all.
 
     With ``group="element"`` a layer pruned already (a `MaskedLinear` / `MaskedConv2d`) is analysed too, as
@@ -96,15 +97,15 @@ def sensitivity(
     """
     from ..importance import MagnitudeImportance
     from ..sparsify import named_gates
-    from .unstructured import _MASKED, unstructured_
+    from .unstructured import _MASKED, _gate_layers, unstructured_
 
     ratios = [float(r) for r in ratios]
     if any(not 0.0 <= r < 1.0 for r in ratios):
         raise ConfigError(f"sensitivity: ratios must be in [0, 1), got {ratios}")
     result = SensitivityResult(ratios=ratios, group=group)
     if group == "element":  # masked twins too: a pruned layer is analysed from the sparsity it has
-        prunable = (nn.Linear, nn.Conv2d, *_MASKED)
-        names = [f"{n}.weight" for n, m in model.named_modules() if type(m) in prunable]
+        prunable, in_gates = (nn.Linear, nn.Conv2d, *_MASKED), _gate_layers(model)
+        names = [f"{n}.weight" for n, m in model.named_modules() if type(m) in prunable and id(m) not in in_gates]
     elif group == "units":
         names = [f for f, g in named_gates(model) if g.num_units > 1]
         scores = MagnitudeImportance()(model) if names else {}

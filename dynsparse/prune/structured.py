@@ -127,11 +127,17 @@ def _scores(model, dims: list[str], importance, data, include, exclude) -> dict[
     slots = {fqn: m for fqn, m in model.named_modules() if isinstance(m, GateSlot)}
     scorer = make_importance(importance)
     scores = scorer(model, data)
+    name = getattr(scorer, "__name__", type(scorer).__name__)
+    for f in scores:
+        if f.rpartition(".")[0] not in slots:
+            raise ConfigError(
+                f"structured_: the importance {name} scored {f!r}, which names no gate of the model (keys are gate "
+                f"fqns like {next((f'{s}.gate' for s in slots), 'blocks.0.mlp.norm.gate')!r})"
+            )
     out = {}
     for dim in dims:
         out[dim] = {f: v for f, v in scores.items() if slots[f.rpartition(".")[0]].dimension == dim}
         if not out[dim]:
-            name = getattr(scorer, "__name__", type(scorer).__name__)
             raise ConfigError(f"structured_: the importance {name} gave no scores for {dim!r}")
     return out
 

@@ -69,6 +69,14 @@ def _check_layers(layers: Sequence[type[nn.Module]]) -> tuple[type[nn.Module], .
     return layers
 
 
+def _gate_layers(model: nn.Module) -> set[int]:
+    """``id`` of every module inside a gate of ``model``: a gate's own layers (a predictor, router or saliency
+    network) decide, they are not the model, so they are never pruned."""
+    from ..gates import Gate, InputDependentGate
+
+    return {id(m) for g in model.modules() if isinstance(g, (Gate, InputDependentGate)) for m in g.modules()}
+
+
 def _targets(
     model: nn.Module,
     include: str | Sequence[str] | None,
@@ -76,11 +84,8 @@ def _targets(
     layers: tuple[type[nn.Module], ...],
 ) -> list[tuple[str, list[str], nn.Module]]:
     """``(fqn, all_fqns, module)`` of every selected prunable module, each module once (shared ones too)."""
-    from ..gates import Gate, InputDependentGate
-
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
-    # a gate's own layers (a predictor, router or saliency network) decide, they are not the model: never pruned
-    in_gates = {id(m) for g in model.modules() if isinstance(g, (Gate, InputDependentGate)) for m in g.modules()}
+    in_gates = _gate_layers(model)
     found: dict[int, tuple[str, list[str], nn.Module]] = {}
     for fqn, module in model.named_modules(remove_duplicate=False):
         if id(module) in in_gates:
