@@ -267,3 +267,18 @@ def test_listed_modules_honour_include_and_exclude():
     assert [type(b.mlp).__name__ for b in m.blocks][:2] == ["NeuronGatedMlp", "Mlp"]
     with pytest.raises(UnsupportedModuleError, match="check include / exclude"):
         gate_neurons_(_vit(), "cats", modules=["blocks.1.mlp"], include="blocks.0.*")
+
+
+@pytest.mark.parametrize("gate", NEURON_GATES.names())
+def test_weight_caches_are_rebuilt_after_training_with_a_fused_optimizer(gate):
+    """A fused optimizer step changes the weights without bumping their versions: eval must not use old copies."""
+    m = _gated("swiglu", gate).float()
+    x = torch.randn(1, 1, 12)  # one token: the packed / transposed caches of the single-row paths
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1, fused=True)
+    for _ in range(2):
+        _run(m, x, "auto")  # fills the caches
+        m.train()
+        m(torch.randn(4, 3, 12)).sum().backward()
+        opt.step()
+        m.eval()
+        torch.testing.assert_close(_run(m, x, "auto"), _run(m, x, "mask"), atol=1e-5, rtol=1e-5)

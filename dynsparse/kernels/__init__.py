@@ -165,9 +165,10 @@ def pack_neurons(owner: object, w_g: Tensor | None, w_v: Tensor | None, w_out: T
     ``w_g`` / ``w_v``: (H, C_in) producer weights or None; ``w_out``: the (C_out, H) consumer weight. A change is
     seen when a weight is replaced (a new Parameter, ``w.data = ...``, ``.to(...)``) or changed in place through
     ops that bump its version (``copy_`` / ``mul_`` under ``no_grad``, ``load_state_dict``); an in-place change
-    through ``w.data`` (``w.data.mul_(2)``) is not (``.data`` has its own version counter): clear the cache with
-    ``owner._packed_src = None`` after one. Inference tensors (weights made under ``inference_mode``) have no
-    version counter: their pack is rebuilt on every call.
+    through ``w.data`` (``w.data.mul_(2)``) is not (``.data`` has its own version counter), nor a fused optimizer's
+    step (``fused=True`` does not bump versions; the neuron-gated MLPs drop their caches on every ``train()`` /
+    ``eval()`` switch for that): clear the cache with ``owner._packed_src = None`` after one. Inference tensors
+    (weights made under ``inference_mode``) have no version counter: their pack is rebuilt on every call.
     """
     parts = [w for w in (w_g, w_v) if w is not None]
     if not _cache_valid(getattr(owner, "_packed_src", None), (*parts, w_out)):

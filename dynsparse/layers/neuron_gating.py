@@ -98,6 +98,12 @@ class NeuronGated:
         gate.owner = fqn
         return new
 
+    def train(self, mode: bool = True) -> NeuronGated:
+        """As `nn.Module.train`; also drops the weight caches, which a fused optimizer's step (it does not bump the
+        weights' versions) would otherwise leave stale for the next eval pass."""
+        self._w2t = self._w2t_src = self._packed = self._packed_src = None
+        return super().train(mode)
+
     def __getstate__(self) -> dict:
         """Copies and pickles leave the weight caches out (rebuilt on first use); they are derived data."""
         state = dict(super().__getstate__())
