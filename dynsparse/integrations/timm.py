@@ -45,6 +45,7 @@ __all__ = [
     "fold_branch_scale_",
     "input_producers",
     "output_projection",
+    "unknown_block_reason",
 ]
 
 #: dimension -> host class -> gated class (exact host types only).
@@ -153,6 +154,23 @@ def branches_of(module: nn.Module) -> list[Branch] | None:
     """Residual branches of ``module`` if its host class is in `BRANCHES`, else None."""
     fn = BRANCHES.get(host_type(module))
     return fn(module) if fn is not None else None
+
+
+_DROP_PATHS = ("drop_path", "drop_path1", "drop_path2")
+
+
+def unknown_block_reason(module: nn.Module) -> str | None:
+    """A timm block with a stochastic-depth child (a residual branch) whose layout is not in `BRANCHES`, or None.
+
+    Such a block (BEiT, EVA, CaiT, Mixer, ResNetV2, ``CondConvResidual``...) would otherwise be passed over in
+    silence while the model's known blocks get ``layers`` gates. A block that says it has no skip is not one.
+    """
+    host = host_type(module)
+    if host in BRANCHES or not host.__module__.startswith("timm.") or getattr(module, "has_skip", True) is False:
+        return None
+    if not any(name in module._modules for name in _DROP_PATHS):
+        return None
+    return f"no residual branch layout is known for {host.__module__}.{host.__name__}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
