@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Literal
 
 import torch
@@ -111,13 +111,26 @@ def module_flops(model: nn.Module, example: Tensor | tuple) -> dict[str, int]:
     example = inputs_to_device_of(model, example)  # FLOPs do not depend on the device; the model's ops need it
     was_training = model.training
     model.eval()
-    try:
+
+    def count(grad_off: AbstractContextManager) -> FlopCounterMode:
         with (
-            torch.no_grad(),
+            grad_off,
             _mha_fastpath_off(),
             FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter,
         ):
             model(*example) if isinstance(example, tuple) else model(example)
+        return counter
+
+    try:
+        try:
+            counter = count(torch.no_grad())
+        except (RuntimeError, AssertionError) as e:
+            # the counter's module tracker fails under no_grad on a parameter expanded into a submodule's input (a
+            # class token or pooling latent: PiT, CaiT, attention pooling); without autograd on the parameters the
+            # forward records no graph either
+            if "gradient function" not in str(e):
+                raise
+            counter = count(_frozen_parameters(model))
     except Exception as e:  # the example input does not fit the model
         raise ConfigError(f"the example input does not run through {type(model).__name__}: {e}") from e
     finally:
@@ -131,6 +144,20 @@ def module_flops(model: nn.Module, example: Tensor | tuple) -> dict[str, int]:
         if rel is not None:
             out[rel] = int(sum(ops.values()))
     return out
+
+
+@contextmanager
+def _frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Every parameter of ``model`` with ``requires_grad=False`` for the block (grad mode on), then as before."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in trained:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p in trained:
+            p.requires_grad_(True)
 
 
 def _exclusive(totals: dict[str, int]) -> dict[str, int]:

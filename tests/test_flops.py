@@ -73,3 +73,19 @@ def test_params_cost_counts_layers_named_like_gates():
     model.add_module("aggregate", nn.Linear(4, 4))
     cost = CostModel(model, kind="params")
     assert cost.total == sum(p.numel() for p in model.parameters())
+
+
+def test_models_feeding_an_expanded_parameter_to_a_submodule_are_counted():
+    """PiT / CaiT / attention pooling pass a class token or latent (an expanded parameter) into a submodule: the
+    counter's module tracker failed under no_grad; the count must equal the same model with frozen parameters."""
+    import timm
+
+    from dynsparse.flops import count_flops
+
+    m = timm.create_model("vit_small_patch16_224", global_pool="map", img_size=32, patch_size=8, depth=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    n = count_flops(m, x)
+    assert n > 0 and all(p.requires_grad for p in m.parameters())  # parameters as they were
+    for p in m.parameters():
+        p.requires_grad_(False)
+    assert count_flops(m, x) == n
