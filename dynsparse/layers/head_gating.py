@@ -21,8 +21,6 @@ inside a token gate's own paths, per-input heads are refused.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -35,10 +33,10 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, UnsupportedModuleError
 from ..gates.head_gates import HEAD_GATES, DejaVuHeadGate, head_labels
-from ..gates.neuron_gates import fit_predictor_
-from ..modules import adopt, capturing, module_device, place_like, replace_module_
+from ..modules import adopt, capturing, place_like, replace_module_
 from ..sparsify import _patterns, _selected
 from .neuron_kernels import transposed
+from .predictors import dense_pass, fit_all
 
 __all__ = [
     "HEAD_GATES",
@@ -412,22 +410,9 @@ def train_head_predictors_(
         data[attn][1].append(head_labels(norms, keeps[attn]).cpu())
 
     _dense_pass(model, list(named), batches, record, max_batches)
-    out = {}
-    for attn, (xs, ys) in data.items():
-        out[named[attn]] = fit_predictor_(
-            attn.heads,
-            torch.cat(xs)[:max_rows],
-            torch.cat(ys)[:max_rows],
-            epochs=epochs,
-            lr=lr,
-            weight_decay=weight_decay,
-            batch_size=batch_size,
-            patience=patience,
-            holdout=holdout,
-            seed=seed,
-        )
-        log.info("dejavu head predictor of %s: held-out recall %.3f", named[attn], out[named[attn]])
-    return out
+    fit = dict(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, patience=patience)
+    found = {named[attn]: (attn.heads, xs, ys) for attn, (xs, ys) in data.items()}
+    return fit_all(found, max_rows, "head", **fit, holdout=holdout, seed=seed)
 
 
 def head_norms(attn: HeadGatedAttention, o: Tensor, label: str = "norm", x: Tensor | None = None) -> Tensor:
@@ -452,32 +437,7 @@ def head_norms(attn: HeadGatedAttention, o: Tensor, label: str = "norm", x: Tens
 
 
 def _dense_pass(model: nn.Module, layers: list[HeadGatedAttention], batches: Iterable, record, max_batches) -> int:
-    """Run ``model`` in eval mode on at most ``max_batches`` of ``batches`` (no more are read), ``layers`` dense
-    and calling ``record``, per-input neuron gates at keep 1 (labels from layers that no maybe still untrained
-    neuron predictor thins out; token gates, routers and channel gates keep their budgets: they decide what the
-    layers see); every module's own train / eval flag is restored after."""
+    """`dense_pass` over ``layers``, per-input neuron gates at keep 1."""
     from ..gates.neuron_gates import NeuronGate
-    from ..knob import budget
 
-    # the recorded layers run dense anyway; the other kind runs at keep 1 (setting no budget where there is none)
-    has_others = any(isinstance(m, NeuronGate) for m in model.modules())
-    others = budget(model, 1.0, kind=NeuronGate) if has_others else None
-
-    modes, device = [(m, m.training) for m in model.modules()], module_device(model)
-    n = 0
-    try:
-        model.eval()
-        for m in layers:
-            m._record = record
-        with torch.no_grad(), others or contextlib.nullcontext():
-            for batch in batches if max_batches is None else itertools.islice(batches, max_batches):
-                model((batch[0] if isinstance(batch, (list, tuple)) else batch).to(device))
-                n += 1
-    finally:
-        for m in layers:
-            m._record = None
-        for m, was in modes:
-            m.training = was
-    if not n:
-        raise ConfigError("train_head_predictors_: no batch was given")
-    return n
+    return dense_pass(model, layers, record, batches, max_batches, others=NeuronGate, owner="train_head_predictors_")

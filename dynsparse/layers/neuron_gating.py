@@ -26,8 +26,6 @@ All strategies give the same output for the same decisions (tested); in training
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -38,10 +36,11 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..errors import ConfigError, UnsupportedModuleError
-from ..gates.neuron_gates import NEURON_GATES, CatsGate, DejaVuGate, NeuronGate, active_labels, fit_predictor_
-from ..modules import adopt, capturing, module_device, place_like, replace_module_
+from ..gates.neuron_gates import NEURON_GATES, CatsGate, DejaVuGate, NeuronGate, active_labels
+from ..modules import adopt, capturing, place_like, replace_module_
 from ..sparsify import _patterns, _selected
 from .neuron_kernels import consumer_row, kernel_cats, kernel_row, linear_rows, producer_row, transposed
+from .predictors import dense_pass, fit_all
 from .token_pack import check_not_packed
 
 __all__ = [
@@ -373,38 +372,13 @@ def _first(batch: Any) -> Tensor:
 
 
 def _dense_pass(model: nn.Module, batches: Iterable, record, max_batches: int | None) -> int:
-    """Run ``model`` in eval mode on at most ``max_batches`` of ``batches`` (no more are read), every MLP dense and
-    calling ``record``, per-input head gates at keep 1 (labels and quantiles come from layers that no maybe still
-    untrained head predictor thins out; token gates, routers and channel gates keep their budgets: they decide what
-    the layers see); each module's train / eval flag is restored."""
+    """`dense_pass` over every neuron-gated MLP, per-input head gates at keep 1."""
     from ..gates.head_gates import DejaVuHeadGate
-    from ..knob import budget
-
-    # the recorded layers run dense anyway; the other kind runs at keep 1 (setting no budget where there is none)
-    has_others = any(isinstance(m, DejaVuHeadGate) for m in model.modules())
-    others = budget(model, 1.0, kind=DejaVuHeadGate) if has_others else None
 
     mlps = [m for m in model.modules() if isinstance(m, NeuronGated)]
     if not mlps:
         raise ConfigError(f"{type(model).__name__} has no per-input neuron gate")
-    modes, device = [(m, m.training) for m in model.modules()], module_device(model)
-    n = 0
-    try:
-        model.eval()
-        for m in mlps:
-            m._record = record
-        with torch.no_grad(), others or contextlib.nullcontext():
-            for batch in batches if max_batches is None else itertools.islice(batches, max_batches):
-                model(_first(batch).to(device))  # a DataLoader's CPU batch for a model on the GPU
-                n += 1
-    finally:
-        for m in mlps:
-            m._record = None
-        for m, was in modes:
-            m.training = was
-    if not n:
-        raise ConfigError("no batch was given")
-    return n
+    return dense_pass(model, mlps, record, batches, max_batches, others=DejaVuHeadGate, owner="neuron calibration")
 
 
 def calibrate_neurons_(model: nn.Module, batches: Iterable, *, max_batches: int | None = None) -> nn.Module:
@@ -498,19 +472,6 @@ def train_predictors_(
         data[mlp][1].append(active_labels(a, label, keeps[mlp]).cpu())
 
     _dense_pass(model, batches, record, max_batches)
-    out = {}
-    for mlp, (xs, ys) in data.items():
-        out[named[mlp]] = fit_predictor_(
-            mlp.neurons,
-            torch.cat(xs)[:max_rows],
-            torch.cat(ys)[:max_rows],
-            epochs=epochs,
-            lr=lr,
-            weight_decay=weight_decay,
-            batch_size=batch_size,
-            patience=patience,
-            holdout=holdout,
-            seed=seed,
-        )
-        log.info("dejavu predictor of %s: held-out recall %.3f", named[mlp], out[named[mlp]])
-    return out
+    fit = dict(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, patience=patience)
+    found = {named[mlp]: (mlp.neurons, xs, ys) for mlp, (xs, ys) in data.items()}
+    return fit_all(found, max_rows, "neuron", **fit, holdout=holdout, seed=seed)
