@@ -410,3 +410,15 @@ def test_predictor_passes_run_the_other_per_input_gates_dense(monkeypatch):
     r2 = train_head_predictors_(m, [x], epochs=1)
     assert len(r1) == len(r2) == 3 and sum(dropped) == 0  # no head and no neuron left out in either pass
     assert ds.get_budget(m) == before
+
+
+def test_static_heads_on_per_input_heads_are_refused_as_already_gated_and_layers_still_work():
+    m = ds.sparsify_(_vit(), {"heads": {"gate": "dejavu", "keep": 0.5}})
+    with pytest.raises(UnsupportedModuleError, match=r"'blocks.0.attn' \(HeadGatedAttention\).*already gated"):
+        ds.sparsify_(m, {"heads": {"gate": "hard_concrete"}})
+    ds.sparsify_(m, {"layers": {"gate": "fixed"}})
+    ds.fix_gates_(m, {"blocks.1.drop_path2": torch.tensor([False])})
+    x = torch.randn(2, 3, 32, 32)
+    small = ds.convert(m, static=False)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), m(x), atol=1e-5, rtol=1e-5)

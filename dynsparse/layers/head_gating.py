@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,9 @@ class HeadGatedAttention(Attention):
         True
     """
 
+    #: The class the integration tables know it as (`dynsparse.integrations.tables.host_type`): static ``heads``
+    #: gates on it are refused as "already gated", its block's ``layers`` gates work as on a plain Attention's.
+    host_class: ClassVar[type[nn.Module]] = Attention
     heads: DejaVuHeadGate
     strategy: str
 
