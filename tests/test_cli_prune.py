@@ -126,3 +126,14 @@ def test_a_converted_file_is_pruned_again_and_its_plan_stays_relative_to_the_hos
     x = torch.randn(2, *DATA["input_shape"], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(twice(x), ds.convert(gated)(x), rtol=0, atol=1e-6)
+
+
+def test_row_scope_prunes_each_output_row_and_is_refused_for_units(files, tmp_path, capsys):
+    _, converted = files
+    out = tmp_path / "row"
+    assert main(["prune", str(converted), "--unstructured", "0.5", "--scope", "row", "--out", str(out)]) == 0
+    m = ds.load(out / "model.safetensors")
+    w = m.blocks[1].mlp.fc1.weight
+    assert ((w == 0).sum(1) == w.shape[1] // 2).all()
+    assert main(["prune", str(converted), "--neurons", "0.5", "--scope", "row", "--out", str(tmp_path / "u")]) == 2
+    assert "--scope row" in capsys.readouterr().err

@@ -321,3 +321,31 @@ def test_the_layers_of_gates_are_never_pruned():
     masked = [x for x in m.modules() if isinstance(x, (MaskedLinear, MaskedConv2d))]
     total = sum(x.weight_mask.numel() for x in masked)
     assert masked and sum(int((x.weight_mask == 0).sum()) for x in masked) == round(0.5 * total)
+
+
+@pytest.mark.parametrize("s", [0.0, 0.3, 0.5, 0.9, 1.0])
+def test_row_scope_prunes_every_output_row_exactly_and_keeps_its_largest(s):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 7), nn.Conv2d(3, 4, 3))
+    w = [m[0].weight.detach().clone(), m[1].weight.detach().clone()]
+    prune.unstructured_(m, s, scope="row")
+    for layer, w0 in zip(m, w, strict=True):
+        rows = layer.weight_mask.reshape(layer.weight_mask.shape[0], -1)
+        n = rows.shape[1]
+        assert ((~rows.bool()).sum(1) == round(s * n)).all()  # the same count in every row
+        kept = w0.abs().reshape(rows.shape)
+        for r in range(rows.shape[0]):  # the kept ones are the row's largest
+            k = int(rows[r].sum())
+            assert set(rows[r].nonzero().flatten().tolist()) == set(kept[r].topk(k).indices.tolist())
+
+
+def test_row_scope_never_revives_and_counts_pruned_ones():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 3))
+    prune.unstructured_(m, 0.25, scope="global")  # uneven rows
+    before = m[0].weight_mask.clone()
+    prune.unstructured_(m, 0.5, scope="row")
+    after = m[0].weight_mask
+    assert not (after.bool() & ~before.bool()).any()
+    assert ((~after.bool()).sum(1) >= 4).all()
+    assert ((~after.bool()).sum(1) == torch.clamp((~before.bool()).sum(1), min=4)).all()

@@ -42,9 +42,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--scope",
-        choices=["global", "layer"],
+        choices=["global", "layer", "row"],
         default=None,
-        help="rank across layers or within each (default: global for weights, layer for units)",
+        help="rank across layers, within each, or (weights only) within each output row (default: global for "
+        "weights, layer for units)",
     )
     p.add_argument(
         "--input",
@@ -86,6 +87,8 @@ def prune(
     )
 
     dimensions = {d: r for d, r in (dimensions or {}).items() if r is not None}
+    if scope == "row" and dimensions:
+        raise ConfigError("--scope row ranks the weights of each output row (--unstructured), not whole units")
     if unstructured is None and not dimensions:
         raise ConfigError("nothing to prune; pass --unstructured R and/or --channels / --neurons / --heads R")
     check_not_input("--out", out, [Path(out) / name for name in OUTPUTS], [path])

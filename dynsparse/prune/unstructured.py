@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 #: Importance criteria ``unstructured_`` computes itself (anything else is passed as ``{param_fqn: scores}``).
 IMPORTANCES = ("magnitude",)
 #: Where the sparsity is enforced: over all selected weights at once, or in each layer.
-SCOPES = ("global", "layer")
+SCOPES = ("global", "layer", "row")
 
 
 def _check_fraction(value: float, name: str) -> float:
@@ -160,6 +160,8 @@ def _new_masks(
     sparsity: float,
     scope: str,
 ) -> dict[str, Tensor]:
+    if scope == "row":
+        return {fqn: _row_mask(olds[fqn], scores[fqn], sparsity) for fqn, _, _ in targets}
     groups = [[fqn for fqn, _, _ in targets]] if scope == "global" else [[fqn] for fqn, _, _ in targets]
     new = {}
     for group in groups:
@@ -189,12 +191,25 @@ def _new_masks(
     return new
 
 
+def _row_mask(old: Tensor, scores: Tensor, sparsity: float) -> Tensor:
+    """``old`` with, in every output row (the weight as (out, -1)), the lowest-scored live weights pruned until the row
+    has ``_count(sparsity, row length)`` pruned (more when it had more already: they stay pruned); ties by position."""
+    rows = old.reshape(old.shape[0], -1)
+    s = scores.reshape(rows.shape).to(dtype=_score_dtype([scores]), device=rows.device)
+    s = s.masked_fill(~rows, float("-inf"))  # the pruned ones first: they stay pruned
+    order = torch.sort(s, dim=1, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order))
+    dead = (~rows).sum(1, keepdim=True)
+    need = torch.clamp(dead, min=_count(sparsity, rows.shape[1]))
+    return (rows & (rank >= need)).reshape(old.shape)
+
+
 def unstructured_(
     model: nn.Module,
     sparsity: float,
     *,
     importance: str | Mapping[str, Tensor] = "magnitude",
-    scope: Literal["global", "layer"] = "global",
+    scope: Literal["global", "layer", "row"] = "global",
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     layers: Sequence[type[nn.Module]] = (nn.Linear, nn.Conv2d),
@@ -206,7 +221,8 @@ def unstructured_(
     if they are masked already. Pruning never revives a weight: the new mask is the old one AND-ed with the
     fresh selection, and the count is taken over all selected weights, pruned ones included, so repeated calls
     with growing ``sparsity`` reach ``round(sparsity * n)`` pruned weights exactly (``n`` = all selected weights
-    for ``scope="global"``, each layer's weights for ``scope="layer"``). A ``sparsity`` below what is already
+    for ``scope="global"``, each layer's weights for ``scope="layer"``, each output row's for ``scope="row"``). A
+    ``sparsity`` below what is already
     pruned changes nothing (logged as a warning). Newly pruned raw weights are set to 0 as well. Ties in the
     scores are broken by position, so the count is always exact. Biases are never pruned.
 
@@ -220,7 +236,8 @@ def unstructured_(
             weight (e.g. ``{"blocks.0.mlp.fc1.weight": (3072, 768) tensor}``), higher = more important; needed
             for every selected layer; keys for other parameters are ignored.
         scope: ``"global"`` ranks all selected weights together (layers end up with different sparsities);
-            ``"layer"`` prunes each layer to ``sparsity``.
+            ``"layer"`` prunes each layer to ``sparsity``; ``"row"`` each output row of each weight (a Linear's row,
+            a conv's filter), as Wanda compares its scores (Sun et al. 2024: per output).
         include: fqn glob patterns of the modules to prune (default: all of the right types, except the layers of
             gates: per-input predictors, routers and saliency networks are never pruned).
         exclude: fqn glob patterns of modules left alone (e.g. ``"head"``).

@@ -109,7 +109,8 @@ class PruneSpec:
     ``method``:
 
     * ``unstructured`` (``magnitude`` is the same with ``importance: magnitude``): per-weight masks on
-      Linear/Conv weights to sparsity ``ratio`` (``scope`` global or per layer), scored by ``importance`` (a
+      Linear/Conv weights to sparsity ``ratio`` (``scope`` global, per layer or per output row: ``row``, how Wanda
+      compares its scores), scored by ``importance`` (a
       name of ``dynsparse.importance.WEIGHT_IMPORTANCES``: magnitude, random, gradient, taylor, obd, snip,
       grasp, synflow, wanda), kept as masks through later stages and made permanent before conversion.
       ``schedule: one_shot`` prunes once, ``at`` the stage's ``start`` (pruning at initialization) or ``end``;
@@ -137,7 +138,7 @@ class PruneSpec:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     threshold: float | None = None
-    scope: Literal["global", "layer"] = "global"
+    scope: Literal["global", "layer", "row"] = "global"
     normalize: Literal["none", "l2", "mean"] = "none"
     round_to: int = 1
     max_ratio: float | None = None

@@ -141,6 +141,8 @@ def check_prune(spec: PruneSpec, epochs: int, p: str, lines: dict[str, int]) -> 
         bad("ratio", f"method {spec.method!r} needs the sparsity to reach (fraction of weights removed)")
     if spec.method == "bn_scale" and spec.ratio is None and spec.threshold is None:
         bad("ratio", "method 'bn_scale' needs a ratio or a threshold")
+    if spec.scope == "row" and not unstructured:
+        bad("scope", f"'row' ranks the weights of each output row (method unstructured), not units ({spec.method!r})")
     if spec.schedule != "one_shot" and not unstructured:
         bad("schedule", f"gradual schedules prune weights (method unstructured), not {spec.method!r}")
     end = spec.end_epoch if spec.end_epoch is not None else 0.75 * epochs
