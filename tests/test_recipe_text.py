@@ -217,6 +217,49 @@ def test_bert_flops_attribution_equals_counted_flops(dims):
     assert budget.cost.fraction() == pytest.approx(counted, rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "hard_concrete",
+        {"gate": "hard_concrete", "log_alpha_range": (-5.0, 1.0)},  # its top left the eval gate at 0.78, not 1
+        "variational",  # dropped where log α > 3: setting log α to the top of its range kept the unit closed
+        {"gate": "sigmoid", "temperature": 10.0, "threshold": 0.1},  # no log_alpha: it was skipped
+    ],
+    ids=["hard_concrete", "hard_concrete_low_top", "variational", "sigmoid_t10"],
+)
+def test_refill_reopens_units_of_every_gate_most_likely_first(spec):
+    """``enforce_target_(refill=True)`` reopens units closed in training, fully and most likely first, while the
+    target holds, for every gate with a learned per-unit parameter (``budget.enforce_`` closes them likewise)."""
+    from dynsparse.regularizers.budget import _closer
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2
+    )
+    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    ds.sparsify_(model, {"neurons": spec})
+    ids = torch.randint(5, 50, (1, 16), generator=torch.Generator().manual_seed(1))
+    budget = text_mod.make_budget(model, 0.9, 0, (ids, torch.ones_like(ids)))
+    gates = [g for _, g in ds.named_gates(model)]
+    toward_open = -1.0 if spec == "variational" else 1.0  # the direction of a likelier unit
+    with torch.no_grad():  # close half of each gate's units, each one a little likelier than the one before
+        for i, g in enumerate(gates):
+            p, shut = _closer(g)
+            half = g.num_units // 2
+            p[:half] = shut + toward_open * 0.01 * (torch.arange(half) + 100 * i)
+    closed = [~g.keep_mask() for g in gates]
+    before = [g.expected_keep().detach().clone() for g in gates]
+    low = budget.cost.fraction()
+    reached = text_mod.enforce_target_(budget, refill=True)
+    assert low < reached <= 0.9 + 1e-9, (low, reached)
+    assert budget.cost.fraction() == pytest.approx(reached)
+    reopened = torch.cat([b[c & g.keep_mask()] for g, b, c in zip(gates, before, closed, strict=True)])
+    still = torch.cat([b[c & ~g.keep_mask()] for g, b, c in zip(gates, before, closed, strict=True)])
+    assert len(reopened) and len(still) and reopened.min() >= still.max()  # equal costs: the likeliest came back
+    for g, c in zip(gates, closed, strict=True):
+        assert torch.all(g.eval_values()[c & g.keep_mask()] == 1)  # fully open
+
+
 def test_encoder_path_starting_with_tilde_is_under_the_home_directory(tmp_path, encoder_dir, monkeypatch):
     """``encoder.path: ~/enc`` is checked and read as $HOME/enc (transformers would take '~/enc' for a hub id)."""
     home = tmp_path / "home"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -35,8 +36,10 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import atomic_write
+from ..gates import HardConcreteGate, SigmoidGate
 from ..modules import module_device
 from ..regularizers.budget import TargetSparsity
+from ..regularizers.variational import VariationalGate
 from ..sparsify import fix_gates_, named_gates, sparsify_
 from .checkpoint import save_checkpoint, to_cpu, trim_log
 from .device import resolve_device
@@ -154,18 +157,48 @@ def gate_steps_(
 def enforce_target_(budget: TargetSparsity, refill: bool = False) -> float:
     """``budget.enforce_(reopen=True)``: close by probability, then reopen what fits, most likely first.
 
-    ``refill``: then also reopen, fully and most likely first, units closed during training while the target holds
-    (when the multipliers pushed the kept FLOPs below the target). Returns the kept fraction.
+    ``refill``: then also reopen, fully and most likely first (by ``expected_keep``), units closed during training
+    while the target holds (when the multipliers pushed the kept FLOPs below the target): the units of every gate
+    with a ``log_alpha`` or ``logits`` parameter (see `_opener`); a unit the value does not open stays closed.
+    Returns the kept fraction.
     """
     budget.enforce_(reopen=True)
     if refill:  # the controller overshot during training: reopen units it closed (fully) while the target holds
-        gates = [slot.gate for _, slot in budget.cost.slots if hasattr(slot.gate, "log_alpha")]
-        shut = [(float(g.log_alpha[j]), g, j) for g in gates for j in range(g.num_units) if not g.keep_mask()[j]]
-        for la, g, j in sorted(shut, key=lambda c: -c[0]):
-            g.log_alpha[j] = g.log_alpha_range[1]
-            if budget.cost.fraction() > budget.target + 1e-9:
-                g.log_alpha[j] = la
+        shut = []
+        for _, slot in budget.cost.slots:
+            g, opener = slot.gate, _opener(slot.gate)
+            if opener is None:
+                continue
+            keep, mask = g.expected_keep(), g.keep_mask()
+            shut += [(float(keep[j]), *opener, j, g) for j in range(g.num_units) if not mask[j]]
+        for _, p, open_value, j, g in sorted(shut, key=lambda c: -c[0]):
+            old = float(p[j])
+            p[j] = open_value
+            if not bool(g.keep_mask()[j]) or budget.cost.fraction() > budget.target + 1e-9:
+                p[j] = old
     return budget.cost.fraction()
+
+
+def _opener(gate: nn.Module) -> tuple[Tensor, float] | None:
+    """The parameter whose entry ``j`` decides whether unit ``j`` of ``gate`` is kept, and a value that opens it fully
+    (the counterpart of `dynsparse.regularizers.budget._closer`).
+
+    Hard-concrete: the top of ``log_alpha_range``, at least where the eval gate is 1; variational (dropped where
+    ``log α`` > threshold): the bottom of ``log_alpha_range``, at most ``threshold - 1``; sigmoid: a logit whose soft
+    value is far above the threshold; another gate with ``log_alpha`` or ``logits``: 20. ``None`` for a gate with
+    neither parameter (fixed, top-k): nothing to reopen.
+    """
+    if isinstance(gate, VariationalGate):
+        return gate.log_alpha, min(gate.threshold - 1.0, gate.log_alpha_range[0])
+    if isinstance(gate, SigmoidGate):
+        return gate.logits, gate.temperature * (math.log(gate.threshold / (1.0 - gate.threshold)) + 20.0)
+    if isinstance(gate, HardConcreteGate):  # eval clamp(sigmoid(a) (zeta - gamma) + gamma, 0, 1) is 1 from here on
+        one = math.log((1.0 - gate.gamma) / (gate.zeta - 1.0))
+        return gate.log_alpha, max(gate.log_alpha_range[1], one + 1.0)
+    p = getattr(gate, "log_alpha", None)
+    if p is None:
+        p = getattr(gate, "logits", None)
+    return None if p is None else (p, 20.0)
 
 
 def finetune_steps_(
