@@ -260,6 +260,25 @@ def test_refill_reopens_units_of_every_gate_most_likely_first(spec):
         assert torch.all(g.eval_values()[c & g.keep_mask()] == 1)  # fully open
 
 
+@pytest.mark.parametrize("gate", ["hard_concrete", "variational", "sigmoid"])
+def test_gate_optimizers_put_every_gate_parameter_in_the_gate_group(gate):
+    """Gate parameters train at ``gate_lr`` without weight decay, whatever they are called (a sigmoid gate's
+    ``logits`` went to the weights' group: lr 1e-4 and weight decay)."""
+    cfg = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2
+    )
+    model = transformers.BertModel(cfg, add_pooling_layer=False)
+    ds.sparsify_(model, {"neurons": gate, "heads": "hard_concrete"})
+    ids = torch.randint(5, 50, (1, 8), generator=torch.Generator().manual_seed(1))
+    budget = text_mod.make_budget(model, 0.5, 0, (ids, torch.ones_like(ids)))
+    opt, _ = text_mod.gate_optimizers(model, budget, lr=1e-4, gate_lr=0.1, lambda_lr=0.01)
+    weights, gates = ({id(p) for p in group["params"]} for group in opt.param_groups)
+    want = {id(p) for _, g in ds.named_gates(model) for p in g.parameters()}
+    assert gates == want and not weights & want
+    assert weights | gates == {id(p) for p in model.parameters()}
+    assert opt.param_groups[1]["lr"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+
+
 def test_encoder_path_starting_with_tilde_is_under_the_home_directory(tmp_path, encoder_dir, monkeypatch):
     """``encoder.path: ~/enc`` is checked and read as $HOME/enc (transformers would take '~/enc' for a hub id)."""
     home = tmp_path / "home"

@@ -86,10 +86,11 @@ def gate_optimizers(
     lambda_lr: float,
     weight_decay: float = 0.01,
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-    """AdamW (weights at ``lr`` with decay, gates' ``log_alpha`` at ``gate_lr`` without) and Adam(maximize) of the
-    multipliers at ``lambda_lr``."""
-    gates = [p for n, p in student.named_parameters() if n.endswith("log_alpha")]
-    weights = [p for n, p in student.named_parameters() if not n.endswith("log_alpha")]
+    """AdamW (weights at ``lr`` with decay, the gates' parameters (``log_alpha``, ``logits``) at ``gate_lr`` without)
+    and Adam(maximize) of the multipliers at ``lambda_lr``."""
+    of_gates = {id(p) for _, g in named_gates(student) for p in g.parameters()}
+    gates = [p for n, p in student.named_parameters() if n.endswith("log_alpha") or id(p) in of_gates]
+    weights = [p for n, p in student.named_parameters() if not (n.endswith("log_alpha") or id(p) in of_gates)]
     opt = torch.optim.AdamW(
         [
             {"params": weights, "lr": lr, "weight_decay": weight_decay},
