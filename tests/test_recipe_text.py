@@ -142,6 +142,10 @@ def test_shipped_minilm_recipe_is_run_c():
         ("encoder: {path: ENCODER}", "encoder: {}", r"encoder \(line 3\): give exactly one of pretrained"),
         ("encoder: {path: ENCODER}", "encoder: {path: /no/such/dir}", r"encoder\.path \(line 3\): directory"),
         ("loss: {w_tok: 1.0,", "loss: {w_tok: -1,", r"loss\.w_tok \(line 11\): must be >= 0"),
+        # the three below failed only at run time, as a ValueError of BatchStream / AdamW naming no field
+        ("train_subset: 256", "train_subset: 4", r"data\.train_subset \(line 4\): 4 sentences make no batch of 8"),
+        ("gate_lr: 0.1}", "gate_lr: 0.1, finetune_lr: -0.001}", r"optimizer\.finetune_lr \(line 10\): must be > 0"),
+        ("gate_lr: 0.1}", "gate_lr: 0.1, weight_decay: -0.1}", r"optimizer\.weight_decay \(line 10\): must be >= 0"),
         (
             "task: sentence-embedding",
             "task: sentence-embeding",

@@ -223,6 +223,7 @@ def parse_text_recipe(data: dict[str, Any], lines: dict[str, int] | None = None)
         "evaluate.probe_test": r.evaluate.probe_test,
         "loss.w_tok": r.loss.w_tok,
         "loss.w_layer": r.loss.w_layer,
+        "optimizer.weight_decay": r.optimizer.weight_decay,
     }
     for key, v in nonneg.items():
         if v < 0:
@@ -238,9 +239,16 @@ def parse_text_recipe(data: dict[str, Any], lines: dict[str, int] | None = None)
         ("optimizer.gate_lr", r.optimizer.gate_lr),
         ("budget.lr", r.budget.lr),
         ("evaluate.probe_c", r.evaluate.probe_c),
+        *([("optimizer.finetune_lr", r.optimizer.finetune_lr)] if r.optimizer.finetune_lr is not None else []),
     ):
         if not v > 0:
             _fail(lines, key, f"must be > 0, got {v}")
+    if r.data.train_subset is not None and r.data.train_subset < r.data.batch_size:
+        _fail(
+            lines,
+            "data.train_subset",
+            f"{r.data.train_subset} sentences make no batch of {r.data.batch_size} (data.batch_size)",
+        )
     _check_sparsify(r.sparsify, lines)
     return r
 
