@@ -283,6 +283,40 @@ def test_gate_optimizers_put_every_gate_parameter_in_the_gate_group(gate):
     assert opt.param_groups[1]["lr"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
 
 
+@pytest.mark.parametrize(
+    ("change", "gates_refused", "finetune_refused"),
+    [
+        ({"optimizer": {"finetune_lr": 1e-5}}, None, "optimizer.finetune_lr"),  # the gate stage never reads it
+        ({"optimizer": {"gate_lr": 0.2}}, "optimizer.gate_lr", "optimizer.gate_lr"),
+        ({"budget": {"target": 0.4}}, "budget", "budget"),
+        ({"finetune_steps": 9}, None, "finetune_steps"),
+        ({"evaluate": {"sentences": 7}, "log_every": 3, "checkpoint_every": 5}, None, None),
+    ],
+)
+def test_stage_checkpoints_refuse_exactly_the_fields_the_stage_depends_on(
+    tmp_path, change, gates_refused, finetune_refused
+):
+    import dataclasses
+
+    from dynsparse.recipes.checkpoint import save_checkpoint
+    from dynsparse.recipes.text_checkpoint import FINETUNE_FIELDS, GATE_FIELDS, fingerprint, load_stage
+
+    old = TextRecipe(name="t")
+    new = dataclasses.replace(
+        old,
+        **{k: dataclasses.replace(getattr(old, k), **v) if isinstance(v, dict) else v for k, v in change.items()},
+    )
+    for fields, refused in ((GATE_FIELDS, gates_refused), (FINETUNE_FIELDS, finetune_refused)):
+        path = tmp_path / "stage.pt"
+        save_checkpoint({"step": 1, "recipe": fingerprint(old, fields)}, path)
+        if refused is None:
+            assert load_stage(path, new, fields)["step"] == 1
+            assert load_stage(path, old, fields)["step"] == 1
+        else:
+            with pytest.raises(RecipeError, match=rf"differs in {refused};"):
+                load_stage(path, new, fields)
+
+
 def test_encoder_path_starting_with_tilde_is_under_the_home_directory(tmp_path, encoder_dir, monkeypatch):
     """``encoder.path: ~/enc`` is checked and read as $HOME/enc (transformers would take '~/enc' for a hub id)."""
     home = tmp_path / "home"

@@ -18,9 +18,21 @@ from .text_schema import TextRecipe
 
 __all__ = ["FINETUNE_FIELDS", "GATE_FIELDS", "fingerprint", "load_stage", "rng_state", "set_rng_state"]
 
-#: Recipe fields each stage's result depends on: a checkpoint written under other values is not resumed.
-GATE_FIELDS = ("encoder", "data", "sparsify", "budget", "optimizer", "loss", "steps", "seed")
-FINETUNE_FIELDS = (*GATE_FIELDS, "finetune_steps")
+#: Recipe fields (top-level, or ``section.field``) each stage's result depends on: a checkpoint written under other
+#: values is not resumed. The gate stage never reads ``optimizer.finetune_lr``.
+GATE_FIELDS = (
+    "encoder",
+    "data",
+    "sparsify",
+    "budget",
+    "optimizer.lr",
+    "optimizer.gate_lr",
+    "optimizer.weight_decay",
+    "loss",
+    "steps",
+    "seed",
+)
+FINETUNE_FIELDS = (*GATE_FIELDS, "optimizer.finetune_lr", "finetune_steps")
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -39,9 +51,16 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 def fingerprint(recipe: TextRecipe, fields: tuple[str, ...]) -> dict[str, Any]:
-    """The values of the top-level recipe ``fields`` as plain data (stored in a checkpoint)."""
+    """The top-level recipe sections holding ``fields``, as plain data (stored in a checkpoint)."""
     plain = recipe_to_dict(recipe)
-    return {k: plain[k] for k in fields}
+    return {k: plain[k] for k in dict.fromkeys(f.split(".")[0] for f in fields)}
+
+
+def _field(plain: dict[str, Any], path: str) -> Any:
+    """The value at a dotted ``path`` of nested plain data (None where absent)."""
+    for key in path.split("."):
+        plain = plain.get(key) if isinstance(plain, dict) else None
+    return plain
 
 
 def load_stage(path: Path, recipe: TextRecipe, fields: tuple[str, ...]) -> dict[str, Any]:
@@ -52,7 +71,7 @@ def load_stage(path: Path, recipe: TextRecipe, fields: tuple[str, ...]) -> dict[
     """
     ck = load_checkpoint(path)
     want, have = fingerprint(recipe, fields), ck.get("recipe", {})
-    diff = sorted(k for k in fields if want.get(k) != have.get(k))
+    diff = sorted(k for k in fields if _field(want, k) != _field(have, k))
     if diff:
         raise RecipeError(
             f"{path}: written by a recipe that differs in {', '.join(diff)}; resume with the same recipe, or start "
