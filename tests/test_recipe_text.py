@@ -317,6 +317,15 @@ def test_stage_checkpoints_refuse_exactly_the_fields_the_stage_depends_on(
                 load_stage(path, new, fields)
 
 
+def test_layer_loss_of_a_one_layer_encoder_is_zero():
+    """No layer but the last: the layer-wise term is 0 (``torch.stack`` of no terms raised)."""
+    from dynsparse.recipes.text_distill import layer_loss
+
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    loss = layer_loss([h], [h.detach() + 1], torch.ones(2, 5))
+    assert loss.item() == 0.0 and loss.dtype == h.dtype
+
+
 def test_encoder_path_starting_with_tilde_is_under_the_home_directory(tmp_path, encoder_dir, monkeypatch):
     """``encoder.path: ~/enc`` is checked and read as $HOME/enc (transformers would take '~/enc' for a hub id)."""
     home = tmp_path / "home"

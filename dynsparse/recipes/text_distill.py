@@ -61,8 +61,10 @@ def distill_loss(student: Tensor, teacher: Tensor, mask: Tensor, w_tok: float) -
 def layer_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], mask: Tensor) -> Tensor:
     """Mean over layers of ``1 - token cosine`` between matching layers' hidden states (CoFi-style layer distill).
 
-    The last layer is left out (the final-state terms of `distill_loss` cover it).
+    The last layer is left out (the final-state terms of `distill_loss` cover it): 0 for a one-layer encoder.
     """
+    if len(student) < 2:
+        return student[0].new_zeros(())
     m = mask.to(student[0].device, student[0].dtype)
     terms = [
         1.0 - (F.cosine_similarity(s, t, dim=-1, eps=1e-6) * m).sum() / m.sum()
