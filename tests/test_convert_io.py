@@ -193,3 +193,15 @@ def test_save_of_a_model_converted_twice_loads(tmp_path, second):
     loaded = ds.load(ds.save(twice, tmp_path / "twice.safetensors", arch=ARCH))
     assert torch.equal(loaded(_x()), twice(_x()))
     assert twice.slice_plan.units["blocks.0.mlp.norm"] == 128
+
+
+def test_converted_file_without_plan_names_the_field(tmp_path):
+    """A damaged converted file without its plan says so (was: 'plan: not valid JSON (Expecting value ...)')."""
+    small = ds.convert(ds.sparsify_(_vit(), {"neurons": "fixed"}))
+    path = ds.save(small, tmp_path / "m.safetensors", arch=ARCH)
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "plan"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ds.DynsparseError, match=r"bad\.safetensors: metadata field 'plan' is missing"):
+        ds.load(tmp_path / "bad.safetensors")

@@ -43,3 +43,30 @@ def test_layers_entry_must_be_kept_or_removed():
 def test_plan_without_units_still_applies():
     m = ds.apply_plan(_host(), _plan({"neurons": [0, 5, 191]}))
     assert m.blocks[0].mlp.fc1.out_features == 3
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({}, r"field 'entries' must be an object, got None"),
+        ({"entries": {}, "units": [192]}, r"field 'units' must be an object, got list"),
+        ({"entries": {}, "producers": None}, r"field 'producers' must be an object, got None"),
+        (
+            {"entries": {FQN: {"neurons": [0]}}, "units": {FQN: "192"}},
+            r"slice plan units 'blocks\.0\.mlp\.norm': .*positive int",
+        ),
+        (
+            {"entries": {FQN: {"neurons": [0]}}, "units": {FQN: True}},
+            r"slice plan units 'blocks\.0\.mlp\.norm': .*positive int",
+        ),
+        (
+            {"entries": {FQN: {"neurons": [0]}}, "units": {FQN: 0}},
+            r"slice plan units 'blocks\.0\.mlp\.norm': .*positive int",
+        ),
+    ],
+)
+def test_malformed_fields_are_named(data, match):
+    """A damaged plan names the field (was: 'fields entries, units, dynamic and producers must be objects', or a
+    raw TypeError for a unit count that is not a number)."""
+    with pytest.raises(ds.ConfigError, match=r"^file\.json: " + match):
+        ds.SlicePlan.from_dict({"format": "dynsparse.slice_plan", "version": 1, **data}, source="file.json")

@@ -3,6 +3,8 @@ again carries one plan relative to the original host, so `save` / `load` rebuild
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -133,6 +135,27 @@ def test_loaded_model_pruned_again_saves_and_loads(tmp_path):
     assert second.slice_plan.units["blocks.0.mlp.norm"] == 192
     (tmp_path / "two").mkdir()
     _round_trip(second, VIT, tmp_path / "two")
+
+
+def test_plan_replayed_on_a_fresh_host_prunes_again_and_saves(tmp_path):
+    """A host rebuilt with ``apply_plan`` + ``load_state_dict`` is the converted model: it carries the plan, so a
+    second round composes (it carried none, and ``save`` refused the second plan as relative to the first)."""
+    first = _round(_host(VIT), {"neurons": 0.5, "heads": 0.5})
+    fresh = ds.apply_plan(timm.create_model(VIT["name"], pretrained=False, **VIT["kwargs"]), first.slice_plan)
+    fresh.load_state_dict(first.state_dict())
+    assert fresh.slice_plan == first.slice_plan
+    second = _round(fresh.eval(), {"neurons": 0.5})
+    assert second.slice_plan.units["blocks.0.mlp.norm"] == 192
+    _round_trip(second, VIT, tmp_path)
+
+
+def test_apply_plan_on_a_converted_model_composes():
+    """``apply_plan`` on a model that carries a plan leaves the plan of what the model now is, not a stale one."""
+    first = _round(_host(VIT), {"neurons": 0.5})
+    gated = ds.prune.structured_(copy.deepcopy(first), {"neurons": 0.5}, importance="magnitude")
+    replayed = ds.apply_plan(copy.deepcopy(first), ds.make_plan(gated))  # the second plan, relative to ``first``
+    assert replayed.slice_plan == ds.convert(gated).slice_plan
+    assert replayed.blocks[0].mlp.fc1.out_features == 48
 
 
 def test_run_time_part_added_in_the_second_round(tmp_path):

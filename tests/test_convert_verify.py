@@ -79,3 +79,21 @@ def test_inputs_go_to_each_models_device():
     x = torch.randn(2, 4)  # on the CPU, as a DataLoader yields it
     assert input_devices(candidate, lambda: ds.verify(reference, candidate, x)) == ["meta"]
     assert input_devices(candidate, lambda: ds.verify(candidate, reference, (x,))) == ["meta"]
+
+
+class Wrapped(nn.Module):
+    """Returns its output inside an object verify cannot read (a dataclass, a custom class)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> object:
+        return type("Output", (), {"logits": self.inner(x)})()
+
+
+def test_output_without_a_tensor_is_refused_not_passed():
+    """Nothing to compare is no agreement: two different models once verified with difference 0."""
+    ref, cand = Wrapped(Const([1.0, 2.0])), Wrapped(Const([5.0, 6.0]))
+    with pytest.raises(ds.DynsparseError, match=r"verify: the reference's output \(Output\) holds no tensor"):
+        ds.verify(ref, cand, torch.zeros(1))

@@ -228,14 +228,14 @@ def convert(
     return new
 
 
-def _compose(prior: SlicePlan, plan: SlicePlan) -> SlicePlan:
+def _compose(prior: SlicePlan, plan: SlicePlan, caller: str = "convert") -> SlicePlan:
     """``plan`` (of a model converted before, gated again) made relative to the original host; `compose` errors
-    name the convert call."""
+    name the ``caller``."""
     try:
         return compose(prior, plan)
     except ConfigError as e:
         raise ConfigError(
-            f"convert: the model was converted before (it carries a slice plan), and the new plan cannot be made "
+            f"{caller}: the model was converted before (it carries a slice plan), and the new plan cannot be made "
             f"relative to the original host (its result could not be saved): {e}"
         ) from None
 
@@ -272,13 +272,18 @@ def _check_clean(model: nn.Module) -> None:
 def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
     """Replay ``plan`` on a fresh, ungated host model (in place) and return it (it may be a new root).
 
-    Only shapes change: the weights are those of ``model``, sliced; load the converted weights afterwards.
+    Only shapes change: the weights are those of ``model``, sliced; load the converted weights afterwards. The
+    result carries the plan as ``model.slice_plan``, as `convert`'s does (composed with the plan ``model`` already
+    carried, if any), so it can be saved, or gated and converted again.
 
     Raises:
         ConfigError: a plan entry names a module the model does not have, or a unit count that differs.
     """
     from ..integrations import tables as table
 
+    prior = getattr(model, "slice_plan", None)
+    if prior is not None:
+        _compose(prior, plan, "apply_plan")  # refuse before the model changes
     closed: dict[str, set[str]] = defaultdict(set)
     width: list[int] | None = None
     for fqn in sorted(plan.entries):
@@ -333,6 +338,7 @@ def apply_plan(model: nn.Module, plan: SlicePlan) -> nn.Module:
                     part.apply_(model, **plan.dynamic[key])
                 except (ConfigError, TypeError) as e:
                     raise ConfigError(f"slice plan 'dynamic.{key}': {e}") from None
+    model.slice_plan = plan if prior is None else _compose(prior, plan, "apply_plan")
     return model
 
 

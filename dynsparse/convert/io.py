@@ -326,7 +326,9 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     if meta.get("kind") != "converted":
         raise DynsparseError(f"{path}: holds a {meta.get('kind')!r} model; use load_gated for gated checkpoints")
     arch = _arch_field(meta, path)
-    plan = SlicePlan.from_json(meta.get("plan", ""), source=f"{path}: plan")
+    if "plan" not in meta:
+        raise DynsparseError(f"{path}: metadata field 'plan' is missing")
+    plan = SlicePlan.from_json(meta["plan"], source=f"{path}: plan")
     model = apply_plan_to_spec(arch, plan, source=f"{path}: arch")
     _load_into(model, tensors, path)
     model.slice_plan = plan

@@ -47,6 +47,9 @@ class SlicePlan:
     producers: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for fqn, n in self.units.items():
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ConfigError(f"slice plan units {fqn!r}: expected a positive int (the unit count), got {n!r}")
         for fqn, mods in self.producers.items():
             if fqn not in self.entries:
                 raise ConfigError(f"slice plan producers {fqn!r}: no entry of that name")
@@ -106,8 +109,11 @@ class SlicePlan:
             )
         entries, units, dynamic = data.get("entries"), data.get("units", {}), data.get("dynamic", {})
         producers = data.get("producers", {})
-        if not all(isinstance(f, Mapping) for f in (entries, units, dynamic, producers)):
-            raise ConfigError(f"{source}: fields 'entries', 'units', 'dynamic' and 'producers' must be objects")
+        fields = {"entries": entries, "units": units, "dynamic": dynamic, "producers": producers}
+        for name, value in fields.items():
+            if not isinstance(value, Mapping):
+                got = "None" if value is None else type(value).__name__
+                raise ConfigError(f"{source}: field {name!r} must be an object, got {got}")
         from ..layers.dynamic import DYNAMIC_PARTS
 
         unknown = sorted(set(dynamic) - set(DYNAMIC_PARTS))

@@ -53,7 +53,8 @@ def verify(
         ConfigError: ``atol`` or ``rtol`` is negative, NaN or infinite.
         DynsparseError: some element differs by more than ``atol + rtol * |reference|`` (the message gives
             the max-abs difference), one model gives NaN or inf where the other does not give the same value
-            (the difference is then reported as nan), or the output structures differ.
+            (the difference is then reported as nan), the output structures differ, or the reference's output
+            holds no tensor.
     """
     for name, tol in (("atol", atol), ("rtol", rtol)):
         if not (isinstance(tol, int | float) and math.isfinite(tol) and tol >= 0):  # a NaN tolerance passed anything
@@ -64,11 +65,17 @@ def verify(
     candidate.eval()
     try:
         with torch.no_grad():
-            ref = _flatten(reference(*inputs_to_device_of(reference, args)))
+            raw = reference(*inputs_to_device_of(reference, args))
             out = _flatten(candidate(*inputs_to_device_of(candidate, args)))
     finally:
         reference.train(flags[0])
         candidate.train(flags[1])
+    ref = _flatten(raw)
+    if not ref:  # nothing compared is no agreement
+        raise DynsparseError(
+            f"verify: the reference's output ({type(raw).__name__}) holds no tensor to compare (verify reads "
+            "tensors, and lists, tuples and dicts of them)"
+        )
     if width is not None and len(ref) == len(out):
         full, keep = width
         idx = torch.as_tensor(list(keep), dtype=torch.long)
