@@ -37,8 +37,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     or for a new file 0666 less the umask.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_temp(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_temp(path)
+    except OSError as e:  # name the user's path, not a temporary file's
+        raise _naming(e, path) from e
     try:
         mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask
         write(tmp)  # may replace the file (safetensors writes a new one with mode 0600)
@@ -47,8 +50,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         if path.exists():  # replacing a file: keep its mode, as writing into it would
             mode = stat.S_IMODE(os.stat(path).st_mode)
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:  # e.g. ``path`` is a directory
+            raise _naming(e, path) from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """``e`` as the same kind of error, naming ``path`` (the file the caller asked for)."""
+    return type(e)(e.errno, f"cannot write {path}: {e.strerror or e}")

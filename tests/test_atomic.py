@@ -67,3 +67,15 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
         atomic_write(target, boom)
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_errors_name_the_path_asked_for_not_a_temporary_file(tmp_path):
+    from dynsparse.atomic import atomic_write
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for target in (blocker / "m.bin", tmp_path):  # a parent that is a file; a target that is a directory
+        with pytest.raises(OSError) as info:
+            atomic_write(target, lambda tmp: Path(tmp).write_text("new"))
+        assert str(target) in str(info.value) and ".tmp" not in str(info.value)
+    assert blocker.read_text() == "x" and not list(tmp_path.glob(".*.tmp"))
