@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,10 +36,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="gloo over TCP on localhost")
-def test_torchrun_baseline_and_pruning(tmp_path):
-    recipe = tmp_path / "ddp.yaml"
-    recipe.write_text(RECIPE)
+def _torchrun_train(tmp_path, text: str) -> Path:
+    """``dynsparse train`` of the recipe ``text`` on two ranks (torchrun, gloo); returns the output directory."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
     cmd += ["--master_port", str(_free_port()), "-m", "dynsparse.cli", "train", str(recipe), "--out", str(out)]
@@ -46,6 +47,12 @@ def test_torchrun_baseline_and_pruning(tmp_path):
         [*cmd, "--threads", "1", "--no-progress"], env=ENV, capture_output=True, text=True, timeout=600
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo over TCP on localhost")
+def test_torchrun_baseline_and_pruning(tmp_path):
+    out = _torchrun_train(tmp_path, RECIPE)
     # the baseline trained on both ranks (one DDP run of its own) and the sparse run's results were written
     assert {"report.json", "model.safetensors", "log.jsonl"} <= {p.name for p in out.iterdir()}
     report = json.loads((out / "report.json").read_text())
@@ -74,14 +81,6 @@ convert: {enabled: false}
 def test_torchrun_batchnorm_statistics_end_identical_on_every_rank(tmp_path):
     """Each rank updates its BatchNorm running statistics from its own shard (DDP only broadcasts rank 0's at the
     start of a forward): the trainer gives every rank rank 0's buffers after each epoch."""
-    recipe = tmp_path / "bn.yaml"
-    recipe.write_text(BN_RECIPE)
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    cmd += ["--master_port", str(_free_port()), "-m", "dynsparse.cli", "train", str(recipe), "--out", str(out)]
-    res = subprocess.run(
-        [*cmd, "--threads", "1", "--no-progress"], env=ENV, capture_output=True, text=True, timeout=600
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = _torchrun_train(tmp_path, BN_RECIPE)
     digests = [json.loads((out / f"rank{r}.json").read_text())["digest"] for r in (0, 1)]
     assert digests[0] == digests[1]
