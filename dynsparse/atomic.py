@@ -37,8 +37,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     or for a new file 0666 less the umask.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _new_temp(path)
     except OSError as e:  # name the user's path, not a temporary file's
         raise _naming(e, path) from e
@@ -61,5 +61,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 
 def _naming(e: OSError, path: Path) -> OSError:
-    """``e`` as the same kind of error, naming ``path`` (the file the caller asked for)."""
-    return type(e)(e.errno, f"cannot write {path}: {e.strerror or e}")
+    """``e`` as the same kind of error about ``path`` (the file the caller asked for) where it named a temporary file
+    of it (``.NAME.*.tmp`` next to it); other errors as they are."""
+    names = [Path(f) for f in (e.filename, e.filename2) if isinstance(f, (str, os.PathLike))]
+    if not any(n.parent == path.parent and n.name.startswith(f".{path.name}.") for n in names):
+        return e
+    return type(e)(e.errno, e.strerror, str(path))

@@ -74,8 +74,10 @@ def test_errors_name_the_path_asked_for_not_a_temporary_file(tmp_path):
 
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    for target in (blocker / "m.bin", tmp_path):  # a parent that is a file; a target that is a directory
+    (tmp_path / "sub").mkdir()
+    # a parent that is a file (the error names it), a target that is a directory (the error names the target)
+    for target, named in ((blocker / "m.bin", blocker), (tmp_path / "sub", tmp_path / "sub")):
         with pytest.raises(OSError) as info:
             atomic_write(target, lambda tmp: Path(tmp).write_text("new"))
-        assert str(target) in str(info.value) and ".tmp" not in str(info.value)
+        assert info.value.filename == str(named) and ".tmp" not in str(info.value), info.value
     assert blocker.read_text() == "x" and not list(tmp_path.glob(".*.tmp"))
