@@ -45,6 +45,8 @@ def test_files_without_data_still_load(tmp_path):
         ({"mean": [0.1], "std": []}, "'mean' and 'std' need the same length"),
         ({"mean": [0.1], "std": [0.0]}, "field 'std' must be positive numbers"),
         ({"input_shape": [3, 8, 8], "mean": [0.1], "std": [0.2]}, "one value per input channel \\(3\\)"),
+        ({"channels": 3, "input_shape": [1, 8, 8]}, "'channels' \\(3\\) and the channels of 'input_shape' \\(1\\)"),
+        ({"channels": 3, "mean": [0.1], "std": [0.2]}, "one value per input channel \\(3\\)"),
         ("digits", "expected an object"),
         (
             {"max_lenght": 64},

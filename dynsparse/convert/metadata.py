@@ -78,6 +78,12 @@ def check_data(data: Mapping[str, Any], where: str = "data") -> dict[str, Any]:
             f"{where}: fields 'mean' and 'std' need the same length, got {data.get('mean')} / {data.get('std')}"
         )
     c = data.get("input_shape", [None])[0]
+    if c is not None and data.get("channels") is not None and data["channels"] != c:
+        raise ConfigError(
+            f"{where}: field 'channels' ({data['channels']}) and the channels of 'input_shape' ({c}) differ: the "
+            "images are converted to 'channels' before they reach the model"
+        )
+    c = c if c is not None else data.get("channels")
     if c is not None and data.get("mean") and len(data["mean"]) != c:
         raise ConfigError(f"{where}: field 'mean' needs one value per input channel ({c}), got {data['mean']}")
     return data
