@@ -22,6 +22,7 @@ __all__ = [
     "batches",
     "check_dimensions",
     "double_backward_ok",
+    "gate_layers",
     "gate_refs",
     "requiring_grad",
     "scoring_mode",
@@ -136,10 +137,8 @@ def weight_modules(
     per-input predictor, router or saliency network) are left out, as `dynsparse.prune.unstructured_` never
     prunes them.
     """
-    from ..gates import Gate, InputDependentGate
-
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
-    in_gates = {id(m) for g in model.modules() if isinstance(g, (Gate, InputDependentGate)) for m in g.modules()}
+    in_gates = gate_layers(model)
     out: dict[str, nn.Module] = {}
     seen: set[int] = set()
     for fqn, m in model.named_modules():
@@ -191,3 +190,11 @@ def used_weight(module: nn.Module) -> Tensor:
     masked = getattr(module, "masked_weight", None)
     with torch.no_grad():
         return (masked() if callable(masked) else module.weight).detach()
+
+
+def gate_layers(model: nn.Module) -> set[int]:
+    """``id`` of every module inside a gate of ``model``: a gate's own layers (a predictor, router or saliency
+    network) decide, they are not the model, so they are never scored or pruned."""
+    from ..gates import Gate, InputDependentGate
+
+    return {id(m) for g in model.modules() if isinstance(g, (Gate, InputDependentGate)) for m in g.modules()}

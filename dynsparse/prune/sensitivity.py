@@ -96,15 +96,16 @@ def sensitivity(
         A `SensitivityResult` (``.table()``, ``.plot(path)``, ``.ratios_for(min_metric)``).
     """
     from ..importance import MagnitudeImportance
+    from ..importance._util import gate_layers
     from ..sparsify import named_gates
-    from .unstructured import _MASKED, _gate_layers, unstructured_
+    from .unstructured import _MASKED, unstructured_
 
     ratios = [float(r) for r in ratios]
     if any(not 0.0 <= r < 1.0 for r in ratios):
         raise ConfigError(f"sensitivity: ratios must be in [0, 1), got {ratios}")
     result = SensitivityResult(ratios=ratios, group=group)
     if group == "element":  # masked twins too: a pruned layer is analysed from the sparsity it has
-        prunable, in_gates = (nn.Linear, nn.Conv2d, *_MASKED), _gate_layers(model)
+        prunable, in_gates = (nn.Linear, nn.Conv2d, *_MASKED), gate_layers(model)
         names = [f"{n}.weight" for n, m in model.named_modules() if type(m) in prunable and id(m) not in in_gates]
     elif group == "units":
         names = [f for f, g in named_gates(model) if g.num_units > 1]

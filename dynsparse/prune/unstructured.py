@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import ConfigError, DynsparseError, UnsupportedModuleError
+from ..importance._util import gate_layers
 from ..importance.masks import _count
 from ..importance.masks import _lowest_mask as _lowest
 from ..modules import replace_module_
@@ -69,14 +70,6 @@ def _check_layers(layers: Sequence[type[nn.Module]]) -> tuple[type[nn.Module], .
     return layers
 
 
-def _gate_layers(model: nn.Module) -> set[int]:
-    """``id`` of every module inside a gate of ``model``: a gate's own layers (a predictor, router or saliency
-    network) decide, they are not the model, so they are never pruned."""
-    from ..gates import Gate, InputDependentGate
-
-    return {id(m) for g in model.modules() if isinstance(g, (Gate, InputDependentGate)) for m in g.modules()}
-
-
 def _targets(
     model: nn.Module,
     include: str | Sequence[str] | None,
@@ -85,7 +78,7 @@ def _targets(
 ) -> list[tuple[str, list[str], nn.Module]]:
     """``(fqn, all_fqns, module)`` of every selected prunable module, each module once (shared ones too)."""
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
-    in_gates = _gate_layers(model)
+    in_gates = gate_layers(model)  # a gate's own layers decide, they are not the model: never pruned
     found: dict[int, tuple[str, list[str], nn.Module]] = {}
     for fqn, module in model.named_modules(remove_duplicate=False):
         if id(module) in in_gates:
