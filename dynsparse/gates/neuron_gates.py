@@ -211,13 +211,16 @@ class DejaVuGate(NeuronGate):
         """The rows the decisions are made for: ``x`` itself per token; the mean token (B, C) per input."""
         return x.mean(1) if self.per == "input" and x.dim() == 3 else x
 
+    def top_indices(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(scores (R, H) of the rows of ``pool(x)``, indices (R, k) of each row's top ``keep · H``, unsorted)."""
+        s = self.scores(self.pool(x)).reshape(-1, self.num_units)
+        return s, s.topk(min(self.num_kept(), self.num_units), dim=-1, sorted=False).indices
+
     def forward(self, x: Tensor) -> Tensor:
         """(R, H) bool keep mask: the top ``keep · H`` neurons of each row of ``pool(x)`` (R rows)."""
-        s = self.scores(self.pool(x)).reshape(-1, self.num_units)
-        k = self.num_kept()
-        if k >= self.num_units:
+        s, idx = self.top_indices(x)
+        if idx.shape[-1] >= self.num_units:
             return torch.ones_like(s, dtype=torch.bool)
-        idx = s.topk(k, dim=-1, sorted=False).indices
         # a bool source, not the scalar True: torch.jit.trace cannot record scatter_ with a bool scalar
         return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, torch.ones_like(idx, dtype=torch.bool))
 

@@ -116,12 +116,9 @@ class HeadGatedAttention(Attention):
             return y
         if self.training or capturing() or self.strategy == "mask":
             return self._masked(x, attn_mask, is_causal, self.heads(x))[0]
-        gate = self.heads
-        k = gate.num_kept()
-        if k >= self.num_heads:
+        if self.heads.num_kept() >= self.num_heads:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        # the gate's own top-k (the heads its (B, H) mask keeps), as sorted indices (B, k)
-        idx = gate.scores(gate.pool(x)).reshape(-1, self.num_heads).topk(k, dim=-1, sorted=False).indices
+        idx = self.heads.top_indices(x)[1]  # the heads the gate's (B, H) mask keeps, as indices (B, k)
         return self._grouped(x, attn_mask, is_causal, idx.sort(dim=-1).values)
 
     # -- the attention of the heads ``heads`` only --------------------------------------------------------------
