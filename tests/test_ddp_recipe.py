@@ -50,7 +50,7 @@ def _torchrun_train(tmp_path, text: str) -> Path:
     return out
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="gloo over TCP on localhost")
+@pytest.mark.skipif(sys.platform == "win32", reason="these runs use torchrun with gloo over localhost TCP, set up for Linux / macOS")
 def test_torchrun_baseline_and_pruning(tmp_path):
     out = _torchrun_train(tmp_path, RECIPE)
     # the baseline trained on both ranks (one DDP run of its own) and the sparse run's results were written
@@ -77,7 +77,7 @@ convert: {enabled: false}
 """
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="gloo over TCP on localhost")
+@pytest.mark.skipif(sys.platform == "win32", reason="these runs use torchrun with gloo over localhost TCP, set up for Linux / macOS")
 def test_torchrun_batchnorm_statistics_end_identical_on_every_rank(tmp_path):
     """Each rank updates its BatchNorm running statistics from its own shard (DDP only broadcasts rank 0's at the
     start of a forward): the trainer gives every rank rank 0's buffers after each epoch."""

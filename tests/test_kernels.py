@@ -360,7 +360,7 @@ def test_a_compiler_command_with_a_launcher_or_arguments_builds(monkeypatch, tmp
     """``CC="ccache gcc"`` (or ``"gcc -pthread"``) is a command, not a path: all of its words run."""
     cc = kernels._compiler()
     if cc is None or shutil.which("env") is None:
-        pytest.skip("no C compiler")
+        pytest.skip("needs a C compiler and the env command (the launcher this test puts in CC)")
     monkeypatch.setenv("DYNSPARSE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", f"env {shutil.which('cc') or shutil.which('gcc') or shutil.which('clang')}")
     lib, why = kernels._build.__wrapped__()
