@@ -30,6 +30,10 @@ evaluate: {latency: false}
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
 
 
+#: the torchrun runs below use gloo over localhost TCP, set up for Linux / macOS
+POSIX = pytest.mark.skipif(sys.platform == "win32", reason="torchrun + gloo over localhost TCP: Linux / macOS")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -50,7 +54,7 @@ def _torchrun_train(tmp_path, text: str) -> Path:
     return out
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="these runs use torchrun with gloo over localhost TCP, set up for Linux / macOS")
+@POSIX
 def test_torchrun_baseline_and_pruning(tmp_path):
     out = _torchrun_train(tmp_path, RECIPE)
     # the baseline trained on both ranks (one DDP run of its own) and the sparse run's results were written
@@ -77,7 +81,7 @@ convert: {enabled: false}
 """
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="these runs use torchrun with gloo over localhost TCP, set up for Linux / macOS")
+@POSIX
 def test_torchrun_batchnorm_statistics_end_identical_on_every_rank(tmp_path):
     """Each rank updates its BatchNorm running statistics from its own shard (DDP only broadcasts rank 0's at the
     start of a forward): the trainer gives every rank rank 0's buffers after each epoch."""
