@@ -149,7 +149,8 @@ class HeadGatedAttention(Attention):
         """The layer on ``x`` (b, N, C) with the heads ``heads`` (sorted indices) only."""
         B, N, _ = x.shape
         h, d = heads.numel(), self.head_dim
-        table = self._rows_table(x.device)  # (3, H, d): the qkv rows of each head's query, key and value
+        # (3, H, d): the qkv rows of each head's query, key and value; [0] is also its channels of the output
+        table = torch.arange(3 * self.attn_dim, device=x.device).view(3, self.num_heads, d)
         elems, rows = table[0].index_select(0, heads).flatten(), table.index_select(1, heads).flatten()
         b = self.qkv.bias
         qkv = F.linear(x, self.qkv.weight.index_select(0, rows), None if b is None else b.index_select(0, rows))
@@ -164,15 +165,6 @@ class HeadGatedAttention(Attention):
         pb = self.proj.bias
         y = (o @ w) if pb is None else torch.addmm(pb, o.reshape(-1, h * d), w).reshape(B, N, -1)
         return self.proj_drop(y)
-
-    def _rows_table(self, device: torch.device) -> Tensor:
-        """(3, H, d) row indices of ``qkv``: ``[part, head, j] = part · attn_dim + head · d + j`` (cached; row
-        ``[0]`` is also each head's channels of the attention output)."""
-        t = self.__dict__.get("_rows")
-        if t is None or t.device != device or t.shape[1:] != (self.num_heads, self.head_dim):
-            t = torch.arange(3 * self.attn_dim, device=device).view(3, self.num_heads, self.head_dim)
-            self.__dict__["_rows"] = t
-        return t
 
     def _grouped(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, idx: Tensor) -> Tensor:
         """One gathered run per group of inputs with the same heads (``idx`` (B, k): sorted head indices per input),
