@@ -243,16 +243,15 @@ def calibrate_(
             calibrate_neurons_(model, batches(), max_batches=n)
             ts = [float(m.threshold) for m in model.modules() if isinstance(m, CatsGate)]
             info["cats_threshold"] = sum(ts) / len(ts)
-        elif kind == "dejavu":
-            opts = {k: spec[k] for k in CALIBRATIONS["dejavu"].options if k in spec}
+        elif kind in ("dejavu", "dejavu_heads"):
+            fit, key = {
+                "dejavu": (train_predictors_, "dejavu_recall"),
+                "dejavu_heads": (train_head_predictors_, "head_recall"),
+            }[kind]
+            opts = {k: spec[k] for k in CALIBRATIONS[kind].options if k in spec}
             opts.setdefault("seed", seed)
-            recall = train_predictors_(model, batches(), max_batches=n, **opts)
-            info["dejavu_recall"] = sum(recall.values()) / len(recall)
-        elif kind == "dejavu_heads":
-            opts = {k: spec[k] for k in CALIBRATIONS["dejavu_heads"].options if k in spec}
-            opts.setdefault("seed", seed)
-            recall = train_head_predictors_(model, batches(), max_batches=n, **opts)
-            info["head_recall"] = sum(recall.values()) / len(recall)
+            recall = fit(model, batches(), max_batches=n, **opts)
+            info[key] = sum(recall.values()) / len(recall)
         else:
             gates = _threshold_gates(model)
             keep = spec.get("keep")
