@@ -268,17 +268,18 @@ class CostModel:
         self.terms = sorted(terms.items())
 
     def _combine(self, fractions: list[Tensor]) -> Tensor:
-        kept = fractions[0].new_zeros(()) if fractions else torch.zeros(())
+        # float32 whatever the gates' dtype: a float16 sum of costs in the millions overflows to inf
+        kept = fractions[0].new_zeros((), dtype=torch.float32) if fractions else torch.zeros(())
         for key, cost in self.terms:
             f = torch.ones((), dtype=kept.dtype, device=kept.device)
             for i in key:
-                f = f * fractions[i]
+                f = f * fractions[i].float()
             kept = kept + cost * f
         return kept / self.total if self.total else kept
 
     def expected_fraction(self) -> Tensor:
-        """Differentiable expected kept fraction from the gates' ``expected_keep()``."""
-        return self._combine([slot.gate.expected_keep().mean() for _, slot in self.slots])
+        """Differentiable expected kept fraction from the gates' ``expected_keep()`` (a float32 scalar)."""
+        return self._combine([slot.gate.expected_keep().float().mean() for _, slot in self.slots])
 
     @torch.no_grad()
     def fraction(self) -> float:

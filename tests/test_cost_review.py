@@ -1,0 +1,39 @@
+"""Review of the cost model, the report and the knob: cases a user hits that the other test files miss."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import dynsparse as ds
+from dynsparse.flops import CostModel
+
+torch.set_num_threads(1)
+
+
+def _vit_hard_concrete() -> torch.nn.Module:
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=4)
+    m = timm.create_model("vit_tiny_patch16_224", **kw)
+    ds.sparsify_(m, {"heads": "hard_concrete", "neurons": "hard_concrete", "layers": "hard_concrete"})
+    with torch.no_grad():
+        for _, gate in ds.named_gates(m):
+            gate.log_alpha.uniform_(-2, 2, generator=torch.Generator().manual_seed(1))
+            gate.log_alpha.copy_(gate.log_alpha.bfloat16())  # the same values in every dtype tested
+    return m
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_expected_fraction_of_a_low_precision_model(dtype):
+    """The costs (about 1e7 FLOPs here) were summed in the gates' dtype: inf in float16, 0.3 % off in bfloat16."""
+    m = _vit_hard_concrete()
+    x = torch.zeros(1, 3, 32, 32)
+    ref = CostModel(m, x).expected_fraction()
+    m = m.to(dtype)
+    cost = CostModel(m, x.to(dtype))
+    got = cost.expected_fraction()
+    assert torch.isfinite(got) and abs(float(got) - float(ref)) < 1e-3 * float(ref), (float(got), float(ref))
+    got.backward()
+    grads = [g.log_alpha.grad for _, g in ds.named_gates(m)]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
