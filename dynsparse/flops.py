@@ -105,11 +105,12 @@ def module_flops(model: nn.Module, example: Tensor | tuple) -> dict[str, int]:
     """Total FLOPs of each module (by fqn relative to ``model``, ``""`` = root) for one forward pass in eval mode.
 
     Tensors of ``example`` are moved to the model's device first (a CPU example counts the same on a GPU model).
+    Every module's training flag is restored afterwards (a BatchNorm frozen in a training model stays frozen).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     example = inputs_to_device_of(model, example)  # FLOPs do not depend on the device; the model's ops need it
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own flag: a frozen BatchNorm stays frozen
     model.eval()
 
     def count(grad_off: AbstractContextManager) -> FlopCounterMode:
@@ -134,7 +135,8 @@ def module_flops(model: nn.Module, example: Tensor | tuple) -> dict[str, int]:
     except Exception as e:  # the example input does not fit the model
         raise ConfigError(f"the example input does not run through {type(model).__name__}: {e}") from e
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     root = type(model).__name__
     out = {}
     for name, ops in counter.get_flop_counts().items():

@@ -7,9 +7,22 @@ import timm
 import torch
 
 import dynsparse as ds
-from dynsparse.flops import CostModel
+from dynsparse.flops import CostModel, count_flops
 
 torch.set_num_threads(1)
+
+
+def test_counting_keeps_each_submodules_training_flag():
+    """A frozen BatchNorm inside a training model (or a training one inside an eval model) stays as it was: the
+    whole model used to be put back with one ``train(was_training)``."""
+    m = timm.create_model("test_resnet", pretrained=False).train()
+    m.bn1.eval()
+    count_flops(m, torch.randn(1, 3, 32, 32))
+    assert m.training and not m.bn1.training and m.layer1.training
+    m.eval()
+    m.bn1.train()
+    count_flops(m, torch.randn(1, 3, 32, 32))
+    assert not m.training and m.bn1.training and not m.layer1.training
 
 
 def _vit_hard_concrete() -> torch.nn.Module:
