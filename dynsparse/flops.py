@@ -182,14 +182,18 @@ def _exclusive(totals: dict[str, int]) -> dict[str, int]:
 def _own_params(model: nn.Module) -> dict[str, int]:
     """Parameters each module owns directly, by fqn; the gates' own parameters are not part of the cost.
 
-    Gates are recognised by type, not by name: a host layer may well be called ``gate_proj`` (Llama's MLP).
+    Gates are recognised by type, not by name: a host layer may well be called ``gate_proj`` (Llama's MLP). A
+    parameter shared by several modules (tied embedding and output weights) counts once, for the first of them.
     """
     from .gates import Gate, InputDependentGate
 
     gate_fqns = [f for f, m in model.named_modules() if isinstance(m, (Gate, InputDependentGate))]
     out = {}
+    seen: set[int] = set()
     for fqn, m in model.named_modules():
-        n = sum(p.numel() for p in m.parameters(recurse=False))
+        own = [p for p in m.parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        n = sum(p.numel() for p in own)
         if n and not any(_covers(g, fqn) for g in gate_fqns if g):
             out[fqn] = n
     return out

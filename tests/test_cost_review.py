@@ -50,3 +50,11 @@ def test_expected_fraction_of_a_low_precision_model(dtype):
     got.backward()
     grads = [g.log_alpha.grad for _, g in ds.named_gates(m)]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_params_cost_counts_a_tied_weight_once():
+    """A weight shared by two modules (a language model's tied embedding and output layer) is one parameter."""
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50, bias=False))
+    model[1].weight = model[0].weight
+    cost = CostModel(model, kind="params")
+    assert cost.total == sum(p.numel() for p in model.parameters()) == 400
