@@ -13,6 +13,7 @@ from torch import nn
 
 from .errors import ConfigError, GateError
 from .gates import InputDependentGate
+from .registry import suggest
 
 __all__ = ["budget", "get_budget", "set_budget_"]
 
@@ -56,11 +57,23 @@ def set_budget_(
         known = {f for f, _ in gates}
         unknown = sorted(set(keep) - known, key=str)  # by text: an int key beside str keys raised TypeError
         if unknown:
-            raise ConfigError(f"set_budget_: no input-dependent gate named {unknown[0]!r}; gates: {sorted(known)[:5]}")
+            raise ConfigError(_unknown_message(model, unknown[0], known, kind))
         _apply(gates, keep)
         return model
     _apply(gates, {f: keep for f, _ in gates})
     return model
+
+
+def _unknown_message(model: nn.Module, name: object, known: set[str], kind: type | tuple[type, ...] | None) -> str:
+    """Why ``name`` is not a gate to set: a gate of another class than ``kind``, or no gate (with close names)."""
+    every = dict(_gates(model, None))
+    if kind is not None and name in every:
+        kinds = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        return f"set_budget_: gate {name!r} is a {type(every[name]).__name__}; kind= selects {kinds} gates only"
+    return (
+        f"set_budget_: no input-dependent gate named {name!r}.{suggest(str(name), known)} "
+        f"Gates: {sorted(known)[:5]}{f' ({len(known)} in all)' if len(known) > 5 else ''}"
+    )
 
 
 def _apply(gates: list[tuple[str, InputDependentGate]], keep: dict[str, float | None]) -> None:

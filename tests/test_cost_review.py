@@ -58,3 +58,26 @@ def test_params_cost_counts_a_tied_weight_once():
     model[1].weight = model[0].weight
     cost = CostModel(model, kind="params")
     assert cost.total == sum(p.numel() for p in model.parameters()) == 400
+
+
+def _tokens_and_routers() -> torch.nn.Module:
+    torch.manual_seed(0)
+    spec = {"tokens": {"blocks": [0], "keep": 0.3}, "depth": {"keep": 0.5, "exclude": "blocks.0"}}
+    return ds.sparsify_(timm.create_model("test_vit", pretrained=False, img_size=32), spec)
+
+
+def test_an_unknown_gate_name_in_a_budget_suggests_the_close_one():
+    """The error listed the first five gates only: a typo in a later one got no useful hint."""
+    m = _tokens_and_routers()
+    with pytest.raises(ds.ConfigError, match=r"'blocks\.5\.routr'.*Did you mean 'blocks\.5\.router'"):
+        ds.set_budget_(m, {"blocks.5.routr": 0.5})
+    assert ds.get_budget(m)["blocks.5.router"] == 0.5
+
+
+def test_a_budget_key_of_a_gate_left_out_by_kind_says_so():
+    """A gate that exists but is not of ``kind`` was reported as 'no input-dependent gate named ...'."""
+    m = _tokens_and_routers()
+    match = r"'blocks\.0\.tokens\.gate' is a ClsAttentionTokenGate; kind= selects BlockRouter"
+    with pytest.raises(ds.ConfigError, match=match):
+        ds.set_budget_(m, {"blocks.0.tokens.gate": 0.5}, kind=ds.BlockRouter)
+    assert ds.get_budget(m)["blocks.0.tokens.gate"] == 0.3
