@@ -124,7 +124,9 @@ def module_flops(model: nn.Module, example: Tensor | tuple) -> dict[str, int]:
 
     try:
         try:
-            counter = count(torch.no_grad())
+            # under inference mode no graph is recorded either, and the tracker fails on any parameter it is passed
+            inference = torch.is_inference_mode_enabled()
+            counter = count(_frozen_parameters(model) if inference else torch.no_grad())
         except (RuntimeError, AssertionError) as e:
             # the counter's module tracker fails under no_grad on a parameter expanded into a submodule's input (a
             # class token or pooling latent: PiT, CaiT, attention pooling); without autograd on the parameters the

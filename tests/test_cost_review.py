@@ -25,6 +25,17 @@ def test_counting_keeps_each_submodules_training_flag():
     assert not m.training and m.bn1.training and not m.layer1.training
 
 
+def test_counting_under_inference_mode_a_model_feeding_a_parameter_to_a_submodule():
+    """Attention pooling (PiT, CaiT alike) passes a parameter into a submodule: under ``torch.inference_mode()`` the
+    counter's module tracker failed on it ('NoneType' object has no attribute 'next_functions')."""
+    m = timm.create_model("vit_small_patch16_224", global_pool="map", img_size=32, patch_size=8, depth=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    n = count_flops(m, x)
+    with torch.inference_mode():
+        assert count_flops(m, x) == n
+    assert all(p.requires_grad for p in m.parameters())
+
+
 def _vit_hard_concrete() -> torch.nn.Module:
     torch.manual_seed(0)
     kw = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=4)
