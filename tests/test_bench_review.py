@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
@@ -14,3 +19,37 @@ def test_compare_latency_restores_each_submodules_training_flag():
     m[1].eval()
     compare_latency({"m": m, "eval": nn.Linear(4, 4).eval()}, torch.zeros(2, 4), rounds=1, warmup=0)
     assert m.training and m[0].training and not m[1].training, "the frozen BatchNorm must stay in eval mode"
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+class _Parsed(Exception):
+    """Raised by the first ``torch.set_num_threads`` call: the script got past its argument parsing."""
+
+
+def _parse_only(monkeypatch, script: str, argv: list[str]) -> pytest.ExceptionInfo:
+    """Run ``benchmarks/<script>.py``'s ``main`` on ``argv`` up to its first ``torch.set_num_threads`` call."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"_bench_{script}", BENCHMARKS / f"{script}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+
+    def parsed(n):
+        raise _Parsed
+
+    monkeypatch.setattr(torch, "set_num_threads", parsed)
+    with pytest.raises((SystemExit, _Parsed)) as exc:
+        mod.main()
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--formats", "channels-last"), ("--formats", "NCHW"), ("--weights", "64x64x3")]
+)
+def test_conv_gather_refuses_an_unknown_format_or_weight(monkeypatch, capsys, flag, value):
+    # "channels-last" (a hyphen) timed the contiguous weights and labelled the rows "channels-last"
+    exc = _parse_only(monkeypatch, "conv_gather", [flag, value])
+    assert exc.type is SystemExit and exc.value.code == 2
+    assert f"argument {flag}: invalid choice: {value!r}" in capsys.readouterr().err
