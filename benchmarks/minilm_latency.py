@@ -25,14 +25,15 @@ from _minilm import forward_step, magnitude_pruned
 from _timing import count_flops, interleaved_rounds, markdown_table, paired_ratios, spread
 
 import dynsparse as ds
+from dynsparse.commands.args import positive_int
 
 
 def main(argv: Sequence[str] | None = None) -> list[list[str]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("plans", nargs="+", help="SlicePlan JSON files of converted MiniLM models")
     ap.add_argument("--baseline-keep", type=float, default=0.5, help="kept fraction of heads/neurons, magnitude")
-    ap.add_argument("--rounds", type=int, default=60)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=positive_int, default=60)
+    ap.add_argument("--threads", type=positive_int, default=1)
     args = ap.parse_args(argv)
 
     from dynsparse.pretrained import load_pretrained

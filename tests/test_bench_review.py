@@ -53,3 +53,39 @@ def test_conv_gather_refuses_an_unknown_format_or_weight(monkeypatch, capsys, fl
     exc = _parse_only(monkeypatch, "conv_gather", [flag, value])
     assert exc.type is SystemExit and exc.value.code == 2
     assert f"argument {flag}: invalid choice: {value!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("script", "argv"),
+    [
+        ("dynamic", ["--rounds", "-1"]),  # was a ValueError from spread() after the first model was built
+        ("dynamic", ["--batches", "0"]),
+        ("dynamic", ["--threads", "0"]),  # was a RuntimeError traceback from torch
+        ("dynamic", ["--warmup", "-1"]),
+        ("dynamic_channels", ["--rounds", "-2"]),
+        ("dynamic_channels", ["--batches", "1", "0"]),
+        ("dynamic_channels", ["--threads", "0"]),
+        ("dynamic_heads", ["--batches", "0"]),
+        ("dynamic_heads", ["--rounds", "-1"]),
+        ("dynamic_neurons", ["--vit-batches", "0"]),
+        ("dynamic_neurons", ["--rounds", "-1"]),
+        ("token_layouts", ["--rounds", "0"]),
+        ("token_layouts", ["--batch", "0"]),
+        ("conv_gather", ["--rounds", "0"]),
+        ("conv_gather", ["--reps", "0"]),
+        ("block_sparse", ["--rounds", "0"]),
+        ("block_sparse", ["--tokens", "0"]),
+        ("block_sparse", ["--threads", "0"]),
+        ("convert_layers", ["--rounds", "0"]),  # was a StatisticsError after building and converting ResNet-50
+        ("convert_layers", ["--batch", "0"]),
+        ("knob_curve", ["recipe.yaml", "--run", "run", "--rounds", "0"]),
+        ("knob_curve", ["recipe.yaml", "--run", "run", "--threads", "0"]),
+        ("minilm_latency", ["plan.json", "--rounds", "0"]),
+        ("minilm_latency", ["plan.json", "--threads", "0"]),
+    ],
+)
+def test_timing_scripts_refuse_bad_counts_before_any_work(monkeypatch, capsys, script, argv):
+    exc = _parse_only(monkeypatch, script, argv)
+    assert exc.type is SystemExit and exc.value.code == 2, "the bad value got past the argument parser"
+    flag = next(a for a in argv if a.startswith("--") and a != "--run")
+    assert f"argument {flag}: must be at least" in capsys.readouterr().err
