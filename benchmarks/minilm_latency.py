@@ -35,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> list[list[str]]:
     ap.add_argument("--rounds", type=positive_int, default=60)
     ap.add_argument("--threads", type=positive_int, default=1)
     args = ap.parse_args(argv)
+    names = ["dense", *(Path(p).stem for p in args.plans)] + ["magnitude (uniform)"] * (args.baseline_keep < 1)
+    same = sorted({n for n in names if names.count(n) > 1})
+    if same:  # a later model replaced the earlier one of its name (a dense.json the dense reference)
+        ap.error(f"plans {args.plans} give the same row name {same} twice: rename the files")
 
     from dynsparse.pretrained import load_pretrained
 

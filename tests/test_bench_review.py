@@ -89,3 +89,13 @@ def test_timing_scripts_refuse_bad_counts_before_any_work(monkeypatch, capsys, s
     assert exc.type is SystemExit and exc.value.code == 2, "the bad value got past the argument parser"
     flag = next(a for a in argv if a.startswith("--") and a != "--run")
     assert f"argument {flag}: must be at least" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "plans", [["runs/a/plan.json", "runs/b/plan.json"], ["dense.json"], ["x/magnitude (uniform).json"]]
+)
+def test_minilm_latency_refuses_plans_whose_rows_would_collide(monkeypatch, capsys, plans):
+    # rows are named by the file's stem: a second plan.json replaced the first, a dense.json the dense reference
+    exc = _parse_only(monkeypatch, "minilm_latency", plans)
+    assert exc.type is SystemExit and exc.value.code == 2
+    assert "the same row name" in capsys.readouterr().err
