@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from _timing import Spread, Timings, markdown_table, paired_ratios, spread
 from torch import nn
 
+from dynsparse.commands.args import positive_int
 from dynsparse.prune import EVICT_BYTES, BlockSparseLinear, block_mask
 
 LAYERS = {"fc1": (768, 3072), "fc2": (3072, 768)}
@@ -146,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95])
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 197])
+    p.add_argument("--tokens", type=positive_int, nargs="+", default=[1, 197])
     p.add_argument("--layers", nargs="+", choices=list(LAYERS), default=list(LAYERS))
-    p.add_argument("--block", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=40)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--block", type=positive_int, default=32)
+    p.add_argument("--rounds", type=positive_int, default=40)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--calibrate", choices=["warm", "cold"], default="warm", help="BlockSparseLinear's timing regime")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

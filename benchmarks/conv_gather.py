@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from dynsparse.commands.args import positive_int
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import interleaved_rounds, markdown_table, paired_ratios, spread
 
@@ -47,10 +49,12 @@ def main() -> None:
     from dynsparse.layers.channel_kernels import _take
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--formats", nargs="+", default=["channels_last", "contiguous"])
-    p.add_argument("--weights", nargs="+", default=None, help="only these, e.g. 64x64x3x3")
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--reps", type=int, default=10, help="calls per timed step")
+    formats = ["channels_last", "contiguous"]  # any other name ran the contiguous weights under that name
+    p.add_argument("--formats", nargs="+", default=formats, choices=formats)
+    weights = [f"{o}x{i}x{k}x{k}" for o, i, k in SHAPES]
+    p.add_argument("--weights", nargs="+", default=None, choices=weights, help="only these, e.g. 64x64x3x3")
+    p.add_argument("--rounds", type=positive_int, default=30)
+    p.add_argument("--reps", type=positive_int, default=10, help="calls per timed step")
     args = p.parse_args()
     torch.set_num_threads(1)
     if kernels.load() is None:

@@ -36,6 +36,8 @@ from _timing import add_memory_options, apply_memory_options, markdown_table
 from convert_speed import IMAGE_SIZE, VERIFY_BATCH, build_dynsparse
 from torch import nn
 
+from dynsparse.commands.args import nonnegative_int, positive_int
+
 TIMED = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Linear, timm.layers.SelectAdaptivePool2d)
 INTERNAL = ("bn1", "bn2", "act1", "act2")
 
@@ -81,9 +83,11 @@ def instrument(model: nn.Module, times: dict[str, list[float]], flops: dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=32, help="batch size (default: 32)")
-    p.add_argument("--rounds", type=int, default=7, help="timed rounds (default: 7)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed forwards of each model first (default: 2)")
+    p.add_argument("--batch", type=positive_int, default=32, help="batch size (default: 32)")
+    p.add_argument("--rounds", type=positive_int, default=7, help="timed rounds (default: 7)")
+    p.add_argument(
+        "--warmup", type=nonnegative_int, default=2, help="untimed forwards of each model first (default: 2)"
+    )
     add_memory_options(p)
     args = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -49,6 +49,8 @@ from pathlib import Path
 
 import torch
 
+from dynsparse.commands.args import nonnegative_int, positive_int
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import count_flops, interleaved_rounds, markdown_table, speed_cells
 
@@ -175,10 +177,12 @@ def timed_images(case: str, n: int, model) -> torch.Tensor:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--rounds", type=int, default=0, help="timed rounds (default: 30 at batch 1, 8 at batch 32)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batches", type=positive_int, nargs="+", default=[1, 32])
+    p.add_argument(
+        "--rounds", type=nonnegative_int, default=0, help="timed rounds (default: 30 at batch 1, 8 at batch 32)"
+    )
+    p.add_argument("--warmup", type=nonnegative_int, default=2)
+    p.add_argument("--threads", type=positive_int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(

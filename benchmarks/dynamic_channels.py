@@ -51,6 +51,7 @@ from _timing import (
     spread,
 )
 
+from dynsparse.commands.args import nonnegative_int, positive_int
 from dynsparse.layers.channel_gating import STRATEGIES
 
 
@@ -120,12 +121,14 @@ def decision_stats(dyn, x) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--batches", type=positive_int, nargs="+", default=[1, 32])
     p.add_argument("--strategies", nargs="+", default=["auto"], choices=STRATEGIES)
     p.add_argument("--keep", type=float, default=0.5)
-    p.add_argument("--rounds", type=int, default=0, help="timed rounds (default: 20 at batch 1, 5 at batch 32)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--rounds", type=nonnegative_int, default=0, help="timed rounds (default: 20 at batch 1, 5 at batch 32)"
+    )
+    p.add_argument("--warmup", type=nonnegative_int, default=2)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument(
         "--no-kernel",
         action="store_true",

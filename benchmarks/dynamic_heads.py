@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from dynsparse.commands.args import nonnegative_int, positive_int
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import count_flops, interleaved_rounds, markdown_table, speed_cells
 
@@ -215,13 +217,15 @@ def accuracy(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["speed", "layers", "accuracy"], nargs="+", default=["speed"])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--batches", type=positive_int, nargs="+", default=[1, 32])
     p.add_argument("--keep", type=float, default=0.5)
-    p.add_argument("--rounds", type=int, default=0)
+    p.add_argument("--rounds", type=nonnegative_int, default=0)
     p.add_argument("--checkpoint", default="runs/fashion_vit_hc40/baseline/checkpoint.pt")
     p.add_argument("--label", choices=["norm", "contribution"], default="norm", help="head labels and static ranking")
-    p.add_argument("--calib", type=int, default=4000, help="predictor-training images")
-    p.add_argument("--finetune", type=int, default=0, help="also fine-tune the host this many epochs at keep 0.5")
+    p.add_argument("--calib", type=positive_int, default=4000, help="predictor-training images")
+    p.add_argument(
+        "--finetune", type=nonnegative_int, default=0, help="also fine-tune the host this many epochs at keep 0.5"
+    )
     p.add_argument("--lr", type=float, default=5e-4, help="fine-tuning learning rate (Adam, cosine to 0.1 lr)")
     p.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
     args = p.parse_args()

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dynsparse.commands.args import nonnegative_int, positive_int
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import count_flops, interleaved_rounds, markdown_table, speed_cells
 
@@ -155,18 +157,18 @@ def main() -> None:
     p.add_argument("--part", choices=["decode", "vit", "accuracy"], nargs="+", default=["decode", "vit"])
     p.add_argument("--hosts", nargs="+", default=["swiglu", "mlp"])
     p.add_argument("--gates", nargs="+", default=["cats", "dejavu"])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--vit-batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8])
+    p.add_argument("--vit-batches", type=positive_int, nargs="+", default=[1, 32])
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--strategies", nargs="+", default=[], help="also time these strategies (gather, union, mask)")
-    p.add_argument("--rounds", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--rounds", type=nonnegative_int, default=0)
+    p.add_argument("--epochs", type=nonnegative_int, default=5)
     p.add_argument(
         "--checkpoint",
         help="a trained dense model (recipe checkpoint), e.g. "
         "runs/fashion_vit_hc40/baseline/checkpoint.pt; default: train one for --epochs",
     )
-    p.add_argument("--calib", type=int, default=4000, help="calibration / predictor-training images")
+    p.add_argument("--calib", type=positive_int, default=4000, help="calibration / predictor-training images")
     p.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.3])
     args = p.parse_args()
     torch.set_num_threads(1)

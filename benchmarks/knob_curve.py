@@ -24,6 +24,7 @@ import torch
 
 import dynsparse as ds
 from dynsparse.bench import knob_curve
+from dynsparse.commands.args import positive_int
 from dynsparse.data import load_dataset, make_loader
 from dynsparse.recipes import load_recipe
 from dynsparse.recipes.run import dense_baseline
@@ -35,9 +36,9 @@ def main() -> None:
     p.add_argument("recipe")
     p.add_argument("--run", required=True, help="output dir of `dynsparse train` for this recipe")
     p.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batches", type=positive_int, nargs="+", default=[1, 64])
+    p.add_argument("--rounds", type=positive_int, default=15)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument(
         "--dense-run",
         default=None,

@@ -25,15 +25,20 @@ from _minilm import forward_step, magnitude_pruned
 from _timing import count_flops, interleaved_rounds, markdown_table, paired_ratios, spread
 
 import dynsparse as ds
+from dynsparse.commands.args import positive_int
 
 
 def main(argv: Sequence[str] | None = None) -> list[list[str]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("plans", nargs="+", help="SlicePlan JSON files of converted MiniLM models")
     ap.add_argument("--baseline-keep", type=float, default=0.5, help="kept fraction of heads/neurons, magnitude")
-    ap.add_argument("--rounds", type=int, default=60)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=positive_int, default=60)
+    ap.add_argument("--threads", type=positive_int, default=1)
     args = ap.parse_args(argv)
+    names = ["dense", *(Path(p).stem for p in args.plans)] + ["magnitude (uniform)"] * (args.baseline_keep < 1)
+    same = sorted({n for n in names if names.count(n) > 1})
+    if same:  # a later model replaced the earlier one of its name (a dense.json the dense reference)
+        ap.error(f"plans {args.plans} give the same row name {same} twice: rename the files")
 
     from dynsparse.pretrained import load_pretrained
 

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from dynsparse.commands.args import nonnegative_int, positive_int
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import count_flops, interleaved_rounds, markdown_table, paired_ratios, spread
 
@@ -126,10 +128,10 @@ def attention_grid(rounds: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--attention", action="store_true", help="time the attention strategies alone")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=positive_int, default=32)
     p.add_argument("--keep", type=float, default=0.7)
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=positive_int, default=8)
+    p.add_argument("--warmup", type=nonnegative_int, default=2)
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.attention:

@@ -45,7 +45,8 @@ def compare_latency(
 
     The order of the models rotates every round; the speed-up of model ``m`` is the median over rounds of
     ``t_reference / t_m`` measured in the same round. ``torch.set_num_threads(threads)`` is set for the
-    measurement and restored afterwards, and so is each model's training flag. Python's cyclic garbage collector
+    measurement and restored afterwards, and so is the training flag of each model and of each of its submodules (a
+    model fine-tuned with frozen BatchNorm keeps it frozen). Python's cyclic garbage collector
     runs once before the timed rounds and is off during them (restored afterwards), so a collection triggered by
     one model's allocations is never charged to whichever model happens to run next.
 
@@ -65,7 +66,7 @@ def compare_latency(
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     times: dict[str, list[float]] = {n: [] for n in names}
-    modes = [(m, m.training) for m in models.values()]
+    modes = [(m, [(sub, sub.training) for sub in m.modules()]) for m in models.values()]
     gc_was_enabled = gc.isenabled()
     try:
         for m in models.values():
@@ -86,8 +87,10 @@ def compare_latency(
         if gc_was_enabled:
             gc.enable()
         torch.set_num_threads(old)
-        for m, training in modes:
-            m.train(training)
+        for m, flags in modes:
+            m.train(flags[0][1])  # the modules' own `train` runs (gated layers drop their weight caches)
+            for sub, training in flags:  # then each submodule's own flag: `train` set them all alike
+                sub.training = training
     med = {n: statistics.median(v) for n, v in times.items()}
     speed = {n: statistics.median([a / b for a, b in zip(times[reference], times[n], strict=True)]) for n in names}
     return LatencyResult(threads, int(x.shape[0]), rounds, med, speed)
