@@ -135,3 +135,23 @@ def test_json_naming_a_directory_is_refused_before_the_timing(files, tmp_path, c
     assert main(["bench", str(converted), *FAST, "--json", str(tmp_path)]) == 2
     out = capsys.readouterr()
     assert out.out == "" and out.err.startswith(f"dynsparse bench: error: --json {tmp_path}: is a directory")
+
+
+def test_a_per_input_models_ideal_is_counted_on_the_inputs_timed(tmp_path):
+    """achieved/ideal at each batch size compares the time of the timed inputs with *their* FLOPs, not with the
+    FLOPs of the other inputs the FLOPs/input column averages over."""
+    from dynsparse.commands.modelfile import random_inputs
+
+    torch.manual_seed(0)
+    model = ds.sparsify_(build_host(ARCH).eval(), {"tokens": {"gate": "cls_attention", "blocks": [1], "keep": 0.5}})
+    path = ds.save(ds.convert(model, static=False), tmp_path / "tokens.safetensors", arch=ARCH, data=DATA)
+    out = tmp_path / "b.json"
+    assert main(["bench", str(path), "--dense", "--batch", "1", "3", *FAST, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    dense_flops = count_flops(build_host(ARCH), torch.zeros(1, 1, 8, 8))
+    for b in r["batches"]:
+        timed = random_inputs([1, 8, 8], b["batch"], seed=2)
+        dense_row, row = b["rows"]
+        assert dense_row["ideal_speedup"] == pytest.approx(1.0)
+        assert row["ideal_speedup"] == pytest.approx(dense_flops / mean_flops(ds.load(path), timed))
+        assert row["achieved_over_ideal"] == pytest.approx(row["speedup"] / row["ideal_speedup"])
