@@ -99,3 +99,20 @@ def test_minilm_latency_refuses_plans_whose_rows_would_collide(monkeypatch, caps
     exc = _parse_only(monkeypatch, "minilm_latency", plans)
     assert exc.type is SystemExit and exc.value.code == 2
     assert "the same row name" in capsys.readouterr().err
+
+
+def test_compare_latency_waits_for_cuda_kernels(monkeypatch):
+    """On a CUDA input each timed forward is bracketed by torch.cuda.synchronize (else only launches are timed)."""
+    from dynsparse.bench.latency import compare_latency
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
+
+    class Cuda(torch.Tensor):  # a CPU tensor that reports a CUDA device, so the test runs without a GPU
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+
+    x = torch.zeros(2, 3).as_subclass(Cuda)
+    compare_latency({"a": torch.nn.Identity(), "b": torch.nn.Identity()}, x, rounds=2, warmup=0)
+    assert len(calls) == 2 * 2 * 2  # before and after each of 2 models x 2 rounds

@@ -48,7 +48,8 @@ def compare_latency(
     measurement and restored afterwards, and so is the training flag of each model and of each of its submodules (a
     model fine-tuned with frozen BatchNorm keeps it frozen). Python's cyclic garbage collector
     runs once before the timed rounds and is off during them (restored afterwards), so a collection triggered by
-    one model's allocations is never charged to whichever model happens to run next.
+    one model's allocations is never charged to whichever model happens to run next. On a CUDA ``x`` each timed
+    forward is bracketed by `torch.cuda.synchronize` (kernels run asynchronously: the launch alone is not the time).
 
     Raises:
         ConfigError: ``rounds`` or ``threads`` is below 1, ``warmup`` below 0, ``models`` is empty, ``reference``
@@ -77,11 +78,14 @@ def compare_latency(
                     models[n](x)
             gc.collect()
             gc.disable()
+            sync = torch.cuda.synchronize if x.device.type == "cuda" else _no_sync
             for r in range(rounds):
                 order = names[r % len(names) :] + names[: r % len(names)]
                 for n in order:
+                    sync()
                     t0 = time.perf_counter()
                     models[n](x)
+                    sync()
                     times[n].append(time.perf_counter() - t0)
     finally:
         if gc_was_enabled:
@@ -94,6 +98,10 @@ def compare_latency(
     med = {n: statistics.median(v) for n, v in times.items()}
     speed = {n: statistics.median([a / b for a, b in zip(times[reference], times[n], strict=True)]) for n in names}
     return LatencyResult(threads, int(x.shape[0]), rounds, med, speed)
+
+
+def _no_sync() -> None:
+    """CPU ops have finished when they return."""
 
 
 def _check_args(models: Mapping[str, nn.Module], reference: str | None, rounds: int, warmup: int, threads: int) -> None:
