@@ -175,8 +175,10 @@ class NeuronGated:
     def _run(self, rows: Tensor, g: Tensor | None, idx: Tensor, m: Tensor | None) -> Tensor:
         """The MLP on ``rows`` (n, C) with only neurons ``idx`` (sorted); ``m`` (n, len(idx)) masks inside them."""
         # one token: the fastest single-row kernels; not under a dispatch mode (a FLOP counter), where they step
-        # aside for PyTorch fallbacks it would misread (a dense producer then sliced, an uncounted embedding_bag)
+        # aside for PyTorch fallbacks it would misread (a dense producer then sliced, an uncounted embedding_bag),
+        # nor under autocast (embedding_bag and the kernels do not follow it: mixed dtypes, float32 results)
         one = self.strategy == "auto" and rows.shape[0] == 1 and not is_in_torch_dispatch_mode()
+        one = one and not torch.is_autocast_enabled(rows.device.type)
         wg, bg, wv, bv = self._producers()
         if one and m is None and idx.numel():
             y = kernel_row(self, rows, g, idx)

@@ -1,0 +1,69 @@
+"""Per-input neuron and head gates: regressions found in the second review (autocast, frozen models, empty batches,
+keep 1, predictor-training options)."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from timm.layers import Attention, GluMlp, Mlp, SwiGLU
+from torch import nn
+
+from dynsparse.layers.head_gating import gate_heads_
+from dynsparse.layers.neuron_gating import (
+    calibrate_neurons_,
+    gate_neurons_,
+    set_strategy_,
+)
+
+HOSTS = {
+    "mlp": lambda: Mlp(12, 40),
+    "swiglu": lambda: SwiGLU(12, 40),
+    "glu": lambda: GluMlp(12, 80, act_layer=nn.SiLU),
+}
+GATES = [("cats", "token"), ("dejavu", "token"), ("dejavu", "input")]
+ARCH = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=5)
+
+
+def _gated(host: str, gate: str, per: str, keep: float = 0.5, dtype=torch.float32) -> nn.Sequential:
+    torch.manual_seed(0)
+    m = nn.Sequential(HOSTS[host]()).to(dtype).eval()
+    gate_neurons_(m, gate, keep=keep, per=per)
+    if gate == "cats":
+        calibrate_neurons_(m, [torch.randn(4, 9, 12, dtype=dtype)])
+    return m
+
+
+def _heads(keep: float = 0.5) -> nn.Sequential:
+    torch.manual_seed(0)
+    m = gate_heads_(nn.Sequential(Attention(24, num_heads=4)).eval(), "dejavu", keep=keep)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m[0].heads.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return m
+
+
+def _vit() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_small_patch16_224", pretrained=False, **ARCH).eval()
+
+
+@pytest.mark.parametrize("kernels", ["on", "off"])
+@pytest.mark.parametrize("host", sorted(HOSTS))
+@pytest.mark.parametrize("gate,per", GATES)
+def test_single_token_under_autocast_runs_like_a_batch(monkeypatch, kernels, host, gate, per):
+    """One token under ``torch.autocast`` (mixed-precision decoding): the activations are bf16, the cached ``fc2``
+    copy float32; the single-token path crashed in ``embedding_bag`` (or, through the compiled kernel, computed
+    in float32 and returned float32 where every other path returns bf16)."""
+    if kernels == "off":
+        monkeypatch.setenv("DYNSPARSE_NO_KERNELS", "1")
+    m = _gated(host, gate, per)
+    x = torch.randn(1, 1, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        set_strategy_(m, "mask")
+        want = m(x)
+        set_strategy_(m, "auto")
+        got = m(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
