@@ -9,11 +9,13 @@ import torch
 from timm.layers import Attention, GluMlp, Mlp, SwiGLU
 from torch import nn
 
-from dynsparse.layers.head_gating import gate_heads_
+import dynsparse as ds
+from dynsparse.layers.head_gating import gate_heads_, train_head_predictors_
 from dynsparse.layers.neuron_gating import (
     calibrate_neurons_,
     gate_neurons_,
     set_strategy_,
+    train_predictors_,
 )
 
 HOSTS = {
@@ -67,3 +69,17 @@ def test_single_token_under_autocast_runs_like_a_batch(monkeypatch, kernels, hos
         got = m(x)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("what", ["neurons", "heads"])
+def test_predictors_train_in_a_frozen_model(what):
+    """A host frozen with ``requires_grad_(False)`` (the usual way to freeze it) still gets its predictors trained
+    (they crashed in ``backward``: no tensor required grad); the flags are left as they were."""
+    m = ds.sparsify_(_vit(), {what: {"gate": "dejavu", "keep": 0.5}}).requires_grad_(False)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    train = train_predictors_ if what == "neurons" else train_head_predictors_
+    recall = train(m, [torch.randn(6, 3, 32, 32)], epochs=2)
+    assert len(recall) == 2
+    assert not any(p.requires_grad for p in m.parameters())
+    changed = {k for k, v in m.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".predictor." in k for k in changed), changed

@@ -272,7 +272,8 @@ def fit_predictor_(
     """Train ``gate``'s predictor on rows ``x`` (R, C) and labels ``y`` (R, H) bool (in place).
 
     Deja Vu's recipe: weighted BCE (`DejaVuGate.loss`), AdamW, a held-out split, early stopping after
-    ``patience`` epochs without a better held-out recall; the best epoch's weights are kept.
+    ``patience`` epochs without a better held-out recall; the best epoch's weights are kept. The predictor is
+    trained even where its parameters do not require grad (a model frozen whole); their flags are restored.
 
     Returns:
         The best held-out recall (`predictor_recall`).
@@ -283,30 +284,34 @@ def fit_predictor_(
     perm = torch.randperm(len(x), generator=g).to(p.device)
     n_val = max(1, round(holdout * len(x))) if len(x) > 1 else 0
     val, train = perm[:n_val], perm[n_val:] if n_val < len(x) else perm
-    was = gate.training
-    gate.train()
+    was, flags = gate.training, [(q, q.requires_grad) for q in gate.parameters()]
+    gate.train().requires_grad_(True)
     opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=weight_decay)
     best, best_state, bad = -1.0, None, 0
-    with torch.enable_grad():
-        for _ in range(epochs):
-            order = train[torch.randperm(len(train), generator=g).to(p.device)]
-            for i in range(0, len(order), batch_size):
-                b = order[i : i + batch_size]
-                loss = gate.loss(x[b], y[b])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            r = predictor_recall(gate, x[val], y[val])
-            if r > best:
-                best, bad = r, 0
-                best_state = {k: v.detach().clone() for k, v in gate.predictor.state_dict().items()}
-            else:
-                bad += 1
-                if bad >= patience:
-                    break
+    try:
+        with torch.enable_grad():
+            for _ in range(epochs):
+                order = train[torch.randperm(len(train), generator=g).to(p.device)]
+                for i in range(0, len(order), batch_size):
+                    b = order[i : i + batch_size]
+                    loss = gate.loss(x[b], y[b])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                r = predictor_recall(gate, x[val], y[val])
+                if r > best:
+                    best, bad = r, 0
+                    best_state = {k: v.detach().clone() for k, v in gate.predictor.state_dict().items()}
+                else:
+                    bad += 1
+                    if bad >= patience:
+                        break
+    finally:
+        gate.train(was)
+        for q, flag in flags:
+            q.requires_grad_(flag)
     if best_state is not None:
         gate.predictor.load_state_dict(best_state)
-    gate.train(was)
     return best
 
 
