@@ -1,5 +1,5 @@
 """Per-input neuron and head gates: regressions found in the second review (autocast, frozen models, empty batches,
-keep 1, predictor-training options)."""
+predictor-training options)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from timm.layers import Attention, GluMlp, Mlp, SwiGLU
 from torch import nn
 
 import dynsparse as ds
-from dynsparse.layers.head_gating import gate_heads_, train_head_predictors_
+from dynsparse.layers.head_gating import gate_heads_, set_head_strategy_, train_head_predictors_
 from dynsparse.layers.neuron_gating import (
     calibrate_neurons_,
     gate_neurons_,
@@ -83,3 +83,25 @@ def test_predictors_train_in_a_frozen_model(what):
     assert not any(p.requires_grad for p in m.parameters())
     changed = {k for k, v in m.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(".predictor." in k for k in changed), changed
+
+
+@pytest.mark.parametrize("host", sorted(HOSTS))
+@pytest.mark.parametrize("gate,per", GATES)
+@pytest.mark.parametrize("shape", [(0, 12), (0, 1, 12), (0, 9, 12), (2, 0, 12)])
+def test_empty_batches_give_empty_outputs(host, gate, per, shape):
+    m = _gated(host, gate, per)
+    for strategy in ("auto", "gather", "union", "mask"):
+        set_strategy_(m, strategy)
+        with torch.no_grad():
+            assert m(torch.randn(*shape)).shape == shape, strategy
+    m.train()
+    assert m(torch.randn(*shape)).shape == shape
+
+
+@pytest.mark.parametrize("shape", [(0, 7, 24), (2, 0, 24)])
+def test_empty_batches_through_head_gates(shape):
+    m = _heads()
+    for strategy in ("auto", "group", "mask"):
+        set_head_strategy_(m, strategy)
+        with torch.no_grad():
+            assert m(torch.randn(*shape)).shape == shape, strategy

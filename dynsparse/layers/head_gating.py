@@ -116,7 +116,7 @@ class HeadGatedAttention(Attention):
             return y
         if self.training or capturing() or self.strategy == "mask":
             return self._masked(x, attn_mask, is_causal, self.heads(x))[0]
-        if self.heads.num_kept() >= self.num_heads:
+        if self.heads.num_kept() >= self.num_heads or not x.numel():  # every head, or an empty batch
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         idx = self.heads.top_indices(x)[1]  # the heads the gate's (B, H) mask keeps, as indices (B, k)
         return self._grouped(x, attn_mask, is_causal, idx.sort(dim=-1).values)

@@ -21,7 +21,8 @@ How a decision becomes less work (``module.strategy``, ``"auto"`` by default):
   tokens) ``union`` when the union keeps ≤ 70 % of the neurons, else ``mask``. For a single token it uses the
   single-row kernels of `dynsparse.layers.neuron_kernels` (measured in ``benchmarks/dynamic_neurons.py``).
 
-All strategies give the same output for the same decisions (tested); in training the masked path runs.
+All strategies give the same output for the same decisions (tested); in training the masked path runs. An input
+with no row (an empty batch) runs the host's own forward.
 """
 
 from __future__ import annotations
@@ -126,6 +127,8 @@ class NeuronGated:
     def forward(self, x: Tensor) -> Tensor:
         gate = self.neurons
         rows = x.reshape(-1, x.shape[-1])
+        if not len(rows):
+            return self.host_class.forward(self, x)  # no row, nothing to decide: the host's own forward
         n = x.shape[1] if gate.per == "input" and x.dim() == 3 else 1  # rows per decision
         capture = capturing()  # export / jit.trace: the masked path (a graph cannot hold a data-dependent width)
         if isinstance(gate, CatsGate) and self._record is None and not (self.training or capture) and len(rows) == 1:
