@@ -10,6 +10,7 @@ from timm.layers import Attention, GluMlp, Mlp, SwiGLU
 from torch import nn
 
 import dynsparse as ds
+from dynsparse.errors import ConfigError
 from dynsparse.layers.head_gating import gate_heads_, set_head_strategy_, train_head_predictors_
 from dynsparse.layers.neuron_gating import (
     calibrate_neurons_,
@@ -105,3 +106,16 @@ def test_empty_batches_through_head_gates(shape):
         set_head_strategy_(m, strategy)
         with torch.no_grad():
             assert m(torch.randn(*shape)).shape == shape, strategy
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"epochs": 0}, {"batch_size": 0}, {"max_rows": 0}, {"holdout": 1.0}, {"label_keep": 0.0}, {"label_keep": 1.5}],
+)
+def test_neuron_predictor_training_checks_its_options(bad):
+    """As `train_head_predictors_` does: a bad number is named (it crashed in ``range()`` or returned a recall
+    of -1 without training)."""
+    m = ds.sparsify_(_vit(), {"neurons": {"gate": "dejavu", "keep": 0.5}})
+    name = next(iter(bad))
+    with pytest.raises(ConfigError, match=f"train_predictors_: {name}"):
+        train_predictors_(m, [torch.randn(2, 3, 32, 32)], **bad)

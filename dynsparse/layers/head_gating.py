@@ -36,7 +36,7 @@ from ..gates.head_gates import HEAD_GATES, DejaVuHeadGate, head_labels
 from ..modules import adopt, capturing, place_like, replace_module_
 from ..sparsify import _patterns, _selected
 from .neuron_kernels import transposed
-from .predictors import dense_pass, fit_all
+from .predictors import check_fit_options, dense_pass, fit_all
 
 __all__ = [
     "HEAD_GATES",
@@ -383,13 +383,8 @@ def train_head_predictors_(
         raise ConfigError(f"train_head_predictors_: {type(model).__name__} has no per-input head gate")
     if label not in ("norm", "contribution"):
         raise ConfigError(f"train_head_predictors_: label must be 'norm' or 'contribution', got {label!r}")
-    if label_keep is not None and not (isinstance(label_keep, (int, float)) and 0 < label_keep <= 1):
-        raise ConfigError(f"train_head_predictors_: label_keep must be a fraction in (0, 1], got {label_keep!r}")
-    for name, v in (("epochs", epochs), ("batch_size", batch_size), ("max_rows", max_rows)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"train_head_predictors_: {name} must be a positive int, got {v!r}")
-    if not (isinstance(holdout, (int, float)) and 0 <= holdout < 1):
-        raise ConfigError(f"train_head_predictors_: holdout must be a fraction in [0, 1), got {holdout!r}")
+    sizes = dict(epochs=epochs, batch_size=batch_size, max_rows=max_rows, holdout=holdout)
+    check_fit_options("train_head_predictors_", label_keep=label_keep, **sizes)
     data: dict[nn.Module, list[list[Tensor]]] = {m: [[], []] for m in named}
 
     keeps = {attn: attn.heads.keep if label_keep is None else label_keep for attn in named}  # before the dense pass

@@ -41,7 +41,7 @@ from ..gates.neuron_gates import NEURON_GATES, CatsGate, DejaVuGate, NeuronGate,
 from ..modules import adopt, capturing, place_like, replace_module_
 from ..sparsify import _patterns, _selected
 from .neuron_kernels import consumer_row, kernel_cats, kernel_row, linear_rows, producer_row, transposed
-from .predictors import dense_pass, fit_all
+from .predictors import check_fit_options, dense_pass, fit_all
 from .token_pack import check_not_packed
 
 __all__ = [
@@ -460,6 +460,8 @@ def train_predictors_(
     """
     if label not in ("topk", "positive"):
         raise ConfigError(f"train_predictors_: label must be 'topk' or 'positive', got {label!r}")
+    sizes = dict(epochs=epochs, batch_size=batch_size, max_rows=max_rows, holdout=holdout)
+    check_fit_options("train_predictors_", label_keep=label_keep, **sizes)
     named = {m: f for f, m in model.named_modules() if isinstance(m, NeuronGated) and isinstance(m.neurons, DejaVuGate)}
     if not named:
         raise ConfigError(f"train_predictors_: {type(model).__name__} has no dejavu neuron gate")
