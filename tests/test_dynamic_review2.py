@@ -119,3 +119,17 @@ def test_neuron_predictor_training_checks_its_options(bad):
     name = next(iter(bad))
     with pytest.raises(ConfigError, match=f"train_predictors_: {name}"):
         train_predictors_(m, [torch.randn(2, 3, 32, 32)], **bad)
+
+
+def test_cats_calibration_weighs_every_batch_when_it_subsamples():
+    """More activations than ``max_samples``: the quantiles are of a uniform subsample of *all* batches. Each
+    compaction used to draw from the earlier subsample and the new batch alike, so the last batches dominated: on
+    three small-scale batches and one large-scale one, keep 0.5 kept 21 % of the calibration activations."""
+    torch.manual_seed(0)
+    m = gate_neurons_(nn.Sequential(Mlp(12, 40)).eval(), "cats", keep=0.5, max_samples=1000)
+    data = [torch.randn(4, 50, 12) * s for s in (0.1, 0.1, 0.1, 1.0)]  # 8,000 activations per batch
+    calibrate_neurons_(m, data)
+    mlp = m[0]
+    with torch.no_grad():
+        kept = torch.cat([mlp.neurons(mlp.gate_activation(x.reshape(-1, 12))).flatten() for x in data]).float().mean()
+    assert abs(kept.item() - 0.5) <= 0.03, f"kept {kept.item():.3f} of the calibration activations, target 0.5"
