@@ -15,7 +15,9 @@ batch runs (``strategy``):
 * ``"mask"``: the dense attention with the dropped heads' outputs zeroed (the reference; no gain).
 
 Both give the same output for the same decisions (tested). Training, ``torch.export`` and ``jit.trace`` run the
-masked path. Where a model packs several inputs into one sequence (a threshold token gate) or runs the attention
+masked path. The gathered runs read the ``weight`` / ``bias`` of ``qkv``, ``gate`` and ``proj`` directly: hooks on
+those children do not run there, and a wrapper that adds to them (LoRA) is left out; use ``strategy="mask"``.
+Where a model packs several inputs into one sequence (a threshold token gate) or runs the attention
 inside a token gate's own paths, per-input heads are refused.
 """
 

@@ -22,7 +22,9 @@ How a decision becomes less work (``module.strategy``, ``"auto"`` by default):
   single-row kernels of `dynsparse.layers.neuron_kernels` (measured in ``benchmarks/dynamic_neurons.py``).
 
 All strategies give the same output for the same decisions (tested); in training the masked path runs. An input
-with no row (an empty batch) runs the host's own forward.
+with no row (an empty batch) runs the host's own forward. The producers (``fc1``, ``fc1_g``, ``fc1_x``) are read as
+``weight`` / ``bias`` on every path, ``fc2`` on the gathered ones: hooks on them do not run there, and a wrapper
+that adds to them (LoRA) is left out.
 """
 
 from __future__ import annotations
