@@ -101,7 +101,7 @@ class CatsGate(NeuronGate):
         self.max_samples = max_samples
         self.register_buffer("quantiles", torch.full((NUM_LEVELS,), float("nan")))
         self.register_buffer("threshold", torch.tensor(float("nan")))
-        self._seen: list[Tensor] | None = None
+        self._seen: list[tuple[Tensor, int]] | None = None  # (values, how many observed values they stand for)
         self._update_threshold()
 
     @property
@@ -138,19 +138,21 @@ class CatsGate(NeuronGate):
         self._seen = []
 
     def observe(self, act: Tensor) -> None:
-        """Record activations ``act`` (..., H) (a random subsample when more than ``max_samples`` are seen)."""
+        """Record activations ``act`` (..., H) (a uniform random subsample of everything observed when more than
+        ``max_samples`` are seen: each batch weighs by how many values it had, however early it came)."""
         if self._seen is None:
             raise GateError(f"{self.where()}: observe() outside calibration; call start_calibration() first")
-        self._seen.append(act.detach().abs().flatten().float().cpu())
-        if sum(t.numel() for t in self._seen) > 4 * self.max_samples:
-            self._seen = [_subsample(torch.cat(self._seen), self.max_samples)]
+        a = act.detach().abs().flatten().float().cpu()
+        self._seen.append((a, a.numel()))
+        if sum(t.numel() for t, _ in self._seen) > 4 * self.max_samples:
+            self._seen = [_merge(self._seen, self.max_samples)]
 
     def finish_calibration(self) -> None:
         """Store the quantiles of everything observed and derive ``t`` for the current ``keep``."""
         if not self._seen:
             self._seen = None
             raise GateError(f"{self.where()}: no activation was observed during calibration (is the MLP used?)")
-        seen = _subsample(torch.cat(self._seen), self.max_samples)
+        seen = _merge(self._seen, self.max_samples)[0]
         self._seen = None
         levels = torch.linspace(0, 1, NUM_LEVELS, dtype=torch.float64)
         self.quantiles.copy_(torch.quantile(seen.double(), levels).to(self.quantiles))
@@ -272,7 +274,8 @@ def fit_predictor_(
     """Train ``gate``'s predictor on rows ``x`` (R, C) and labels ``y`` (R, H) bool (in place).
 
     Deja Vu's recipe: weighted BCE (`DejaVuGate.loss`), AdamW, a held-out split, early stopping after
-    ``patience`` epochs without a better held-out recall; the best epoch's weights are kept.
+    ``patience`` epochs without a better held-out recall; the best epoch's weights are kept. The predictor is
+    trained even where its parameters do not require grad (a model frozen whole); their flags are restored.
 
     Returns:
         The best held-out recall (`predictor_recall`).
@@ -283,35 +286,51 @@ def fit_predictor_(
     perm = torch.randperm(len(x), generator=g).to(p.device)
     n_val = max(1, round(holdout * len(x))) if len(x) > 1 else 0
     val, train = perm[:n_val], perm[n_val:] if n_val < len(x) else perm
-    was = gate.training
-    gate.train()
+    was, flags = gate.training, [(q, q.requires_grad) for q in gate.parameters()]
+    gate.train().requires_grad_(True)
     opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=weight_decay)
     best, best_state, bad = -1.0, None, 0
-    with torch.enable_grad():
-        for _ in range(epochs):
-            order = train[torch.randperm(len(train), generator=g).to(p.device)]
-            for i in range(0, len(order), batch_size):
-                b = order[i : i + batch_size]
-                loss = gate.loss(x[b], y[b])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            r = predictor_recall(gate, x[val], y[val])
-            if r > best:
-                best, bad = r, 0
-                best_state = {k: v.detach().clone() for k, v in gate.predictor.state_dict().items()}
-            else:
-                bad += 1
-                if bad >= patience:
-                    break
+    try:
+        with torch.enable_grad():
+            for _ in range(epochs):
+                order = train[torch.randperm(len(train), generator=g).to(p.device)]
+                for i in range(0, len(order), batch_size):
+                    b = order[i : i + batch_size]
+                    loss = gate.loss(x[b], y[b])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                r = predictor_recall(gate, x[val], y[val])
+                if r > best:
+                    best, bad = r, 0
+                    best_state = {k: v.detach().clone() for k, v in gate.predictor.state_dict().items()}
+                else:
+                    bad += 1
+                    if bad >= patience:
+                        break
+    finally:
+        gate.train(was)
+        for q, flag in flags:
+            q.requires_grad_(flag)
     if best_state is not None:
         gate.predictor.load_state_dict(best_state)
-    gate.train(was)
     return best
 
 
-def _subsample(t: Tensor, n: int) -> Tensor:
+def _subsample(t: Tensor, n: int, g: torch.Generator | None = None) -> Tensor:
     if t.numel() <= n:
         return t
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(0) if g is None else g
     return t[torch.randperm(t.numel(), generator=g)[:n]]
+
+
+def _merge(chunks: list[tuple[Tensor, int]], n: int) -> tuple[Tensor, int]:
+    """At most ``n`` values drawn from ``chunks`` (values, how many observed values they stand for), each chunk in
+    proportion to what it stands for (a subsample taken earlier stands for all it was drawn from): a uniform
+    subsample of everything observed. Returns it and how many values it stands for."""
+    total = sum(c for _, c in chunks)
+    if total <= n:  # nothing was subsampled yet: every value, once
+        return torch.cat([t for t, _ in chunks]), total
+    g = torch.Generator().manual_seed(0)
+    parts = [_subsample(t, min(t.numel(), round(n * c / total)), g) for t, c in chunks]
+    return torch.cat(parts), total

@@ -15,7 +15,9 @@ batch runs (``strategy``):
 * ``"mask"``: the dense attention with the dropped heads' outputs zeroed (the reference; no gain).
 
 Both give the same output for the same decisions (tested). Training, ``torch.export`` and ``jit.trace`` run the
-masked path. Where a model packs several inputs into one sequence (a threshold token gate) or runs the attention
+masked path. The gathered runs read the ``weight`` / ``bias`` of ``qkv``, ``gate`` and ``proj`` directly: hooks on
+those children do not run there, and a wrapper that adds to them (LoRA) is left out; use ``strategy="mask"``.
+Where a model packs several inputs into one sequence (a threshold token gate) or runs the attention
 inside a token gate's own paths, per-input heads are refused.
 """
 
@@ -36,7 +38,7 @@ from ..gates.head_gates import HEAD_GATES, DejaVuHeadGate, head_labels
 from ..modules import adopt, capturing, place_like, replace_module_
 from ..sparsify import _patterns, _selected
 from .neuron_kernels import transposed
-from .predictors import dense_pass, fit_all
+from .predictors import check_fit_options, dense_pass, fit_all
 
 __all__ = [
     "HEAD_GATES",
@@ -116,7 +118,7 @@ class HeadGatedAttention(Attention):
             return y
         if self.training or capturing() or self.strategy == "mask":
             return self._masked(x, attn_mask, is_causal, self.heads(x))[0]
-        if self.heads.num_kept() >= self.num_heads:
+        if self.heads.num_kept() >= self.num_heads or not x.numel():  # every head, or an empty batch
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         idx = self.heads.top_indices(x)[1]  # the heads the gate's (B, H) mask keeps, as indices (B, k)
         return self._grouped(x, attn_mask, is_causal, idx.sort(dim=-1).values)
@@ -383,13 +385,8 @@ def train_head_predictors_(
         raise ConfigError(f"train_head_predictors_: {type(model).__name__} has no per-input head gate")
     if label not in ("norm", "contribution"):
         raise ConfigError(f"train_head_predictors_: label must be 'norm' or 'contribution', got {label!r}")
-    if label_keep is not None and not (isinstance(label_keep, (int, float)) and 0 < label_keep <= 1):
-        raise ConfigError(f"train_head_predictors_: label_keep must be a fraction in (0, 1], got {label_keep!r}")
-    for name, v in (("epochs", epochs), ("batch_size", batch_size), ("max_rows", max_rows)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"train_head_predictors_: {name} must be a positive int, got {v!r}")
-    if not (isinstance(holdout, (int, float)) and 0 <= holdout < 1):
-        raise ConfigError(f"train_head_predictors_: holdout must be a fraction in [0, 1), got {holdout!r}")
+    sizes = dict(epochs=epochs, batch_size=batch_size, max_rows=max_rows, holdout=holdout)
+    check_fit_options("train_head_predictors_", label_keep=label_keep, **sizes)
     data: dict[nn.Module, list[list[Tensor]]] = {m: [[], []] for m in named}
 
     keeps = {attn: attn.heads.keep if label_keep is None else label_keep for attn in named}  # before the dense pass

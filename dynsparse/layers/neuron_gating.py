@@ -21,7 +21,10 @@ How a decision becomes less work (``module.strategy``, ``"auto"`` by default):
   tokens) ``union`` when the union keeps ≤ 70 % of the neurons, else ``mask``. For a single token it uses the
   single-row kernels of `dynsparse.layers.neuron_kernels` (measured in ``benchmarks/dynamic_neurons.py``).
 
-All strategies give the same output for the same decisions (tested); in training the masked path runs.
+All strategies give the same output for the same decisions (tested); in training the masked path runs. An input
+with no row (an empty batch) runs the host's own forward. The producers (``fc1``, ``fc1_g``, ``fc1_x``) are read as
+``weight`` / ``bias`` on every path, ``fc2`` on the gathered ones: hooks on them do not run there, and a wrapper
+that adds to them (LoRA) is left out.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from ..gates.neuron_gates import NEURON_GATES, CatsGate, DejaVuGate, NeuronGate,
 from ..modules import adopt, capturing, place_like, replace_module_
 from ..sparsify import _patterns, _selected
 from .neuron_kernels import consumer_row, kernel_cats, kernel_row, linear_rows, producer_row, transposed
-from .predictors import dense_pass, fit_all
+from .predictors import check_fit_options, dense_pass, fit_all
 from .token_pack import check_not_packed
 
 __all__ = [
@@ -126,6 +129,8 @@ class NeuronGated:
     def forward(self, x: Tensor) -> Tensor:
         gate = self.neurons
         rows = x.reshape(-1, x.shape[-1])
+        if not len(rows):
+            return self.host_class.forward(self, x)  # no row, nothing to decide: the host's own forward
         n = x.shape[1] if gate.per == "input" and x.dim() == 3 else 1  # rows per decision
         capture = capturing()  # export / jit.trace: the masked path (a graph cannot hold a data-dependent width)
         if isinstance(gate, CatsGate) and self._record is None and not (self.training or capture) and len(rows) == 1:
@@ -175,8 +180,10 @@ class NeuronGated:
     def _run(self, rows: Tensor, g: Tensor | None, idx: Tensor, m: Tensor | None) -> Tensor:
         """The MLP on ``rows`` (n, C) with only neurons ``idx`` (sorted); ``m`` (n, len(idx)) masks inside them."""
         # one token: the fastest single-row kernels; not under a dispatch mode (a FLOP counter), where they step
-        # aside for PyTorch fallbacks it would misread (a dense producer then sliced, an uncounted embedding_bag)
+        # aside for PyTorch fallbacks it would misread (a dense producer then sliced, an uncounted embedding_bag),
+        # nor under autocast (embedding_bag and the kernels do not follow it: mixed dtypes, float32 results)
         one = self.strategy == "auto" and rows.shape[0] == 1 and not is_in_torch_dispatch_mode()
+        one = one and not torch.is_autocast_enabled(rows.device.type)
         wg, bg, wv, bv = self._producers()
         if one and m is None and idx.numel():
             y = kernel_row(self, rows, g, idx)
@@ -455,6 +462,8 @@ def train_predictors_(
     """
     if label not in ("topk", "positive"):
         raise ConfigError(f"train_predictors_: label must be 'topk' or 'positive', got {label!r}")
+    sizes = dict(epochs=epochs, batch_size=batch_size, max_rows=max_rows, holdout=holdout)
+    check_fit_options("train_predictors_", label_keep=label_keep, **sizes)
     named = {m: f for f, m in model.named_modules() if isinstance(m, NeuronGated) and isinstance(m.neurons, DejaVuGate)}
     if not named:
         raise ConfigError(f"train_predictors_: {type(model).__name__} has no dejavu neuron gate")

@@ -125,11 +125,11 @@ def kernel_cats(mlp: nn.Module, rows: Tensor) -> Tensor | None:
 
 def _runnable(mlp: nn.Module, code: int | None, *tensors: Tensor | None) -> bool:
     """True when a compiled kernel may run ``mlp`` on these tensors: a known activation ``code``, no dropout
-    that would drop (``drop1`` in training mode on its own: the kernels do not drop), weights that are not
-    inference tensors (their pack could not be cached), `kernels.eager_cpu`, and a built library (built here, on
-    the first call that can use it)."""
+    that would drop (``drop1`` in training mode on its own: the kernels do not drop), no CPU autocast (the kernels
+    compute and return float32), weights that are not inference tensors (their pack could not be cached),
+    `kernels.eager_cpu`, and a built library (built here, on the first call that can use it)."""
     d = getattr(mlp, "drop1", None)
-    if code is None or (isinstance(d, nn.Dropout) and d.training and d.p > 0):
+    if code is None or (isinstance(d, nn.Dropout) and d.training and d.p > 0) or torch.is_autocast_enabled("cpu"):
         return False
     wg, _, wv, _ = mlp._producers()
     if any(w is not None and w.is_inference() for w in (wg, wv, mlp.fc2.weight)):

@@ -23,7 +23,7 @@ from ..gates.neuron_gates import fit_predictor_
 from ..knob import budget
 from ..modules import module_device
 
-__all__ = ["dense_pass", "fit_all"]
+__all__ = ["check_fit_options", "dense_pass", "fit_all"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,26 @@ def dense_pass(
     if not n:
         raise ConfigError(f"{owner}: no batch was given")
     return n
+
+
+def check_fit_options(
+    owner: str, *, label_keep: float | None, epochs: int, batch_size: int, max_rows: int, holdout: float
+) -> None:
+    """Refuse a predictor-training option out of range, naming ``owner`` and the option.
+
+    Raises:
+        ConfigError: ``label_keep`` not in (0, 1] (None is fine), ``epochs`` / ``batch_size`` / ``max_rows`` not a
+            positive int, ``holdout`` not in [0, 1).
+    """
+    if label_keep is not None and not (
+        isinstance(label_keep, (int, float)) and not isinstance(label_keep, bool) and 0 < label_keep <= 1
+    ):
+        raise ConfigError(f"{owner}: label_keep must be a fraction in (0, 1], got {label_keep!r}")
+    for name, v in (("epochs", epochs), ("batch_size", batch_size), ("max_rows", max_rows)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{owner}: {name} must be a positive int, got {v!r}")
+    if isinstance(holdout, bool) or not (isinstance(holdout, (int, float)) and 0 <= holdout < 1):
+        raise ConfigError(f"{owner}: holdout must be a fraction in [0, 1), got {holdout!r}")
 
 
 def fit_all(
