@@ -41,7 +41,7 @@ from ..layers.base import GatedLayer
 from ..layers.hf_base import OUT, carry_, in_features, scale_out_
 from ..layers.residual import Branch
 from ..layers.slot import GateSlot
-from ..modules import first_param
+from ..modules import first_param, submodule_or_none
 from .hf_cache import ZeroAttention, assign_cache_slots_
 
 __all__ = [
@@ -146,9 +146,21 @@ def host_type(module: nn.Module) -> type[nn.Module]:
 
 
 def branches_of(module: nn.Module) -> list[Branch] | None:
-    """Residual branches of ``module`` if its host class is in `BRANCHES`, else None."""
+    """Residual branches of ``module`` if its host class is in `BRANCHES`, else None.
+
+    A branch that a conversion removed (its last weight layer is gone or a `ZeroBranch`) is left out, so a
+    converted model can be gated again.
+    """
     fn = BRANCHES.get(host_type(module))
-    return fn(module) if fn is not None else None
+    if fn is None:
+        return None
+    return [b for b in fn(module) if _weight_layer(module, b.slot.rpartition(".")[0])]
+
+
+def _weight_layer(block: nn.Module, path: str) -> bool:
+    """True when ``block`` has a module at ``path`` that is not a removed branch (`ZeroBranch`)."""
+    m = submodule_or_none(block, path)
+    return m is not None and not isinstance(m, ZeroBranch)
 
 
 def unknown_block_reason(module: nn.Module) -> str | None:
