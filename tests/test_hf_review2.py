@@ -82,3 +82,18 @@ def test_bert_modules_of_a_removed_branch_are_refused_by_name():
         ds.sparsify_(small, {"heads": "fixed"})
     with pytest.raises(ds.UnsupportedModuleError, match=r"'encoder\.layer\.1' .*feed-forward branch was removed"):
         ds.sparsify_(small, {"neurons": "fixed"})
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_width_gate_on_a_converted_pre_norm_model_with_removed_branches(name, tmp_path):
+    torch.manual_seed(0)
+    attn, mlp = BRANCH_GATES[name]
+    small = ds.convert(_pruned(FACTORIES[name]().eval(), 1, closed=[attn.format(0), mlp.format(1)]))
+    ds.sparsify_(small, {"width": "fixed"})  # the norms of the removed branches are nn.Identity: nothing to gate
+    g = torch.Generator().manual_seed(3)
+    ds.fix_gates_(small, {"width.gate": torch.rand(32, generator=g) < 0.7})
+    narrow = ds.convert(small)
+    x = _inputs(name)
+    torch.testing.assert_close(_out(narrow, x), _out(small, x), rtol=1e-4, atol=1e-5)
+    again = ds.load(ds.save(narrow, tmp_path / "m.safetensors")).eval()
+    torch.testing.assert_close(_out(again, x), _out(narrow, x), rtol=0, atol=0)
