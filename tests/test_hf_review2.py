@@ -97,3 +97,14 @@ def test_width_gate_on_a_converted_pre_norm_model_with_removed_branches(name, tm
     torch.testing.assert_close(_out(narrow, x), _out(small, x), rtol=1e-4, atol=1e-5)
     again = ds.load(ds.save(narrow, tmp_path / "m.safetensors")).eval()
     torch.testing.assert_close(_out(again, x), _out(narrow, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_a_converted_model_is_in_eval_mode_throughout(name, tmp_path):
+    torch.manual_seed(0)
+    attn, mlp = BRANCH_GATES[name]
+    model = _pruned(FACTORIES[name](), 1, closed=[attn.format(0), mlp.format(1)])  # gated in training mode
+    small = ds.convert(model)
+    assert [f for f, m in small.named_modules() if m.training] == []
+    again = ds.load(ds.save(small, tmp_path / "m.safetensors"))
+    assert [f for f, m in again.named_modules() if m.training] == []
