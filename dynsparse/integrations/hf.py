@@ -41,7 +41,7 @@ from ..layers.base import GatedLayer
 from ..layers.hf_base import OUT, carry_, in_features, scale_out_
 from ..layers.residual import Branch
 from ..layers.slot import GateSlot
-from ..modules import first_param
+from ..modules import first_param, submodule_or_none
 from .hf_cache import ZeroAttention, assign_cache_slots_
 
 __all__ = [
@@ -146,9 +146,21 @@ def host_type(module: nn.Module) -> type[nn.Module]:
 
 
 def branches_of(module: nn.Module) -> list[Branch] | None:
-    """Residual branches of ``module`` if its host class is in `BRANCHES`, else None."""
+    """Residual branches of ``module`` if its host class is in `BRANCHES`, else None.
+
+    A branch that a conversion removed (its last weight layer is gone or a `ZeroBranch`) is left out, so a
+    converted model can be gated again.
+    """
     fn = BRANCHES.get(host_type(module))
-    return fn(module) if fn is not None else None
+    if fn is None:
+        return None
+    return [b for b in fn(module) if _weight_layer(module, b.slot.rpartition(".")[0])]
+
+
+def _weight_layer(block: nn.Module, path: str) -> bool:
+    """True when ``block`` has a module at ``path`` that is not a removed branch (`ZeroBranch`)."""
+    m = submodule_or_none(block, path)
+    return m is not None and not isinstance(m, ZeroBranch)
 
 
 def unknown_block_reason(module: nn.Module) -> str | None:
@@ -192,27 +204,31 @@ def _cache_index(attention: nn.Module) -> int | None:
 
 
 def close_branches(block: nn.Module, closed: set[str]) -> nn.Module | None:
-    """Remove the closed branches (slot paths) of ``block`` in place; returns None (the block keeps its class)."""
+    """Remove the closed branches (slot paths) of ``block`` in place; returns None (the block keeps its class).
+
+    The parameter-free stand-ins take ``block``'s training flag (a converted model is in eval mode throughout).
+    """
     host = host_type(block)
     slots = [b.slot for b in BRANCHES[host](block)]
     attn_closed, ffn_closed = slots[0] in closed, slots[1] in closed
+    mode = block.training
     if host in (BertLayer, RobertaLayer):  # post-norm: LayerNorm(0 + x) stays
         if attn_closed:
-            block.attention.self = ZeroAttention(_cache_index(block.attention.self))
-            block.attention.output.dense = ZeroBranch()
+            block.attention.self = ZeroAttention(_cache_index(block.attention.self)).train(mode)
+            block.attention.output.dense = ZeroBranch().train(mode)
         if ffn_closed:
-            block.intermediate = ZeroBranch()
-            block.output.dense = ZeroBranch()
+            block.intermediate = ZeroBranch().train(mode)
+            block.output.dense = ZeroBranch().train(mode)
         return None
     # a block with both branches removed is edited too, not replaced: transformers records ``output_hidden_states``
     # from its layer class, so a replacement module would drop the layer's entry and shift every later index
     norm1, attn, norm2, ffn = _PRE_NORM_PARTS[host]
     if attn_closed:
-        setattr(block, attn, ZeroAttention(_cache_index(block.get_submodule(attn))))
-        setattr(block, norm1, nn.Identity())
+        setattr(block, attn, ZeroAttention(_cache_index(block.get_submodule(attn))).train(mode))
+        setattr(block, norm1, nn.Identity().train(mode))
     if ffn_closed:
-        setattr(block, ffn, ZeroBranch())
-        setattr(block, norm2, nn.Identity())
+        setattr(block, ffn, ZeroBranch().train(mode))
+        setattr(block, norm2, nn.Identity().train(mode))
     return None
 
 

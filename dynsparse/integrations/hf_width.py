@@ -208,7 +208,12 @@ def gate_width_(model: nn.Module, gate: GateSpec) -> nn.Module:
             class, or the model already has a ``width`` child.
     """
     roles = _roles(model)
-    norms = [(fqn, child, m) for fqn, role, child, m in roles if role == "norm"]
+    # a converted model's removed branch has an nn.Identity for its norm: it reads nothing of the stream
+    norms = [
+        (fqn, child, m)
+        for fqn, role, child, m in roles
+        if role == "norm" and not isinstance(m.get_submodule(child), nn.Identity)
+    ]
     if not norms:
         raise UnsupportedModuleError("", type(model).__name__, "width", "no norm of a known residual stream")
     if SLOT in model._modules or hasattr(model, SLOT):

@@ -19,6 +19,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 from transformers.models.roberta.modeling_roberta import RobertaAttention
 from transformers.models.vit.modeling_vit import ViTAttention
 
+from ..convert.zero import ZeroBranch
 from .base import Producer, SlotSpec, unit_rows
 from .hf_base import IN, HFGatedLayer, head_elements, in_features, out_features, out_producers, slice_in_, slice_out_
 
@@ -94,6 +95,12 @@ class _SplitHeads(HFGatedLayer):
 
 class _BertHeads(_SplitHeads):
     _q, _k, _v, _consumer = "self.query", "self.key", "self.value", "output.dense"
+
+    @classmethod
+    def unsupported_reason(cls, host: nn.Module) -> str | None:
+        if isinstance(host.get_submodule(cls._consumer), ZeroBranch):  # the post-norm stays, the rest is gone
+            return "its attention branch was removed by a conversion"
+        return None
 
     @classmethod
     def head_dim(cls, m: nn.Module) -> int:

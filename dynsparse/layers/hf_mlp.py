@@ -16,6 +16,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 from transformers.models.roberta.modeling_roberta import RobertaLayer
 from transformers.models.vit.modeling_vit import ViTMLP
 
+from ..convert.zero import ZeroBranch
 from .base import Producer, SlotSpec, unit_rows
 from .hf_base import IN, HFGatedLayer, in_features, out_producers, slice_in_, slice_out_
 
@@ -40,6 +41,12 @@ class _Hidden(HFGatedLayer):
     _producers: tuple[str, ...] = ()
     _consumer = ""
     _size_attr: str | None = None
+
+    @classmethod
+    def unsupported_reason(cls, host: nn.Module) -> str | None:
+        if isinstance(host.get_submodule(cls._consumer), ZeroBranch):  # a BERT layer keeps its output LayerNorm
+            return "its feed-forward branch was removed by a conversion"
+        return None
 
     @classmethod
     def hidden_size(cls, m: nn.Module) -> int:
