@@ -301,8 +301,25 @@ def _per_input_hint(dim: str, opts: dict[str, Any]) -> str:
     return f". Per-input {dim} gates: {', '.join(names)}.{suggest(opts['gate'], names)}"
 
 
+def _is_weight_layer(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d))
+
+
 def _owns_weights(module: nn.Module) -> bool:
-    return any(isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d)) for m in module.children())
+    """Whether ``module`` holds a Linear / Conv itself: as a child, or inside a child that only wraps one (a timm
+    ``ConvNormAct``, an ``nn.Sequential``), as MobileNetV4's ``UniversalInvertedResidual`` holds its convs. A child
+    that is a candidate itself (an ``Mlp`` or ``Attention`` inside a block) is no wrapper."""
+    for child in module.children():
+        if _is_weight_layer(child):
+            return True
+        name = type(child).__name__
+        wrapper = (
+            type(child).__module__.startswith("timm.layers.")
+            or isinstance(child, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+        ) and not any(p.search(name) for p in _LOOKALIKE.values())
+        if wrapper and any(_is_weight_layer(m) for m in child.children()):
+            return True
+    return False
 
 
 def _aliases(model: nn.Module) -> dict[int, list[str]]:

@@ -36,7 +36,12 @@ ZOO = [
     ("mixnet_s", {}, 32, {"channels": r"'blocks\.0\.0' \(DepthwiseSeparableConv\)", "layers": "ok"}),
     ("test_efficientnet_gn", {}, 32, {"channels": r"\(EdgeResidual\): bn1 is a GroupNormAct"}),
     ("ghostnet_050", {}, 32, {"channels": r"'blocks\.1\.0' \(GhostBottleneck\)"}),
-    ("mobilenetv4_conv_medium", {}, 32, {"layers": r"\(UniversalInvertedResidual\)"}),
+    (
+        "mobilenetv4_conv_medium",
+        {},
+        32,
+        {"channels": r"'blocks\.1\.0' \(UniversalInvertedResidual\)", "layers": r"\(UniversalInvertedResidual\)"},
+    ),
     ("resnetv2_50", {}, 32, {"channels": r"\(PreActBottleneck\)"}),
     ("convnextv2_atto", {}, 32, {"neurons": r"\(GlobalResponseNormMlp\)", "layers": "ok"}),
     ("poolformer_s12", {}, 32, {"neurons": "ok", "layers": r"\(MetaFormerBlock\)"}),
