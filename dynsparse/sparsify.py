@@ -139,6 +139,7 @@ def plan_sparsify(
         check_with_tokens(dims["tokens"], dims["depth"])
     g_inc, g_exc = _patterns(include, "include"), _patterns(exclude, "exclude")
     plan = SparsifyPlan()
+    aliases = _aliases(model)
     for dim, opts in dims.items():
         part = dynamic_part_of(dim, opts)
         if part is not None:
@@ -173,6 +174,10 @@ def plan_sparsify(
                 if gated:
                     plan.skipped.append(Skipped(fqn, mtype, dim, f"{gated} already hold layer gates"))
                     continue
+                shared = _shared_reason(fqn, module, aliases)
+                if shared is not None:
+                    plan.skipped.append(Skipped(fqn, mtype, dim, shared))
+                    continue
                 plan.targets.append((fqn, dim))
                 sizes.setdefault(1, fqn)
                 found += 1
@@ -184,7 +189,7 @@ def plan_sparsify(
             gated_cls = table.gated_class(dim, module)
             unsupported = table.unsupported_reason(dim, module)
             if gated_cls is not None and type(module) is host:
-                reason = gated_cls.unsupported_reason(module)
+                reason = gated_cls.unsupported_reason(module) or _shared_reason(fqn, module, aliases)
                 if reason is None:
                     plan.targets.append((fqn, dim))
                     for slot in gated_cls._slot_specs(module):
@@ -296,8 +301,48 @@ def _per_input_hint(dim: str, opts: dict[str, Any]) -> str:
     return f". Per-input {dim} gates: {', '.join(names)}.{suggest(opts['gate'], names)}"
 
 
+def _is_weight_layer(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d))
+
+
 def _owns_weights(module: nn.Module) -> bool:
-    return any(isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d)) for m in module.children())
+    """Whether ``module`` holds a Linear / Conv itself: as a child, or inside a child that only wraps one (a timm
+    ``ConvNormAct``, an ``nn.Sequential``), as MobileNetV4's ``UniversalInvertedResidual`` holds its convs. A child
+    that is a candidate itself (an ``Mlp`` or ``Attention`` inside a block) is no wrapper."""
+    for child in module.children():
+        if _is_weight_layer(child):
+            return True
+        name = type(child).__name__
+        wrapper = (
+            type(child).__module__.startswith("timm.layers.")
+            or isinstance(child, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+        ) and not any(p.search(name) for p in _LOOKALIKE.values())
+        if wrapper and any(_is_weight_layer(m) for m in child.children()):
+            return True
+    return False
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """``id(module) -> every fqn it is reachable under`` (a module object assigned to two attributes has two)."""
+    names: dict[int, list[str]] = {}
+    for fqn, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(fqn)
+    return names
+
+
+def _shared_reason(fqn: str, module: nn.Module, aliases: Mapping[int, list[str]]) -> str | None:
+    """Why ``module`` at ``fqn`` cannot take gates because it, or a module inside it, is also called elsewhere in
+    the model (CoaT's ``mlp2 = mlp3 = mlp4``): its gates would act at every call, but ``convert`` replaces and slices
+    it under one name only. None when every name of it and its submodules lies below ``fqn``."""
+    for m in module.modules():
+        for other in aliases.get(id(m), ()):
+            if not (other == fqn or other.startswith(f"{fqn}.") or not fqn):
+                where = "it" if m is module else f"its submodule {type(m).__name__}"
+                return (
+                    f"{where} is also called as {other!r} (one module object at two places of the model), and a gate "
+                    "can only be converted at one place; give each place its own module (copy.deepcopy)"
+                )
+    return None
 
 
 def sparsify_(

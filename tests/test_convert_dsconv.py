@@ -229,8 +229,19 @@ def test_producer_with_a_skip_is_refused_naming_both_modules():
         (lambda: DepthwiseSeparableConv(8, 12, stride=2), "aa", "model's input"),
         (lambda: timm.create_model("efficientnet_b0", features_only=True), "blocks.0.0.aa", "EfficientNetFeatures"),
         (lambda: nn.Sequential(nn.GroupNorm(2, 8), DepthwiseSeparableConv(8, 12, stride=2)), "1.aa", "'0'"),
+        # the producer is the last block of stage 0, whose output a features_only model also returns
+        (
+            lambda: timm.create_model("lcnet_050", features_only=True),
+            "blocks.1.0.aa",
+            r"'blocks\.0'.*MobileNetV3Features also returns",
+        ),
+        (
+            lambda: timm.create_model("mobilenetv1_100", features_only=True),
+            "blocks.2.0.aa",
+            r"'blocks\.1'.*EfficientNetFeatures also returns",
+        ),
     ],
-    ids=["root", "features_only", "groupnorm"],
+    ids=["root", "features_only", "groupnorm", "features_stage_output", "features_stage_output_effnet"],
 )
 def test_no_producer_is_refused(build, fqn, match):
     model = build().eval()
@@ -242,6 +253,20 @@ def test_no_producer_is_refused(build, fqn, match):
     ds.fix_gates_(model, {fqn: torch.arange(n) < n // 2})
     with pytest.raises(ds.UnsupportedModuleError, match=match):
         ds.convert(model)
+
+
+def test_features_only_converts_inside_a_stage():
+    """A features_only model returns stage outputs only: a producer inside one stage is sliced as usual."""
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv1_100", features_only=True).eval()
+    _randomize_bn(model, torch.Generator().manual_seed(1))
+    ds.sparsify_(model, {"channels": "fixed"}, include="blocks.2.1")
+    n = model.blocks[2][1].aa.gate.num_units
+    ds.fix_gates_(model, {"blocks.2.1.aa": torch.arange(n) % 3 != 0})
+    x = torch.randn(2, 3, 32, 32)
+    converted = ds.convert(model, verify_inputs=x)
+    assert converted.blocks[2][0].conv_pw.out_channels < n
+    assert [t.shape for t in converted(x)] == [t.shape for t in model(x)]
 
 
 def _stem_then_ds(frozen: bool = False) -> EfficientNet:

@@ -68,6 +68,11 @@ def _before(model: nn.Module, seq_fqn: str, seq: nn.Sequential, index: int, chai
     from ..integrations import tables as table
 
     names = list(seq._modules)
+    if index > 0 and seq_fqn:  # the output of the child before: does the owner of ``seq`` read it too?
+        owner_fqn, _, seq_name = seq_fqn.rpartition(".")
+        reason = table.returned_outputs(_get(model, owner_fqn), seq_name)
+        if reason is not None:
+            raise _Refused(f"its input is the output of {join_fqn(seq_fqn, names[index - 1])!r}, and {reason}")
     for name in reversed(names[:index]):
         fqn, m = join_fqn(seq_fqn, name), seq._modules[name]
         kind = _kind(m)

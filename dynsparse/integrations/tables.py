@@ -33,6 +33,7 @@ __all__ = [
     "input_producers",
     "output_projection",
     "owns",
+    "returned_outputs",
     "round_width_",
     "slice_width_",
     "slot_owner",
@@ -125,6 +126,17 @@ def input_producers(parent: nn.Module, child: str) -> tuple[str, ...] | None:
         found = fn(parent, child) if fn is not None else None
         if found is not None:
             return found
+    return None
+
+
+def returned_outputs(parent: nn.Module, child: str) -> str | None:
+    """Why ``parent`` itself reads the outputs of the children of its ``nn.Sequential`` ``child`` (a ``features_only``
+    model returns stage outputs), if a table says so."""
+    for t in tables():
+        fn = getattr(t, "returned_outputs", None)
+        reason = fn(parent, child) if fn is not None else None
+        if reason is not None:
+            return reason
     return None
 
 

@@ -11,8 +11,8 @@ import torch
 from timm.layers import Attention, GluMlp, Mlp, SwiGLU
 from timm.models._efficientnet_blocks import ConvBnAct, DepthwiseSeparableConv, EdgeResidual, InvertedResidual
 from timm.models.convnext import ConvNeXtBlock
-from timm.models.efficientnet import EfficientNet
-from timm.models.mobilenetv3 import MobileNetV3
+from timm.models.efficientnet import EfficientNet, EfficientNetFeatures
+from timm.models.mobilenetv3 import MobileNetV3, MobileNetV3Features
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block
@@ -45,6 +45,7 @@ __all__ = [
     "fold_branch_scale_",
     "input_producers",
     "output_projection",
+    "returned_outputs",
     "unknown_block_reason",
 ]
 
@@ -87,6 +88,19 @@ INPUT_PRODUCERS: dict[type[nn.Module], dict[str, tuple[str, ...]]] = {
     EfficientNet: {"blocks": ("conv_stem", "bn1")},
     MobileNetV3: {"blocks": ("conv_stem", "bn1")},
 }
+
+
+#: host model class -> its child ``nn.Sequential`` whose children's outputs the model also returns (a ``features_only``
+#: model runs the stages one by one and returns some stage outputs as feature maps).
+RETURNED_OUTPUTS: dict[type[nn.Module], str] = {EfficientNetFeatures: "blocks", MobileNetV3Features: "blocks"}
+
+
+def returned_outputs(parent: nn.Module, child: str) -> str | None:
+    """Why ``parent`` reads the outputs of the children of its ``nn.Sequential`` ``child`` itself (so a producer walk
+    must not slice one), or None when only the next child reads each output."""
+    if RETURNED_OUTPUTS.get(type(parent)) != child:
+        return None
+    return f"{type(parent).__name__} also returns the outputs of the stages in {child!r} as feature maps"
 
 
 def output_projection(block: nn.Module) -> tuple[str, str] | None:
