@@ -361,3 +361,11 @@ def test_mixnet_on_unsupported_skip_does_not_crash_and_converts():
     for fqn, g in ds.named_gates(model):
         ds.fix_gates_(model, {fqn: torch.arange(g.num_units) % 2 == 0})
     ds.convert(model, verify_inputs=torch.randn(1, 3, 64, 64))
+
+
+def test_converted_model_is_in_eval_mode_throughout():
+    """The stand-ins of removed branches (ZeroBranch, Identity) are in eval mode like the rest of the model."""
+    model = _gated("test_vit", {}, ("layers",), close_layers=0.7).train()
+    converted = ds.convert(model)
+    assert any(type(m) is ds.ZeroBranch for m in converted.modules())
+    assert [f for f, m in converted.named_modules() if m.training] == []

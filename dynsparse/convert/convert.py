@@ -205,7 +205,7 @@ def convert(
     for _, slot in widths:  # 3. the residual-stream width, one gate for the whole model
         idx, values = _keep(slot)
         table.slice_width_(new, idx, None if bool(torch.all(values == 1)) else values)
-    new = table.finalize_(new, uniform=uniform)
+    new = table.finalize_(new, uniform=uniform).eval()  # the stand-ins of removed parts too
     _check_clean(new)
     if not static:
         plan.dynamic.update(dynamic_specs(new))
