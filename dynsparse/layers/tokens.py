@@ -422,8 +422,11 @@ def gate_tokens_(
                 f"tokens: a trained token gate needs class-token pooling (global_pool='token'), the model pools "
                 f"with {model.global_pool!r}"
             )
-        if prefix < 1 and spec.get("gate", "cls_attention") == "cls_attention":
-            raise ConfigError("tokens: the cls_attention gate needs a class token; this model has no prefix token")
+        if spec.get("gate", "cls_attention") == "cls_attention" and not getattr(model, "has_class_token", prefix >= 1):
+            raise ConfigError(  # without one, the first prefix token is a register: its attention is no EViT score
+                f"tokens: the cls_attention gate needs a class token; this model has {prefix} prefix token(s) and no "
+                "class token (use the threshold gate)"
+            )
         if hasattr(g, "locations"):  # the ratio loss is averaged over the predictor locations (DynamicViT)
             g.locations = len(idx)
         sels.append(place_like(TokenSelect(g, prefix, fuse), seq[i]))
