@@ -250,6 +250,8 @@ class TokenGatedBlock(_TokenAware):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         sel: TokenSelect = self.tokens
+        if attn_mask is not None or is_causal:  # made for all tokens: the later blocks see fewer (or masked) ones
+            raise ConfigError("token gates: an attention mask cannot be combined with token selection")
         if sel.gate.variable:
             return self._variable(x, attn_mask, is_causal)
         train = self.training and sel.gate.trainable
