@@ -277,6 +277,7 @@ class TokenGatedBlock(_TokenAware):
         sel: TokenSelect = self.tokens
         gate, P, state = sel.gate, sel.num_prefix, self._token_state
         if x.shape[0] == 0:  # an empty batch: nothing to score, select or observe
+            gate.record(None)  # and no penalty (the last batch's graph is freed)
             if self._first:
                 state.policy = state.packing = None
             return Block.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
