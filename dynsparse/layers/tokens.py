@@ -306,6 +306,8 @@ class TokenGatedBlock(_TokenAware):
             m = gate.soft_mask(s) * prev
             gate.record(m.sum() / prev.sum().clamp_min(1e-6))
         else:  # hard decisions on the masked path: the same as the packed path
+            if getattr(gate, "collect", None) is not None:  # calibrate_tokens_, on the masked reference path
+                gate.collect.append(s[prev > 0])
             m = threshold_keep(s.masked_fill(prev == 0, float("-inf")), gate.theta()).to(prev.dtype) * prev
         state.policy = torch.cat([state.policy[:, :P], m], dim=1)
         return self._finish(self._mlp(x))
