@@ -65,10 +65,10 @@ def test_calibration_runs_on_the_masked_reference_path():
 
 
 @pytest.mark.parametrize("on", [1, 3])
-@pytest.mark.parametrize("gate", ["cls_attention", "threshold"])
-def test_mask_inference_on_some_blocks_only_is_refused(gate, on):
+@pytest.mark.parametrize("tokens", [{"gate": "cls_attention", "keep": 0.5}, {"gate": "threshold", "threshold": 1.0}])
+def test_mask_inference_on_some_blocks_only_is_refused(tokens, on):
     """Masked and gathered blocks in one forward resurrect dropped tokens (or crash): refused by name."""
-    m = ds.sparsify_(_vit(), {"tokens": {"gate": gate, "blocks": [1, 3], "keep": 0.5}})
+    m = ds.sparsify_(_vit(), {"tokens": {"blocks": [1, 3], **tokens}})
     m.blocks[on].tokens.mask_inference = True
     with torch.no_grad(), pytest.raises(ds.ConfigError, match="mask_inference"):
         m(_x())

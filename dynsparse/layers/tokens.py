@@ -257,6 +257,7 @@ class TokenGatedBlock(_TokenAware):
         train = self.training and sel.gate.trainable
         masked = train or (sel.mask_inference and not self.training)
         state = self._token_state
+        self._check_same_path(masked)
         if masked and self._first:
             state.policy = x.new_ones(x.shape[:2])
         elif not masked:
@@ -272,6 +273,14 @@ class TokenGatedBlock(_TokenAware):
             state.policy = sel.gate.topk_policy(x, h, self.attn, sel.num_prefix, state.policy)
         return self._finish(self._mlp(x))
 
+    def _check_same_path(self, masked: bool) -> None:
+        """A later gated block takes the first one's path: masked and gathered tokens do not mix in one forward."""
+        if not self._first and masked != (self._token_state.policy is not None):
+            raise ConfigError(
+                "tokens: set mask_inference on every token-gated block or on none (a gathered block after a masked "
+                "one would bring dropped tokens back; a masked one after a gathered one has no policy)"
+            )
+
     def _variable(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
         """A threshold gate: soft masks in training, a packed batch at inference (hard masks if ``mask_inference``)."""
         sel: TokenSelect = self.tokens
@@ -283,6 +292,7 @@ class TokenGatedBlock(_TokenAware):
             return Block.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
         # a graph capture cannot hold data-dependent token counts: it records the masked path (same decisions)
         masked = self.training or sel.mask_inference or capturing()
+        self._check_same_path(masked)
         if self._first:
             state.policy = x.new_ones(x.shape[:2]) if masked else None
             state.packing = None
