@@ -151,6 +151,19 @@ def masked_attention(
     return out, mean_over_heads((a * policy.reshape(B, 1, N, 1).to(a.dtype)).sum(-2), attn)
 
 
+def _check_not_recomputed() -> None:
+    """Refuse a block recomputed in the backward pass (gradient checkpointing) on the masked or packed path.
+
+    Those paths share the keep policy / packing of one forward between the blocks; a block recomputed during
+    ``backward`` would read the state of the end of the forward, not the one it saw, and give wrong gradients.
+    """
+    if torch._C._current_graph_task_id() != -1:  # inside a backward pass
+        raise ConfigError(
+            "token gates: gradient checkpointing cannot recompute the masked (training) or packed token path: the "
+            "blocks share one forward's keep decisions; turn it off (model.set_grad_checkpointing(False))"
+        )
+
+
 class _TokenAware(Block):
     """Shared parts of the token-aware blocks: attention with the shared policy, the MLP branch."""
 
@@ -169,6 +182,8 @@ class _TokenAware(Block):
         s = None
         if isinstance(self.attn, ZeroBranch) and not scores:
             return x, h, None
+        if state.policy is not None or state.packing is not None:
+            _check_not_recomputed()
         if (state.policy is not None or state.packing is not None) and (attn_mask is not None or is_causal):
             raise ConfigError("token gates: an attention mask cannot be combined with masked or packed tokens")
         if state.policy is not None:
