@@ -93,7 +93,8 @@ class TokenSelect(nn.Module):
         self.gate = gate
         self.num_prefix = num_prefix
         self.fuse = fuse
-        #: Inference by masking instead of gathering (same decisions, no speed-up): to check the fast path.
+        #: Inference by masking instead of gathering (same decisions, no speed-up): to check the fast path. Set it
+        #: on every token-gated block of the model (a forward refuses a mix).
         self.mask_inference = False
 
     def keep_index(self, scores: Tensor) -> Tensor:
