@@ -245,7 +245,7 @@ class PredictorTokenGate(TokenGate):
         return state
 
     def penalty(self) -> Tensor:
-        if self._ratio is None or not self.training:
+        if self._ratio is None or not self.training or not self._ratio.numel():  # numel 0: an empty batch
             return self.out_conv[-2].bias.new_zeros(())
         # per input, then the batch mean (not the square of the batch mean: that lets some inputs keep every token
         # and others none); averaged over the locations like the reference code's ``pred_loss / len(pruning_loc)``
@@ -374,8 +374,8 @@ class ThresholdTokenGate(TokenGate):
         super()._load_from_state_dict(*args, **kwargs)
         self._has_table = int(self.calibrated) > 0
 
-    def record(self, fraction: Tensor) -> None:
-        """Training: the soft fraction of the arriving tokens kept (for `penalty`)."""
+    def record(self, fraction: Tensor | None) -> None:
+        """Training: the soft fraction of the arriving tokens kept (for `penalty`; None: no penalty)."""
         self._fraction = fraction
 
     def penalty(self) -> Tensor:

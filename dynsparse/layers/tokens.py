@@ -93,7 +93,8 @@ class TokenSelect(nn.Module):
         self.gate = gate
         self.num_prefix = num_prefix
         self.fuse = fuse
-        #: Inference by masking instead of gathering (same decisions, no speed-up): to check the fast path.
+        #: Inference by masking instead of gathering (same decisions, no speed-up): to check the fast path. Set it
+        #: on every token-gated block of the model (a forward refuses a mix).
         self.mask_inference = False
 
     def keep_index(self, scores: Tensor) -> Tensor:
@@ -151,6 +152,19 @@ def masked_attention(
     return out, mean_over_heads((a * policy.reshape(B, 1, N, 1).to(a.dtype)).sum(-2), attn)
 
 
+def _check_not_recomputed() -> None:
+    """Refuse a block recomputed in the backward pass (gradient checkpointing) on the masked or packed path.
+
+    Those paths share the keep policy / packing of one forward between the blocks; a block recomputed during
+    ``backward`` would read the state of the end of the forward, not the one it saw, and give wrong gradients.
+    """
+    if torch._C._current_graph_task_id() != -1:  # inside a backward pass
+        raise ConfigError(
+            "token gates: gradient checkpointing cannot recompute the masked (training) or packed token path: the "
+            "blocks share one forward's keep decisions; turn it off (model.set_grad_checkpointing(False))"
+        )
+
+
 class _TokenAware(Block):
     """Shared parts of the token-aware blocks: attention with the shared policy, the MLP branch."""
 
@@ -169,6 +183,8 @@ class _TokenAware(Block):
         s = None
         if isinstance(self.attn, ZeroBranch) and not scores:
             return x, h, None
+        if state.policy is not None or state.packing is not None:
+            _check_not_recomputed()
         if (state.policy is not None or state.packing is not None) and (attn_mask is not None or is_causal):
             raise ConfigError("token gates: an attention mask cannot be combined with masked or packed tokens")
         if state.policy is not None:
@@ -250,11 +266,14 @@ class TokenGatedBlock(_TokenAware):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         sel: TokenSelect = self.tokens
+        if attn_mask is not None or is_causal:  # made for all tokens: the later blocks see fewer (or masked) ones
+            raise ConfigError("token gates: an attention mask cannot be combined with token selection")
         if sel.gate.variable:
             return self._variable(x, attn_mask, is_causal)
         train = self.training and sel.gate.trainable
         masked = train or (sel.mask_inference and not self.training)
         state = self._token_state
+        self._check_same_path(masked)
         if masked and self._first:
             state.policy = x.new_ones(x.shape[:2])
         elif not masked:
@@ -270,16 +289,26 @@ class TokenGatedBlock(_TokenAware):
             state.policy = sel.gate.topk_policy(x, h, self.attn, sel.num_prefix, state.policy)
         return self._finish(self._mlp(x))
 
+    def _check_same_path(self, masked: bool) -> None:
+        """A later gated block takes the first one's path: masked and gathered tokens do not mix in one forward."""
+        if not self._first and masked != (self._token_state.policy is not None):
+            raise ConfigError(
+                "tokens: set mask_inference on every token-gated block or on none (a gathered block after a masked "
+                "one would bring dropped tokens back; a masked one after a gathered one has no policy)"
+            )
+
     def _variable(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
         """A threshold gate: soft masks in training, a packed batch at inference (hard masks if ``mask_inference``)."""
         sel: TokenSelect = self.tokens
         gate, P, state = sel.gate, sel.num_prefix, self._token_state
         if x.shape[0] == 0:  # an empty batch: nothing to score, select or observe
+            gate.record(None)  # and no penalty (the last batch's graph is freed)
             if self._first:
                 state.policy = state.packing = None
             return Block.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
         # a graph capture cannot hold data-dependent token counts: it records the masked path (same decisions)
         masked = self.training or sel.mask_inference or capturing()
+        self._check_same_path(masked)
         if self._first:
             state.policy = x.new_ones(x.shape[:2]) if masked else None
             state.packing = None
@@ -303,6 +332,8 @@ class TokenGatedBlock(_TokenAware):
             m = gate.soft_mask(s) * prev
             gate.record(m.sum() / prev.sum().clamp_min(1e-6))
         else:  # hard decisions on the masked path: the same as the packed path
+            if getattr(gate, "collect", None) is not None:  # calibrate_tokens_, on the masked reference path
+                gate.collect.append(s[prev > 0])
             m = threshold_keep(s.masked_fill(prev == 0, float("-inf")), gate.theta()).to(prev.dtype) * prev
         state.policy = torch.cat([state.policy[:, :P], m], dim=1)
         return self._finish(self._mlp(x))
@@ -422,8 +453,11 @@ def gate_tokens_(
                 f"tokens: a trained token gate needs class-token pooling (global_pool='token'), the model pools "
                 f"with {model.global_pool!r}"
             )
-        if prefix < 1 and spec.get("gate", "cls_attention") == "cls_attention":
-            raise ConfigError("tokens: the cls_attention gate needs a class token; this model has no prefix token")
+        if spec.get("gate", "cls_attention") == "cls_attention" and not getattr(model, "has_class_token", prefix >= 1):
+            raise ConfigError(  # without one, the first prefix token is a register: its attention is no EViT score
+                f"tokens: the cls_attention gate needs a class token; this model has {prefix} prefix token(s) and no "
+                "class token (use the threshold gate)"
+            )
         if hasattr(g, "locations"):  # the ratio loss is averaged over the predictor locations (DynamicViT)
             g.locations = len(idx)
         sels.append(place_like(TokenSelect(g, prefix, fuse), seq[i]))
