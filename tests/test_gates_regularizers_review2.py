@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import timm
 import torch
 from torch import nn
 
 import dynsparse as ds
 from dynsparse.gates import CatsGate, HardConcreteGate
+from dynsparse.regularizers.budget import TargetSparsity
 
 torch.set_num_threads(1)
 
@@ -17,3 +19,21 @@ def test_input_dependent_gate_penalty_is_on_the_device_of_its_buffers() -> None:
     model = nn.ModuleDict({"hc": HardConcreteGate(4), "cats": CatsGate(4, dim=8)}).to("meta")
     assert model["cats"].penalty().device.type == "meta"
     assert ds.penalty(model).device.type == "meta"
+
+
+def test_budget_multipliers_keep_growing_on_a_bfloat16_model() -> None:
+    """The multipliers took the gates' dtype: in bfloat16 an Adam step of 0.01 is lost once |λ| >= 4, so λ1 and λ2
+    stalled at 4 and could no longer push the gates to the target."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=8, patch_size=2, in_chans=1, depth=1, embed_dim=16, num_heads=2, num_classes=2
+    )
+    ds.sparsify_(model, {"neurons": "hard_concrete"}).to(torch.bfloat16)
+    budget = TargetSparsity(model, target=0.1, example_input=torch.zeros(1, 1, 8, 8, dtype=torch.bfloat16))
+    assert budget.lambda1.dtype == budget.lambda2.dtype == torch.float32
+    opt = torch.optim.Adam(budget.parameters(), lr=0.01, maximize=True)
+    for _ in range(600):
+        opt.zero_grad()
+        budget(0).backward()
+        opt.step()
+    assert budget.lambda1.item() > 5.0 and budget.lambda2.item() > 5.0, (budget.lambda1, budget.lambda2)
