@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import timm
 import torch
 from torch import nn
 
 import dynsparse as ds
 from dynsparse.gates import CatsGate, HardConcreteGate
-from dynsparse.regularizers import VariationalGate, kl_approx
+from dynsparse.gates import functional as F
+from dynsparse.regularizers import ExpectedL0, VariationalGate, kl_approx
 from dynsparse.regularizers.budget import TargetSparsity
 
 torch.set_num_threads(1)
@@ -48,3 +51,15 @@ def test_variational_gate_float16_penalty_does_not_overflow() -> None:
     assert torch.isfinite(p) and abs(p.item() - expected) < 1e-3 * expected, (p, expected)
     p.backward()
     assert gate.log_alpha.grad is not None and torch.isfinite(gate.log_alpha.grad).all()
+
+
+def test_expected_l0_of_float16_gates_does_not_overflow() -> None:
+    """Each gate's expected L0 fits in float16, but their sum over 80,000 open units overflowed to inf."""
+    gates = nn.ModuleList([HardConcreteGate(20_000, dtype=torch.float16) for _ in range(4)])
+    p0 = F.hard_concrete_prob_nonzero(torch.tensor(math.log(19.0), dtype=torch.float64)).item()
+    count = ExpectedL0(gates, normalize=False)()
+    assert torch.isfinite(count) and abs(count.item() - 80_000 * p0) < 1e-3 * 80_000, (count, 80_000 * p0)
+    fraction = ExpectedL0(gates)()
+    assert torch.isfinite(fraction) and abs(fraction.item() - p0) < 1e-3, (fraction, p0)
+    fraction.backward()
+    assert all(torch.isfinite(g.log_alpha.grad).all() for g in gates)
