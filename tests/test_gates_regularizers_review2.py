@@ -11,7 +11,7 @@ from torch import nn
 import dynsparse as ds
 from dynsparse.gates import CatsGate, HardConcreteGate
 from dynsparse.gates import functional as F
-from dynsparse.regularizers import ExpectedL0, VariationalGate, kl_approx
+from dynsparse.regularizers import BNScaleL1, ExpectedL0, VariationalGate, kl_approx
 from dynsparse.regularizers.budget import TargetSparsity
 
 torch.set_num_threads(1)
@@ -63,3 +63,13 @@ def test_expected_l0_of_float16_gates_does_not_overflow() -> None:
     assert torch.isfinite(fraction) and abs(fraction.item() - p0) < 1e-3, (fraction, p0)
     fraction.backward()
     assert all(torch.isfinite(g.log_alpha.grad).all() for g in gates)
+
+
+def test_bn_l1_penalty_of_float16_norms_does_not_overflow() -> None:
+    """``Σ |γ|`` over 80,000 float16 channels of scale 1 overflowed to inf."""
+    model = nn.Sequential(*[nn.BatchNorm1d(20_000) for _ in range(4)]).half()
+    reg = BNScaleL1(model, weight=1e-4, scope="all")
+    penalty = reg()
+    assert torch.isfinite(penalty) and abs(penalty.item() - 8.0) < 1e-4, penalty
+    penalty.backward()
+    assert all(torch.isfinite(m.weight.grad).all() for m in model)
