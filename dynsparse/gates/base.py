@@ -61,19 +61,10 @@ class Gate(nn.Module):
         return torch.zeros((), dtype=self._dtype(), device=self._device())
 
     def _dtype(self) -> torch.dtype:
-        for t in self.parameters():
-            return t.dtype
-        for t in self.buffers():
-            if t.is_floating_point():
-                return t.dtype
-        return torch.get_default_dtype()
+        return _state_dtype(self)
 
     def _device(self) -> torch.device:
-        for t in self.parameters():
-            return t.device
-        for t in self.buffers():
-            return t.device
-        return torch.device("cpu")
+        return _state_device(self)
 
     def extra_repr(self) -> str:
         return f"num_units={self.num_units}"
@@ -113,12 +104,30 @@ class InputDependentGate(nn.Module):
         return max(1, math.floor(self.keep * self.num_units + 0.5))
 
     def penalty(self) -> Tensor:
-        """Scalar regulariser; 0 for gates without one."""
-        p = next(self.parameters(), None)
-        return torch.zeros((), device=p.device if p is not None else None, dtype=p.dtype if p is not None else None)
+        """Scalar regulariser; 0 for gates without one (on the device of the gate's parameters, else its buffers)."""
+        return torch.zeros((), dtype=_state_dtype(self), device=_state_device(self))
 
     def extra_repr(self) -> str:
         return f"num_units={self.num_units}, keep={self.keep}"
+
+
+def _state_dtype(module: nn.Module) -> torch.dtype:
+    """Dtype of the first parameter of ``module``, else of its first floating buffer, else the default dtype."""
+    for t in module.parameters():
+        return t.dtype
+    for t in module.buffers():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
+
+
+def _state_device(module: nn.Module) -> torch.device:
+    """Device of the first parameter of ``module``, else of its first buffer (buffers only: CATS), else the CPU."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
 
 
 def _check_num_units(owner: str, num_units: int) -> int:

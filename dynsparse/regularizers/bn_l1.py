@@ -93,8 +93,13 @@ class BNScaleL1:
         self._zero = zero_like_params(model)
 
     def __call__(self) -> Tensor:
-        """Scalar ``λ · Σ |γ|`` over the BatchNorms in scope, differentiable w.r.t. their scales."""
-        total = torch.stack([m.weight.abs().sum() for m in self._norms]).sum()
+        """Scalar ``λ · Σ |γ|`` over the BatchNorms in scope, differentiable w.r.t. their scales.
+
+        Summed in float32 at least: in float16, ``Σ |γ|`` over a large net's channels overflowed to inf.
+        """
+        total = torch.stack(
+            [m.weight.abs().sum(dtype=torch.promote_types(m.weight.dtype, torch.float32)) for m in self._norms]
+        ).sum()
         return self.weight * total
 
     @torch.no_grad()

@@ -68,8 +68,10 @@ class TargetSparsity(nn.Module):
             raise ConfigError("TargetSparsity: the model has no gates (call dynsparse.sparsify_ first)")
         self.target, self.kind, self.warmup_steps = float(target), kind, int(warmup_steps)
         ref = self.cost.slots[0][1].gate.expected_keep()
-        self.lambda1 = nn.Parameter(torch.zeros((), dtype=ref.dtype, device=ref.device))
-        self.lambda2 = nn.Parameter(torch.zeros((), dtype=ref.dtype, device=ref.device))
+        # float32 at least, like the expected fraction: in bfloat16 an Adam step of 0.01 is lost once |λ| >= 4
+        dtype = torch.promote_types(ref.dtype, torch.float32)
+        self.lambda1 = nn.Parameter(torch.zeros((), dtype=dtype, device=ref.device))
+        self.lambda2 = nn.Parameter(torch.zeros((), dtype=dtype, device=ref.device))
 
     def target_at(self, step: int) -> float:
         return linear_target(step, self.target, self.warmup_steps)

@@ -59,11 +59,15 @@ class ExpectedL0:
         return sum(g.num_units for g in self._gates())
 
     def __call__(self) -> Tensor:
-        """Scalar ``λ · Σ E‖z‖₀`` (``/ num_units`` when normalised), differentiable w.r.t. every ``log α``."""
+        """Scalar ``λ · Σ E‖z‖₀`` (``/ num_units`` when normalised), differentiable w.r.t. every ``log α``.
+
+        Summed in float32 at least: in float16 the count overflowed to inf past 65,504 open units (an LLM's MLPs).
+        """
         gates = self._gates()
         if not gates:
             return zero_like_params(self.model)
-        total = torch.stack([g.penalty() for g in gates]).sum()
+        terms = [g.penalty() for g in gates]
+        total = torch.stack([t.to(torch.promote_types(t.dtype, torch.float32)) for t in terms]).sum()
         if self.normalize:
             total = total / sum(g.num_units for g in gates)
         return self.weight * total
