@@ -34,7 +34,7 @@ __version__ = "0.1.0"
 #: Public names whose modules import timm (or are heavy): imported on first access, so ``import dynsparse``
 #: stays free of timm and transformers.
 _LAZY = {
-    "calibrate_tokens_": ".layers.tokens",
+    "calibrate_tokens_": ".layers.token_setup",
     "calibrate_neurons_": ".layers.neuron_gating",
     "train_predictors_": ".layers.neuron_gating",
     "train_head_predictors_": ".layers.head_gating",

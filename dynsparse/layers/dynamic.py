@@ -100,7 +100,7 @@ DYNAMIC_PARTS: dict[str, DynamicPart] = {
     ),
     "tokens": DynamicPart(
         "tokens",
-        ".tokens",
+        ".token_setup",
         "gate_tokens_",
         "token_spec",
         "..gates.tokens:TOKEN_GATES",

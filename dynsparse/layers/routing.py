@@ -200,7 +200,7 @@ def check_with_tokens(tokens: dict[str, Any], depth: dict[str, Any]) -> None:
 
     ``sparsify_`` calls it before changing any module.
     """
-    from .tokens import gate_tokens_
+    from .token_setup import gate_tokens_
 
     selecting = tokens.get("blocks", inspect.signature(gate_tokens_).parameters["blocks"].default)
     selecting = {selecting} if isinstance(selecting, int) else set(selecting)

@@ -230,7 +230,7 @@ def calibrate_(
     """
     from ..layers.head_gating import train_head_predictors_
     from ..layers.neuron_gating import calibrate_neurons_, train_predictors_
-    from ..layers.tokens import calibrate_tokens_
+    from ..layers.token_setup import calibrate_tokens_
 
     n = int(spec.get("batches", 16))
     info: dict[str, float] = {}
