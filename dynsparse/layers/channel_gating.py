@@ -205,7 +205,8 @@ def gate_channels_(
 
     Raises:
         ConfigError: an unknown gate (with suggestions), a bad ``keep``, ``blocks`` or option.
-        UnsupportedModuleError: the model has no ResNet block, or a chosen block cannot be gated (names it).
+        UnsupportedModuleError: the model has no ResNet block, or a chosen block cannot be gated (names it; the
+            model itself being a block cannot be swapped in place).
 
     Examples:
         >>> import timm, dynsparse as ds
@@ -230,6 +231,9 @@ def gate_channels_(
         )
     chosen = _choose(found, blocks, include, exclude)
     for fqn, block in chosen:
+        if not fqn:
+            reason = "the root module itself cannot be swapped"
+            raise UnsupportedModuleError(fqn, type(block).__name__, "channels", reason)
         if isinstance(block, FBSBlockMixin):
             raise UnsupportedModuleError(
                 fqn, type(block).__name__, "channels", "it already has per-input channel gates"

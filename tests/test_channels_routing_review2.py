@@ -1,0 +1,53 @@
+"""Second review of per-input channel gating (FBS) and block routers: edge cases found by the review."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import dynsparse as ds
+from dynsparse.gates.channel_gates import FBSGate
+from dynsparse.layers.channel_gating import FBSBlockMixin
+
+STRATEGIES = ["auto", "group", "loop", "union", "grouped_conv", "masked"]
+
+
+def _gated() -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = ds.sparsify_(timm.create_model("test_resnet", num_classes=7).eval(), {"channels": {"gate": "fbs"}})
+    with torch.no_grad():
+        for g in m.modules():
+            if isinstance(g, FBSGate):
+                g.fc.weight.normal_(0, 2.0)  # decisions that differ between inputs
+    return m
+
+
+def _vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_small_patch16_224", img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=4, num_classes=7
+    ).eval()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fbs_empty_batch_runs_like_the_host(strategy):
+    """A batch of 0 images gives an empty output, as the host does (it crashed for every gathered strategy)."""
+    m = _gated()
+    for b in m.modules():
+        if isinstance(b, FBSBlockMixin):
+            b.strategy = strategy
+    x = torch.randn(0, 3, 64, 64)
+    with torch.no_grad():
+        assert m(x).shape == (0, 7)
+
+
+def test_fbs_on_a_bare_block_is_refused():
+    """The model itself being a ResNet block cannot be swapped in place: an error, not a silent no-op."""
+    block = timm.create_model("test_resnet").layer1[0]
+    before = copy.deepcopy(block)
+    with pytest.raises(ds.UnsupportedModuleError, match=r"'<root>' \(BasicBlock\).*root module itself"):
+        ds.sparsify_(block, {"channels": {"gate": "fbs"}})
+    assert [n for n, _ in block.named_children()] == [n for n, _ in before.named_children()]
