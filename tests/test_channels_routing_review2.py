@@ -51,3 +51,14 @@ def test_fbs_on_a_bare_block_is_refused():
     with pytest.raises(ds.UnsupportedModuleError, match=r"'<root>' \(BasicBlock\).*root module itself"):
         ds.sparsify_(block, {"channels": {"gate": "fbs"}})
     assert [n for n, _ in block.named_children()] == [n for n, _ in before.named_children()]
+
+
+@pytest.mark.parametrize("target", ["0.5", True, float("nan"), 1.5])
+def test_router_target_errors_name_the_field(target):
+    with pytest.raises(ds.ConfigError, match=r"router: target must be a fraction in \[0, 1\]"):
+        ds.sparsify_(_vit(), {"depth": {"gate": "router", "target": target}})
+
+
+def test_depth_blocks_that_are_not_indices_name_the_field():
+    with pytest.raises(ds.ConfigError, match=r"depth.blocks: 'all' or block indices in \[0, 4\) expected, got 1.0"):
+        ds.sparsify_(_vit(), {"depth": {"blocks": 1.0}})
