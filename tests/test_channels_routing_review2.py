@@ -62,3 +62,12 @@ def test_router_target_errors_name_the_field(target):
 def test_depth_blocks_that_are_not_indices_name_the_field():
     with pytest.raises(ds.ConfigError, match=r"depth.blocks: 'all' or block indices in \[0, 4\) expected, got 1.0"):
         ds.sparsify_(_vit(), {"depth": {"blocks": 1.0}})
+
+
+def test_fbs_unknown_strategy_set_on_a_block_names_the_field():
+    """``strategy`` is a public attribute: a typo is a ConfigError (was an UnboundLocalError, or silence at batch 1)."""
+    m = _gated()
+    m.layer2[0].strategy = "fast"
+    for n in (1, 3):
+        with torch.no_grad(), pytest.raises(ds.ConfigError, match=r"FBSBasicBlock.strategy: one of auto, .*'fast'"):
+            m(torch.randn(n, 3, 64, 64))

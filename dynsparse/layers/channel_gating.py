@@ -78,6 +78,10 @@ class FBSBlockMixin:
             mults = [None if g is None else g(ss) for g in gates]
             y = _masked(x, stages, mults, last)
         else:
+            if self.strategy not in STRATEGIES:
+                raise ConfigError(
+                    f"{type(self).__name__}.strategy: one of {', '.join(STRATEGIES)} expected, got {self.strategy!r}"
+                )
             decisions = [(None, None) if g is None else g.decide(ss) for g in gates]
             shortcut = None
             if self.se is None and (self.drop_path is None or type(self.drop_path) in (nn.Identity, DropPath)):
