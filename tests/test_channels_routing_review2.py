@@ -71,3 +71,9 @@ def test_fbs_unknown_strategy_set_on_a_block_names_the_field():
     for n in (1, 3):
         with torch.no_grad(), pytest.raises(ds.ConfigError, match=r"FBSBasicBlock.strategy: one of auto, .*'fast'"):
             m(torch.randn(n, 3, 64, 64))
+
+
+def test_fbs_blocks_that_are_not_indices_name_the_field():
+    host = timm.create_model("test_resnet")
+    with pytest.raises(ds.ConfigError, match=r"channels.blocks: 'all', block indices in \[0, 4\) .* got 1.0"):
+        ds.sparsify_(host, {"channels": {"gate": "fbs", "blocks": 1.0}})

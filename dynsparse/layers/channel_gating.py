@@ -286,7 +286,7 @@ def _choose(found, blocks, include, exclude) -> list[tuple[str, nn.Module]]:
     if blocks == "all":
         chosen = list(found)
     else:
-        items = [blocks] if isinstance(blocks, (int, str)) else list(blocks)
+        items = list(blocks) if isinstance(blocks, Sequence) and not isinstance(blocks, str) else [blocks]
         names = [f for f, _ in found]
         chosen = []
         for b in items:
