@@ -77,3 +77,21 @@ def test_fbs_blocks_that_are_not_indices_name_the_field():
     host = timm.create_model("test_resnet")
     with pytest.raises(ds.ConfigError, match=r"channels.blocks: 'all', block indices in \[0, 4\) .* got 1.0"):
         ds.sparsify_(host, {"channels": {"gate": "fbs", "blocks": 1.0}})
+
+
+@pytest.mark.parametrize("fbs_first", [False, True])
+def test_layer_gates_on_fbs_blocks_convert(fbs_first):
+    """``layers`` gates reach FBS blocks (either order) and a closed branch of one is removed by convert (was: 'no
+    rule to remove a closed branch', or no layer gate at all when FBS came first)."""
+    torch.manual_seed(0)
+    host = timm.create_model("test_resnet", num_classes=7).eval()
+    fbs, layers = {"channels": {"gate": "fbs"}}, {"layers": "fixed"}
+    m = ds.sparsify_(ds.sparsify_(host, fbs if fbs_first else layers), layers if fbs_first else fbs)
+    gates = dict(ds.named_gates(m))
+    assert {"layer1.0.drop_path.gate", "layer1.0.gate.conv1", "layer3.0.drop_path.gate"} <= set(gates)
+    ds.fix_gates_(m, {"layer1.0.drop_path": torch.tensor([False])})
+    x = torch.randn(2, 3, 64, 64)
+    small = ds.convert(m, static=False, verify_inputs=x)
+    assert not isinstance(small.layer1[0], FBSBlockMixin) and isinstance(small.layer2[0], FBSBlockMixin)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), m.eval()(x))

@@ -28,7 +28,7 @@ routes here), `channel_spec` gives the arguments that rebuild them (saved by ``d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from timm.layers import DropPath
@@ -144,6 +144,9 @@ def _why_not(host: nn.Module, stages, last: tuple[str, str]) -> str | None:
 class FBSBasicBlock(FBSBlockMixin, BasicBlock):
     """timm ``BasicBlock`` whose ``conv1`` outputs are gated per input by ``gate.conv1`` (see the module doc)."""
 
+    #: The class the integration tables know it as (`dynsparse.integrations.tables.host_type`), so its residual branch
+    #: gets and closes ``layers`` gates as a BasicBlock's.
+    host_class: ClassVar[type[nn.Module]] = BasicBlock
     _stages = (("conv1", "bn1", ("drop_block", "act1", "aa")),)
     _last = ("conv2", "bn2")
     _out_act = "act2"
@@ -157,6 +160,7 @@ class FBSBasicBlock(FBSBlockMixin, BasicBlock):
 class FBSBottleneck(FBSBlockMixin, Bottleneck):
     """timm ``Bottleneck`` with ``conv2``'s outputs gated (``gate.conv2``), optionally ``conv1``'s (``gate.conv1``)."""
 
+    host_class: ClassVar[type[nn.Module]] = Bottleneck  # as FBSBasicBlock's
     _stages = (("conv1", "bn1", ("act1",)), ("conv2", "bn2", ("drop_block", "act2", "aa")))
     _last = ("conv3", "bn3")
     _out_act = "act3"
