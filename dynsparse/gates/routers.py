@@ -55,7 +55,7 @@ class BlockRouter(InputDependentGate):
             raise ConfigError(f"router: dim must be the token width, got {dim!r}")
         _check_positive("router", "tau", tau)
         _check_positive("router", "weight", weight, allow_zero=True)
-        if not 0.0 <= target <= 1.0:
+        if not _is_real(target) or not 0.0 <= target <= 1.0:
             raise ConfigError(f"router: target must be a fraction in [0, 1], got {target!r}")
         if pool not in ("token", "mean"):
             raise ConfigError(f"router: pool must be 'token' or 'mean', got {pool!r}")
@@ -118,11 +118,10 @@ class BlockRouter(InputDependentGate):
 
 def _check_positive(owner: str, name: str, v: float, allow_zero: bool = False) -> None:
     """Raise a `ConfigError` naming ``name`` unless ``v`` is a finite number > 0 (>= 0 with ``allow_zero``)."""
-    ok = (
-        isinstance(v, numbers.Real)  # numpy scalars too
-        and not isinstance(v, (bool, np.bool_))
-        and math.isfinite(v)
-        and (v >= 0 if allow_zero else v > 0)
-    )
-    if not ok:
+    if not (_is_real(v) and math.isfinite(v) and (v >= 0 if allow_zero else v > 0)):
         raise ConfigError(f"{owner}: {name} must be a finite number {'>=' if allow_zero else '>'} 0, got {v!r}")
+
+
+def _is_real(v: object) -> bool:
+    """True for a real number (numpy scalars too), never a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))

@@ -28,7 +28,7 @@ routes here), `channel_spec` gives the arguments that rebuild them (saved by ``d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from timm.layers import DropPath
@@ -78,6 +78,10 @@ class FBSBlockMixin:
             mults = [None if g is None else g(ss) for g in gates]
             y = _masked(x, stages, mults, last)
         else:
+            if self.strategy not in STRATEGIES:
+                raise ConfigError(
+                    f"{type(self).__name__}.strategy: one of {', '.join(STRATEGIES)} expected, got {self.strategy!r}"
+                )
             decisions = [(None, None) if g is None else g.decide(ss) for g in gates]
             shortcut = None
             if self.se is None and (self.drop_path is None or type(self.drop_path) in (nn.Identity, DropPath)):
@@ -140,6 +144,9 @@ def _why_not(host: nn.Module, stages, last: tuple[str, str]) -> str | None:
 class FBSBasicBlock(FBSBlockMixin, BasicBlock):
     """timm ``BasicBlock`` whose ``conv1`` outputs are gated per input by ``gate.conv1`` (see the module doc)."""
 
+    #: The class the integration tables know it as (`dynsparse.integrations.tables.host_type`), so its residual branch
+    #: gets and closes ``layers`` gates as a BasicBlock's.
+    host_class: ClassVar[type[nn.Module]] = BasicBlock
     _stages = (("conv1", "bn1", ("drop_block", "act1", "aa")),)
     _last = ("conv2", "bn2")
     _out_act = "act2"
@@ -153,6 +160,7 @@ class FBSBasicBlock(FBSBlockMixin, BasicBlock):
 class FBSBottleneck(FBSBlockMixin, Bottleneck):
     """timm ``Bottleneck`` with ``conv2``'s outputs gated (``gate.conv2``), optionally ``conv1``'s (``gate.conv1``)."""
 
+    host_class: ClassVar[type[nn.Module]] = Bottleneck  # as FBSBasicBlock's
     _stages = (("conv1", "bn1", ("act1",)), ("conv2", "bn2", ("drop_block", "act2", "aa")))
     _last = ("conv3", "bn3")
     _out_act = "act3"
@@ -205,7 +213,8 @@ def gate_channels_(
 
     Raises:
         ConfigError: an unknown gate (with suggestions), a bad ``keep``, ``blocks`` or option.
-        UnsupportedModuleError: the model has no ResNet block, or a chosen block cannot be gated (names it).
+        UnsupportedModuleError: the model has no ResNet block, or a chosen block cannot be gated (names it; the
+            model itself being a block cannot be swapped in place).
 
     Examples:
         >>> import timm, dynsparse as ds
@@ -230,6 +239,9 @@ def gate_channels_(
         )
     chosen = _choose(found, blocks, include, exclude)
     for fqn, block in chosen:
+        if not fqn:
+            reason = "the root module itself cannot be swapped"
+            raise UnsupportedModuleError(fqn, type(block).__name__, "channels", reason)
         if isinstance(block, FBSBlockMixin):
             raise UnsupportedModuleError(
                 fqn, type(block).__name__, "channels", "it already has per-input channel gates"
@@ -278,7 +290,7 @@ def _choose(found, blocks, include, exclude) -> list[tuple[str, nn.Module]]:
     if blocks == "all":
         chosen = list(found)
     else:
-        items = [blocks] if isinstance(blocks, (int, str)) else list(blocks)
+        items = list(blocks) if isinstance(blocks, Sequence) and not isinstance(blocks, str) else [blocks]
         names = [f for f, _ in found]
         chosen = []
         for b in items:

@@ -272,7 +272,9 @@ def _run_batch(
     conv = stages[0][0]
     if strategy == "auto" and x.shape[2] * x.shape[3] < 4 * conv.stride[0] * conv.stride[1]:
         strategy = "masked"  # 1x1 maps: gathering the weights costs more than the dense conv (measured: 20 vs 2 ms)
-    if strategy != "masked" and n == 1:
+    if n == 0:
+        strategy = "masked"  # an empty batch: nothing to gather (and no decision to group by)
+    elif strategy != "masked" and n == 1:
         strategy = "one"
     elif strategy in ("auto", "group"):
         keys = torch.cat([i for i in idxs if i is not None], 1)

@@ -152,7 +152,7 @@ def route_blocks_(
     if blocks == "all":  # a block that a conversion removed (nn.Identity) has nothing to skip
         idx = [i for i, b in enumerate(seq) if not isinstance(b, (TokenGatedBlock, nn.Identity))]
     else:
-        idx = [blocks] if isinstance(blocks, int) else list(blocks)
+        idx = list(blocks) if isinstance(blocks, Sequence) and not isinstance(blocks, str) else [blocks]
     if not idx or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(seq) for i in idx):
         raise ConfigError(f"depth.blocks: 'all' or block indices in [0, {len(seq)}) expected, got {blocks!r}")
     if len(set(idx)) < len(idx):
