@@ -9,6 +9,7 @@ from . import importance, prune, regularizers  # regularizers registers the "var
 from .convert import SlicePlan, ZeroBranch, apply_plan, convert, load, load_gated, make_plan, save, save_gated, verify
 from .convert.uniform import uniform_gates_
 from .errors import ConfigError, DynsparseError, GateError, UnsupportedModuleError
+from .gate_ops import fix_gates_, named_gates, penalty
 from .gates import (
     GATES,
     FixedGate,
@@ -27,7 +28,7 @@ from .gates.routers import ROUTERS, BlockRouter
 from .gates.tokens import TOKEN_GATES, ThresholdTokenGate, TokenGate
 from .knob import budget, get_budget, set_budget_
 from .report import SparsityReport, sparsity_report
-from .sparsify import DIMENSIONS, SparsifyPlan, fix_gates_, named_gates, penalty, plan_sparsify, sparsify_
+from .sparsify import DIMENSIONS, SparsifyPlan, plan_sparsify, sparsify_
 
 __version__ = "0.1.0"
 

@@ -194,7 +194,7 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     input-dependent gate (token predictor, router, per-input channel saliency) runs with the model at inference,
     converted or not, so its parameters count.
     """
-    from .sparsify import named_gates
+    from .gate_ops import named_gates
 
     static = {id(p) for _, g in named_gates(model) if not isinstance(g, InputDependentGate) for p in g.parameters()}
     total = nonzero = 0

@@ -59,9 +59,9 @@ def _layer_flops(model: nn.Module, inputs: Tensor, dynamic: bool) -> dict[str, f
 def analyse(path: str, *, input_shape: tuple[int, int, int] | None = None, flops_inputs: int = 16) -> dict[str, Any]:
     """Load ``path`` (converted or gated, from its metadata) and describe it; returns the JSON-ready analysis."""
     from ..errors import ConfigError
+    from ..gate_ops import named_gates
     from ..gates import InputDependentGate
     from ..report import input_dimension
-    from ..sparsify import named_gates
     from .modelfile import (
         build_dense,
         check_runs,

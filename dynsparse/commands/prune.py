@@ -73,8 +73,8 @@ def prune(
     from ..convert import convert, save
     from ..convert.io import save_gated
     from ..errors import ConfigError, DynsparseError
+    from ..gate_ops import named_gates
     from ..prune import remove_, structured_, unstructured_
-    from ..sparsify import named_gates
     from .modelfile import (
         check_not_input,
         count_params,

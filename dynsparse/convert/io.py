@@ -351,7 +351,7 @@ def save_gated(
     describes the input as in `save` (``dynsparse convert`` carries it over to the converted file). A converted
     model gated again (a round of iterative pruning) also records its ``slice_plan``, replayed before the calls.
     """
-    from ..sparsify import named_gates
+    from ..gate_ops import named_gates
 
     history = getattr(model, HISTORY_ATTR, None)
     if not history:
@@ -384,8 +384,9 @@ def load_gated(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
 
     ``data`` is the checkpoint's input description (see `save`), None in files written without one.
     """
+    from ..gate_ops import fix_gates_, named_gates
     from ..gates import FixedGate
-    from ..sparsify import fix_gates_, named_gates, sparsify_
+    from ..sparsify import sparsify_
 
     path = Path(path)
     tensors, meta = _read(path)

@@ -103,8 +103,8 @@ def gate_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
     A `TopKGate` records ``{"k": k}`` (changed by ``set_k_``), an input-dependent gate ``{"keep": keep}`` (its
     run-time budget, changed by ``set_budget_``; None: a threshold gate's learned thresholds).
     """
+    from ..gate_ops import named_gates
     from ..gates import InputDependentGate, TopKGate
-    from ..sparsify import named_gates
 
     out: dict[str, dict[str, Any]] = {}
     for fqn, g in named_gates(model):
@@ -122,8 +122,8 @@ def restore_gate_settings_(model: nn.Module, settings: Mapping[str, Any], where:
         DynsparseError: a malformed entry, no gate of the right kind at its fqn, or a value the gate refuses; the
             message starts with ``where`` (the file or checkpoint) and names the gate.
     """
+    from ..gate_ops import named_gates
     from ..gates import InputDependentGate, TopKGate
-    from ..sparsify import named_gates
 
     gates = dict(named_gates(model))
     for fqn, entry in settings.items():

@@ -95,9 +95,9 @@ def sensitivity(
     Returns:
         A `SensitivityResult` (``.table()``, ``.plot(path)``, ``.ratios_for(min_metric)``).
     """
+    from ..gate_ops import named_gates
     from ..importance import MagnitudeImportance
     from ..importance._util import gate_layers
-    from ..sparsify import named_gates
     from .unstructured import _MASKED, unstructured_
 
     ratios = [float(r) for r in ratios]
@@ -147,8 +147,8 @@ def _units_pruned(model: nn.Module, name: str, score: torch.Tensor, ratio: float
 
     The gate's closed units rank lowest and stay closed; its kept units keep their eval multipliers.
     """
+    from ..gate_ops import fix_gates_
     from ..importance import keep_masks
-    from ..sparsify import fix_gates_
 
     m = fix_gates_(copy.deepcopy(model))
     if ratio > 0:

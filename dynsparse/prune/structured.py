@@ -73,8 +73,8 @@ def structured_(
         >>> _ = ds.prune.structured_(m, {"channels": 0.5})
         >>> small = ds.convert(m)
     """
+    from ..gate_ops import fix_gates_
     from ..importance import keep_masks
-    from ..sparsify import fix_gates_
 
     if flops is not None:
         return _structured_flops(
@@ -107,7 +107,7 @@ def structured_(
 
 def _current(model: nn.Module, scores: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """``{gate_fqn: keep_mask()}`` on the CPU, now, of every gate in ``scores`` (``{dim: {gate_fqn: ...}}``)."""
-    from ..sparsify import named_gates
+    from ..gate_ops import named_gates
 
     fqns = {f for per_dim in scores.values() for f in per_dim}
     return {f: g.keep_mask().detach().cpu() for f, g in named_gates(model) if f in fqns}
@@ -147,8 +147,8 @@ def _structured_flops(
 ) -> nn.Module:
     """``structured_(..., flops=f)``: one score-per-FLOP ranking over the dimensions' gates."""
     from ..flops import CostModel
+    from ..gate_ops import fix_gates_
     from ..importance import flops_keep_masks
-    from ..sparsify import fix_gates_
 
     if isinstance(dims, (Mapping, str)) or not isinstance(dims, Sequence) or not dims:
         raise ConfigError(

@@ -77,8 +77,9 @@ def run_sensitivity(
         ``{"model": ..., "baseline_acc", "ratios", "curves", "table", "plot", "ratios_for"}``.
     """
     from ..data import make_loader
+    from ..gate_ops import named_gates
     from ..prune import sensitivity
-    from ..sparsify import named_gates, sparsify_
+    from ..sparsify import sparsify_
 
     ratios = [float(r) for r in ratios]
     if any(not 0.0 <= r < 1.0 for r in ratios):  # checked before any training, not after it

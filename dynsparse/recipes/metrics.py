@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..gate_ops import named_gates
 from ..gates import Gate
 from ..modules import module_device
-from ..sparsify import named_gates
 from .regularize import weight_sparsity
 from .schema import Recipe
 

@@ -45,7 +45,7 @@ def _gate_param_ids(model: nn.Module) -> set[int]:
     ``Attention(gated=True)``), and its weights are weights. Routers and Deja Vu predictors (gates not under a
     ``gate`` child) stay with the weights, as the recipes were tuned.
     """
-    from ..sparsify import named_gates
+    from ..gate_ops import named_gates
 
     owned = {id(p) for _, g in named_gates(model) for p in g.parameters()}
     return {id(p) for n, p in model.named_parameters() if id(p) in owned and ".gate." in f".{n}"}
@@ -60,8 +60,8 @@ def _gate_optimizer(model: nn.Module, st: StageSpec, params: list[nn.Parameter])
     """
     if st.gate_optimizer is not None:
         return _optimizer(st.gate_optimizer, params)
+    from ..gate_ops import named_gates
     from ..gates import InputDependentGate
-    from ..sparsify import named_gates
 
     static = {id(p) for _, g in named_gates(model) if not isinstance(g, InputDependentGate) for p in g.parameters()}
     groups = [

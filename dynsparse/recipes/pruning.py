@@ -156,7 +156,7 @@ class StagePruning:
                 exclude=list(spec.exclude) or None,
             )
         else:
-            from ..sparsify import fix_gates_
+            from ..gate_ops import fix_gates_
 
             if spec.method == "bn_scale":
                 from ..regularizers.bn_l1 import BNScaleL1

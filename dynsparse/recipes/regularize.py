@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..sparsify import named_gates
+from ..gate_ops import named_gates
 from .schema import RegularizerSpec, StageSpec
 
 __all__ = ["build_regularizers", "weight_sparsity"]

@@ -36,11 +36,12 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import atomic_write
+from ..gate_ops import fix_gates_, named_gates
 from ..gates import HardConcreteGate, SigmoidGate
 from ..modules import module_device
 from ..regularizers.budget import TargetSparsity
 from ..regularizers.variational import VariationalGate
-from ..sparsify import fix_gates_, named_gates, sparsify_
+from ..sparsify import sparsify_
 from .checkpoint import save_checkpoint, to_cpu, trim_log
 from .device import resolve_device
 from .gated_file import save_gated_checked

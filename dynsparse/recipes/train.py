@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..gate_ops import fix_gates_, named_gates
 from ..gates import HardConcreteGate
 from ..prune.unstructured import reapply_masks_
-from ..sparsify import fix_gates_, named_gates, sparsify_
+from ..sparsify import sparsify_
 from .calibrate import calibrate_, harden_thresholds_, replay_
 from .checkpoint import load_checkpoint, save_checkpoint, to_cpu, write_log
 from .device import resolve_device

@@ -19,8 +19,8 @@ from torch import nn
 
 from ..convert.metadata import gate_settings, restore_gate_settings_
 from ..errors import DynsparseError
+from ..gate_ops import fix_gates_, named_gates
 from ..gates import FixedGate, Gate
-from ..sparsify import fix_gates_, named_gates
 from .loader import recipe_to_dict
 from .schema import Recipe, RecipeError
 

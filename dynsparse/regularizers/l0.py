@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..gate_ops import named_gates
 from ..gates import HardConcreteGate
-from ..sparsify import named_gates
 from ._common import check_weight, zero_like_params
 
 __all__ = ["ExpectedL0"]
