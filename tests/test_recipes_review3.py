@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
-from dynsparse.recipes import RecipeError, load_recipe
+from dynsparse.recipes import RecipeError, load_recipe, parse_recipe
 
 GOOD = """\
 name: t
@@ -70,3 +71,43 @@ def test_good_prune_values_load(tmp_path, override):
     p = tmp_path / "ok.yaml"
     p.write_text(GOOD)
     load_recipe(p, [override])
+
+
+TRAIN = """\
+name: t
+seed: 0
+model:
+  name: vit_tiny_patch16_224
+  kwargs: {img_size: 8, patch_size: 2, in_chans: 1, num_classes: 10, embed_dim: 16, depth: 2, num_heads: 2}
+data: {dataset: digits, batch_size: 32, train_subset: 64}
+stages:
+  - {name: dense, epochs: 1}
+  - STAGE
+evaluate: {latency: false}
+convert: {enabled: false}
+"""
+
+
+@pytest.mark.parametrize(
+    ("stage", "match"),
+    [
+        # a regularizer with nothing to act on: `dynamic` was silently a zero term, the others named no field
+        ("{name: s, epochs: 1, regularizers: [{name: dynamic}]}", r"stages\[1\]\.regularizers\[0\]: .*input-dependent"),
+        ("{name: s, epochs: 1, regularizers: [{name: l0}]}", r"stages\[1\]\.regularizers\[0\]: .*HardConcreteGate"),
+        ("{name: s, epochs: 1, regularizers: [{name: bn_l1}]}", r"stages\[1\]\.regularizers\[0\]: .*BatchNorm"),
+        # a sparsify spec or a pruning the model cannot take fails when the stage starts or ends: name the field
+        ("{name: s, epochs: 1, sparsify: {channels: {gate: fixed}}}", r"stages\[1\]\.sparsify: .*'channels'"),
+        (
+            "{name: s, epochs: 1, prune: {method: unstructured, ratio: 0.5, include: [nothing]}}",
+            r"stages\[1\]\.prune: .*include=\['nothing'\]",
+        ),
+        ("{name: s, epochs: 1, prune: {method: structured, dimensions: {channels: 0.5}}}", r"stages\[1\]\.prune: "),
+        ("{name: s, epochs: 0, prune: {method: bn_scale, ratio: 0.5}}", r"stages\[1\]\.prune: .*BatchNorm"),
+    ],
+)
+def test_a_stage_the_model_cannot_take_names_its_field(tmp_path, stage, match):
+    from dynsparse.recipes.train import Trainer
+
+    recipe = parse_recipe(yaml.safe_load(TRAIN.replace("STAGE", stage)))
+    with pytest.raises(RecipeError, match=match):
+        Trainer(recipe, tmp_path, progress=False).run()
