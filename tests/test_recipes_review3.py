@@ -111,3 +111,23 @@ def test_a_stage_the_model_cannot_take_names_its_field(tmp_path, stage, match):
     recipe = parse_recipe(yaml.safe_load(TRAIN.replace("STAGE", stage)))
     with pytest.raises(RecipeError, match=match):
         Trainer(recipe, tmp_path, progress=False).run()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        # fewer logits than classes: an IndexError of cross_entropy at the first step
+        ("num_classes: 5, in_chans: 1", r"model: .*5 logits.*digits.* 10 classes.*model\.kwargs\.num_classes"),
+        # timm's default head of 1000 classes: trained and reported silently, with 990 classes that do not exist
+        ("in_chans: 1", r"model: .*1000 logits.*10 classes"),
+        # images of the wrong channels: a RuntimeError of the first convolution, naming no field
+        ("num_classes: 10, in_chans: 3", r"model: cannot run on a \(1, 8, 8\) image of data\.dataset 'digits'"),
+    ],
+)
+def test_a_model_that_does_not_fit_the_data_is_refused_before_training(tmp_path, kwargs, match):
+    from dynsparse.recipes.train import Trainer
+
+    text = TRAIN.replace("STAGE", "{name: s, epochs: 1}").replace("in_chans: 1, num_classes: 10", kwargs)
+    with pytest.raises(RecipeError, match=match):
+        Trainer(parse_recipe(yaml.safe_load(text)), tmp_path, progress=False).run()
+    assert not (tmp_path / "checkpoint.pt").exists()

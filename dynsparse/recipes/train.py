@@ -176,6 +176,35 @@ class Trainer:
                 "images"
             )
 
+    def _check_model(self) -> None:
+        """The model takes the data's images and gives one logit per class (one eval forward, before training).
+
+        Raises:
+            RecipeError: naming ``model`` and ``data``: the forward fails (channels, image size), or the number of
+                logits is not the data set's number of classes.
+        """
+        d, model, classes = self.recipe.data, self.model, len(self.test_set.classes)
+        shape = tuple(self.example.shape[1:])
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(self.example.to(self.device))
+        except (RuntimeError, AssertionError, ValueError) as e:  # torch's shape errors, timm's input-size asserts
+            raise RecipeError(
+                f"model: cannot run on a {shape} image of data.dataset {d.dataset!r} (data.image_size: "
+                f"{d.image_size}, data.channels: {d.channels}; check model.kwargs such as in_chans and img_size): "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        finally:
+            model.train(was)
+        if not isinstance(out, torch.Tensor) or out.shape != (1, classes):
+            got = f"{out.shape[-1]} logits" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+            raise RecipeError(
+                f"model: {self.recipe.model.name!r} gives {got} per image, but data.dataset {d.dataset!r} has "
+                f"{classes} classes; set model.kwargs.num_classes: {classes}"
+            )
+
     def _batches(self, loader):
         """``(x, y)`` batches of ``loader`` on the run's device."""
         for x, y in loader:
@@ -272,6 +301,7 @@ class Trainer:
         self._data()
         self._check_steps()
         self.model = build_model(self.recipe).to(self.device)  # initialised on the CPU: the same weights anywhere
+        self._check_model()
         ck_path = self.out / "checkpoint.pt"
         resumed_stage = None
         if self.resume and ck_path.exists():
