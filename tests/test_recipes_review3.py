@@ -131,3 +131,26 @@ def test_a_model_that_does_not_fit_the_data_is_refused_before_training(tmp_path,
     with pytest.raises(RecipeError, match=match):
         Trainer(parse_recipe(yaml.safe_load(text)), tmp_path, progress=False).run()
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_report_plot_is_written_atomically(tmp_path, monkeypatch):
+    """A failure while writing report.png (disk full, a kill) leaves the last good plot, not a truncated file."""
+    from matplotlib.figure import Figure
+
+    from dynsparse.recipes.run import _plot
+
+    history = [{"stage": "dense", "stage_index": 0, "epoch": 1, "step": 4, "test_acc": 0.5}]
+    path = tmp_path / "report.png"
+    _plot(history, None, path, "t")
+    good = path.read_bytes()
+
+    def broken(self, fname, **kwargs):
+        with open(fname, "wb") as fh:
+            fh.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(OSError, match="disk full"):
+        _plot(history, None, path, "t")
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["report.png"]
