@@ -154,3 +154,28 @@ def test_report_plot_is_written_atomically(tmp_path, monkeypatch):
         _plot(history, None, path, "t")
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["report.png"]
+
+
+@pytest.mark.parametrize(("threshold", "want"), [(None, 1e-5), (0.0, 0.0), (0.25, 0.25)])
+def test_group_lasso_pruning_uses_the_threshold_given(monkeypatch, threshold, want):
+    """``threshold: 0`` (only groups whose norm is exactly 0) was read as no threshold, the default 1e-5."""
+    import torch
+    from torch import nn
+
+    from dynsparse.recipes.pruning import StagePruning
+    from dynsparse.recipes.schema import PruneSpec
+    from dynsparse.regularizers.group_lasso import GroupLasso
+
+    class Seen(Exception):
+        pass
+
+    def keep_masks(self, threshold=1e-5, min_keep=1):
+        raise Seen(threshold)
+
+    monkeypatch.setattr(GroupLasso, "__init__", lambda self, model: None)
+    monkeypatch.setattr(GroupLasso, "keep_masks", keep_masks)
+    spec = PruneSpec(method="group_lasso", threshold=threshold)
+    pruning = StagePruning(nn.Linear(2, 2), spec, epochs=0, steps_per_epoch=1, data=list, example=torch.zeros(1, 2))
+    with pytest.raises(Seen) as e:
+        pruning.end_()
+    assert e.value.args[0] == want

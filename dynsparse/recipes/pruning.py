@@ -188,7 +188,8 @@ class StagePruning:
             else:
                 from ..regularizers.group_lasso import GroupLasso
 
-                masks = GroupLasso(self.model).keep_masks(spec.threshold or 1e-5, min_keep=spec.min_keep)
+                threshold = 1e-5 if spec.threshold is None else spec.threshold  # 0: only groups of norm 0
+                masks = GroupLasso(self.model).keep_masks(threshold, min_keep=spec.min_keep)
             fix_gates_(self.model, masks)
 
     def _unstructured(self, ratio: float | None, importance: str) -> None:
