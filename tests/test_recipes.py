@@ -231,7 +231,8 @@ def test_fields_the_method_ignores_are_refused(tmp_path, override, match):
         "stages[1].regularizers=[{name: group_lasso, weight: 0.1, prox: true}]",
         "stages[0].prune={method: unstructured, ratio: 0.5, importance: taylor, calibration_batches: 2, at: start}",
         "stages[0].prune={method: unstructured, ratio: 0.5, schedule: agp, frequency: 5, end_epoch: 1}",
-        "stages[0].prune={method: bn_scale, threshold: 0.01, min_keep: 2, scope: layer, at: start}",
+        "stages[0].prune={method: bn_scale, threshold: 0.01, min_keep: 2, at: start}",
+        "stages[0].prune={method: bn_scale, ratio: 0.3, min_keep: 2, scope: layer, at: start}",
         "stages[0].prune={method: structured, dimensions: {heads: 0.5}, round_to: 2, calibration_batches: 2}",
     ],
 )

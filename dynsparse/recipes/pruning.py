@@ -26,10 +26,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from .schema import PruneSpec
+from ..errors import ConfigError, DynsparseError
+from .schema import PruneSpec, RecipeError
 
 __all__ = ["StagePruning"]
+
+
+def _naming_the_field(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A library error in ``method`` (no gate or layer to prune, an importance that fails on this model) becomes a
+    `RecipeError` naming the spec's field (``stages[2].prune: ...``): it may come long after the recipe loaded."""
+
+    @functools.wraps(method)
+    def wrapper(self: StagePruning, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except RecipeError:
+            raise
+        except DynsparseError as e:
+            raise RecipeError(f"{self.where}: {e}") from e
+
+    return wrapper
+
 
 #: Per-weight importances that need batches ``(x, y)`` (the others need none, or only the input shape).
 _DATA_SCORES = {"gradient": "data", "taylor": "data", "obd": "data", "wanda": "data", "snip": "batch", "grasp": "batch"}
@@ -100,6 +117,7 @@ class StagePruning:
             )
 
     # ------------------------------------------------------------------------------------------ hooks
+    @_naming_the_field
     def structure_(self, ended: bool = False) -> None:
         """Only the structure this stage's pruning has created, for a resumed run: masked layers (all kept), or
         the open gates `structured` pruning closes units of, once it has run (``at: start``, or ``ended``)."""
@@ -115,6 +133,7 @@ class StagePruning:
                 exclude=list(self.spec.exclude) or None,
             )
 
+    @_naming_the_field
     def start_(self) -> None:
         """At the start of the stage: install masked layers (gradual), or prune now (``at: start``)."""
         if self.gradual:
@@ -123,10 +142,12 @@ class StagePruning:
         elif self.spec.at == "start":
             self._prune_once()
 
+    @_naming_the_field
     def step(self, step_in_stage: int) -> bool:
         """After an optimizer step: follow the schedule; returns whether the masks changed."""
         return self.pruner.step(step_in_stage + 1) if self.pruner is not None else False
 
+    @_naming_the_field
     def end_(self) -> None:
         """After the last epoch: the final target of a schedule, or the one-shot pruning ``at: end``."""
         if self.gradual:
@@ -167,7 +188,8 @@ class StagePruning:
             else:
                 from ..regularizers.group_lasso import GroupLasso
 
-                masks = GroupLasso(self.model).keep_masks(spec.threshold or 1e-5, min_keep=spec.min_keep)
+                threshold = 1e-5 if spec.threshold is None else spec.threshold  # 0: only groups of norm 0
+                masks = GroupLasso(self.model).keep_masks(threshold, min_keep=spec.min_keep)
             fix_gates_(self.model, masks)
 
     def _unstructured(self, ratio: float | None, importance: str) -> None:
@@ -203,7 +225,7 @@ class StagePruning:
         if name == "random":
             return fn(model, torch.Generator().manual_seed(0), **sel)
         if name == "movement":
-            raise ConfigError(f"{self.where}.importance: 'movement' needs a MovementTracker; use the Python API")
+            raise RecipeError(f"{self.where}.importance: 'movement' needs a MovementTracker; use the Python API")
         return fn(model, **sel)
 
 

@@ -7,48 +7,65 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError, DynsparseError
 from ..gate_ops import named_gates
-from .schema import RegularizerSpec, StageSpec
+from .schema import RecipeError, RegularizerSpec, StageSpec
 
 __all__ = ["build_regularizers", "weight_sparsity"]
 
 
 def build_regularizers(
-    model: nn.Module, st: StageSpec, steps_per_epoch: int, example: Tensor
+    model: nn.Module, st: StageSpec, steps_per_epoch: int, example: Tensor, where: str = "stage"
 ) -> list[tuple[RegularizerSpec, Any]]:
-    """``(spec, object)`` per regularizer of the stage (``None`` for those the trainer computes itself)."""
+    """``(spec, object)`` per regularizer of the stage (``None`` for those the trainer computes itself).
+
+    Raises:
+        RecipeError: a regularizer has nothing to act on in ``model`` (no hard-concrete gate for ``l0``, no
+            input-dependent gate for ``dynamic``, ...), naming its field ``{where}.regularizers[j]``.
+    """
     out = []
-    for r in st.regularizers:
-        if r.name == "l0":
-            from ..regularizers.l0 import ExpectedL0
-
-            obj = ExpectedL0(model, weight=r.weight)
-        elif r.name == "budget":
-            from ..regularizers.budget import TargetSparsity
-
-            obj = TargetSparsity(
-                model,
-                r.target,
-                kind=r.kind,
-                warmup_steps=int(r.warmup_epochs * steps_per_epoch),
-                example_input=example,
-            )
-        elif r.name == "group_lasso":
-            from ..regularizers.group_lasso import GroupLasso
-
-            obj = GroupLasso(model, weight=r.weight)
-        elif r.name == "bn_l1":
-            from ..regularizers.bn_l1 import BNScaleL1
-
-            obj = BNScaleL1(model, weight=r.weight)
-        elif r.name == "dynamic":
-            from ..gates import InputDependentGate
-
-            obj = _GatePenalty([g for _, g in named_gates(model) if isinstance(g, InputDependentGate)], r.weight)
-        else:
-            obj = None
-        out.append((r, obj))
+    for j, r in enumerate(st.regularizers):
+        try:
+            out.append((r, _regularizer(model, r, steps_per_epoch, example)))
+        except DynsparseError as e:
+            raise RecipeError(f"{where}.regularizers[{j}]: {e}") from e
     return out
+
+
+def _regularizer(model: nn.Module, r: RegularizerSpec, steps_per_epoch: int, example: Tensor) -> Any:
+    """The object of one regularizer (``None`` for those the trainer computes itself)."""
+    if r.name == "l0":
+        from ..regularizers.l0 import ExpectedL0
+
+        obj = ExpectedL0(model, weight=r.weight)
+    elif r.name == "budget":
+        from ..regularizers.budget import TargetSparsity
+
+        obj = TargetSparsity(
+            model,
+            r.target,
+            kind=r.kind,
+            warmup_steps=int(r.warmup_epochs * steps_per_epoch),
+            example_input=example,
+        )
+    elif r.name == "group_lasso":
+        from ..regularizers.group_lasso import GroupLasso
+
+        obj = GroupLasso(model, weight=r.weight)
+    elif r.name == "bn_l1":
+        from ..regularizers.bn_l1 import BNScaleL1
+
+        obj = BNScaleL1(model, weight=r.weight)
+    elif r.name == "dynamic":
+        from ..gates import InputDependentGate
+
+        gates = [g for _, g in named_gates(model) if isinstance(g, InputDependentGate)]
+        if not gates:  # the term would be a constant 0
+            raise ConfigError("regularizer 'dynamic': the model has no input-dependent gate (sparsify_ first)")
+        obj = _GatePenalty(gates, r.weight)
+    else:
+        obj = None
+    return obj
 
 
 def weight_sparsity(model: nn.Module) -> float:

@@ -276,5 +276,7 @@ def _plot(history: list[dict[str, Any]], baseline: dict[str, Any] | None, path: 
         last = key
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:  # atomically, like report.json: the format is given, the temporary file's name has no .png
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

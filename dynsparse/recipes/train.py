@@ -18,12 +18,14 @@ the regularizer and distillation terms in `dynsparse.recipes.objective`, the log
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import DynsparseError
 from ..gate_ops import fix_gates_, named_gates
 from ..gates import HardConcreteGate
 from ..prune.unstructured import reapply_masks_
@@ -64,6 +67,18 @@ def build_model(recipe: Recipe) -> nn.Module:
         {"library": recipe.model.library, "name": recipe.model.name, "kwargs": recipe.model.kwargs},
         source="recipe model",
     )
+
+
+@contextlib.contextmanager
+def _naming(field: str) -> Iterator[None]:
+    """Re-raise a library error (a `DynsparseError` but a `RecipeError`) as a `RecipeError` naming the recipe
+    ``field`` whose action failed: a stage's action fails when the stage starts, long after the recipe loaded."""
+    try:
+        yield
+    except RecipeError:
+        raise
+    except DynsparseError as e:
+        raise RecipeError(f"{field}: {e}") from e
 
 
 @dataclass
@@ -162,13 +177,42 @@ class Trainer:
                 "images"
             )
 
+    def _check_model(self) -> None:
+        """The model takes the data's images and gives one logit per class (one eval forward, before training).
+
+        Raises:
+            RecipeError: naming ``model`` and ``data``: the forward fails (channels, image size), or the number of
+                logits is not the data set's number of classes.
+        """
+        d, model, classes = self.recipe.data, self.model, len(self.test_set.classes)
+        shape = tuple(self.example.shape[1:])
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(self.example.to(self.device))
+        except (RuntimeError, AssertionError, ValueError) as e:  # torch's shape errors, timm's input-size asserts
+            raise RecipeError(
+                f"model: cannot run on a {shape} image of data.dataset {d.dataset!r} (data.image_size: "
+                f"{d.image_size}, data.channels: {d.channels}; check model.kwargs such as in_chans and img_size): "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        finally:
+            model.train(was)
+        if not isinstance(out, torch.Tensor) or out.shape != (1, classes):
+            got = f"{out.shape[-1]} logits" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+            raise RecipeError(
+                f"model: {self.recipe.model.name!r} gives {got} per image, but data.dataset {d.dataset!r} has "
+                f"{classes} classes; set model.kwargs.num_classes: {classes}"
+            )
+
     def _batches(self, loader):
         """``(x, y)`` batches of ``loader`` on the run's device."""
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     # ---------------------------------------------------------------------------------- structure
-    def _start_stage_(self, st: StageSpec) -> None:
+    def _start_stage_(self, si: int, st: StageSpec) -> None:
         from ..regularizers.variational import sparse_vd_
 
         model = self.model
@@ -179,9 +223,11 @@ class Trainer:
         else:
             self.teacher = None
         if st.sparsify:
-            sparsify_(model, st.sparsify)
+            with _naming(f"stages[{si}].sparsify"):  # a spec this model cannot take fails only here
+                sparsify_(model, st.sparsify)
         if any(r.name == "sparse_vd" for r in st.regularizers) and not _has_svd(model):
-            sparse_vd_(model)
+            with _naming(f"stages[{si}].regularizers"):
+                sparse_vd_(model)
         if st.fix_gates:
             fix_gates_(model)
             harden_thresholds_(model)
@@ -220,14 +266,15 @@ class Trainer:
             for x, _ in self._batches(loader):
                 yield x
 
-        self._calib_info.update(calibrate_(self.model, st.calibrate, when, batches, seed=self.recipe.seed))
+        with _naming(f"stages[{si}].calibrate"):
+            self._calib_info.update(calibrate_(self.model, st.calibrate, when, batches, seed=self.recipe.seed))
 
     def _rebuild(self, ckpt: dict[str, Any]) -> None:
         """Replay the structural changes of the stages before the checkpoint's stage, then load its state."""
         meta = ckpt["meta"]
         self.state = RunState(meta["stage"], meta["epoch"], meta["step"], json.loads(meta["history"]))
         for i, st in enumerate(self.recipe.stages[: self.state.stage + 1]):
-            self._start_stage_(st)
+            self._start_stage_(i, st)
             ended = i < self.state.stage or self.state.epoch >= st.epochs
             self.pruning = self._pruning(i, st)
             if self.pruning is not None:
@@ -241,8 +288,8 @@ class Trainer:
         restore_(self.model, self.teacher, ckpt, self.device)
 
     # ----------------------------------------------------------------------------------- training
-    def _regularizers(self, st: StageSpec, steps_per_epoch: int) -> list[tuple[RegularizerSpec, Any]]:
-        return build_regularizers(self.model, st, steps_per_epoch, self.example.to(self.device))
+    def _regularizers(self, si: int, st: StageSpec, steps_per_epoch: int) -> list[tuple[RegularizerSpec, Any]]:
+        return build_regularizers(self.model, st, steps_per_epoch, self.example.to(self.device), f"stages[{si}]")
 
     def _evaluate(self, model: nn.Module, loader) -> float:
         """Test accuracy of ``model`` over ``loader``, on the model's device."""
@@ -255,6 +302,7 @@ class Trainer:
         self._data()
         self._check_steps()
         self.model = build_model(self.recipe).to(self.device)  # initialised on the CPU: the same weights anywhere
+        self._check_model()
         ck_path = self.out / "checkpoint.pt"
         resumed_stage = None
         if self.resume and ck_path.exists():
@@ -279,7 +327,7 @@ class Trainer:
                 continue  # the checkpoint's stage had finished (its end may have changed the parameters)
             if not resumed:
                 self.state.stage, self.state.epoch = si, 0
-                self._start_stage_(st)
+                self._start_stage_(si, st)
                 self.pruning = self._pruning(si, st)
                 if self.pruning is not None:
                     self.pruning.start_()
@@ -294,7 +342,7 @@ class Trainer:
         model = self.model
         loader = self._loader(si, train=True)
         steps_per_epoch = len(loader)
-        regs = self._regularizers(st, steps_per_epoch)
+        regs = self._regularizers(si, st, steps_per_epoch)
         opts = stage_optimizers(model, st, regs)
         budget = next((o for r, o in regs if r.name == "budget"), None)
         # base learning rates come from the spec, before a resumed optimizer state overwrites the scheduled ones

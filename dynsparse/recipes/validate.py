@@ -158,10 +158,28 @@ def check_prune(spec: PruneSpec, epochs: int, p: str, lines: dict[str, int]) -> 
         bad("calibration_batches", f"must be >= 1, got {spec.calibration_batches}")
     if spec.round_to < 1:
         bad("round_to", f"must be >= 1, got {spec.round_to}")
+    if spec.max_ratio is not None and not 0.0 <= spec.max_ratio <= 1.0:
+        bad("max_ratio", f"must be a fraction in [0, 1], got {spec.max_ratio}")
+    if spec.min_keep < 0:
+        bad("min_keep", f"must be >= 0, got {spec.min_keep}")
+    if spec.threshold is not None and spec.threshold < 0:
+        bad("threshold", f"must be >= 0, got {spec.threshold}")
+    if spec.method == "bn_scale" and spec.ratio is not None and spec.threshold is not None:
+        bad("threshold", "method 'bn_scale' prunes to a ratio or below a threshold, not both")
+    if spec.method == "bn_scale" and spec.threshold is not None and spec.scope == "layer":
+        bad("scope", "a bn_scale threshold is global; scope 'layer' needs a ratio")
     if spec.method == "structured":
+        from ..sparsify import DIMENSIONS
+
         if not spec.dimensions:
             bad("dimensions", "method 'structured' needs {dimension: fraction removed}, e.g. {channels: 0.5}")
         for dim, r in spec.dimensions.items():
+            if dim not in DIMENSIONS:
+                bad(
+                    f"dimensions.{dim}",
+                    f"structured pruning has no such dimension.{suggest(str(dim), DIMENSIONS)} "
+                    f"Known: {', '.join(DIMENSIONS)}",
+                )
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
                 bad(f"dimensions.{dim}", f"must be a fraction in [0, 1), got {r!r}")
     elif spec.dimensions is not None:
@@ -181,5 +199,15 @@ def _check_importance(spec: PruneSpec, unstructured: bool, bad) -> None:
     name = spec.importance.get("name") if isinstance(spec.importance, dict) else spec.importance
     if unstructured and not isinstance(spec.importance, str):
         bad("importance", "a per-weight importance is a name")
+    if isinstance(spec.importance, dict) and "name" not in spec.importance:
+        bad("importance", f"needs a name: {{name: ..., **options}}, got {spec.importance!r}")
     if name not in registry.names():
         bad("importance", f"{name!r} is not one of {registry.names()}.{suggest(str(name), registry.names())}")
+    if isinstance(spec.importance, dict):  # its options are the importance's constructor arguments: build it once
+        from ..errors import ConfigError
+        from ..importance import make_importance
+
+        try:
+            make_importance(spec.importance)
+        except ConfigError as e:
+            bad("importance", str(e))
