@@ -147,3 +147,25 @@ def test_structured_stage_prunes_channels_and_converts(tmp_path, importance):
     assert report["flops"]["converted"] < 0.8 * report["flops"]["dense"]
     assert report["gated_test_acc"] == pytest.approx(report["converted_test_acc"], abs=1e-6)
     assert '"FixedGate"' in load_checkpoint(tmp_path / "checkpoint.pt")["meta"]["gates"]
+
+
+def test_random_pruning_follows_the_recipe_seed():
+    """``importance: random`` draws from the recipe's seed (and the stage): runs with other seeds prune other weights,
+    the same seed the same ones (a random baseline over seeds has its variance)."""
+    import torch
+
+    from dynsparse.prune import masks
+    from dynsparse.recipes.pruning import StagePruning
+    from dynsparse.recipes.train import build_model
+
+    r = _recipe("{method: unstructured, ratio: 0.5, importance: random, at: start}")
+
+    def pruned(seed: int) -> dict[str, torch.Tensor]:
+        model = build_model(r)
+        x = torch.zeros(1, 1, 8, 8)
+        StagePruning(model, r.stages[1].prune, epochs=1, steps_per_epoch=1, data=list, example=x, seed=seed).start_()
+        return masks(model)
+
+    a, b, c = pruned(1), pruned(1), pruned(2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)

@@ -75,8 +75,10 @@ class StagePruning:
         data: Callable[[], Iterable[Any]],
         example: Tensor,
         where: str = "prune",
+        seed: int = 0,
     ) -> None:
         self.model = model
+        self.seed = seed  # of the random importance: a recipe's seed changes which weights random pruning removes
         self.spec = spec
         self.data = data
         self.example = example
@@ -223,7 +225,7 @@ class StagePruning:
             target = ratio if ratio is not None else (self.pruner.target if self.pruner else 0.0) or 0.0
             return fn(model, tuple(self.example.shape[1:]), sparsity=target, **sel)
         if name == "random":
-            return fn(model, torch.Generator().manual_seed(0), **sel)
+            return fn(model, torch.Generator().manual_seed(self.seed), **sel)
         if name == "movement":
             raise RecipeError(f"{self.where}.importance: 'movement' needs a MovementTracker; use the Python API")
         return fn(model, **sel)

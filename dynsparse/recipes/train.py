@@ -243,6 +243,7 @@ class Trainer:
             data=lambda: self._batches(self._loader(si, train=True, sharded=False)),  # the same batches on every rank
             example=self.example.to(self.device),
             where=f"stages[{si}].prune",
+            seed=self.recipe.seed + 1009 * si,
         )
 
     def _end_stage_structure_(self, st: StageSpec) -> None:
