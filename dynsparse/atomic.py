@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import stat
@@ -31,33 +32,56 @@ def _new_temp(path: Path) -> str:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``.
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it, rename it over ``path``, fsync the
+    directory (so that the rename, too, survives a crash once this returns).
 
     The new file gets the permissions a plain ``open(path, "w")`` would give it: those of the file it replaces,
-    or for a new file 0666 less the umask.
+    or for a new file 0666 less the umask. A symbolic link at ``path`` is followed, as ``open(path, "w")`` follows
+    it: the file it points to is replaced and the link kept.
+
+    Returns:
+        ``path``, as given.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path  # a `latest.pt -> run3/ckpt.pt` link stays
+    target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        tmp = _new_temp(path)
+        tmp = _new_temp(target)
     except OSError as e:  # name the user's path, not a temporary file's
-        raise _naming(e, path) from e
+        raise _naming(e, target) from e
     try:
         mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask
         write(tmp)  # may replace the file (safetensors writes a new one with mode 0600)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        if path.exists():  # replacing a file: keep its mode, as writing into it would
-            mode = stat.S_IMODE(os.stat(path).st_mode)
+        if target.exists():  # replacing a file: keep its mode, as writing into it would
+            mode = stat.S_IMODE(os.stat(target).st_mode)
         os.chmod(tmp, mode)
         try:
-            os.replace(tmp, path)
+            os.replace(tmp, target)
         except OSError as e:  # e.g. ``path`` is a directory
-            raise _naming(e, path) from e
+            raise _naming(e, target) from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _fsync_dir(target.parent)
     return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Flush ``directory``'s entries (a rename into it) to disk; skipped where a directory cannot be opened or
+    synced (Windows, some network file systems)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise type(e)(e.errno, e.strerror, str(directory)) from e  # fsync's error names no file
+    finally:
+        os.close(fd)
 
 
 def _naming(e: OSError, path: Path) -> OSError:

@@ -36,3 +36,7 @@ class UnsupportedModuleError(DynsparseError, TypeError):
         self.action = action
         where = fqn or "<root>"
         super().__init__(f"cannot {action} {dimension!r} of module {where!r} ({module_type}): {reason}")
+
+    def __reduce__(self) -> tuple:
+        """Pickle and copy by the constructor's arguments (the default would call the class with the message only)."""
+        return type(self), (self.fqn, self.module_type, self.dimension, self.reason, self.action)

