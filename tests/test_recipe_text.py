@@ -522,3 +522,18 @@ def test_resume_refuses_a_changed_recipe(tiny_run, tmp_path):
     recipe, out, _ = tiny_run
     with pytest.raises(RecipeError, match=r"gates\.pt: written by a recipe that differs in budget"):
         run_text_recipe(load_task_recipe(recipe, ["budget.target=0.4"]), out, resume=True, progress=False)
+
+
+def test_encoder_dir_without_its_vocabulary_is_refused(tmp_path, encoder_dir):
+    """A folder without vocab.txt / tokenizer.json still gives a tokenizer (5 special tokens, every word [UNK]):
+    refused, naming encoder.path, instead of a run that trains on [UNK]s."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(encoder_dir / name, bare / name)
+    r = load_task_recipe(_write(tmp_path, TINY, bare))
+    match = r"encoder\.path: the tokenizer in .* has 5 tokens, the model's embeddings 99 "
+    with pytest.raises(RecipeError, match=match):
+        text_mod.load_encoder(r.encoder)

@@ -42,6 +42,14 @@ def load_encoder(spec: EncoderSpec) -> tuple[nn.Module, Any]:
             path, local_files_only=True, add_pooling_layer=False, dtype=torch.float32
         )
         tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+        # a directory without vocab.txt / tokenizer.json still gives a tokenizer: its 5 special tokens, every word
+        # [UNK]; a vocabulary larger than the embeddings would index past them
+        if vocab and not vocab // 2 <= len(tok) <= vocab:
+            raise RecipeError(
+                f"encoder.path: the tokenizer in {spec.path} has {len(tok)} tokens, the model's embeddings "
+                f"{vocab} (config.vocab_size): its vocab.txt / tokenizer.json are missing or belong to another model"
+            )
     if not isinstance(model, transformers.BertModel):
         raise RecipeError(f"encoder: {type(model).__name__} is not a BertModel; the recipe compresses BERT encoders")
     return model.eval(), tok
