@@ -134,6 +134,14 @@ def plan_sparsify(
 
         check_with_tokens(dims["tokens"], dims["depth"])
     g_inc, g_exc = _patterns(include, "include"), _patterns(exclude, "exclude")
+    if getattr(model, "feature_hooks", None) is not None and dims:
+        raise UnsupportedModuleError(  # the hooks read tensors inside blocks: a gate would change a feature map
+            "",
+            type(model).__name__,
+            next(iter(dims)),
+            "a features_only model that reads its feature maps with forward hooks (feature_location='expansion' or "
+            "a FeatureHookNet); build it with the default feature_location",
+        )
     plan = SparsifyPlan()
     aliases = _aliases(model)
     for dim, opts in dims.items():

@@ -138,3 +138,13 @@ def test_module_called_under_two_names_is_refused(inner, dim, x):
     assert _same(before, _snapshot(model))
     ds.sparsify_(model, {dim: "fixed"}, on_unsupported="skip")
     assert not list(ds.named_gates(model))
+
+
+def test_a_features_only_model_reading_features_with_hooks_is_refused():
+    """timm's feature hooks (feature_location='expansion') read tensors inside blocks: any gate there would change a
+    returned feature map, which conversion could not follow. Refused before the model changes."""
+    model = timm.create_model("efficientnet_b0", features_only=True, feature_location="expansion", pretrained=False)
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ds.UnsupportedModuleError, match="forward hooks"):
+        ds.sparsify_(model, {"channels": {"gate": "fixed"}})
+    assert [type(m) for m in model.modules()] == before
