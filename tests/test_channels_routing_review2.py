@@ -95,3 +95,10 @@ def test_layer_gates_on_fbs_blocks_convert(fbs_first):
     assert not isinstance(small.layer1[0], FBSBlockMixin) and isinstance(small.layer2[0], FBSBlockMixin)
     with torch.no_grad():
         torch.testing.assert_close(small(x), m.eval()(x))
+
+
+@pytest.mark.parametrize("blocks", [[0, 0], [0, "layer1.0"]])
+def test_fbs_blocks_named_twice_are_refused(blocks):
+    model = timm.create_model("test_resnet", pretrained=False)
+    with pytest.raises(ds.ConfigError, match=r"channels\.blocks: each block once.*twice: layer1\.0"):
+        ds.sparsify_(model, {"channels": {"gate": "fbs", "blocks": blocks}})

@@ -303,6 +303,9 @@ def _choose(found, blocks, include, exclude) -> list[tuple[str, nn.Module]]:
                     f"channels.blocks: 'all', block indices in [0, {len(found)}) or block fqns "
                     f"({', '.join(names[:4])}, ...) expected, got {b!r}"
                 )
+        twice = sorted({f for f, _ in chosen if [g for g, _ in chosen].count(f) > 1})
+        if twice:  # an index and its fqn, or one index twice: the block would get its gates twice
+            raise ConfigError(f"channels.blocks: each block once, got {blocks!r} (twice: {', '.join(twice)})")
     chosen = [(f, m) for f, m in chosen if _selected(f, inc, exc)]
     if not chosen:
         raise ConfigError("channels: the blocks / include / exclude options leave no block to gate")
