@@ -225,7 +225,11 @@ def test_static_channel_gates_still_work():
     [
         ({"keep": 1.5}, ds.ConfigError, r"channels.keep: a fraction in \(0, 1\]"),
         ({"keep": 0}, ds.ConfigError, r"channels.keep"),
-        ({"wieght": 1.0}, ds.ConfigError, r"bad option for gate 'fbs' at 'layer1.0'.*wieght"),
+        (
+            {"wieght": 1.0},
+            ds.ConfigError,
+            r"'channels.wieght': not an option of the 'fbs' per-input channel gate. Did you mean 'weight'",
+        ),
         ({"weight": -1.0}, ds.ConfigError, r"weight"),
         ({"blocks": [9]}, ds.ConfigError, r"channels.blocks: 'all', block indices in \[0, 4\)"),
         ({"strategy": "fast"}, ds.ConfigError, r"channels.strategy"),

@@ -331,3 +331,22 @@ def test_per_dimension_globs_of_depth_work_and_of_tokens_are_refused_by_name(vit
     assert not list(ds.named_gates(fresh))
     with pytest.raises(ds.ConfigError, match=rf"tokens\.{key}: token gates are placed by block indices"):
         ds.layers.gate_tokens_(fresh, blocks=[1], **{key: "blocks.1"})
+
+
+@pytest.mark.parametrize(
+    ("name", "spec", "match"),
+    [
+        ("test_vit", {"neurons": {"gate": "cats", "kep": 0.5}}, r"'neurons\.kep': not an option of the 'cats'.*'keep'"),
+        ("test_vit", {"heads": {"gate": "dejavu", "rnak": 4}}, r"'heads\.rnak': not an option.*'rank'"),
+        ("test_vit", {"tokens": {"gate": "threshold", "blocks": [1], "temprature": 1}}, r"'tokens\.temprature'"),
+        ("test_vit", {"depth": {"tarket": 0.5}}, r"'depth\.tarket': not an option of the 'router'.*'target'"),
+    ],
+)
+def test_a_per_input_gate_option_typo_is_refused_with_a_suggestion(name, spec, match):
+    """Options of the input-dependent parts are checked against the part's and the gate's arguments before any module
+    changes (a typo used to end in the gate class's bare TypeError)."""
+    model = timm.create_model(name, pretrained=False)
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ds.ConfigError, match=match):
+        ds.sparsify_(model, spec)
+    assert [type(m) for m in model.modules()] == before

@@ -64,7 +64,8 @@ class DynamicPart:
         return getattr(self._module(), self.spec)(model)
 
     def check(self, opts: dict[str, Any]) -> None:
-        """Raise `ConfigError` when ``opts['gate']`` is not a gate of this part."""
+        """Raise `ConfigError` when ``opts['gate']`` is not a gate of this part, or an option is neither an argument
+        of ``apply`` nor of the gate (a typo would otherwise end in a bare ``TypeError`` from the gate's class)."""
         names = self.gates().names()
         name = opts.get("gate", self.default_gate)
         if name not in names:
@@ -72,6 +73,29 @@ class DynamicPart:
                 f"sparsify spec field {self.key!r}: unknown {self.what} {name!r}.{suggest(str(name), names)} "
                 f"Known: {', '.join(names)}"
             )
+        own, of_gate = _arguments(getattr(self._module(), self.apply)), _arguments(self.gates().get(name))
+        if own is None or of_gate is None:  # a **kwargs catch-all: the callee checks
+            return
+        known = (own | of_gate) - _SET_BY_THE_LAYER
+        for key in opts:
+            if key not in known and key not in ("include", "exclude"):  # globs: `sparsify._dynamic_options` checks
+                raise ConfigError(
+                    f"sparsify spec field '{self.key}.{key}': not an option of the {name!r} {self.what}."
+                    f"{suggest(str(key), sorted(known))} Options: {', '.join(sorted(known))}"
+                )
+
+
+#: Gate arguments that the layer installing a gate sets (from the model), never a spec.
+_SET_BY_THE_LAYER = {"model", "num_units", "dim", "in_dim", "device", "dtype"}
+
+
+def _arguments(fn: Any) -> set[str] | None:
+    """Named arguments of ``fn`` (a function or a class), without a ``**`` catch-all's name (a part's ``apply``
+    passes those on to the gate); None for a class whose ``__init__`` takes any keyword (only it can check)."""
+    params = inspect.signature(fn).parameters.values()
+    if inspect.isclass(fn) and any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
 
 #: key -> part, in the order parts are installed (inner modules first, then whole blocks; token gates before
