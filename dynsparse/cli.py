@@ -94,6 +94,8 @@ def _eval_data(args: argparse.Namespace, stored: dict) -> tuple[str, int | list[
     dataset = args.dataset or stored.get("dataset")
     if dataset is None:
         raise ConfigError(f"{args.model}: no data set stored in the file; pass --dataset")
+    if dataset == "image-folder" and args.root is None:  # the file does not store the directory
+        raise ConfigError(f"{args.model}: data set image-folder: pass --root DIR, the directory of its class folders")
     shape = stored.get("input_shape")
     if stored.get("dataset") and dataset != stored["dataset"]:
         _warn(args, f"the model was trained on {stored['dataset']}; evaluating on --dataset {dataset}")
@@ -278,7 +280,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sens.add_argument("--group", choices=["element", "units"], default="element", help="weights or gated units")
     sens.add_argument("--dimensions", default="channels,heads,neurons", help="dimensions gated for --group units")
-    sens.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    sens.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+        help="fractions pruned, each in [0, 1) (default: 0 to 0.9 in steps of 0.1)",
+    )
     sens.add_argument("--layers", nargs="+", default=None, help="only these weight / gate fqns")
     sens.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test images")
     sens.add_argument("--max-drop", type=float, default=None, help="per-layer ratios losing <= this many points")

@@ -79,3 +79,17 @@ def test_convert_atol_must_be_a_finite_nonnegative_number(value, files, tmp_path
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "argument --atol:" in err and "Traceback" not in err
+
+
+def test_eval_on_an_image_folder_without_root_names_the_flag(files, capsys):
+    _, converted = files
+    assert main(["eval", str(converted), "--dataset", "image-folder"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"dynsparse eval: error: {converted}: data set image-folder: pass --root DIR")
+
+
+def test_every_sensitivity_option_has_a_help_text(capsys):
+    with pytest.raises(SystemExit):
+        main(["sensitivity", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--ratios RATIOS [RATIOS ...] fractions pruned" in out
