@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from dynsparse.commands.args import path_arg, positive_int
+from dynsparse.commands.args import nonnegative_float, path_arg, positive_int
 
 __all__ = ["main"]
 
@@ -94,6 +94,8 @@ def _eval_data(args: argparse.Namespace, stored: dict) -> tuple[str, int | list[
     dataset = args.dataset or stored.get("dataset")
     if dataset is None:
         raise ConfigError(f"{args.model}: no data set stored in the file; pass --dataset")
+    if dataset == "image-folder" and args.root is None:  # the file does not store the directory
+        raise ConfigError(f"{args.model}: data set image-folder: pass --root DIR, the directory of its class folders")
     shape = stored.get("input_shape")
     if stored.get("dataset") and dataset != stored["dataset"]:
         _warn(args, f"the model was trained on {stored['dataset']}; evaluating on --dataset {dataset}")
@@ -169,6 +171,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
     from dynsparse.recipes.tasks import load_task_recipe
     from dynsparse.recipes.text_schema import TextRecipe
 
+    dimensions = _sensitivity_dimensions(args.dimensions)
     recipe = load_task_recipe(args.recipe, _overrides(args))  # ``task: image-classification`` may be written out
     if isinstance(recipe, TextRecipe):
         raise ConfigError(
@@ -182,7 +185,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
         out,
         from_run=args.from_run,
         group=args.group,
-        dimensions=args.dimensions.split(","),
+        dimensions=dimensions,
         ratios=args.ratios,
         layers=args.layers,
         eval_samples=args.eval_samples,
@@ -199,6 +202,21 @@ def _sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sensitivity_dimensions(text: str) -> list[str]:
+    """The ``--dimensions`` list, checked before any training (an unknown name failed after the dense stage)."""
+    from dynsparse.errors import ConfigError
+    from dynsparse.registry import suggest
+    from dynsparse.sparsify import DIMENSIONS
+
+    dims = text.split(",")
+    for d in dims:
+        if d not in DIMENSIONS:
+            raise ConfigError(
+                f"--dimensions {text}: unknown dimension {d!r}.{suggest(d, DIMENSIONS)} Known: {', '.join(DIMENSIONS)}"
+            )
+    return dims
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dynsparse`` command."""
     parser = argparse.ArgumentParser(
@@ -208,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the built-in default recipe end to end (digits, small ViT)")
     train = sub.add_parser("train", help="run a recipe (YAML) end to end")
-    train.add_argument("recipe", help="path to a recipe YAML file")
+    train.add_argument("recipe", type=path_arg, help="path to a recipe YAML file")
     for p in (demo, train):
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field")
         p.add_argument("--resume", action="store_true", help="continue from the output dir's checkpoint")
@@ -249,18 +267,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     conv.add_argument("--out", type=path_arg, required=True, help="output directory (model.safetensors + plan.json)")
     conv.add_argument(
         "--atol",
-        type=float,
+        type=nonnegative_float,
         default=1e-4,
         help="absolute and relative tolerance of the built-in output check (default: 1e-4)",
     )
     conv.set_defaults(func=_convert)
     sens = sub.add_parser("sensitivity", help="prune one layer at a time at increasing ratios; table and plot")
-    sens.add_argument("recipe", help="path to a recipe YAML file")
+    sens.add_argument("recipe", type=path_arg, help="path to a recipe YAML file")
     sens.add_argument("--out", type=path_arg, default=None, help="output directory (default: OUTPUT_DIR/sensitivity)")
-    sens.add_argument("--from-run", default=None, help="analyse the final model of this finished run's output dir")
+    sens.add_argument(
+        "--from-run", type=path_arg, default=None, help="analyse the final model of this finished run's output dir"
+    )
     sens.add_argument("--group", choices=["element", "units"], default="element", help="weights or gated units")
     sens.add_argument("--dimensions", default="channels,heads,neurons", help="dimensions gated for --group units")
-    sens.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    sens.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+        help="fractions pruned, each in [0, 1) (default: 0 to 0.9 in steps of 0.1)",
+    )
     sens.add_argument("--layers", nargs="+", default=None, help="only these weight / gate fqns")
     sens.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test images")
     sens.add_argument("--max-drop", type=float, default=None, help="per-layer ratios losing <= this many points")

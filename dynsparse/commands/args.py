@@ -11,6 +11,7 @@ __all__ = [
     "fraction_removed",
     "input_shape_arg",
     "int_at_least",
+    "nonnegative_float",
     "nonnegative_int",
     "path_arg",
     "positive_int",
@@ -46,6 +47,17 @@ def fraction_removed(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
     if not 0.0 <= v < 1.0:
         raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1) (the part removed), got {v}")
+    return v
+
+
+def nonnegative_float(text: str) -> float:
+    """An argparse type: a finite number of at least 0 (a tolerance)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {v}")
     return v
 
 

@@ -68,7 +68,11 @@ def prune(
     scope: str | None = None,
     input_shape: tuple[int, int, int] | None = None,
 ) -> dict[str, Any]:
-    """Prune the model in ``path``, write ``out/model.safetensors`` (and ``gated.safetensors``); returns a summary."""
+    """Prune the model in ``path``, write ``out/model.safetensors`` (and ``gated.safetensors``); returns a summary.
+
+    The `OUTPUTS` this prune does not write are removed from ``out``: an earlier prune's would not describe the new
+    ``model.safetensors``.
+    """
     from ..atomic import atomic_write
     from ..convert import convert, save
     from ..convert.io import save_gated
@@ -77,6 +81,7 @@ def prune(
     from ..prune import remove_, structured_, unstructured_
     from .modelfile import (
         check_not_input,
+        check_runs,
         count_params,
         count_weights,
         is_dynamic,
@@ -97,10 +102,12 @@ def prune(
     before = count_params(model)
     plan = getattr(model, "slice_plan", None)  # a converted file's; a converted file pruned again composes it
     try:
-        shape = resolve_input_shape([f], input_shape)[0]
+        shape, source = resolve_input_shape([f], input_shape)
     except ConfigError:
         shape = None
     x = random_inputs(shape, 4, seed=0).to(model_dtype(model)) if shape is not None else None
+    if x is not None:  # an input the model does not take failed at the conversion check, blamed on the converter
+        check_runs(f, x[:1], source)
     if dimensions:
         try:
             structured_(model, dimensions, importance=IMPORTANCES[importance], scope=scope or "layer")
@@ -123,6 +130,8 @@ def prune(
         remove_(unstructured_(model, unstructured, scope=scope or "global"))
     save(model, out_dir / "model.safetensors", arch=f.arch, plan=plan, data=f.data)
     written.insert(0, "model.safetensors")
+    for name in set(OUTPUTS) - set(written):  # an earlier prune's, which do not describe this model.safetensors
+        (out_dir / name).unlink(missing_ok=True)
     after = count_params(model)
     return {
         "path": path,
