@@ -94,3 +94,14 @@ def test_an_importance_with_keys_that_name_no_gate_raises_naming_the_key():
     m = timm.create_model("test_vit", num_classes=3)
     with pytest.raises(ds.ConfigError, match=r"'blocks\.0\.mlp\.norm'.*names no gate"):
         ds.prune.structured_(m, {"neurons": 0.5}, importance=lambda model, data=None: {"blocks.0.mlp.norm": 1.0})
+
+
+def test_a_one_head_attention_keeps_its_head():
+    """A one-head attention's ``heads`` gate is a single unit like a ``layers`` branch gate, but closing it would
+    zero the attention instead of removing it: only ``layers`` gates may lose every unit (min_keep holds)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_heads=1, embed_dim=16)
+    ds.prune.structured_(model, {"heads": 0.9}, importance="magnitude")
+    assert all(bool(g.keep_mask().all()) for f, g in ds.named_gates(model) if "attn" in f)
+    ds.prune.structured_(model, {"layers": 0.5}, importance="random")  # branch gates still close
+    assert not all(bool(g.keep_mask().all()) for f, g in ds.named_gates(model) if "attn" not in f)

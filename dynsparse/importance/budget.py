@@ -13,7 +13,7 @@ every step (closing channels of one gate makes the next gate's channels cheaper 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from .masks import (
     NORMALIZATIONS,
     _choice,
+    _closable,
     _closed_first,
     _current_masks,
     _first_pruned,
@@ -50,6 +51,7 @@ def flops_keep_masks(
     max_sparsity: float | None = None,
     min_keep: int = 1,
     current: Mapping[str, Tensor] | None = None,
+    may_close: Collection[str] | None = None,
 ) -> dict[str, Tensor]:
     """Keep masks that bring the model to ``keep`` of its FLOPs, closing the lowest score per FLOP first.
 
@@ -74,6 +76,7 @@ def flops_keep_masks(
         min_keep: Fewest units kept per multi-unit gate.
         current: ``{gate_fqn: (num_units,) bool keep mask}`` of the scored gates now (None or a missing key:
             all open).
+        may_close: Gates that may lose every unit, as in `keep_masks` (None: the gates of a single unit).
 
     Returns:
         ``{gate_fqn: bool keep mask}`` for the scored gates, for `dynsparse.fix_gates_`.
@@ -123,7 +126,7 @@ def flops_keep_masks(
     sizes = {k: s[k].numel() for k in keys}
     caps = {}
     for k, n in sizes.items():
-        cap = n - (0 if n == 1 else min(min_keep, n))
+        cap = n - (0 if _closable(k, n, may_close) else min(min_keep, n))
         if max_sparsity is not None:
             cap = min(cap, int(max_sparsity * n + 1e-9))
         if round_to > 1:  # the kept count stays a multiple of round_to (or the whole gate)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -134,6 +134,7 @@ def keep_masks(
     max_sparsity: float | None = None,
     min_keep: int = 1,
     current: Mapping[str, Tensor] | None = None,
+    may_close: Collection[str] | None = None,
 ) -> dict[str, Tensor]:
     """Turn per-unit scores into ``{gate_fqn: (num_units,) bool keep mask}`` for `dynsparse.fix_gates_`.
 
@@ -147,7 +148,8 @@ def keep_masks(
     * ``scope="layer"``: ``floor(sparsity · n_g + 0.5)`` units (or ``num_pruned``) in each gate.
 
     Constraints per gate, applied in both scopes: at most ``floor(max_sparsity · n_g)`` units pruned; at least
-    ``min_keep`` kept (gates of a single unit, i.e. ``layers`` branch gates, are exempt: they may close); and
+    ``min_keep`` kept (the gates in ``may_close`` are exempt: by default those of a single unit, i.e. ``layers``
+    branch gates, which may close); and
     with ``round_to > 1`` the kept count is a multiple of ``round_to`` (or the whole gate), rounded to the
     nearest allowed count (halfway: keep more), so totals are then approximate.
 
@@ -166,6 +168,9 @@ def keep_masks(
         max_sparsity: Largest fraction of any one gate that may be pruned (None: no limit).
         min_keep: Fewest units kept per multi-unit gate.
         current: ``{gate_fqn: (num_units,) bool keep mask}`` of the gates now (None or a missing key: all open).
+        may_close: Gates that may lose every unit (``layers`` branch gates); None: the gates of a single unit. A
+            one-head attention's ``heads`` gate is a single unit too, but closing it zeroes the attention rather
+            than removing it: `dynsparse.prune.structured_` passes only its ``layers`` gates.
 
     Returns:
         ``{gate_fqn: bool tensor}`` on the CPU, one per key of ``scores``.
@@ -196,7 +201,7 @@ def keep_masks(
     closed = {k: sizes[k] - int(cur[k].sum()) for k in keys}
     caps = {}  # most units of each gate that may be pruned
     for k, n in sizes.items():
-        cap = n - (0 if n == 1 else min(min_keep, n))
+        cap = n - (0 if _closable(k, n, may_close) else min(min_keep, n))
         if max_sparsity is not None:
             cap = min(cap, math.floor(max_sparsity * n + 1e-9))
         caps[k] = max(cap, 0)
@@ -323,3 +328,8 @@ def unstructured_masks(
         mask.scatter_(1, order, False)
         out[k] = mask.view(t.shape)
     return out
+
+
+def _closable(key: str, n: int, may_close: Collection[str] | None) -> bool:
+    """Whether gate ``key`` (of ``n`` units) may lose all of them: in ``may_close``, or (None) a single-unit gate."""
+    return n == 1 if may_close is None else key in may_close

@@ -100,6 +100,7 @@ def structured_(
                     round_to=round_to,
                     max_sparsity=max_sparsity,
                     current=current,
+                    may_close=set(scores[dim]) if dim == "layers" else (),  # a one-head heads gate keeps its head
                 )
             )
     return fix_gates_(model, _narrowed(masks, current)) if masks else model
@@ -171,7 +172,14 @@ def _structured_flops(
         mine.update(per_dim)
     cost = CostModel(model, example_input)
     masks = flops_keep_masks(
-        mine, cost, float(flops), normalize=normalize, round_to=round_to, max_sparsity=max_sparsity, current=current
+        mine,
+        cost,
+        float(flops),
+        normalize=normalize,
+        round_to=round_to,
+        max_sparsity=max_sparsity,
+        current=current,
+        may_close=set(scores.get("layers", ())),
     )
     return fix_gates_(model, _narrowed(masks, current))
 
