@@ -209,13 +209,16 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 def count_weights(model: nn.Module) -> tuple[int, int]:
     """``(weights, non-zero weights)`` of the ``nn.Linear`` / ``nn.Conv2d`` layers: what ``--unstructured`` prunes.
 
-    Biases and norms are left out: they are never pruned, and timm starts its biases at 0.
+    Biases and norms are left out: they are never pruned, and timm starts its biases at 0; so are the layers of
+    gates (token predictors, routers, saliency networks), which pruning never touches.
     """
+    from .importance._util import gate_layers
     from .prune.masked import TWINS
 
+    skip = gate_layers(model)
     total = nonzero = 0
     for m in model.modules():
-        if type(m) in TWINS:
+        if type(m) in TWINS and id(m) not in skip:
             total += m.weight.numel()
             nonzero += int((m.weight != 0).sum())
     return total, nonzero

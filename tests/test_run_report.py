@@ -69,3 +69,18 @@ def test_sparsity_report_prints_small_flops_in_thousands():
     from dynsparse.report import _si
 
     assert _si(59_600_000) == "59.60M" and _si(12_345) == "12.35k"
+
+
+def test_count_weights_leaves_out_the_layers_of_gates():
+    """A token predictor's Linear layers are not the model's weights (pruning never touches them): after pruning
+    half the model's weights, half of the counted weights are zero."""
+    import timm
+
+    import dynsparse as ds
+    from dynsparse.report import count_weights
+
+    model = timm.create_model("test_vit", pretrained=False)
+    ds.sparsify_(model, {"tokens": {"gate": "predictor", "blocks": [1], "keep": 0.5}})
+    ds.prune.remove_(ds.prune.unstructured_(model, sparsity=0.5, scope="global"))
+    total, nonzero = count_weights(model)
+    assert nonzero == total - round(0.5 * total)
