@@ -179,3 +179,22 @@ def test_group_lasso_pruning_uses_the_threshold_given(monkeypatch, threshold, wa
     with pytest.raises(Seen) as e:
         pruning.end_()
     assert e.value.args[0] == want
+
+
+def test_a_binary_file_or_broken_yaml_is_one_recipe_error(tmp_path):
+    """A model file given as the recipe, a --set value that is not YAML, and invalid YAML each give one RecipeError
+    line naming the file or the item (they raised UnicodeDecodeError / yaml.ParserError tracebacks, or 7 lines)."""
+
+    binary = tmp_path / "model.safetensors"
+    binary.write_bytes(b"\x80\x81\xfe\xff" * 16)
+    with pytest.raises(RecipeError, match=r"model\.safetensors: not a recipe \(not UTF-8 text"):
+        load_recipe(binary)
+    broken = tmp_path / "r.yaml"
+    broken.write_text("name: x\ndata: {dataset: digits\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml: not valid YAML \(line \d+, column \d+\): ") as e:
+        load_recipe(broken)
+    assert "\n" not in str(e.value)
+    good = tmp_path / "g.yaml"
+    good.write_text("name: x\nmodel: {name: test_vit}\ndata: {dataset: digits}\nstages: [{name: a, epochs: 1}]\n")
+    with pytest.raises(RecipeError, match=r"--set 'data=\{': the value is not valid YAML"):
+        load_recipe(good, ["data={"])

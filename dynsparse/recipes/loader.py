@@ -37,8 +37,13 @@ def _lines(node: yaml.Node, path: str, out: dict[str, int]) -> None:
             _lines(v, f"{path}[{i}]", out)
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+def _parse_value(item: str, text: str) -> Any:
+    """The YAML value of ``--set`` item ``item``; a `RecipeError` naming it when ``text`` is not YAML."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"--set {item!r}: the value is not valid YAML ({problem})") from None
 
 
 def _override_path(item: str, key: str) -> list[str | int]:
@@ -85,7 +90,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             elif not last and node.get(p) is None:
                 node[p] = {}
             if last:
-                node[p] = _parse_value(value)
+                node[p] = _parse_value(item, value)
             else:
                 node = node[p]
     return data
@@ -99,14 +104,19 @@ def read_recipe_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise RecipeError(f"{path}: cannot read the recipe ({e.strerror})") from None
+    except UnicodeDecodeError:  # a model file or another binary given as the recipe
+        raise RecipeError(f"{path}: not a recipe (not UTF-8 text; a recipe is a YAML file)") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{path}: not valid YAML{where}: {problem}") from None
     lines: dict[str, int] = {}
     if node is not None:
         try:
