@@ -3,6 +3,7 @@ failed before its fix (tiny random BERT and character tokenizer of ``tests/test_
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ transformers = pytest.importorskip("transformers", reason="the Hugging Face extr
 from test_recipe_text import TINY, _tiny_encoder, _write, needs_text  # noqa: E402
 
 from dynsparse.recipes import RecipeError  # noqa: E402
+from dynsparse.recipes import text as text_mod  # noqa: E402
 from dynsparse.recipes.tasks import load_task_recipe  # noqa: E402
 
 torch.set_num_threads(1)
@@ -34,3 +36,33 @@ def test_probe_of_one_class_is_refused_before_training(tmp_path, encoder_dir):
     with pytest.raises(RecipeError, match=match):
         run_text_recipe(recipe, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "gates.pt").exists()
+
+
+@needs_text
+def test_a_fresh_run_forgets_the_gate_checkpoint_of_an_earlier_run(tmp_path, encoder_dir, monkeypatch):
+    """A run started afresh in the directory of a finished one, killed in its gate stage before writing a checkpoint,
+    then resumed: it resumed from the earlier run's ``gates.pt`` (stage done), so its ``log.jsonl`` lacked the gate
+    steps after the kill. A fresh run now removes the earlier ``gates.pt`` as it does ``finetune.pt``."""
+    from dynsparse.cli import main
+
+    recipe = _write(tmp_path, TINY, encoder_dir)
+    ref = tmp_path / "ref"
+    assert main(["train", str(recipe), "--out", str(ref), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    args = ["train", str(recipe), "--out", str(out), "--no-progress"]
+    assert main(args) == 0  # the earlier run
+    real, calls = text_mod.distillation_loss, {"n": 0}
+
+    def dying(*a, **kw):
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(text_mod, "distillation_loss", dying)
+    with pytest.raises(KeyboardInterrupt):  # started afresh, killed at gate step 3, no step checkpoints
+        main(args)
+    monkeypatch.setattr(text_mod, "distillation_loss", real)
+    assert main([*args, "--resume"]) == 0  # from the start of its own gate stage
+    logs = [[json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()] for d in (ref, out)]
+    assert logs[0] == logs[1]
