@@ -66,3 +66,34 @@ def test_a_fresh_run_forgets_the_gate_checkpoint_of_an_earlier_run(tmp_path, enc
     assert main([*args, "--resume"]) == 0  # from the start of its own gate stage
     logs = [[json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()] for d in (ref, out)]
     assert logs[0] == logs[1]
+
+
+def _distilbert_dir(path: Path, encoder_dir: Path) -> Path:
+    cfg = transformers.DistilBertConfig(vocab_size=99, dim=32, n_heads=4, hidden_dim=64, n_layers=1)
+    transformers.DistilBertModel(cfg).save_pretrained(path)
+    for f in encoder_dir.iterdir():  # the tokenizer files
+        if not (path / f.name).exists():
+            (path / f.name).write_bytes(f.read_bytes())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("folder", "match"),
+    [
+        ("distilbert", r"encoder\.path: .* holds a 'distilbert' model, not a BERT encoder"),
+        ("empty", r"encoder\.path: .* holds no transformers config \(config\.json\)"),
+    ],
+)
+def test_encoder_dir_of_another_model_is_refused_naming_the_field(tmp_path, encoder_dir, folder, match):
+    """A DistilBERT folder failed with transformers' TypeError 'DistilBertModel.__init__() got an unexpected keyword
+    argument add_pooling_layer', a folder without config.json with 'Unrecognized model ... model_type key' (a
+    ValueError): neither named encoder.path; now RecipeErrors that do (the BERT check ran after the load)."""
+    from dynsparse.recipes.text_encoder import load_encoder
+    from dynsparse.recipes.text_schema import EncoderSpec
+
+    path = tmp_path / folder
+    path.mkdir()
+    if folder == "distilbert":
+        _distilbert_dir(path, encoder_dir)
+    with pytest.raises(RecipeError, match=match):
+        load_encoder(EncoderSpec(path=str(path)))
