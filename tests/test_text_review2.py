@@ -97,3 +97,11 @@ def test_encoder_dir_of_another_model_is_refused_naming_the_field(tmp_path, enco
         _distilbert_dir(path, encoder_dir)
     with pytest.raises(RecipeError, match=match):
         load_encoder(EncoderSpec(path=str(path)))
+
+
+def test_a_distillation_set_named_twice_is_refused(tmp_path, encoder_dir):
+    """``data.distill: [rotten-tomatoes, rotten-tomatoes]`` silently distilled on every sentence twice (and a
+    ``train_subset`` could pick one sentence twice); now refused with the field and its line."""
+    text = TINY.replace("distill: [rotten-tomatoes]", "distill: [rotten-tomatoes, rotten-tomatoes]")
+    with pytest.raises(RecipeError, match=r"data\.distill\[1\] \(line 4\): 'rotten-tomatoes' is named twice"):
+        load_task_recipe(_write(tmp_path, text, encoder_dir))
