@@ -323,8 +323,9 @@ def run_text_recipe(
     ck_g = load_stage(g_path, recipe, GATE_FIELDS) if resume and g_path.exists() else None
     if resume and ck_g is None:
         log.info("resume: no checkpoint in %s; starting afresh", out)
-    if ck_g is None:  # a fresh run: no stale log or fine-tune checkpoint of an earlier one
+    if ck_g is None:  # a fresh run: no stale log or checkpoint of an earlier one (resumed after an early kill)
         log_path.write_text("")
+        g_path.unlink(missing_ok=True)
         f_path.unlink(missing_ok=True)
 
     def record(**kw: Any) -> None:

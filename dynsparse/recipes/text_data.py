@@ -123,7 +123,8 @@ def prepare_text_data(recipe: TextRecipe, tokenizer: Any) -> TextData:
     """Load and tokenize the recipe's text (`dynsparse.data.text`); subsets are fixed by ``recipe.seed``.
 
     Raises:
-        RecipeError: the held-out text is too short for the FLOPs example of ``budget.flops_tokens`` tokens.
+        RecipeError: the held-out text is too short for the FLOPs example of ``budget.flops_tokens`` tokens, or
+            the probe's training texts (``evaluate.probe_train``) hold one class only.
     """
     from ..data.text import load_text
 
@@ -146,9 +147,19 @@ def prepare_text_data(recipe: TextRecipe, tokenizer: Any) -> TextData:
         n_test = ev.probe_test or len(te)
         p_train = tokenize(tokenizer, [tr.texts[i] for i in pick], ev.max_length)
         y_train = [tr.labels[i] for i in pick]
+        _check_probe_classes(y_train, ev.probe)
         p_test, y_test = tokenize(tokenizer, te.texts[:n_test], ev.max_length), list(te.labels[:n_test])
     n = recipe.budget.flops_tokens
     ids = torch.tensor([tokenize(tokenizer, [" ".join(held[-200:])], n)[0]])
     if ids.shape != (1, n):
         raise RecipeError(f"budget.flops_tokens: the held-out text gives {ids.shape[1]} tokens, not {n}")
     return TextData(train, held_seqs, p_train, y_train, p_test, y_test, (ids, torch.ones_like(ids)))
+
+
+def _check_probe_classes(labels: Sequence[int], name: str) -> None:
+    """Refuse probe training labels of one class (before training: the logistic regression needs two)."""
+    if len(set(labels)) < 2:
+        raise RecipeError(
+            f"evaluate.probe_train: the {len(labels)} probe training text(s) of {name!r} are all of one class; the "
+            f"logistic-regression probe needs two: use more (0 = all) or probe: null"
+        )

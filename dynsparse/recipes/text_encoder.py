@@ -23,7 +23,8 @@ def load_encoder(spec: EncoderSpec) -> tuple[nn.Module, Any]:
     checkpoint in half precision; the recipe trains the weights and gates in float32).
 
     Raises:
-        RecipeError: the directory holds no BERT encoder (the FLOPs attribution is BERT's).
+        RecipeError: the directory holds no transformers config or another model than BERT (the FLOPs attribution is
+            BERT's), checked before its weights load; or its tokenizer does not fit the model.
     """
     try:
         import transformers
@@ -38,6 +39,7 @@ def load_encoder(spec: EncoderSpec) -> tuple[nn.Module, Any]:
         model, tok = enc.model, enc.tokenizer
     else:
         path = os.path.expanduser(spec.path)  # as text_schema checks it
+        _check_bert_dir(transformers, path, spec.path)
         model = transformers.AutoModel.from_pretrained(
             path, local_files_only=True, add_pooling_layer=False, dtype=torch.float32
         )
@@ -53,6 +55,20 @@ def load_encoder(spec: EncoderSpec) -> tuple[nn.Module, Any]:
     if not isinstance(model, transformers.BertModel):
         raise RecipeError(f"encoder: {type(model).__name__} is not a BertModel; the recipe compresses BERT encoders")
     return model.eval(), tok
+
+
+def _check_bert_dir(transformers: Any, path: str, shown: str) -> None:
+    """Refuse a directory without a transformers config, or with another model type than BERT, naming the field
+    (transformers failed with a ValueError, or a TypeError for the ``add_pooling_layer`` BERT takes)."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"encoder.path: {shown} holds no transformers config (config.json) of a BERT: {e}") from None
+    if config.model_type != "bert":
+        raise RecipeError(
+            f"encoder.path: {shown} holds a {config.model_type!r} model, not a BERT encoder (BertModel); the recipe "
+            f"compresses BERT encoders"
+        )
 
 
 def check_lengths(recipe: TextRecipe, encoder: nn.Module) -> None:

@@ -190,6 +190,8 @@ def parse_text_recipe(data: dict[str, Any], lines: dict[str, int] | None = None)
                 f"data.distill[{i}]",
                 f"unknown text set {name!r}.{suggest(name, list(TEXT_DATASETS))} Known: {', '.join(TEXT_DATASETS)}",
             )
+        if name in r.data.distill[:i]:
+            _fail(lines, f"data.distill[{i}]", f"{name!r} is named twice (its sentences would be distilled on twice)")
     for key, name in (("evaluate.held_out", r.evaluate.held_out), ("evaluate.probe", r.evaluate.probe)):
         if name is not None and name not in TEXT_DATASETS:
             _fail(
