@@ -132,3 +132,13 @@ def test_recipe_task_field(tmp_path, capsys):
     assert main(["sensitivity", str(text), "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
     assert "task: sentence-embedding: sensitivity analyses image-classification recipes only" in err
+
+
+def test_an_unknown_layer_is_refused_before_training(tmp_path, capsys):
+    """--layers names are checked on the recipe's model before the dense prefix trains, with a close match."""
+    out = tmp_path / "out"
+    argv = ["sensitivity", str(_write(tmp_path)), "--out", str(out), "--layers", "fc1.wieght", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--layers: sensitivity: unknown layer 'fc1.wieght' for group 'element'. Did you mean 'fc1.weight'" in err
+    assert not (out / "dense").exists()  # nothing trained

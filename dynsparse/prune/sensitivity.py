@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..importance.masks import _count
+from ..registry import suggest
 
 __all__ = ["SensitivityResult", "sensitivity"]
 
@@ -95,31 +96,19 @@ def sensitivity(
     Returns:
         A `SensitivityResult` (``.table()``, ``.plot(path)``, ``.ratios_for(min_metric)``).
     """
-    from ..gate_ops import named_gates
-    from ..importance import MagnitudeImportance
-    from ..importance._util import gate_layers
-    from .unstructured import _MASKED, unstructured_
+    from .unstructured import unstructured_
 
     ratios = [float(r) for r in ratios]
     if any(not 0.0 <= r < 1.0 for r in ratios):
         raise ConfigError(f"sensitivity: ratios must be in [0, 1), got {ratios}")
     result = SensitivityResult(ratios=ratios, group=group)
-    if group == "element":  # masked twins too: a pruned layer is analysed from the sparsity it has
-        prunable, in_gates = (nn.Linear, nn.Conv2d, *_MASKED), gate_layers(model)
-        names = [f"{n}.weight" for n, m in model.named_modules() if type(m) in prunable and id(m) not in in_gates]
-    elif group == "units":
-        names = [f for f, g in named_gates(model) if g.num_units > 1]
-        scores = MagnitudeImportance()(model) if names else {}
-        names = [f for f in names if f in scores]  # static gates of the scored dimensions
-    else:
-        raise ConfigError(f"sensitivity: group must be 'element' or 'units', got {group!r}")
-    if layers is not None:
-        unknown = sorted(set(layers) - set(names))
-        if unknown:
-            raise ConfigError(f"sensitivity: unknown layer(s) {unknown[:3]}")
-        names = list(layers)
+    names = analysable(model, group, layers)
     if not names:
         raise ConfigError(f"sensitivity: nothing to analyse for group {group!r}")
+    if group == "units":
+        from ..importance import MagnitudeImportance
+
+        scores = MagnitudeImportance()(model)
     for name in names:
         curve = []
         for r in ratios:
@@ -157,3 +146,36 @@ def _units_pruned(model: nn.Module, name: str, score: torch.Tensor, ratio: float
         with torch.no_grad():
             gate.mask &= keep.to(gate.mask.device)
     return m
+
+
+def analysable(model: nn.Module, group: str, layers: Sequence[str] | None = None) -> list[str]:
+    """The names `sensitivity` analyses in ``model`` for ``group``: weight fqns (``"element"``: every Linear / Conv
+    weight, masked twins included, not the layers of gates) or gate fqns (``"units"``: static gates of more than
+    one unit); ``layers`` (checked against them) when given.
+
+    Raises:
+        ConfigError: an unknown ``group``, or a name of ``layers`` that is not among them (with close matches).
+    """
+    from ..gate_ops import named_gates
+    from ..importance import MagnitudeImportance
+    from ..importance._util import gate_layers
+    from .unstructured import _MASKED
+
+    if group == "element":  # masked twins too: a pruned layer is analysed from the sparsity it has
+        prunable, in_gates = (nn.Linear, nn.Conv2d, *_MASKED), gate_layers(model)
+        names = [f"{n}.weight" for n, m in model.named_modules() if type(m) in prunable and id(m) not in in_gates]
+    elif group == "units":
+        names = [f for f, g in named_gates(model) if g.num_units > 1]
+        scores = MagnitudeImportance()(model) if names else {}
+        names = [f for f in names if f in scores]  # static gates of the scored dimensions
+    else:
+        raise ConfigError(f"sensitivity: group must be 'element' or 'units', got {group!r}")
+    if layers is None:
+        return names
+    unknown = [n for n in layers if n not in names]
+    if unknown:
+        raise ConfigError(
+            f"sensitivity: unknown layer {unknown[0]!r} for group {group!r}.{suggest(unknown[0], names)} "
+            f"Known: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
+        )
+    return list(layers)

@@ -90,6 +90,8 @@ def run_sensitivity(
         raise ConfigError(f"--max-drop: accuracy points lost, at least 0, got {max_drop}")
     if max_drop is not None and 0.0 not in ratios:
         raise ConfigError(f"--max-drop needs ratio 0 among the --ratios (the unpruned accuracy), got {ratios}")
+    if layers is not None and from_run is None:  # the dense model's names are known before it trains
+        _check_layers(recipe, group, dimensions, layers)
     out = Path(out_dir)
     if from_run is not None:
         run_dir = Path(from_run)
@@ -107,7 +109,10 @@ def run_sensitivity(
     if eval_samples is not None:
         test = torch.utils.data.Subset(test, range(min(eval_samples, len(test))))
     loader = make_loader(test, recipe.data.eval_batch_size, shuffle=False, seed=0)
-    result = sensitivity(model, lambda m: trainer._evaluate(m, loader), ratios=ratios, group=group, layers=layers)
+    try:
+        result = sensitivity(model, lambda m: trainer._evaluate(m, loader), ratios=ratios, group=group, layers=layers)
+    except ConfigError as e:
+        raise ConfigError(f"--layers: {e}" if layers is not None and "unknown layer" in str(e) else str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
     base = next(iter(result.curves.values()))[result.ratios.index(0.0)] if 0.0 in result.ratios else None
     report: dict[str, Any] = {
@@ -130,3 +135,20 @@ def run_sensitivity(
         result.plot(out / "sensitivity.png", title=f"{recipe.name}: {group} sensitivity", ylabel="test accuracy")
     )
     return report
+
+
+def _check_layers(recipe: Recipe, group: str, dimensions: Sequence[str], layers: Sequence[str]) -> None:
+    """Refuse ``--layers`` names the dense model will not have, before it trains (the names do not depend on the
+    weights: a model built with random ones has the same)."""
+    from ..gate_ops import named_gates
+    from ..prune.sensitivity import analysable
+    from ..sparsify import sparsify_
+    from .train import build_model
+
+    probe = build_model(recipe)
+    if group == "units" and not list(named_gates(probe)):
+        sparsify_(probe, {d: {"gate": "fixed"} for d in dimensions}, on_unsupported="skip")
+    try:
+        analysable(probe, group, layers)
+    except ConfigError as e:
+        raise ConfigError(f"--layers: {e}") from None
