@@ -107,3 +107,28 @@ def test_save_gated_names_extra_not_the_sparsify_spec_when_extra_is_not_json(tmp
         ds.save_gated(model, tmp_path / "g.safetensors", arch=ARCH, extra={"step": 3, "metric": torch.tensor(0.5)})
     assert "sparsify spec" not in str(e.value)
     assert not (tmp_path / "g.safetensors").exists()
+
+
+def _converted_with(**extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH["name"], pretrained=False, **ARCH["kwargs"], **extra).eval()
+    ds.sparsify_(model, {"neurons": "fixed"})
+    return ds.convert(ds.fix_gates_(model, {"blocks.0.mlp.norm": torch.arange(128) < 60}))
+
+
+def test_save_refuses_arch_kwargs_that_rebuild_other_layers_of_the_same_shapes(tmp_path):
+    small = _converted_with(act_layer="relu")  # same shapes as the default GELU: the file loaded a GELU model
+    with pytest.raises(ds.ConfigError, match=r"do not rebuild this model \(first mismatch: module 'blocks.0.mlp.act'"):
+        ds.save(small, tmp_path / "m.safetensors", arch=ARCH)
+    assert not (tmp_path / "m.safetensors").exists()
+    arch = {"name": ARCH["name"], "kwargs": {**ARCH["kwargs"], "act_layer": "relu"}}
+    back = ds.load(ds.save(small, tmp_path / "m.safetensors", arch=arch))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(back(x), small(x))
+
+
+def test_save_accepts_arch_kwargs_that_differ_only_in_training_noise(tmp_path):
+    small = _converted_with(drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.1)  # no-ops in eval
+    back = ds.load(ds.save(small, tmp_path / "m.safetensors", arch=ARCH))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(back(x), small(x))

@@ -320,10 +320,32 @@ def save(
         bad = sorted(k for k in set(shapes) | set(mine) if shapes.get(k) != mine.get(k))
         first = f"first mismatch: {bad[0]!r}, rebuilt {_shape(shapes, bad[0])}, model {_shape(mine, bad[0])}"
         raise ConfigError(f"{what} ({first}); {hint}")
+    layers, mine = _layers(rebuilt), _layers(model)  # same shapes, other layers: an activation, a stride
+    bad = [k for k in mine if k in layers and layers[k] != mine[k]]
+    if bad:
+        first = f"first mismatch: module {bad[0]!r}, rebuilt {layers[bad[0]]}, model {mine[bad[0]]}"
+        raise ConfigError(f"{what} ({first}); {hint}")
     meta = {"format": _FORMAT, "kind": "converted", "arch": json.dumps(spec), "plan": plan.to_json()}
     if data is not None:
         meta["data"] = json.dumps(data)
     return atomic_save_tensors(model.state_dict(), path, meta)
+
+
+def _layers(model: nn.Module) -> dict[str, str]:
+    """``{fqn: "Class(extra_repr)"}`` of the leaf modules (no children): what decides their output beyond their
+    tensors (an activation's class, a conv's stride). Only torch.nn modules show their ``extra_repr`` (another
+    library's may show tensor values, e.g. a calibrated threshold, that the file's tensors restore). Modules that do
+    nothing in eval mode (dropout, drop path, identity) read the same, so a rate the arch left out is no mismatch.
+    Callers compare the fqns both models have: a block whose branches were removed in two rounds of conversion has
+    ``ZeroBranch`` children in the model and is an ``Identity`` rebuilt, and computes the same."""
+    out = {}
+    for fqn, m in model.named_modules():
+        if next(m.children(), None) is not None:
+            continue
+        no_op = isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)) or type(m).__name__ == "DropPath"
+        settings = m.extra_repr() if type(m).__module__.startswith("torch.nn") else "..."  # others may show state
+        out[fqn] = "a no-op in eval mode" if no_op else f"{type(m).__name__}({settings})"
+    return out
 
 
 def _shape(shapes: Mapping[str, tuple[int, ...]], key: str) -> str:
