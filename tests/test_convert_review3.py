@@ -132,3 +132,14 @@ def test_save_accepts_arch_kwargs_that_differ_only_in_training_noise(tmp_path):
     back = ds.load(ds.save(small, tmp_path / "m.safetensors", arch=ARCH))
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(back(x), small(x))
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_convert_of_a_model_on_meta_names_the_gate(uniform):
+    with torch.device("meta"):
+        model = timm.create_model(ARCH["name"], pretrained=False, **ARCH["kwargs"]).eval()
+        ds.sparsify_(model, {"neurons": "fixed"})
+    with pytest.raises(ds.ConfigError, match=r"'blocks.0.mlp.norm.gate' is on the meta device"):
+        ds.convert(model, uniform=uniform)
+    with pytest.raises(ds.ConfigError, match=r"make_plan: .*'blocks.0.mlp.norm.gate' is on the meta device"):
+        ds.make_plan(model)
