@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, DynsparseError, UnsupportedModuleError
 from ..gates import InputDependentGate
+from ..modules import join_fqn
 from .io import HISTORY_ATTR
 from .plan import SlicePlan, compose
 from .producer import check_producers, slice_producers_, slot_producers
@@ -50,6 +51,7 @@ def make_plan(model: nn.Module) -> SlicePlan:
         UnsupportedModuleError: such a gate removes channels whose producer cannot be sliced exactly (names the
             layer and the module that stops the search).
     """
+    _refuse_meta(model, "make_plan")
     plan = SlicePlan()
     for fqn, slot in _slots(model):
         keep = slot.gate.keep_mask().nonzero().flatten().tolist()
@@ -60,6 +62,16 @@ def make_plan(model: nn.Module) -> SlicePlan:
             if found is not None:
                 plan.producers[fqn] = found
     return plan
+
+
+def _refuse_meta(model: nn.Module, caller: str) -> None:
+    """Raise `ConfigError` naming the first gate on the meta device: its keep mask and values have no data."""
+    for fqn, slot in _slots(model):
+        if any(t.is_meta for t in (*slot.gate.parameters(), *slot.gate.buffers())):
+            raise ConfigError(
+                f"{caller}: the gate {join_fqn(fqn, 'gate')!r} is on the meta device, so its keep mask has no values; "
+                "materialize the model and load its weights first (model.to_empty(device=...), load_state_dict)"
+            )
 
 
 def _set(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
@@ -148,6 +160,7 @@ def convert(
             f"convert(static=True): the model has input-dependent gates ({', '.join(dynamic[:5])}); "
             "pass static=False to keep them as run-time skip modules"
         )
+    _refuse_meta(model, "convert")
     if uniform:
         from .uniform import uniform_gates_
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_write
-from ..errors import ConfigError, DynsparseError
+from ..errors import ConfigError, DynsparseError, UnsupportedModuleError
 from .metadata import DATA_FIELDS, TEXT_DATA_FIELDS, check_data, gate_settings, restore_gate_settings_
 from .plan import SlicePlan
 
@@ -59,10 +59,8 @@ def _arch_of(model: nn.Module | None, arch: Mapping[str, Any] | None) -> dict[st
         if arch["library"] == "transformers" and not isinstance(arch.get("config"), Mapping):
             raise ConfigError("arch: a transformers arch needs field 'config' (the model config as a dict)")
         arch.setdefault("kwargs", {})
-        try:
-            json.dumps(arch)
-        except TypeError as e:
-            raise ConfigError(f"arch: kwargs must be JSON data ({e})") from None
+        for key, value in arch.items():
+            _json_text(value, f"arch: {key}", "layer classes and functions by their timm name, e.g. act_layer='gelu'")
         return arch
     from ..integrations.tables import arch_of
 
@@ -76,6 +74,40 @@ def _arch_of(model: nn.Module | None, arch: Mapping[str, Any] | None) -> dict[st
             f"cannot tell the architecture of {type(model).__name__}: pass arch={{'name': ..., 'kwargs': {{...}}}}}}"
         )
     return {"library": "timm", "name": name, "kwargs": {}}
+
+
+def _json_text(value: Any, name: str, hint: str) -> str:
+    """``value`` as JSON text; a part that is not JSON data raises `ConfigError` naming its path from ``name``
+    (``arch: kwargs['act_layer']``) and its type; ``hint`` says what to pass instead."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as e:
+        found = _not_json(value, [])
+        if found is None:  # e.g. a circular reference
+            raise ConfigError(f"{name} must be JSON data ({e}); pass {hint}") from None
+        path, bad = found
+        at = name + "".join(f"[{k!r}]" for k in path)
+        got = f"{type(bad).__name__} {bad!r}"
+        raise ConfigError(f"{at} must be JSON data (files hold no code), got {got}; pass {hint}") from None
+
+
+def _not_json(value: Any, path: list) -> tuple[list, Any] | None:
+    """The path of keys / indices to the first part of ``value`` that ``json.dumps`` refuses, and that part."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, (str, int, float, bool)) and k is not None:
+                return [*path, k], k
+            found = _not_json(v, [*path, k])
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = _not_json(v, [*path, i])
+            if found is not None:
+                return found
+        return None
+    return None if value is None or isinstance(value, (str, int, float, bool)) else (path, value)
 
 
 def build_host(arch: Mapping[str, Any], source: str = "arch") -> nn.Module:
@@ -288,10 +320,32 @@ def save(
         bad = sorted(k for k in set(shapes) | set(mine) if shapes.get(k) != mine.get(k))
         first = f"first mismatch: {bad[0]!r}, rebuilt {_shape(shapes, bad[0])}, model {_shape(mine, bad[0])}"
         raise ConfigError(f"{what} ({first}); {hint}")
+    layers, mine = _layers(rebuilt), _layers(model)  # same shapes, other layers: an activation, a stride
+    bad = [k for k in mine if k in layers and layers[k] != mine[k]]
+    if bad:
+        first = f"first mismatch: module {bad[0]!r}, rebuilt {layers[bad[0]]}, model {mine[bad[0]]}"
+        raise ConfigError(f"{what} ({first}); {hint}")
     meta = {"format": _FORMAT, "kind": "converted", "arch": json.dumps(spec), "plan": plan.to_json()}
     if data is not None:
         meta["data"] = json.dumps(data)
     return atomic_save_tensors(model.state_dict(), path, meta)
+
+
+def _layers(model: nn.Module) -> dict[str, str]:
+    """``{fqn: "Class(extra_repr)"}`` of the leaf modules (no children): what decides their output beyond their
+    tensors (an activation's class, a conv's stride). Only torch.nn modules show their ``extra_repr`` (another
+    library's may show tensor values, e.g. a calibrated threshold, that the file's tensors restore). Modules that do
+    nothing in eval mode (dropout, drop path, identity) read the same, so a rate the arch left out is no mismatch.
+    Callers compare the fqns both models have: a block whose branches were removed in two rounds of conversion has
+    ``ZeroBranch`` children in the model and is an ``Identity`` rebuilt, and computes the same."""
+    out = {}
+    for fqn, m in model.named_modules():
+        if next(m.children(), None) is not None:
+            continue
+        no_op = isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)) or type(m).__name__ == "DropPath"
+        settings = m.extra_repr() if type(m).__module__.startswith("torch.nn") else "..."  # others may show state
+        out[fqn] = "a no-op in eval mode" if no_op else f"{type(m).__name__}({settings})"
+    return out
 
 
 def _shape(shapes: Mapping[str, tuple[int, ...]], key: str) -> str:
@@ -312,6 +366,16 @@ def apply_plan_to_spec(arch: Mapping[str, Any], plan: SlicePlan, source: str = "
     return apply_plan(build_host(arch, source=source), plan)
 
 
+def _replay(model: nn.Module, plan: SlicePlan, path: Path) -> nn.Module:
+    """`apply_plan` of a file's plan on the host its ``arch`` built; a plan that does not fit names the file."""
+    from .convert import apply_plan
+
+    try:
+        return apply_plan(model, plan)
+    except (ConfigError, UnsupportedModuleError) as e:
+        raise ConfigError(f"{path}: metadata field 'plan' does not fit the model its 'arch' builds: {e}") from None
+
+
 def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
     """Load a model saved by `save`: build the host from its spec, replay the plan, load the weights.
 
@@ -329,7 +393,7 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     if "plan" not in meta:
         raise DynsparseError(f"{path}: metadata field 'plan' is missing")
     plan = SlicePlan.from_json(meta["plan"], source=f"{path}: plan")
-    model = apply_plan_to_spec(arch, plan, source=f"{path}: arch")
+    model = _replay(build_host(arch, source=f"{path}: arch"), plan, path)
     _load_into(model, tensors, path)
     model.slice_plan = plan
     return model.to(map_location).eval()
@@ -359,21 +423,18 @@ def save_gated(
     spec = _arch_of(model, arch)
     data = check_data(data) if data is not None else None
     gates = {fqn: type(g).__name__ for fqn, g in named_gates(model)}
-    try:
-        meta = {
-            "format": _FORMAT,
-            "kind": "gated",
-            "arch": json.dumps(spec),
-            "history": json.dumps(history),
-            "gates": json.dumps(gates),
-            "settings": json.dumps(gate_settings(model)),
-            "extra": json.dumps(dict(extra or {})),
-        }
-        plan = getattr(model, "slice_plan", None)
-        if plan is not None:  # a converted model gated again: its gates are on the sliced host
-            meta["plan"] = plan.to_json()
-    except TypeError as e:
-        raise ConfigError(f"save_gated: the sparsify spec must be JSON data (gate names, not callables): {e}") from None
+    meta = {
+        "format": _FORMAT,
+        "kind": "gated",
+        "arch": json.dumps(spec),
+        "history": _json_text(history, "save_gated: history", "a sparsify spec of gate names, not callables"),
+        "gates": json.dumps(gates),
+        "settings": json.dumps(gate_settings(model)),
+        "extra": _json_text(dict(extra or {}), "save_gated: extra", "numbers, strings, lists and dicts of them"),
+    }
+    plan = getattr(model, "slice_plan", None)
+    if plan is not None:  # a converted model gated again: its gates are on the sliced host
+        meta["plan"] = plan.to_json()
     if data is not None:
         meta["data"] = json.dumps(data)
     return atomic_save_tensors(model.state_dict(), path, meta)
@@ -400,9 +461,7 @@ def load_gated(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     model = build_host(arch, source=f"{path}: arch")
     plan = SlicePlan.from_json(meta["plan"], source=f"{path}: plan") if "plan" in meta else None
     if plan is not None:  # a converted model gated again
-        from .convert import apply_plan
-
-        model = apply_plan(model, plan)
+        model = _replay(model, plan, path)
         model.slice_plan = plan
     for call in _history_field(meta, path):
         sparsify_(
