@@ -143,3 +143,18 @@ def test_convert_of_a_model_on_meta_names_the_gate(uniform):
         ds.convert(model, uniform=uniform)
     with pytest.raises(ds.ConfigError, match=r"make_plan: .*'blocks.0.mlp.norm.gate' is on the meta device"):
         ds.make_plan(model)
+
+
+def test_save_accepts_a_batchnorm_momentum_changed_for_fine_tuning(tmp_path):
+    """BatchNorm's momentum only steers training statistics: a model fine-tuned with another one saves."""
+    from torch import nn
+
+    model = timm.create_model("test_resnet", pretrained=False).eval()
+    ds.sparsify_(model, {"channels": {"gate": "fixed"}})
+    small = ds.convert(model)
+    for m in small.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.01
+    path = ds.save(small, tmp_path / "m.safetensors", arch={"name": "test_resnet"})
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(ds.load(path)(x), small(x))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -344,6 +345,7 @@ def _layers(model: nn.Module) -> dict[str, str]:
             continue
         no_op = isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)) or type(m).__name__ == "DropPath"
         settings = m.extra_repr() if type(m).__module__.startswith("torch.nn") else "..."  # others may show state
+        settings = re.sub(r"momentum=[^,]*, ", "", settings)  # a norm's training setting: no effect on outputs
         out[fqn] = "a no-op in eval mode" if no_op else f"{type(m).__name__}({settings})"
     return out
 
