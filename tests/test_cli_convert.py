@@ -92,3 +92,20 @@ def test_an_unwritable_output_names_the_users_path_not_a_temporary_file(tmp_path
     assert main(["convert", str(ck), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"dynsparse convert: error: {tmp_path / 'out' / 'model.safetensors'}: "), err
+
+
+def test_a_bfloat16_checkpoint_converts_with_the_default_tolerance(tmp_path, capsys):
+    """The built-in output check's default tolerance follows the model's precision: a bfloat16 model's gated and
+    converted outputs differ by bfloat16 rounding, which a float32 tolerance of 1e-4 refused."""
+    from dynsparse.cli import main
+    from dynsparse.convert.io import build_host
+
+    torch.manual_seed(0)
+    model = build_host({"library": "timm", "name": "test_vit", "kwargs": {}}, source="test").eval()
+    ds.sparsify_(model, {"neurons": {"gate": "hard_concrete"}, "heads": {"gate": "hard_concrete"}})
+    with torch.no_grad():  # trained-looking gates: some units closed, the open ones at fractional values
+        for _, g in ds.named_gates(model):
+            g.log_alpha.uniform_(-3, 3)
+    ds.fix_gates_(model)  # the values are folded into the weights by the conversion: bfloat16 rounding
+    ck = ds.save_gated(model.to(torch.bfloat16), tmp_path / "ck.safetensors")
+    assert main(["convert", str(ck), "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
