@@ -271,8 +271,17 @@ def _close_transformer(block: nn.Module, closed: set[str]) -> nn.Module | None:
 
 
 def _close_resnet(block: nn.Module, act: str) -> nn.Module:
+    """The block without its branch: ``act(shortcut(x))``.
+
+    Without a downsample the activation reads the block's input, the previous block's activation output: an in-place
+    activation would rewrite that tensor, which autograd still needs (backward raised), so it is made out of place.
+    """
     post = getattr(block, act)
-    return post if block.downsample is None else nn.Sequential(block.downsample, post)
+    if block.downsample is not None:
+        return nn.Sequential(block.downsample, post)
+    if getattr(post, "inplace", False):
+        post.inplace = False
+    return post
 
 
 def close_branches(block: nn.Module, closed: set[str]) -> nn.Module | None:
