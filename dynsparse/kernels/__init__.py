@@ -10,11 +10,11 @@ on the way (per-input channel gating runs a conv on the channels this input keep
 
 The C sources ship in the package (``neuron_rows.c``, ``conv_gather.c``). They are compiled into one library in
 ``$DYNSPARSE_CACHE_DIR`` (default ``~/.cache/dynsparse/kernels``), keyed by a hash of sources, compiler and flags;
-the write is atomic. Where
-there is no compiler, no AVX2 + FMA (x86-64), or ``DYNSPARSE_NO_KERNELS=1``, `load` returns None and callers use
-their PyTorch path; `why_unavailable` says why. The kernels run only in eager CPU float32 inference: under
-autograd, a dispatch mode (FLOP counters, ``torch.export``), tracing or ``torch.compile`` the callers take the
-PyTorch path, which gives the same result up to float rounding (tested).
+the write is atomic, and a library found cut short is rebuilt. Where there is no compiler, no AVX2 + FMA (x86-64),
+or ``DYNSPARSE_NO_KERNELS=1``, `load` returns None and callers use their PyTorch path; `why_unavailable` says why.
+The kernels run only in eager CPU float32 inference: under autograd, a dispatch mode (FLOP counters,
+``torch.export``), tracing or ``torch.compile`` the callers take the PyTorch path, which gives the same result up
+to float rounding (tested).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import math
 import os
 import shlex
 import shutil
+import struct
 import subprocess
 import sysconfig
 import tempfile
@@ -88,7 +89,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, f"no cache directory ({e}); set DYNSPARSE_CACHE_DIR"
     lib = root / f"dynsparse-{key}.so"
     try:
-        if not lib.exists():
+        if not _whole(lib):  # missing, or cut short: rebuilt (loading a library cut short kills the process)
             root.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
             os.close(fd)
@@ -100,6 +101,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
                     names = ", ".join(src.name for src in _SOURCES)
                     return None, f"{cc[0]} failed on {names}: {run.stderr.strip()[:500]}"
                 os.chmod(tmp, 0o755)  # mkstemp makes it 0600: others sharing the cache could not load it
+                with open(tmp, "rb") as f:  # on disk before the rename: a crash must not leave a library cut short
+                    os.fsync(f.fileno())
                 os.replace(tmp, lib)  # atomic: another process sees the old state or the whole library
             finally:
                 if os.path.exists(tmp):
@@ -119,6 +122,25 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     f.restype = i32
     log.debug("dynsparse kernels: loaded %s", lib)
     return dll, ""
+
+
+def _whole(lib: Path) -> bool:
+    """False where ``lib`` is missing, shorter than an ELF header, or an ELF file shorter than its own header says (a
+    linker writes the section headers last): cut short by a crash before its data reached the disk, or by an
+    interrupted copy of the cache. Loading it would fail for good ("file too short") or kill the process with
+    SIGBUS; it is rebuilt instead. A file in another format (not 64-bit little-endian ELF) is left to the loader."""
+    try:
+        with open(lib, "rb") as f:
+            head, size = f.read(64), os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return False
+    if len(head) < 64:
+        return False
+    if not head.startswith(b"\x7fELF\x02\x01"):
+        return True
+    (shoff,) = struct.unpack_from("<Q", head, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", head, 0x3A)
+    return size >= shoff + shentsize * shnum
 
 
 def load() -> ctypes.CDLL | None:
