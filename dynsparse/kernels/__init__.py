@@ -99,7 +99,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
                 )
                 if run.returncode != 0:
                     names = ", ".join(src.name for src in _SOURCES)
-                    return None, f"{cc[0]} failed on {names}: {run.stderr.strip()[:500]}"
+                    said = run.stderr.strip()[:500] or "no message"  # killed (out of memory) or a silent wrapper
+                    return None, f"{cc[0]} failed on {names} (exit status {run.returncode}): {said}"
                 os.chmod(tmp, 0o755)  # mkstemp makes it 0600: others sharing the cache could not load it
                 with open(tmp, "rb") as f:  # on disk before the rename: a crash must not leave a library cut short
                     os.fsync(f.fileno())
