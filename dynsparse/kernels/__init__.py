@@ -421,7 +421,10 @@ def conv_gather(w: Tensor, rows: Tensor | None, cols: Tensor | None, scale: Tens
         out = torch.empty(nr, nc, *w.shape[2:], dtype=torch.float32)
     else:
         out = torch.empty(nr, kh, kw, nc, dtype=torch.float32).permute(0, 3, 1, 2)
+    bad = f"{owner}: filter indices must lie in [0, {o}) and input channels be strictly increasing in [0, {i})"
     if out.numel() == 0:  # an empty index tensor may have a null data pointer, which the kernel reads as "all"
+        if not _gather_indices_valid(rows, o, cols, i):  # the kernel's check, which does not run here
+            raise DynsparseError(bad)
         return out
 
     def ptr(t: Tensor | None) -> int | None:
@@ -429,7 +432,16 @@ def conv_gather(w: Tensor, rows: Tensor | None, cols: Tensor | None, scale: Tens
 
     rc = lib.ds_conv_gather(w.data_ptr(), o, k, i, int(last), ptr(rows), nr, ptr(cols), nc, ptr(scale), out.data_ptr())
     if rc != 0:
-        raise DynsparseError(
-            f"{owner}: filter indices must lie in [0, {o}) and input channels be strictly increasing in [0, {i})"
-        )
+        raise DynsparseError(bad)
     return out
+
+
+def _gather_indices_valid(rows: Tensor | None, o: int, cols: Tensor | None, i: int) -> bool:
+    """True when ``rows`` lie in [0, o) and ``cols`` are strictly increasing in [0, i) (None: all), as
+    ``ds_conv_gather`` checks them."""
+    if rows is not None and rows.numel() and not 0 <= int(rows.min()) <= int(rows.max()) < o:
+        return False
+    if cols is not None and cols.numel():
+        cols = cols.reshape(-1)
+        return int(cols[0]) >= 0 and int(cols[-1]) < i and bool((cols.diff() > 0).all())
+    return True
