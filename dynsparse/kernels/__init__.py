@@ -392,8 +392,8 @@ def conv_gather(w: Tensor, rows: Tensor | None, cols: Tensor | None, scale: Tens
     ``rows``: kept filters (any order) or None (all); ``cols``: kept input channels, strictly increasing, or None;
     ``scale``: one factor per filter of ``w`` (O values; each kept filter gets its own), or None. The result is laid
     out like ``w`` (channels-last stays channels-last). Equals the PyTorch indexing exactly (one multiply per
-    value). Call only when `load` is not None and `eager_cpu` holds; ``w`` must be contiguous in either memory
-    format.
+    value; without ``scale`` the bits are copied, denormals and NaN payloads too). Call only when `load` is not
+    None and `eager_cpu` holds; ``w`` must be contiguous in either memory format.
     """
     owner = "dynsparse.kernels.conv_gather"
     lib = _library(owner, w=w, scale=scale)
