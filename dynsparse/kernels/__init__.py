@@ -24,6 +24,7 @@ import functools
 import hashlib
 import logging
 import math
+import numbers
 import os
 import shlex
 import shutil
@@ -340,7 +341,8 @@ def _library(owner: str, **tensors: Tensor | None) -> ctypes.CDLL:
 
 
 def _check_act(owner: str, act: int) -> None:
-    if act not in _ACT.values():
+    """``act`` must be one of the kernel's codes, as an integer (``1.0 == 1``, but ctypes refuses a float)."""
+    if not isinstance(act, numbers.Integral) or act not in _ACT.values():
         raise DynsparseError(f"{owner}: act must be one of {sorted(_ACT.values())} (see act_code), got {act!r}")
 
 
