@@ -10,11 +10,11 @@ on the way (per-input channel gating runs a conv on the channels this input keep
 
 The C sources ship in the package (``neuron_rows.c``, ``conv_gather.c``). They are compiled into one library in
 ``$DYNSPARSE_CACHE_DIR`` (default ``~/.cache/dynsparse/kernels``), keyed by a hash of sources, compiler and flags;
-the write is atomic. Where
-there is no compiler, no AVX2 + FMA (x86-64), or ``DYNSPARSE_NO_KERNELS=1``, `load` returns None and callers use
-their PyTorch path; `why_unavailable` says why. The kernels run only in eager CPU float32 inference: under
-autograd, a dispatch mode (FLOP counters, ``torch.export``), tracing or ``torch.compile`` the callers take the
-PyTorch path, which gives the same result up to float rounding (tested).
+the write is atomic, and a library found cut short is rebuilt. Where there is no compiler, no AVX2 + FMA (x86-64),
+or ``DYNSPARSE_NO_KERNELS=1``, `load` returns None and callers use their PyTorch path; `why_unavailable` says why.
+The kernels run only in eager CPU float32 inference: under autograd, a dispatch mode (FLOP counters,
+``torch.export``), tracing or ``torch.compile`` the callers take the PyTorch path, which gives the same result up
+to float rounding (tested).
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ import functools
 import hashlib
 import logging
 import math
+import numbers
 import os
 import shlex
 import shutil
+import struct
 import subprocess
 import sysconfig
 import tempfile
@@ -88,7 +90,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, f"no cache directory ({e}); set DYNSPARSE_CACHE_DIR"
     lib = root / f"dynsparse-{key}.so"
     try:
-        if not lib.exists():
+        if not _whole(lib):  # missing, or cut short: rebuilt (loading a library cut short kills the process)
             root.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
             os.close(fd)
@@ -98,8 +100,11 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
                 )
                 if run.returncode != 0:
                     names = ", ".join(src.name for src in _SOURCES)
-                    return None, f"{cc[0]} failed on {names}: {run.stderr.strip()[:500]}"
+                    said = run.stderr.strip()[:500] or "no message"  # killed (out of memory) or a silent wrapper
+                    return None, f"{cc[0]} failed on {names} (exit status {run.returncode}): {said}"
                 os.chmod(tmp, 0o755)  # mkstemp makes it 0600: others sharing the cache could not load it
+                with open(tmp, "rb") as f:  # on disk before the rename: a crash must not leave a library cut short
+                    os.fsync(f.fileno())
                 os.replace(tmp, lib)  # atomic: another process sees the old state or the whole library
             finally:
                 if os.path.exists(tmp):
@@ -119,6 +124,25 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     f.restype = i32
     log.debug("dynsparse kernels: loaded %s", lib)
     return dll, ""
+
+
+def _whole(lib: Path) -> bool:
+    """False where ``lib`` is missing, shorter than an ELF header, or an ELF file shorter than its own header says (a
+    linker writes the section headers last): cut short by a crash before its data reached the disk, or by an
+    interrupted copy of the cache. Loading it would fail for good ("file too short") or kill the process with
+    SIGBUS; it is rebuilt instead. A file in another format (not 64-bit little-endian ELF) is left to the loader."""
+    try:
+        with open(lib, "rb") as f:
+            head, size = f.read(64), os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return False
+    if len(head) < 64:
+        return False
+    if not head.startswith(b"\x7fELF\x02\x01"):
+        return True
+    (shoff,) = struct.unpack_from("<Q", head, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", head, 0x3A)
+    return size >= shoff + shentsize * shnum
 
 
 def load() -> ctypes.CDLL | None:
@@ -317,7 +341,8 @@ def _library(owner: str, **tensors: Tensor | None) -> ctypes.CDLL:
 
 
 def _check_act(owner: str, act: int) -> None:
-    if act not in _ACT.values():
+    """``act`` must be one of the kernel's codes, as an integer (``1.0 == 1``, but ctypes refuses a float)."""
+    if not isinstance(act, numbers.Integral) or act not in _ACT.values():
         raise DynsparseError(f"{owner}: act must be one of {sorted(_ACT.values())} (see act_code), got {act!r}")
 
 
@@ -369,8 +394,8 @@ def conv_gather(w: Tensor, rows: Tensor | None, cols: Tensor | None, scale: Tens
     ``rows``: kept filters (any order) or None (all); ``cols``: kept input channels, strictly increasing, or None;
     ``scale``: one factor per filter of ``w`` (O values; each kept filter gets its own), or None. The result is laid
     out like ``w`` (channels-last stays channels-last). Equals the PyTorch indexing exactly (one multiply per
-    value). Call only when `load` is not None and `eager_cpu` holds; ``w`` must be contiguous in either memory
-    format.
+    value; without ``scale`` the bits are copied, denormals and NaN payloads too). Call only when `load` is not
+    None and `eager_cpu` holds; ``w`` must be contiguous in either memory format.
     """
     owner = "dynsparse.kernels.conv_gather"
     lib = _library(owner, w=w, scale=scale)
@@ -398,7 +423,10 @@ def conv_gather(w: Tensor, rows: Tensor | None, cols: Tensor | None, scale: Tens
         out = torch.empty(nr, nc, *w.shape[2:], dtype=torch.float32)
     else:
         out = torch.empty(nr, kh, kw, nc, dtype=torch.float32).permute(0, 3, 1, 2)
+    bad = f"{owner}: filter indices must lie in [0, {o}) and input channels be strictly increasing in [0, {i})"
     if out.numel() == 0:  # an empty index tensor may have a null data pointer, which the kernel reads as "all"
+        if not _gather_indices_valid(rows, o, cols, i):  # the kernel's check, which does not run here
+            raise DynsparseError(bad)
         return out
 
     def ptr(t: Tensor | None) -> int | None:
@@ -406,7 +434,16 @@ def conv_gather(w: Tensor, rows: Tensor | None, cols: Tensor | None, scale: Tens
 
     rc = lib.ds_conv_gather(w.data_ptr(), o, k, i, int(last), ptr(rows), nr, ptr(cols), nc, ptr(scale), out.data_ptr())
     if rc != 0:
-        raise DynsparseError(
-            f"{owner}: filter indices must lie in [0, {o}) and input channels be strictly increasing in [0, {i})"
-        )
+        raise DynsparseError(bad)
     return out
+
+
+def _gather_indices_valid(rows: Tensor | None, o: int, cols: Tensor | None, i: int) -> bool:
+    """True when ``rows`` lie in [0, o) and ``cols`` are strictly increasing in [0, i) (None: all), as
+    ``ds_conv_gather`` checks them."""
+    if rows is not None and rows.numel() and not 0 <= int(rows.min()) <= int(rows.max()) < o:
+        return False
+    if cols is not None and cols.numel():
+        cols = cols.reshape(-1)
+        return int(cols[0]) >= 0 and int(cols[-1]) < i and bool((cols.diff() > 0).all())
+    return True

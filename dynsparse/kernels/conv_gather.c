@@ -12,9 +12,9 @@
  * along the innermost dimension with the left-pack; "first" (stored (O, I, K): contiguous OIHW, K = kh * kw > 1)
  * copies K contiguous floats per kept column. The output is stored the same way as the input, kept rows and
  * columns only, in the order given. Columns must be strictly increasing (the left-pack keeps source order) and
- * in range; rows may be in any order but must be in range. scale (NULL: none) holds one factor per filter of w
- * (O values): kept filter r is multiplied by scale[rows[r]]. Returns 0, or -1 (nothing trustworthy written) when
- * an index is out of range or the columns are not strictly increasing.
+ * in range; rows may be in any order but must be in range. scale holds one factor per filter of w (O values): kept
+ * filter r is multiplied by scale[rows[r]]; NULL: none, the values are copied bit for bit. Returns 0, or -1
+ * (nothing trustworthy written) when an index is out of range or the columns are not strictly increasing.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -36,16 +36,18 @@ __attribute__((constructor)) static void init_tables(void) {
   }
 }
 
-/* the kept columns of one row src (I floats) times s, packed into dst; returns the end of what was written */
+/* the kept columns of one row src (I floats), times s where scaled (else copied bit for bit: a multiply by 1 would
+ * flush denormals under FTZ/DAZ and quiet a signalling NaN), packed into dst; returns the end of what was written */
 static inline float* pack_row(const float* src, int64_t I, const uint8_t* mask, const int64_t* cols, int64_t nc,
-                              float s, float* dst, const float* end) {
+                              float s, int scaled, float* dst, const float* end) {
 #ifdef __AVX2__
   const __m256 vs = _mm256_set1_ps(s);
   const int64_t chunks = I / 8;
   for (int64_t j = 0; j < chunks; ++j) {
     const unsigned m = mask[j];
     if (!m) continue;
-    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(src + 8 * j), vs);
+    __m256 v = _mm256_loadu_ps(src + 8 * j);
+    if (scaled) v = _mm256_mul_ps(v, vs);
     const __m256 p = _mm256_permutevar8x32_ps(v, _mm256_loadu_si256((const __m256i*)PERM[m]));
     if (dst + 8 <= end) {
       _mm256_storeu_ps(dst, p);
@@ -57,26 +59,30 @@ static inline float* pack_row(const float* src, int64_t I, const uint8_t* mask, 
     dst += COUNT[m];
   }
   for (int64_t c = chunks * 8; c < I; ++c)
-    if (mask[c >> 3] >> (c & 7) & 1) *dst++ = src[c] * s;
+    if (mask[c >> 3] >> (c & 7) & 1) *dst++ = scaled ? src[c] * s : src[c];
   (void)cols;
   (void)nc;
 #else
   (void)mask;
   (void)I;
   (void)end;
-  for (int64_t c = 0; c < nc; ++c) dst[c] = src[cols[c]] * s;
+  for (int64_t c = 0; c < nc; ++c) dst[c] = scaled ? src[cols[c]] * s : src[cols[c]];
   dst += nc;
 #endif
   return dst;
 }
 
-static inline void copy_run(float* dst, const float* p, int64_t k, float s) {
+/* k floats from p times s where scaled, else copied bit for bit (as pack_row) */
+static inline void copy_run(float* dst, const float* p, int64_t k, float s, int scaled) {
   int64_t j = 0;
 #ifdef __AVX2__
   const __m256 vs = _mm256_set1_ps(s);
-  for (; j + 8 <= k; j += 8) _mm256_storeu_ps(dst + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), vs));
+  for (; j + 8 <= k; j += 8) {
+    const __m256 v = _mm256_loadu_ps(p + j);
+    _mm256_storeu_ps(dst + j, scaled ? _mm256_mul_ps(v, vs) : v);
+  }
 #endif
-  for (; j < k; ++j) dst[j] = p[j] * s;
+  for (; j < k; ++j) dst[j] = scaled ? p[j] * s : p[j];
 }
 
 int ds_conv_gather(const float* w, int64_t O, int64_t K, int64_t I, int last, const int64_t* rows, int64_t nr,
@@ -109,8 +115,12 @@ int ds_conv_gather(const float* w, int64_t O, int64_t K, int64_t I, int last, co
     float* dst = out;
     for (int64_t r = 0; r < nr; ++r) {
       const float* src = w + (rows ? rows[r] : r) * K * I;
-      const float s = scale ? scale[rows ? rows[r] : r] : 1.f;
-      for (int64_t k = 0; k < K; ++k) dst = pack_row(src + k * I, I, mask, cols, nc, s, dst, end);
+      if (scale) { /* two calls: each inlined with scaled a constant (a branch per chunk was measured slower) */
+        const float s = scale[rows ? rows[r] : r];
+        for (int64_t k = 0; k < K; ++k) dst = pack_row(src + k * I, I, mask, cols, nc, s, 1, dst, end);
+      } else {
+        for (int64_t k = 0; k < K; ++k) dst = pack_row(src + k * I, I, mask, cols, nc, 1.f, 0, dst, end);
+      }
     }
     free(mask);
     return 0;
@@ -119,10 +129,13 @@ int ds_conv_gather(const float* w, int64_t O, int64_t K, int64_t I, int last, co
     const float* src = w + (rows ? rows[r] : r) * K * I;
     const float s = scale ? scale[rows ? rows[r] : r] : 1.f;
     float* dst = out + r * nc * K;
-    if (K == 9) { /* 3x3: a fixed-size run the compiler unrolls (a loop over a variable K was slower than torch) */
-      for (int64_t c = 0; c < nc; ++c, dst += 9) copy_run(dst, src + cols[c] * 9, 9, s);
+    /* 3x3: a fixed-size run the compiler unrolls (a loop over a variable K was slower than torch), scaled or not */
+    if (K == 9 && scale) {
+      for (int64_t c = 0; c < nc; ++c, dst += 9) copy_run(dst, src + cols[c] * 9, 9, s, 1);
+    } else if (K == 9) {
+      for (int64_t c = 0; c < nc; ++c, dst += 9) copy_run(dst, src + cols[c] * 9, 9, s, 0);
     } else {
-      for (int64_t c = 0; c < nc; ++c, dst += K) copy_run(dst, src + cols[c] * K, K, s);
+      for (int64_t c = 0; c < nc; ++c, dst += K) copy_run(dst, src + cols[c] * K, K, s, scale != NULL);
     }
   }
   return 0;
