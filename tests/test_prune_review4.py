@@ -23,3 +23,18 @@ def test_lottery_ticket_refuses_row_scope():
         LotteryTicket(_mlp(), rate=0.5, scope="row")
     with pytest.raises(ConfigError, match="scope 'row'"):
         imp(_mlp(), lambda model, ticket: None, rounds=1, scope="row")
+
+
+def test_row_scope_is_exact_with_minus_inf_scores_of_live_weights():
+    # a live weight scored -inf tied with the pruned ones and was sorted before a pruned one of a higher index:
+    # the pruned one then counted as 'not yet pruned', and the row lost one weight more than asked
+    from dynsparse.prune import apply_masks_, sparsity, unstructured_
+
+    m = nn.Sequential(nn.Linear(4, 2))
+    apply_masks_(m, {"0.weight": torch.tensor([[1, 0, 1, 1], [1, 1, 1, 0]]).bool()})
+    inf = float("inf")
+    scores = {"0.weight": torch.tensor([[-inf, 1.0, 2.0, 3.0], [-inf, -inf, 1.0, 2.0]])}
+    unstructured_(m, 0.5, scope="row", importance=scores)
+    assert (~m[0].weight_mask).sum(1).tolist() == [2, 2]
+    assert m[0].weight_mask.tolist() == [[False, False, True, True], [False, True, True, False]]
+    assert sparsity(m).overall == 0.5
