@@ -38,3 +38,31 @@ def test_row_scope_is_exact_with_minus_inf_scores_of_live_weights():
     assert (~m[0].weight_mask).sum(1).tolist() == [2, 2]
     assert m[0].weight_mask.tolist() == [[False, False, True, True], [False, True, True, False]]
     assert sparsity(m).overall == 0.5
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_keep_masks_never_reopens_a_closed_unit_with_minus_inf_scores(scope):
+    # a closed unit ranked by a -inf score tied with an open unit scored -inf; the open one (higher index) went
+    # first, so the closed unit came back open in the result
+    from dynsparse.importance import keep_masks
+
+    inf = float("inf")
+    scores = {"a.gate": torch.tensor([1.0, 2.0, 3.0, -inf]), "b.gate": torch.tensor([5.0, 6.0, 7.0, 8.0])}
+    current = {"a.gate": torch.tensor([False, True, True, True])}
+    masks = keep_masks(scores, num_pruned=1, scope=scope, current=current)
+    assert masks["a.gate"].tolist() == [False, True, True, True]
+    assert masks["b.gate"].tolist() == ([True] * 4 if scope == "global" else [False, True, True, True])
+    masks = keep_masks(scores, num_pruned=2, scope=scope, current=current)
+    assert masks["a.gate"].tolist() == [False, True, True, False]
+
+
+def test_keep_masks_global_count_exact_with_minus_inf_scores():
+    # gate a's open -inf unit ranked before gate b's closed units: it was chosen and a closed unit of b counted
+    # on top, one unit more than asked
+    from dynsparse.importance import keep_masks
+
+    inf = float("inf")
+    scores = {"a.gate": torch.tensor([1.0, -inf, 3.0]), "b.gate": torch.tensor([5.0, 6.0, 7.0])}
+    current = {"b.gate": torch.tensor([False, True, True])}
+    masks = keep_masks(scores, num_pruned=1, scope="global", current=current)
+    assert masks["a.gate"].all() and masks["b.gate"].tolist() == [False, True, True]
