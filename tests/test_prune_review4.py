@@ -66,3 +66,23 @@ def test_keep_masks_global_count_exact_with_minus_inf_scores():
     current = {"b.gate": torch.tensor([False, True, True])}
     masks = keep_masks(scores, num_pruned=1, scope="global", current=current)
     assert masks["a.gate"].all() and masks["b.gate"].tolist() == [False, True, True]
+
+
+def test_magnitude_importance_reads_the_masked_weight_of_a_pruned_producer():
+    # an optimizer with state moves a masked layer's raw weight under its mask (the forward ignores it); the
+    # structured MagnitudeImportance read the raw weight, so the drift changed the unit ranking
+    timm = pytest.importorskip("timm")
+    import dynsparse as ds
+    from dynsparse.importance import MagnitudeImportance
+
+    torch.manual_seed(0)
+    model = ds.sparsify_(timm.create_model("test_vit", pretrained=False), {"neurons": "fixed"})
+    ds.prune.unstructured_(model, 0.5, include="blocks.*.mlp.fc1")
+    fc1 = model.blocks[0].mlp.fc1
+    before = MagnitudeImportance(p=2)(model)
+    with torch.no_grad():
+        fc1.weight.add_(torch.where(fc1.weight_mask, 0.0, 5.0))  # what momentum / Adam do under the mask
+    after = MagnitudeImportance(p=2)(model)
+    assert torch.equal(after["blocks.0.mlp.norm.gate"], before["blocks.0.mlp.norm.gate"])
+    expected = fc1.masked_weight().detach().double().pow(2).sum(1).sqrt().float()
+    assert torch.allclose(after["blocks.0.mlp.norm.gate"], expected)
