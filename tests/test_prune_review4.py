@@ -86,3 +86,41 @@ def test_magnitude_importance_reads_the_masked_weight_of_a_pruned_producer():
     assert torch.equal(after["blocks.0.mlp.norm.gate"], before["blocks.0.mlp.norm.gate"])
     expected = fc1.masked_weight().detach().double().pow(2).sum(1).sqrt().float()
     assert torch.allclose(after["blocks.0.mlp.norm.gate"], expected)
+
+
+def test_gradient_scores_of_a_half_model_do_not_underflow():
+    # the scores, computed in float64, were cast back to the weight's dtype: OBD's ½·F·w² of a float16 model
+    # underflowed to 0 for most weights, and the pruning then followed the weight order
+    import torch.nn.functional as F
+
+    from dynsparse.importance import obd, snip
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).half()
+    x, y = torch.randn(32, 256).half(), torch.randint(0, 10, (32,))
+
+    def loss(out, t):
+        return F.cross_entropy(out.float(), t)
+
+    s = obd(m, loss, [(x, y)])["0.weight"]
+    assert s.dtype == torch.float32
+    assert int((s == 0).sum()) == 0
+    s = snip(m, loss, (x, y))["0.weight"]  # normalised to sum 1: about 1e-5 each, float16 kept only a few bits
+    assert s.dtype == torch.float32 and int((s == 0).sum()) < s.numel() // 100
+
+
+def test_wanda_scores_of_a_half_model_are_computed_in_float32():
+    # |W|·‖X‖ was computed in float16 (the norm cast down to the weight's dtype): rounding ties within a row and
+    # an overflow to inf (then NaN at a zero weight) for large activation norms; the reference computes in float32
+    from dynsparse.importance import wanda
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 4)).half()
+    with torch.no_grad():
+        m[0].weight[0, 0] = 0
+    x = torch.randn(256, 8).half() * 6000
+    s = wanda(m, [x])["0.weight"]
+    norm = x.double().pow(2).sum(0).sqrt().float()
+    assert s.dtype == torch.float32
+    assert torch.equal(s, m[0].weight.detach().float().abs() * norm[None, :])
+    assert bool(torch.isfinite(s).all())

@@ -77,7 +77,8 @@ def wanda(
     exclude: Globs = None,
 ) -> dict[str, Tensor]:
     """Wanda scores ``S_ij = |W_ij| · ‖X_j‖₂`` (Sun et al. 2023; methods.md 2.23), ``W`` the weight the forward
-    uses (``masked_weight()`` of a masked layer).
+    uses (``masked_weight()`` of a masked layer), computed in the weight's dtype but float32 at least (as the
+    reference code does for float16 models).
 
     ``‖X_j‖₂`` is the L2 norm of input feature ``j`` of the layer over every token / position of every
     calibration batch, gathered by forward pre-hooks that are removed afterwards. For a ``Conv2d`` ``j`` is the
@@ -126,6 +127,7 @@ def wanda(
         w = used_weight(m).abs()
         if key not in sq:
             raise ConfigError(f"wanda: {key!r} ({type(m).__name__}) saw no input; exclude it or check the model")
+        w = w.to(torch.promote_types(w.dtype, torch.float32))  # in float16 the product rounds and overflows
         norm = sq[key].sqrt().to(device=w.device, dtype=w.dtype)
         if isinstance(m, nn.Conv2d):
             groups = m.groups
