@@ -124,3 +124,22 @@ def test_wanda_scores_of_a_half_model_are_computed_in_float32():
     assert s.dtype == torch.float32
     assert torch.equal(s, m[0].weight.detach().float().abs() * norm[None, :])
     assert bool(torch.isfinite(s).all())
+
+
+def test_movement_scores_of_a_half_model_are_float32():
+    # -w ⊙ g was multiplied (and accumulated by the tracker) in float16: small products underflowed to 0
+    from dynsparse.importance import MovementTracker, movement
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 8)).half()
+    with torch.no_grad():
+        m[0].weight.mul_(1e-2)
+    tracker = MovementTracker(m)
+    (m(torch.randn(4, 64).half()).float().sum() * 1e-4).backward()
+    tracker.step()
+    w, g = m[0].weight.detach().float(), m[0].weight.grad.float()
+    expected = -w * g
+    assert bool((expected != 0).all())
+    for s in (movement(m)["0.weight"], tracker.scores()["0.weight"]):
+        assert s.dtype == torch.float32
+        assert torch.equal(s, expected)
