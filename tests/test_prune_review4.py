@@ -143,3 +143,18 @@ def test_movement_scores_of_a_half_model_are_float32():
     for s in (movement(m)["0.weight"], tracker.scores()["0.weight"]):
         assert s.dtype == torch.float32
         assert torch.equal(s, expected)
+
+
+@pytest.mark.parametrize("scope", [None, "layer"])
+@pytest.mark.parametrize(("fraction", "closed"), [(0.25, 3), (0.5, 6)])
+def test_structured_layers_fraction_closes_that_fraction_of_the_branches(scope, fraction, closed):
+    # with scope 'layer' (the default) each one-unit branch gate was pruned on its own: {"layers": 0.25} closed
+    # no branch and {"layers": 0.5} closed every branch of the model
+    timm = pytest.importorskip("timm")
+    import dynsparse as ds
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    ds.prune.structured_(model, {"layers": fraction}, importance="random", scope=scope)
+    kept = [bool(g.keep_mask().all()) for _, g in ds.named_gates(model)]
+    assert len(kept) == 12 and kept.count(False) == closed
