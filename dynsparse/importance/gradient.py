@@ -1,6 +1,7 @@
 """Per-weight scores from gradients: gradient, Taylor / OBD, SNIP, GraSP, SynFlow.
 
-Every function returns ``{param_fqn: scores}`` (the weight's shape, detached, on the CPU) for the ``weight`` of
+Every function returns ``{param_fqn: scores}`` (the weight's shape, detached, on the CPU, in the weight's dtype
+but float32 at least) for the ``weight`` of
 every ``nn.Linear`` / ``nn.Conv2d`` selected by module fqn globs (not the layers of gates), and **higher = more
 important = kept**, like every score of `dynsparse.importance`. Gradients are taken with ``torch.autograd.grad``
 (grad mode is enabled for it, so a caller under ``torch.no_grad()`` gets the same scores): no ``.grad`` of the
@@ -60,7 +61,10 @@ def _batch_gradients(
 
 
 def _out(keys: list[str], params: list[Tensor], values: list[Tensor]) -> dict[str, Tensor]:
-    return {k: v.to(p.dtype).cpu() for k, p, v in zip(keys, params, values, strict=True)}
+    """The float64 scores on the CPU in the weight's dtype, float32 at least (in float16, ``½·F·w²`` underflows)."""
+    return {
+        k: v.to(torch.promote_types(p.dtype, torch.float32)).cpu() for k, p, v in zip(keys, params, values, strict=True)
+    }
 
 
 def gradient(

@@ -116,11 +116,18 @@ def _closed_first(s: Tensor, keep: Tensor) -> Tensor:
     return torch.where(keep, s, torch.full_like(s, -math.inf))
 
 
-def _prune_order(s: Tensor) -> Tensor:
-    """Unit indices from first pruned to last: ascending score, ties: the higher index first."""
+def _prune_order(s: Tensor, keep: Tensor | None = None) -> Tensor:
+    """Unit indices from first pruned to last: the closed units (``keep`` False) first, then ascending score, ties:
+    the higher index first. The closed units go first by a key of their own, not by their score: an open unit
+    scored -inf never passes one."""
     n = s.numel()
-    flipped = torch.sort(s.flip(0), stable=True).indices
-    return n - 1 - flipped
+    order = n - 1 - torch.sort(s.flip(0), stable=True).indices
+    return order if keep is None else _closed_to_front(order, keep[order])
+
+
+def _closed_to_front(order: Tensor, kept: Tensor) -> Tensor:
+    """``order`` with the entries whose ``kept`` is False moved to the front, both parts in their order."""
+    return order[torch.sort(kept.to(torch.int8), stable=True).indices]
 
 
 def keep_masks(
@@ -205,7 +212,7 @@ def keep_masks(
         if max_sparsity is not None:
             cap = min(cap, math.floor(max_sparsity * n + 1e-9))
         caps[k] = max(cap, 0)
-    orders = {k: _prune_order(_closed_first(s[k], cur[k])) for k in keys}  # closed units first
+    orders = {k: _prune_order(s[k], cur[k]) for k in keys}  # closed units first
 
     if scope == "layer":
         want = {k: (num_pruned if num_pruned is not None else _count(sparsity, n)) for k, n in sizes.items()}
@@ -216,14 +223,16 @@ def keep_masks(
         requested = min(num_pruned, total) if num_pruned is not None else _count(sparsity, total)
         # every unit in global prune order: ascending normalised score, ties by gate order then unit order
         norm = _normalized_all(s, normalize, cur)
-        values, gate_of, rank = [], [], []
+        values, opens, gate_of, rank = [], [], [], []
         for gi, k in enumerate(keys):
             order = orders[k]
             values.append(_closed_first(norm[k], cur[k])[order])
+            opens.append(cur[k][order])
             gate_of.append(torch.full((len(order),), gi, dtype=torch.long))
             rank.append(torch.arange(len(order)))
         values_t, gate_t, rank_t = torch.cat(values), torch.cat(gate_of), torch.cat(rank)
         glob = torch.sort(values_t, stable=True).indices
+        glob = _closed_to_front(glob, torch.cat(opens)[glob])  # every closed unit first, whatever the scores
         cap_t = torch.tensor([caps[k] for k in keys], dtype=torch.long)
         closed_t = torch.tensor([closed[k] for k in keys], dtype=torch.long)
         # a unit may go only while its gate is under its cap; a closed unit (first in its order) always counts

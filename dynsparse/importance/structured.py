@@ -20,10 +20,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, UnsupportedModuleError
-from ..layers.base import unit_weights
+from ..layers.base import Producer, unit_weights
 from ..regularizers._common import UNIT_DIMENSIONS, SlotRef
 from ..sparsify import DIMENSIONS
-from ._util import LossFn, batch_loss, batches, check_dimensions, double_backward_ok, gate_refs, scoring_mode
+from ._util import (
+    LossFn,
+    batch_loss,
+    batches,
+    check_dimensions,
+    double_backward_ok,
+    gate_refs,
+    scoring_mode,
+    used_weight,
+)
 
 __all__ = ["Importance", "MagnitudeImportance", "RandomImportance", "TaylorImportance"]
 
@@ -71,7 +80,8 @@ class MagnitudeImportance(Importance):
     """Norm of each unit's producer weights (L1 filter norm, Li et al. 2017; methods.md 2.6 and 2.9).
 
     The producers are what the gated layer lists (``GatedLayer.producers``): an MLP neuron's ``fc1`` row, a
-    head's q/k/v rows, a channel's conv filter (and the depthwise filter of an inverted residual). With
+    head's q/k/v rows, a channel's conv filter (and the depthwise filter of an inverted residual); of a masked
+    producer (`dynsparse.prune.unstructured_`) the weight its forward uses, ``masked_weight()``. With
     ``p=1`` the score is ``Σ |w|``, with ``p=2`` it is ``sqrt(Σ w²)``, over every producer weight of the unit.
 
     Args:
@@ -103,13 +113,25 @@ class MagnitudeImportance(Importance):
             for prod in producers:
                 if prod.param.endswith("bias") and not self.bias:
                     continue
-                rows = unit_weights(ref.layer, prod).detach().double().cpu()
+                rows = _used_unit_weights(ref.layer, prod).detach().double().cpu()
                 total += rows.abs().sum(1) if self.p == 1 else rows.pow(2).sum(1)
             out[ref.gate_fqn] = total if self.p == 1 else total.sqrt()
         return out
 
     def __repr__(self) -> str:
         return f"MagnitudeImportance(p={self.p}, bias={self.bias}, dimensions={self.dimensions})"
+
+
+def _used_unit_weights(layer: nn.Module, p: Producer) -> Tensor:
+    """`unit_weights` of the weight the forward uses: a masked producer's ``masked_weight()`` (an optimizer may
+    have moved its raw ``weight`` under the mask), else the parameter itself."""
+    owner_fqn, _, name = p.param.rpartition(".")
+    owner = layer.get_submodule(owner_fqn)
+    if name != "weight" or not callable(getattr(owner, "masked_weight", None)):
+        return unit_weights(layer, p)
+    w = used_weight(owner)
+    idx = p.index.to(w.device)
+    return w.index_select(p.dim, idx.flatten()).movedim(p.dim, 0).reshape(idx.shape[0], -1)
 
 
 class RandomImportance(Importance):

@@ -23,6 +23,11 @@ __all__ = ["MovementTracker", "magnitude", "movement", "random", "wanda"]
 Globs = str | Sequence[str] | None
 
 
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """The dtype scores are computed in: ``dtype``, or float32 for a narrower float."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def magnitude(model: nn.Module, p: float = 1, *, include: Globs = None, exclude: Globs = None) -> dict[str, Tensor]:
     """Magnitude scores ``|w|^p``: ``|w|`` for ``p=1``, ``w²`` for ``p=2`` (Han et al. 2015; methods.md 2.1).
 
@@ -77,7 +82,8 @@ def wanda(
     exclude: Globs = None,
 ) -> dict[str, Tensor]:
     """Wanda scores ``S_ij = |W_ij| · ‖X_j‖₂`` (Sun et al. 2023; methods.md 2.23), ``W`` the weight the forward
-    uses (``masked_weight()`` of a masked layer).
+    uses (``masked_weight()`` of a masked layer), computed in the weight's dtype but float32 at least (as the
+    reference code does for float16 models).
 
     ``‖X_j‖₂`` is the L2 norm of input feature ``j`` of the layer over every token / position of every
     calibration batch, gathered by forward pre-hooks that are removed afterwards. For a ``Conv2d`` ``j`` is the
@@ -126,6 +132,7 @@ def wanda(
         w = used_weight(m).abs()
         if key not in sq:
             raise ConfigError(f"wanda: {key!r} ({type(m).__name__}) saw no input; exclude it or check the model")
+        w = w.to(_at_least_float32(w.dtype))  # in float16 the product rounds and overflows
         norm = sq[key].sqrt().to(device=w.device, dtype=w.dtype)
         if isinstance(m, nn.Conv2d):
             groups = m.groups
@@ -139,8 +146,9 @@ def wanda(
 def movement(model: nn.Module, *, include: Globs = None, exclude: Globs = None) -> dict[str, Tensor]:
     """One-step movement scores ``-w ⊙ ∂L/∂w`` from the current ``.grad`` (Sanh et al. 2020; methods.md 2.22).
 
-    Weights moving away from zero (gradient descent grows ``|w|``) score high. For the accumulated score over
-    training use `MovementTracker`.
+    Weights moving away from zero (gradient descent grows ``|w|``) score high. Computed in the weight's dtype,
+    float32 at least (as `MovementTracker` accumulates). For the accumulated score over training use
+    `MovementTracker`.
 
     Raises:
         ConfigError: a selected weight has no ``.grad`` (call ``loss.backward()`` first).
@@ -149,7 +157,8 @@ def movement(model: nn.Module, *, include: Globs = None, exclude: Globs = None) 
     for key, m in weight_modules(model, include, exclude).items():
         if m.weight.grad is None:
             raise ConfigError(f"movement: {key!r} has no .grad; call loss.backward() first")
-        out[key] = (-m.weight.detach() * m.weight.grad.detach()).cpu()
+        dtype = _at_least_float32(m.weight.dtype)  # a float16 product underflows
+        out[key] = (-m.weight.detach().to(dtype) * m.weight.grad.detach().to(dtype)).cpu()
     return out
 
 
@@ -176,8 +185,9 @@ class MovementTracker:
 
     def __init__(self, model: nn.Module, *, include: Globs = None, exclude: Globs = None) -> None:
         self._weights = {key: m.weight for key, m in weight_modules(model, include, exclude).items()}
-        self._acc = {
-            key: torch.zeros_like(w, memory_format=torch.contiguous_format) for key, w in self._weights.items()
+        self._acc = {  # float32 at least: a float16 sum of small products underflows
+            key: torch.zeros_like(w, dtype=_at_least_float32(w.dtype), memory_format=torch.contiguous_format)
+            for key, w in self._weights.items()
         }
         self.steps = 0
 
@@ -186,7 +196,8 @@ class MovementTracker:
         """Add ``-w ⊙ w.grad`` of every tracked weight to its score."""
         for key, w in self._weights.items():
             if w.grad is not None:
-                self._acc[key].addcmul_(w.detach(), w.grad.detach(), value=-1.0)
+                acc = self._acc[key]
+                acc.addcmul_(w.detach().to(acc.dtype), w.grad.detach().to(acc.dtype), value=-1.0)
         self.steps += 1
 
     def scores(self) -> dict[str, Tensor]:

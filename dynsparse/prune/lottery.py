@@ -24,13 +24,15 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import suggest
-from .unstructured import _MASKED, SCOPES, Sparsity, _check_layers, _old_mask, _targets, reapply_masks_, unstructured_
+from .unstructured import _MASKED, Sparsity, _check_layers, _old_mask, _targets, reapply_masks_, unstructured_
 
 __all__ = ["ImpResult", "LotteryRound", "LotteryTicket", "imp", "reinit_"]
 
 log = logging.getLogger(__name__)
 
 _GLOBAL = "*"  # key of the global group's density (no module fqn is "*")
+#: Groups a ticket prunes in: each layer, or the layers without an override together (not unstructured_'s "row").
+_SCOPES = ("layer", "global")
 
 
 def _check_rate(value: Any, name: str) -> float:
@@ -177,8 +179,10 @@ class LotteryTicket:
     ) -> None:
         self.model = model
         self.rate = _check_rate(rate, "rate")
-        if scope not in SCOPES:
-            raise ConfigError(f"unknown scope {scope!r}.{suggest(str(scope), SCOPES)} Known: {', '.join(SCOPES)}")
+        if scope not in _SCOPES:
+            raise ConfigError(
+                f"LotteryTicket: unknown scope {scope!r}.{suggest(str(scope), _SCOPES)} Known: {', '.join(_SCOPES)}"
+            )
         self.scope = scope
         self.rewind_step = _check_count(rewind_step, "rewind_step")
         self.layers = _check_layers(layers)

@@ -54,7 +54,8 @@ def structured_(
         importance: How to score units (``"magnitude"``, ``"taylor"``, ``"activation"``, ``"apoz"``, ...).
         data: Batches ``(x, y)`` for data-driven scores (Taylor, activations).
         scope: Rank within each gate (``"layer"``, the default) or across all gates of the dimension
-            (``"global"``); ``flops`` always ranks globally.
+            (``"global"``); ``flops`` always ranks globally, and so do the ``layers`` branch gates (one unit
+            each: within its own gate a fraction would close every branch or none).
         flops: Fraction of the model's FLOPs to keep, in (0, 1] (None: prune by ``sparsity`` fractions).
         example_input: One input for counting FLOPs with ``flops`` (default: the first batch of ``data``, one
             sample, else the timm model's default input).
@@ -95,7 +96,7 @@ def structured_(
                 keep_masks(
                     scores[dim],
                     s,
-                    scope=scope or "layer",
+                    scope="global" if dim == "layers" else scope or "layer",  # a one-unit gate: all or nothing
                     normalize=normalize,
                     round_to=round_to,
                     max_sparsity=max_sparsity,

@@ -189,8 +189,9 @@ def _row_mask(old: Tensor, scores: Tensor, sparsity: float) -> Tensor:
     has ``_count(sparsity, row length)`` pruned (more when it had more already: they stay pruned); ties by position."""
     rows = old.reshape(old.shape[0], -1)
     s = scores.reshape(rows.shape).to(dtype=_score_dtype([scores]), device=rows.device)
-    s = s.masked_fill(~rows, float("-inf"))  # the pruned ones first: they stay pruned
     order = torch.sort(s, dim=1, stable=True).indices
+    # the pruned ones first (they stay pruned), before any live one, even one scored -inf
+    order = order.gather(1, torch.sort(rows.gather(1, order).to(torch.int8), dim=1, stable=True).indices)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order))
     dead = (~rows).sum(1, keepdim=True)
     need = torch.clamp(dead, min=_count(sparsity, rows.shape[1]))
