@@ -211,3 +211,23 @@ def test_group_lasso_float16_large_groups_do_not_overflow() -> None:
     assert torch.isfinite(reg()), "the penalty overflowed"
     norms = reg.group_norms()["norm.gate"]
     assert torch.isfinite(norms).all() and norms.min() > 400
+
+
+def test_group_lasso_reads_the_masked_weight_the_forward_uses() -> None:
+    # unstructured masks + group lasso: momentum moves raw weights under the mask, the forward uses weight * mask
+    from dynsparse.prune import apply_masks_
+
+    mlp = tiny_mlp([[3.0, 4.0], [1.0, 1.0], [2.0, 1.0]], [0.0, 0.0, 2.0])
+    apply_masks_(mlp, {"fc1.weight": torch.tensor([[True, True], [False, False], [True, False]])})
+    with torch.no_grad():
+        mlp.fc1.weight.copy_(torch.tensor([[3.0, 4.0], [5.0, 5.0], [2.0, 7.0]], dtype=torch.float64))
+    reg = GroupLasso(mlp, weight=0.5, eps=0.0)
+    # used rows: (3, 4 | 0) -> 5, (0, 0 | 0) -> 0, (2, 0 | 2) -> sqrt(8)
+    assert_close(reg.group_norms()["norm.gate"], f64([5.0, 0.0, 8**0.5]), what="group norms")
+    assert reg.keep_masks(min_keep=1)["norm.gate"].tolist() == [True, False, True]
+    loss = GroupLasso(mlp, weight=0.5, eps=1e-12)()
+    assert_close(loss, f64(0.5 * (5.0 + 1e-6 + 8**0.5)), what="penalty", atol=1e-9)
+    loss.backward()
+    g = mlp.fc1.weight.grad
+    assert (g[~mlp.fc1.weight_mask.bool()] == 0).all(), "no penalty gradient on masked raw weights"
+    assert_close(g[0], f64([0.5 * 3 / 5, 0.5 * 4 / 5]), what="gradient of an unmasked group")

@@ -2,7 +2,8 @@
 
 Each unit of a gate (an MLP neuron, an attention head, a block's internal channel) is one group: the weights
 that *produce* it, as its gated layer lists them (``GatedLayer.producers``: the ``fc1`` row and bias of a
-neuron, the q/k/v rows of a head, the conv filter of a channel). The regulariser is
+neuron, the q/k/v rows of a head, the conv filter of a channel), as the forward uses them (a producer masked by
+unstructured pruning counts with its ``masked_weight()``). The regulariser is
 
     R(W) = λ · Σ_g sqrt(‖w_g‖₂² + eps)
 
@@ -37,6 +38,21 @@ class _Entry(NamedTuple):
     ref: SlotRef
     producers: tuple[Producer, ...]
     num_units: int
+
+
+def _used_unit_weights(layer: nn.Module, p: Producer) -> Tensor:
+    """`unit_weights` of the weight the forward uses, differentiable: a masked producer's ``masked_weight()``
+    (an optimizer with momentum may have moved its raw ``weight`` under the mask), else the parameter itself.
+
+    The detached twin of `dynsparse.importance.structured` (for scores) cannot serve a penalty.
+    """
+    owner_fqn, _, name = p.param.rpartition(".")
+    owner = layer.get_submodule(owner_fqn)
+    if name != "weight" or not callable(getattr(owner, "masked_weight", None)):
+        return unit_weights(layer, p)
+    w = owner.masked_weight()
+    idx = p.index.to(w.device)
+    return w.index_select(p.dim, idx.flatten()).movedim(p.dim, 0).reshape(idx.shape[0], -1)
 
 
 class GroupLasso:
@@ -107,13 +123,13 @@ class GroupLasso:
 
     # ------------------------------------------------------------------------------------------------ core
     def _squared_norms(self, e: _Entry) -> Tensor:
-        """(num_units,) ‖w_g‖₂² of each group, differentiable; in float32 at least.
+        """(num_units,) ‖w_g‖₂² of each group (of the weights the forward uses), differentiable; in float32 at least.
 
         Half precision would overflow (‖w_g‖² > 65504) or lose ``eps`` (so ``sqrt(0)`` gives nan gradients).
         """
         total = None
         for p in e.producers:
-            rows = unit_weights(e.ref.layer, p)
+            rows = _used_unit_weights(e.ref.layer, p)
             rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
             sq = rows.pow(2).sum(1)
             total = sq if total is None else total + sq.to(total.dtype)
