@@ -116,6 +116,8 @@ def test_bad_calibrate_names_field_and_line(tmp_path, old, new, match):
         ("threshold", "{init_threshold: true}", r"calibrate\.init_threshold.*needs keep"),
         ("threshold", "{keep: 0.5, init_threshold: true}", r"calibrate\.init_threshold.*at: start"),
         ("threshold", "{keep: 0.5, init_threshold: 1}", r"calibrate\.init_threshold.*true or false"),
+        # keep 1's calibrated threshold is -inf: θ would start there with a zero gradient and never learn
+        ("threshold", "{keep: 1, at: start, init_threshold: true}", r"calibrate\.init_threshold.*keep below 1"),
     ],
 )
 def test_bad_calibrate_options(kind, cal, match):

@@ -13,7 +13,7 @@ Four gates need one (see `CALIBRATIONS`):
 * ``threshold`` tokens (`dynsparse.layers.tokens.calibrate_tokens_`): the exact score table behind the ``keep``
   knob. Default ``at: end``: the table of the trained weights. ``keep: k`` calibrates for that budget and leaves
   the gates at it (the converted model then keeps about ``k`` of the tokens); ``init_threshold: true`` (at the
-  start) sets the learned ``θ`` to the calibrated threshold and returns the gates to it, as LTP's soft stage
+  start, ``k < 1``) sets the learned ``θ`` to the calibrated threshold and returns the gates to it, as LTP's soft stage
   starts in ``benchmarks/token_thresholds_fashion.py``.
 
 ``batches`` training batches are read in a seeded order of their own (the same on every rank and on a resumed
@@ -149,6 +149,8 @@ def check_calibrate(spec: Mapping[str, Any], kinds: set[str], where: str, lines:
             fail("init_threshold", f"expected true or false, got {spec['init_threshold']!r}")
         if spec["init_threshold"] and spec.get("keep") is None:
             fail("init_threshold", "needs keep: the budget whose calibrated threshold starts the learned one")
+        if spec["init_threshold"] and spec.get("keep") == 1:
+            fail("init_threshold", "needs a keep below 1: keep 1's threshold is -inf, where θ would get no gradient")
         if spec["init_threshold"] and (at or CALIBRATIONS["threshold"].at) == "end":
             fail("init_threshold", "acts at the start of the stage; set at: start (or both)")
     labels = {"dejavu": ("topk", "positive"), "dejavu_heads": ("norm", "contribution")}
