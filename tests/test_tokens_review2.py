@@ -93,3 +93,14 @@ def test_gradient_checkpointing_of_the_gathered_path_still_trains():
         model(_x()).sum().backward()
     for (name, p), q in zip(m.named_parameters(), c.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_calibrate_tokens_restores_each_modules_training_flag():
+    """A submodule kept in eval on purpose (a frozen norm) stays in eval after calibration of a training model."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False)
+    ds.sparsify_(model, {"tokens": {"gate": "threshold", "blocks": [1]}})
+    model.train()
+    model.norm.eval()
+    calibrate_tokens_(model, torch.randn(2, 3, 160, 160))
+    assert model.training and not model.norm.training and model.blocks[0].training

@@ -210,7 +210,7 @@ def calibrate_tokens_(model: nn.Module, inputs: Tensor | Iterable[Tensor | tuple
     quantiles of the tokens that reach it when the gates before it run at their current budgets (set them with
     `dynsparse.set_budget_` first to calibrate for a budget). Afterwards ``set_budget_(model, keep=k)`` makes
     each gate keep about a fraction ``k`` of the tokens that reach it (exactly, on these inputs, at the
-    calibrated budget). Runs in eval mode and restores the training flag.
+    calibrated budget). Runs in eval mode and restores every module's training flag.
 
     Args:
         model: A model with ``threshold`` token gates.
@@ -233,7 +233,8 @@ def calibrate_tokens_(model: nn.Module, inputs: Tensor | Iterable[Tensor | tuple
     batches = [inputs] if isinstance(inputs, Tensor) else list(inputs)
     if not batches:
         raise ConfigError("calibrate_tokens_: no inputs")
-    budgets, training, device = [g.keep for g in gates], model.training, module_device(model)
+    budgets, device = [g.keep for g in gates], module_device(model)
+    modes = [(m, m.training) for m in model.modules()]  # each module's own flag (a frozen norm stays frozen)
     model.eval()
     try:
         for j, g in enumerate(gates):
@@ -250,5 +251,6 @@ def calibrate_tokens_(model: nn.Module, inputs: Tensor | Iterable[Tensor | tuple
         for g, k in zip(gates, budgets, strict=True):
             g.collect = None
             g.set_budget_(k)
-        model.train(training)
+        for m, flag in modes:
+            m.training = flag
     return model
