@@ -182,7 +182,10 @@ def packed_attention(
     B, n = pk.batch, pk.nmax
     mode = attention_mode(pk) if mode == "auto" else mode
     if mode not in ("pad", "loop"):
-        raise ValueError(f"packed_attention: mode must be 'pad', 'loop' or 'auto', got {mode!r}")
+        raise ConfigError(
+            f"packed_attention: mode (a model's blocks[i]._token_state.attention) must be 'pad', 'loop' or 'auto', "
+            f"got {mode!r}"
+        )
     if pk.uniform or mode == "pad":
         q, k, v = pk.pad(qkv).view(B, n, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
         o, s = _attend(attn, q, k, v, None if pk.uniform else pk.valid, scores)
