@@ -133,3 +133,12 @@ def test_cats_calibration_weighs_every_batch_when_it_subsamples():
     with torch.no_grad():
         kept = torch.cat([mlp.neurons(mlp.gate_activation(x.reshape(-1, 12))).flatten() for x in data]).float().mean()
     assert abs(kept.item() - 0.5) <= 0.03, f"kept {kept.item():.3f} of the calibration activations, target 0.5"
+
+
+def test_dejavu_neurons_after_a_threshold_token_gate_are_refused_with_the_default_per():
+    """Deja Vu decides per input by default: in the blocks where a threshold token gate packs the batch into one
+    sequence, the whole batch would share one neuron set (silently). Refused, as with an explicit per='input'."""
+    model = timm.create_model("test_vit", pretrained=False)
+    ds.sparsify_(model, {"tokens": {"gate": "threshold", "blocks": [0]}})
+    with pytest.raises(ds.ConfigError, match="neurons: "):
+        gate_neurons_(model, gate="dejavu", keep=0.5)

@@ -29,6 +29,7 @@ that adds to them (LoRA) is left out.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -312,7 +313,9 @@ def gate_neurons_(
             if already
             else "no timm Mlp, GluMlp or SwiGLU found (check include / exclude)",
         )
-    if gate_kwargs.get("per") == "input":
+    default_per = inspect.signature(cls).parameters.get("per")
+    per = gate_kwargs.get("per", default_per.default if default_per is not None else None)
+    if per == "input":  # given, or the gate's default (dejavu decides per input unless told otherwise)
         check_not_packed(model, found)
     keeps = dict(keep) if isinstance(keep, Mapping) else {f: keep for f, _ in found}
     unknown = sorted(set(keeps) - {f for f, _ in found})
