@@ -104,3 +104,19 @@ def test_calibrate_tokens_restores_each_modules_training_flag():
     model.norm.eval()
     calibrate_tokens_(model, torch.randn(2, 3, 160, 160))
     assert model.training and not model.norm.training and model.blocks[0].training
+
+
+@pytest.mark.parametrize("gate", ["threshold", "cls_attention"])
+def test_a_pooling_changed_after_the_token_gates_is_refused(gate):
+    """The blocks lay the tokens out for the pooling the model had when the gates were set; reset_classifier with
+    another global_pool afterwards pooled padding or dropped tokens silently. Refused by name; a deepcopy too."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    ds.sparsify_(model, {"tokens": {"gate": gate, "blocks": [1]}})
+    x = torch.randn(2, 3, 160, 160)
+    model(x)  # the pooling it was set for
+    twin = copy.deepcopy(model)
+    for m in (model, twin):
+        m.reset_classifier(7, global_pool="avg")
+        with pytest.raises(ds.ConfigError, match=r"global_pool='avg', but its token gates were set for 'token'"):
+            m(x)

@@ -5,6 +5,7 @@ of threshold gates). The blocks themselves live in `dynsparse.layers.tokens`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -150,7 +151,20 @@ def gate_tokens_(
         if not isinstance(seq[i], TokenGatedBlock) and not _removed(seq[i]):
             seq[i] = PolicyBlock.from_module(seq[i], state)
     seq[-1]._last = True  # hands a packed batch back to the head
+    # the blocks hand the head tokens laid out for this pooling: a later `reset_classifier(global_pool=...)` would
+    # pool padding or dropped tokens silently (a partial of plain values: it follows the model through deepcopy)
+    model.register_forward_pre_hook(functools.partial(_same_pooling, pool=pool))
     return model
+
+
+def _same_pooling(model: nn.Module, args: Any, *, pool: str) -> None:
+    """Forward pre-hook: refuse a model whose pooling changed since its token gates were set."""
+    now = getattr(model, "global_pool", "token")
+    if now != pool:
+        raise ConfigError(
+            f"tokens: {type(model).__name__} pools with global_pool={now!r}, but its token gates were set for "
+            f"{pool!r} (reset_classifier after sparsify_?); set the token gates after changing the pooling"
+        )
 
 
 def _check_variable_head(model: nn.Module, final_threshold: float) -> None:
