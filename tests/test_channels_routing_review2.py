@@ -102,3 +102,11 @@ def test_fbs_blocks_named_twice_are_refused(blocks):
     model = timm.create_model("test_resnet", pretrained=False)
     with pytest.raises(ds.ConfigError, match=r"channels\.blocks: each block once.*twice: layer1\.0"):
         ds.sparsify_(model, {"channels": {"gate": "fbs", "blocks": blocks}})
+
+
+def test_fbs_on_a_model_with_static_channel_gates_says_so():
+    """The blocks are BasicBlocks with static channel gates: the refusal names those gates, not the block type."""
+    model = timm.create_model("test_resnet", pretrained=False)
+    ds.sparsify_(model, {"channels": {"gate": "fixed"}})
+    with pytest.raises(ds.UnsupportedModuleError, match=r"static channel gates already \(layer1\.0\); convert them"):
+        ds.sparsify_(model, {"channels": {"gate": "fbs"}})

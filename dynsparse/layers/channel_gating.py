@@ -231,12 +231,18 @@ def gate_channels_(
         raise ConfigError(f"channels.bottleneck_conv1: true or false expected, got {bottleneck_conv1!r}")
     found = _blocks(model)
     if not found:
-        raise UnsupportedModuleError(
-            "",
-            type(model).__name__,
-            "channels",
-            "per-input channel gates need timm ResNet BasicBlock/Bottleneck blocks",
+        from .base import GatedLayer
+
+        static = next(
+            (f for f, m in model.named_modules() if isinstance(m, GatedLayer) and m.dimension == "channels"), None
         )
+        reason = (
+            f"its blocks have static channel gates already ({static}); convert them first (ds.convert), then add "
+            "per-input ones"
+            if static is not None
+            else "per-input channel gates need timm ResNet BasicBlock/Bottleneck blocks"
+        )
+        raise UnsupportedModuleError("", type(model).__name__, "channels", reason)
     chosen = _choose(found, blocks, include, exclude)
     for fqn, block in chosen:
         if not fqn:
