@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, UnsupportedModuleError
-from ..layers.base import Producer, unit_weights
+from ..layers.base import unit_weights
 from ..regularizers._common import UNIT_DIMENSIONS, SlotRef
 from ..sparsify import DIMENSIONS
 from ._util import (
@@ -31,7 +31,6 @@ from ._util import (
     double_backward_ok,
     gate_refs,
     scoring_mode,
-    used_weight,
 )
 
 __all__ = ["Importance", "MagnitudeImportance", "RandomImportance", "TaylorImportance"]
@@ -113,25 +112,13 @@ class MagnitudeImportance(Importance):
             for prod in producers:
                 if prod.param.endswith("bias") and not self.bias:
                     continue
-                rows = _used_unit_weights(ref.layer, prod).detach().double().cpu()
+                rows = unit_weights(ref.layer, prod).detach().double().cpu()
                 total += rows.abs().sum(1) if self.p == 1 else rows.pow(2).sum(1)
             out[ref.gate_fqn] = total if self.p == 1 else total.sqrt()
         return out
 
     def __repr__(self) -> str:
         return f"MagnitudeImportance(p={self.p}, bias={self.bias}, dimensions={self.dimensions})"
-
-
-def _used_unit_weights(layer: nn.Module, p: Producer) -> Tensor:
-    """`unit_weights` of the weight the forward uses: a masked producer's ``masked_weight()`` (an optimizer may
-    have moved its raw ``weight`` under the mask), else the parameter itself."""
-    owner_fqn, _, name = p.param.rpartition(".")
-    owner = layer.get_submodule(owner_fqn)
-    if name != "weight" or not callable(getattr(owner, "masked_weight", None)):
-        return unit_weights(layer, p)
-    w = used_weight(owner)
-    idx = p.index.to(w.device)
-    return w.index_select(p.dim, idx.flatten()).movedim(p.dim, 0).reshape(idx.shape[0], -1)
 
 
 class RandomImportance(Importance):

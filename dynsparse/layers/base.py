@@ -46,8 +46,15 @@ class Producer(NamedTuple):
 
 
 def unit_weights(layer: nn.Module, p: Producer) -> Tensor:
-    """``(num_units, k)`` copy of the weights producer ``p`` assigns to each unit of ``layer`` (differentiable)."""
-    w = layer.get_parameter(p.param)
+    """``(num_units, k)`` copy of the weights producer ``p`` assigns to each unit of ``layer`` (differentiable).
+
+    The weight the forward uses: a masked producer's ``masked_weight()`` (`dynsparse.prune.unstructured_`; an
+    optimizer with momentum may have moved its raw ``weight`` under the mask), else the parameter itself.
+    """
+    owner_fqn, _, name = p.param.rpartition(".")
+    owner = layer.get_submodule(owner_fqn)
+    masked = getattr(owner, "masked_weight", None) if name == "weight" else None
+    w = masked() if callable(masked) else layer.get_parameter(p.param)
     idx = p.index.to(w.device)
     return w.index_select(p.dim, idx.flatten()).movedim(p.dim, 0).reshape(idx.shape[0], -1)
 

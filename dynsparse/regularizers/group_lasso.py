@@ -40,21 +40,6 @@ class _Entry(NamedTuple):
     num_units: int
 
 
-def _used_unit_weights(layer: nn.Module, p: Producer) -> Tensor:
-    """`unit_weights` of the weight the forward uses, differentiable: a masked producer's ``masked_weight()``
-    (an optimizer with momentum may have moved its raw ``weight`` under the mask), else the parameter itself.
-
-    The detached twin of `dynsparse.importance.structured` (for scores) cannot serve a penalty.
-    """
-    owner_fqn, _, name = p.param.rpartition(".")
-    owner = layer.get_submodule(owner_fqn)
-    if name != "weight" or not callable(getattr(owner, "masked_weight", None)):
-        return unit_weights(layer, p)
-    w = owner.masked_weight()
-    idx = p.index.to(w.device)
-    return w.index_select(p.dim, idx.flatten()).movedim(p.dim, 0).reshape(idx.shape[0], -1)
-
-
 class GroupLasso:
     """SSL group lasso over the producer weights of every unit of the gated layers of ``model``.
 
@@ -129,7 +114,7 @@ class GroupLasso:
         """
         total = None
         for p in e.producers:
-            rows = _used_unit_weights(e.ref.layer, p)
+            rows = unit_weights(e.ref.layer, p)
             rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
             sq = rows.pow(2).sum(1)
             total = sq if total is None else total + sq.to(total.dtype)
