@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .modules import inputs_to_device_of
+from .modules import inputs_to_device_of, modes_kept
 
 __all__ = ["CostModel", "count_flops", "default_input", "mean_flops", "module_flops"]
 
@@ -110,8 +110,6 @@ def module_flops(model: nn.Module, example: Tensor | tuple) -> dict[str, int]:
     from torch.utils.flop_counter import FlopCounterMode
 
     example = inputs_to_device_of(model, example)  # FLOPs do not depend on the device; the model's ops need it
-    modes = [(m, m.training) for m in model.modules()]  # each module's own flag: a frozen BatchNorm stays frozen
-    model.eval()
 
     def count(grad_off: AbstractContextManager) -> FlopCounterMode:
         with (
@@ -123,22 +121,21 @@ def module_flops(model: nn.Module, example: Tensor | tuple) -> dict[str, int]:
         return counter
 
     try:
-        try:
-            # under inference mode no graph is recorded either, and the tracker fails on any parameter it is passed
-            inference = torch.is_inference_mode_enabled()
-            counter = count(_frozen_parameters(model) if inference else torch.no_grad())
-        except (RuntimeError, AssertionError) as e:
-            # the counter's module tracker fails under no_grad on a parameter expanded into a submodule's input (a
-            # class token or pooling latent: PiT, CaiT, attention pooling); without autograd on the parameters the
-            # forward records no graph either
-            if "gradient function" not in str(e):
-                raise
-            counter = count(_frozen_parameters(model))
+        with modes_kept(model):
+            model.eval()
+            try:
+                # under inference mode no graph is recorded either, and the tracker fails on any parameter it is passed
+                inference = torch.is_inference_mode_enabled()
+                counter = count(_frozen_parameters(model) if inference else torch.no_grad())
+            except (RuntimeError, AssertionError) as e:
+                # the counter's module tracker fails under no_grad on a parameter expanded into a submodule's input (a
+                # class token or pooling latent: PiT, CaiT, attention pooling); without autograd on the parameters the
+                # forward records no graph either
+                if "gradient function" not in str(e):
+                    raise
+                counter = count(_frozen_parameters(model))
     except Exception as e:  # the example input does not fit the model
         raise ConfigError(f"the example input does not run through {type(model).__name__}: {e}") from e
-    finally:
-        for m, training in modes:
-            m.training = training
     root = type(model).__name__
     out = {}
     for name, ops in counter.get_flop_counts().items():

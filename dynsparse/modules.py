@@ -19,6 +19,7 @@ __all__ = [
     "inputs_to_device_of",
     "is_stateless",
     "join_fqn",
+    "modes_kept",
     "module_device",
     "place_like",
     "replace_module_",
@@ -179,3 +180,21 @@ def capturing() -> bool:
     units, and tensor values (a calibration check, a weight cache keyed by data pointers) cannot be read.
     """
     return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+@contextmanager
+def modes_kept(*models: nn.Module) -> Iterator[None]:
+    """On exit, give every module of ``models`` back the training flag it had on entry (whatever the body set).
+
+    Each root's own ``train(flag)`` runs first (gated layers drop their weight caches there), then every submodule
+    gets its own flag back: a BatchNorm frozen in a training model stays frozen.
+    """
+    saved = [[(m, m.training) for m in model.modules()] for model in models]
+    try:
+        yield
+    finally:
+        for flags in saved:
+            root, was = flags[0]
+            root.train(was)
+            for m, flag in flags:
+                m.training = flag

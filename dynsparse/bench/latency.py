@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..modules import modes_kept
 
 __all__ = ["LatencyResult", "compare_latency"]
 
@@ -67,34 +68,30 @@ def compare_latency(
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     times: dict[str, list[float]] = {n: [] for n in names}
-    modes = [(m, [(sub, sub.training) for sub in m.modules()]) for m in models.values()]
     gc_was_enabled = gc.isenabled()
     try:
-        for m in models.values():
-            m.eval()
-        with torch.inference_mode():
-            for _ in range(warmup):
-                for n in names:
-                    models[n](x)
-            gc.collect()
-            gc.disable()
-            sync = torch.cuda.synchronize if x.device.type == "cuda" else _no_sync
-            for r in range(rounds):
-                order = names[r % len(names) :] + names[: r % len(names)]
-                for n in order:
-                    sync()
-                    t0 = time.perf_counter()
-                    models[n](x)
-                    sync()
-                    times[n].append(time.perf_counter() - t0)
+        with modes_kept(*models.values()):
+            for m in models.values():
+                m.eval()
+            with torch.inference_mode():
+                for _ in range(warmup):
+                    for n in names:
+                        models[n](x)
+                gc.collect()
+                gc.disable()
+                sync = torch.cuda.synchronize if x.device.type == "cuda" else _no_sync
+                for r in range(rounds):
+                    order = names[r % len(names) :] + names[: r % len(names)]
+                    for n in order:
+                        sync()
+                        t0 = time.perf_counter()
+                        models[n](x)
+                        sync()
+                        times[n].append(time.perf_counter() - t0)
     finally:
         if gc_was_enabled:
             gc.enable()
         torch.set_num_threads(old)
-        for m, flags in modes:
-            m.train(flags[0][1])  # the modules' own `train` runs (gated layers drop their weight caches)
-            for sub, training in flags:  # then each submodule's own flag: `train` set them all alike
-                sub.training = training
     med = {n: statistics.median(v) for n, v in times.items()}
     speed = {n: statistics.median([a / b for a, b in zip(times[reference], times[n], strict=True)]) for n in names}
     return LatencyResult(threads, int(x.shape[0]), rounds, med, speed)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..layers.slot import GateSlot
+from ..modules import modes_kept
 from ..registry import suggest
 from ..regularizers._common import UNIT_DIMENSIONS, SlotRef, gated_slots
 from ..sparsify import DIMENSIONS, _patterns, _selected
@@ -92,17 +93,15 @@ def batches(data: Iterable[Any], max_batches: int | None, owner: str) -> Iterato
 @contextlib.contextmanager
 def scoring_mode(model: nn.Module, train: bool) -> Iterator[None]:
     """Run ``model`` in train or eval mode, then restore every module's flag and every buffer (BN statistics)."""
-    flags = [(m, m.training) for m in model.modules()]
     saved = [(b, b.detach().clone()) for b in model.buffers()]
-    model.train(train)
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)
+    with modes_kept(model):
+        model.train(train)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, v in saved:
+                    b.copy_(v)
 
 
 def double_backward_ok() -> contextlib.AbstractContextManager[None]:

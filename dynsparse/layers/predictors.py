@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..gates.neuron_gates import fit_predictor_
 from ..knob import budget
-from ..modules import module_device
+from ..modules import modes_kept, module_device
 
 __all__ = ["check_fit_options", "dense_pass", "fit_all"]
 
@@ -47,22 +47,21 @@ def dense_pass(
     """
     layers = list(layers)
     other = budget(model, 1.0, kind=others) if any(isinstance(m, others) for m in model.modules()) else None
-    modes, device = [(m, m.training) for m in model.modules()], module_device(model)
+    device = module_device(model)
     n = 0
-    try:
+    with modes_kept(model):
         model.eval()
-        for m in layers:
-            m._record = record
-        with torch.no_grad(), other or contextlib.nullcontext():
-            for batch in batches if max_batches is None else itertools.islice(batches, max_batches):
-                x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                model(x.to(device))  # a DataLoader's CPU batch for a model on the GPU
-                n += 1
-    finally:
-        for m in layers:
-            m._record = None
-        for m, was in modes:
-            m.training = was
+        try:
+            for m in layers:
+                m._record = record
+            with torch.no_grad(), other or contextlib.nullcontext():
+                for batch in batches if max_batches is None else itertools.islice(batches, max_batches):
+                    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                    model(x.to(device))  # a DataLoader's CPU batch for a model on the GPU
+                    n += 1
+        finally:
+            for m in layers:
+                m._record = None
     if not n:
         raise ConfigError(f"{owner}: no batch was given")
     return n

@@ -14,7 +14,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..modules import module_device, place_like
+from ..modules import modes_kept, module_device, place_like
 from .slot import GateSlot
 from .token_pack import check_packed_mlps
 from .tokens import PolicyBlock, TokenGatedBlock, TokenSelect, TokenState
@@ -248,23 +248,21 @@ def calibrate_tokens_(model: nn.Module, inputs: Tensor | Iterable[Tensor | tuple
     if not batches:
         raise ConfigError("calibrate_tokens_: no inputs")
     budgets, device = [g.keep for g in gates], module_device(model)
-    modes = [(m, m.training) for m in model.modules()]  # each module's own flag (a frozen norm stays frozen)
-    model.eval()
-    try:
-        for j, g in enumerate(gates):
-            for later in gates[j:]:
-                later.keep = 1.0  # gate j's scores do not depend on its own decisions or the later ones
-            g.collect = []
-            for x in batches:
-                x = x[0] if isinstance(x, (tuple, list)) else x  # an (inputs, labels) pair of a DataLoader
-                model(x.to(device))  # a CPU batch for a model on the GPU; moved per pass, not all held there
-            g.observe(torch.cat(g.collect), exact=True)
-            g.collect = None
-            g.set_budget_(budgets[j])
-    finally:
-        for g, k in zip(gates, budgets, strict=True):
-            g.collect = None
-            g.set_budget_(k)
-        for m, flag in modes:
-            m.training = flag
+    with modes_kept(model):
+        model.eval()
+        try:
+            for j, g in enumerate(gates):
+                for later in gates[j:]:
+                    later.keep = 1.0  # gate j's scores do not depend on its own decisions or the later ones
+                g.collect = []
+                for x in batches:
+                    x = x[0] if isinstance(x, (tuple, list)) else x  # an (inputs, labels) pair of a DataLoader
+                    model(x.to(device))  # a CPU batch for a model on the GPU; moved per pass, not all held there
+                g.observe(torch.cat(g.collect), exact=True)
+                g.collect = None
+                g.set_budget_(budgets[j])
+        finally:
+            for g, k in zip(gates, budgets, strict=True):
+                g.collect = None
+                g.set_budget_(k)
     return model
