@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, DynsparseError
-from .schema import PruneSpec, RecipeError
+from ..errors import ConfigError
+from .schema import PruneSpec, RecipeError, naming_field
 
 __all__ = ["StagePruning"]
 
@@ -38,12 +38,8 @@ def _naming_the_field(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def wrapper(self: StagePruning, *args: Any, **kwargs: Any) -> Any:
-        try:
+        with naming_field(self.where):
             return method(self, *args, **kwargs)
-        except RecipeError:
-            raise
-        except DynsparseError as e:
-            raise RecipeError(f"{self.where}: {e}") from e
 
     return wrapper
 

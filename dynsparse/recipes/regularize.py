@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, DynsparseError
+from ..errors import ConfigError
 from ..gate_ops import named_gates
-from .schema import RecipeError, RegularizerSpec, StageSpec
+from .schema import RegularizerSpec, StageSpec, naming_field
 
 __all__ = ["build_regularizers", "weight_sparsity"]
 
@@ -25,10 +25,8 @@ def build_regularizers(
     """
     out = []
     for j, r in enumerate(st.regularizers):
-        try:
+        with naming_field(f"{where}.regularizers[{j}]"):
             out.append((r, _regularizer(model, r, steps_per_epoch, example)))
-        except DynsparseError as e:
-            raise RecipeError(f"{where}.regularizers[{j}]: {e}") from e
     return out
 
 

@@ -7,14 +7,16 @@ here works on plain dicts, so recipes can also be built in Python.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DynsparseError
 from ..registry import suggest
 
 __all__ = [
@@ -35,6 +37,18 @@ __all__ = [
 
 class RecipeError(ConfigError):
     """A recipe field is unknown, missing or of the wrong type; names the field path and the line."""
+
+
+@contextlib.contextmanager
+def naming_field(field: str) -> Iterator[None]:
+    """Re-raise a library error (a `DynsparseError` but a `RecipeError`) as a `RecipeError` naming the recipe
+    ``field`` whose action failed: a stage's action fails when the stage starts, long after the recipe loaded."""
+    try:
+        yield
+    except RecipeError:
+        raise
+    except DynsparseError as e:
+        raise RecipeError(f"{field}: {e}") from e
 
 
 @dataclass(frozen=True)

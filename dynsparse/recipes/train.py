@@ -18,14 +18,12 @@ the regularizer and distillation terms in `dynsparse.recipes.objective`, the log
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DynsparseError
 from ..gate_ops import fix_gates_, named_gates
 from ..gates import HardConcreteGate
 from ..prune.unstructured import reapply_masks_
@@ -47,7 +44,7 @@ from .objective import distill_loss, regularizer_loss
 from .optimizers import lr_factor, stage_optimizers
 from .pruning import StagePruning
 from .regularize import _has_svd, build_regularizers
-from .schema import Recipe, RecipeError, RegularizerSpec, StageSpec
+from .schema import Recipe, RecipeError, RegularizerSpec, StageSpec, naming_field
 from .train_checkpoint import RunState, check_resume, checkpoint_state, restore_
 
 __all__ = ["Trainer", "build_model"]
@@ -67,18 +64,6 @@ def build_model(recipe: Recipe) -> nn.Module:
         {"library": recipe.model.library, "name": recipe.model.name, "kwargs": recipe.model.kwargs},
         source="recipe model",
     )
-
-
-@contextlib.contextmanager
-def _naming(field: str) -> Iterator[None]:
-    """Re-raise a library error (a `DynsparseError` but a `RecipeError`) as a `RecipeError` naming the recipe
-    ``field`` whose action failed: a stage's action fails when the stage starts, long after the recipe loaded."""
-    try:
-        yield
-    except RecipeError:
-        raise
-    except DynsparseError as e:
-        raise RecipeError(f"{field}: {e}") from e
 
 
 @dataclass
@@ -223,10 +208,10 @@ class Trainer:
         else:
             self.teacher = None
         if st.sparsify:
-            with _naming(f"stages[{si}].sparsify"):  # a spec this model cannot take fails only here
+            with naming_field(f"stages[{si}].sparsify"):  # a spec this model cannot take fails only here
                 sparsify_(model, st.sparsify)
         if any(r.name == "sparse_vd" for r in st.regularizers) and not _has_svd(model):
-            with _naming(f"stages[{si}].regularizers"):
+            with naming_field(f"stages[{si}].regularizers"):
                 sparse_vd_(model)
         if st.fix_gates:
             fix_gates_(model)
@@ -267,7 +252,7 @@ class Trainer:
             for x, _ in self._batches(loader):
                 yield x
 
-        with _naming(f"stages[{si}].calibrate"):
+        with naming_field(f"stages[{si}].calibrate"):
             self._calib_info.update(calibrate_(self.model, st.calibrate, when, batches, seed=self.recipe.seed))
 
     def _rebuild(self, ckpt: dict[str, Any]) -> None:
