@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from ..atomic import atomic_write
 from ..errors import ConfigError
@@ -77,9 +78,7 @@ def run_sensitivity(
         ``{"model": ..., "baseline_acc", "ratios", "curves", "table", "plot", "ratios_for"}``.
     """
     from ..data import make_loader
-    from ..gate_ops import named_gates
     from ..prune import sensitivity
-    from ..sparsify import sparsify_
 
     ratios = [float(r) for r in ratios]
     if any(not 0.0 <= r < 1.0 for r in ratios):  # checked before any training, not after it
@@ -91,7 +90,9 @@ def run_sensitivity(
     if max_drop is not None and 0.0 not in ratios:
         raise ConfigError(f"--max-drop needs ratio 0 among the --ratios (the unpruned accuracy), got {ratios}")
     if layers is not None and from_run is None:  # the dense model's names are known before it trains
-        _check_layers(recipe, group, dimensions, layers)
+        from .train import build_model
+
+        _check_layers(_gated_for(build_model(recipe), group, dimensions), group, layers)
     out = Path(out_dir)
     if from_run is not None:
         run_dir = Path(from_run)
@@ -102,17 +103,14 @@ def run_sensitivity(
     else:
         trainer = Trainer(dense_prefix(recipe), out / "dense", resume=True, progress=progress)
         source = f"dense model after stage(s) {[s.name for s in trainer.recipe.stages]} ({out / 'dense'})"
-    model = trainer.run().eval()
-    if group == "units" and not list(named_gates(model)):
-        sparsify_(model, {d: {"gate": "fixed"} for d in dimensions}, on_unsupported="skip")
+    model = _gated_for(trainer.run().eval(), group, dimensions)
+    if layers is not None and from_run is not None:
+        _check_layers(model, group, layers)
     test = trainer.test_set
     if eval_samples is not None:
         test = torch.utils.data.Subset(test, range(min(eval_samples, len(test))))
     loader = make_loader(test, recipe.data.eval_batch_size, shuffle=False, seed=0)
-    try:
-        result = sensitivity(model, lambda m: trainer._evaluate(m, loader), ratios=ratios, group=group, layers=layers)
-    except ConfigError as e:
-        raise ConfigError(f"--layers: {e}" if layers is not None and "unknown layer" in str(e) else str(e)) from None
+    result = sensitivity(model, lambda m: trainer._evaluate(m, loader), ratios=ratios, group=group, layers=layers)
     out.mkdir(parents=True, exist_ok=True)
     base = next(iter(result.curves.values()))[result.ratios.index(0.0)] if 0.0 in result.ratios else None
     report: dict[str, Any] = {
@@ -137,18 +135,22 @@ def run_sensitivity(
     return report
 
 
-def _check_layers(recipe: Recipe, group: str, dimensions: Sequence[str], layers: Sequence[str]) -> None:
-    """Refuse ``--layers`` names the dense model will not have, before it trains (the names do not depend on the
-    weights: a model built with random ones has the same)."""
+def _gated_for(model: nn.Module, group: str, dimensions: Sequence[str]) -> nn.Module:
+    """``model``, with fixed gates on ``dimensions`` for a ``units`` analysis of a model that has none."""
     from ..gate_ops import named_gates
-    from ..prune.sensitivity import analysable
     from ..sparsify import sparsify_
-    from .train import build_model
 
-    probe = build_model(recipe)
-    if group == "units" and not list(named_gates(probe)):
-        sparsify_(probe, {d: {"gate": "fixed"} for d in dimensions}, on_unsupported="skip")
+    if group == "units" and not list(named_gates(model)):
+        sparsify_(model, {d: {"gate": "fixed"} for d in dimensions}, on_unsupported="skip")
+    return model
+
+
+def _check_layers(model: nn.Module, group: str, layers: Sequence[str]) -> None:
+    """Refuse ``--layers`` names ``model`` does not have; before training, a model built with random weights has the
+    same names as the one that will train."""
+    from ..prune.sensitivity import analysable
+
     try:
-        analysable(probe, group, layers)
+        analysable(model, group, layers)
     except ConfigError as e:
         raise ConfigError(f"--layers: {e}") from None
