@@ -4,24 +4,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from test_recipes import GOOD  # the smallest recipe that loads
 
 from dynsparse.recipes import RecipeError, load_recipe, parse_recipe
-
-GOOD = """\
-name: t
-model: {name: test_vit}
-data:
-  dataset: digits
-  batch_size: 8
-stages:
-  - name: dense
-    epochs: 1
-  - name: gates
-    epochs: 1
-    sparsify: {heads: {gate: hard_concrete}}
-    regularizers:
-      - {name: budget, target: 0.5}
-"""
 
 
 @pytest.mark.parametrize(
