@@ -204,31 +204,27 @@ def _cache_index(attention: nn.Module) -> int | None:
 
 
 def close_branches(block: nn.Module, closed: set[str]) -> nn.Module | None:
-    """Remove the closed branches (slot paths) of ``block`` in place; returns None (the block keeps its class).
-
-    The parameter-free stand-ins take ``block``'s training flag (a converted model is in eval mode throughout).
-    """
+    """Remove the closed branches (slot paths) of ``block`` in place; returns None (the block keeps its class)."""
     host = host_type(block)
     slots = [b.slot for b in BRANCHES[host](block)]
     attn_closed, ffn_closed = slots[0] in closed, slots[1] in closed
-    mode = block.training
     if host in (BertLayer, RobertaLayer):  # post-norm: LayerNorm(0 + x) stays
         if attn_closed:
-            block.attention.self = ZeroAttention(_cache_index(block.attention.self)).train(mode)
-            block.attention.output.dense = ZeroBranch().train(mode)
+            block.attention.self = ZeroAttention(_cache_index(block.attention.self))
+            block.attention.output.dense = ZeroBranch()
         if ffn_closed:
-            block.intermediate = ZeroBranch().train(mode)
-            block.output.dense = ZeroBranch().train(mode)
+            block.intermediate = ZeroBranch()
+            block.output.dense = ZeroBranch()
         return None
     # a block with both branches removed is edited too, not replaced: transformers records ``output_hidden_states``
     # from its layer class, so a replacement module would drop the layer's entry and shift every later index
     norm1, attn, norm2, ffn = _PRE_NORM_PARTS[host]
     if attn_closed:
-        setattr(block, attn, ZeroAttention(_cache_index(block.get_submodule(attn))).train(mode))
-        setattr(block, norm1, nn.Identity().train(mode))
+        setattr(block, attn, ZeroAttention(_cache_index(block.get_submodule(attn))))
+        setattr(block, norm1, nn.Identity())
     if ffn_closed:
-        setattr(block, ffn, ZeroBranch().train(mode))
-        setattr(block, norm2, nn.Identity().train(mode))
+        setattr(block, ffn, ZeroBranch())
+        setattr(block, norm2, nn.Identity())
     return None
 
 

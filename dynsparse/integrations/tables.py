@@ -168,13 +168,20 @@ def fold_branch_scale_(block: nn.Module, slot: str, v: float) -> None:
 
 
 def close_branches(block: nn.Module, closed: set[str]) -> nn.Module | None:
-    """Remove closed branches of ``block``: a replacement module, or None when edited in place."""
+    """Remove closed branches of ``block``: a replacement module, or None when edited in place.
+
+    The modules a table makes for the removed parts (`ZeroBranch`, ``nn.Identity``, ...) take ``block``'s training
+    flag: a converted model is in eval mode throughout.
+    """
     t = _table_of_block(block)
     if t is None:
-        from .timm import close_branches as timm_close  # raises the "no rule" error
-
-        return timm_close(block, closed)
-    return t.close_branches(block, closed)
+        from . import timm as t  # its close_branches raises the "no rule" error
+    mode, before = block.training, {id(m) for m in block.modules()}
+    new = t.close_branches(block, closed)
+    for m in (block if new is None else new).modules():
+        if id(m) not in before:
+            m.training = mode
+    return new
 
 
 def owns(module: nn.Module, dim: str, child: str) -> bool:
